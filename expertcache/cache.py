@@ -1,0 +1,299 @@
+"""ExpertCache: expert slots under a byte budget, with residency, pins and in-flight loads.
+
+CacheCore is the accounting alone, on ids: which experts hold a slot (ready or loading), which
+are pinned by the running layer, which were loaded on a guess and not yet used, and whom to evict.
+The trace simulator drives the same CacheCore, so what it reports of a policy is what the engine
+does. ExpertCache adds the slot memory, the loader and the stall clock.
+
+Rules (DESIGN.md invariants 2-4):
+- every entry, ready or loading, holds one slot: resident + in-flight bytes <= budget;
+- a pinned entry (the running layer's) is never evicted;
+- wrong guesses go first: a speculative entry its layer did not use is evicted before any other;
+- a speculative load never evicts an entry that the same prefetch request wants.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import ExpertId
+from .errors import BudgetError
+from .loader import DEMAND, PREFETCH, Loader, LoadTask
+from .policies import EvictionPolicy
+from .stats import Stats
+from .store import ExpertStore, SlotArena
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    slot: int
+    task: LoadTask | None = None  # set while loading (engine only)
+    ready: bool = True
+    speculative: bool = False  # loaded on a guess and not used yet
+    wasted: bool = False  # its layer ran without needing it
+    pins: int = 0
+
+
+def equal_quotas(capacity: int, layers: list[int]) -> dict[int, int]:
+    """Split `capacity` slots over layers as evenly as possible (earlier layers get the remainder)."""
+    base, extra = divmod(capacity, len(layers))
+    return {layer: base + (1 if i < extra else 0) for i, layer in enumerate(layers)}
+
+
+@dataclass
+class CacheCore:
+    """Slot accounting on ids, shared by the engine's cache and the simulator."""
+
+    capacity: int
+    policy: EvictionPolicy
+    quotas: dict[int, int] | None = None  # per-layer slot shares for partitioned policies
+    entries: dict[ExpertId, Entry] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+    per_layer: Counter = field(default_factory=Counter)
+    now: int = 0
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.capacity - 1, -1, -1))
+
+    def tick(self) -> int:
+        self.now += 1
+        return self.now
+
+    def _evictable(self, eid: ExpertId, protect: set[ExpertId]) -> bool:
+        e = self.entries.get(eid)
+        return e is not None and e.ready and e.pins == 0 and eid not in protect
+
+    def choose_victim(self, incoming: ExpertId, protect: set[ExpertId] = frozenset()) -> ExpertId | None:
+        """The entry to evict when no slot is free, or None if every entry is busy."""
+        ok = lambda e: self._evictable(e, protect)  # noqa: E731
+        for eid, ent in self.entries.items():  # oldest wrong guess first
+            if ent.wasted and ok(eid):
+                return eid
+        if self.quotas is not None:
+            over = {l for l, n in self.per_layer.items() if n > self.quotas.get(l, 0)}
+            if over:
+                v = self.policy.victim(lambda e: e[0] in over and ok(e), self.now)
+                if v is not None:
+                    return v
+        return self.policy.victim(ok, self.now)
+
+    def add(self, eid: ExpertId, *, speculative: bool, ready: bool) -> Entry:
+        ent = Entry(slot=self.free.pop(), ready=ready, speculative=speculative)
+        self.entries[eid] = ent
+        self.per_layer[eid[0]] += 1
+        self.policy.insert(eid, self.now)
+        return ent
+
+    def remove(self, eid: ExpertId) -> Entry:
+        ent = self.entries.pop(eid)
+        self.per_layer[eid[0]] -= 1
+        self.policy.remove(eid)
+        self.free.append(ent.slot)
+        return ent
+
+    def make_room(self, incoming: ExpertId, protect: set[ExpertId] = frozenset()) -> bool:
+        """Evict so `incoming` may take a slot; False if no evictable entry is left.
+
+        A partitioned cache first keeps the incoming layer within its share (evicting inside the
+        layer); when every slot is taken it then evicts from layers over their share, then any."""
+        layer = incoming[0]
+        if self.quotas is not None and self.per_layer[layer] >= max(self.quotas.get(layer, 0), 1):
+            ok = lambda e: e[0] == layer and self._evictable(e, protect)  # noqa: E731
+            victim = next((e for e, n in self.entries.items() if n.wasted and ok(e)), None)
+            victim = victim or self.policy.victim(ok, self.now)
+            if victim is not None:
+                self.remove(victim)
+        while not self.free:
+            victim = self.choose_victim(incoming, protect)
+            if victim is None:
+                return False
+            self.remove(victim)
+        return True
+
+
+class ExpertCache:
+    """Expert slots in memory, filled by the loader, under a byte budget."""
+
+    def __init__(
+        self,
+        *,
+        store: ExpertStore,
+        budget_bytes: int,
+        expert_bytes: int,
+        top_k: int,
+        policy: EvictionPolicy,
+        partitioned: bool,
+        layers: list[int],
+        io_threads: int,
+        stats: Stats,
+    ) -> None:
+        minimum = top_k * expert_bytes
+        if budget_bytes < minimum:
+            raise BudgetError(
+                f"expert budget {budget_bytes} bytes is below the minimum {minimum} bytes "
+                f"({top_k} experts of {expert_bytes} bytes: one layer's top-{top_k}); raise --expert-budget"
+            )
+        capacity = min(budget_bytes // expert_bytes, store.num_experts)
+        self.expert_bytes = expert_bytes
+        self.budget_bytes = budget_bytes
+        self.core = CacheCore(capacity, policy, equal_quotas(capacity, layers) if partitioned else None)
+        self.store = store
+        self.arena = SlotArena(capacity, store.slot_bytes)
+        self.loader = Loader(store, self.arena, threads=io_threads)
+        self.stats = stats
+        self.max_occupancy = 0  # most slots ever held by ready + loading entries (<= capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.core.capacity
+
+    # --- the running layer -------------------------------------------------------------------
+    def preempt(self, layer: int, needed: Iterable[int]) -> None:
+        """The layer's router has run: its speculative entries it does not need are wrong guesses;
+        cancel those still queued and mark the rest first to go."""
+        needed = set(needed)
+        for eid, ent in list(self.core.entries.items()):
+            if eid[0] != layer or not ent.speculative or eid[1] in needed or ent.wasted:
+                continue
+            ent.wasted = True
+            self.stats.prefetch_wasted += 1
+            if not ent.ready and ent.task is not None and self.loader.cancel(ent.task):
+                self.stats.prefetch_cancelled += 1
+                self.core.remove(eid)
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> list[ExpertId]:
+        """Pin `experts` of `layer` (at most `capacity` of them); start demand loads for misses."""
+        core = self.core
+        core.tick()
+        out = []
+        for x in experts:
+            eid = (layer, int(x))
+            ls = self.stats.layer(layer)
+            self.stats.lookups += 1
+            ls.lookups += 1
+            ent = core.entries.get(eid)
+            if ent is not None:
+                self.stats.hits += 1
+                ls.hits += 1
+                if ent.speculative:
+                    ent.speculative = False
+                    if ent.wasted:  # a guess written off for an earlier token, used now after all
+                        ent.wasted = False
+                        self.stats.prefetch_wasted -= 1
+                    self.stats.prefetch_used += 1
+                    if not ent.ready:
+                        self.stats.prefetch_late += 1
+                        self.loader.promote(ent.task)
+                core.policy.access(eid, core.now)
+            else:
+                self.stats.misses += 1
+                ls.misses += 1
+                self._reclaim(eid)
+                ent = core.add(eid, speculative=False, ready=False)
+                ent.task = self.loader.submit(eid, ent.slot, DEMAND)
+            ent.pins += 1
+            out.append(eid)
+        self._note_occupancy()
+        return out
+
+    def _reclaim(self, incoming: ExpertId) -> None:
+        """Make room for a demand load, cancelling or waiting for speculative loads if need be."""
+        core = self.core
+        if core.make_room(incoming):
+            return
+        # every ready entry is pinned: take a slot back from an unpinned load in flight
+        loading = [(e, n) for e, n in core.entries.items() if not n.ready and n.pins == 0]
+        for eid, ent in loading:
+            if self.loader.cancel(ent.task):
+                self.stats.prefetch_cancelled += 1
+                if ent.speculative and not ent.wasted:
+                    self.stats.prefetch_wasted += 1
+                core.remove(eid)
+                return
+        for eid, ent in loading:
+            self._wait(ent, eid, raise_error=False)
+            if eid in core.entries:
+                core.remove(eid)
+            return
+        raise RuntimeError(f"no slot can be freed for {incoming}: all {core.capacity} slots are pinned")
+
+    def ready(self, eid: ExpertId) -> bool:
+        ent = self.core.entries[eid]
+        if not ent.ready and ent.task.finished:
+            self._settle(eid, ent)
+        return self.core.entries[eid].ready if eid in self.core.entries else False
+
+    def weights(self, eid: ExpertId) -> tuple[torch.Tensor, ...]:
+        """The expert's part tensors, waiting for its load if needed (raises on a read error)."""
+        ent = self.core.entries[eid]
+        if not ent.ready:
+            self._wait(ent, eid, raise_error=True)
+        return self.arena.tensors(ent.slot, self.store.plan(eid))
+
+    def _wait(self, ent: Entry, eid: ExpertId, *, raise_error: bool) -> None:
+        if not ent.task.finished:
+            t0 = time.perf_counter()
+            ent.task.event.wait()
+            dt = time.perf_counter() - t0
+            self.stats.stall_seconds += dt
+            self.stats.layer(eid[0]).stall_seconds += dt
+        self._settle(eid, ent)
+        if raise_error and ent.task is not None and ent.task.error is not None:
+            raise ent.task.error
+
+    def _settle(self, eid: ExpertId, ent: Entry) -> None:
+        task = ent.task
+        if task.error is not None or task.state == "cancelled":
+            if ent.pins == 0 and eid in self.core.entries:
+                self.core.remove(eid)
+            return
+        ent.ready = True
+
+    def release(self, eids: Iterable[ExpertId]) -> None:
+        for eid in eids:
+            ent = self.core.entries.get(eid)
+            if ent is not None:
+                ent.pins -= 1
+                if ent.task is not None and ent.task.error is not None and ent.pins == 0:
+                    self.core.remove(eid)
+
+    # --- speculation ---------------------------------------------------------------------------
+    def prefetch(self, eids: list[ExpertId], limit: int | None = None) -> int:
+        """Start speculative loads for `eids` (in priority order) that are not resident, within the
+        budget, never evicting a pinned entry or one this request wants. Returns loads started."""
+        core = self.core
+        want = set(eids)
+        issued = 0
+        for eid in eids:
+            if limit is not None and issued >= limit:
+                break
+            if eid in core.entries:
+                continue
+            if not core.make_room(eid, protect=want):
+                break
+            ent = core.add(eid, speculative=True, ready=False)
+            ent.task = self.loader.submit(eid, ent.slot, PREFETCH)
+            issued += 1
+        self.stats.prefetch_issued += issued
+        self._note_occupancy()
+        return issued
+
+    def _note_occupancy(self) -> None:
+        n = len(self.core.entries)
+        if n > self.max_occupancy:
+            self.max_occupancy = n
+
+    def resident(self) -> set[ExpertId]:
+        return {e for e, n in self.core.entries.items() if n.ready}
+
+    def close(self) -> None:
+        self.loader.close()
+        self.store.close()

@@ -1,0 +1,273 @@
+"""A Hugging Face checkpoint directory: its config, the tensors in its safetensors files, and
+where each expert's bytes lie.
+
+Safetensors headers are parsed here (8-byte little-endian length, JSON table of dtype, shape and
+data offsets) and validated against the file size, so a corrupt or truncated file is refused
+with one line before anything is read. Dense tensors are loaded into memory; experts are only
+located (file, offset, shape, dtype) for the ExpertStore to read on demand. Both on-disk expert
+layouts are understood: one tensor per expert (what save_pretrained writes by default) and
+transformers 5's fused [E, 2I, H] gate_up_proj / [E, H, I] down_proj.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import Architecture, architecture_for
+from .errors import CheckpointError
+
+ExpertId = tuple[int, int]  # (layer, expert)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on header size
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie: absolute byte offset in a file, with its shape and dtype."""
+
+    path: str
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class ExpertParts:
+    """The tensors that make one expert: (gate, up, down), or (gate_up, down) when fused."""
+
+    parts: tuple[TensorRef, ...]
+    fused: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+def _fail(path: Path | str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {why}")
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """Parse and validate one safetensors file's header; returns its tensors by on-disk name."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, f"not a safetensors file ({size} bytes, too short for a header): re-save or re-download it")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise _fail(path, f"corrupt safetensors header (declares {header_len} header bytes in a {size}-byte file): re-save or re-download it")
+            raw = f.read(header_len)
+    except PermissionError:
+        raise _fail(path, "permission denied: make the file readable") from None
+    except IsADirectoryError:
+        raise _fail(path, "is a directory, expected a safetensors file") from None
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _fail(path, f"corrupt safetensors header ({e}): re-save or re-download it") from None
+    data_start = 8 + header_len
+    data_len = size - data_start
+    tensors: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _fail(path, f"corrupt safetensors header entry for {name!r}: re-save or re-download it") from None
+        expected = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end or end - begin != expected:
+            raise _fail(path, f"corrupt safetensors header: {name!r} spans {end - begin} bytes, its shape needs {expected}")
+        if end > data_len:
+            raise _fail(path, f"truncated: {name!r} ends at byte {data_start + end} but the file has {size}; re-download it")
+        tensors[name] = TensorRef(str(path), data_start + begin, expected, shape, dtype)
+    return tensors
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _fail(index, f"malformed shard index ({e})") from None
+        files = sorted({model_dir / shard for shard in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise _fail(model_dir, f"shard(s) named in model.safetensors.index.json are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise _fail(model_dir, "no .safetensors files found (expertcache reads safetensors checkpoints only)")
+    return files
+
+
+def load_config(model_dir: Path):
+    """The transformers config of a checkpoint directory, or a one-line error."""
+    from transformers import AutoConfig
+
+    if not model_dir.exists():
+        raise CheckpointError(f"{model_dir}: no such directory")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory (give the checkpoint's folder)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise _fail(model_dir, "no config.json: not a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except PermissionError:
+        raise _fail(path, "permission denied: make the file readable") from None
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"malformed JSON ({e})") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise _fail(path, "no model_type: not a transformers model config")
+    from .architectures import ARCHITECTURES
+
+    if raw["model_type"] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"unsupported architecture {raw['model_type']!r}: expertcache supports {', '.join(sorted(ARCHITECTURES))}"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _fail(path, f"invalid config ({first})") from None
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: config, family adapter, dense tensors by in-memory name, expert parts."""
+
+    model_dir: Path
+    config: object
+    arch: Architecture
+    dense: dict[str, TensorRef]
+    experts: dict[ExpertId, ExpertParts]
+    sparse_layers: list[int]
+
+    @classmethod
+    def open(cls, model_dir: str | os.PathLike) -> "Checkpoint":
+        model_dir = Path(model_dir)
+        config = load_config(model_dir)
+        arch = architecture_for(config)
+        tensors: dict[str, TensorRef] = {}
+        for f in _safetensors_files(model_dir):
+            for name, ref in read_safetensors_header(f).items():
+                tensors[arch.canonical_name(name)] = ref
+        sparse = arch.sparse_layers(config)
+        experts, expert_names = _locate_experts(model_dir, arch, config, sparse, tensors)
+        dense = {n: r for n, r in tensors.items() if n not in expert_names}
+        return cls(model_dir, config, arch, dense, experts, sparse)
+
+    @property
+    def num_experts(self) -> int:
+        return self.arch.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.arch.top_k(self.config)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (all experts of a supported model have the same size)."""
+        return next(iter(self.experts.values())).nbytes
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(p.nbytes for p in self.experts.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.nbytes for r in self.dense.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.experts.values())).parts[0].dtype
+
+    def load_dense(self) -> dict[str, torch.Tensor]:
+        """Read every non-expert tensor into memory, keyed by its in-memory name."""
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[tuple[str, TensorRef]]] = {}
+        for name, ref in self.dense.items():
+            by_file.setdefault(ref.path, []).append((name, ref))
+        for path, items in by_file.items():
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    for name, ref in sorted(items, key=lambda it: it[1].offset):
+                        buf = bytearray(ref.nbytes)
+                        f.seek(ref.offset)
+                        if f.readinto(memoryview(buf)) != ref.nbytes:
+                            raise _fail(path, f"truncated while reading {name!r}")
+                        t = torch.frombuffer(buf, dtype=ref.dtype) if ref.nbytes else torch.empty(0, dtype=ref.dtype)
+                        out[name] = t.reshape(ref.shape)
+            except OSError as e:
+                raise _fail(path, f"cannot read ({e.strerror or e})") from None
+        return out
+
+
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def _locate_experts(
+    model_dir: Path, arch: Architecture, config, sparse: list[int], tensors: dict[str, TensorRef]
+) -> tuple[dict[ExpertId, ExpertParts], set[str]]:
+    n_exp = arch.num_experts(config)
+    hidden = int(config.hidden_size)
+    inter = arch.expert_intermediate(config)
+    experts: dict[ExpertId, ExpertParts] = {}
+    names: set[str] = set()
+    for layer in sparse:
+        prefix = f"model.layers.{layer}.mlp.experts."
+        fused_gu, fused_d = tensors.get(prefix + "gate_up_proj"), tensors.get(prefix + "down_proj")
+        if fused_gu is not None and fused_d is not None:
+            want_gu, want_d = (n_exp, 2 * inter, hidden), (n_exp, hidden, inter)
+            if fused_gu.shape != want_gu or fused_d.shape != want_d:
+                raise _fail(model_dir, f"layer {layer}: fused expert shapes {fused_gu.shape}/{fused_d.shape}, config says {want_gu}/{want_d}")
+            names.update({prefix + "gate_up_proj", prefix + "down_proj"})
+            for e in range(n_exp):
+                parts = tuple(
+                    TensorRef(ref.path, ref.offset + e * (ref.nbytes // n_exp), ref.nbytes // n_exp, ref.shape[1:], ref.dtype)
+                    for ref in (fused_gu, fused_d)
+                )
+                experts[(layer, e)] = ExpertParts(parts, fused=True)
+            continue
+        for e in range(n_exp):
+            refs = []
+            for role, shape in zip(arch.per_expert_names, ((inter, hidden), (inter, hidden), (hidden, inter))):
+                name = f"{prefix}{e}.{role}.weight"
+                ref = tensors.get(name)
+                if ref is None:
+                    raise _fail(model_dir, f"missing expert tensor {name} (checkpoint incomplete or not a {arch.model_type} model)")
+                if ref.shape != shape:
+                    raise _fail(model_dir, f"{name} has shape {ref.shape}, config says {shape}")
+                refs.append(ref)
+                names.add(name)
+            experts[(layer, e)] = ExpertParts(tuple(refs), fused=False)
+    if not experts:
+        raise _fail(model_dir, "no sparse-MoE layers found in the config")
+    sizes = {p.nbytes for p in experts.values()}
+    if len(sizes) != 1:
+        raise _fail(model_dir, f"experts differ in size ({sorted(sizes)} bytes); expertcache needs uniform experts")
+    return experts, names

@@ -1,0 +1,116 @@
+"""OffloadedMoE: the sparse-MoE block with its experts in an ExpertCache instead of in memory.
+
+One call, for T tokens of one layer:
+
+    x [T, H] -> router (the model's own module) -> logits [T, E], weights [T, k], ids [T, k]
+      -> routing policy (exact by default: unchanged)
+      -> cache.preempt: this layer's unneeded speculative loads are wrong guesses (cancel / evict first)
+      -> in waves of at most `capacity` distinct experts:
+           cache.acquire: hits pinned now, misses start demand loads
+           (first wave) predictor guesses later layers -> cache.prefetch at low priority
+           compute ready experts first, the rest as they arrive -> contributions [T, k, H]
+           cache.release
+      -> sum over k in transformers' own order and dtype (+ shared expert) -> [T, H]
+
+The contributions are combined exactly as transformers' grouped_mm path does (weighted per
+(token, slot), summed over k, cast to the hidden dtype), so readiness order never changes results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ExpertCache
+from .predictors import Predictor
+from .routing import RoutingPolicy
+
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class BlockContext:
+    """What every offloaded block shares: injected by the engine."""
+
+    cache: ExpertCache
+    predictor: Predictor
+    routing: RoutingPolicy
+    observers: list[RouteObserver] = field(default_factory=list)  # (layer, x, logits, weights, ids)
+    prefetch_enabled: bool = True
+
+
+class OffloadedMoE(nn.Module):
+    def __init__(
+        self,
+        *,
+        layer: int,
+        gate: nn.Module,
+        act_fn: nn.Module,
+        fused: bool,
+        context: BlockContext,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.gate = gate  # the model's own router module: logits, weights and ids exactly as transformers
+        self.act_fn = act_fn
+        self.fused = fused  # expert parts are (gate_up, down) rather than (gate, up, down)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+        self.ctx = context
+
+    def _expert(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.fused:
+            gate_up, down = parts
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+        else:
+            w_gate, w_up, down = parts
+            gate, up = F.linear(x, w_gate), F.linear(x, w_up)  # [n, I] each
+        return F.linear(self.act_fn(gate) * up, down)  # [n, H]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        logits, weights, ids = self.gate(x)  # [T, E], [T, k], [T, k]
+        weights, ids = self.ctx.routing.select(self.layer, logits, weights, ids)
+        for observe in self.ctx.observers:
+            observe(self.layer, x, logits, weights, ids)
+        out = self._experts(x, logits, weights, ids)  # [T, H]
+        if self.shared_expert is not None:
+            out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+    def _experts(self, x, logits, weights, ids) -> torch.Tensor:
+        cache = self.ctx.cache
+        needed = torch.unique(ids).tolist()  # sorted distinct experts
+        cache.preempt(self.layer, needed)
+        contrib = torch.zeros(
+            (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
+        )  # [T, k, H]
+        for start in range(0, len(needed), cache.capacity):
+            wave = cache.acquire(self.layer, needed[start : start + cache.capacity])
+            try:
+                if start == 0 and self.ctx.prefetch_enabled:
+                    self._prefetch(x, logits)
+                pending = list(wave)
+                while pending:
+                    ready = [e for e in pending if cache.ready(e)] or pending[:1]
+                    for eid in ready:
+                        tok, slot = torch.nonzero(ids == eid[1], as_tuple=True)
+                        y = self._expert(x[tok], cache.weights(eid))  # [n, H]
+                        contrib[tok, slot] = y * weights[tok, slot, None]
+                        pending.remove(eid)
+            finally:
+                cache.release(wave)
+        return contrib.sum(dim=1).to(x.dtype)
+
+    def _prefetch(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        guesses = self.ctx.predictor.predict(self.layer, x, logits)
+        eids = [(target, e) for target, experts in guesses for e in experts]
+        if eids:
+            self.ctx.cache.prefetch(eids)

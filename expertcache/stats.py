@@ -1,0 +1,54 @@
+"""Run statistics: cache lookups, hits and misses, prefetch outcomes, bytes read, stall time,
+latency (TTFT, TPOT) and peak memory, for the whole run and per layer."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerStats:
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    stall_seconds: float = 0.0
+
+
+@dataclass
+class Stats:
+    lookups: int = 0  # expert lookups: one per distinct expert a layer call needs
+    hits: int = 0  # lookups that found the expert resident or already loading
+    misses: int = 0  # lookups that started a demand load
+    prefetch_issued: int = 0  # speculative loads started
+    prefetch_used: int = 0  # speculative loads whose expert was then needed
+    prefetch_late: int = 0  # ...of which the load had not finished when needed
+    prefetch_wasted: int = 0  # speculative loads their layer did not need
+    prefetch_cancelled: int = 0  # speculative loads cancelled before being read
+    stall_seconds: float = 0.0  # time the computation waited for expert loads
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def layer(self, layer: int) -> LayerStats:
+        ls = self.layers.get(layer)
+        if ls is None:
+            ls = self.layers[layer] = LayerStats()
+        return ls
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = {str(k): asdict(v) for k, v in sorted(self.layers.items())}
+        return d
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize()
+    except OSError:
+        return 0
