@@ -209,6 +209,7 @@ def _lazy(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], Calla
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": ("generate text through the offloaded engine", _add_generate, _run_generate),
     "info": ("describe a checkpoint: experts, bytes, minimum budget", _add_info, _run_info),
+    "eval": ("perplexity or multiple-choice accuracy through the offloaded engine", *_lazy("quality")),
     "train-demo": ("train the bundled demo model from ../shared/corpus", *_lazy("train")),
 }
 

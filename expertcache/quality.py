@@ -1,0 +1,192 @@
+"""Quality measured through the offloaded engine: perplexity over a text file and multiple-choice
+accuracy over a jsonl set, with the cache counters of the run (misses, bytes read per token).
+
+Perplexity uses fixed windows of `window` tokens advancing by `stride`; each window scores only the
+tokens not scored by the previous one, so every token is predicted once, with at least
+`window - stride` tokens of context (except at the start). A choice of a multiple-choice item is
+scored by the sum of its token log-probabilities after the context: tokens of `context` followed by
+tokens of " " + choice, each encoded on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ExpertCacheError
+
+
+@dataclass
+class EvalResult:
+    perplexity: float | None
+    tokens: int  # tokens scored (perplexity) or forwarded (multiple choice)
+    accuracy: float | None
+    items: int | None
+    experts_per_token: float  # routed expert activations per forwarded token, all layers
+    misses_per_token: float
+    bytes_read_per_token: float
+    forwarded_tokens: int
+    window: int | None = None
+    stride: int | None = None
+
+
+class ActivationCounter:
+    """An engine observer counting forwarded tokens and routed (token, expert) activations."""
+
+    def __init__(self) -> None:
+        self.activations = 0
+        self.tokens_by_layer: dict[int, int] = {}
+
+    def __call__(self, layer, x, logits, weights, ids) -> None:
+        self.activations += int((ids >= 0).sum())
+        self.tokens_by_layer[layer] = self.tokens_by_layer.get(layer, 0) + ids.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return max(self.tokens_by_layer.values(), default=0)
+
+
+def _token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, as a float64 tensor [len(ids) - 1]."""
+    inp = torch.tensor([ids])
+    logits = model(input_ids=inp, use_cache=False).logits[0, :-1].double()  # [n-1, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(1, inp[0, 1:, None])[:, 0]
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], *, window: int, stride: int) -> tuple[float, int]:
+    """Sliding-window perplexity of `ids`; returns (perplexity, tokens scored)."""
+    if window < 2 or not 1 <= stride <= window:
+        raise ExpertCacheError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
+    if len(ids) < 2:
+        raise ExpertCacheError("the text has fewer than 2 tokens")
+    nll, scored, done = 0.0, 0, 1  # `done`: tokens [0, done) are already predicted (token 0 never is)
+    begin = 0
+    while done < len(ids):
+        end = min(begin + window, len(ids))
+        lp = _token_logprobs(model, ids[begin:end])  # predicts ids[begin+1 : end]
+        new = lp[done - begin - 1 :]  # only tokens not yet scored
+        nll -= float(new.sum())
+        scored += new.numel()
+        done = end
+        begin = end - max(window - stride, 1)  # keep >= 1 token of context so none goes unscored
+    return math.exp(nll / scored), scored
+
+
+@torch.inference_mode()
+def choice_scores(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    ctx = list(tokenizer.encode(context))
+    scores = []
+    for choice in choices:
+        cont = list(tokenizer.encode(" " + choice))
+        lp = _token_logprobs(model, ctx + cont)
+        scores.append(float(lp[len(ctx) - 1 :].sum()))
+    return scores
+
+
+def read_mc(path: Path, limit: int | None = None) -> list[dict]:
+    items = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if not isinstance(item.get("choices"), list) or not isinstance(item.get("label"), int) or "context" not in item:
+                    raise ExpertCacheError(f"{path}:{n}: each line needs context, choices (list) and label (int)")
+                items.append(item)
+                if limit is not None and len(items) >= limit:
+                    break
+    except OSError as e:
+        raise ExpertCacheError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ExpertCacheError(f"{path}: not JSON lines ({e})") from None
+    return items
+
+
+def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window: int = 256, stride: int = 128,
+             max_tokens: int | None = None, limit: int | None = None, progress: bool = False) -> EvalResult:
+    """Perplexity of `text` or accuracy on `mc`, through the engine's offloaded model."""
+    if (text is None) == (mc is None):
+        raise ExpertCacheError("give exactly one of --text FILE or --mc FILE.jsonl")
+    if engine.tokenizer is None:
+        raise ExpertCacheError("this checkpoint has no tokenizer; eval needs one")
+    counter = ActivationCounter()
+    engine.context.observers.append(counter)
+    engine.reset_stats()
+    try:
+        ppl = acc = None
+        items = None
+        if text is not None:
+            try:
+                raw = Path(text).read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                raise ExpertCacheError(f"{text}: cannot read ({e.strerror or e})") from None
+            ids = list(engine.tokenizer.encode(raw))
+            if max_tokens is not None:
+                ids = ids[:max_tokens]
+            ppl, scored = perplexity(engine.model, ids, window=window, stride=stride)
+        else:
+            data = read_mc(Path(mc), limit)
+            if not data:
+                raise ExpertCacheError(f"{mc}: no items")
+            correct = 0
+            it = data
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(data, desc="multiple choice", unit="item")
+            for item in it:
+                scores = choice_scores(engine.model, engine.tokenizer, item["context"], item["choices"])
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+            acc, items, scored = correct / len(data), len(data), counter.tokens
+    finally:
+        engine.context.observers.remove(counter)
+    s = engine.stats()
+    fwd = max(counter.tokens, 1)
+    return EvalResult(
+        perplexity=ppl, tokens=scored, accuracy=acc, items=items,
+        experts_per_token=counter.activations / fwd, misses_per_token=s["misses"] / fwd,
+        bytes_read_per_token=s["bytes_read"] / fwd, forwarded_tokens=counter.tokens,
+        window=window if text is not None else None, stride=stride if text is not None else None,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_engine_arguments
+
+    add_engine_arguments(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", type=Path, help="text file: token-level perplexity")
+    src.add_argument("--mc", type=Path, help="jsonl of {context, choices, label}: multiple-choice accuracy")
+    p.add_argument("--window", type=int, default=256, help="perplexity window in tokens (default 256)")
+    p.add_argument("--stride", type=int, default=128, help="window advance in tokens (default 128)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of --text")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many --mc items")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import _set_threads, engine_config
+    from .engine import Engine
+
+    _set_threads(args.threads)
+    with Engine(engine_config(args)) as engine:
+        result = evaluate(engine, text=args.text, mc=args.mc, window=args.window, stride=args.stride,
+                          max_tokens=args.max_tokens, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(asdict(result)))
+        return 0
+    if result.perplexity is not None:
+        print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens (window {result.window}, stride {result.stride})")
+    else:
+        print(f"accuracy {100 * result.accuracy:.1f}% over {result.items} items")
+    print(f"experts/token {result.experts_per_token:.2f} | misses/token {result.misses_per_token:.3f} | "
+          f"bytes read/token {result.bytes_read_per_token / 1e6:.2f} MB")
+    return 0

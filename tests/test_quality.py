@@ -1,0 +1,93 @@
+"""eval: perplexity equals a direct computation with transformers; accuracy equals a hand score."""
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+import expertcache
+from expertcache.cli import main
+from expertcache.quality import evaluate, perplexity
+
+WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-tok")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
+    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def _direct_nll(ref, ids, window, stride):
+    """The same windows, computed with plain transformers and an explicit loop over positions."""
+    nll, n, done, begin = 0.0, 0, 1, 0
+    while done < len(ids):
+        end = min(begin + window, len(ids))
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids[begin:end]])).logits[0].double(), -1)
+        for pos in range(max(done, begin + 1), end):
+            nll -= float(logp[pos - begin - 1, ids[pos]])
+            n += 1
+        done = end
+        begin = end - max(window - stride, 1)
+    return nll, n
+
+
+@pytest.mark.parametrize("window,stride", [(8, 4), (8, 8), (16, 5), (64, 32)])
+def test_perplexity_equals_direct_transformers(model_dir, window, stride):
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = [int(x) for x in torch.randint(1, len(WORDS) + 1, (37,), generator=torch.Generator().manual_seed(1))]
+    nll, n = _direct_nll(ref, ids, window, stride)
+    with expertcache.load(model_dir, expert_budget="50%") as eng:
+        ppl, scored = perplexity(eng.model, ids, window=window, stride=stride)
+    assert scored == n == len(ids) - 1
+    assert ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_accuracy_equals_hand_computed_score(model_dir, tmp_path):
+    items = [
+        {"context": "the cat sat on the", "choices": ["mat", "dog", "red"], "label": 0},
+        {"context": "a big dog", "choices": ["ran", "blue"], "label": 1},
+        {"context": "it was", "choices": ["happy", "sad", "small", "the"], "label": 2},
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    correct = 0
+    for item in items:
+        ctx = tok.encode(item["context"])
+        scores = []
+        for c in item["choices"]:
+            full = ctx + tok.encode(" " + c)
+            with torch.no_grad():
+                logp = torch.log_softmax(ref(torch.tensor([full])).logits[0].double(), -1)
+            scores.append(sum(float(logp[p - 1, full[p]]) for p in range(len(ctx), len(full))))
+        correct += scores.index(max(scores)) == item["label"]
+    with expertcache.load(model_dir, expert_budget="50%") as eng:
+        res = evaluate(eng, mc=path)
+    assert res.items == 3
+    assert res.accuracy == pytest.approx(correct / 3)
+    assert res.experts_per_token == pytest.approx(2 * 2)  # top-2 in each of 2 layers
+    assert res.misses_per_token > 0 and res.bytes_read_per_token > 0
+
+
+def test_eval_cli_json(model_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS * 4))
+    assert main(["eval", "--model", str(model_dir), "--text", str(text), "--window", "16", "--stride", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("perplexity", "tokens", "accuracy", "experts_per_token", "misses_per_token", "bytes_read_per_token"):
+        assert key in out
+    assert out["accuracy"] is None and out["perplexity"] > 1 and out["tokens"] == 4 * len(WORDS) - 1
