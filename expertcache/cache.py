@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import ExpertId
 from .errors import BudgetError
-from .loader import DEMAND, PREFETCH, Loader, LoadTask
+from .loader import DEMAND, PREFETCH, RUNNING, Loader, LoadTask
 from .policies import EvictionPolicy
 from .stats import Stats
 from .store import ExpertStore, SlotArena
@@ -58,7 +58,7 @@ class CacheCore:
     entries: dict[ExpertId, Entry] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
     per_layer: Counter = field(default_factory=Counter)
-    now: int = 0
+    now: int = -1  # index of the running batch: tick() before each, so the first is 0 (as BeladyPolicy's future)
 
     def __post_init__(self) -> None:
         self.free = list(range(self.capacity - 1, -1, -1))
@@ -161,12 +161,18 @@ class ExpertCache:
         cancel those still queued and mark the rest first to go."""
         needed = set(needed)
         for eid, ent in list(self.core.entries.items()):
+            if not ent.ready and ent.pins == 0 and ent.task is not None and ent.task.finished:
+                self._settle(eid, ent)  # a finished load is evictable now (nothing else settles a wrong guess)
+                if eid not in self.core.entries:
+                    continue
             if eid[0] != layer or not ent.speculative or eid[1] in needed or ent.wasted:
                 continue
             ent.wasted = True
             self.stats.prefetch_wasted += 1
+            self.stats.layer(layer).prefetch_wasted += 1
             if not ent.ready and ent.task is not None and self.loader.cancel(ent.task):
                 self.stats.prefetch_cancelled += 1
+                self.stats.layer(layer).prefetch_cancelled += 1
                 self.core.remove(eid)
 
     def acquire(self, layer: int, experts: Iterable[int]) -> list[ExpertId]:
@@ -188,11 +194,21 @@ class ExpertCache:
                     if ent.wasted:  # a guess written off for an earlier token, used now after all
                         ent.wasted = False
                         self.stats.prefetch_wasted -= 1
+                        ls.prefetch_wasted -= 1
                     self.stats.prefetch_used += 1
+                    ls.prefetch_used += 1
+                    if not ent.ready and ent.task.finished and ent.task.error is None:
+                        ent.ready = True  # arrived in time (ready is otherwise only set when waited on)
                     if not ent.ready:
                         self.stats.prefetch_late += 1
+                        ls.prefetch_late += 1
                         self.loader.promote(ent.task)
-                core.policy.access(eid, core.now)
+                    # first use of a guess counts as its insertion, as a demand load's would: the
+                    # insert at prefetch time is no use, and counting both would rank every
+                    # prefetched expert above demand-loaded ones (never-prefetched layers starve)
+                    core.policy.insert(eid, core.now)
+                else:
+                    core.policy.access(eid, core.now)
             else:
                 self.stats.misses += 1
                 ls.misses += 1
@@ -214,8 +230,10 @@ class ExpertCache:
         for eid, ent in loading:
             if self.loader.cancel(ent.task):
                 self.stats.prefetch_cancelled += 1
+                self.stats.layer(eid[0]).prefetch_cancelled += 1
                 if ent.speculative and not ent.wasted:
                     self.stats.prefetch_wasted += 1
+                    self.stats.layer(eid[0]).prefetch_wasted += 1
                 core.remove(eid)
                 return
         for eid, ent in loading:
@@ -266,25 +284,41 @@ class ExpertCache:
                     self.core.remove(eid)
 
     # --- speculation ---------------------------------------------------------------------------
-    def prefetch(self, eids: list[ExpertId], limit: int | None = None) -> int:
+    def prefetch(self, eids: list[ExpertId], limit: int | None = None, *, keep_layers: Iterable[int] = ()) -> int:
         """Start speculative loads for `eids` (in priority order) that are not resident, within the
-        budget, never evicting a pinned entry or one this request wants. Returns loads started."""
+        budget, never evicting a pinned entry, one this request wants, or any entry of `keep_layers`.
+
+        The caller passes the running layer and every layer up to its farthest target as
+        `keep_layers`: their resident experts may be needed before any guess is, so a wrong guess
+        never pushes out a useful expert (AdapMoE's rule); it may take a free slot, a written-off
+        guess, or what the eviction policy would evict next anyway. Returns loads started."""
         core = self.core
         want = set(eids)
+        keep = set(keep_layers)
+        protect = want | {e for e in core.entries if e[0] in keep}
         issued = 0
         for eid in eids:
             if limit is not None and issued >= limit:
                 break
             if eid in core.entries:
                 continue
-            if not core.make_room(eid, protect=want):
+            if not core.make_room(eid, protect=protect):
                 break
             ent = core.add(eid, speculative=True, ready=False)
             ent.task = self.loader.submit(eid, ent.slot, PREFETCH)
             issued += 1
+            self.stats.layer(eid[0]).prefetch_issued += 1
         self.stats.prefetch_issued += issued
         self._note_occupancy()
         return issued
+
+    def arrival_key(self, eid: ExpertId) -> tuple[int, int, int]:
+        """Sorts experts by when they will be ready: ready ones, then loads being read, then queued
+        loads in the order the loader serves them (priority, then submission)."""
+        ent = self.core.entries.get(eid)
+        if ent is None or ent.ready or ent.task is None:
+            return (0, 0, 0)
+        return (1 if ent.task.state == RUNNING else 2, ent.task.priority, ent.task.seq)
 
     def _note_occupancy(self) -> None:
         n = len(self.core.entries)
@@ -293,6 +327,10 @@ class ExpertCache:
 
     def resident(self) -> set[ExpertId]:
         return {e for e, n in self.core.entries.items() if n.ready}
+
+    def holding(self, layer: int) -> set[int]:
+        """Experts of `layer` holding a slot, ready or loading: an acquire now would count them as hits."""
+        return {e for (l, e) in self.core.entries if l == layer}
 
     def close(self) -> None:
         self.loader.close()

@@ -132,6 +132,8 @@ def load_config(model_dir: Path):
         raise CheckpointError(f"{model_dir}: no such directory")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory (give the checkpoint's folder)")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{model_dir}: permission denied: make the directory readable")
     path = model_dir / "config.json"
     if not path.is_file():
         raise _fail(model_dir, "no config.json: not a Hugging Face checkpoint directory")
@@ -145,7 +147,7 @@ def load_config(model_dir: Path):
         raise _fail(path, "no model_type: not a transformers model config")
     from .architectures import ARCHITECTURES
 
-    if raw["model_type"] not in ARCHITECTURES:
+    if not isinstance(raw["model_type"], str) or raw["model_type"] not in ARCHITECTURES:
         raise CheckpointError(
             f"unsupported architecture {raw['model_type']!r}: expertcache supports {', '.join(sorted(ARCHITECTURES))}"
         )
@@ -172,6 +174,12 @@ class Checkpoint:
         model_dir = Path(model_dir)
         config = load_config(model_dir)
         arch = architecture_for(config)
+        try:
+            n_exp, k = arch.num_experts(config), arch.top_k(config)
+        except (TypeError, ValueError, AttributeError):
+            raise _fail(model_dir / "config.json", f"no valid {arch.num_experts_key} / num_experts_per_tok") from None
+        if not 1 <= k <= n_exp:
+            raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and {arch.num_experts_key} ({n_exp})")
         tensors: dict[str, TensorRef] = {}
         for f in _safetensors_files(model_dir):
             for name, ref in read_safetensors_header(f).items():

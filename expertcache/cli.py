@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -27,7 +28,12 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _set_threads(threads: int | None) -> None:
-    n = threads if threads is not None else int(os.environ.get("EXPERTCACHE_THREADS", "1"))
+    env = os.environ.get("EXPERTCACHE_THREADS", "1")
+    if threads is None and not env.strip().isdigit():
+        from .errors import ExpertCacheError
+
+        raise ExpertCacheError(f"EXPERTCACHE_THREADS must be a whole number, got {env!r}")
+    n = threads if threads is not None else int(env)
     import torch
 
     torch.set_num_threads(max(1, n))
@@ -40,11 +46,24 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--expert-budget", default="50%", help="memory for experts: 50%%, 512MiB, 2GB or bytes (default 50%%)")
     p.add_argument("--cache-policy", default=DEFAULT_CACHE_POLICY, help=f"eviction policy (default {DEFAULT_CACHE_POLICY})")
-    p.add_argument("--prefetch", default="next-gate", help="predictor for speculative loads: none, next-gate (default)")
+    p.add_argument("--prefetch", default="next-gate",
+                   help="predictor for speculative loads: none, next-gate (default), default-vector, estimator, learned, history")
     p.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead to prefetch (default 1)")
+    p.add_argument("--prefetch-max", type=int, default=None, help="most experts prefetched per layer per decode step (default: the whole guess)")
+    p.add_argument("--predictor", default=None,
+                   help="predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
     p.add_argument("--io", default="direct", choices=["direct", "buffered"], help="O_DIRECT reads (default) or page-cache reads")
     p.add_argument("--io-threads", type=int, default=DEFAULT_IO_THREADS, help=f"reader threads (default {DEFAULT_IO_THREADS})")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: $EXPERTCACHE_THREADS or 1)")
+    r = p.add_argument_group("routing (lossy options trade measured quality for speed; see expertcache tradeoff)")
+    r.add_argument("--routing", default="exact", help="exact (default), adaptive-gating, cache-aware, cache-aware-max-rank, speculative")
+    r.add_argument("--calibration", "--routing-config", dest="calibration", default=None,
+                   help="adaptive-gating thresholds from `expertcache calibrate` (default: MODEL/adaptive_gating.json)")
+    r.add_argument("--cache-lambda", type=float, default=0.2, help="cache-aware: bias toward resident experts (default 0.2)")
+    r.add_argument("--cache-protect-top", type=int, default=2, help="cache-aware: the router's top-J are never displaced (default 2)")
+    r.add_argument("--cache-max-rank", type=int, default=4, help="cache-aware-max-rank: swap in a resident expert ranked within this (default 4)")
+    r.add_argument("--routing-applies-to", default=None, choices=["prefill", "decode", "both"],
+                   help="phases the routing policy runs in (default: the policy's own)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -56,8 +75,16 @@ def engine_config(args: argparse.Namespace):
         cache_policy=args.cache_policy,
         prefetch=args.prefetch,
         prefetch_depth=args.prefetch_depth,
+        prefetch_max=getattr(args, "prefetch_max", None),
+        predictor=getattr(args, "predictor", None),
         io=args.io,
         io_threads=args.io_threads,
+        routing=args.routing,
+        calibration=args.calibration,
+        cache_lambda=args.cache_lambda,
+        cache_protect_top=args.cache_protect_top,
+        cache_max_rank=args.cache_max_rank,
+        routing_applies_to=args.routing_applies_to,
     )
 
 
@@ -92,6 +119,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ExpertCacheError("--max-new-tokens must be at least 1")
+    if not 0 < args.top_p <= 1:
+        raise ExpertCacheError(f"--top-p must be in (0, 1], got {args.top_p}")
     _set_threads(args.threads)
     greedy = not (args.sample or args.seed is not None)
     prompt: str | list[int] = args.prompt
@@ -211,11 +240,42 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("describe a checkpoint: experts, bytes, minimum budget", _add_info, _run_info),
     "eval": ("perplexity or multiple-choice accuracy through the offloaded engine", *_lazy("quality")),
     "train-demo": ("train the bundled demo model from ../shared/corpus", *_lazy("train")),
+    "calibrate": ("estimate per-layer routing sensitivity and write adaptive-gating thresholds", *_lazy("calibration")),
+    "tradeoff": ("sweep the lossy routing policies: quality against misses and time per token", *_lazy("tradeoff")),
+    "trace": ("record the routing of a generation into a trace file", *_lazy("trace")),
+    "simulate": ("replay a routing trace through the cache policies with a cost model", *_lazy("simulate")),
+    "train-predictor": ("fit a predictor file (learned, estimator, default-vector) from a trace or calibration text", *_lazy("predictors.train")),
+    "eval-predictors": ("precision and recall of every predictor on held-out text", *_lazy("predictors.evaluate")),
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (no usage dump), exit status EXIT_USAGE."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# options whose value may start with '-' ("--expert-budget -5GB"): bound as --opt=value before
+# argparse sees them, so the value reaches its own validation instead of reading as an option
+_DASH_VALUE_OPTIONS = ("--expert-budget", "--prompt-ids")
+
+
+def _bind_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _DASH_VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"-[0-9.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertcache", description="Run MoE models whose experts do not fit in memory.")
+    parser = _Parser(prog="expertcache", description="Run MoE models whose experts do not fit in memory.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add, _) in COMMANDS.items():
@@ -226,10 +286,13 @@ def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _bind_dash_values(list(sys.argv[1:] if argv is None else argv))
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser([chosen] if chosen else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (EXIT_USAGE, already printed as one line)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     debug = args.debug or bool(os.environ.get("EXPERTCACHE_DEBUG"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="expertcache: %(levelname)s: %(message)s")
     if args.command is None:

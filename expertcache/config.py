@@ -20,7 +20,7 @@ _UNITS = {
 _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 
 IO_MODES = ("direct", "buffered")
-DEFAULT_CACHE_POLICY = "lfru"
+DEFAULT_CACHE_POLICY = "lfu"  # lfru falls to 0% hits below one token cycle, as a global LRU (tests/test_policies.py)
 DEFAULT_IO_THREADS = 2
 
 
@@ -61,11 +61,19 @@ class EngineConfig:
     cache_policy: str = DEFAULT_CACHE_POLICY  # eviction policy name (policies.POLICIES)
     prefetch: str = "next-gate"  # predictor name (predictors.PREDICTORS); "none" = load on demand only
     prefetch_depth: int = 1  # how many layers ahead the predictor looks
+    prefetch_max: int | None = None  # most experts prefetched per target layer in a decode step (bounds wasted bytes); None = the predictor's whole guess
+    predictor: str | None = None  # file from `expertcache train-predictor` (default-vector, estimator, learned); None = MODEL/predictor-<kind>.pt
     io: str = "direct"  # "direct" = O_DIRECT reads that bypass the page cache; "buffered" = normal reads
     io_threads: int = DEFAULT_IO_THREADS  # reader threads; reads release the GIL and overlap compute
     device: str = "cpu"  # compute device; experts are staged in host memory either way
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's setting alone
     dtype: str | None = None  # override the checkpoint's dtype ("float32", "bfloat16"); None = as saved
+    routing: str = "exact"  # routing policy (routing.ROUTINGS); anything but "exact" trades quality for speed
+    calibration: str | None = None  # adaptive-gating thresholds (expertcache calibrate); None = MODEL/adaptive_gating.json
+    cache_lambda: float = 0.2  # cache-aware: bias toward resident experts, in units of the layer's logit range
+    cache_protect_top: int = 2  # cache-aware(-max-rank): the router's top-J choices are never displaced
+    cache_max_rank: int = 4  # cache-aware-max-rank: a resident expert may replace a choice if ranked within this
+    routing_applies_to: str | None = None  # "prefill", "decode" or "both"; None = the routing policy's default
 
     def __post_init__(self) -> None:
         if self.io not in IO_MODES:
@@ -74,7 +82,17 @@ class EngineConfig:
             raise ExpertCacheError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.prefetch_depth < 1:
             raise ExpertCacheError(f"prefetch_depth must be at least 1, got {self.prefetch_depth}")
+        if self.prefetch_max is not None and self.prefetch_max < 1:
+            raise ExpertCacheError(f"prefetch_max must be at least 1, got {self.prefetch_max}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ExpertCacheError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
             raise ExpertCacheError(f"model must be a directory path, got {type(self.model).__name__}")
+        if self.cache_lambda < 0:
+            raise ExpertCacheError(f"cache_lambda must be >= 0, got {self.cache_lambda}")
+        if self.cache_protect_top < 0:
+            raise ExpertCacheError(f"cache_protect_top must be >= 0, got {self.cache_protect_top}")
+        if self.cache_max_rank < 1:
+            raise ExpertCacheError(f"cache_max_rank must be at least 1, got {self.cache_max_rank}")
+        if self.routing_applies_to not in (None, "prefill", "decode", "both"):
+            raise ExpertCacheError(f"unknown routing phases {self.routing_applies_to!r}: use prefill, decode or both")

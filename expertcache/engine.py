@@ -23,7 +23,7 @@ from .errors import CheckpointError, ExpertCacheError
 from .moe_block import BlockContext, OffloadedMoE
 from .policies import make_policy
 from .predictors import make_predictor
-from .routing import make_routing
+from .routing import WeightRule, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
 from .store import ExpertStore
 
@@ -51,8 +51,12 @@ def _build_model(ckpt: Checkpoint, context: BlockContext, dtype: torch.dtype) ->
     from transformers.activations import ACT2FN
 
     config = ckpt.config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt.model_dir / 'config.json'}: cannot build the model ({first})") from None
     for layer in ckpt.sparse_layers:
         block = model.model.layers[layer].mlp
         fused = next(p for (l, _), p in ckpt.experts.items() if l == layer).fused
@@ -69,7 +73,12 @@ def _build_model(ckpt: Checkpoint, context: BlockContext, dtype: torch.dtype) ->
     state = ckpt.load_dense()
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches: the tensors do not match config.json
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{ckpt.model_dir}: tensors do not match config.json ({detail})") from None
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
@@ -103,7 +112,20 @@ class Engine:
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
         try:
             policy, partitioned = make_policy(config.cache_policy)
-            routing = make_routing("exact")
+            routing = make_routing(
+                config.routing,
+                rule=WeightRule(renormalize=ckpt.arch.renormalize(ckpt.config), in_logits_dtype=ckpt.arch.weights_in_logits_dtype),
+                top_k=ckpt.top_k,
+                layers=ckpt.sparse_layers,
+                model_dir=model_dir,
+                calibration=config.calibration,
+                resident=lambda layer: self.cache.holding(layer),  # read when a layer routes, after the cache exists
+                predicted=lambda layer: self.context.predictions.get(layer, []),
+                cache_lambda=config.cache_lambda,
+                cache_protect_top=config.cache_protect_top,
+                cache_max_rank=config.cache_max_rank,
+                applies_to=config.routing_applies_to,
+            )
         except ValueError as e:
             raise ExpertCacheError(str(e)) from None
         self.stats_ = Stats()
@@ -120,14 +142,28 @@ class Engine:
             stats=self.stats_,
         )
         self.context = BlockContext(cache=self.cache, predictor=make_predictor("none"), routing=routing)
-        self.model = _build_model(ckpt, self.context, dtype)
-        routers = {l: self.model.model.layers[l].mlp.gate.weight for l in ckpt.sparse_layers}
         try:
-            self.context.predictor = make_predictor(
-                config.prefetch, routers=routers, top_k=ckpt.top_k, depth=config.prefetch_depth
-            )
-        except ValueError as e:
-            raise ExpertCacheError(str(e)) from None
+            self.model = _build_model(ckpt, self.context, dtype)
+            routers = {l: self.model.model.layers[l].mlp.gate.weight for l in ckpt.sparse_layers}
+            try:
+                self.context.predictor = make_predictor(
+                    config.prefetch,
+                    routers=routers,
+                    top_k=ckpt.top_k,
+                    depth=config.prefetch_depth,
+                    max_per_layer=config.prefetch_max,
+                    model=self.model,
+                    model_dir=model_dir,
+                    path=config.predictor,
+                )
+            except ValueError as e:
+                raise ExpertCacheError(str(e)) from None
+            observe = getattr(self.context.predictor, "observe", None)
+            if observe is not None:  # predictors that learn from what each layer routed (history, default-vector)
+                self.context.observers.append(observe)
+        except BaseException:
+            self.cache.close()  # a failed load leaves no reader threads or open files behind
+            raise
         self.context.prefetch_enabled = config.prefetch != "none"
         self.tokenizer = _load_tokenizer(model_dir)
         self.generation_config = getattr(self.model, "generation_config", None)
@@ -150,6 +186,7 @@ class Engine:
         s["io"] = self.store.io_effective
         s["cache_policy"] = self.config.cache_policy
         s["prefetch"] = self.config.prefetch
+        s["routing"] = self.config.routing
         s["load_seconds"] = self.load_seconds
         s["layers"] = layers
         return s
@@ -168,7 +205,12 @@ class Engine:
             if self.tokenizer is None:
                 raise ExpertCacheError("this checkpoint has no tokenizer: pass token ids instead of text")
             return list(self.tokenizer.encode(prompt))
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ExpertCacheError(f"token id {bad[0]} is out of range: this model's vocabulary has ids 0..{vocab - 1}")
+        return ids
 
     @torch.inference_mode()
     def generate(

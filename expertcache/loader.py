@@ -2,7 +2,7 @@
 
 A priority queue orders tasks (DEMAND before PREFETCH, then first come first served). Tasks are
 read chunk by chunk; between chunks a speculative task yields to a waiting demand task, so a
-demand read waits at most one chunk behind a speculative one. A queued task can be cancelled
+demand read waits at most one chunk behind a speculative one. A queued, unstarted task can be cancelled
 (its slot is then free at once); a running one cannot. A read error is stored on the task and
 raised in the thread that waits for it. Reads release the GIL, so loading overlaps compute.
 """
@@ -62,7 +62,7 @@ class Loader:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
-        self.bytes_read = 0  # tensor bytes read (payload), all tasks, cancelled ones' chunks included
+        self.bytes_read = 0  # tensor bytes read (payload); a cancelled task has read none
         self.chunks_read = 0
         self.on_chunk: Callable[[LoadTask, int], None] | None = None  # test hook: (task, chunk index)
         self._threads = [threading.Thread(target=self._work, name=f"expertcache-io-{i}", daemon=True) for i in range(threads)]
@@ -88,9 +88,11 @@ class Loader:
                     self._cv.notify()
 
     def cancel(self, task: LoadTask) -> bool:
-        """Cancel a task that has not started (or is between chunks); True if it will not run."""
+        """Cancel a task that has not started; True if it will not run. A task that yielded between
+        chunks is finished instead (its bytes are read), so bytes_read is exactly the loads that
+        were not cancelled times the expert size."""
         with self._cv:
-            if task.state != QUEUED:
+            if task.state != QUEUED or task.next_chunk > 0:
                 return False
             task.state = CANCELLED
             task.event.set()
@@ -116,8 +118,12 @@ class Loader:
             self._run(task)
 
     def _run(self, task: LoadTask) -> None:
-        plan = self._store.plan(task.eid)
-        slot = self._arena.slot(task.slot)
+        try:
+            plan = self._store.plan(task.eid)
+            slot = self._arena.slot(task.slot)
+        except Exception as e:  # e.g. an expert the store does not have: fail the task, keep the thread
+            self._finish(task, FAILED, ExpertLoadError(f"cannot load expert {task.eid}: {e!r}"))
+            return
         while True:
             i = task.next_chunk
             chunk = plan.chunks[i]

@@ -3,7 +3,7 @@
 One call, for T tokens of one layer:
 
     x [T, H] -> router (the model's own module) -> logits [T, E], weights [T, k], ids [T, k]
-      -> routing policy (exact by default: unchanged)
+      -> routing policy in the phases it applies to (exact by default: unchanged; a dropped slot is id -1)
       -> cache.preempt: this layer's unneeded speculative loads are wrong guesses (cancel / evict first)
       -> in waves of at most `capacity` distinct experts:
            cache.acquire: hits pinned now, misses start demand loads
@@ -41,6 +41,7 @@ class BlockContext:
     routing: RoutingPolicy
     observers: list[RouteObserver] = field(default_factory=list)  # (layer, x, logits, weights, ids)
     prefetch_enabled: bool = True
+    predictions: dict[int, list[int]] = field(default_factory=dict)  # layer -> latest guess for it (speculative routing)
 
 
 class OffloadedMoE(nn.Module):
@@ -77,7 +78,9 @@ class OffloadedMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         logits, weights, ids = self.gate(x)  # [T, E], [T, k], [T, k]
-        weights, ids = self.ctx.routing.select(self.layer, logits, weights, ids)
+        phase = "decode" if hidden_states.dim() == 3 and shape[1] == 1 else "prefill"
+        if phase in self.ctx.routing.applies_to:
+            weights, ids = self.ctx.routing.select(self.layer, logits, weights, ids)  # dropped slots: id -1
         for observe in self.ctx.observers:
             observe(self.layer, x, logits, weights, ids)
         out = self._experts(x, logits, weights, ids)  # [T, H]
@@ -87,7 +90,7 @@ class OffloadedMoE(nn.Module):
 
     def _experts(self, x, logits, weights, ids) -> torch.Tensor:
         cache = self.ctx.cache
-        needed = torch.unique(ids).tolist()  # sorted distinct experts
+        needed = [e for e in torch.unique(ids).tolist() if e >= 0]  # sorted distinct experts, dropped slots skipped
         cache.preempt(self.layer, needed)
         contrib = torch.zeros(
             (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
@@ -99,7 +102,8 @@ class OffloadedMoE(nn.Module):
                     self._prefetch(x, logits)
                 pending = list(wave)
                 while pending:
-                    ready = [e for e in pending if cache.ready(e)] or pending[:1]
+                    # nothing ready: wait for the load that arrives first (prefetched ones lead), not the lowest id
+                    ready = [e for e in pending if cache.ready(e)] or [min(pending, key=cache.arrival_key)]
                     for eid in ready:
                         tok, slot = torch.nonzero(ids == eid[1], as_tuple=True)
                         y = self._expert(x[tok], cache.weights(eid))  # [n, H]
@@ -112,5 +116,7 @@ class OffloadedMoE(nn.Module):
     def _prefetch(self, x: torch.Tensor, logits: torch.Tensor) -> None:
         guesses = self.ctx.predictor.predict(self.layer, x, logits)
         eids = [(target, e) for target, experts in guesses for e in experts]
+        self.ctx.predictions.update(guesses)
         if eids:
-            self.ctx.cache.prefetch(eids)
+            # this layer's and the skipped-over layers' resident experts are needed before any guess
+            self.ctx.cache.prefetch(eids, keep_layers=range(self.layer, max(t for t, _ in guesses) + 1))

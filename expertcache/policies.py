@@ -8,9 +8,10 @@ removals, and asked for a victim among the entries an `allowed` predicate admits
 
 from __future__ import annotations
 
+import heapq
 import math
-from bisect import bisect_right
 import random
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -54,58 +55,71 @@ class LRUPolicy:
 
 
 class LFUPolicy:
-    """Least frequently used while resident; ties go to the entry touched longest ago."""
+    """Least frequently used: evicts the entry with the fewest touches over the whole run; ties go
+    to the entry touched longest ago.
+
+    Counts survive eviction ("perfect" LFU), so an expert that was hot, got pushed out and comes
+    back keeps its history; this is the accounting that reproduces the reference replay
+    (REFERENCES.md). A lazy min-heap keeps the victim search logarithmic."""
 
     name = "lfu"
 
     def __init__(self) -> None:
-        self._count: dict[ExpertId, int] = {}
-        self._last: dict[ExpertId, int] = {}
+        self._count: dict[ExpertId, int] = {}  # touches over the run, kept after eviction
+        self._live: dict[ExpertId, tuple[int, int, ExpertId]] = {}  # resident -> (count, last touch stamp, eid)
+        self._heap: list[tuple[int, int, ExpertId]] = []  # live items and stale ones
         self._clock = 0  # strictly increasing touch stamp, so ties break by touch order
 
     def _touch(self, eid: ExpertId) -> None:
         self._clock += 1
-        self._last[eid] = self._clock
+        count = self._count[eid] = self._count.get(eid, 0) + 1
+        _heap_push(self._heap, self._live, eid, (count, self._clock))
 
     def insert(self, eid: ExpertId, now: int) -> None:
-        self._count[eid] = 1
         self._touch(eid)
 
     def access(self, eid: ExpertId, now: int) -> None:
-        self._count[eid] = self._count.get(eid, 0) + 1
         self._touch(eid)
 
     def remove(self, eid: ExpertId) -> None:
-        self._count.pop(eid, None)
-        self._last.pop(eid, None)
+        self._live.pop(eid, None)
 
     def victim(self, allowed: Allowed, now: int) -> ExpertId | None:
-        best = None
-        for e in self._count:
-            if allowed(e):
-                key = (self._count[e], self._last[e])
-                if best is None or key < best[0]:
-                    best = (key, e)
-        return None if best is None else best[1]
+        return _heap_victim(self._heap, self._live, allowed)
 
 
 class LFRUPolicy:
     """Recency-weighted frequency (LRFU): each touch adds 1 to a score that halves every
     `half_life` batches; evicts the lowest current score. Frequent experts survive a cyclic sweep
-    that would flush an LRU, and stale ones still age out."""
+    that would flush an LRU, and stale ones still age out.
+
+    Every score decays by the same factor, so entries order by log(score) + decay * stamp, which
+    only changes when an entry is touched: a lazy min-heap keeps the victim search logarithmic.
+    Ties go to the entry inserted first."""
 
     name = "lfru"
 
     def __init__(self, half_life: float = 64.0) -> None:
         self._decay = math.log(2) / half_life
         self._score: dict[ExpertId, tuple[float, int]] = {}  # eid -> (score at stamp, stamp)
+        self._live: dict[ExpertId, tuple[float, int, int, ExpertId]] = {}  # (order key, stamp, insert seq, eid)
+        self._heap: list[tuple[float, int, int, ExpertId]] = []  # live items and stale ones
+        self._seq = 0
 
     def _bump(self, eid: ExpertId, now: int) -> None:
         score, stamp = self._score.get(eid, (0.0, now))
-        self._score[eid] = (score * math.exp(-self._decay * (now - stamp)) + 1.0, now)
+        score = score * math.exp(-self._decay * (now - stamp)) + 1.0
+        self._score[eid] = (score, now)
+        item = self._live.get(eid)
+        if item is None:
+            self._seq += 1
+        seq = self._seq if item is None else item[2]
+        # log of the score decayed to time 0: comparable across entries without underflow
+        _heap_push(self._heap, self._live, eid, (math.log(score) + self._decay * now, now, seq))
 
     def insert(self, eid: ExpertId, now: int) -> None:
         self._score.pop(eid, None)
+        self._live.pop(eid, None)
         self._bump(eid, now)
 
     def access(self, eid: ExpertId, now: int) -> None:
@@ -113,16 +127,10 @@ class LFRUPolicy:
 
     def remove(self, eid: ExpertId) -> None:
         self._score.pop(eid, None)
+        self._live.pop(eid, None)
 
     def victim(self, allowed: Allowed, now: int) -> ExpertId | None:
-        best = None
-        for e, (score, stamp) in self._score.items():
-            if allowed(e):
-                # compare log-scores so old stamps never underflow: log(s) - decay*(now - stamp)
-                key = (math.log(score) - self._decay * (now - stamp), stamp)
-                if best is None or key < best[0]:
-                    best = (key, e)
-        return None if best is None else best[1]
+        return _heap_victim(self._heap, self._live, allowed)
 
 
 class RandomPolicy:
@@ -152,39 +160,83 @@ class BeladyPolicy:
     """Furthest next use (Belady's MIN): the offline optimum for a known access sequence.
 
     `future` is the access stream as a list of batches (batch index = `now`); an entry never
-    used again is the first to go."""
+    used again is the first to go; ties go to the entry inserted first. An entry's next use is
+    fixed from one touch to the next, so a lazy max-heap keeps the victim search logarithmic."""
 
     name = "belady"
 
     def __init__(self, future: Sequence[Iterable[ExpertId]]) -> None:
-        self._uses: dict[ExpertId, list[int]] = {}
+        self._uses: dict[ExpertId, list[int]] = {}  # eid -> batch indices that use it, ascending
+        uses = self._uses
         for t, batch in enumerate(future):
-            for e in set(batch):
-                self._uses.setdefault(e, []).append(t)
-        self._resident: dict[ExpertId, None] = {}
+            for e in batch:
+                times = uses.get(e)
+                if times is None:
+                    uses[e] = [t]
+                elif times[-1] != t:  # a repeat inside the batch
+                    times.append(t)
+        self._live: dict[ExpertId, tuple[float, int, ExpertId]] = {}  # resident -> (-next use, insert seq, eid)
+        self._heap: list[tuple[float, int, ExpertId]] = []  # live items and stale ones
+        self._seq = 0
 
-    def _next_use(self, eid: ExpertId, now: int) -> float:
-        uses = self._uses.get(eid, [])
-        i = bisect_right(uses, now)
-        return uses[i] if i < len(uses) else math.inf
+    def _schedule(self, eid: ExpertId, now: int, seq: int) -> None:
+        uses = self._uses.get(eid)
+        i = bisect_right(uses, now) if uses else 0
+        nxt = uses[i] if uses and i < len(uses) else math.inf
+        _heap_push(self._heap, self._live, eid, (-nxt, seq))
 
     def insert(self, eid: ExpertId, now: int) -> None:
-        self._resident[eid] = None
+        self._seq += 1
+        self._schedule(eid, now, self._seq)
 
     def access(self, eid: ExpertId, now: int) -> None:
-        pass
+        item = self._live.get(eid)
+        if item is not None:
+            self._schedule(eid, now, item[1])
 
     def remove(self, eid: ExpertId) -> None:
-        self._resident.pop(eid, None)
+        self._live.pop(eid, None)
 
     def victim(self, allowed: Allowed, now: int) -> ExpertId | None:
-        best = None
-        for e in self._resident:
-            if allowed(e):
-                nxt = self._next_use(e, now)
-                if best is None or nxt > best[0]:
-                    best = (nxt, e)
-        return None if best is None else best[1]
+        return _heap_victim(self._heap, self._live, allowed)
+
+
+_SKIP_BEFORE_SCAN = 32  # heap items a victim search passes over before it scans the live entries
+
+
+def _heap_push(heap: list, live: dict, eid: ExpertId, key: tuple) -> None:
+    """Push `eid` under `key`; `live[eid]` is its one live heap item (older ones are stale). The
+    heap is rebuilt from the live items when stale ones outnumber them, so it stays proportional
+    to the resident set."""
+    item = live[eid] = (*key, eid)
+    heapq.heappush(heap, item)
+    if len(heap) > 4 * len(live) + 64:
+        heap[:] = list(live.values())
+        heapq.heapify(heap)
+
+
+def _heap_victim(heap: list, live: dict, allowed: Allowed) -> ExpertId | None:
+    """The entry of the smallest live heap item that `allowed` admits; stale items are dropped,
+    live ones skipped over are put back. A filter that rejects many (one layer's entries out of
+    all) falls back to one linear scan, so a search never costs more than O(n)."""
+    skipped = []
+    found = None
+    while heap:
+        item = heap[0]
+        eid = item[-1]
+        if live.get(eid) is not item:
+            heapq.heappop(heap)
+        elif allowed(eid):
+            found = eid
+            break
+        else:
+            skipped.append(heapq.heappop(heap))
+            if len(skipped) > _SKIP_BEFORE_SCAN:  # a narrow filter (one layer of many): scan instead
+                found = min((it for it in live.values() if allowed(it[-1])), default=(None,))[-1]
+                break
+    for item in skipped:
+        heapq.heappush(heap, item)
+    return found
 
 
 # name -> (factory, partitioned by layer). Partitioned policies give each layer an equal share of

@@ -1,23 +1,101 @@
 """Routing policies: from a layer's router output to the experts that run and their weights.
 
 Exact routing (the default) keeps the model's own choice, so outputs equal transformers'. Lossy
-policies (adaptive gating, cache-aware, speculative) are opt-in and live beside it."""
+policies are opt-in, named and measured (`expertcache tradeoff`): adaptive gating (AdapMoE: drop
+low-weight slots per token), cache-aware routing (cache-conditional experts: prefer resident
+experts) and speculative routing (run resident predicted experts instead of missing ones).
+
+Conventions shared by the lossy policies:
+- a dropped slot is id -1 with weight 0 (the block skips it, ActivationCounter ignores it);
+- mixing weights follow the family's rule over the chosen set (WeightRule): families that
+  renormalise top-k (Mixtral, norm_topk_prob) renormalise the router's original softmax over the
+  chosen experts; the others keep each chosen expert's original softmax probability, so a policy
+  that changes nothing reproduces exact routing bit for bit;
+- `applies_to` names the phases a policy runs in ("prefill", "decode"); the block routes exactly
+  in the others. A decode step is a forward of one position.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
+
+PHASES = ("prefill", "decode")
+APPLIES_TO = {"prefill": ("prefill",), "decode": ("decode",), "both": PHASES}
+DROPPED = -1  # id of a slot a policy dropped (its weight is 0)
+CALIBRATION_FILE = "adaptive_gating.json"  # default calibration path, next to the model
+
+Resident = Callable[[int], set[int]]  # layer -> experts holding a cache slot, ready or loading (an acquire would hit)
+Predicted = Callable[[int], list[int]]  # layer -> latest predicted experts for it, most likely first
 
 
 class RoutingPolicy(Protocol):
     name: str
     exact: bool
+    applies_to: tuple[str, ...]
 
     def select(
         self, layer: int, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """How a family turns router logits into mixing weights (architectures.Architecture.route)."""
+
+    renormalize: bool  # divide by the sum over the chosen experts
+    in_logits_dtype: bool  # softmax(dtype=float) then cast back to the logits' dtype (Qwen, OLMoE)
+
+    def mix(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weights [T, k] of experts `ids` [T, k] (DROPPED slots get 0) from logits [T, E]."""
+        if self.in_logits_dtype:
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1)  # [T, E]
+        else:
+            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        kept = ids >= 0  # [T, k]
+        w = probs.gather(1, ids.clamp(min=0)) * kept  # [T, k]
+        if self.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w.to(logits.dtype) if self.in_logits_dtype else w
+
+
+def _phases(applies_to: str | None, default: str) -> tuple[str, ...]:
+    key = default if applies_to is None else applies_to
+    if key not in APPLIES_TO:
+        raise ValueError(f"unknown routing phases {key!r}: choose one of {', '.join(APPLIES_TO)}")
+    return APPLIES_TO[key]
+
+
+def _rank(z: torch.Tensor) -> torch.Tensor:
+    """Rank of each expert in each row of z [T, E] (0 = highest), ties by lower id."""
+    order = torch.argsort(z, dim=-1, descending=True, stable=True)  # [T, E]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
+    return ranks
+
+
+def _mask(experts: Iterable[int], num_experts: int) -> torch.Tensor:
+    m = torch.zeros(num_experts, dtype=torch.bool)
+    m[list(experts)] = True
+    return m  # [E]
+
+
+def _pick_by_class(cls: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
+    """The k experts per row with the lowest class, best router score first inside a class;
+    returned in the router's order (highest logit first). cls, z: [T, E] -> ids [T, k]."""
+    key = cls * z.shape[-1] + _rank(z)  # [T, E]
+    chosen = key.topk(k, dim=-1, largest=False).indices  # [T, k]
+    order = z.gather(1, chosen).argsort(dim=-1, descending=True, stable=True)
+    return chosen.gather(1, order)
 
 
 class ExactRouting:
@@ -25,15 +103,213 @@ class ExactRouting:
 
     name = "exact"
     exact = True
+    applies_to = PHASES
 
     def select(self, layer, logits, weights, ids):
         return weights, ids
 
 
-ROUTINGS: dict[str, Callable[..., RoutingPolicy]] = {"exact": lambda **kw: ExactRouting()}
+class AdaptiveGating:
+    """AdapMoE adaptive gating: per token, drop slots 2..k whose normalised weight (over the top-k)
+    is below the layer's threshold t_l = sqrt(c / H_l); the top-1 always runs. Thresholds come
+    from `expertcache calibrate` (H_l a per-layer sensitivity). Kept weights follow the family's
+    rule (WeightRule)."""
+
+    name = "adaptive-gating"
+    exact = False
+
+    def __init__(self, *, thresholds: dict[int, float], rule: WeightRule, applies_to: str | None = None) -> None:
+        self.thresholds = thresholds  # sparse layer -> t_l
+        self.rule = rule
+        self.applies_to = _phases(applies_to, "both")
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, rule: WeightRule, top_k: int, layers: list[int],
+                  applies_to: str | None = None) -> "AdaptiveGating":
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the adaptive-gating calibration ({e.strerror or e}); "
+                             "run `expertcache calibrate` first") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a calibration file ({e})") from None
+        if data.get("routing") != "adaptive-gating" or "layers" not in data:
+            raise ValueError(f"{path}: not an adaptive-gating calibration file")
+        if data.get("top_k") != top_k or sorted(int(l) for l in data["layers"]) != sorted(layers):
+            raise ValueError(f"{path}: calibrated for another model (top-{data.get('top_k')}, layers "
+                             f"{sorted(int(l) for l in data['layers'])}), this one is top-{top_k} with layers {layers}")
+        thresholds = {int(l): float(v["threshold"]) for l, v in data["layers"].items()}
+        return cls(thresholds=thresholds, rule=rule, applies_to=applies_to)
+
+    def select(self, layer, logits, weights, ids):
+        w = weights.float()
+        norm = w / w.sum(dim=-1, keepdim=True)  # [T, k] normalised over the top-k
+        drop = norm < self.thresholds[layer]  # [T, k]
+        drop[:, 0] = False  # keep at least the top-1
+        if not bool(drop.any()):
+            return weights, ids
+        new_ids = ids.masked_fill(drop, DROPPED)  # [T, k]
+        return self.rule.mix(logits, new_ids), new_ids
+
+
+class CacheAwareRouting:
+    """Cache-conditional experts, cache-prior rule: z' = z + lambda * D_l * m, m[e] = 1 when e holds
+    a cache slot or is among the token's original top-J; D_l an EMA (decay 0.99) of the per-token
+    logit range max(z) - min(z) at layer l, updated with each token before it is routed. Experts
+    are the top-k of z'; weights are the original softmax over them (WeightRule)."""
+
+    name = "cache-aware"
+    exact = False
+
+    def __init__(self, *, resident: Resident, rule: WeightRule, lam: float = 0.2, protect_top: int = 2,
+                 ema_decay: float = 0.99, applies_to: str | None = None) -> None:
+        self.resident = resident
+        self.rule = rule
+        self.lam = lam  # the knob: bias in units of the layer's typical logit range
+        self.protect_top = protect_top  # J: the router's top-J always get the bias
+        self.ema_decay = ema_decay
+        self.applies_to = _phases(applies_to, "decode")
+        self.range_ema: dict[int, float] = {}  # layer -> D_l
+
+    def _ema(self, layer: int, ranges: torch.Tensor) -> torch.Tensor:
+        """D_l after each token [T], tokens in order; the first token ever seeds it."""
+        out = []
+        d = self.range_ema.get(layer)
+        for r in ranges.tolist():
+            d = r if d is None else self.ema_decay * d + (1 - self.ema_decay) * r
+            out.append(d)
+        self.range_ema[layer] = d
+        return torch.tensor(out, dtype=torch.float32)
+
+    def select(self, layer, logits, weights, ids):
+        z = logits.float()  # [T, E]
+        d = self._ema(layer, z.amax(dim=-1) - z.amin(dim=-1))  # [T]
+        m = _mask(self.resident(layer), z.shape[-1]).expand_as(z).clone()  # [T, E]
+        if self.protect_top > 0:
+            m.scatter_(1, z.topk(min(self.protect_top, z.shape[-1]), dim=-1).indices, True)
+        z_prior = z + self.lam * d[:, None] * m  # [T, E]
+        chosen = z_prior.topk(ids.shape[-1], dim=-1).indices  # [T, k]
+        order = z.gather(1, chosen).argsort(dim=-1, descending=True, stable=True)
+        chosen = chosen.gather(1, order)  # router's order
+        if torch.equal(chosen, ids):
+            return weights, ids
+        return self.rule.mix(logits, chosen), chosen
+
+
+class CacheMaxRankRouting:
+    """Cache-conditional experts, max-rank rule: each non-protected choice (rank >= J) that holds no
+    cache slot is swapped for a cached expert ranked within the top `max_rank` by the router, best
+    ranked first; when there are fewer such experts than uncached choices, the best-ranked uncached
+    choices stay. Weights are the original softmax over the chosen set (WeightRule)."""
+
+    name = "cache-aware-max-rank"
+    exact = False
+
+    def __init__(self, *, resident: Resident, rule: WeightRule, max_rank: int = 4, protect_top: int = 2,
+                 applies_to: str | None = None) -> None:
+        self.resident = resident
+        self.rule = rule
+        self.max_rank = max_rank  # the knob: how far down the router's ranking a cached expert may come from
+        self.protect_top = protect_top
+        self.applies_to = _phases(applies_to, "decode")
+
+    def select(self, layer, logits, weights, ids):
+        z = logits.float()  # [T, E]
+        k = ids.shape[-1]
+        rank = _rank(z)  # [T, E]
+        cached = _mask(self.resident(layer), z.shape[-1]).expand_as(z)  # [T, E]
+        cls = torch.full_like(rank, 3)  # the rest
+        cls[(rank < k) & ~cached] = 2  # uncached original choices
+        cls[(rank < self.max_rank) & cached] = 1  # cached within the maximum rank
+        cls[rank < self.protect_top] = 0  # protected
+        chosen = _pick_by_class(cls, z, k)
+        if torch.equal(chosen, ids):
+            return weights, ids
+        return self.rule.mix(logits, chosen), chosen
+
+
+class SpeculativeRouting:
+    """Speculating experts: a routed expert that is not resident is replaced by an expert the
+    predictor guessed for this layer (the latest prediction, made at an earlier layer) that is,
+    best router score first; routed experts that are resident stay; without such a guess the routed
+    expert is loaded as usual. Weights: the router's softmax over the chosen set. Resident means
+    holding a slot: a guess still loading counts, its read started before a demand read could."""
+
+    name = "speculative"
+    exact = False
+
+    def __init__(self, *, resident: Resident, predicted: Predicted, rule: WeightRule,
+                 applies_to: str | None = None) -> None:
+        self.resident = resident
+        self.predicted = predicted
+        self.rule = rule
+        self.applies_to = _phases(applies_to, "decode")
+
+    def select(self, layer, logits, weights, ids):
+        held = self.resident(layer)
+        guesses = [e for e in self.predicted(layer) if e in held]
+        if not guesses or all(int(e) in held for e in ids.unique().tolist()):
+            return weights, ids
+        z = logits.float()  # [T, E]
+        routed = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)  # [T, E]
+        res = _mask(held, z.shape[-1]).expand_as(z)
+        guess = _mask(guesses, z.shape[-1]).expand_as(z)
+        cls = torch.full(z.shape, 3, dtype=torch.long)
+        cls[routed & ~res] = 2  # routed, would miss
+        cls[guess & ~routed] = 1  # predicted and resident
+        cls[routed & res] = 0  # routed and resident
+        chosen = _pick_by_class(cls, z, ids.shape[-1])
+        if torch.equal(chosen, ids):
+            return weights, ids
+        return self.rule.mix(logits, chosen), chosen
+
+
+def _adaptive(**kw) -> AdaptiveGating:
+    path = kw.get("calibration") or (Path(kw["model_dir"]) / CALIBRATION_FILE if kw.get("model_dir") else None)
+    if path is None:
+        raise ValueError("adaptive-gating needs a calibration file: run `expertcache calibrate` and pass --calibration")
+    return AdaptiveGating.from_file(path, rule=kw["rule"], top_k=kw["top_k"], layers=kw["layers"],
+                                    applies_to=kw.get("applies_to"))
+
+
+def _cache_aware(**kw) -> CacheAwareRouting:
+    _warn_protect(kw)
+    return CacheAwareRouting(resident=kw["resident"], rule=kw["rule"], lam=kw.get("cache_lambda", 0.2),
+                             protect_top=kw.get("cache_protect_top", 2), applies_to=kw.get("applies_to"))
+
+
+def _cache_max_rank(**kw) -> CacheMaxRankRouting:
+    _warn_protect(kw)
+    return CacheMaxRankRouting(resident=kw["resident"], rule=kw["rule"], max_rank=kw.get("cache_max_rank", 4),
+                               protect_top=kw.get("cache_protect_top", 2), applies_to=kw.get("applies_to"))
+
+
+def _warn_protect(kw: dict) -> None:
+    j, k = kw.get("cache_protect_top", 2), kw.get("top_k")
+    if k is not None and j >= k:
+        log.warning("--cache-protect-top %d >= top-%d: every choice is protected, cache-aware routing "
+                    "changes nothing (use --cache-protect-top %d)", j, k, max(k - 1, 0))
+
+
+ROUTINGS: dict[str, Callable[..., RoutingPolicy]] = {
+    "exact": lambda **kw: ExactRouting(),
+    "adaptive-gating": _adaptive,
+    "cache-aware": _cache_aware,
+    "cache-aware-max-rank": _cache_max_rank,
+    "speculative": lambda **kw: SpeculativeRouting(resident=kw["resident"], predicted=kw["predicted"],
+                                                   rule=kw["rule"], applies_to=kw.get("applies_to")),
+}
 
 
 def make_routing(name: str, **kwargs) -> RoutingPolicy:
+    """Build a routing policy by name. Keywords (each policy takes what it needs): rule (WeightRule),
+    top_k, layers, resident, predicted, calibration, model_dir, cache_lambda, cache_protect_top,
+    cache_max_rank, applies_to ("prefill" | "decode" | "both"; None = the policy's default)."""
     if name not in ROUTINGS:
         raise ValueError(f"unknown routing {name!r}: choose one of {', '.join(ROUTINGS)}")
     return ROUTINGS[name](**kwargs)
+
+
+def drop_threshold(c: float, sensitivity: float) -> float:
+    """AdapMoE's threshold t_l = sqrt(c / H_l) (a layer with zero sensitivity drops everything droppable)."""
+    return math.sqrt(c / sensitivity) if sensitivity > 0 else math.inf

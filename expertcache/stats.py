@@ -13,6 +13,11 @@ class LayerStats:
     hits: int = 0
     misses: int = 0
     stall_seconds: float = 0.0
+    prefetch_issued: int = 0  # speculative loads started for this layer (the run-wide fields below, per target layer)
+    prefetch_used: int = 0
+    prefetch_late: int = 0
+    prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""Hardware profiles for the simulator's cost model: how fast experts move and layers compute.
+
+A profile is a link (sustained read bandwidth plus a fixed latency per expert read) and the
+compute time of one sparse layer for one decode token. Presets describe typical machines; the
+"measured" profile is calibrated here, on this machine, by timing the ExpertStore's own reads
+(O_DIRECT by default) of a checkpoint's experts and the engine's decode steps.
+
+Cost model (simulate.py), per MoE layer call that misses n experts totalling B bytes:
+    load    = n * latency + B / bandwidth
+    time    = compute + load - overlap * min(compute, load)
+overlap 0 is demand loading (the layer waits for its misses, then computes); overlap 1 hides
+loads behind one layer's compute (perfect prefetch). Time per output token = decode time /
+decode tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ExpertCacheError
+
+log = logging.getLogger(__name__)
+
+MEASURE_READS = 24  # experts read to calibrate the link (each once: O_DIRECT bypasses the page cache)
+MEASURE_STEPS = 8  # decode steps timed to calibrate compute
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    bandwidth_bytes_per_s: float  # sustained reads from the slow tier into expert slots
+    latency_seconds: float  # fixed cost per expert read (request setup, command latency)
+    layer_compute_seconds: float  # one decode token through one sparse layer (attention + experts)
+
+    def load_seconds(self, reads: int, nbytes: int) -> float:
+        return reads * self.latency_seconds + nbytes / self.bandwidth_bytes_per_s
+
+    def layer_seconds(self, reads: int, nbytes: int, overlap: float = 0.0) -> float:
+        """One layer call: compute plus the loads of its misses, `overlap` of them hidden."""
+        load = self.load_seconds(reads, nbytes) if reads else 0.0
+        c = self.layer_compute_seconds
+        return c + load - overlap * min(c, load)
+
+    def with_compute(self, seconds: float) -> "Hardware":
+        return Hardware(self.name, self.description, self.bandwidth_bytes_per_s, self.latency_seconds, seconds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GB = 1e9
+# Links are typical sustained figures (not the interface's raw rate); compute is the per-layer
+# decode time of a ~3B-active MoE (Qwen3-30B-A3B class, 4-bit) on the compute that usually sits
+# behind that link: a discrete GPU for PCIe, a desktop CPU for NVMe, a phone SoC for UFS.
+PRESETS: dict[str, Hardware] = {
+    "pcie4": Hardware("pcie4", "PCIe 4.0 x16 host->GPU copies (~25 GB/s of 31.5 raw), GPU compute", 25 * GB, 10e-6, 100e-6),
+    "pcie5": Hardware("pcie5", "PCIe 5.0 x16 host->GPU copies (~50 GB/s of 63 raw), GPU compute", 50 * GB, 10e-6, 100e-6),
+    "nvme4": Hardware("nvme4", "NVMe gen4 SSD (~7 GB/s sequential, ~80 us per read), desktop CPU compute", 7 * GB, 80e-6, 800e-6),
+    "ufs4": Hardware("ufs4", "UFS 4.0 phone flash (~4 GB/s sequential, ~120 us per read), phone SoC compute", 4 * GB, 120e-6, 1.6e-3),
+}
+HARDWARE_NAMES = (*PRESETS, "measured")
+
+
+def get_hardware(name: str, *, model: str | Path | None = None) -> Hardware:
+    """A preset by name, or "measured": calibrated on `model` (a checkpoint dir; None = demo)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name == "measured":
+        return measure(model)
+    raise ExpertCacheError(f"unknown hardware {name!r}: choose one of {', '.join(HARDWARE_NAMES)}")
+
+
+def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STEPS) -> Hardware:
+    """Calibrate a profile on this machine from an Engine or a checkpoint directory (None = the
+    bundled demo model).
+
+    Link: each of `reads` experts (spread over layers) is read once through the ExpertStore, and
+    a single aligned block of each is read too; latency is the median block read, bandwidth the
+    median of bytes / (expert read - latency). Compute: `steps` decode forwards are timed after a
+    warm-up, minus the time they waited on expert loads, divided by the sparse layers. A
+    checkpoint is opened with a 100% budget and no prefetch; an Engine given is used as it is
+    (its cache and counters move)."""
+    from .config import EngineConfig
+    from .engine import Engine
+
+    if isinstance(source, Engine):
+        return _measure(source, reads, steps)
+    cfg = EngineConfig(model=str(source) if source is not None else None, expert_budget="100%", prefetch="none")
+    with Engine(cfg) as engine:
+        return _measure(engine, reads, steps)
+
+
+def _measure(engine, reads: int, steps: int) -> Hardware:
+    latency, bandwidth = _measure_reads(engine.store, sorted(engine.checkpoint.experts), reads)
+    compute = _measure_compute(engine, steps) / len(engine.checkpoint.sparse_layers)
+    desc = f"measured on this machine: {engine.store.io_effective} reads of {engine.checkpoint.model_dir}"
+    return Hardware("measured", desc, bandwidth, latency, compute)
+
+
+def _measure_reads(store, eids: list, n: int) -> tuple[float, float]:
+    from .store import ALIGN, Chunk, SlotArena
+
+    picks = [eids[i * len(eids) // min(n, len(eids))] for i in range(min(n, len(eids)))]
+    arena = SlotArena(1, store.slot_bytes)
+    slot = arena.slot(0)
+    small, full, sizes = [], [], []
+    for eid in picks:
+        plan = store.plan(eid)
+        c0 = plan.chunks[0]
+        block = Chunk(c0.path, c0.file_offset, ALIGN, 0, 0, 1)
+        t0 = time.perf_counter()
+        store.read_chunk(eid, block, slot)
+        small.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for chunk in plan.chunks:
+            store.read_chunk(eid, chunk, slot)
+        full.append(time.perf_counter() - t0)
+        sizes.append(sum(c.payload for c in plan.chunks))
+    latency = statistics.median(small)
+    bandwidth = statistics.median(b / max(t - latency, 1e-9) for b, t in zip(sizes, full))
+    return latency, bandwidth
+
+
+def _measure_compute(engine, steps: int) -> float:
+    import torch
+    from transformers import DynamicCache
+
+    model = engine.model
+    vocab = int(model.config.vocab_size)
+    past = DynamicCache(config=model.config)
+    times = []
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+        for i in range(steps + 1):
+            stall0 = engine.stats_.stall_seconds
+            t0 = time.perf_counter()
+            model(input_ids=torch.tensor([[(3 + i) % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            dt = time.perf_counter() - t0 - (engine.stats_.stall_seconds - stall0)
+            if i:  # the first decode step warms kernels and the cache
+                times.append(max(dt, 0.0))
+    return statistics.median(times)

@@ -1,0 +1,93 @@
+"""default-vector (speculating experts, REFERENCES.md section 4): guess layer l+1's MoE input from
+layer l's post-attention residual plus each routed expert's typical output.
+
+    r = post-attention residual of layer l                        (captured by a forward pre-hook
+                                                                   on layer l's post_attention_layernorm)
+    r' = r + sum_k w_k * v[l, e_k] (+ mean shared-expert output)   v: per-expert default vectors,
+                                                                   mean outputs on calibration text
+    x' = post_attention_layernorm[l+1](r');  scores = router[l+1](x')
+Deeper targets chain the same step with the guessed top-k of l+1 (their softmax weights,
+renormalised). Layer l+1's attention output is not guessed: that is the method's error term.
+Default vectors come from `expertcache train-predictor --kind default-vector`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ExpertCacheError
+from .base import Lookahead, Prediction, rank
+
+
+class DefaultVectorPredictor:
+    name = "default-vector"
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        routers: dict[int, torch.Tensor],
+        vectors: dict[int, torch.Tensor],  # layer -> [E, H] mean output of each expert
+        shared: dict[int, torch.Tensor],  # layer -> [H] mean shared-expert contribution (zeros if none)
+        top_k: int,
+        depth: int = 1,
+    ) -> None:
+        layers = sorted(routers)
+        self._ahead = Lookahead(layers, depth)
+        self._routers = routers
+        self._vectors = vectors
+        self._shared = shared
+        self._top_k = top_k
+        self._norms: dict[int, nn.Module] = {}
+        for l in layers:
+            norm = getattr(model.model.layers[l], "post_attention_layernorm", None)
+            if norm is None:
+                raise ExpertCacheError(f"default-vector needs decoder layer {l}'s post_attention_layernorm, which this model lacks")
+            self._norms[l] = norm
+        self._residual: dict[int, torch.Tensor] = {}  # layer -> [T, H] latest post-attention residual
+        self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> latest (weights [T, k], ids [T, k])
+        # the residual is the one input the MoE block does not see: read it where the layer norms it
+        self._hooks = [norm.register_forward_pre_hook(self._capture(l)) for l, norm in self._norms.items()]
+
+    def _capture(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._residual[layer] = args[0]
+
+        return hook
+
+    def observe(self, layer: int, x, logits, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        self._routed[layer] = (weights, ids)
+
+    def _moe_guess(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k v[layer, e_k] + shared mean -> [T, H] (dropped slots, id -1, add nothing)."""
+        v = self._vectors[layer]  # [E, H]
+        w = weights.float() * (ids >= 0)  # [T, k]
+        return torch.einsum("tk,tkh->th", w, v[ids.clamp(min=0)]) + self._shared[layer]
+
+    def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:
+        residual = self._residual.get(layer)
+        routed = self._routed.get(layer)
+        if residual is None or routed is None:
+            return []
+        r = residual.reshape(-1, residual.shape[-1]).float()  # [T, H]
+        weights, ids = routed
+        source = layer
+        out: Prediction = []
+        for _, target in self._ahead.targets(layer):
+            r = r + self._moe_guess(source, weights, ids)  # [T, H]: guessed residual entering `target`
+            norm = self._norms[target]
+            guess = norm.forward(r.to(residual.dtype))  # [T, H]; forward(), not __call__: no hook fires
+            w = self._routers[target]
+            scores = F.linear(guess.to(w.dtype), w)  # [T, E]
+            out.append((target, rank(scores, self._top_k)))
+            weights, ids = scores.float().softmax(dim=-1).topk(self._top_k, dim=-1)  # [T, k] each
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+            source = target
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

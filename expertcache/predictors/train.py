@@ -1,0 +1,402 @@
+"""train-predictor: fit the file a default-vector, estimator or learned predictor reads.
+
+Input is recorded routing with MoE-input hidden states: a trace from `expertcache trace
+--hidden-states` (--trace), or calibration text run through the engine here (--text, default the
+TinyStories train split). Pairs are (token's MoE input at layer l, the same token's routing and
+MoE input at layer l+d), d = 1..depth in sparse layers.
+
+    learned         an ExpertMLP per (l, d), started from layer l+d's router (= next-gate) and trained
+                    with a soft cross-entropy towards the true routing; the checkpoint with the best
+                    validation recall is kept, so training never ends below its next-gate start
+    estimator       A, b per (l, d) by ridge least squares: x[l+d] ~ x[l] A + b
+    default-vector  per expert, its mean output over the calibration tokens routed to it (plus the
+                    mean shared-expert contribution), computed with the engine's own expert code
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ExpertCacheError
+from ..trace import Recorder, Trace
+from .artefact import TRAINED_KINDS, Artefact, default_path
+from .learned import DEFAULT_WIDTH, ExpertMLP
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a learned predictor is trained (defaults suit a model of a few hundred hidden units)."""
+
+    width: int = DEFAULT_WIDTH  # hidden units of each MLP
+    steps: int = 600  # optimiser steps per (layer, distance) net
+    batch: int = 512  # token pairs per step
+    lr: float = 1e-3  # Adam learning rate of the MLP part
+    skip_lr: float = 1e-4  # of the linear part (it starts at the router: move it gently)
+    hard_weight: float = 0.5  # target = this share on the routed set (uniform) + the rest on the router's softmax
+    val_fraction: float = 0.1  # pairs held out to pick the best checkpoint
+    eval_every: int = 50  # steps between validation checks
+    seed: int = 0
+
+
+# --- data ----------------------------------------------------------------------------------------
+@dataclass
+class LayerData:
+    """Every recorded token's view of one sparse layer, rows aligned across layers."""
+
+    hidden: torch.Tensor  # [N, H] MoE input
+    ids: torch.Tensor  # [N, k] routed experts (-1: dropped)
+    weights: torch.Tensor  # [N, k]
+    logits: torch.Tensor | None  # [N, E]
+
+
+def layer_data(trace: Trace, layers: list[int]) -> dict[int, LayerData]:
+    """Stack the trace per layer, keeping only forwards that routed every sparse layer, so row i of
+    every layer is the same token."""
+    forwards: dict[tuple[int, int], dict[int, object]] = {}
+    for r in trace.routes:
+        forwards.setdefault((r.turn, r.step), {})[r.layer] = r
+    complete = [f for f in forwards.values() if all(l in f for l in layers)]
+    if not complete:
+        raise ExpertCacheError("the trace has no forward pass that routed every sparse layer")
+    if any(f[layers[0]].hidden is None for f in complete):
+        raise ExpertCacheError("the trace has no hidden states: record it with `expertcache trace --hidden-states`")
+    out = {}
+    for l in layers:
+        routes = [f[l] for f in complete]
+        logits = [r.logits for r in routes]
+        out[l] = LayerData(
+            hidden=torch.from_numpy(np.concatenate([r.hidden for r in routes])).float(),
+            ids=torch.from_numpy(np.concatenate([r.ids for r in routes])).long(),
+            weights=torch.from_numpy(np.concatenate([r.weights for r in routes])).float(),
+            logits=torch.from_numpy(np.concatenate(logits)).float() if all(g is not None for g in logits) else None,
+        )
+    return out
+
+
+@torch.inference_mode()
+def record_calibration(engine, documents: list[list[int]], *, max_tokens: int, window: int, progress: bool = True) -> Trace:
+    """Run token documents through the engine (prefill windows of at most `window` tokens, no KV
+    cache kept) and record routing with hidden states and logits."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_tokens, unit="tok", desc="calibration", disable=not progress)
+    done = 0
+    with Recorder(engine, logits=True, hidden_states=True) as rec:
+        for doc in documents:
+            for start in range(0, len(doc), window):
+                chunk = doc[start : start + window][: max_tokens - done]
+                if len(chunk) < 2:
+                    continue
+                rec.new_turn()
+                engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
+                done += len(chunk)
+                bar.update(len(chunk))
+                if done >= max_tokens:
+                    break
+            if done >= max_tokens:
+                break
+    bar.close()
+    if done == 0:
+        raise ExpertCacheError("the calibration text gave no tokens")
+    return rec.trace
+
+
+# --- fitting -------------------------------------------------------------------------------------
+def fit_estimator(data: dict[int, LayerData], layers: list[int], depths: list[int], *, ridge: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Ridge least squares per (d, l): [x 1] W = x[l+d], W = (Z^T Z + ridge * n * I)^-1 Z^T Y."""
+    tensors = {}
+    for d in depths:
+        for i, l in enumerate(layers[: len(layers) - d]):
+            x = data[l].hidden.double()  # [N, H]
+            y = data[layers[i + d]].hidden.double()  # [N, H]
+            z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # [N, H+1]
+            gram = z.T @ z + ridge * len(z) * torch.eye(z.shape[1], dtype=z.dtype)  # [H+1, H+1]
+            w = torch.linalg.solve(gram, z.T @ y)  # [H+1, H]
+            tensors[f"d{d}.l{l}.A"] = w[:-1].float()
+            tensors[f"d{d}.l{l}.b"] = w[-1].float()
+    return tensors
+
+
+def _targets(ld: LayerData, num_experts: int, hard_weight: float) -> torch.Tensor:
+    """[N, E] distribution: `hard_weight` spread over the routed experts, the rest the router's softmax."""
+    valid = ld.ids >= 0
+    hard = torch.zeros(len(ld.ids), num_experts).scatter_add_(1, ld.ids.clamp(min=0), valid.float())
+    hard = hard / hard.sum(dim=1, keepdim=True).clamp(min=1)
+    if ld.logits is None:
+        return hard
+    return hard_weight * hard + (1 - hard_weight) * ld.logits.softmax(dim=-1)
+
+
+def recall_at_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> float:
+    """Share of routed (token, expert) slots that are in the top-k of `scores` [N, E]."""
+    guess = scores.topk(k, dim=-1).indices  # [N, k]
+    valid = ids >= 0
+    hit = (ids.unsqueeze(-1) == guess.unsqueeze(1)).any(-1) & valid  # [N, k]
+    return float(hit.sum()) / max(1, int(valid.sum()))
+
+
+def fit_learned(
+    data: dict[int, LayerData],
+    layers: list[int],
+    depths: list[int],
+    routers: dict[int, torch.Tensor],
+    top_k: int,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    jobs = [(d, l, layers[i + d]) for d in depths for i, l in enumerate(layers[: len(layers) - d])]
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict = {}
+    bar = tqdm(total=len(jobs) * settings.steps, unit="step", desc="train learned", disable=not progress)
+    for d, src, tgt in jobs:
+        torch.manual_seed(settings.seed + 1000 * d + src)
+        x_all = data[src].hidden
+        ids_all = data[tgt].ids
+        y_all = _targets(data[tgt], routers[tgt].shape[0], settings.hard_weight)
+        n = len(x_all)
+        perm = torch.randperm(n, generator=gen)
+        n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
+        val, train = perm[:n_val], perm[n_val:]
+        if len(train) == 0:
+            train = perm
+        net = ExpertMLP.from_router(routers[tgt], settings.width)
+        opt = torch.optim.Adam(
+            [
+                {"params": net.skip.parameters(), "lr": settings.skip_lr},
+                {"params": list(net.fc1.parameters()) + list(net.fc2.parameters()), "lr": settings.lr},
+            ]
+        )
+
+        def val_recall() -> float:
+            with torch.no_grad():
+                return recall_at_k(net(x_all[val]), ids_all[val], top_k) if n_val else 0.0
+
+        start = best = val_recall()
+        best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        for step in range(1, settings.steps + 1):
+            batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
+            logp = net(x_all[batch]).log_softmax(dim=-1)  # [B, E]
+            loss = -(y_all[batch] * logp).sum(dim=-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            if step % settings.eval_every == 0 or step == settings.steps:
+                r = val_recall()
+                if r > best:
+                    best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
+                bar.set_postfix(d=d, layer=src, loss=f"{loss.item():.3f}", val=f"{r:.3f}")
+        for k, v in best_state.items():
+            tensors[f"d{d}.l{src}.{k}"] = v
+        report[f"d{d}.l{src}"] = {"val_recall_next_gate": round(start, 4), "val_recall": round(best, 4), "pairs": n}
+        log.info("learned d=%d layer %d -> %d: validation recall %.3f (next-gate start %.3f)", d, src, tgt, best, start)
+    bar.close()
+    return tensors, report
+
+
+@torch.inference_mode()
+def fit_default_vectors(engine, data: dict[int, LayerData], layers: list[int], *, rows_per_pass: int = 4096) -> dict[str, torch.Tensor]:
+    """Each expert's mean output over the calibration tokens routed to it, computed by the
+    offloaded block's own expert code with the expert read through the engine's cache."""
+    tensors = {}
+    cache = engine.cache
+    for l in layers:
+        block = engine.model.model.layers[l].mlp
+        dtype = block.gate.weight.dtype
+        x_all, ids = data[l].hidden, data[l].ids
+        num_experts, hidden = block.gate.weight.shape
+        vectors = torch.zeros(num_experts, hidden)
+        for e in range(num_experts):
+            rows = (ids == e).any(dim=1).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            [eid] = cache.acquire(l, [e])
+            try:
+                parts = cache.weights(eid)
+                total = torch.zeros(hidden, dtype=torch.float64)
+                for s in range(0, len(rows), rows_per_pass):
+                    y = block._expert(x_all[rows[s : s + rows_per_pass]].to(dtype), parts)  # [n, H], the block's own code
+                    total += y.double().sum(dim=0)
+            finally:
+                cache.release([eid])
+            vectors[e] = (total / len(rows)).float()
+        shared = torch.zeros(hidden)
+        if block.shared_expert is not None:
+            total = torch.zeros(hidden, dtype=torch.float64)
+            for s in range(0, len(x_all), rows_per_pass):
+                x = x_all[s : s + rows_per_pass].to(dtype)
+                y = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)  # [n, H]
+                total += y.double().sum(dim=0)
+            shared = (total / len(x_all)).float()
+        tensors[f"l{l}.vectors"] = vectors
+        tensors[f"l{l}.shared"] = shared
+    return tensors
+
+
+def train(
+    kind: str,
+    engine,
+    trace: Trace,
+    *,
+    depths: list[int],
+    settings: TrainSettings = TrainSettings(),
+    progress: bool = True,
+) -> Artefact:
+    """Fit a predictor file of `kind` for the engine's model from `trace`."""
+    if kind not in TRAINED_KINDS:
+        raise ExpertCacheError(f"unknown predictor kind {kind!r}: choose one of {', '.join(TRAINED_KINDS)}")
+    ckpt = engine.checkpoint
+    layers = list(ckpt.sparse_layers)
+    if len(layers) < 2 and kind != "default-vector":
+        raise ExpertCacheError("the model has one sparse layer: there is no later layer to predict")
+    if any(d < 1 or d >= len(layers) for d in depths):
+        raise ExpertCacheError(f"--depth must be between 1 and {len(layers) - 1} for this model's {len(layers)} sparse layers")
+    routers = {l: engine.model.model.layers[l].mlp.gate.weight.detach() for l in layers}
+    num_experts, hidden = routers[layers[0]].shape
+    if trace.shape.sparse_layers != tuple(layers) or trace.shape.num_experts != num_experts:
+        raise ExpertCacheError(
+            f"the trace was recorded on another model (sparse layers {list(trace.shape.sparse_layers)}, "
+            f"{trace.shape.num_experts} experts; this model {layers}, {num_experts})"
+        )
+    data = layer_data(trace, layers)
+    meta: dict = {"tokens": len(data[layers[0]].hidden)}
+    if kind == "estimator":
+        tensors = fit_estimator(data, layers, depths)
+    elif kind == "learned":
+        tensors, meta["validation"] = fit_learned(data, layers, depths, routers, ckpt.top_k, settings, progress=progress)
+        meta["settings"] = {k: v for k, v in vars(settings).items()}
+    else:
+        tensors = fit_default_vectors(engine, data, layers)
+        depths = []
+    return Artefact(
+        kind=kind,
+        model=str(ckpt.model_dir),
+        sparse_layers=layers,
+        num_experts=int(num_experts),
+        hidden_size=int(hidden),
+        top_k=ckpt.top_k,
+        depths=sorted(depths),
+        tensors=tensors,
+        meta=meta,
+    )
+
+
+def parse_depths(text: str, *, expand: bool) -> list[int]:
+    """"1,2" -> [1, 2]; a single "D" -> [1..D] when `expand` (what --prefetch-depth D needs)."""
+    try:
+        values = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ExpertCacheError(f"--depth must be a number or comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ExpertCacheError(f"--depth values must be at least 1, got {text!r}")
+    if expand and len(values) == 1:
+        return list(range(1, values[0] + 1))
+    return sorted(set(values))
+
+
+def text_documents(engine, path: str | Path | None, max_tokens: int | None = None) -> list[list[int]]:
+    """Token documents of a text file (documents split on <|endoftext|> lines), tokenised only as
+    far as `max_tokens` reaches; None = TinyStories train."""
+    from ..corpus import TINYSTORIES_TRAIN, corpus_path, split_documents
+
+    if engine.tokenizer is None:
+        raise ExpertCacheError("this checkpoint has no tokenizer: record a trace with --hidden-states and pass --trace")
+    if path is None:
+        try:
+            path = corpus_path(TINYSTORIES_TRAIN)
+        except FileNotFoundError as e:
+            raise ExpertCacheError(f"{e}: pass --text FILE or --trace FILE") from None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExpertCacheError(f"cannot read --text {path}: {getattr(e, 'strerror', None) or e}") from None
+    docs, total = [], 0
+    for doc in split_documents(text):
+        ids: list[int] = []
+        for para in doc.split("\n\n"):  # paragraph by paragraph: a corpus file may be one long document
+            if max_tokens is not None and total >= max_tokens:
+                break
+            piece = engine.tokenizer.encode(para + "\n\n", add_special_tokens=False, verbose=False)
+            ids += piece
+            total += len(piece)
+        if ids:
+            docs.append(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return docs
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--kind", default="learned", choices=TRAINED_KINDS, help="predictor to fit (default learned)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", default=None, help="trace recorded with `expertcache trace --hidden-states`")
+    src.add_argument("--text", default=None, help="calibration text run through the model here (default: TinyStories train)")
+    p.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens taken from --text (default 20000)")
+    p.add_argument("--window", type=int, default=256, help="tokens per calibration forward pass (default 256)")
+    p.add_argument("--depth", default="1", help="distances to fit: D means 1..D, or a list 1,2 (default 1)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", default=None, help="predictor file to write (load it with --predictor PATH)")
+    out.add_argument("--next-to-model", action="store_true", help="write MODEL/predictor-<kind>.pt, found without --predictor")
+    p.add_argument("--steps", type=int, default=TrainSettings.steps, help=f"learned: optimiser steps per net (default {TrainSettings.steps})")
+    p.add_argument("--width", type=int, default=TrainSettings.width, help=f"learned: hidden units per net (default {TrainSettings.width})")
+    p.add_argument("--seed", type=int, default=0, help="learned: seed (default 0)")
+    p.add_argument("--expert-budget", default="100%", help="expert memory while calibrating (default 100%%)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: $EXPERTCACHE_THREADS or 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ..cli import _set_threads
+    from ..config import EngineConfig
+    from ..engine import Engine, demo_model_dir
+
+    depths = parse_depths(args.depth, expand=True)
+    if args.max_tokens < 2 or args.window < 2 or args.steps < 1 or args.width < 1:
+        raise ExpertCacheError("--max-tokens and --window must be at least 2, --steps and --width at least 1")
+    model_dir = Path(args.model) if args.model is not None else demo_model_dir()
+    if args.next_to_model:
+        out = default_path(model_dir, args.kind)
+        if not _writable(model_dir):
+            raise ExpertCacheError(f"{model_dir} is not writable: pass --out FILE instead of --next-to-model")
+    else:
+        out = Path(args.out)
+    _set_threads(args.threads)
+    progress = not args.no_progress
+    cfg = EngineConfig(model=str(model_dir), expert_budget=args.expert_budget, prefetch="none", io="buffered")
+    with Engine(cfg) as engine:
+        if args.trace is not None:
+            trace = Trace.load(args.trace)
+        else:
+            docs = text_documents(engine, args.text, args.max_tokens)
+            trace = record_calibration(engine, docs, max_tokens=args.max_tokens, window=args.window, progress=progress)
+        settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
+        art = train(args.kind, engine, trace, depths=depths, settings=settings, progress=progress)
+    art.meta["source"] = args.trace or args.text or "tinystories-train"
+    path = art.save(out)
+    extra = ""
+    if "validation" in art.meta:
+        v = list(art.meta["validation"].values())
+        mean = lambda key: sum(r[key] for r in v) / len(v)  # noqa: E731
+        extra = f"; validation recall {mean('val_recall'):.3f} (next-gate {mean('val_recall_next_gate'):.3f})"
+    print(f"wrote {path}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or 'chained'}{extra}")
+    return 0
+
+
+def _writable(directory: Path) -> bool:
+    import os
+
+    return directory.is_dir() and os.access(directory, os.W_OK)

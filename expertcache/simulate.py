@@ -1,0 +1,489 @@
+"""Trace-driven cache simulator: replays a routing trace through the engine's own policy classes.
+
+Two accountings of the same access stream (trace.Trace.batches):
+- "reference": REFERENCES.md's replay, byte budgets. Per batch each distinct expert is looked up
+  once (lookups in the order of their last use in the batch, so a repeat refreshes recency); a
+  miss makes it resident and reads expert_bytes(layer); after the batch, entries are evicted
+  until the budget holds, never one the batch touched. Partitioned policies (layer, layerlfu)
+  give each layer its own share of the bytes and evict only inside it, with one policy object per
+  layer. This reproduces ../shared/traces/qwen3-30b-a3b/replay-curve.csv.
+- "engine": drives cache.CacheCore exactly as ExpertCache.acquire does without prefetch: slots =
+  budget // expert_bytes, distinct experts of a call in ascending id order, in waves of at most
+  `capacity`, eviction before each insert, pins held for the wave. Replaying an engine run's
+  trace gives that run's hits and misses exactly.
+Each replay is then priced with a hardware.Hardware cost model (time per output token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import BudgetError, ExpertCacheError
+from .hardware import HARDWARE_NAMES, Hardware, get_hardware
+from .policies import POLICIES, ExpertId, make_policy
+from .trace import Trace
+
+log = logging.getLogger(__name__)
+
+MODES = ("reference", "engine")
+ALLOCATIONS = ("equal", "dp")
+DEFAULT_POLICIES = ("belady", "lru", "lfu", "lfru", "layer", "layerlfu")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Step:
+    decode: bool
+    layer: int
+    lookups: tuple[ExpertId, ...]  # distinct experts, in order of their last use in the call
+    touched: frozenset[ExpertId]  # the same, as a set: what eviction after the call must keep
+
+
+class Stream:
+    """A trace's access stream prepared once for many replays."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.shape = trace.shape
+        self.layers = list(trace.shape.sparse_layers)
+        self.expert_bytes = dict(trace.shape.expert_bytes)
+        self.decode_tokens = trace.decode_tokens
+        steps = []
+        for b in trace.batches():
+            last_use = list(dict.fromkeys(reversed(b.ids)))[::-1]
+            lookups = tuple((b.layer, e) for e in last_use)
+            steps.append(Step(b.decode, b.layer, lookups, frozenset(lookups)))
+        self.steps = steps
+        unknown = {s.layer for s in steps} - set(self.expert_bytes)
+        if unknown:
+            raise ExpertCacheError(f"the trace routes layer(s) {sorted(unknown)} that its header gives no expert_bytes for")
+
+
+@dataclass
+class Replay:
+    """Counters of one (policy, budget) replay."""
+
+    policy: str
+    budget_bytes: int
+    mode: str
+    lookups: int = 0
+    hits: int = 0
+    decode_lookups: int = 0
+    decode_hits: int = 0
+    bytes_read: int = 0
+    decode_loads: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (reads, bytes) per decode call
+
+    @property
+    def misses(self) -> int:
+        return self.lookups - self.hits
+
+    @property
+    def hit_pct(self) -> float:
+        return 100.0 * self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def hit_pct_decode(self) -> float:
+        return 100.0 * self.decode_hits / self.decode_lookups if self.decode_lookups else 0.0
+
+    def _count(self, decode: bool, hits: int, misses: int, nbytes: int) -> None:
+        self.lookups += hits + misses
+        self.hits += hits
+        self.bytes_read += nbytes
+        if decode:
+            self.decode_lookups += hits + misses
+            self.decode_hits += hits
+            self.decode_loads.append((misses, nbytes))
+
+
+def _policy(name: str, future: Sequence | None, seed: int):
+    try:
+        return make_policy(name, future=future, seed=seed)
+    except ValueError as e:
+        raise ExpertCacheError(str(e)) from None
+
+
+# --- reference accounting -------------------------------------------------------------------------
+def _replay_reference(stream: Stream, name: str, budget: int, allocation: str, seed: int) -> Replay:
+    """REFERENCES.md's accounting: lookups, then eviction after the batch down to the budget."""
+    future = [s.lookups for s in stream.steps] if name == "belady" else None
+    partitioned = POLICIES[name][1]
+    eb = stream.expert_bytes
+    if partitioned:
+        limits = layer_budgets(stream, budget, allocation)
+        pools = {l: _policy(name, future, seed)[0] for l in stream.layers}
+    else:
+        pool = _policy(name, future, seed)[0]
+        pools = {l: pool for l in stream.layers}
+        limits = None
+    used = {l: 0 for l in stream.layers} if partitioned else {None: 0}
+    resident: set[ExpertId] = set()
+    out = Replay(name, budget, "reference")
+    for t, step in enumerate(stream.steps):
+        layer = step.layer
+        policy = pools[layer]
+        hits = misses = 0
+        for e in step.lookups:
+            if e in resident:
+                hits += 1
+                policy.access(e, t)
+            else:
+                misses += 1
+                resident.add(e)
+                policy.insert(e, t)
+        nbytes = misses * eb[layer]
+        out._count(step.decode, hits, misses, nbytes)
+        key = layer if partitioned else None
+        used[key] += nbytes
+        limit = limits[layer] if partitioned else budget
+        if used[key] > limit:
+            touched = step.touched
+            allowed = lambda e: e not in touched  # noqa: E731
+            while used[key] > limit:
+                v = policy.victim(allowed, t)
+                if v is None:
+                    break
+                policy.remove(v)
+                resident.discard(v)
+                used[key] -= eb[v[0]]
+    return out
+
+
+def layer_budgets(stream: Stream, budget: int, allocation: str = "equal") -> dict[int, float]:
+    """Bytes each layer owns under a partitioned policy: budget / layers ("equal"), or the
+    dynamic-programming split of `dp_allocation` (AdapMoE)."""
+    if allocation == "equal":
+        return {l: budget / len(stream.layers) for l in stream.layers}
+    if allocation == "dp":
+        slots = dp_allocation(stream, budget)
+        return {l: slots[l] * stream.expert_bytes[l] for l in stream.layers}
+    raise ExpertCacheError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+
+
+# --- engine accounting ----------------------------------------------------------------------------
+def engine_capacity(stream: Stream, budget: int) -> int:
+    """Slots the engine's ExpertCache would have for this budget (its minimum budget enforced)."""
+    eb = max(stream.expert_bytes.values())
+    minimum = stream.shape.top_k * eb
+    if budget < minimum:
+        raise BudgetError(
+            f"expert budget {budget} bytes is below the engine's minimum {minimum} bytes "
+            f"({stream.shape.top_k} experts of {eb} bytes)"
+        )
+    return min(budget // eb, stream.shape.num_experts * len(stream.layers))
+
+
+def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed: int) -> Replay:
+    """CacheCore driven like ExpertCache.acquire/release with prefetch none."""
+    from .cache import CacheCore, equal_quotas
+
+    capacity = engine_capacity(stream, budget)
+    calls = []  # per layer call: its waves of ascending distinct ids, as the block acquires them
+    for s in stream.steps:
+        needed = sorted(s.lookups)
+        calls.append((s, [tuple(needed[i : i + capacity]) for i in range(0, len(needed), capacity)]))
+    # CacheCore ticks once per wave: Belady's future is indexed by the `now` of each tick
+    first = CacheCore(0, None).tick()
+    future = [()] * first + [w for _, waves in calls for w in waves] if name == "belady" else None
+    policy, partitioned = _policy(name, future, seed)
+    quotas = None
+    if partitioned:
+        quotas = equal_quotas(capacity, stream.layers) if allocation == "equal" else dp_allocation(stream, budget, capacity)
+    core = CacheCore(capacity, policy, quotas)
+    eb = stream.expert_bytes
+    out = Replay(name, budget, "engine")
+    for step, waves in calls:
+        hits = misses = 0
+        for wave in waves:
+            core.tick()
+            pinned = []
+            for eid in wave:
+                ent = core.entries.get(eid)
+                if ent is not None:
+                    hits += 1
+                    core.policy.access(eid, core.now)
+                else:
+                    misses += 1
+                    if not core.make_room(eid):
+                        raise RuntimeError(f"no slot can be freed for {eid}: all {capacity} slots are pinned")
+                    ent = core.add(eid, speculative=False, ready=False)
+                ent.pins += 1
+                pinned.append(ent)
+            for ent in pinned:  # the wave computed (loads settled), then released
+                ent.ready = True
+                ent.pins -= 1
+        out._count(step.decode, hits, misses, misses * eb[step.layer])
+    return out
+
+
+# --- per-layer allocation (AdapMoE) ---------------------------------------------------------------
+def layer_miss_curves(stream: Stream) -> dict[int, list[int]]:
+    """misses[l][s]: the misses layer l would take with s slots of its own under LRU, for
+    s = 0..experts, from LRU stack distances of the stream (exact for a per-layer LRU that
+    evicts after each call)."""
+    n = stream.shape.num_experts
+    hist = {l: [0] * (n + 2) for l in stream.layers}  # hist[d]: lookups at stack depth d (n+1 = cold)
+    stacks: dict[int, list[int]] = {l: [] for l in stream.layers}
+    for s in stream.steps:
+        stack, h = stacks[s.layer], hist[s.layer]
+        depths = []
+        for _, e in s.lookups:
+            depths.append(stack.index(e) if e in stack else n + 1)
+        for (_, e), d in zip(s.lookups, depths):
+            h[d] += 1
+        for _, e in s.lookups:  # most recent last use at the front
+            if e in stack:
+                stack.remove(e)
+        stack[:0] = [e for _, e in reversed(s.lookups)]
+    curves = {}
+    for l, h in hist.items():
+        total = sum(h)
+        curve, hit = [], 0
+        for slots in range(n + 1):
+            curve.append(total - hit)
+            hit += h[slots]
+        curves[l] = curve
+    return curves
+
+
+def dp_allocation(stream: Stream, budget: int, capacity: int | None = None) -> dict[int, int]:
+    """AdapMoE's adaptive caching: per-layer slot counts minimising the stream's expected
+    on-demand bytes, by dynamic programming over layers, within the byte budget (or within
+    `capacity` slots when given). The per-layer predictability is each layer's own LRU miss
+    curve on the trace (an offline profile of the same routing)."""
+    import numpy as np
+
+    curves = layer_miss_curves(stream)
+    layers = stream.layers
+    if capacity is not None:
+        unit, cost = 1, {l: 1 for l in layers}
+        total = capacity
+    else:
+        unit = math.gcd(*stream.expert_bytes.values())
+        cost = {l: stream.expert_bytes[l] // unit for l in layers}
+        total = budget // unit
+    total = min(total, sum(cost[l] * stream.shape.num_experts for l in layers))
+    inf = float("inf")
+    best = np.zeros(total + 1)  # best[b]: least missed bytes of the layers so far within b units
+    choice = []
+    for l in layers:
+        c, miss = cost[l], curves[l]
+        new = np.full(total + 1, inf)
+        arg = np.zeros(total + 1, dtype=np.int64)
+        for s in range(len(miss)):
+            if s * c > total:
+                break
+            cand = np.full(total + 1, inf)
+            cand[s * c :] = best[: total + 1 - s * c] + miss[s] * stream.expert_bytes[l]
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = s
+        best = new
+        choice.append(arg)
+    slots, b = {}, int(np.argmin(best))
+    for l, arg in zip(reversed(layers), reversed(choice)):
+        s = int(arg[b])
+        slots[l] = s
+        b -= s * cost[l]
+    return {l: slots[l] for l in layers}
+
+
+# --- running and reporting ------------------------------------------------------------------------
+def replay(
+    trace: Trace | Stream,
+    policy: str,
+    budget_bytes: int,
+    *,
+    mode: str = "reference",
+    allocation: str = "equal",
+    seed: int = 0,
+) -> Replay:
+    """Replay `trace` through cache policy `policy` under `budget_bytes`."""
+    stream = trace if isinstance(trace, Stream) else Stream(trace)
+    if policy not in POLICIES:
+        raise ExpertCacheError(f"unknown cache policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if budget_bytes <= 0:
+        raise BudgetError(f"budget {budget_bytes} must be positive")
+    if allocation not in ALLOCATIONS:
+        raise ExpertCacheError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if mode == "reference":
+        return _replay_reference(stream, policy, budget_bytes, allocation, seed)
+    if mode == "engine":
+        return _replay_engine(stream, policy, budget_bytes, allocation, seed)
+    raise ExpertCacheError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+
+
+def modeled_tpot(r: Replay, stream: Stream, hw: Hardware, overlap: float = 0.0) -> float | None:
+    """Modelled seconds per output token of a replay (hardware.py's cost model)."""
+    if not stream.decode_tokens:
+        return None
+    return sum(hw.layer_seconds(n, b, overlap) for n, b in r.decode_loads) / stream.decode_tokens
+
+
+def _row(r: Replay, stream: Stream, hw: Hardware, overlap: float) -> dict:
+    return {
+        "budget_bytes": r.budget_bytes,
+        "policy": r.policy,
+        "hit_pct": round(r.hit_pct, 4),
+        "hit_pct_decode": round(r.hit_pct_decode, 4),
+        "bytes_read": r.bytes_read,
+        "modeled_tpot_seconds": modeled_tpot(r, stream, hw, overlap),
+        "lookups": r.lookups,
+        "hits": r.hits,
+        "misses": r.misses,
+    }
+
+
+def simulate(
+    trace: Trace,
+    budgets: Sequence[int],
+    policies: Sequence[str],
+    *,
+    mode: str = "reference",
+    hardware: Hardware,
+    overlap: float = 0.0,
+    allocation: str = "equal",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Every (budget, policy) replay, priced on `hardware`, with two bounds: compute only (no
+    loads at all) and, per budget, Belady's misses with loads perfectly overlapped."""
+    from tqdm.auto import tqdm
+
+    if not 0.0 <= overlap <= 1.0:
+        raise ExpertCacheError(f"overlap must be between 0 and 1, got {overlap}")
+    stream = Stream(trace)
+    results, belady = [], {}
+    bar = tqdm(total=len(budgets) * len(policies), unit="replay", desc="simulate", disable=not progress)
+    for budget in budgets:
+        for name in policies:
+            r = replay(stream, name, budget, mode=mode, allocation=allocation, seed=seed)
+            results.append(_row(r, stream, hardware, overlap))
+            if name == "belady":
+                belady[budget] = r
+            bar.update(1)
+        if budget not in belady:
+            belady[budget] = replay(stream, "belady", budget, mode=mode)
+    bar.close()
+    decode_calls = sum(1 for s in stream.steps if s.decode)
+    compute_only = decode_calls * hardware.layer_compute_seconds / stream.decode_tokens if stream.decode_tokens else None
+    bounds = {
+        "compute_only_tpot_seconds": compute_only,
+        "belady_perfect_overlap": [
+            {k: v for k, v in _row(belady[b], stream, hardware, 1.0).items() if k != "policy"} for b in budgets
+        ],
+    }
+    return {
+        "trace": {"model": trace.shape.model, "layer_calls": len(stream.steps), "decode_tokens": stream.decode_tokens,
+                  "total_expert_bytes": trace.shape.total_expert_bytes},
+        "mode": mode,
+        "allocation": allocation,
+        "overlap": overlap,
+        "hardware": hardware.to_dict(),
+        "results": results,
+        "bounds": bounds,
+    }
+
+
+# --- CLI: expertcache simulate --------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--trace", required=True, help="trace file: an expertcache .npz or a reference route.csv")
+    p.add_argument("--budget", required=True, help="expert budget(s), comma-separated: 10%%, 2GiB, 250MiB or bytes")
+    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES), help=f"cache policies, comma-separated (default {','.join(DEFAULT_POLICIES)})")
+    p.add_argument("--mode", default="reference", choices=MODES, help="reference (byte budget, evict after each call) or engine (the engine's slots)")
+    p.add_argument("--allocation", default="equal", choices=ALLOCATIONS, help="per-layer shares of partitioned policies: equal, or AdapMoE's dp")
+    p.add_argument("--hardware", default="nvme4", help=f"cost model: {', '.join(HARDWARE_NAMES)} (default nvme4)")
+    p.add_argument("--model", default=None, help="checkpoint to calibrate --hardware measured on (default: the bundled demo)")
+    p.add_argument("--layer-compute-ms", type=float, default=None, help="override the profile's per-layer decode compute time")
+    p.add_argument("--overlap", type=float, default=0.0, help="share of loads hidden behind compute, 0 (demand loading, default) to 1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--plot", default=None, help="write hit rate vs budget, one line per policy, to this PNG")
+    p.add_argument("--json", action="store_true", help="print {results, bounds} as JSON")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run(args) -> int:
+    from .config import parse_budget
+
+    trace = Trace.load(args.trace)
+    policies = _split(args.policy)
+    for name in policies:
+        if name not in POLICIES:
+            raise ExpertCacheError(f"unknown cache policy {name!r}: choose one of {', '.join(POLICIES)}")
+    budgets = [parse_budget(b, trace.shape.total_expert_bytes) for b in _split(args.budget)]
+    if not budgets or not policies:
+        raise ExpertCacheError("give at least one --budget and one --policy")
+    hw = get_hardware(args.hardware, model=args.model)
+    if args.layer_compute_ms is not None:
+        if args.layer_compute_ms < 0:
+            raise ExpertCacheError("--layer-compute-ms must not be negative")
+        hw = hw.with_compute(args.layer_compute_ms / 1000)
+    report = simulate(trace, budgets, policies, mode=args.mode, hardware=hw, overlap=args.overlap,
+                      allocation=args.allocation, seed=args.seed, progress=sys.stderr.isatty())
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print(report)
+    return 0
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{1000 * s:.2f}"
+
+
+def _print(report: dict) -> None:
+    from .cli import _fmt_bytes
+
+    hw = report["hardware"]
+    t = report["trace"]
+    print(f"trace   {t['model']}: {t['layer_calls']} layer calls, {t['decode_tokens']} decode tokens")
+    print(f"model   {report['mode']} accounting, {report['allocation']} allocation; {hw['name']}: {hw['description']}; "
+          f"overlap {report['overlap']:g}")
+    print(f"{'budget':>12} {'policy':>10} {'hit%':>7} {'decode%':>8} {'read':>11} {'TPOT ms':>9}")
+    for r in report["results"]:
+        print(f"{_fmt_bytes(r['budget_bytes']):>12} {r['policy']:>10} {r['hit_pct']:>7.2f} {r['hit_pct_decode']:>8.2f} "
+              f"{_fmt_bytes(r['bytes_read']):>11} {_ms(r['modeled_tpot_seconds']):>9}")
+    b = report["bounds"]
+    print(f"bound   compute only: TPOT {_ms(b['compute_only_tpot_seconds'])} ms")
+    for r in b["belady_perfect_overlap"]:
+        print(f"bound   belady, perfect overlap @ {_fmt_bytes(r['budget_bytes'])}: decode hit {r['hit_pct_decode']:.2f}%, "
+              f"TPOT {_ms(r['modeled_tpot_seconds'])} ms")
+
+
+def plot(report: dict, path: str) -> None:
+    """Hit rate vs budget, one line per policy (and Belady's bound), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ExpertCacheError("--plot needs matplotlib: pip install matplotlib") from None
+    by_policy: dict[str, list[tuple[float, float]]] = OrderedDict()
+    for r in report["results"]:
+        by_policy.setdefault(r["policy"], []).append((r["budget_bytes"] / MIB, r["hit_pct"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in by_policy.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("expert budget (MiB)")
+    ax.set_ylabel("hit rate (% of lookups)")
+    ax.set_title(f"{report['mode']} replay of {report['trace']['model']}"[:80], fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as e:
+        raise ExpertCacheError(f"cannot write --plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)

@@ -1,0 +1,398 @@
+"""Quality against speed for the lossy routing policies (`expertcache tradeoff`).
+
+Each setting (a policy and one value of its knob) runs in a fresh engine in decode mode: the text
+is cut into chunks of --window tokens, each fed one token at a time with a KV cache, so every
+forward is a decode step (the regime cache-aware and speculative routing are made for, and where
+misses per token mean what they mean in generation). Perplexity covers every predicted token; TPOT
+is the median wall time of one step. A multiple-choice item is scored like a prompt: its context
+but the last token in one prefill, then decode steps for the last context token and each choice
+(on the context's KV cache, cropped back after each choice). Adaptive
+gating is calibrated once (calibration.py) on text held out from what is scored.
+
+Results are a dataclass written to JSON; the markdown table and the PNG plot are views of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .errors import ExpertCacheError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("exact", "adaptive-gating", "cache-aware", "cache-aware-max-rank", "speculative")
+WARMUP_STEPS = 32  # decode steps run and discarded before the first measured setting
+
+
+@dataclass(frozen=True)
+class Setting:
+    policy: str
+    knob: str | None = None  # the swept parameter's name
+    value: float | None = None
+    protect_top: int | None = None  # cache-aware: J
+    overrides: tuple[tuple[str, object], ...] = ()  # EngineConfig fields
+
+    @property
+    def label(self) -> str:
+        return self.policy + _knob(self.knob, self.value, self.protect_top, " ")
+
+
+def _knob(knob: str | None, value: float | None, protect_top: int | None, lead: str = "") -> str:
+    text = "" if knob is None else f"{knob}={value:g}"
+    if protect_top is not None:
+        text += f", J={protect_top}"
+    return lead + text if text else ""
+
+
+@dataclass
+class Row:
+    policy: str
+    knob: str | None
+    value: float | None
+    protect_top: int | None
+    perplexity: float
+    accuracy: float | None
+    experts_per_token: float  # routed activations per token, all layers
+    misses_per_token: float
+    bytes_read_per_token: float
+    tpot_ms: float  # median wall time of one decode step
+    stall_ms_per_token: float
+    hit_rate: float | None
+    tokens: int  # decode steps of the perplexity run
+    mc_items: int
+    seconds: float
+
+
+@dataclass
+class TradeoffResult:
+    model: str
+    expert_budget: str
+    cache_policy: str
+    prefetch: str
+    top_k: int
+    protect_tops: list[int]  # cache-aware J values swept
+    window: int
+    text: str
+    mc: str | None
+    rows: list[Row] = field(default_factory=list)
+    calibration: dict | None = None  # text and tokens the adaptive gating was calibrated on
+
+    def baseline(self) -> Row:
+        return next(r for r in self.rows if r.policy == "exact")
+
+
+# --- decode-mode measurement --------------------------------------------------------------------
+def _step(model, token: int, past) -> torch.Tensor:
+    return model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True).logits[0, -1].double()  # [V]
+
+
+@torch.inference_mode()
+def decode_perplexity(model, ids: list[int], *, window: int, on_step=None) -> tuple[float, int, list[float]]:
+    """Perplexity of `ids` scored one decode step at a time: chunks of `window` steps, each on a
+    fresh KV cache, predict ids[1:] once each (quality.perplexity with window + 1, stride window).
+    Returns (perplexity, tokens scored, seconds per step)."""
+    from transformers import DynamicCache
+
+    nll, scored, times = 0.0, 0, []
+    for begin in range(0, len(ids) - 1, window):
+        chunk = ids[begin : begin + window + 1]
+        past = DynamicCache(config=model.config)
+        for i in range(len(chunk) - 1):
+            t0 = time.perf_counter()
+            logits = _step(model, chunk[i], past)
+            times.append(time.perf_counter() - t0)
+            nll -= float(torch.log_softmax(logits, -1)[chunk[i + 1]])
+            scored += 1
+            if on_step is not None:
+                on_step()
+    return math.exp(nll / scored), scored, times
+
+
+@torch.inference_mode()
+def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Sum of each choice's token log-probabilities after `context`, the way a prompt is answered:
+    the context but its last token in one prefill, then decode steps (so a decode-only policy
+    routes every position that predicts a choice token)."""
+    from transformers import DynamicCache
+
+    ctx = list(tokenizer.encode(context))
+    past = DynamicCache(config=model.config)
+    if len(ctx) > 1:
+        model(input_ids=torch.tensor([ctx[:-1]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+    last = _step(model, ctx[-1], past)
+    scores = []
+    for choice in choices:
+        cont = list(tokenizer.encode(" " + choice))
+        logits, total = last, 0.0
+        for i, tok in enumerate(cont):
+            total += float(torch.log_softmax(logits, -1)[tok])
+            if i + 1 < len(cont):
+                logits = _step(model, tok, past)
+        extra = past.get_seq_length() - len(ctx)
+        if extra:
+            past.crop(-extra)  # back to the context (transformers crops by a negative count)
+        scores.append(total)
+    return scores
+
+
+def measure(engine, ids: list[int], mc_items: list[dict], *, window: int, progress=None) -> dict:
+    """One setting's figures on a fresh engine."""
+    from .quality import ActivationCounter
+
+    counter = ActivationCounter()
+    engine.context.observers.append(counter)
+    engine.reset_stats()
+    try:
+        ppl, scored, times = decode_perplexity(engine.model, ids, window=window, on_step=progress)
+    finally:
+        engine.context.observers.remove(counter)
+    s = engine.stats()
+    fwd = max(counter.tokens, 1)
+    correct = 0
+    for item in mc_items:
+        scores = decode_choice_scores(engine.model, engine.tokenizer, item["context"], item["choices"])
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        if progress is not None:
+            progress()
+    return dict(
+        perplexity=ppl,
+        accuracy=correct / len(mc_items) if mc_items else None,
+        experts_per_token=counter.activations / fwd,
+        misses_per_token=s["misses"] / fwd,
+        bytes_read_per_token=s["bytes_read"] / fwd,
+        tpot_ms=1000 * statistics.median(times),
+        stall_ms_per_token=1000 * s["stall_seconds"] / fwd,
+        hit_rate=s["hit_rate"],
+        tokens=scored,
+        mc_items=len(mc_items),
+    )
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+def settings(policies: list[str], *, drops: list[float], lambdas: list[float], ranks: list[int],
+             protect_tops: list[int], calibrations: dict[float, Path]) -> list[Setting]:
+    out = [Setting("exact")]
+    for p in policies:
+        if p == "adaptive-gating":
+            out += [Setting(p, "drop", d, None, (("calibration", str(calibrations[d])),)) for d in drops]
+        elif p == "cache-aware":
+            out += [Setting(p, "lambda", lam, j, (("cache_lambda", lam), ("cache_protect_top", j)))
+                    for j in protect_tops for lam in lambdas]
+        elif p == "cache-aware-max-rank":
+            out += [Setting(p, "max_rank", r, j, (("cache_max_rank", int(r)), ("cache_protect_top", j)))
+                    for j in protect_tops for r in ranks]
+        elif p == "speculative":
+            out.append(Setting(p))
+        elif p != "exact":
+            raise ExpertCacheError(f"unknown policy {p!r} in --policies: choose from {', '.join(POLICIES)}")
+    return out
+
+
+def calibrate_drops(base_config, text_ids: list[int], drops: list[float], out_dir: Path, *, window: int) -> tuple[dict[float, Path], dict]:
+    """Measure routing sensitivity once (all experts resident) and write one threshold file per drop."""
+    from .calibration import calibration_record, measure_sensitivity, write_calibration
+    from .engine import Engine
+
+    with Engine(replace(base_config, expert_budget="100%", prefetch="none", routing="exact")) as engine:
+        sens = measure_sensitivity(engine, text_ids, window=window)
+        paths = {}
+        for d in drops:
+            c = sens.scale_for_drop(d)
+            paths[d] = out_dir / f"adaptive-gating-drop{d:g}.json"
+            write_calibration(paths[d], calibration_record(engine, sens, c, target_drop=d))
+    return paths, {"tokens": sens.tokens, "fisher": sens.fisher}
+
+
+def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_items: list[dict], out_dir: Path,
+              policies: list[str], drops: list[float], lambdas: list[float], ranks: list[int],
+              window: int, protect_tops: list[int] | None, progress: bool = True, meta: dict) -> TradeoffResult:
+    from .checkpoint import Checkpoint
+    from .engine import Engine, demo_model_dir
+
+    model_dir = Path(base_config.model) if base_config.model is not None else demo_model_dir()
+    top_k = Checkpoint.open(model_dir).top_k
+    if not protect_tops:  # J >= k protects every choice: cache-aware routing would change nothing
+        protect_tops = [min(base_config.cache_protect_top, top_k - 1)]
+    calibrations, calib_meta = {}, None
+    if "adaptive-gating" in policies:
+        calibrations, calib_meta = calibrate_drops(base_config, calib_ids, drops, out_dir, window=window)
+        calib_meta["text"] = meta.get("calibration_text")
+    result = TradeoffResult(
+        model=str(model_dir), expert_budget=str(base_config.expert_budget), cache_policy=base_config.cache_policy,
+        prefetch=base_config.prefetch, top_k=top_k, protect_tops=protect_tops, window=window, text=meta["text"], mc=meta.get("mc"),
+        calibration=calib_meta,
+    )
+    with Engine(replace(base_config, routing="exact")) as engine:  # warm-up: imports, kernels, file handles
+        decode_perplexity(engine.model, text_ids[: WARMUP_STEPS + 1], window=window)
+    todo = settings(policies, drops=drops, lambdas=lambdas, ranks=ranks, protect_tops=protect_tops, calibrations=calibrations)
+    steps_per_setting = len(text_ids) - 1 + len(mc_items)  # decode steps + items
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_per_setting * len(todo), unit="step", desc="tradeoff")
+    try:
+        for s in todo:
+            if bar is not None:
+                bar.set_postfix_str(s.label)
+            t0 = time.perf_counter()
+            cfg = replace(base_config, routing=s.policy, **dict(s.overrides))
+            with Engine(cfg) as engine:
+                figures = measure(engine, text_ids, mc_items, window=window, progress=bar.update if bar else None)
+            result.rows.append(Row(policy=s.policy, knob=s.knob, value=s.value, protect_top=s.protect_top, seconds=time.perf_counter() - t0, **figures))
+            log.info("%s: %s", s.label, figures)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+# --- views ----------------------------------------------------------------------------------------
+def _pct(x: float | None, base: float | None) -> str:
+    if x is None or base is None or base == 0:
+        return "-"
+    return f"{100 * (x / base - 1):+.1f}%"
+
+
+def markdown(result: TradeoffResult) -> str:
+    b = result.baseline()
+    lines = [
+        f"Model `{result.model}`, top-{result.top_k}, expert budget {result.expert_budget}, cache policy "
+        f"{result.cache_policy}, prefetch {result.prefetch}, cache-aware J = protected top-J; decode mode, "
+        f"chunks of {result.window} tokens, {b.tokens} scored tokens" + (f", {b.mc_items} multiple-choice items" if b.mc_items else "") + ".",
+        "",
+        "| policy | knob | perplexity | Δ ppl | accuracy | Δ acc (pt) | experts/token | Δ experts | misses/token | Δ misses | MB read/token | TPOT ms | Δ TPOT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.rows:
+        acc = f"{100 * r.accuracy:.1f}%" if r.accuracy is not None else "-"
+        dacc = f"{100 * (r.accuracy - b.accuracy):+.1f}" if r.accuracy is not None and b.accuracy is not None else "-"
+        knob = _knob(r.knob, r.value, r.protect_top) or "-"
+        lines.append(
+            f"| {r.policy} | {knob} | {r.perplexity:.3f} | {_pct(r.perplexity, b.perplexity)} | {acc} | {dacc} | "
+            f"{r.experts_per_token:.2f} | {_pct(r.experts_per_token, b.experts_per_token)} | {r.misses_per_token:.3f} | "
+            f"{_pct(r.misses_per_token, b.misses_per_token)} | {r.bytes_read_per_token / 1e6:.2f} | {r.tpot_ms:.2f} | "
+            f"{_pct(r.tpot_ms, b.tpot_ms)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: TradeoffResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = [("perplexity", "perplexity (lower is better)")]
+    if result.baseline().accuracy is not None:
+        quality.append(("accuracy", "multiple-choice accuracy"))
+    cost = [("misses_per_token", "cache misses per token"), ("tpot_ms", "time per output token (ms)")]
+    fig, axes = plt.subplots(len(quality), len(cost), figsize=(11, 4.2 * len(quality)), squeeze=False)
+    by_policy: dict[str, list[Row]] = {}
+    for r in result.rows:
+        by_policy.setdefault(r.policy + ("" if r.protect_top is None else f" J={r.protect_top}"), []).append(r)
+    for i, (q, qlabel) in enumerate(quality):
+        for j, (c, clabel) in enumerate(cost):
+            ax = axes[i][j]
+            for policy, rows in by_policy.items():
+                style = dict(marker="*", markersize=14, linestyle="none") if policy == "exact" else dict(marker="o")
+                rows = sorted(rows, key=lambda r: r.value if r.value is not None else 0)
+                xs, ys = [getattr(r, c) for r in rows], [getattr(r, q) for r in rows]
+                ax.plot(xs, ys, label=policy, **style)
+                for r, x, y in zip(rows, xs, ys):
+                    if r.knob is not None:
+                        ax.annotate(f"{r.value:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.set_xlabel(clabel)
+            ax.set_ylabel(qlabel)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"routing policies: quality vs cost (budget {result.expert_budget}, {result.cache_policy}, prefetch {result.prefetch})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: TradeoffResult, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "tradeoff.json", "markdown": out_dir / "tradeoff.md", "plot": out_dir / "tradeoff.png"}
+    paths["json"].write_text(json.dumps(asdict(result), indent=2) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    plot(result, paths["plot"])
+    return paths
+
+
+# --- command --------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_engine_arguments
+
+    add_engine_arguments(p)
+    p.set_defaults(expert_budget="25%")
+    p.add_argument("--text", type=Path, required=True, help="text for perplexity (decode mode)")
+    p.add_argument("--mc", type=Path, default=None, help="jsonl of {context, choices, label}: multiple-choice accuracy")
+    p.add_argument("--out", type=Path, required=True, help="folder for tradeoff.json, tradeoff.md, tradeoff.png")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
+    p.add_argument("--limit", type=int, default=100, help="multiple-choice items (default 100)")
+    p.add_argument("--window", type=int, default=256, help="decode chunk length in tokens (default 256)")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated (default {','.join(POLICIES)})")
+    p.add_argument("--drops", type=_floats, default=[0.1, 0.2, 0.3], help="adaptive-gating target drops (default 0.1,0.2,0.3)")
+    p.add_argument("--lambdas", type=_floats, default=[0.1, 0.2, 0.4, 0.8], help="cache-aware lambdas (default 0.1,0.2,0.4,0.8)")
+    p.add_argument("--ranks", type=_floats, default=[3, 4], help="cache-aware-max-rank maximum ranks (default 3,4)")
+    p.add_argument("--protect-tops", type=_floats, default=None,
+                   help="cache-aware J values to sweep (default: --cache-protect-top, at most top-k - 1)")
+    p.add_argument("--calibration-text", type=Path, default=None,
+                   help="adaptive-gating calibration text (default: the tokens of --text after the scored ones)")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .calibration import read_ids
+    from .cli import _set_threads, engine_config
+    from .engine import Engine
+    from .quality import read_mc
+
+    _set_threads(args.threads)
+    if args.window < 2:
+        raise ExpertCacheError(f"--window must be at least 2, got {args.window}")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    base = engine_config(args)
+    with Engine(replace(base, routing="exact", expert_budget="100%")) as engine:  # tokenizer and a cheap load check
+        all_ids = read_ids(engine, args.text, None)
+        calib_ids = (read_ids(engine, args.calibration_text, args.calibration_tokens) if args.calibration_text
+                     else all_ids[args.max_tokens : args.max_tokens + args.calibration_tokens])
+    ids = all_ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise ExpertCacheError(f"{args.text}: fewer than 2 tokens")
+    if "adaptive-gating" in policies and len(calib_ids) < 2:
+        raise ExpertCacheError("no calibration text left after --max-tokens: pass --calibration-text")
+    mc_items = read_mc(args.mc, args.limit) if args.mc is not None else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"text": str(args.text), "mc": str(args.mc) if args.mc else None,
+            "calibration_text": str(args.calibration_text or f"{args.text} (tokens {args.max_tokens}..)")}
+    result = run_sweep(base, text_ids=ids, calib_ids=calib_ids, mc_items=mc_items, out_dir=args.out, policies=policies,
+                       drops=args.drops, lambdas=args.lambdas, ranks=[int(r) for r in args.ranks], window=args.window,
+                       protect_tops=[int(j) for j in args.protect_tops] if args.protect_tops else None,
+                       progress=not args.json, meta=meta)
+    paths = write(result, args.out)
+    if args.json:
+        print(json.dumps(asdict(result)))
+        return 0
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,556 @@
+"""Bad input never produces a traceback, a hang, or a write into the user's model directory.
+
+Every case goes through `expertcache.cli.main([...])` in-process and checks: a non-zero exit, one
+line on stderr that says what is wrong, nothing on stdout, and the model directory byte-for-byte as
+it was. One test runs the real `python -m expertcache` in a subprocess to prove the same of the
+process (exit status, a single stderr line). The read-error-during-generation cases run under a
+timeout, in a thread, so a waiting computation that never wakes fails the test instead of hanging.
+
+The checkpoint is a tiny random Mixtral (2 layers, 4 experts of top-2, hidden 32, expert
+intermediate 16, fp32) written once per module by transformers' own save_pretrained; every test
+that damages it works on its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from expertcache.cli import main
+
+# the tiny model's shape, and its sizes computed by hand from it (fp32 = 4 bytes)
+V, H, I, L, E, K, HEADS, KV_HEADS = 64, 32, 16, 2, 4, 2, 4, 2
+F32 = 4
+HEAD_DIM = H // HEADS  # 8
+BYTES_PER_EXPERT = 3 * I * H * F32  # w1 [I, H], w3 [I, H], w2 [H, I]: 6144
+TOTAL_EXPERT_BYTES = L * E * BYTES_PER_EXPERT  # 49152
+DENSE_BYTES = F32 * (
+    V * H  # embed_tokens
+    + V * H  # lm_head (not tied)
+    + H  # final norm
+    + L
+    * (
+        H * H  # q_proj
+        + 2 * (KV_HEADS * HEAD_DIM) * H  # k_proj, v_proj
+        + H * H  # o_proj
+        + E * H  # router
+        + 2 * H  # input / post-attention norms
+    )
+)  # 42624
+MIN_BUDGET = K * BYTES_PER_EXPERT  # 12288: one layer's top-k
+TOKEN_CYCLE = L * K * BYTES_PER_EXPERT  # 24576
+
+STATS_KEYS = {
+    "lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled",
+    "bytes_read", "stall_seconds", "ttft_seconds", "tpot_seconds", "peak_rss_bytes",
+}  # fmt: skip
+
+TIMEOUT = 120  # seconds; a generation on this model takes well under one
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The pristine tiny Mixtral checkpoint (never modified: copy it before damaging it)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, num_local_experts=E, num_experts_per_tok=K,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("errors") / "tiny-mixtral"
+    MixtralForCausalLM(cfg).save_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture
+def model(tiny, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint, free to damage."""
+    return Path(shutil.copytree(tiny, tmp_path / "model"))
+
+
+def snapshot(directory: Path | None) -> dict:
+    """Every entry under `directory` with its kind, size, mode and modification time."""
+    if directory is None or not directory.exists():
+        return {}
+    if directory.is_file():
+        st = directory.stat()
+        return {".": ("file", st.st_size, st.st_mode, st.st_mtime_ns)}
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(directory))] = ("dir" if p.is_dir() else "file", st.st_size, st.st_mode, st.st_mtime_ns)
+    return out
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop anything earlier
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli_error(capsys, argv: list[str], model_dir: Path | None = None, *, code: int = 1) -> str:
+    """Run the CLI expecting a user error: exit `code`, one line on stderr, no traceback, nothing on
+    stdout, and `model_dir` untouched. Returns the error line."""
+    before = snapshot(model_dir)
+    rc, out, err = run_cli(capsys, argv)
+    lines = err.splitlines()
+    assert rc == code, f"exit {rc}, stderr: {err!r}"
+    assert len(lines) == 1, f"stderr is not one line: {err!r}"
+    line = lines[0]
+    assert "Traceback" not in err and "internal error" not in line, line
+    assert line.startswith("expertcache"), line
+    assert out == "", f"stdout: {out!r}"
+    assert snapshot(model_dir) == before, "the model directory was modified"
+    return line
+
+
+def generate_args(model_dir: Path | str, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json", *extra]
+
+
+def header(path: Path) -> tuple[int, dict]:
+    """(data start, header dict) of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8 + n, json.loads(raw[8 : 8 + n])
+
+
+def io_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("expertcache-io")}
+
+
+def in_thread(fn, timeout: float = TIMEOUT):
+    """Run fn() in a daemon thread; (returned value, raised exception). Fails if it does not end."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still running after {timeout} s: a hang"
+    return box.get("value"), box.get("error")
+
+
+# --------------------------------------------------------------------------------------------------
+# the model directory
+# --------------------------------------------------------------------------------------------------
+def test_missing_directory(capsys, tmp_path):
+    line = cli_error(capsys, generate_args(tmp_path / "nope"))
+    assert "no such directory" in line and "nope" in line
+    assert not (tmp_path / "nope").exists()
+
+
+def test_info_missing_directory(capsys, tmp_path):
+    line = cli_error(capsys, ["info", str(tmp_path / "nope"), "--json"])
+    assert "no such directory" in line
+
+
+def test_path_is_a_file(capsys, model):
+    line = cli_error(capsys, generate_args(model / "config.json"), model)
+    assert "not a directory" in line
+
+
+def test_no_config_json(capsys, model):
+    (model / "config.json").unlink()
+    line = cli_error(capsys, generate_args(model), model)
+    assert "no config.json" in line
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '{"hidden_size": 32}'], ids=["garbage", "empty", "list", "no-model-type"])
+def test_malformed_config_json(capsys, model, text):
+    (model / "config.json").write_text(text)
+    line = cli_error(capsys, generate_args(model), model)
+    assert "config.json" in line
+    assert "malformed JSON" in line or "no model_type" in line
+
+
+def test_unsupported_architecture_lists_families(capsys, model):
+    from transformers import LlamaConfig
+
+    from expertcache.architectures import ARCHITECTURES
+
+    (model / "config.json").unlink()
+    LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=HEADS).save_pretrained(model)
+    line = cli_error(capsys, generate_args(model), model)
+    assert "unsupported architecture 'llama'" in line
+    for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        assert family in line
+    assert all(f in line for f in ARCHITECTURES)
+    cli_error(capsys, ["info", str(model)], model)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok is 5"),  # top-k above the expert count
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok is 0"),
+        ({"num_local_experts": 8}, "missing expert tensor"),  # config names experts the file lacks
+        ({"num_local_experts": 2}, "do not match config.json"),  # router shape differs from the file
+        ({"vocab_size": 65}, "do not match config.json"),
+        ({"hidden_size": 64}, "config says"),
+        ({"model_type": ["mixtral"]}, "unsupported architecture"),
+        ({"hidden_act": "no-such-activation"}, "cannot build the model"),
+    ],
+    ids=["top-k>experts", "top-k=0", "more-experts", "fewer-experts", "vocab", "hidden", "model-type-list", "activation"],
+)
+def test_config_disagrees_with_tensors(capsys, model, change, words):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(change)
+    (model / "config.json").write_text(json.dumps(cfg))
+    line = cli_error(capsys, generate_args(model), model)
+    assert words in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# the safetensors file
+# --------------------------------------------------------------------------------------------------
+def test_corrupt_header_garbage_json(capsys, model):
+    st = model / "model.safetensors"
+    raw = bytearray(st.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    raw[8 : 8 + n] = b"#" * n  # same length, not JSON
+    st.write_bytes(bytes(raw))
+    line = cli_error(capsys, generate_args(model), model)
+    assert "corrupt safetensors header" in line and "model.safetensors" in line
+    cli_error(capsys, ["info", str(model), "--json"], model)
+
+
+def test_absurd_header_length(capsys, model):
+    st = model / "model.safetensors"
+    raw = st.read_bytes()
+    st.write_bytes(struct.pack("<Q", 2**60) + raw[8:])
+    line = cli_error(capsys, generate_args(model), model)
+    assert "corrupt safetensors header" in line and str(2**60) in line
+
+
+def test_truncated_mid_tensor(capsys, model):
+    st = model / "model.safetensors"
+    start, hdr = header(st)
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    begin, end = hdr[name]["data_offsets"]
+    cut = start + (begin + end) // 2  # inside that expert tensor
+    os.truncate(st, cut)
+    line = cli_error(capsys, generate_args(model), model)
+    assert "truncated" in line and "model.safetensors" in line
+    assert f"the file has {cut}" in line
+
+
+def test_empty_safetensors(capsys, model):
+    (model / "model.safetensors").write_bytes(b"")
+    line = cli_error(capsys, generate_args(model), model)
+    assert "0 bytes" in line and "not a safetensors file" in line
+
+
+def test_missing_expert_tensor(capsys, model):
+    from safetensors.torch import load_file, save_file
+
+    st = model / "model.safetensors"
+    tensors = load_file(st)
+    gone = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    del tensors[gone]
+    save_file(tensors, st, metadata={"format": "pt"})
+    line = cli_error(capsys, generate_args(model), model)
+    assert "missing expert tensor" in line
+    assert "model.layers.1.mlp.experts.2.w3.weight" in line  # the in-memory name of the deleted tensor
+
+
+def test_unreadable_file_chmod(capsys, model):
+    st = model / "model.safetensors"
+    st.chmod(0)
+    try:
+        try:
+            with open(st, "rb"):
+                readable = True
+        except PermissionError:
+            readable = False
+        if readable:
+            pytest.skip("chmod 000 does not block reads here (running as root / CAP_DAC_OVERRIDE); "
+                        "test_unreadable_file_simulated and test_unreadable_file_directory cover the path")  # fmt: skip
+        line = cli_error(capsys, generate_args(model), model)
+        assert "permission denied" in line
+    finally:
+        st.chmod(0o644)
+
+
+def test_unreadable_file_simulated(capsys, model, monkeypatch):
+    """What a non-root user gets from a chmod 000 file, simulated so it runs as root too: open()
+    of the safetensors file raises PermissionError."""
+    import builtins
+
+    import expertcache.checkpoint as checkpoint
+
+    st = str(model / "model.safetensors")
+    real_open = builtins.open
+
+    def denying_open(file, *a, **kw):
+        if str(file) == st:
+            raise PermissionError(13, "Permission denied", st)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "open", denying_open, raising=False)
+    line = cli_error(capsys, generate_args(model), model)
+    assert "model.safetensors" in line and "permission denied" in line
+
+
+def test_unreadable_directory_simulated(capsys, model, monkeypatch):
+    """A model directory the user may not list or enter (chmod 000, as a non-root user)."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == model else real_access(p, mode, **kw))
+    line = cli_error(capsys, generate_args(model), model)
+    assert "permission denied" in line and "directory" in line
+
+
+def test_unreadable_file_directory(capsys, model):
+    """A directory where the safetensors file should be: open() fails, as for an unreadable file."""
+    st = model / "model.safetensors"
+    st.unlink()
+    st.mkdir()
+    line = cli_error(capsys, generate_args(model), model)
+    assert "model.safetensors" in line and "is a directory" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# flags
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv_budget, words",
+    [
+        (["--expert-budget", "lots"], "cannot parse expert budget 'lots'"),
+        (["--expert-budget", "0"], "must be positive"),
+        (["--expert-budget", "0%"], "must be a percentage"),
+        (["--expert-budget", "-5GB"], "must be positive"),
+        (["--expert-budget=-5GB"], "must be positive"),
+        (["--expert-budget", "200%"], "must be a percentage"),
+        (["--expert-budget", "5 parsecs"], "expert budget"),
+    ],
+    ids=["lots", "zero", "zero-percent", "negative", "negative-equals", "over-100-percent", "bad-unit"],
+)
+def test_bad_budget(capsys, model, argv_budget, words):
+    line = cli_error(capsys, generate_args(model, *argv_budget), model)
+    assert words in line, line
+
+
+@pytest.mark.parametrize("budget", [str(MIN_BUDGET - 1), "1KiB", "1%"])
+def test_budget_below_minimum_gives_minimum_in_bytes(capsys, model, budget):
+    line = cli_error(capsys, generate_args(model, "--expert-budget", budget), model)
+    assert "below the minimum" in line
+    assert f"{MIN_BUDGET} bytes" in line  # 2 experts x 6144 bytes, computed by hand
+
+
+def test_budget_at_minimum_runs(capsys, model):
+    rc, out, err = run_cli(capsys, generate_args(model, "--expert-budget", str(MIN_BUDGET)))
+    assert rc == 0, err
+    assert json.loads(out)["token_ids"]
+
+
+def test_max_new_tokens_zero(capsys, model):
+    args = generate_args(model)
+    args[args.index("--max-new-tokens") + 1] = "0"
+    line = cli_error(capsys, args, model)
+    assert "--max-new-tokens must be at least 1" in line
+
+
+def test_unknown_cache_policy_lists_names(capsys, model):
+    from expertcache.policies import POLICIES
+
+    line = cli_error(capsys, generate_args(model, "--cache-policy", "bogus"), model)
+    assert "unknown cache policy 'bogus'" in line
+    for name in ("lru", "lfu", "lfru", "layer"):
+        assert name in line
+    assert all(name in line for name in POLICIES)
+
+
+def test_unknown_prefetch_lists_names(capsys, model):
+    from expertcache.predictors import PREDICTORS
+
+    threads_before = io_threads()
+    line = cli_error(capsys, generate_args(model, "--prefetch", "bogus"), model)
+    assert "unknown prefetch predictor 'bogus'" in line
+    assert "none" in line and "next-gate" in line
+    assert all(name in line for name in PREDICTORS)
+    assert io_threads() <= threads_before, "the failed load left reader threads behind"
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--prompt-ids", "a,b"], "comma-separated integers"),
+        (["--prompt-ids", ","], "prompt is empty"),
+        (["--prompt-ids", "1000"], "out of range"),
+        (["--prompt-ids", "-1"], "out of range"),
+        (["--prompt", "hello"], "no tokenizer"),
+        (["--sample", "--top-p", "0"], "--top-p"),
+        (["--io-threads", "0"], "io_threads"),
+        (["--prefetch-depth", "0"], "prefetch_depth"),
+    ],
+    ids=["ids-not-ints", "ids-empty", "id-too-big", "id-negative", "text-without-tokenizer", "top-p-0", "io-threads-0", "depth-0"],
+)
+def test_other_bad_generate_inputs(capsys, model, extra, words):
+    args = ["generate", "--model", str(model), "--max-new-tokens", "2", "--json"]
+    if not any(a.startswith("--prompt") for a in extra):
+        args += ["--prompt-ids", "1,2,3"]
+    line = cli_error(capsys, args + extra, model)
+    assert words in line, line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bogus-command"],
+        ["generate", "--max-new-tokens", "many"],
+        ["generate", "--io", "sideways"],
+        ["generate", "--no-such-flag"],
+        ["info", "a", "b"],
+    ],
+    ids=["command", "int-flag", "choice-flag", "unknown-flag", "extra-positional"],
+)
+def test_usage_errors_are_one_line(capsys, argv):
+    line = cli_error(capsys, argv, code=2)
+    assert "error:" in line and "--help" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# a read error during generation
+# --------------------------------------------------------------------------------------------------
+def _truncate_experts(model_dir: Path) -> None:
+    """Cut the file inside layer 0's first expert: every expert read now comes up short."""
+    st = model_dir / "model.safetensors"
+    start, hdr = header(st)
+    first = min(v["data_offsets"][0] for k, v in hdr.items() if ".experts." in k)
+    os.truncate(st, start + first + 100)
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered"])
+def test_expert_read_error_reaches_the_waiting_computation(model, io):
+    import expertcache
+    from expertcache.errors import ExpertLoadError
+
+    threads_before = io_threads()
+    engine = expertcache.load(model, expert_budget=MIN_BUDGET, io=io)  # opened and validated
+    try:
+        _truncate_experts(model)
+        _, error = in_thread(lambda: engine.generate([1, 2, 3], max_new_tokens=4))
+        assert isinstance(error, ExpertLoadError), repr(error)
+        msg = str(error)
+        assert "reading expert (0, " in msg and "model.safetensors" in msg and "shorter" in msg
+        assert len(msg.splitlines()) == 1
+        # nothing is left waiting or pinned
+        assert all(e.pins == 0 for e in engine.cache.core.entries.values())
+    finally:
+        _, error = in_thread(engine.close, timeout=30)
+        assert error is None
+    assert io_threads() <= threads_before, "reader threads outlived engine.close()"
+
+
+def test_expert_read_error_in_cli(capsys, model, monkeypatch):
+    from expertcache.engine import Engine
+
+    real_generate = Engine.generate
+
+    def generate_after_truncation(self, *a, **kw):
+        _truncate_experts(model)  # after Checkpoint.open validated the file and the engine loaded
+        return real_generate(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "generate", generate_after_truncation)
+    before = snapshot(model)  # (the truncation is ours; the CLI itself must write nothing)
+    capsys.readouterr()
+    rc, error = in_thread(lambda: main(generate_args(model, "--max-new-tokens", "4")))
+    assert error is None, repr(error)
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("expertcache: error: reading expert (0, ") and "shorter" in lines[0], lines[0]
+    after = snapshot(model)
+    assert set(after) == set(before)  # no file added
+    assert after["config.json"] == before["config.json"]
+
+
+# --------------------------------------------------------------------------------------------------
+# what a good run prints
+# --------------------------------------------------------------------------------------------------
+def test_info_json_matches_hand_computation(capsys, tiny):
+    before = snapshot(tiny)
+    rc, out, err = run_cli(capsys, ["info", str(tiny), "--json"])
+    assert rc == 0 and err == "", err
+    info = json.loads(out)
+    assert info["family"] == "mixtral"
+    assert info["layers"] == L == 2
+    assert info["experts_per_layer"] == E == 4
+    assert info["top_k"] == K == 2
+    assert info["bytes_per_expert"] == BYTES_PER_EXPERT == 6144
+    assert info["dense_bytes"] == DENSE_BYTES == 42624
+    assert info["total_expert_bytes"] == TOTAL_EXPERT_BYTES == 49152
+    assert info["min_budget_bytes"] == MIN_BUDGET == 12288
+    assert info["token_cycle_bytes"] == TOKEN_CYCLE == 24576
+    # the file holds exactly the dense and expert bytes (plus its header)
+    start, _ = header(tiny / "model.safetensors")
+    assert (tiny / "model.safetensors").stat().st_size - start == DENSE_BYTES + TOTAL_EXPERT_BYTES
+    assert snapshot(tiny) == before
+
+
+def test_generate_json_structure(capsys, tiny):
+    before = snapshot(tiny)
+    rc, out, err = run_cli(capsys, ["generate", "--model", str(tiny), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"])
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 1
+    result = json.loads(out)
+    assert {"text", "token_ids", "stats"} <= set(result)
+    assert result["text"] is None  # no tokenizer in the checkpoint
+    ids = result["token_ids"]
+    assert 1 <= len(ids) <= 4 and all(isinstance(t, int) and 0 <= t < V for t in ids)
+    stats = result["stats"]
+    assert STATS_KEYS <= set(stats), STATS_KEYS - set(stats)
+    assert stats["hits"] + stats["misses"] == stats["lookups"] > 0
+    for k in STATS_KEYS - {"ttft_seconds", "tpot_seconds", "stall_seconds"}:
+        assert isinstance(stats[k], int) and stats[k] >= 0, (k, stats[k])
+    assert stats["bytes_read"] >= stats["misses"] * BYTES_PER_EXPERT
+    assert stats["bytes_read"] % BYTES_PER_EXPERT == 0 or stats["prefetch_cancelled"] > 0
+    assert stats["ttft_seconds"] > 0 and stats["stall_seconds"] >= 0
+    assert stats["tpot_seconds"] is None if len(ids) == 1 else stats["tpot_seconds"] > 0
+    assert stats["peak_rss_bytes"] > 0
+    assert snapshot(tiny) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# the real process
+# --------------------------------------------------------------------------------------------------
+def test_subprocess_exit_code_and_one_line(model):
+    """`python -m expertcache` on an impossible budget: exit 1, one stderr line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "EXPERTCACHE_DEBUG"}
+    env["EXPERTCACHE_THREADS"] = "1"
+    before = snapshot(model)
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertcache", *generate_args(model, "--expert-budget", str(MIN_BUDGET - 1))],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("expertcache: error: expert budget") and f"minimum {MIN_BUDGET} bytes" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert snapshot(model) == before

@@ -1,0 +1,132 @@
+"""Memory and I/O accounting on a checkpoint with 1.1 GB of experts, at a 10% expert budget.
+
+Each measurement runs in its own subprocess (ru_maxrss is per process, so every figure is that
+configuration's own peak) with io="direct" (O_DIRECT: the page cache never holds an expert, and
+page cache is not RSS anyway). The checkpoint is benchmarks/decode.py's (64 bf16 experts of
+17.3 MB, 56 MiB dense), built once and cached across runs under $EXPERTCACHE_BENCH_DIR or
+<tmp>/expertcache-bench, keyed by its parameters; the tests skip when the disk is too full.
+
+- peak RSS <= dense bytes + expert budget + 450 MB (450e6 bytes), with prefetch none and next-gate;
+- bytes read == misses x expert bytes (prefetch none), and with next-gate
+  (misses + prefetch_issued - prefetch_cancelled) x expert bytes, once no read is in flight.
+
+Overhead of an empty engine (python + torch + transformers imported, the engine built at the
+minimal budget, no generation), measured on the development machine: peak RSS ~436 MiB, of which
+56 MiB are the dense tensors, so ~380 MiB of interpreter, libraries and transient load-time
+copies. test_empty_engine_overhead measures it again and prints it (pytest -s or -rP).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OVERHEAD = 450 * 10**6  # bytes allowed above dense + budget
+MiB = 2**20
+
+WORKER = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+import transformers  # the engine imports it anyway: part of the measured overhead
+import expertcache
+eng = expertcache.load(args["ckpt"], expert_budget=args["budget"], prefetch=args["prefetch"], io="direct", num_threads=1)
+out = {"load_seconds": time.perf_counter() - t0, "tokens": 0}
+if args["tokens"]:
+    res = eng.generate(args["prompt"], max_new_tokens=args["tokens"], stop_at_eos=False, greedy=False, seed=0)
+    out["tokens"] = len(res.token_ids)
+# let reads still in flight (a wrong guess being read) finish, so bytes_read is final
+for ent in list(eng.cache.core.entries.values()):
+    if ent.task is not None:
+        ent.task.event.wait()
+s = eng.stats()
+for k in ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_cancelled", "bytes_read",
+          "budget_bytes", "expert_bytes", "cache_slots", "io", "tpot_seconds"):
+    out[k] = s[k]
+out["dense_bytes"] = eng.checkpoint.dense_bytes
+out["arena_bytes"] = eng.cache.arena.nbytes
+out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+eng.close()
+print(json.dumps(out))
+"""
+
+
+def _bench_module():
+    """benchmarks/decode.py, imported by path (its checkpoint builder)."""
+    name = "expertcache_bench_decode"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint() -> Path:
+    bench = _bench_module()
+    root = Path(os.environ.get("EXPERTCACHE_BENCH_DIR") or Path(tempfile.gettempdir()) / "expertcache-bench")
+    try:
+        return bench.build_checkpoint(root, bench.CkptSpec(), log=lambda *a: None)
+    except bench.DiskSpaceError as e:
+        pytest.skip(f"not enough disk space for the 1.1 GB benchmark checkpoint: {e}")
+
+
+def _run(ckpt: Path, budget, prefetch: str, tokens: int) -> dict:
+    bench = _bench_module()
+    args = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens,
+            "prompt": bench.prompt_ids(bench.CkptSpec(), 16)}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _describe(r: dict) -> str:
+    over = r["peak_rss_bytes"] - r["dense_bytes"] - r["budget_bytes"]
+    return (f"peak RSS {r['peak_rss_bytes'] / MiB:.0f} MiB = dense {r['dense_bytes'] / MiB:.0f} MiB + budget "
+            f"{r['budget_bytes'] / MiB:.0f} MiB ({r['cache_slots']} slots) + {over / MiB:.0f} MiB "
+            f"(limit +{OVERHEAD / MiB:.0f} MiB); io={r['io']}")
+
+
+def test_empty_engine_overhead(big_checkpoint):
+    """Imports plus an engine at the minimal budget (top-k experts), no generation."""
+    bench = _bench_module()
+    r = _run(big_checkpoint, 2 * bench.CkptSpec().expert_bytes, "none", 0)
+    over = r["peak_rss_bytes"] - r["dense_bytes"]
+    print(f"\nempty engine: {_describe(r)}; overhead beyond dense = {over / MiB:.0f} MiB "
+          f"(budget untouched: the slot arena is not resident until read)")
+    assert r["bytes_read"] == 0
+    assert r["peak_rss_bytes"] <= r["dense_bytes"] + r["budget_bytes"] + OVERHEAD, _describe(r)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next-gate"])
+def test_peak_rss_and_bytes_read_at_10_percent(big_checkpoint, prefetch):
+    r = _run(big_checkpoint, "10%", prefetch, 24)
+    print(f"\n10% budget, prefetch {prefetch}: {_describe(r)}; misses {r['misses']}, issued {r['prefetch_issued']}, "
+          f"cancelled {r['prefetch_cancelled']}, bytes read {r['bytes_read'] / 1e9:.2f} GB")
+    assert r["tokens"] == 24
+    assert r["arena_bytes"] <= r["budget_bytes"] + r["cache_slots"] * 8 * 4096  # slots: an expert + alignment slack
+    assert r["peak_rss_bytes"] <= r["dense_bytes"] + r["budget_bytes"] + OVERHEAD, _describe(r)
+    loads = r["misses"] + r["prefetch_issued"] - r["prefetch_cancelled"]
+    if prefetch == "none":
+        assert r["prefetch_issued"] == 0
+        assert r["bytes_read"] == r["misses"] * r["expert_bytes"]
+    else:
+        assert r["prefetch_issued"] > 0, "next-gate issued no prefetch: the identity below would be the none case"
+    assert r["bytes_read"] == loads * r["expert_bytes"], (
+        f"bytes read {r['bytes_read']} != (misses {r['misses']} + issued {r['prefetch_issued']} - cancelled "
+        f"{r['prefetch_cancelled']}) x {r['expert_bytes']}"
+    )

@@ -1,0 +1,327 @@
+"""Predictors and prefetch scheduling: every predictor keeps the engine exact, each one's guess on
+a hand-made case, the no-harm rule for wrong guesses, prefill pipelining, training and evaluation.
+
+The model is a tiny random Mixtral (4 layers, 8 experts, top-2) with a word-level tokenizer, and
+predictor files trained on it in a few steps next to the checkpoint (where the engine looks by
+default), so `prefetch=<name>` alone loads each predictor.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import expertcache
+from expertcache.checkpoint import Checkpoint
+from expertcache.cli import main
+from expertcache.policies import POLICIES
+from expertcache.predictors import (
+    PREDICTORS,
+    Artefact,
+    CappedPredictor,
+    DefaultVectorPredictor,
+    EstimatorPredictor,
+    ExpertMLP,
+    HistoryPredictor,
+    LearnedPredictor,
+    NextGatePredictor,
+    default_path,
+    make_predictor,
+    rank,
+)
+from expertcache.predictors.train import TrainSettings, record_calibration, train
+from expertcache.trace import Recorder
+
+from conftest import LoadRecorder, check_engine_invariants, make_checkpoint, prompt_ids, reference_outputs
+
+PROMPT = prompt_ids(40)
+NEW_TOKENS = 16
+TRAINED = ("default-vector", "estimator", "learned")
+POLICY_NAMES = sorted(p for p in POLICIES if p != "belady")  # belady needs a recorded trace
+WORDS = [f"w{i}" for i in range(125)]  # ids 3..127: the tiny vocabulary, special ids 0-2 left out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _add_tokenizer(model_dir) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny checkpoint with every trained predictor file beside it (depths 1 and 2)."""
+    d = make_checkpoint(tmp_path_factory.mktemp("predictors") / "mixtral", "mixtral", num_experts=8, top_k=2, num_layers=4)
+    _add_tokenizer(d)
+    with expertcache.load(d, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        docs = [prompt_ids(64, seed=s) for s in range(4)]
+        trace = record_calibration(eng, docs, max_tokens=256, window=64, progress=False)
+        for kind in TRAINED:
+            art = train(kind, eng, trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False)
+            art.save(default_path(d, kind))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    return reference_outputs(model_dir, PROMPT, NEW_TOKENS)
+
+
+def _budget(model_dir, extra_slots: int) -> int:
+    ck = Checkpoint.open(model_dir)
+    return (ck.top_k + extra_slots) * ck.expert_bytes
+
+
+def _run_exact(model_dir, ref, *, prefetch, budget, cache_policy="lfu", depth=2, **options) -> dict:
+    with expertcache.load(
+        model_dir, expert_budget=budget, prefetch=prefetch, prefetch_depth=depth, io="direct", cache_policy=cache_policy, **options
+    ) as eng:
+        recorder = LoadRecorder(eng)
+        with torch.no_grad():
+            logits = eng.model(input_ids=torch.tensor([PROMPT])).logits[0]
+        torch.testing.assert_close(logits, ref.logits)
+        result = eng.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+        assert result.token_ids == ref.generated
+        check_engine_invariants(eng, recorder)
+        return eng.stats()
+
+
+# --- exactness -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PREDICTORS))
+def test_every_predictor_exact_at_minimum_budget(name, model_dir, ref):
+    stats = _run_exact(model_dir, ref, prefetch=name, budget=_budget(model_dir, 0))
+    assert stats["cache_slots"] == 2 and stats["prefetch"] == name
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("name", sorted(PREDICTORS))
+def test_every_predictor_exact_with_every_policy_under_pressure(name, policy, model_dir, ref):
+    """Three slots above the minimum: guesses get slots, are used, wasted, cancelled and evicted
+    under every policy, and the outputs stay transformers' own."""
+    stats = _run_exact(model_dir, ref, prefetch=name, budget=_budget(model_dir, 3), cache_policy=policy)
+    assert (stats["prefetch_issued"] > 0) == (name != "none")
+
+
+def test_prefetch_max_caps_decode_guesses_and_stays_exact(model_dir, ref):
+    capped = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1, prefetch_max=1)
+    full = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1)
+    assert capped["prefetch_issued"] < full["prefetch_issued"]
+
+
+# --- each predictor on a hand-made case ------------------------------------------------------------
+E4 = torch.eye(4)  # a router that scores expert e by feature e
+
+
+def test_rank_orders_by_votes_then_probability():
+    scores = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 1.0, 3.0, 2.0], [5.0, 0.0, 0.0, 4.0]])  # top-2: {1,3} {2,3} {0,3}
+    assert rank(scores, 2) == [3, 0, 1, 2]  # 3 thrice; 0, 1, 2 once each, by mean probability
+    assert rank(scores[:1], 2) == [1, 3]  # one token: its own order
+
+
+def test_next_gate_applies_the_next_routers_to_this_input():
+    routers = {0: torch.zeros(4, 4), 1: E4, 2: E4.flip(0)}  # layer 2 scores expert e by feature 3-e
+    p = NextGatePredictor(routers=routers, top_k=2, depth=2)
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert p.predict(0, x, torch.zeros(1, 4)) == [(1, [1, 3]), (2, [2, 0])]
+    assert p.predict(2, x, torch.zeros(1, 4)) == []  # the last layer has nothing ahead
+
+
+def test_estimator_routes_the_mapped_input():
+    routers = {0: E4, 1: E4}
+    swap = torch.eye(4)[[3, 2, 1, 0]]  # x A reverses the features
+    p = EstimatorPredictor(routers=routers, maps={(1, 0): (swap, torch.zeros(4))}, top_k=2, depth=1)
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0]])
+    assert p.predict(0, x, torch.zeros(1, 4)) == [(1, [3, 2])]
+
+
+def test_untrained_learned_net_is_next_gate_and_training_moves_it():
+    router = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    net = ExpertMLP.from_router(router, width=4)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(net(x), x @ router.T)
+    p = LearnedPredictor(nets={(1, 0): net}, layers=[0, 1], top_k=2, depth=1)
+    gate = NextGatePredictor(routers={0: router, 1: router}, top_k=2)
+    assert p.predict(0, x[:1], None) == gate.predict(0, x[:1], None)
+
+
+def test_history_votes_with_decay_at_the_target_layer():
+    p = HistoryPredictor(layers=[0, 1], depth=1, window=3, decay=0.5)
+    assert p.predict(0, torch.zeros(1, 4), None) == []  # nothing seen yet at layer 1
+    for ids in ([0, 1], [0, 2], [2, 3], [5, 6]):  # the oldest falls out of the window
+        p.observe(1, None, None, None, torch.tensor([ids]))
+    # votes: [5,6] 1 each; [2,3] 0.5 each; [0,2] 0.25 each -> 2: 0.75, 0: 0.25
+    assert p.predict(0, torch.zeros(1, 4), None) == [(1, [5, 6, 2, 3, 0])]
+    p.observe(1, None, None, None, torch.tensor([[-1, 7]]))  # a dropped slot is no vote
+    assert p.scores(1)[7] == 1.0 and -1 not in p.scores(1)
+
+
+def test_default_vector_adds_expert_outputs_to_the_residual():
+    norms = [nn.Identity(), nn.Identity()]
+    model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[types.SimpleNamespace(post_attention_layernorm=n) for n in norms]))
+    vectors = {0: torch.zeros(4, 4), 1: torch.zeros(4, 4)}
+    vectors[0][1] = torch.tensor([0.0, 0.0, 0.0, 10.0])  # expert 1 of layer 0 writes feature 3
+    shared = {0: torch.tensor([0.0, 0.0, 0.5, 0.0]), 1: torch.zeros(4)}
+    p = DefaultVectorPredictor(model=model, routers={0: E4, 1: E4}, vectors=vectors, shared=shared, top_k=2, depth=1)
+    residual = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])  # [B, S, H] as the decoder layer hands it over
+    norms[0](residual)  # the decoder layer norms its residual: the pre-hook keeps it
+    p.observe(0, None, None, torch.tensor([[0.8, 0.2]]), torch.tensor([[1, 0]]))
+    # guess = [1, 0, 0.5, 8]: expert 3 (feature 3) first, then expert 0
+    assert p.predict(0, torch.zeros(1, 4), None) == [(1, [3, 0])]
+    p.close()
+    norms[0](residual * 0)
+    torch.testing.assert_close(p._residual[0], residual)  # no hook after close
+
+
+def test_cap_limits_decode_guesses_only():
+    routers = {0: E4, 1: E4}
+    p = CappedPredictor(NextGatePredictor(routers=routers, top_k=2), 1)
+    assert p.predict(0, torch.tensor([[0.0, 3.0, 1.0, 2.0]]), None) == [(1, [1])]
+    prefill = torch.tensor([[0.0, 3.0, 1.0, 2.0], [3.0, 0.0, 2.0, 1.0]])
+    assert p.predict(0, prefill, None) == [(1, [0, 1, 2, 3])]  # a prompt keeps every guess
+
+
+def test_unknown_predictor_lists_every_name():
+    with pytest.raises(ValueError) as e:
+        make_predictor("bogus")
+    assert all(n in str(e.value) for n in PREDICTORS)
+
+
+def test_trained_predictor_without_its_file_says_how_to_make_one(tmp_path):
+    d = make_checkpoint(tmp_path / "bare", "mixtral", num_experts=4, top_k=2, num_layers=2)
+    with pytest.raises(expertcache.ExpertCacheError, match="train-predictor --kind learned"):
+        expertcache.load(d, prefetch="learned")
+
+
+def test_predictor_file_for_another_depth_is_refused(model_dir, tmp_path):
+    art = Artefact.load(default_path(model_dir, "estimator"))
+    art.depths = [1]
+    path = art.save(tmp_path / "d1.pt")
+    with pytest.raises(expertcache.ExpertCacheError, match="retrain with --depth 1,2"):
+        expertcache.load(model_dir, prefetch="estimator", prefetch_depth=2, predictor=str(path))
+
+
+# --- scheduling ------------------------------------------------------------------------------------
+def test_wrong_guess_never_evicts_an_expert_of_the_layers_it_looks_over(model_dir):
+    """4 slots: (1,0) and (3,0) resident, layer 0 running with (0,0), (0,1) pinned. A guess for
+    layer 1 may take (3,0), the policy's victim outside the window, but never (1,0): layer 1 runs
+    before the guess could pay off, and (1,0) may be what it needs."""
+    with expertcache.load(model_dir, expert_budget=_budget(model_dir, 2), prefetch="none", io="buffered", cache_policy="lru") as eng:
+        cache = eng.cache
+        for eid in ((1, 0), (3, 0)):
+            cache.release(cache.acquire(*eid[:1], [eid[1]]))
+            cache.weights(eid)
+        running = cache.acquire(0, [0, 1])
+        assert cache.prefetch([(1, 5)], keep_layers=range(0, 2)) == 1
+        assert {(1, 0), (1, 5)} <= set(cache.core.entries) and (3, 0) not in cache.core.entries
+        assert cache.prefetch([(1, 6)], keep_layers=range(0, 2)) == 0  # only pinned and kept entries are left
+        assert (1, 0) in cache.core.entries
+        cache.release(running)
+        assert eng.stats()["layers"]["1"]["prefetch_issued"] == 1
+
+
+def test_arrival_key_orders_ready_then_running_then_queue_order(model_dir):
+    from expertcache.cache import Entry
+    from expertcache.loader import DEMAND, PREFETCH, RUNNING, LoadTask
+
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        core = eng.cache.core
+        tasks = {"late-demand": LoadTask((0, 1), 0, DEMAND, 9), "early-prefetch": LoadTask((0, 2), 1, PREFETCH, 3),
+                 "running": LoadTask((0, 3), 2, PREFETCH, 7), "early-demand": LoadTask((0, 4), 3, DEMAND, 5)}  # fmt: skip
+        tasks["running"].state = RUNNING
+        for name, t in tasks.items():
+            core.entries[t.eid] = Entry(slot=t.slot, task=t, ready=False)
+        core.entries[(0, 0)] = Entry(slot=4)
+        order = sorted([(0, 1), (0, 2), (0, 3), (0, 4), (0, 0)], key=eng.cache.arrival_key)
+        assert order == [(0, 0), (0, 3), (0, 4), (0, 1), (0, 2)]
+        core.entries.clear()
+
+
+def test_prefill_loads_the_next_layers_experts_behind_this_layers_compute(model_dir):
+    """A 40-token prompt uses almost every expert of every layer: with next-gate, each later
+    layer's experts are requested (at low priority) while the layer before it computes, so most
+    of its lookups find the expert already there or on its way."""
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="direct") as eng:
+        order: list[tuple[str, tuple[int, int]]] = []
+        submit = eng.cache.loader.submit
+
+        def recording_submit(eid, slot, priority):
+            order.append(("prefetch" if priority else "demand", eid))
+            return submit(eid, slot, priority)
+
+        eng.cache.loader.submit = recording_submit
+        with torch.no_grad():
+            eng.model(input_ids=torch.tensor([PROMPT]))
+        layers = eng.checkpoint.sparse_layers
+        s = eng.stats()["layers"]
+        for prev, layer in zip(layers, layers[1:]):
+            assert s[str(layer)]["prefetch_used"] >= s[str(layer)]["lookups"] // 2
+            first_own = next(i for i, (_, e) in enumerate(order) if e[0] == layer)
+            last_prev = max((i for i, (kind, e) in enumerate(order) if e[0] == prev and kind == "demand"), default=-1)
+            assert order[first_own][0] == "prefetch" and first_own > last_prev  # behind the previous layer's demand reads
+        assert s[str(layers[0])]["prefetch_issued"] == 0  # nothing sees layer 0 coming
+
+
+# --- training and evaluation ----------------------------------------------------------------------
+def test_learned_training_runs_saves_and_loads_through_the_cli(model_dir, tmp_path, capsys):
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        with Recorder(eng, logits=True, hidden_states=True) as rec:
+            eng.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
+        trace_path = rec.trace.save(tmp_path / "run.npz")
+    out = tmp_path / "learned.pt"
+    argv = ["train-predictor", "--model", str(model_dir), "--trace", str(trace_path), "--out", str(out),
+            "--depth", "2", "--steps", "3", "--width", "8", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "learned predictor" in capsys.readouterr().out
+    art = Artefact.load(out)
+    assert art.kind == "learned" and art.depths == [1, 2] and art.top_k == 2
+    assert art.tensors["d2.l0.fc1.weight"].shape == (8, 64)
+    assert set(art.meta["validation"]) == {"d1.l0", "d1.l1", "d1.l2", "d2.l0", "d2.l1"}
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="learned", prefetch_depth=2, predictor=str(out)) as eng:
+        eng.generate(PROMPT, max_new_tokens=4)
+        assert eng.stats()["prefetch_issued"] > 0
+
+
+def test_train_predictor_refuses_a_trace_without_hidden_states(model_dir, tmp_path, capsys):
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        with Recorder(eng) as rec:
+            eng.generate(PROMPT, max_new_tokens=2, stop_at_eos=False)
+        path = rec.trace.save(tmp_path / "plain.npz")
+    rc = main(["train-predictor", "--model", str(model_dir), "--trace", str(path), "--out", str(tmp_path / "x.pt")])
+    assert rc == 1
+    assert "--hidden-states" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_eval_predictors_json(model_dir, tmp_path, capsys):
+    text = tmp_path / "heldout.txt"
+    g = torch.Generator().manual_seed(7)
+    text.write_text(" ".join(WORDS[i] for i in torch.randint(len(WORDS), (60,), generator=g).tolist()))
+    rc = main(["eval-predictors", "--model", str(model_dir), "--text", str(text), "--depth", "1,2", "--max-tokens", "30", "--json", "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 30 and report["skipped"] == []
+    rows = {(r["predictor"], r["depth"]): r for r in report["results"]}
+    assert set(rows) == {(p, d) for p in ("next-gate", "default-vector", "estimator", "learned", "history") for d in (1, 2)}
+    for (name, d), r in rows.items():
+        assert set(r) >= {"predictor", "depth", "precision", "recall", "per_layer_recall"}
+        assert len(r["per_layer_recall"]) == 4
+        assert r["per_layer_recall"][:d] == [None] * d  # nothing predicts the first d layers
+        assert all(v is not None and 0 <= v <= 1 for v in r["per_layer_recall"][d:])
+        assert r["pairs"] == 30 * (4 - d) or name == "history"  # history has no guess before it has seen a token
+        assert 0 <= r["recall"] <= 1
+    assert rows[("next-gate", 1)]["precision"] == rows[("next-gate", 1)]["recall"]  # k guesses for k routed

@@ -1,0 +1,95 @@
+"""Training entry point: a few steps of a tiny model, resume, export, and the corpus split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertcache import corpus, train
+
+STORY = (
+    "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog. "
+    "One day the dog ran after a red ball and Lily laughed. They went home and had a nap.\n"
+)
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    text = tmp_path / "stories.txt"
+    if not text.exists():
+        text.write_text(f"\n{corpus.SEPARATOR}\n".join(STORY * (i % 3 + 1) for i in range(30)), encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser.parse_args(
+        [
+            "--out-dir", str(tmp_path / "run"), "--train-text", str(text), "--vocab-size", "300",
+            "--hidden", "32", "--layers", "2", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--warmup-steps", "2", "--eval-items", "0", "--threads", "1",
+            *extra,
+        ]
+    )
+
+
+def test_train_resume_and_export(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    assert train.run(_args(tmp_path, "--max-steps", "3")) == 0
+    ckpt = tmp_path / "run" / "ckpt"
+    state = torch.load(ckpt / train.STATE_FILE, weights_only=False)
+    assert state["step"] == 3 and state["tokens_seen"] == 3 * 2 * 32 and "optimizer" in state
+
+    assert train.run(_args(tmp_path, "--max-steps", "5", "--resume")) == 0
+    assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == 5
+
+    out = tmp_path / "shipped"
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert train.run(parser.parse_args(["--export", str(ckpt), "--out", str(out)])) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 8
+    model = MixtralForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = tokenizer("Lily and her dog", return_tensors="pt").input_ids
+    assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_batches_are_a_function_of_step() -> None:
+    sources = [train.Source("a", torch.arange(1000, dtype=torch.int32), 0.7), train.Source("b", torch.arange(500, dtype=torch.int32), 0.3)]
+    first = train.sample_batch(sources, step=7, seed=1, batch=4, seq_len=16)
+    assert torch.equal(first, train.sample_batch(sources, step=7, seed=1, batch=4, seq_len=16))
+    assert not torch.equal(first, train.sample_batch(sources, step=8, seed=1, batch=4, seq_len=16))
+    assert first.shape == (4, 17)
+
+
+def test_lr_schedule_warms_up_and_decays() -> None:
+    args = argparse.Namespace(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert train.lr_at(args, 0, 0.0) == pytest.approx(1e-4)
+    assert train.lr_at(args, 50, 0.0) == pytest.approx(1e-3)
+    assert train.lr_at(args, 50, 1.0) == pytest.approx(1e-4)
+
+
+def test_split_point_prefers_document_boundary() -> None:
+    docs = [f"document {i} " + "word " * 50 for i in range(40)]
+    text = "".join(d + f"\n{corpus.SEPARATOR}\n" for d in docs)
+    cut = corpus.split_point(text)
+    assert text[cut - len(corpus.SEPARATOR) - 1 : cut] == corpus.SEPARATOR + "\n"
+    assert 0.025 <= 1 - cut / len(text) <= 0.1
+    single = "line of text\n" * 1000
+    cut = corpus.split_point(single)
+    assert single[cut - 1] == "\n" and abs((1 - cut / len(single)) - 0.05) < 0.01
+
+
+@pytest.mark.skipif(corpus.data_dir() is None, reason="reference corpus not found (set EXPERTCACHE_DATA)")
+def test_heldout_tails_are_disjoint_from_training_text() -> None:
+    files = corpus.public_domain_files()
+    assert files, "no public-domain files in the corpus"
+    for path in files:
+        head, tail = corpus.train_head(path), corpus.heldout_tail(path)
+        assert head + tail == path.read_text(encoding="utf-8")
+        assert 0.02 < len(tail) / (len(head) + len(tail)) < 0.11
