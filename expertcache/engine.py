@@ -197,6 +197,7 @@ class Engine:
         for k, v in asdict(fresh).items():
             setattr(self.stats_, k, v if k != "layers" else {})
         self.cache.loader.bytes_read = 0
+        self.cache.max_occupancy = len(self.cache.core.entries)
         self._timing = {"ttft_seconds": None, "tpot_seconds": None, "tokens": 0}
 
     # --- generation ------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class ExpertStore:
         self.io_effective = io
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._retired: list[int] = []  # O_DIRECT descriptors replaced after a fallback
         self._plans = {eid: self._plan(parts) for eid, parts in experts.items()}
         self.slot_bytes = max(p.slot_bytes for p in self._plans.values())
 
@@ -104,8 +105,9 @@ class ExpertStore:
         if self.io_effective == "direct":
             log.warning("%s: filesystem refuses O_DIRECT; using buffered reads dropped from the page cache", path)
             self.io_effective = "buffered+dontneed"
-            for fd in self._fds.values():
-                os.close(fd)
+            # other reader threads may still be reading through the O_DIRECT descriptors: keep
+            # them open (closed with the store) so a reused descriptor number never reads another file
+            self._retired.extend(self._fds.values())
             self._fds.clear()
 
     def read_chunk(self, eid: ExpertId, chunk: Chunk, slot: memoryview) -> None:
@@ -134,9 +136,10 @@ class ExpertStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._retired]:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
 
 class SlotArena:
