@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import ExpertId
-from .errors import BudgetError
+from .errors import BudgetError, ExpertLoadError
 from .loader import DEMAND, PREFETCH, RUNNING, Loader, LoadTask
 from .policies import EvictionPolicy
 from .stats import Stats
@@ -264,8 +264,11 @@ class ExpertCache:
             self.stats.stall_seconds += dt
             self.stats.layer(eid[0]).stall_seconds += dt
         self._settle(eid, ent)
-        if raise_error and ent.task is not None and ent.task.error is not None:
-            raise ent.task.error
+        if raise_error and ent.task is not None:
+            if ent.task.error is not None:
+                raise ent.task.error
+            if ent.task.state == "cancelled":  # only close() cancels a load someone waits for
+                raise ExpertLoadError(f"the load of expert {eid} was cancelled (the engine is closing)")
 
     def _settle(self, eid: ExpertId, ent: Entry) -> None:
         task = ent.task

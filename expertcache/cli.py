@@ -216,7 +216,7 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"{k:<26} {v}")
     print(
         f"advice: budgets below one token cycle ({_fmt_bytes(info['token_cycle_bytes'])}) stream most experts every "
-        "token; a frequency-aware policy (lfru, the default) or a per-layer one (layer) avoids a global LRU's 0% cliff there"
+        "token; a frequency-aware policy (lfu, the default) keeps the hot experts resident where a global LRU falls to 0% hits"
     )
     return 0
 
