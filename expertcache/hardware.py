@@ -25,7 +25,8 @@ from .errors import ExpertCacheError
 
 log = logging.getLogger(__name__)
 
-MEASURE_READS = 24  # experts read to calibrate the link (each once: O_DIRECT bypasses the page cache)
+MEASURE_READS = 24  # experts whose first block is read to calibrate the per-read latency
+MEASURE_SPAN_BYTES = 256 * 2**20  # most bytes of the one long read that calibrates bandwidth
 MEASURE_STEPS = 8  # decode steps timed to calibrate compute
 
 
@@ -79,10 +80,12 @@ def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STE
     """Calibrate a profile on this machine from an Engine or a checkpoint directory (None = the
     bundled demo model).
 
-    Link: each of `reads` experts (spread over layers) is read once through the ExpertStore, and
-    a single aligned block of each is read too; latency is the median block read, bandwidth the
-    median of bytes / (expert read - latency). Compute: `steps` decode forwards are timed after a
-    warm-up, minus the time they waited on expert loads, divided by the sparse layers. A
+    Link, through the ExpertStore's own reads (O_DIRECT unless the filesystem refuses it): the
+    latency of an expert read is the median time of one aligned block read at `reads` experts
+    times the reads an expert takes (one per part); the bandwidth comes from one long read over
+    the experts of the largest file (at most MEASURE_SPAN_BYTES). Compute: `steps` decode
+    forwards are timed after a warm-up, minus the time they waited on expert loads, divided by
+    the sparse layers. A
     checkpoint is opened with a 100% budget and no prefetch; an Engine given is used as it is
     (its cache and counters move)."""
     from .config import EngineConfig
@@ -96,34 +99,44 @@ def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STE
 
 
 def _measure(engine, reads: int, steps: int) -> Hardware:
-    latency, bandwidth = _measure_reads(engine.store, sorted(engine.checkpoint.experts), reads)
+    latency, bandwidth = _measure_reads(engine.store, engine.checkpoint.experts, reads)
     compute = _measure_compute(engine, steps) / len(engine.checkpoint.sparse_layers)
     desc = f"measured on this machine: {engine.store.io_effective} reads of {engine.checkpoint.model_dir}"
     return Hardware("measured", desc, bandwidth, latency, compute)
 
 
-def _measure_reads(store, eids: list, n: int) -> tuple[float, float]:
+def _measure_reads(store, experts: dict, n: int) -> tuple[float, float]:
+    """(latency of one expert read, bandwidth) from the store's own reads: single aligned blocks
+    at `n` experts' first parts give the fixed cost per read (an expert is one read per part),
+    and one long read over the experts' largest file gives the bandwidth."""
     from .store import ALIGN, Chunk, SlotArena
 
+    eids = sorted(experts)
     picks = [eids[i * len(eids) // min(n, len(eids))] for i in range(min(n, len(eids)))]
-    arena = SlotArena(1, store.slot_bytes)
-    slot = arena.slot(0)
-    small, full, sizes = [], [], []
+    parts = statistics.median(len(store.plan(e).chunks) for e in picks)
+    block_times = []
+    arena = SlotArena(1, ALIGN)
     for eid in picks:
-        plan = store.plan(eid)
-        c0 = plan.chunks[0]
-        block = Chunk(c0.path, c0.file_offset, ALIGN, 0, 0, 1)
+        c0 = store.plan(eid).chunks[0]
         t0 = time.perf_counter()
-        store.read_chunk(eid, block, slot)
-        small.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for chunk in plan.chunks:
-            store.read_chunk(eid, chunk, slot)
-        full.append(time.perf_counter() - t0)
-        sizes.append(sum(c.payload for c in plan.chunks))
-    latency = statistics.median(small)
-    bandwidth = statistics.median(b / max(t - latency, 1e-9) for b, t in zip(sizes, full))
-    return latency, bandwidth
+        store.read_chunk(eid, Chunk(c0.path, c0.file_offset, ALIGN, 0, 0, 1), arena.slot(0))
+        block_times.append(time.perf_counter() - t0)
+    block = statistics.median(block_times)
+    # the file holding the most expert bytes, read from its first expert to its last
+    spans: dict[str, list[int]] = {}
+    for parts_ in experts.values():
+        for ref in parts_.parts:
+            lo, hi = spans.get(ref.path, (ref.offset, ref.offset + ref.nbytes))
+            spans[ref.path] = [min(lo, ref.offset), max(hi, ref.offset + ref.nbytes)]
+    path, (lo, hi) = max(spans.items(), key=lambda kv: kv[1][1] - kv[1][0])
+    start = lo - lo % ALIGN
+    length = min(hi - start + (-(hi - start)) % ALIGN, MEASURE_SPAN_BYTES)
+    arena = SlotArena(1, length)
+    t0 = time.perf_counter()
+    store.read_chunk(eids[0], Chunk(path, start, length, 0, length, 1), arena.slot(0))
+    dt = time.perf_counter() - t0
+    bandwidth = length / (dt - block if dt > 2 * block else dt)
+    return parts * block, bandwidth
 
 
 def _measure_compute(engine, steps: int) -> float:
