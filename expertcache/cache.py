@@ -9,7 +9,11 @@ Rules (DESIGN.md invariants 2-4):
 - every entry, ready or loading, holds one slot: resident + in-flight bytes <= budget;
 - a pinned entry (the running layer's) is never evicted;
 - wrong guesses go first: a speculative entry its layer did not use is evicted before any other;
-- a speculative load never evicts an entry that the same prefetch request wants.
+- a speculative load never evicts an entry that the same prefetch request wants, nor a resident
+  expert of the layers between the running layer and its target (AdapMoE: a wrong guess never
+  pushes out a useful expert);
+- a guess joins the eviction policy at its first use, as a demand load does at its miss: wrong
+  guesses never skew the policy's counts, and a used one is counted once.
 """
 
 from __future__ import annotations
@@ -83,13 +87,17 @@ class CacheCore:
                 v = self.policy.victim(lambda e: e[0] in over and ok(e), self.now)
                 if v is not None:
                     return v
-        return self.policy.victim(ok, self.now)
+        victim = self.policy.victim(ok, self.now)
+        if victim is None:  # only guesses not yet used are left (the policy does not know them): oldest first
+            victim = next((e for e, n in self.entries.items() if n.speculative and ok(e)), None)
+        return victim
 
     def add(self, eid: ExpertId, *, speculative: bool, ready: bool) -> Entry:
         ent = Entry(slot=self.free.pop(), ready=ready, speculative=speculative)
         self.entries[eid] = ent
         self.per_layer[eid[0]] += 1
-        self.policy.insert(eid, self.now)
+        if not speculative:  # a guess joins the policy at its first use (acquire): until then it
+            self.policy.insert(eid, self.now)  # must not touch the policy's counts (a wrong one never is used)
         return ent
 
     def remove(self, eid: ExpertId) -> Entry:

@@ -45,7 +45,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--expert-budget", default="50%", help="memory for experts: 50%%, 512MiB, 2GB or bytes (default 50%%)")
-    p.add_argument("--cache-policy", default=DEFAULT_CACHE_POLICY, help=f"eviction policy (default {DEFAULT_CACHE_POLICY})")
+    p.add_argument("--cache-policy", default=DEFAULT_CACHE_POLICY,
+                   help=f"eviction policy (default {DEFAULT_CACHE_POLICY}): lru, lfu, lfru, layer, layerlfu, random, "
+                        "or belady (the offline optimum, for measurement)")
+    p.add_argument("--trace", dest="future_trace", default=None,
+                   help="with --cache-policy belady: a trace of this same run (expertcache trace), Belady's future; "
+                        "without it generate runs twice, recording the future first")
     p.add_argument("--prefetch", default="next-gate",
                    help="predictor for speculative loads: none, next-gate (default), default-vector, estimator, learned, history")
     p.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead to prefetch (default 1)")
@@ -73,6 +78,7 @@ def engine_config(args: argparse.Namespace):
         model=args.model,
         expert_budget=args.expert_budget,
         cache_policy=args.cache_policy,
+        future_trace=getattr(args, "future_trace", None),
         prefetch=args.prefetch,
         prefetch_depth=args.prefetch_depth,
         prefetch_max=getattr(args, "prefetch_max", None),

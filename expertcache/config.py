@@ -59,6 +59,7 @@ class EngineConfig:
     model: str | None = None  # checkpoint directory; None = the bundled demo model
     expert_budget: str | int = "50%"  # bytes of experts kept in memory: "50%", "512MiB", or an int
     cache_policy: str = DEFAULT_CACHE_POLICY  # eviction policy name (policies.POLICIES)
+    future_trace: str | None = None  # cache_policy "belady": a trace of these same calls, its future (None: generate() records one)
     prefetch: str = "next-gate"  # predictor name (predictors.PREDICTORS); "none" = load on demand only
     prefetch_depth: int = 1  # how many layers ahead the predictor looks
     prefetch_max: int | None = None  # most experts prefetched per target layer in a decode step (bounds wasted bytes); None = the predictor's whole guess

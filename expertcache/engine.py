@@ -21,6 +21,8 @@ from .checkpoint import Checkpoint
 from .config import EngineConfig, parse_budget
 from .errors import CheckpointError, ExpertCacheError
 from .moe_block import BlockContext, OffloadedMoE
+from .oracle import NAME as BELADY
+from .oracle import BeladyOracle, NoFuture
 from .policies import make_policy
 from .predictors import make_predictor
 from .routing import WeightRule, make_routing
@@ -111,7 +113,12 @@ class Engine:
         dtype = getattr(torch, config.dtype) if config.dtype else ckpt.dtype
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
         try:
-            policy, partitioned = make_policy(config.cache_policy)
+            if config.cache_policy == BELADY:  # its future is given once the cache exists (oracle.py)
+                policy, partitioned = NoFuture(), False
+            else:
+                policy, partitioned = make_policy(config.cache_policy)
+            if config.future_trace is not None and config.cache_policy != BELADY:
+                raise ValueError(f"a future trace is Belady's future: it needs cache policy 'belady', not {config.cache_policy!r}")
             routing = make_routing(
                 config.routing,
                 rule=WeightRule(renormalize=ckpt.arch.renormalize(ckpt.config), in_logits_dtype=ckpt.arch.weights_in_logits_dtype),
@@ -161,6 +168,7 @@ class Engine:
             observe = getattr(self.context.predictor, "observe", None)
             if observe is not None:  # predictors that learn from what each layer routed (history, default-vector)
                 self.context.observers.append(observe)
+            self.oracle = BeladyOracle(self, config.future_trace) if config.cache_policy == BELADY else None
         except BaseException:
             self.cache.close()  # a failed load leaves no reader threads or open files behind
             raise
@@ -205,7 +213,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ExpertCacheError("this checkpoint has no tokenizer: pass token ids instead of text")
-            return list(self.tokenizer.encode(prompt))
+            return encode_text(self.tokenizer, prompt)
         ids = [int(t) for t in prompt]
         vocab = self.model.get_input_embeddings().num_embeddings
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -213,7 +221,6 @@ class Engine:
             raise ExpertCacheError(f"token id {bad[0]} is out of range: this model's vocabulary has ids 0..{vocab - 1}")
         return ids
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt: str | list[int],
@@ -226,7 +233,29 @@ class Engine:
         stop_at_eos: bool = True,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache."""
+        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache.
+
+        Cache policy belady without a future trace runs the generation twice (oracle.py): once
+        under LRU to record the access stream, then under Belady; the result is the second run's."""
+        kw = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
+                  stop_at_eos=stop_at_eos, on_token=on_token)
+        if self.oracle is not None and not self.oracle.from_trace:
+            return self.oracle.generate(self._generate, prompt, **kw)
+        return self._generate(prompt, **kw)
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_at_eos: bool,
+        on_token: Callable[[int], None] | None,
+    ) -> GenerationResult:
         from transformers import DynamicCache
 
         ids = self.encode(prompt)
@@ -269,6 +298,16 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as the model saw documents in training: after the tokenizer's BOS
+    token when it defines one (a byte-level BPE tokenizer does not add it on its own)."""
+    ids = list(tokenizer.encode(text))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
 
 
 def _eos_ids(generation_config, config) -> set[int]:

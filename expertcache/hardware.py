@@ -25,9 +25,9 @@ from .errors import ExpertCacheError
 
 log = logging.getLogger(__name__)
 
-MEASURE_READS = 24  # experts whose first block is read to calibrate the per-read latency
+MEASURE_READS = 48  # experts loaded (and first blocks read) to calibrate the per-load fixed cost
 MEASURE_SPAN_BYTES = 256 * 2**20  # most bytes of the one long read that calibrates bandwidth
-MEASURE_STEPS = 8  # decode steps timed to calibrate compute
+MEASURE_STEPS = 16  # decode steps timed to calibrate compute (median)
 
 
 @dataclass(frozen=True)
@@ -67,48 +67,55 @@ PRESETS: dict[str, Hardware] = {
 HARDWARE_NAMES = (*PRESETS, "measured")
 
 
-def get_hardware(name: str, *, model: str | Path | None = None) -> Hardware:
+def get_hardware(name: str, *, model: str | Path | None = None, prefetch: str = "none") -> Hardware:
     """A preset by name, or "measured": calibrated on `model` (a checkpoint dir; None = demo)."""
     if name in PRESETS:
         return PRESETS[name]
     if name == "measured":
-        return measure(model)
+        return measure(model, prefetch=prefetch)
     raise ExpertCacheError(f"unknown hardware {name!r}: choose one of {', '.join(HARDWARE_NAMES)}")
 
 
-def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STEPS) -> Hardware:
+def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STEPS, prefetch: str = "none") -> Hardware:
     """Calibrate a profile on this machine from an Engine or a checkpoint directory (None = the
     bundled demo model).
 
     Link, through the ExpertStore's own reads (O_DIRECT unless the filesystem refuses it): the
-    latency of an expert read is the median time of one aligned block read at `reads` experts
-    times the reads an expert takes (one per part); the bandwidth comes from one long read over
-    the experts of the largest file (at most MEASURE_SPAN_BYTES). Compute: `steps` decode
-    forwards are timed after a warm-up, minus the time they waited on expert loads, divided by
-    the sparse layers. A
-    checkpoint is opened with a 100% budget and no prefetch; an Engine given is used as it is
+    bandwidth comes from one long read over the experts of the largest file (at most
+    MEASURE_SPAN_BYTES); the latency is the fixed cost of one expert load as the engine pays it:
+    `reads` experts loaded one by one through the engine's Loader (submitted, read on a reader
+    thread, the waiter woken), their mean time minus the transfer at that bandwidth, and never
+    less than one aligned block read per part (the device's own latency, median). Compute: every
+    expert is made resident first (when the cache holds them all), then `steps` decode forwards
+    are timed after a warm-up, minus any time they waited on expert loads; the mean, divided by
+    the sparse layers. Means, not medians: the cost model adds these up, and on a shared machine
+    the tail (a reader thread or the waiter scheduled late) is part of what a token costs.
+    Compute is everything but the loads: attention, router, experts, sampling, and the predictor
+    (`prefetch`, run with nothing left to load), so a profile for a prefetching engine is measured
+    with its predictor. A checkpoint is opened with a 100% budget; an Engine given is used as it is
     (its cache and counters move)."""
     from .config import EngineConfig
     from .engine import Engine
 
     if isinstance(source, Engine):
         return _measure(source, reads, steps)
-    cfg = EngineConfig(model=str(source) if source is not None else None, expert_budget="100%", prefetch="none")
+    cfg = EngineConfig(model=str(source) if source is not None else None, expert_budget="100%", prefetch=prefetch)
     with Engine(cfg) as engine:
         return _measure(engine, reads, steps)
 
 
 def _measure(engine, reads: int, steps: int) -> Hardware:
-    latency, bandwidth = _measure_reads(engine.store, engine.checkpoint.experts, reads)
+    latency, bandwidth = _measure_reads(engine.store, engine.checkpoint.experts, reads, threads=engine.config.io_threads)
     compute = _measure_compute(engine, steps) / len(engine.checkpoint.sparse_layers)
     desc = f"measured on this machine: {engine.store.io_effective} reads of {engine.checkpoint.model_dir}"
     return Hardware("measured", desc, bandwidth, latency, compute)
 
 
-def _measure_reads(store, experts: dict, n: int) -> tuple[float, float]:
-    """(latency of one expert read, bandwidth) from the store's own reads: single aligned blocks
-    at `n` experts' first parts give the fixed cost per read (an expert is one read per part),
-    and one long read over the experts' largest file gives the bandwidth."""
+def _measure_reads(store, experts: dict, n: int, *, threads: int = 2) -> tuple[float, float]:
+    """(fixed cost of one expert load, bandwidth): one long read over the experts' largest file
+    gives the bandwidth; `n` experts loaded through a Loader of `threads` reader threads give the
+    fixed cost (mean load time minus the transfer), at least one aligned block read per part."""
+    from .loader import DEMAND, Loader
     from .store import ALIGN, Chunk, SlotArena
 
     eids = sorted(experts)
@@ -136,7 +143,17 @@ def _measure_reads(store, experts: dict, n: int) -> tuple[float, float]:
     store.read_chunk(eids[0], Chunk(path, start, length, 0, length, 1), arena.slot(0))
     dt = time.perf_counter() - t0
     bandwidth = length / (dt - block if dt > 2 * block else dt)
-    return parts * block, bandwidth
+    loader = Loader(store, SlotArena(1, store.slot_bytes), threads=threads)
+    try:
+        load_times = []
+        for eid in picks:
+            t0 = time.perf_counter()
+            loader.submit(eid, 0, DEMAND).wait()
+            load_times.append(time.perf_counter() - t0)
+    finally:
+        loader.close()
+    transfer = statistics.mean(sum(r.nbytes for r in experts[e].parts) for e in picks) / bandwidth
+    return max(statistics.mean(load_times) - transfer, parts * block), bandwidth
 
 
 def _measure_compute(engine, steps: int) -> float:
@@ -147,6 +164,7 @@ def _measure_compute(engine, steps: int) -> float:
     vocab = int(model.config.vocab_size)
     past = DynamicCache(config=model.config)
     times = []
+    _make_resident(engine)  # misses cost more than their stall (submission, wake-ups): time none
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
         for i in range(steps + 1):
@@ -156,4 +174,22 @@ def _measure_compute(engine, steps: int) -> float:
             dt = time.perf_counter() - t0 - (engine.stats_.stall_seconds - stall0)
             if i:  # the first decode step warms kernels and the cache
                 times.append(max(dt, 0.0))
-    return statistics.median(times)
+    return statistics.mean(times)
+
+
+def _make_resident(engine) -> bool:
+    """Load every expert into the engine's cache if it holds them all (False if it does not)."""
+    cache, ckpt = engine.cache, engine.checkpoint
+    if cache.capacity < len(ckpt.experts):
+        return False
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in sorted(ckpt.experts):
+        by_layer.setdefault(layer, []).append(e)
+    for layer, experts in by_layer.items():
+        held = cache.acquire(layer, experts)
+        try:
+            for eid in held:
+                cache.weights(eid)
+        finally:
+            cache.release(held)
+    return True

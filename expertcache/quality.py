@@ -4,8 +4,8 @@ accuracy over a jsonl set, with the cache counters of the run (misses, bytes rea
 Perplexity uses fixed windows of `window` tokens advancing by `stride`; each window scores only the
 tokens not scored by the previous one, so every token is predicted once, with at least
 `window - stride` tokens of context (except at the start). A choice of a multiple-choice item is
-scored by the sum of its token log-probabilities after the context: tokens of `context` followed by
-tokens of " " + choice, each encoded on its own.
+scored by the sum of its token log-probabilities after the context: tokens of `context` (after the
+tokenizer's BOS token, when it has one) followed by tokens of " " + choice, each encoded on its own.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def perplexity(model, ids: list[int], *, window: int, stride: int) -> tuple[floa
 
 @torch.inference_mode()
 def choice_scores(model, tokenizer, context: str, choices: list[str]) -> list[float]:
-    ctx = list(tokenizer.encode(context))
+    from .engine import encode_text
+
+    ctx = encode_text(tokenizer, context)
     scores = []
     for choice in choices:
         cont = list(tokenizer.encode(" " + choice))
@@ -128,7 +130,7 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
                 raw = Path(text).read_text(encoding="utf-8", errors="replace")
             except OSError as e:
                 raise ExpertCacheError(f"{text}: cannot read ({e.strerror or e})") from None
-            ids = list(engine.tokenizer.encode(raw))
+            ids = engine.encode(raw)
             if max_tokens is not None:
                 ids = ids[:max_tokens]
             ppl, scored = perplexity(engine.model, ids, window=window, stride=stride)

@@ -133,12 +133,15 @@ class AdaptiveGating:
                              "run `expertcache calibrate` first") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a calibration file ({e})") from None
-        if data.get("routing") != "adaptive-gating" or "layers" not in data:
-            raise ValueError(f"{path}: not an adaptive-gating calibration file")
-        if data.get("top_k") != top_k or sorted(int(l) for l in data["layers"]) != sorted(layers):
+        try:
+            thresholds = {int(l): float(v["threshold"]) for l, v in data["layers"].items()}
+            if data["routing"] != "adaptive-gating":
+                raise ValueError
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: not an adaptive-gating calibration file (run `expertcache calibrate`)") from None
+        if data.get("top_k") != top_k or sorted(thresholds) != sorted(layers):
             raise ValueError(f"{path}: calibrated for another model (top-{data.get('top_k')}, layers "
-                             f"{sorted(int(l) for l in data['layers'])}), this one is top-{top_k} with layers {layers}")
-        thresholds = {int(l): float(v["threshold"]) for l, v in data["layers"].items()}
+                             f"{sorted(thresholds)}), this one is top-{top_k} with layers {layers}")
         return cls(thresholds=thresholds, rule=rule, applies_to=applies_to)
 
     def select(self, layer, logits, weights, ids):

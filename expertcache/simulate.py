@@ -10,7 +10,9 @@ Two accountings of the same access stream (trace.Trace.batches):
 - "engine": drives cache.CacheCore exactly as ExpertCache.acquire does without prefetch: slots =
   budget // expert_bytes, distinct experts of a call in ascending id order, in waves of at most
   `capacity`, eviction before each insert, pins held for the wave. Replaying an engine run's
-  trace gives that run's hits and misses exactly.
+  trace gives that run's hits and misses exactly. With `prefetch=True` the trace's recorded
+  predictor guesses are replayed too, on a simulated clock (timeline.py): the engine's prefetch
+  rules, and guesses loading behind the previous layer's compute.
 Each replay is then priced with a hardware.Hardware cost model (time per output token).
 """
 
@@ -43,6 +45,8 @@ class Step:
     layer: int
     lookups: tuple[ExpertId, ...]  # distinct experts, in order of their last use in the call
     touched: frozenset[ExpertId]  # the same, as a set: what eviction after the call must keep
+    guesses: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # recorded prefetch: (target layer, experts)
+    token: int = -1  # decode calls: index of the decode token (forward) they belong to
 
 
 class Stream:
@@ -53,11 +57,16 @@ class Stream:
         self.layers = list(trace.shape.sparse_layers)
         self.expert_bytes = dict(trace.shape.expert_bytes)
         self.decode_tokens = trace.decode_tokens
-        steps = []
-        for b in trace.batches():
+        self.has_guesses = bool(trace.routes) and all(r.guesses is not None for r in trace.routes)
+        first = self.layers[0] if self.layers else None
+        steps, token = [], -1
+        for b, r in zip(trace.batches(), trace.routes):
             last_use = list(dict.fromkeys(reversed(b.ids)))[::-1]
             lookups = tuple((b.layer, e) for e in last_use)
-            steps.append(Step(b.decode, b.layer, lookups, frozenset(lookups)))
+            guesses = tuple((t, tuple(es)) for t, es in r.guesses) if r.guesses is not None else None
+            if b.decode and b.layer == first:
+                token += 1
+            steps.append(Step(b.decode, b.layer, lookups, frozenset(lookups), guesses, token if b.decode else -1))
         self.steps = steps
         unknown = {s.layer for s in steps} - set(self.expert_bytes)
         if unknown:
@@ -77,6 +86,9 @@ class Replay:
     decode_hits: int = 0
     bytes_read: int = 0
     decode_loads: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (reads, bytes) per decode call
+    decode_seconds: list[float] | None = field(default=None, repr=False)  # per decode call, from a timed (prefetch) replay
+    hardware: Hardware | None = None  # the profile a timed replay ran on
+    prefetch: dict | None = None  # prefetch counters of a prefetch replay (as the engine's stats)
 
     @property
     def misses(self) -> int:
@@ -177,8 +189,10 @@ def engine_capacity(stream: Stream, budget: int) -> int:
     return min(budget // eb, stream.shape.num_experts * len(stream.layers))
 
 
-def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed: int) -> Replay:
-    """CacheCore driven like ExpertCache.acquire/release with prefetch none."""
+def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed: int,
+                   hardware: Hardware | None = None, prefetch: bool = False) -> Replay:
+    """CacheCore driven like ExpertCache.acquire/release with prefetch none, or, with `prefetch`,
+    like the engine with the trace's recorded guesses on a simulated clock (timeline.py)."""
     from .cache import CacheCore, equal_quotas
 
     capacity = engine_capacity(stream, budget)
@@ -196,6 +210,8 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     core = CacheCore(capacity, policy, quotas)
     eb = stream.expert_bytes
     out = Replay(name, budget, "engine")
+    if prefetch:
+        return _replay_timed(core, calls, stream, hardware, out)
     for step, waves in calls:
         hits = misses = 0
         for wave in waves:
@@ -217,6 +233,23 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
                 ent.ready = True
                 ent.pins -= 1
         out._count(step.decode, hits, misses, misses * eb[step.layer])
+    return out
+
+
+def _replay_timed(core, calls, stream: Stream, hardware: Hardware, out: Replay) -> Replay:
+    from .timeline import TimedCache
+
+    sim = TimedCache(core, hardware, stream.expert_bytes)
+    out.decode_seconds, out.hardware = [], hardware
+    for step, waves in calls:
+        res = sim.call(step.layer, waves, step.guesses, timed=step.decode)
+        out._count(step.decode, res.hits, res.misses, res.miss_bytes)
+        if step.decode:
+            out.decode_seconds.append(res.seconds)
+    c = sim.counters
+    out.bytes_read = c.bytes_read  # demand and speculative reads (cancelled guesses are never read)
+    out.prefetch = {k: getattr(c, k) for k in ("prefetch_issued", "prefetch_used", "prefetch_late",
+                                               "prefetch_wasted", "prefetch_cancelled")}
     return out
 
 
@@ -301,8 +334,11 @@ def replay(
     mode: str = "reference",
     allocation: str = "equal",
     seed: int = 0,
+    prefetch: bool = False,
+    hardware: Hardware | None = None,
 ) -> Replay:
-    """Replay `trace` through cache policy `policy` under `budget_bytes`."""
+    """Replay `trace` through cache policy `policy` under `budget_bytes`. `prefetch` (engine mode)
+    also replays the trace's recorded predictor guesses, timed on `hardware`."""
     stream = trace if isinstance(trace, Stream) else Stream(trace)
     if policy not in POLICIES:
         raise ExpertCacheError(f"unknown cache policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -312,16 +348,42 @@ def replay(
         raise ExpertCacheError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
     if mode == "reference":
         return _replay_reference(stream, policy, budget_bytes, allocation, seed)
+    if prefetch:
+        if mode != "engine":
+            raise ExpertCacheError("prefetch is replayed in engine mode only (the reference accounting has no prefetch)")
+        if not stream.has_guesses:
+            raise ExpertCacheError("the trace has no recorded prefetch guesses: record it with a --prefetch predictor on")
+        if hardware is None:
+            raise ExpertCacheError("a prefetch replay needs a hardware profile (its loads are timed)")
     if mode == "engine":
-        return _replay_engine(stream, policy, budget_bytes, allocation, seed)
+        return _replay_engine(stream, policy, budget_bytes, allocation, seed, hardware, prefetch)
     raise ExpertCacheError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
+def _call_seconds(r: Replay, hw: Hardware, overlap: float) -> list[float]:
+    """Modelled seconds of each decode call: the timed replay's own (prefetch), else compute plus
+    the call's loads with `overlap` of them hidden (hardware.py's cost model)."""
+    if r.decode_seconds is not None:
+        return r.decode_seconds
+    return [hw.layer_seconds(n, b, overlap) for n, b in r.decode_loads]
+
+
 def modeled_tpot(r: Replay, stream: Stream, hw: Hardware, overlap: float = 0.0) -> float | None:
-    """Modelled seconds per output token of a replay (hardware.py's cost model)."""
+    """Modelled seconds per output token of a replay (hardware.py's cost model; a prefetch replay
+    is priced on its own timeline, on the profile it ran on)."""
     if not stream.decode_tokens:
         return None
-    return sum(hw.layer_seconds(n, b, overlap) for n, b in r.decode_loads) / stream.decode_tokens
+    return sum(_call_seconds(r, hw, overlap)) / stream.decode_tokens
+
+
+def modeled_token_seconds(r: Replay, stream: Stream, hw: Hardware, overlap: float = 0.0) -> list[float]:
+    """Modelled seconds of each decode token (forward), in order."""
+    calls = _call_seconds(r, hw, overlap)
+    tokens = [s.token for s in stream.steps if s.decode]
+    out = [0.0] * (max(tokens) + 1 if tokens else 0)
+    for t, sec in zip(tokens, calls):
+        out[t] += sec
+    return out
 
 
 def _row(r: Replay, stream: Stream, hw: Hardware, overlap: float) -> dict:
@@ -332,10 +394,16 @@ def _row(r: Replay, stream: Stream, hw: Hardware, overlap: float) -> dict:
         "hit_pct_decode": round(r.hit_pct_decode, 4),
         "bytes_read": r.bytes_read,
         "modeled_tpot_seconds": modeled_tpot(r, stream, hw, overlap),
+        "modeled_tpot_median_seconds": _median(modeled_token_seconds(r, stream, hw, overlap)),
         "lookups": r.lookups,
         "hits": r.hits,
         "misses": r.misses,
+        **(r.prefetch or {}),
     }
+
+
+def _median(xs: list[float]) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
 
 
 def simulate(
@@ -349,9 +417,11 @@ def simulate(
     allocation: str = "equal",
     seed: int = 0,
     progress: bool = False,
+    prefetch: bool = False,
 ) -> dict:
     """Every (budget, policy) replay, priced on `hardware`, with two bounds: compute only (no
-    loads at all) and, per budget, Belady's misses with loads perfectly overlapped."""
+    loads at all) and, per budget, Belady's misses with loads perfectly overlapped. `prefetch`
+    (engine mode) replays the trace's recorded guesses on a simulated clock."""
     from tqdm.auto import tqdm
 
     if not 0.0 <= overlap <= 1.0:
@@ -361,9 +431,9 @@ def simulate(
     bar = tqdm(total=len(budgets) * len(policies), unit="replay", desc="simulate", disable=not progress)
     for budget in budgets:
         for name in policies:
-            r = replay(stream, name, budget, mode=mode, allocation=allocation, seed=seed)
+            r = replay(stream, name, budget, mode=mode, allocation=allocation, seed=seed, prefetch=prefetch, hardware=hardware)
             results.append(_row(r, stream, hardware, overlap))
-            if name == "belady":
+            if name == "belady" and not prefetch:
                 belady[budget] = r
             bar.update(1)
         if budget not in belady:
@@ -383,6 +453,7 @@ def simulate(
         "mode": mode,
         "allocation": allocation,
         "overlap": overlap,
+        "prefetch": "trace" if prefetch else "none",
         "hardware": hardware.to_dict(),
         "results": results,
         "bounds": bounds,
@@ -400,6 +471,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="checkpoint to calibrate --hardware measured on (default: the bundled demo)")
     p.add_argument("--layer-compute-ms", type=float, default=None, help="override the profile's per-layer decode compute time")
     p.add_argument("--overlap", type=float, default=0.0, help="share of loads hidden behind compute, 0 (demand loading, default) to 1")
+    p.add_argument("--prefetch", default="none", choices=["none", "trace"],
+                   help="trace: replay the predictor guesses recorded in the trace, timed on --hardware (engine mode; --overlap does not apply)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     p.add_argument("--plot", default=None, help="write hit rate vs budget, one line per policy, to this PNG")
     p.add_argument("--json", action="store_true", help="print {results, bounds} as JSON")
@@ -426,7 +499,8 @@ def run(args) -> int:
             raise ExpertCacheError("--layer-compute-ms must not be negative")
         hw = hw.with_compute(args.layer_compute_ms / 1000)
     report = simulate(trace, budgets, policies, mode=args.mode, hardware=hw, overlap=args.overlap,
-                      allocation=args.allocation, seed=args.seed, progress=sys.stderr.isatty())
+                      allocation=args.allocation, seed=args.seed, progress=sys.stderr.isatty(),
+                      prefetch=args.prefetch == "trace")
     if args.plot:
         plot(report, args.plot)
     if args.json:
@@ -446,8 +520,8 @@ def _print(report: dict) -> None:
     hw = report["hardware"]
     t = report["trace"]
     print(f"trace   {t['model']}: {t['layer_calls']} layer calls, {t['decode_tokens']} decode tokens")
-    print(f"model   {report['mode']} accounting, {report['allocation']} allocation; {hw['name']}: {hw['description']}; "
-          f"overlap {report['overlap']:g}")
+    how = "recorded prefetch guesses, timed" if report.get("prefetch") == "trace" else f"overlap {report['overlap']:g}"
+    print(f"model   {report['mode']} accounting, {report['allocation']} allocation; {hw['name']}: {hw['description']}; {how}")
     print(f"{'budget':>12} {'policy':>10} {'hit%':>7} {'decode%':>8} {'read':>11} {'TPOT ms':>9}")
     for r in report["results"]:
         print(f"{_fmt_bytes(r['budget_bytes']):>12} {r['policy']:>10} {r['hit_pct']:>7.2f} {r['hit_pct_decode']:>8.2f} "

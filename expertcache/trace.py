@@ -15,8 +15,12 @@ File format, version 1 (`np.load(path)` reads it):
     weights      float32 [N, k]: their mixing weights
     logits       float32 [N, E], optional: router logits
     hidden       float32 [N, H], optional: the MoE block's input hidden states
+    guesses      int32 [G, 3], optional: the prefetch predictor's guesses, one row per guessed
+                 expert: route index, target layer, expert, in the order they were requested;
+                 present when the run prefetched (a route may have none: the last layer)
 `step` is the sequence position of the call's first token (prefill starts at 0; decode step
-p routes the token at position p).
+p routes the token at position p). Readers ignore arrays they do not know, so optional arrays
+added later keep version 1.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Route:
     weights: np.ndarray  # [T, k] float32
     logits: np.ndarray | None = None  # [T, E] float32
     hidden: np.ndarray | None = None  # [T, H] float32
+    guesses: list[tuple[int, list[int]]] | None = None  # prefetch requested in this call: [(target layer, experts)]
 
     @property
     def decode(self) -> bool:
@@ -136,6 +141,9 @@ class Trace:
             parts = [getattr(r, name) for r in self.routes]
             if parts and all(p is not None for p in parts):
                 arrays[name] = _stack(parts, (0, 0), np.float32)
+        if any(r.guesses is not None for r in self.routes):
+            rows = [(i, t, e) for i, r in enumerate(self.routes) for t, es in (r.guesses or []) for e in es]
+            arrays["guesses"] = np.array(rows, dtype=np.int32).reshape(-1, 3)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz"
             np.savez_compressed(f, **arrays)
@@ -163,6 +171,7 @@ class Trace:
                 index, ids, weights = z["routes"], z["ids"], z["weights"]
                 logits = z["logits"] if "logits" in z.files else None
                 hidden = z["hidden"] if "hidden" in z.files else None
+                guess_rows = z["guesses"].tolist() if "guesses" in z.files else None
         except ExpertCacheError:
             raise
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, json.JSONDecodeError) as e:
@@ -188,6 +197,16 @@ class Trace:
                 )
             )
             row += n
+        if guess_rows is not None:
+            if any(not 0 <= row[0] < len(routes) for row in guess_rows):
+                raise ExpertCacheError(f"{path}: a prefetch guess names a route the trace does not have")
+            for r in routes:
+                r.guesses = []
+            for i, target, e in guess_rows:
+                g = routes[i].guesses
+                if not g or g[-1][0] != target:
+                    g.append((target, []))
+                g[-1][1].append(e)
         return cls(shape, routes, dict(header.get("meta") or {}))
 
 
@@ -299,7 +318,9 @@ def engine_shape(engine) -> ModelShape:
 
 
 class Recorder:
-    """Records every MoE layer call of an engine (via BlockContext.observers) into a Trace.
+    """Records every MoE layer call of an engine (via BlockContext.observers) into a Trace, and,
+    when the engine prefetches, the predictor's guesses of each call (its predictor is wrapped
+    while attached), so the simulator can replay the prefetching too.
 
     A forward pass is recognised by the layer order starting over. The first forward after
     attaching, or after `new_turn()`, is a prefill, and so is any forward of more than one token
@@ -325,6 +346,7 @@ class Recorder:
         self._phase = "prefill"
         self._last_layer: int | None = None
         self._fresh_turn = True
+        self._guesses = engine.context.prefetch_enabled
 
     def new_turn(self) -> None:
         """The next forward starts a new prompt (a fresh KV cache)."""
@@ -332,14 +354,24 @@ class Recorder:
         self._last_layer = None
 
     def attach(self) -> "Recorder":
-        if self._observe not in self.engine.context.observers:
-            self.engine.context.observers.append(self._observe)
+        ctx = self.engine.context
+        if self._observe not in ctx.observers:
+            ctx.observers.append(self._observe)
+        if self._guesses and not (isinstance(ctx.predictor, _GuessRecorder) and ctx.predictor.recorder is self):
+            ctx.predictor = _GuessRecorder(ctx.predictor, self)
         return self
 
     def detach(self) -> None:
-        obs = self.engine.context.observers
-        if self._observe in obs:
-            obs.remove(self._observe)
+        ctx = self.engine.context
+        if self._observe in ctx.observers:
+            ctx.observers.remove(self._observe)
+        if isinstance(ctx.predictor, _GuessRecorder) and ctx.predictor.recorder is self:
+            ctx.predictor = ctx.predictor.inner
+
+    def _note_guesses(self, layer: int, guesses) -> None:
+        route = self.trace.routes[-1] if self.trace.routes else None
+        if route is not None and route.layer == layer and route.guesses is not None:
+            route.guesses = [(int(t), [int(e) for e in es]) for t, es in guesses]
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -370,8 +402,25 @@ class Recorder:
                 weights=weights.detach().float().to("cpu").numpy(),
                 logits=logits.detach().float().to("cpu").numpy() if self.logits else None,
                 hidden=x.detach().float().to("cpu").numpy() if self.hidden_states else None,
+                guesses=[] if self._guesses else None,
             )
         )
+
+
+class _GuessRecorder:
+    """The engine's predictor, unchanged, noting each guess on the route being recorded."""
+
+    def __init__(self, inner, recorder: Recorder) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    def predict(self, layer: int, x, logits):
+        guesses = self.inner.predict(layer, x, logits)
+        self.recorder._note_guesses(layer, guesses)
+        return guesses
+
+    def __getattr__(self, name: str):  # name, observe, close ... of the wrapped predictor
+        return getattr(self.inner, name)
 
 
 # --- CLI: expertcache trace -----------------------------------------------------------------------

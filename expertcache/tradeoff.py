@@ -1,13 +1,13 @@
 """Quality against speed for the lossy routing policies (`expertcache tradeoff`).
 
-Each setting (a policy and one value of its knob) runs in a fresh engine in decode mode: the text
+Each setting (a policy and one value of its knob) runs in its own engine in decode mode: the text
 is cut into chunks of --window tokens, each fed one token at a time with a KV cache, so every
 forward is a decode step (the regime cache-aware and speculative routing are made for, and where
 misses per token mean what they mean in generation). Perplexity covers every predicted token; TPOT
-is the median wall time of one step. A multiple-choice item is scored like a prompt: its context
-but the last token in one prefill, then decode steps for the last context token and each choice
-(on the context's KV cache, cropped back after each choice). Adaptive
-gating is calibrated once (calibration.py) on text held out from what is scored.
+is the median wall time of one step. Settings advance round-robin, chunk by chunk, so a shared
+machine's changing load falls on all of them alike. A multiple-choice item is scored like a
+prompt: the context but its last token in one prefill, then decode steps for the last context
+token and each choice. Adaptive gating is calibrated once on text held out from what is scored.
 
 Results are a dataclass written to JSON; the markdown table and the PNG plot are views of it.
 """
@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -95,25 +96,35 @@ def _step(model, token: int, past) -> torch.Tensor:
     return model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True).logits[0, -1].double()  # [V]
 
 
+def _decode_chunk(model, chunk: list[int]) -> tuple[float, int, list[float]]:
+    """Feed chunk[:-1] one decode step at a time on a fresh KV cache; (nll of chunk[1:], tokens, step seconds)."""
+    from transformers import DynamicCache
+
+    past = DynamicCache(config=model.config)
+    nll, times = 0.0, []
+    for i in range(len(chunk) - 1):
+        t0 = time.perf_counter()
+        logits = _step(model, chunk[i], past)
+        times.append(time.perf_counter() - t0)
+        nll -= float(torch.log_softmax(logits, -1)[chunk[i + 1]])
+    return nll, len(chunk) - 1, times
+
+
+def _chunks(ids: list[int], window: int) -> list[list[int]]:
+    """Chunks of window + 1 tokens overlapping by one, so ids[1:] are each predicted once."""
+    return [ids[b : b + window + 1] for b in range(0, len(ids) - 1, window)]
+
+
 @torch.inference_mode()
-def decode_perplexity(model, ids: list[int], *, window: int, on_step=None) -> tuple[float, int, list[float]]:
+def decode_perplexity(model, ids: list[int], *, window: int) -> tuple[float, int, list[float]]:
     """Perplexity of `ids` scored one decode step at a time: chunks of `window` steps, each on a
     fresh KV cache, predict ids[1:] once each (quality.perplexity with window + 1, stride window).
     Returns (perplexity, tokens scored, seconds per step)."""
-    from transformers import DynamicCache
-
     nll, scored, times = 0.0, 0, []
-    for begin in range(0, len(ids) - 1, window):
-        chunk = ids[begin : begin + window + 1]
-        past = DynamicCache(config=model.config)
-        for i in range(len(chunk) - 1):
-            t0 = time.perf_counter()
-            logits = _step(model, chunk[i], past)
-            times.append(time.perf_counter() - t0)
-            nll -= float(torch.log_softmax(logits, -1)[chunk[i + 1]])
-            scored += 1
-            if on_step is not None:
-                on_step()
+    for chunk in _chunks(ids, window):
+        n_nll, n, t = _decode_chunk(model, chunk)
+        nll, scored = nll + n_nll, scored + n
+        times += t
     return math.exp(nll / scored), scored, times
 
 
@@ -144,37 +155,59 @@ def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> 
     return scores
 
 
-def measure(engine, ids: list[int], mc_items: list[dict], *, window: int, progress=None) -> dict:
-    """One setting's figures on a fresh engine."""
-    from .quality import ActivationCounter
+class SettingRun:
+    """One setting's engine and running figures. The sweep advances every setting chunk by chunk
+    (round-robin), so drifting machine load falls on all settings alike; each engine's cache and
+    counters carry on from chunk to chunk exactly as in a run of its own."""
 
-    counter = ActivationCounter()
-    engine.context.observers.append(counter)
-    engine.reset_stats()
-    try:
-        ppl, scored, times = decode_perplexity(engine.model, ids, window=window, on_step=progress)
-    finally:
-        engine.context.observers.remove(counter)
-    s = engine.stats()
-    fwd = max(counter.tokens, 1)
-    correct = 0
-    for item in mc_items:
-        scores = decode_choice_scores(engine.model, engine.tokenizer, item["context"], item["choices"])
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
-        if progress is not None:
-            progress()
-    return dict(
-        perplexity=ppl,
-        accuracy=correct / len(mc_items) if mc_items else None,
-        experts_per_token=counter.activations / fwd,
-        misses_per_token=s["misses"] / fwd,
-        bytes_read_per_token=s["bytes_read"] / fwd,
-        tpot_ms=1000 * statistics.median(times),
-        stall_ms_per_token=1000 * s["stall_seconds"] / fwd,
-        hit_rate=s["hit_rate"],
-        tokens=scored,
-        mc_items=len(mc_items),
-    )
+    def __init__(self, setting: Setting, engine) -> None:
+        from .quality import ActivationCounter
+
+        self.setting, self.engine = setting, engine
+        self.counter = ActivationCounter()
+        engine.context.observers.append(self.counter)
+        engine.reset_stats()
+        self.nll, self.scored, self.times = 0.0, 0, []
+        self.correct, self.items, self.seconds = 0, 0, 0.0
+        self.text_stats: dict | None = None
+
+    @torch.inference_mode()
+    def chunk(self, chunk: list[int]) -> None:
+        t0 = time.perf_counter()
+        nll, n, times = _decode_chunk(self.engine.model, chunk)
+        self.nll, self.scored = self.nll + nll, self.scored + n
+        self.times += times
+        self.seconds += time.perf_counter() - t0
+
+    def end_text(self) -> None:
+        """The perplexity pass is over: its counters are the table's cost figures."""
+        self.engine.context.observers.remove(self.counter)
+        self.text_stats = self.engine.stats()
+
+    def item(self, item: dict) -> None:
+        t0 = time.perf_counter()
+        scores = decode_choice_scores(self.engine.model, self.engine.tokenizer, item["context"], item["choices"])
+        self.correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        self.items += 1
+        self.seconds += time.perf_counter() - t0
+
+    def row(self) -> Row:
+        s, fwd = self.text_stats, max(self.counter.tokens, 1)
+        return Row(
+            policy=self.setting.policy, knob=self.setting.knob, value=self.setting.value,
+            protect_top=self.setting.protect_top,
+            perplexity=math.exp(self.nll / self.scored),
+            accuracy=self.correct / self.items if self.items else None,
+            experts_per_token=self.counter.activations / fwd,
+            misses_per_token=s["misses"] / fwd,
+            bytes_read_per_token=s["bytes_read"] / fwd,
+            tpot_ms=1000 * statistics.median(self.times),
+            stall_ms_per_token=1000 * s["stall_seconds"] / fwd,
+            hit_rate=s["hit_rate"],
+            tokens=self.scored,
+            mc_items=self.items,
+            seconds=self.seconds,
+        )
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -234,22 +267,29 @@ def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_item
     with Engine(replace(base_config, routing="exact")) as engine:  # warm-up: imports, kernels, file handles
         decode_perplexity(engine.model, text_ids[: WARMUP_STEPS + 1], window=window)
     todo = settings(policies, drops=drops, lambdas=lambdas, ranks=ranks, protect_tops=protect_tops, calibrations=calibrations)
-    steps_per_setting = len(text_ids) - 1 + len(mc_items)  # decode steps + items
+    chunks = _chunks(text_ids, window)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps_per_setting * len(todo), unit="step", desc="tradeoff")
+        bar = tqdm(total=(len(text_ids) - 1 + len(mc_items)) * len(todo), unit="step", desc="tradeoff")
     try:
-        for s in todo:
-            if bar is not None:
-                bar.set_postfix_str(s.label)
-            t0 = time.perf_counter()
-            cfg = replace(base_config, routing=s.policy, **dict(s.overrides))
-            with Engine(cfg) as engine:
-                figures = measure(engine, text_ids, mc_items, window=window, progress=bar.update if bar else None)
-            result.rows.append(Row(policy=s.policy, knob=s.knob, value=s.value, protect_top=s.protect_top, seconds=time.perf_counter() - t0, **figures))
-            log.info("%s: %s", s.label, figures)
+        with ExitStack() as stack:
+            runs = [SettingRun(s, stack.enter_context(Engine(replace(base_config, routing=s.policy, **dict(s.overrides)))))
+                    for s in todo]
+            for chunk in chunks:
+                for r in runs:
+                    r.chunk(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk) - 1)
+            for r in runs:
+                r.end_text()
+            for item in mc_items:
+                for r in runs:
+                    r.item(item)
+                    if bar is not None:
+                        bar.update(1)
+            result.rows = [r.row() for r in runs]
     finally:
         if bar is not None:
             bar.close()

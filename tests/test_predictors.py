@@ -117,6 +117,21 @@ def test_every_predictor_exact_with_every_policy_under_pressure(name, policy, mo
     assert (stats["prefetch_issued"] > 0) == (name != "none")
 
 
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    d = make_checkpoint(tmp_path_factory.mktemp("bf16") / "m", "mixtral", num_experts=8, top_k=2, num_layers=4, dtype=torch.bfloat16)
+    return d, reference_outputs(d, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", sorted(PREDICTORS))
+def test_every_predictor_exact_in_bf16(name, model_dir, bf16_model):
+    """A bf16 checkpoint of the same shape, using the fp32 model's predictor files (--predictor)."""
+    d, ref16 = bf16_model
+    path = str(default_path(model_dir, name)) if name in TRAINED else None
+    stats = _run_exact(d, ref16, prefetch=name, budget=_budget(d, 3), predictor=path)
+    assert (stats["prefetch_issued"] > 0) == (name != "none")
+
+
 def test_prefetch_max_caps_decode_guesses_and_stays_exact(model_dir, ref):
     capped = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1, prefetch_max=1)
     full = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1)
@@ -160,12 +175,12 @@ def test_untrained_learned_net_is_next_gate_and_training_moves_it():
 
 
 def test_history_votes_with_decay_at_the_target_layer():
-    p = HistoryPredictor(layers=[0, 1], depth=1, window=3, decay=0.5)
+    p = HistoryPredictor(layers=[0, 1], top_k=3, depth=1, window=3, decay=0.5)
     assert p.predict(0, torch.zeros(1, 4), None) == []  # nothing seen yet at layer 1
     for ids in ([0, 1], [0, 2], [2, 3], [5, 6]):  # the oldest falls out of the window
         p.observe(1, None, None, None, torch.tensor([ids]))
     # votes: [5,6] 1 each; [2,3] 0.5 each; [0,2] 0.25 each -> 2: 0.75, 0: 0.25
-    assert p.predict(0, torch.zeros(1, 4), None) == [(1, [5, 6, 2, 3, 0])]
+    assert p.predict(0, torch.zeros(1, 4), None) == [(1, [5, 6, 2])]  # the top 3 of 5, 6, 2, 3, 0
     p.observe(1, None, None, None, torch.tensor([[-1, 7]]))  # a dropped slot is no vote
     assert p.scores(1)[7] == 1.0 and -1 not in p.scores(1)
 
@@ -232,6 +247,22 @@ def test_wrong_guess_never_evicts_an_expert_of_the_layers_it_looks_over(model_di
         assert (1, 0) in cache.core.entries
         cache.release(running)
         assert eng.stats()["layers"]["1"]["prefetch_issued"] == 1
+
+
+def test_a_guess_counts_in_the_policy_only_when_used(model_dir):
+    """LFU keeps touch counts for the whole run: a wrong guess must add none, a used one one."""
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered", cache_policy="lfu") as eng:
+        cache, policy = eng.cache, eng.cache.core.policy
+        cache.prefetch([(1, 5), (1, 6)])
+        for eid in ((1, 5), (1, 6)):
+            cache.core.entries[eid].task.event.wait()
+        assert (1, 5) not in policy._count and (1, 6) not in policy._count
+        cache.preempt(1, [6])  # layer 1 runs and needs 6: 5 was a wrong guess
+        cache.release(cache.acquire(1, [6]))
+        assert (1, 5) not in policy._count and policy._count[(1, 6)] == 1
+        assert cache.core.choose_victim((2, 0)) == (1, 5)  # the wrong guess goes first
+        s = eng.stats()
+        assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_wasted"]) == (2, 1, 1)
 
 
 def test_arrival_key_orders_ready_then_running_then_queue_order(model_dir):
@@ -325,3 +356,40 @@ def test_eval_predictors_json(model_dir, tmp_path, capsys):
         assert r["pairs"] == 30 * (4 - d) or name == "history"  # history has no guess before it has seen a token
         assert 0 <= r["recall"] <= 1
     assert rows[("next-gate", 1)]["precision"] == rows[("next-gate", 1)]["recall"]  # k guesses for k routed
+
+
+def test_prefetch_benchmark_report_structure():
+    """benchmarks/prefetch.py: rows aggregate rounds by median, ratios per round, and the markdown
+    table is a view of the JSON report (the benchmark itself is run by hand, not timed here)."""
+    import importlib.util
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_prefetch", Path(__file__).parents[1] / "benchmarks" / "prefetch.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(bench)
+
+    def run(seconds, issued, used):
+        stats = {"hit_rate": 0.5, "bytes_read": 3 << 20, "stall_seconds": 0.1, "peak_rss_bytes": 100 << 20, "lookups": 10,
+                 "prefetch_issued": issued, "prefetch_used": used, "prefetch_wasted": issued - used, "prefetch_cancelled": 0,
+                 "expert_bytes": 1 << 20, "layers": {"1": {"lookups": 10, "prefetch_issued": issued, "prefetch_used": used}}}  # fmt: skip
+        from expertcache.predictors.evaluate import prefetch_metrics
+
+        return {"seconds": seconds, "stats": stats, "metrics": prefetch_metrics(stats)}
+
+    none = [run(0.010, 0, 0), run(0.012, 0, 0), run(0.011, 0, 0)]
+    guess = [run(0.006, 4, 3), run(0.009, 4, 3), run(0.011, 4, 2)]
+    ratios = [g["seconds"] / n["seconds"] for g, n in zip(guess, none)]
+    row = bench._row("decode", "50%", "next-gate", 1, guess, ratios)
+    assert row.seconds == 0.009 and row.ratio_vs_none == pytest.approx(0.75)
+    assert row.precision == 0.75 and row.wasted_mib == 1.0 and row.useful_mib == 3.0
+    assert row.layers["1"]["precision"] == 0.5  # the last round's per-layer figures
+    base = bench._row("decode", "50%", "none", 1, none, [1.0, 1.0, 1.0])
+    rep = bench.Report(model="m", tokens=8, prefill_tokens=16, rounds=3, depth=1, io="direct", torch_threads=1,
+                       decode=[base, row], prefill=[base, row], best_decode_50={"prefetch": "next-gate", "ratio": 0.75},
+                       prefill_ratio=0.75, targets={"decode_50_at_most_0.8": True, "prefill_at_most_0.8": True}, seconds=1.0)  # fmt: skip
+    assert json.loads(json.dumps(asdict(rep)))["decode"][1]["prefetch"] == "next-gate"
+    md = bench.markdown(rep)
+    assert "| 50% | next-gate | 9.00 | 0.75 |" in md and "target <= 0.8: met" in md

@@ -278,6 +278,17 @@ def test_calibrate_writes_loadable_thresholds_and_adaptive_gating_activates_fewe
     assert gated.perplexity != exact.perplexity
 
 
+def test_calibrate_to_a_perplexity_budget_stays_within_it(tok_model, text_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    argv = ["calibrate", "--model", str(tok_model), "--text", str(text_file), "--max-ppl-increase", "0.02",
+            "--window", "32", "--out", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["max_ppl_increase"] == 0.02
+    assert record["perplexity"] <= record["perplexity_exact"] * 1.02
+    assert 0 <= record["target_drop"] < 0.5
+
+
 def test_calibration_for_another_model_is_refused(tok_model, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"routing": "adaptive-gating", "top_k": 2, "layers": {"0": {"threshold": 0.1}}}))

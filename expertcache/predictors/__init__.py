@@ -91,7 +91,7 @@ PREDICTORS: dict[str, Callable[..., Predictor]] = {
     "default-vector": _default_vector,
     "estimator": _estimator,
     "learned": _learned,
-    "history": lambda **kw: HistoryPredictor(layers=sorted(kw["routers"]), depth=kw.get("depth", 1)),
+    "history": lambda **kw: HistoryPredictor(layers=sorted(kw["routers"]), top_k=kw["top_k"], depth=kw.get("depth", 1)),
 }
 
 

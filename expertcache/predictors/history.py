@@ -2,8 +2,9 @@
 
 Tokens near each other reuse experts (REFERENCES.md, Lessons: previous-token reuse covers 35-45%
 of routed slots on Qwen3-class models), so the guess for layer l+d is the experts that the last
-`window` tokens routed to at l+d, each counted with weight decay**age. Needs no calibration and no
-view of the hidden state; it cannot guess anything before the first token of a layer is seen.
+`window` tokens routed to at l+d, each counted with weight decay**age; the top_k most voted are
+the guess (as many as a token routes to, like every predictor's guess for one token). Needs no
+calibration and no view of the hidden state; it cannot guess a layer before it has seen a token there.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ DEFAULT_DECAY = 0.7  # weight of a token's vote per step of age: the latest toke
 class HistoryPredictor:
     name = "history"
 
-    def __init__(self, *, layers: list[int], depth: int = 1, window: int = DEFAULT_WINDOW, decay: float = DEFAULT_DECAY) -> None:
+    def __init__(
+        self, *, layers: list[int], top_k: int, depth: int = 1, window: int = DEFAULT_WINDOW, decay: float = DEFAULT_DECAY
+    ) -> None:
         if window < 1 or not 0 < decay <= 1:
             raise ValueError(f"history needs window >= 1 and decay in (0, 1], got {window}, {decay}")
         self._ahead = Lookahead(layers, depth)
         self._decay = decay
+        self._top_k = top_k
         self._recent: dict[int, deque[list[int]]] = {l: deque(maxlen=window) for l in layers}  # newest last
 
     def observe(self, layer: int, x, logits, weights, ids: torch.Tensor) -> None:
@@ -48,7 +52,7 @@ class HistoryPredictor:
         for _, target in self._ahead.targets(layer):
             votes = self.scores(target)
             if votes:
-                out.append((target, sorted(votes, key=lambda e: (-votes[e], e))))
+                out.append((target, sorted(votes, key=lambda e: (-votes[e], e))[: self._top_k]))
         return out
 
     def reset(self) -> None:
