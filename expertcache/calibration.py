@@ -185,7 +185,7 @@ def read_ids(engine, text: Path, max_tokens: int | None) -> list[int]:
         raw = Path(text).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise ExpertCacheError(f"{text}: cannot read ({e.strerror or e})") from None
-    ids = list(engine.tokenizer.encode(raw))
+    ids = engine.encode(raw)  # after the BOS token, as quality.evaluate encodes text
     return ids[:max_tokens] if max_tokens is not None else ids
 
 

@@ -1,16 +1,20 @@
 """Hardware profiles for the simulator's cost model: how fast experts move and layers compute.
 
-A profile is a link (sustained read bandwidth plus a fixed latency per expert read) and the
-compute time of one sparse layer for one decode token. Presets describe typical machines; the
-"measured" profile is calibrated here, on this machine, by timing the ExpertStore's own reads
-(O_DIRECT by default) of a checkpoint's experts and the engine's decode steps.
+A profile is a link (sustained read bandwidth plus a fixed latency per expert read), the
+compute time of one sparse layer for one decode token, and the compute time each read adds
+(`read_cpu_seconds`: the eviction, submission, reader-thread and waiter wake-ups, computing on
+freshly read weights, on a CPU host; 0 in the presets, whose reads are DMA that costs the compute
+nothing). Presets describe
+typical machines; the "measured" profile is calibrated here, on this machine, by timing the
+ExpertStore's own reads (O_DIRECT by default) of a checkpoint's experts and the engine's decode
+steps.
 
 Cost model (simulate.py), per MoE layer call that misses n experts totalling B bytes:
     load    = n * latency + B / bandwidth
-    time    = compute + load - overlap * min(compute, load)
+    time    = compute + n * read_cpu + load - overlap * min(compute, load)
 overlap 0 is demand loading (the layer waits for its misses, then computes); overlap 1 hides
 loads behind one layer's compute (perfect prefetch). Time per output token = decode time /
-decode tokens.
+decode tokens. A prefetch replay (timeline.py) times its reads on the same link instead.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import ExpertCacheError
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 
 MEASURE_READS = 48  # experts loaded (and first blocks read) to calibrate the per-load fixed cost
 MEASURE_SPAN_BYTES = 256 * 2**20  # most bytes of the one long read that calibrates bandwidth
-MEASURE_STEPS = 16  # decode steps timed to calibrate compute (median)
+MEASURE_STEPS = 16  # decode steps timed to calibrate compute (mean), and forward pairs for the miss cost
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Hardware:
     bandwidth_bytes_per_s: float  # sustained reads from the slow tier into expert slots
     latency_seconds: float  # fixed cost per expert read (request setup, command latency)
     layer_compute_seconds: float  # one decode token through one sparse layer (attention + experts)
+    read_cpu_seconds: float = 0.0  # compute time one expert read takes from the computation beside it
 
     def load_seconds(self, reads: int, nbytes: int) -> float:
         return reads * self.latency_seconds + nbytes / self.bandwidth_bytes_per_s
@@ -45,10 +50,10 @@ class Hardware:
         """One layer call: compute plus the loads of its misses, `overlap` of them hidden."""
         load = self.load_seconds(reads, nbytes) if reads else 0.0
         c = self.layer_compute_seconds
-        return c + load - overlap * min(c, load)
+        return c + reads * self.read_cpu_seconds + load - overlap * min(c, load)
 
     def with_compute(self, seconds: float) -> "Hardware":
-        return Hardware(self.name, self.description, self.bandwidth_bytes_per_s, self.latency_seconds, seconds)
+        return replace(self, layer_compute_seconds=seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,10 +87,16 @@ def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STE
 
     Link, through the ExpertStore's own reads (O_DIRECT unless the filesystem refuses it): the
     bandwidth comes from one long read over the experts of the largest file (at most
-    MEASURE_SPAN_BYTES); the latency is the fixed cost of one expert load as the engine pays it:
-    `reads` experts loaded one by one through the engine's Loader (submitted, read on a reader
-    thread, the waiter woken), their mean time minus the transfer at that bandwidth, and never
-    less than one aligned block read per part (the device's own latency, median). Compute: every
+    MEASURE_SPAN_BYTES); the latency is the fixed cost of one expert load as the engine pays it.
+    When the cache holds every expert it comes from demand misses in decode forwards: each
+    forward is run with every expert resident and again with one routed expert per layer evicted
+    and the cache kept full (so a miss evicts, as in a run; prefetch off); per miss, the time the
+    forward waited for it, less its transfer at that bandwidth, is the latency, and the rest of
+    the time it added (the eviction, the submission, wake-ups, computing on freshly read
+    weights) is `read_cpu`, charged to every read. Otherwise
+    `reads` experts are loaded one by one through the engine's Loader (submitted, read on a
+    reader thread, the waiter woken): their mean time minus the transfer, and never less than one
+    aligned block read per part (the device's own latency, median). Compute: every
     expert is made resident first (when the cache holds them all), then `steps` decode forwards
     are timed after a warm-up, minus any time they waited on expert loads; the mean, divided by
     the sparse layers. Means, not medians: the cost model adds these up, and on a shared machine
@@ -107,8 +118,13 @@ def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STE
 def _measure(engine, reads: int, steps: int) -> Hardware:
     latency, bandwidth = _measure_reads(engine.store, engine.checkpoint.experts, reads, threads=engine.config.io_threads)
     compute = _measure_compute(engine, steps) / len(engine.checkpoint.sparse_layers)
+    read_cpu = 0.0
+    miss = _measure_miss(engine, steps)
+    if miss is not None:  # a demand miss as the engine pays it: its wait, and the compute it adds
+        wait, read_cpu = miss
+        latency = max(wait - engine.checkpoint.expert_bytes / bandwidth, 0.0)
     desc = f"measured on this machine: {engine.store.io_effective} reads of {engine.checkpoint.model_dir}"
-    return Hardware("measured", desc, bandwidth, latency, compute)
+    return Hardware("measured", desc, bandwidth, latency, compute, read_cpu)
 
 
 def _measure_reads(store, experts: dict, n: int, *, threads: int = 2) -> tuple[float, float]:
@@ -175,6 +191,66 @@ def _measure_compute(engine, steps: int) -> float:
             if i:  # the first decode step warms kernels and the cache
                 times.append(max(dt, 0.0))
     return statistics.mean(times)
+
+
+def _measure_miss(engine, steps: int) -> tuple[float, float] | None:
+    """(wait, other compute) one demand miss adds to a decode forward, as the engine pays it:
+    `steps` times, a forward with every expert resident, then the same forward again (the KV
+    cache cropped back) with one of its routed experts per layer evicted and no free slot left,
+    prefetch off for both; per miss, the mean time waited (the engine's stall counter) and the
+    mean of the rest of the difference (at least 0). None when the cache cannot hold every
+    expert."""
+    import torch
+    from transformers import DynamicCache
+
+    if not _make_resident(engine):
+        return None
+    model, ctx, core = engine.model, engine.context, engine.cache.core
+    vocab = int(model.config.vocab_size)
+    past = DynamicCache(config=model.config)
+    routed: dict[int, int] = {}
+
+    def note(layer, x, logits, weights, ids) -> None:
+        routed[layer] = int(ids.reshape(-1)[0])
+
+    enabled, ctx.prefetch_enabled = ctx.prefetch_enabled, False
+    waits, others = [], []
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            for i in range(steps):
+                _make_resident(engine)
+                token = torch.tensor([[(3 + i) % vocab]])
+                pos = past.get_seq_length()
+                ctx.observers.append(note)
+                try:
+                    t0 = time.perf_counter()
+                    model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                    quiet = time.perf_counter() - t0
+                finally:
+                    ctx.observers.remove(note)
+                past.crop(pos - past.get_seq_length())  # drop the token again (transformers 5: a negative count)
+                for layer, e in routed.items():
+                    if (layer, e) in core.entries:
+                        core.remove((layer, e))
+                reserved, core.free = core.free, []  # a full cache: each miss evicts
+                misses0, stall0 = engine.stats_.misses, engine.stats_.stall_seconds
+                try:
+                    t0 = time.perf_counter()
+                    model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                    busy = time.perf_counter() - t0
+                finally:
+                    core.free.extend(reserved)
+                misses, stall = engine.stats_.misses - misses0, engine.stats_.stall_seconds - stall0
+                if misses:
+                    waits.append(stall / misses)
+                    others.append((busy - quiet - stall) / misses)
+    finally:
+        ctx.prefetch_enabled = enabled
+    _make_resident(engine)
+    if not waits:
+        return None
+    return statistics.mean(waits), max(statistics.mean(others), 0.0)
 
 
 def _make_resident(engine) -> bool:

@@ -87,6 +87,7 @@ class Replay:
     bytes_read: int = 0
     decode_loads: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (reads, bytes) per decode call
     decode_seconds: list[float] | None = field(default=None, repr=False)  # per decode call, from a timed (prefetch) replay
+    decode_waits: list[float] | None = field(default=None, repr=False)  # ...of which waiting for loads
     hardware: Hardware | None = None  # the profile a timed replay ran on
     prefetch: dict | None = None  # prefetch counters of a prefetch replay (as the engine's stats)
 
@@ -240,12 +241,13 @@ def _replay_timed(core, calls, stream: Stream, hardware: Hardware, out: Replay) 
     from .timeline import TimedCache
 
     sim = TimedCache(core, hardware, stream.expert_bytes)
-    out.decode_seconds, out.hardware = [], hardware
+    out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware
     for step, waves in calls:
         res = sim.call(step.layer, waves, step.guesses, timed=step.decode)
         out._count(step.decode, res.hits, res.misses, res.miss_bytes)
         if step.decode:
             out.decode_seconds.append(res.seconds)
+            out.decode_waits.append(res.wait_seconds)
     c = sim.counters
     out.bytes_read = c.bytes_read  # demand and speculative reads (cancelled guesses are never read)
     out.prefetch = {k: getattr(c, k) for k in ("prefetch_issued", "prefetch_used", "prefetch_late",
@@ -346,8 +348,6 @@ def replay(
         raise BudgetError(f"budget {budget_bytes} must be positive")
     if allocation not in ALLOCATIONS:
         raise ExpertCacheError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if mode == "reference":
-        return _replay_reference(stream, policy, budget_bytes, allocation, seed)
     if prefetch:
         if mode != "engine":
             raise ExpertCacheError("prefetch is replayed in engine mode only (the reference accounting has no prefetch)")
@@ -355,6 +355,8 @@ def replay(
             raise ExpertCacheError("the trace has no recorded prefetch guesses: record it with a --prefetch predictor on")
         if hardware is None:
             raise ExpertCacheError("a prefetch replay needs a hardware profile (its loads are timed)")
+    if mode == "reference":
+        return _replay_reference(stream, policy, budget_bytes, allocation, seed)
     if mode == "engine":
         return _replay_engine(stream, policy, budget_bytes, allocation, seed, hardware, prefetch)
     raise ExpertCacheError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")

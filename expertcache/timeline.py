@@ -9,9 +9,10 @@ Timing model, for decode calls (prefill is not timed: its loads are taken to lan
   before queued speculative ones (a late guess the call needs is promoted); a started read runs
   to its end (the engine's chunk-level yield is not modelled);
 - the call waits until every expert it needs has arrived, then computes for the profile's
-  `layer_compute_seconds`; the next call starts then. A guess made at layer l therefore loads
-  behind layer l's own demand reads and compute, and what is left of it when layer l+1 routes
-  is waited for;
+  `layer_compute_seconds`, plus `read_cpu_seconds` for each read it submitted (demand or guess:
+  the compute a read beside it takes); the next call starts then. A guess made at layer l
+  therefore loads behind layer l's own demand reads and compute, and what is left of it when
+  layer l+1 routes is waited for;
 - at s, finished reads are ready (a loading entry cannot be evicted, as in the engine) and the
   call's own guesses still queued and not needed are cancelled (never read).
 With no guesses a call costs compute + the serial loads of its misses: hardware.py's overlap 0.
@@ -128,6 +129,7 @@ class TimedCache:
     reads: dict[ExpertId, Read] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     clock: float = 0.0
+    predicted: set[int] = field(default_factory=set)  # layers some guess has targeted (the engine's context.predictions)
 
     def call(self, layer: int, waves: list[tuple[ExpertId, ...]], guesses, *, timed: bool) -> CallResult:
         """One MoE layer call: preempt, then per wave acquire (and, first wave, prefetch), wait,
@@ -139,7 +141,7 @@ class TimedCache:
         s = self.clock
         self._settle(s)
         self._preempt(layer, {e for w in waves for _, e in w})
-        hits0, misses0 = c.hits, c.misses
+        hits0, misses0, issued0 = c.hits, c.misses, c.prefetch_issued
         waited = 0.0
         for i, wave in enumerate(waves):
             waits = self._acquire(layer, wave, s + waited, timed)
@@ -151,7 +153,9 @@ class TimedCache:
         if not timed:
             self._land_everything()
         misses = c.misses - misses0
-        seconds = waited + self.hardware.layer_compute_seconds if timed else 0.0
+        reads = misses + c.prefetch_issued - issued0
+        hw = self.hardware
+        seconds = waited + hw.layer_compute_seconds + reads * hw.read_cpu_seconds if timed else 0.0
         self.clock = s + seconds
         return CallResult(c.hits - hits0, misses, misses * self.expert_bytes[layer], waited, seconds)
 
@@ -257,9 +261,13 @@ class TimedCache:
     def _prefetch(self, layer: int, guesses, now: float, timed: bool) -> None:
         core = self.core
         eids = [(t, e) for t, experts in guesses for e in experts]
+        self.predicted.update(t for t, _ in guesses)
         if not eids:
             return
+        # as OffloadedMoE._prefetch: the running and skipped-over layers, and layers no guess ever
+        # targets (only a demand miss brings their experts back), keep their resident experts
         keep = set(range(layer, max(t for t, _ in guesses) + 1))
+        keep.update(l for l, _ in core.entries if l not in self.predicted)
         protect = set(eids) | {e for e in core.entries if e[0] in keep}
         for eid in eids:
             if eid in core.entries:

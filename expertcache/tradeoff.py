@@ -135,7 +135,9 @@ def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> 
     routes every position that predicts a choice token)."""
     from transformers import DynamicCache
 
-    ctx = list(tokenizer.encode(context))
+    from .engine import encode_text
+
+    ctx = encode_text(tokenizer, context)  # as quality.choice_scores encodes it
     past = DynamicCache(config=model.config)
     if len(ctx) > 1:
         model(input_ids=torch.tensor([ctx[:-1]]), past_key_values=past, use_cache=True, logits_to_keep=1)

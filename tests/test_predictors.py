@@ -172,6 +172,9 @@ def test_untrained_learned_net_is_next_gate_and_training_moves_it():
     p = LearnedPredictor(nets={(1, 0): net}, layers=[0, 1], top_k=2, depth=1)
     gate = NextGatePredictor(routers={0: router, 1: router}, top_k=2)
     assert p.predict(0, x[:1], None) == gate.predict(0, x[:1], None)
+    with torch.no_grad():
+        net.fc2.weight.normal_()  # a trained net: the predictor's fused form computes the same scores
+    torch.testing.assert_close(LearnedPredictor(nets={(1, 0): net}, layers=[0, 1], top_k=2).scores(1, 0, x), net(x))
 
 
 def test_history_votes_with_decay_at_the_target_layer():
@@ -387,9 +390,9 @@ def test_prefetch_benchmark_report_structure():
     assert row.precision == 0.75 and row.wasted_mib == 1.0 and row.useful_mib == 3.0
     assert row.layers["1"]["precision"] == 0.5  # the last round's per-layer figures
     base = bench._row("decode", "50%", "none", 1, none, [1.0, 1.0, 1.0])
-    rep = bench.Report(model="m", tokens=8, prefill_tokens=16, rounds=3, depth=1, io="direct", torch_threads=1,
-                       decode=[base, row], prefill=[base, row], best_decode_50={"prefetch": "next-gate", "ratio": 0.75},
+    rep = bench.Report(model="m", tokens=8, prefill_tokens=16, rounds=3, depths=[1], io="direct", torch_threads=1,
+                       decode=[base, row], prefill=[base, row], best_decode_50={"prefetch": "next-gate", "depth": 1, "ratio": 0.75},
                        prefill_ratio=0.75, targets={"decode_50_at_most_0.8": True, "prefill_at_most_0.8": True}, seconds=1.0)  # fmt: skip
     assert json.loads(json.dumps(asdict(rep)))["decode"][1]["prefetch"] == "next-gate"
     md = bench.markdown(rep)
-    assert "| 50% | next-gate | 9.00 | 0.75 |" in md and "target <= 0.8: met" in md
+    assert "| 50% | next-gate | 1 | 9.00 | 0.75 |" in md and "target <= 0.8: met" in md

@@ -40,6 +40,8 @@ class Lookahead:
 def rank(scores: torch.Tensor, k: int) -> list[int]:
     """Experts in any token's top-k of `scores` [T, E], most often chosen first; ties go to the
     higher mean probability, so for one token the order is the scores' own."""
+    if scores.shape[0] == 1:  # a decode step: the token's own top-k, best first (the hot path: one op)
+        return scores[0].topk(k).indices.tolist()
     top = scores.topk(k, dim=-1).indices  # [T, k]
     counts = torch.bincount(top.flatten(), minlength=scores.shape[-1]).to(torch.float64)  # [E]
     prob = scores.double().softmax(dim=-1).mean(dim=0)  # [E], each < 1 unless one-hot

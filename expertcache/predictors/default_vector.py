@@ -64,7 +64,7 @@ class DefaultVectorPredictor:
         """sum_k w_k v[layer, e_k] + shared mean -> [T, H] (dropped slots, id -1, add nothing)."""
         v = self._vectors[layer]  # [E, H]
         w = weights.float() * (ids >= 0)  # [T, k]
-        return torch.einsum("tk,tkh->th", w, v[ids.clamp(min=0)]) + self._shared[layer]
+        return torch.baddbmm(self._shared[layer], w.unsqueeze(1), v[ids.clamp(min=0)]).squeeze(1)  # [T, H]
 
     def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:
         residual = self._residual.get(layer)
@@ -75,16 +75,18 @@ class DefaultVectorPredictor:
         weights, ids = routed
         source = layer
         out: Prediction = []
-        for _, target in self._ahead.targets(layer):
+        targets = self._ahead.targets(layer)
+        for i, (_, target) in enumerate(targets):
             r = r + self._moe_guess(source, weights, ids)  # [T, H]: guessed residual entering `target`
             norm = self._norms[target]
             guess = norm.forward(r.to(residual.dtype))  # [T, H]; forward(), not __call__: no hook fires
             w = self._routers[target]
             scores = F.linear(guess.to(w.dtype), w)  # [T, E]
             out.append((target, rank(scores, self._top_k)))
-            weights, ids = scores.float().softmax(dim=-1).topk(self._top_k, dim=-1)  # [T, k] each
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-            source = target
+            if i + 1 < len(targets):  # chain: the guessed routing of `target` feeds the next guess
+                weights, ids = scores.float().softmax(dim=-1).topk(self._top_k, dim=-1)  # [T, k] each
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+                source = target
         return out
 
     def close(self) -> None:

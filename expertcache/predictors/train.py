@@ -6,7 +6,8 @@ TinyStories train split). Pairs are (token's MoE input at layer l, the same toke
 MoE input at layer l+d), d = 1..depth in sparse layers.
 
     learned         an ExpertMLP per (l, d), started from layer l+d's router (= next-gate) and trained
-                    with a soft cross-entropy towards the true routing; the checkpoint with the best
+                    with a cross-entropy towards layer l+d's true router distribution (its routed set
+                    when the trace has no logits); the checkpoint with the best
                     validation recall is kept, so training never ends below its next-gate start
     estimator       A, b per (l, d) by ridge least squares: x[l+d] ~ x[l] A + b
     default-vector  per expert, its mean output over the calibration tokens routed to it (plus the
@@ -16,7 +17,6 @@ MoE input at layer l+d), d = 1..depth in sparse layers.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,12 @@ class TrainSettings:
     """How a learned predictor is trained (defaults suit a model of a few hundred hidden units)."""
 
     width: int = DEFAULT_WIDTH  # hidden units of each MLP
-    steps: int = 600  # optimiser steps per (layer, distance) net
+    steps: int = 1000  # optimiser steps per (layer, distance) net
     batch: int = 512  # token pairs per step
     lr: float = 1e-3  # Adam learning rate of the MLP part
-    skip_lr: float = 1e-4  # of the linear part (it starts at the router: move it gently)
-    hard_weight: float = 0.5  # target = this share on the routed set (uniform) + the rest on the router's softmax
+    skip_lr: float = 1e-3  # of the linear part (it starts at the router)
+    hard_weight: float = 0.0  # target = this share on the routed set (uniform) + the rest on the true router's
+    # softmax (distillation: the whole ranking, not just the top-k, measured best); traces without logits use the set
     val_fraction: float = 0.1  # pairs held out to pick the best checkpoint
     eval_every: int = 50  # steps between validation checks
     seed: int = 0
@@ -322,16 +323,17 @@ def text_documents(engine, path: str | Path | None, max_tokens: int | None = Non
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExpertCacheError(f"cannot read --text {path}: {getattr(e, 'strerror', None) or e}") from None
+    bos = getattr(engine.tokenizer, "bos_token_id", None)
     docs, total = [], 0
     for doc in split_documents(text):
-        ids: list[int] = []
+        ids: list[int] = [] if bos is None else [bos]  # as the engine encodes text (engine.encode_text)
         for para in doc.split("\n\n"):  # paragraph by paragraph: a corpus file may be one long document
             if max_tokens is not None and total >= max_tokens:
                 break
             piece = engine.tokenizer.encode(para + "\n\n", add_special_tokens=False, verbose=False)
             ids += piece
             total += len(piece)
-        if ids:
+        if len(ids) > (bos is not None):
             docs.append(ids)
         if max_tokens is not None and total >= max_tokens:
             break
