@@ -177,6 +177,21 @@ def test_untrained_learned_net_is_next_gate_and_training_moves_it():
     torch.testing.assert_close(LearnedPredictor(nets={(1, 0): net}, layers=[0, 1], top_k=2).scores(1, 0, x), net(x))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", None])  # None: a file from before activations were recorded (GELU)
+def test_learned_file_round_trip_keeps_the_activation(activation, tmp_path):
+    router = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    net = ExpertMLP.from_router(router, width=4, activation=activation or "gelu")
+    with torch.no_grad():
+        net.fc2.weight.normal_()
+    meta = {} if activation is None else {"activation": activation}
+    tensors = {f"d1.l0.{k}": v for k, v in net.state_dict().items()}
+    path = Artefact(kind="learned", model="m", sparse_layers=[0, 1], num_experts=8, hidden_size=16, top_k=2, depths=[1],
+                    tensors=tensors, meta=meta).save(tmp_path / "p.pt")  # fmt: skip
+    p = make_predictor("learned", routers={0: router, 1: router}, top_k=2, depth=1, path=str(path))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p.scores(1, 0, x), net(x))
+
+
 def test_history_votes_with_decay_at_the_target_layer():
     p = HistoryPredictor(layers=[0, 1], top_k=3, depth=1, window=3, decay=0.5)
     assert p.predict(0, torch.zeros(1, 4), None) == []  # nothing seen yet at layer 1

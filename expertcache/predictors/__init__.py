@@ -66,7 +66,8 @@ def _learned(**kw) -> LearnedPredictor:
         for l in layers[: len(layers) - d]:
             prefix = f"d{d}.l{l}."
             state = {k[len(prefix) :]: v for k, v in art.tensors.items() if k.startswith(prefix)}
-            net = ExpertMLP(hidden, num_experts, width=state["fc1.weight"].shape[0])
+            # files from before the activation was recorded were trained with GELU
+            net = ExpertMLP(hidden, num_experts, width=state["fc1.weight"].shape[0], activation=art.meta.get("activation", "gelu"))
             net.load_state_dict(state)
             nets[(d, l)] = net
     return LearnedPredictor(nets=nets, layers=layers, top_k=kw["top_k"], depth=depth)

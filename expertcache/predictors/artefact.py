@@ -8,7 +8,7 @@ with torch.load(weights_only=True): a dict of plain values and tensors, no pickl
      "tensors": {name: tensor}}
 Tensor names: default-vector "l{layer}.vectors" [E, H], "l{layer}.shared" [H]; estimator
 "d{d}.l{layer}.A" [H, H], "d{d}.l{layer}.b" [H]; learned "d{d}.l{layer}.{param}" (ExpertMLP's
-state dict). The default place is beside the model: MODEL/predictor-{kind}.pt (the checkpoint
+state dict; meta["activation"] names its nonlinearity). The default place is beside the model: MODEL/predictor-{kind}.pt (the checkpoint
 reader only reads *.safetensors, so the file is never mistaken for weights).
 """
 

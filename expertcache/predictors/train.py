@@ -26,7 +26,7 @@ import torch
 from ..errors import ExpertCacheError
 from ..trace import Recorder, Trace
 from .artefact import TRAINED_KINDS, Artefact, default_path
-from .learned import DEFAULT_WIDTH, ExpertMLP
+from .learned import DEFAULT_ACTIVATION, DEFAULT_WIDTH, ExpertMLP
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def train(
         tensors = fit_estimator(data, layers, depths)
     elif kind == "learned":
         tensors, meta["validation"] = fit_learned(data, layers, depths, routers, ckpt.top_k, settings, progress=progress)
+        meta["activation"] = DEFAULT_ACTIVATION
         meta["settings"] = {k: v for k, v in vars(settings).items()}
     else:
         tensors = fit_default_vectors(engine, data, layers)
