@@ -22,6 +22,7 @@ from expertcache.loader import CANCELLED, DEMAND, DONE, PREFETCH
 from expertcache.policies import make_policy
 from expertcache.stats import Stats
 from expertcache.store import ExpertStore
+from conftest import ReadGate as Gate
 
 TIMEOUT = 5.0
 
@@ -53,39 +54,6 @@ def tensors(model_dir) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
     sd = load_file(str(model_dir / "model.safetensors"))
     pre = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"
     return {(l, e): tuple(sd[pre.format(l, e, w)] for w in ("w1", "w3", "w2")) for l in range(2) for e in range(8)}
-
-
-class Gate:
-    """Holds every read of the store until released (per read) or opened (for good)."""
-
-    def __init__(self, store: ExpertStore) -> None:
-        self._real = store.read_chunk
-        self._cv = threading.Condition()
-        self._permits = 0
-        self._open = False
-        self.started: list[tuple[int, int]] = []
-        self.fail: dict[tuple[int, int], BaseException] = {}
-        store.read_chunk = self.read_chunk
-
-    def read_chunk(self, eid, chunk, slot):
-        with self._cv:
-            self.started.append(eid)
-            self._cv.notify_all()
-            assert self._cv.wait_for(lambda: self._open or self._permits > 0, TIMEOUT), "read held forever"
-            if not self._open:
-                self._permits -= 1
-        if eid in self.fail:
-            raise self.fail[eid]
-        self._real(eid, chunk, slot)
-
-    def wait_started(self, n: int) -> None:
-        with self._cv:
-            assert self._cv.wait_for(lambda: len(self.started) >= n, TIMEOUT), f"{n} reads never started"
-
-    def open(self) -> None:
-        with self._cv:
-            self._open = True
-            self._cv.notify_all()
 
 
 class Rig:
