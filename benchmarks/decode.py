@@ -31,7 +31,7 @@ configuration decodes the very same tokens.
 
 The measurement
 ---------------
-Every configuration runs in its own subprocess (so ru_maxrss is that configuration's peak RSS),
+Every configuration runs in its own subprocess (its VmHWM is that configuration's peak RSS),
 with 1 torch thread, OMP_NUM_THREADS=1, OMP_WAIT_POLICY=PASSIVE and io="direct" (O_DIRECT: the
 page cache never serves an expert). A throwaway configuration runs first (warm disk, CPU, imports);
 inside each subprocess a short warm-up generation (another prompt) precedes the measured one,
@@ -256,12 +256,11 @@ def drain(engine) -> None:
 def run_config(ckpt: str, budget: str, prefetch: str, tokens: int, warmup: int, seed: int = 0,
                prompt: list[int] | None = None, profile: str | None = None) -> dict:
     """Load, warm up, decode `tokens` tokens, report decode-phase figures and peak RSS."""
-    import resource
-
     import torch
 
     torch.set_num_threads(1)
     import expertcache
+    from expertcache.stats import peak_rss_bytes
 
     eng = expertcache.load(ckpt, expert_budget=budget, prefetch=prefetch, io="direct", num_threads=1)
     spec = CkptSpec(**{k: v for k, v in json.loads((Path(ckpt) / "spec.json").read_text()).items()})
@@ -329,7 +328,7 @@ def run_config(ckpt: str, budget: str, prefetch: str, tokens: int, warmup: int, 
         "stall_share": dec["stall_seconds"] / decode_seconds if decode_seconds > 0 else None,
         "bytes_identity": {"bytes_read": bytes_total, "expected": identity, "exact": bytes_total == identity},
         "top_half_expert_share": float(top_half),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),  # VmHWM: ru_maxrss would carry the driver's peak across exec
         "budget_bytes": eng.budget_bytes,
         "arena_bytes": eng.cache.arena.nbytes,
         "cache_slots": eng.cache.capacity,

@@ -4,6 +4,7 @@ latency (TTFT, TPOT) and peak memory, for the whole run and per layer."""
 from __future__ import annotations
 
 import resource
+import sys
 from dataclasses import asdict, dataclass, field
 
 
@@ -46,8 +47,22 @@ class Stats:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own memory since it started (exec).
+
+    On Linux this is VmHWM from /proc/self/status. Not getrusage's ru_maxrss: the kernel carries
+    ru_maxrss across exec, so a process started by a large parent (pytest, a notebook, a benchmark
+    driver) reports the parent's peak as its own; Python's subprocess forks with vfork, which
+    makes that the parent's whole peak. ru_maxrss is the fallback where /proc is absent.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024  # macOS reports bytes, Linux KiB
 
 
 def current_rss_bytes() -> int:

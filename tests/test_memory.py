@@ -1,7 +1,8 @@
 """Memory and I/O accounting on a checkpoint with 1.1 GB of experts, at a 10% expert budget.
 
-Each measurement runs in its own subprocess (ru_maxrss is per process, so every figure is that
-configuration's own peak) with io="direct" (O_DIRECT: the page cache never holds an expert, and
+Each measurement runs in its own subprocess and reads its peak from VmHWM (stats.peak_rss_bytes),
+so every figure is that configuration's own peak (ru_maxrss would not do: the kernel carries it
+across exec, and a child of this pytest process would report pytest's own peak) with io="direct" (O_DIRECT: the page cache never holds an expert, and
 page cache is not RSS anyway). The checkpoint is benchmarks/decode.py's (64 bf16 experts of
 17.3 MB, 56 MiB dense), built once and cached across runs under $EXPERTCACHE_BENCH_DIR or
 <tmp>/expertcache-bench, keyed by its parameters; the tests skip when the disk is too full.
@@ -38,13 +39,13 @@ OVERHEAD = 450 * 10**6  # bytes allowed above dense + budget
 MiB = 2**20
 
 WORKER = r"""
-import json, resource, sys, time
+import json, sys, time
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(1)
 import transformers  # the engine imports it anyway: part of the measured overhead
-import expertcache
+import expertcache, expertcache.stats
 eng = expertcache.load(args["ckpt"], expert_budget=args["budget"], prefetch=args["prefetch"], io="direct", num_threads=1)
 out = {"load_seconds": time.perf_counter() - t0, "tokens": 0}
 if args["tokens"]:
@@ -60,7 +61,7 @@ for k in ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "pref
     out[k] = s[k]
 out["dense_bytes"] = eng.checkpoint.dense_bytes
 out["arena_bytes"] = eng.cache.arena.nbytes
-out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out["peak_rss_bytes"] = expertcache.stats.peak_rss_bytes()
 eng.close()
 print(json.dumps(out))
 """
@@ -158,3 +159,21 @@ def test_peak_rss_and_bytes_read_at_10_percent(runs, prefetch):
         f"bytes read {r['bytes_read']} != (misses {r['misses']} + issued {r['prefetch_issued']} - cancelled "
         f"{r['prefetch_cancelled']}) x {r['expert_bytes']}"
     )
+
+
+def test_peak_rss_is_the_child_process_own():
+    """A process started by a large parent reports its own peak, not the parent's.
+
+    getrusage's ru_maxrss survives exec (and subprocess starts children with vfork), so a worker
+    launched from a pytest process that had grown to 550 MiB once reported 547 MiB for an engine
+    that used 435 MiB; stats.peak_rss_bytes reads VmHWM, which starts afresh at exec.
+    """
+    if not Path("/proc/self/status").exists():
+        pytest.skip("VmHWM needs Linux /proc")
+    ballast = bytearray(700 * MiB)
+    ballast[::4096] = b"\1" * (len(ballast) // 4096)  # touch every page: the parent's RSS grows by 700 MiB
+    code = "from expertcache.stats import peak_rss_bytes; print(peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    child = int(out.stdout.strip())
+    del ballast
+    assert 0 < child < 500 * MiB, f"child reports {child / MiB:.0f} MiB: the parent's peak leaked into it"
