@@ -21,7 +21,13 @@ reported. Decode: a warm-up generation on another prompt per engine, counters ze
 keeps what it loaded, as in steady serving), a 32-token prompt, then --tokens greedy steps; TPOT is
 the median step time. Exactness is checked on the way: every engine must decode the same tokens.
 Prefill: a warm-up prompt, then --prefill-prompts prompts of --prefill-tokens tokens; time to
-first token, median over prompts. Peak RSS is not reported (engines share a process; see
+first token, median over prompts.
+
+A checkpoint without a tokenizer (benchmarks/decode.py's 1 GB Mixtral-shaped one, random weights)
+gets a seeded stream of uniform random token ids instead of text, decodes by sampling (temperature
+1, one seeded generator per engine: a greedy random model falls into a loop of a few tokens, which
+would flatter every cache), and its predictor files are trained from a trace recorded on random-id
+documents (`expertcache train-predictor --trace`). Peak RSS is not reported (engines share a process; see
 benchmarks/decode.py). Writes <out>/prefetch.json and <out>/prefetch.md.
 """
 
@@ -76,6 +82,7 @@ class Report:
     prefill_ratio: float | None
     targets: dict  # {"decode_50_at_most_0.8": bool, "prefill_at_most_0.8": bool}
     seconds: float
+    sampled: bool = False  # no tokenizer: random-id prompts, sampled decoding
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,11 +116,21 @@ def worker(cfg: dict) -> dict:
     from expertcache.predictors.evaluate import prefetch_metrics
 
     torch.set_num_threads(1)
-    text = _valid_text()
     engines = {tuple(c): _engine(cfg, *c) for c in cfg["configs"]}
     names = list(engines)
     first = next(iter(engines.values()))
-    ids = first.encode(text[:200_000])  # after BOS, as the engine encodes text
+    sample = first.tokenizer is None  # a random-weight checkpoint: random ids in, sampled tokens out
+    if sample:
+        ids = random_ids(first.model.config.vocab_size, 200_000)
+    else:
+        ids = first.encode(_valid_text()[:200_000])  # after BOS, as the engine encodes text
+    gens = {n: torch.Generator().manual_seed(0) for n in names}
+
+    def pick(n, logits) -> int:
+        if not sample:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gens[n]))
     times: dict[tuple, list[float]] = {n: [] for n in names}
     try:
         with torch.inference_mode():
@@ -126,12 +143,12 @@ def worker(cfg: dict) -> dict:
                 nxt, decoded = {}, {n: [] for n in names}
                 for n in names:
                     out = engines[n].model(input_ids=prompt, past_key_values=past[n], use_cache=True, logits_to_keep=1)
-                    nxt[n] = int(out.logits[0, -1].argmax())
+                    nxt[n] = pick(n, out.logits[0, -1])
                 for step in range(cfg["tokens"]):
                     for n in names[step % len(names) :] + names[: step % len(names)]:
                         t0 = time.perf_counter()
                         out = engines[n].model(input_ids=torch.tensor([[nxt[n]]]), past_key_values=past[n], use_cache=True, logits_to_keep=1)
-                        nxt[n] = int(out.logits[0, -1].argmax())
+                        nxt[n] = pick(n, out.logits[0, -1])
                         times[n].append(time.perf_counter() - t0)
                         decoded[n].append(nxt[n])
                 assert len({tuple(d) for d in decoded.values()}) == 1, "configurations decoded different tokens: not exact"
@@ -154,10 +171,42 @@ def worker(cfg: dict) -> dict:
             eng.close()
 
 
-def _run_worker(cfg: dict) -> dict:
+def random_ids(vocab: int, n: int, seed: int = 1234) -> list[int]:
+    """A seeded stream of uniform random token ids (special ids 0-2 skipped), for checkpoints
+    without a tokenizer."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def record_worker(cfg: dict) -> dict:
+    """Record a calibration trace (routing, logits, hidden states) of random-id documents on a
+    checkpoint without a tokenizer; seeded apart from the benchmark's own stream."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from expertcache.config import EngineConfig
+    from expertcache.engine import Engine
+    from expertcache.predictors.train import record_calibration
+
+    torch.set_num_threads(1)
+    with Engine(EngineConfig(model=cfg["model"], expert_budget="100%", prefetch="none", io="buffered", num_threads=1)) as eng:
+        stream = random_ids(eng.model.config.vocab_size, cfg["tokens"], seed=98765)
+        docs = [stream[i : i + 256] for i in range(0, len(stream), 256)]
+        trace = record_calibration(eng, docs, max_tokens=cfg["tokens"], window=256, progress=False)
+    trace.save(cfg["path"])
+    return {"path": cfg["path"], "tokens": cfg["tokens"]}
+
+
+def _has_tokenizer(model: str) -> bool:
+    return any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def _run_worker(cfg: dict, flag: str = "--worker") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", EXPERTCACHE_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, __file__, flag, json.dumps(cfg)], capture_output=True, text=True, env=env, cwd=REPO
     )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {cfg} failed:\n{proc.stderr[-3000:]}")
@@ -188,6 +237,13 @@ def ensure_predictors(model: str, out: Path, depth: int, max_tokens: int) -> dic
             print(f"training {kind} predictor -> {path}", flush=True)
             cmd = [sys.executable, "-m", "expertcache", "train-predictor", "--model", model, "--kind", kind,
                    "--depth", str(depth), "--max-tokens", str(max_tokens), "--out", str(path), "--no-progress"]  # fmt: skip
+            if not _has_tokenizer(model):  # no text to calibrate on: a trace of random-id documents
+                trace = out / "predictors" / f"calibration-{max_tokens}.npz"
+                if not trace.is_file():
+                    print(f"recording a {max_tokens}-token calibration trace of random ids -> {trace}", flush=True)
+                    trace.parent.mkdir(parents=True, exist_ok=True)
+                    _run_worker({"model": model, "tokens": max_tokens, "path": str(trace)}, flag="--record-worker")
+                cmd += ["--trace", str(trace)]
             subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
         paths[kind] = str(path)
     return paths
@@ -252,7 +308,7 @@ def run(args) -> Report:
         best_decode_50={"prefetch": best.prefetch, "depth": best.depth, "ratio": best.ratio_vs_none},
         prefill_ratio=prefill_ratio,
         targets={"decode_50_at_most_0.8": best.ratio_vs_none <= 0.8, "prefill_at_most_0.8": prefill_ratio is not None and prefill_ratio <= 0.8},
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, sampled=not _has_tokenizer(model),
     )  # fmt: skip
 
 
@@ -262,7 +318,8 @@ def markdown(rep: Report) -> str:
         f"# Prefetch benchmark ({Path(rep.model).name}, io {rep.io}, {rep.torch_threads} torch thread, depths {rep.depths}, "
         f"median of {rep.rounds} rounds)",
         "",
-        f"Decode: {rep.tokens} greedy tokens after a 32-token prompt.",
+        f"Decode: {rep.tokens} {'sampled (temperature 1, seeded)' if rep.sampled else 'greedy'} tokens after a 32-token prompt"
+        f"{' of random ids (no tokenizer)' if rep.sampled else ''}.",
         "",
         "| budget | prefetch | depth | TPOT ms | vs none | hit rate | precision | recall | useful MiB | wasted MiB | read MiB | stall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -302,9 +359,13 @@ def main() -> int:
     p.add_argument("--train-tokens", type=int, default=20000, help="calibration tokens for predictor files")
     p.add_argument("--quick", action="store_true", help="1 round, 16 tokens, 1 prefill prompt: a smoke run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--record-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.record_worker is not None:
+        print(json.dumps(record_worker(json.loads(args.record_worker))))
         return 0
     args.predictors = [x for x in args.predictors.split(",") if x]
     args.depths = sorted({int(x) for x in args.depth.split(",") if x.strip()})
