@@ -66,6 +66,8 @@ class OffloadedMoE(nn.Module):
         self.ctx = context
 
     def _expert(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use,
+            parts = tuple(p.to(x.dtype) for p in parts)  # as transformers casts at load (the cache keeps the saved bytes)
         if self.fused:
             gate_up, down = parts
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each

@@ -214,3 +214,25 @@ def test_every_policy_exact_with_prefetch_under_pressure(policy, checkpoint, ref
     )
     assert stats["cache_slots"] == kw["top_k"] + 3
     assert stats["prefetch_issued"] > 0
+
+
+def test_dtype_override_matches_transformers_loaded_in_that_dtype(checkpoint):
+    """EngineConfig(dtype="float32") on a bf16 checkpoint: experts stay bf16 in the cache (the budget
+    counts the saved bytes) and are cast on use, so logits equal transformers' model loaded with
+    dtype=float32 from the same files."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = ref(ids).logits
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered", dtype="float32") as eng:
+        with torch.no_grad():
+            got = eng.model(ids).logits
+        assert eng.model.dtype == torch.float32
+        assert eng.checkpoint.dtype == torch.bfloat16  # the cache holds the saved bf16 bytes
+        eid = next(iter(eng.cache.core.entries))
+        assert eng.cache.weights(eid)[0].dtype == torch.bfloat16
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
