@@ -80,15 +80,39 @@ def perplexity(model, ids: list[int], *, window: int, stride: int) -> tuple[floa
 
 
 @torch.inference_mode()
-def choice_scores(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+def choice_sequences(tokenizer, context: str, choices: list[str]) -> list[tuple[list[int], int]]:
+    """For each choice: the ids of context + " " + choice, tokenised whole (after BOS, as the engine
+    encodes text), and where its continuation starts: after the longest prefix it shares with the
+    context's own ids (lm-evaluation-harness's rule). Tokenised whole, a merge across the boundary
+    is scored as the model would see it; tokenised in pieces, the model is scored on a split it never saw.
+    The one definition every multiple-choice score in expertcache uses (eval, tradeoff, train-demo)."""
     from .engine import encode_text
 
     ctx = encode_text(tokenizer, context)
-    scores = []
+    out = []
     for choice in choices:
-        cont = list(tokenizer.encode(" " + choice))
-        lp = _token_logprobs(model, ctx + cont)
-        scores.append(float(lp[len(ctx) - 1 :].sum()))
+        full = encode_text(tokenizer, context + " " + choice)
+        common = 0
+        while common < min(len(ctx), len(full)) and ctx[common] == full[common]:
+            common += 1
+        out.append((full, max(common, 1)))  # token 0 (BOS) is never scored
+    return out
+
+
+@torch.inference_mode()
+def choice_scores(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Sum of each choice's continuation log-probabilities (choice_sequences), all choices in one
+    right-padded forward pass: causal attention keeps padding out of every scored position."""
+    seqs = choice_sequences(tokenizer, context, choices)
+    width = max(len(full) for full, _ in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (full, _) in enumerate(seqs):
+        ids[i, : len(full)] = torch.tensor(full)
+    logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)  # [C, L, V]
+    scores = []
+    for i, (full, start) in enumerate(seqs):
+        pos = torch.arange(start, len(full))
+        scores.append(float(logp[i, pos - 1, ids[i, pos]].sum()))
     return scores
 
 

@@ -135,24 +135,26 @@ def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> 
     routes every position that predicts a choice token)."""
     from transformers import DynamicCache
 
-    from .engine import encode_text
+    from .quality import choice_sequences
 
-    ctx = encode_text(tokenizer, context)  # as quality.choice_scores encodes it
     past = DynamicCache(config=model.config)
-    if len(ctx) > 1:
-        model(input_ids=torch.tensor([ctx[:-1]]), past_key_values=past, use_cache=True, logits_to_keep=1)
-    last = _step(model, ctx[-1], past)
+    held: list[int] = []  # the tokens the KV cache holds
     scores = []
-    for choice in choices:
-        cont = list(tokenizer.encode(" " + choice))
-        logits, total = last, 0.0
-        for i, tok in enumerate(cont):
-            total += float(torch.log_softmax(logits, -1)[tok])
-            if i + 1 < len(cont):
-                logits = _step(model, tok, past)
-        extra = past.get_seq_length() - len(ctx)
-        if extra:
-            past.crop(-extra)  # back to the context (transformers crops by a negative count)
+    for full, start in choice_sequences(tokenizer, context, choices):  # as quality.choice_scores scores them
+        keep = 0  # keep the cached prefix this sequence shares, up to its last unscored token
+        while keep < min(len(held), start - 1) and held[keep] == full[keep]:
+            keep += 1
+        if len(held) > keep:
+            past.crop(keep - len(held))  # transformers crops by a negative count
+            del held[keep:]
+        if start - 1 > keep:  # the context but its last token: one prefill
+            model(input_ids=torch.tensor([full[keep : start - 1]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            held += full[keep : start - 1]
+        total = 0.0
+        for p in range(start, len(full)):  # decode steps: each predicts full[p]
+            logits = _step(model, full[p - 1], past)
+            held.append(full[p - 1])
+            total += float(torch.log_softmax(logits, -1)[full[p]])
         scores.append(total)
     return scores
 

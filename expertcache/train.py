@@ -260,36 +260,13 @@ def load_mc_items(limit: int) -> list[dict]:
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[float]:
-    """Sum of each choice's token log-probs given EOS + context (choice preceded by a space)."""
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    enc = tokenizer.backend_tokenizer
-    ctx = [eos] + enc.encode(context, add_special_tokens=False).ids
-    seqs, starts = [], []
-    for choice in choices:
-        full = [eos] + enc.encode(context + " " + choice, add_special_tokens=False).ids
-        common = 0
-        while common < min(len(ctx), len(full)) and ctx[common] == full[common]:
-            common += 1
-        seqs.append(full)
-        starts.append(max(1, common))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), eos, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-    scores = []
-    for i, s in enumerate(seqs):
-        pos = torch.arange(starts[i], len(s))
-        scores.append(logp[i, pos - 1, ids[i, pos]].sum().item())
-    return scores
-
-
-@torch.no_grad()
 def mc_accuracy(model, tokenizer, items: list[dict]) -> float:
+    """Multiple-choice accuracy with the one scorer every command uses (quality.choice_scores)."""
+    from .quality import choice_scores
+
     correct = 0
     for item in items:
-        scores = choice_logprobs(model, tokenizer, item["context"], item["choices"])
+        scores = choice_scores(model, tokenizer, item["context"], item["choices"])
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
     return correct / max(1, len(items))
 

@@ -91,3 +91,53 @@ def test_eval_cli_json(model_dir, tmp_path, capsys):
     for key in ("perplexity", "tokens", "accuracy", "experts_per_token", "misses_per_token", "bytes_read_per_token"):
         assert key in out
     assert out["accuracy"] is None and out["perplexity"] > 1 and out["tokens"] == 4 * len(WORDS) - 1
+
+
+class _MergingTokenizer:
+    """Character tokenizer with one merge, "n m" -> a single token: a context ending in "n" and a
+    choice starting with "m" tokenise differently whole and in pieces."""
+
+    bos_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("n m", i):
+                ids.append(1)
+                i += 3
+            else:
+                ids.append(2 + ord(text[i]) % 50)
+                i += 1
+        return ids
+
+
+def test_choice_sequences_score_a_merge_across_the_boundary():
+    from expertcache.quality import choice_sequences
+
+    tok = _MergingTokenizer()
+    (plain, p_start), (merged, m_start) = choice_sequences(tok, "sat on", ["the", "mat"])
+    ctx = [0] + tok.encode("sat on")
+    assert plain == ctx + tok.encode(" the") and p_start == len(ctx)
+    # "sat on mat": "n m" is one token, so the continuation starts one token into the context
+    assert merged == [0] + tok.encode("sat o") + [1] + tok.encode("at") and m_start == len(ctx) - 1
+
+
+def test_batched_and_decode_choice_scores_equal_one_forward_per_choice(model_dir):
+    """quality.choice_scores (choices batched, right-padded) and tradeoff.decode_choice_scores
+    (KV cache, decode steps) both equal scoring each whole sequence alone with transformers."""
+    from expertcache.quality import choice_scores, choice_sequences
+    from expertcache.tradeoff import decode_choice_scores
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    context, choices = "the cat sat on the", ["mat", "big red dog", "it"]
+    want = []
+    for full, start in choice_sequences(tok, context, choices):
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([full])).logits[0].double(), -1)
+        want.append(sum(float(logp[p - 1, full[p]]) for p in range(start, len(full))))
+    with expertcache.load(model_dir, expert_budget="50%") as eng:
+        batched = choice_scores(eng.model, eng.tokenizer, context, choices)
+        decoded = decode_choice_scores(eng.model, eng.tokenizer, context, choices)
+    assert batched == pytest.approx(want, rel=1e-5)
+    assert decoded == pytest.approx(want, rel=1e-5)
