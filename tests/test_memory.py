@@ -1,11 +1,12 @@
 """Memory and I/O accounting on a checkpoint with 1.1 GB of experts, at a 10% expert budget.
 
-Each measurement runs in its own subprocess and reads its peak from VmHWM (stats.peak_rss_bytes),
-so every figure is that configuration's own peak (ru_maxrss would not do: the kernel carries it
-across exec, and a child of this pytest process would report pytest's own peak) with io="direct" (O_DIRECT: the page cache never holds an expert, and
-page cache is not RSS anyway). The checkpoint is benchmarks/decode.py's (64 bf16 experts of
-17.3 MB, 56 MiB dense), built once and cached across runs under $EXPERTCACHE_BENCH_DIR or
-<tmp>/expertcache-bench, keyed by its parameters; the tests skip when the disk is too full.
+Each measurement runs in its own subprocess with io="direct" (O_DIRECT: the page cache never holds
+an expert, and page cache is not RSS anyway) and reads its peak from VmHWM (stats.peak_rss_bytes),
+its own since exec. Not ru_maxrss: the kernel carries that across exec, so a child of this pytest
+process reported pytest's peak (547 MiB for a 435 MiB engine, the CI failure that changed it).
+The checkpoint is benchmarks/decode.py's (64 bf16 experts of 17.3 MB, 56 MiB dense), built once
+and cached across runs under $EXPERTCACHE_BENCH_DIR or <tmp>/expertcache-bench, keyed by its
+parameters; the tests skip when the disk is too full.
 
 - peak RSS <= dense bytes + expert budget + 450 MB (450e6 bytes), with prefetch none and next-gate;
 - bytes read == misses x expert bytes (prefetch none), and with next-gate
@@ -13,11 +14,13 @@ page cache is not RSS anyway). The checkpoint is benchmarks/decode.py's (64 bf16
 
 Overhead of an empty engine (python + torch + transformers imported, the engine built at the
 minimal budget of 2 experts, no generation), measured on the development machine (2 cores,
-Python 3.11, torch 2.13 CPU, transformers 5.23): peak RSS 436 MiB (467 MiB in one run), of which
-56 MiB are the dense tensors: ~380 MiB of interpreter, torch (~205 MiB), transformers (~150 MiB)
-and load-time copies; the slot arena is mapped but not resident until read. At 10% (6 slots of
-16.5 MiB) peak RSS was 571 MiB = dense 56 + budget 106 + 409 MiB, against the allowed 429 MiB
-(450e6 bytes). test_empty_engine_overhead measures it again and prints it (pytest -rP or -s).
+Python 3.11, torch 2.13 CPU, transformers 5.23, scipy installed): peak RSS 436 MiB, of which
+56 MiB are the dense tensors: ~380 MiB of interpreter, torch (~205 MiB), transformers' modelling
+import (~125 MiB: it pulls torch._dynamo with sympy, torch.distributed and, when installed, scipy)
+and shared-library pages; in a fresh venv without scipy, 396 MiB. The slot arena is mapped but not
+resident until read. At 10% (6 slots of 16.5 MiB) peak RSS is 571 MiB = dense 56 + budget 106 +
+410 MiB, against the allowed 429 MiB (450e6 bytes); generation itself adds ~35 MiB beyond the
+slots. test_empty_engine_overhead measures it again and prints it (pytest -rP or -s).
 Runtime: ~45 s with the checkpoint cached (the three subprocesses run side by side), ~15 s more
 on the first run, which builds it.
 """
