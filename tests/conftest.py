@@ -32,6 +32,26 @@ BOS, EOS, PAD = 1, 2, 0  # special ids of every tiny checkpoint (inside the tiny
 # --------------------------------------------------------------------------------------------------
 # tiny checkpoints
 # --------------------------------------------------------------------------------------------------
+WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
+
+
+def make_word_model(directory: Path, *, num_layers: int = 2, num_experts: int = 4) -> Path:
+    """A tiny top-2 Mixtral (hidden 32, seed 0) with a word-level tokenizer over WORDS ([UNK] is
+    id 0, word i is id i + 1): text in, text out, for the commands that read text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
+    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=num_layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=num_experts, num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
 def tiny_config(
     family: str,
     *,
@@ -381,6 +401,16 @@ def min_budget(model_dir: Path) -> int:
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (its module fixtures too), restored after: tiny matmuls on a shared 2-core machine only
+    spin and contend with more. Test files take it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers():
     try:

@@ -65,13 +65,7 @@ VARIANT_RUNS = (("min", "next-gate", "direct"), ("50%", "next-gate", "buffered")
 POLICY_NAMES = sorted(name for name in POLICIES if name != "belady")  # belady needs a recorded trace
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine: intra-op threads only spin and contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -45,12 +45,7 @@ POLICY_NAMES = sorted(p for p in POLICIES if p != "belady")  # belady needs a re
 WORDS = [f"w{i}" for i in range(125)]  # ids 3..127: the tiny vocabulary, special ids 0-2 left out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _add_tokenizer(model_dir) -> None:

@@ -5,28 +5,18 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from conftest import WORDS, make_word_model
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import expertcache
 from expertcache.cli import main
 from expertcache.quality import evaluate, perplexity
 
-WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-tok")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_word_model(tmp_path_factory.mktemp("tiny-tok"))
 
 
 def _direct_nll(ref, ids, window, stride):

@@ -7,9 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import prompt_ids
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from conftest import WORDS, make_word_model, prompt_ids
 
 import expertcache
 from expertcache.cli import build_parser, engine_config, main
@@ -25,7 +23,6 @@ from expertcache.routing import (
 
 MIXTRAL = WeightRule(renormalize=True, in_logits_dtype=False)
 NO_RENORM = WeightRule(renormalize=False, in_logits_dtype=True)  # OLMoE / Qwen2-MoE default
-WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
 
 
 def logits_of(*probs) -> torch.Tensor:
@@ -211,16 +208,7 @@ def test_unknown_routing_lists_the_valid_names():
 # --- CLI, calibration, activations ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-routing")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_word_model(tmp_path_factory.mktemp("tiny-routing"))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+from conftest import make_word_model
 
 import expertcache
 from expertcache.checkpoint import Checkpoint
@@ -84,30 +84,15 @@ def test_global_lru_collapses_below_one_token_cycle_and_layer_keeps_the_last_tok
 
 
 # --- tiny engine ----------------------------------------------------------------------------------
-WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 4-layer, 8-expert, top-2 Mixtral with a word-level tokenizer."""
-    d = tmp_path_factory.mktemp("tiny-sim")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(d)
-    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_word_model(tmp_path_factory.mktemp("tiny-sim"), num_layers=4, num_experts=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPT = [3, 7, 1, 9, 12, 4, 4, 15, 2, 8, 11, 6, 5, 13, 10, 16]
