@@ -34,6 +34,7 @@ benchmarks/decode.py). Writes <out>/prefetch.json and <out>/prefetch.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -200,8 +201,13 @@ def record_worker(cfg: dict) -> dict:
     return {"path": cfg["path"], "tokens": cfg["tokens"]}
 
 
+@functools.cache
 def _has_tokenizer(model: str) -> bool:
-    return any((Path(model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    """Whether the engine will find a tokenizer for `model` (the engine's own test, not a guess)."""
+    sys.path.insert(0, str(REPO))
+    from expertcache.engine import _load_tokenizer
+
+    return _load_tokenizer(Path(model)) is not None
 
 
 def _run_worker(cfg: dict, flag: str = "--worker") -> dict:
