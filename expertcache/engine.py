@@ -20,7 +20,7 @@ from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .config import EngineConfig, parse_budget
 from .errors import CheckpointError, ExpertCacheError
-from .moe_block import BlockContext, OffloadedMoE
+from .moe_block import BlockContext, FirstLayerPrefetch, OffloadedMoE
 from .oracle import NAME as BELADY
 from .oracle import BeladyOracle, NoFuture
 from .policies import make_policy
@@ -173,6 +173,9 @@ class Engine:
             self.cache.close()  # a failed load leaves no reader threads or open files behind
             raise
         self.context.prefetch_enabled = config.prefetch != "none"
+        if ckpt.sparse_layers:
+            first = FirstLayerPrefetch(self.context, ckpt.sparse_layers[0], ckpt.num_experts, ckpt.top_k)
+            self.model.model.layers[0].register_forward_pre_hook(first, with_kwargs=True)
         self.tokenizer = _load_tokenizer(model_dir)
         self.generation_config = getattr(self.model, "generation_config", None)
         self.load_seconds = time.perf_counter() - t0

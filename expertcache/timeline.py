@@ -140,8 +140,13 @@ class TimedCache:
             self._land_everything()
         s = self.clock
         self._settle(s)
-        self._preempt(layer, {e for w in waves for _, e in w})
         hits0, misses0, issued0 = c.hits, c.misses, c.prefetch_issued
+        lead = [(t, es) for t, es in guesses or () if t == layer]  # requested before this call (FirstLayerPrefetch)
+        guesses = [(t, es) for t, es in guesses or () if t != layer]
+        for _, experts in lead:
+            eids = [(layer, e) for e in experts]
+            self._issue(eids, set(eids) | {e for e in self.core.entries if e[0] == layer}, s, timed)
+        self._preempt(layer, {e for w in waves for _, e in w})
         waited = 0.0
         for i, wave in enumerate(waves):
             waits = self._acquire(layer, wave, s + waited, timed)
@@ -268,7 +273,11 @@ class TimedCache:
         # targets (only a demand miss brings their experts back), keep their resident experts
         keep = set(range(layer, max(t for t, _ in guesses) + 1))
         keep.update(l for l, _ in core.entries if l not in self.predicted)
-        protect = set(eids) | {e for e in core.entries if e[0] in keep}
+        self._issue(eids, set(eids) | {e for e in core.entries if e[0] in keep}, now, timed)
+
+    def _issue(self, eids: list[ExpertId], protect: set[ExpertId], now: float, timed: bool) -> None:
+        """As ExpertCache.prefetch: speculative loads in order, never evicting a protected entry."""
+        core = self.core
         for eid in eids:
             if eid in core.entries:
                 continue

@@ -17,7 +17,9 @@ File format, version 1 (`np.load(path)` reads it):
     hidden       float32 [N, H], optional: the MoE block's input hidden states
     guesses      int32 [G, 3], optional: the prefetch predictor's guesses, one row per guessed
                  expert: route index, target layer, expert, in the order they were requested;
-                 present when the run prefetched (a route may have none: the last layer)
+                 present when the run prefetched (a route may have none: the last layer); a
+                 target equal to the route's own layer was requested before that call (a long
+                 prompt's first sparse layer), the others after its router ran
 `step` is the sequence position of the call's first token (prefill starts at 0; decode step
 p routes the token at position p). Readers ignore arrays they do not know, so optional arrays
 added later keep version 1.
@@ -371,7 +373,7 @@ class Recorder:
     def _note_guesses(self, layer: int, guesses) -> None:
         route = self.trace.routes[-1] if self.trace.routes else None
         if route is not None and route.layer == layer and route.guesses is not None:
-            route.guesses = [(int(t), [int(e) for e in es]) for t, es in guesses]
+            route.guesses += [(int(t), [int(e) for e in es]) for t, es in guesses]
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -392,6 +394,10 @@ class Recorder:
                 self._phase = "decode"
             self._tokens = n
         self._last_layer = layer
+        guesses = None
+        if self._guesses:  # a guess for the call's own layer was requested before it (FirstLayerPrefetch)
+            lead = self.engine.context.lead_guesses.get(layer)
+            guesses = [(layer, list(lead))] if lead else []
         self.trace.routes.append(
             Route(
                 turn=self._turn,
@@ -402,7 +408,7 @@ class Recorder:
                 weights=weights.detach().float().to("cpu").numpy(),
                 logits=logits.detach().float().to("cpu").numpy() if self.logits else None,
                 hidden=x.detach().float().to("cpu").numpy() if self.hidden_states else None,
-                guesses=[] if self._guesses else None,
+                guesses=guesses,
             )
         )
 

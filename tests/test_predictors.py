@@ -317,7 +317,27 @@ def test_prefill_loads_the_next_layers_experts_behind_this_layers_compute(model_
             first_own = next(i for i, (_, e) in enumerate(order) if e[0] == layer)
             last_prev = max((i for i, (kind, e) in enumerate(order) if e[0] == prev and kind == "demand"), default=-1)
             assert order[first_own][0] == "prefetch" and first_own > last_prev  # behind the previous layer's demand reads
-        assert s[str(layers[0])]["prefetch_issued"] == 0  # nothing sees layer 0 coming
+        # layer 0: no predictor sees it coming, but a 40-token prompt uses all of it, so its experts
+        # are all requested when the first decoder layer starts, before any demand read
+        first = layers[0]
+        n = eng.checkpoint.num_experts
+        assert order[:n] == [("prefetch", (first, e)) for e in range(n)]
+        assert s[str(first)]["prefetch_issued"] == n and s[str(first)]["misses"] == 0
+
+
+def test_first_layer_prefetch_only_for_prompts_that_use_the_whole_layer(model_dir):
+    """E (1 - k/E)^T < 1/2: at 8 experts top-2 from 10 tokens on; never in a decode step."""
+    from expertcache.moe_block import all_experts_likely
+
+    assert not all_experts_likely(9, 8, 2) and all_experts_likely(10, 8, 2)
+    assert not all_experts_likely(85, 128, 8) and all_experts_likely(86, 128, 8)
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="buffered") as eng:
+        first = str(eng.checkpoint.sparse_layers[0])
+        eng.generate(PROMPT[:6], max_new_tokens=8, stop_at_eos=False)  # short prompt, then decode steps
+        assert eng.stats()["layers"][first]["prefetch_issued"] == 0
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        eng.generate(PROMPT, max_new_tokens=1)  # prefetch none: nothing speculative at all
+        assert eng.stats()["prefetch_issued"] == 0
 
 
 # --- training and evaluation ----------------------------------------------------------------------
