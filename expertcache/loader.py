@@ -1,10 +1,14 @@
 """Loader: I/O threads that fill cache slots from the ExpertStore, demand reads first.
 
-A priority queue orders tasks (DEMAND before PREFETCH, then first come first served). Tasks are
-read chunk by chunk; between chunks a speculative task yields to a waiting demand task, so a
-demand read waits at most one chunk behind a speculative one. A queued, unstarted task can be cancelled
-(its slot is then free at once); a running one cannot. A read error is stored on the task and
-raised in the thread that waits for it. Reads release the GIL, so loading overlaps compute.
+A priority queue orders tasks (DEMAND before PREFETCH, then first come first served). A task is
+read in chunks (store.py: at most CHUNK_BYTES each), and each I/O thread, whenever it is free,
+claims the next unread chunk of the first task in that order. So the threads read one expert's
+chunks side by side (an expert arrives sooner than one thread alone could read it, and the disk
+sees several requests at once), and a demand read waits at most one chunk behind a speculative
+one: no thread starts another speculative chunk while a demand task has chunks left. A task none
+of whose chunks has been claimed can be cancelled (its slot is then free at once); one partly read
+cannot (its bytes would be wasted). A read error is stored on the task and raised in the thread
+that waits for it. Reads release the GIL, so loading overlaps compute.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 
 
 class LoadTask:
-    """One expert being read into one slot."""
+    """One expert being read into one slot. state: QUEUED (no thread reading it now; chunks left),
+    RUNNING (a thread is inside one of its chunks), DONE, FAILED or CANCELLED."""
 
-    __slots__ = ("eid", "slot", "priority", "seq", "state", "next_chunk", "error", "event")
+    __slots__ = ("eid", "slot", "priority", "seq", "state", "next_chunk", "chunks", "done_chunks", "active", "error", "event")
 
     def __init__(self, eid: ExpertId, slot: int, priority: int, seq: int) -> None:
         self.eid = eid
@@ -37,7 +42,10 @@ class LoadTask:
         self.priority = priority
         self.seq = seq
         self.state = QUEUED
-        self.next_chunk = 0
+        self.next_chunk = 0  # the next chunk no thread has claimed
+        self.chunks = 0  # how many it has (known once a thread first claims one)
+        self.done_chunks = 0
+        self.active = 0  # threads reading one of its chunks now
         self.error: BaseException | None = None
         self.event = threading.Event()
 
@@ -75,7 +83,7 @@ class Loader:
                 raise RuntimeError("loader is closed")
             task = LoadTask(eid, slot, priority, next(self._seq))
             heapq.heappush(self._heap, (priority, task.seq, task))
-            self._cv.notify()
+            self._cv.notify_all()  # every idle thread can take one of its chunks
             return task
 
     def promote(self, task: LoadTask) -> None:
@@ -83,14 +91,14 @@ class Loader:
         with self._cv:
             if task.priority != DEMAND:
                 task.priority = DEMAND
-                if task.state == QUEUED:
-                    heapq.heappush(self._heap, (DEMAND, task.seq, task))
-                    self._cv.notify()
+                if task.state in (QUEUED, RUNNING) and (task.chunks == 0 or task.next_chunk < task.chunks):
+                    heapq.heappush(self._heap, (DEMAND, task.seq, task))  # its chunks left, now first in line
+                    self._cv.notify_all()
 
     def cancel(self, task: LoadTask) -> bool:
-        """Cancel a task that has not started; True if it will not run. A task that yielded between
-        chunks is finished instead (its bytes are read), so bytes_read is exactly the loads that
-        were not cancelled times the expert size."""
+        """Cancel a task no chunk of which has been claimed; True if it will not run. A partly
+        read task is finished instead (its bytes are read), so bytes_read is exactly the loads
+        that were not cancelled times the expert size."""
         with self._cv:
             if task.state != QUEUED or task.next_chunk > 0:
                 return False
@@ -98,74 +106,83 @@ class Loader:
             task.event.set()
             return True
 
-    def _pop(self) -> LoadTask | None:
+    def _claim(self) -> tuple[LoadTask, int] | None:
+        """The next unclaimed chunk of the first task in priority order (under the lock)."""
         while self._heap:
-            prio, _, task = heapq.heappop(self._heap)
-            if task.state == QUEUED and prio == task.priority:
-                return task
+            prio, _, task = self._heap[0]
+            if prio != task.priority or task.state not in (QUEUED, RUNNING):
+                heapq.heappop(self._heap)  # promoted (a newer entry stands for it) or over
+                continue
+            if task.chunks == 0:
+                try:
+                    task.chunks = len(self._store.plan(task.eid).chunks)
+                except Exception as e:  # e.g. an expert the store does not have: fail the task, keep the thread
+                    heapq.heappop(self._heap)
+                    self._end(task, FAILED, ExpertLoadError(f"cannot load expert {task.eid}: {e!r}"))
+                    continue
+            i = task.next_chunk
+            task.next_chunk += 1
+            if task.next_chunk == task.chunks:
+                heapq.heappop(self._heap)  # every chunk claimed
+            task.active += 1
+            task.state = RUNNING
+            return task, i
         return None
 
     def _work(self) -> None:
         while True:
             with self._cv:
-                task = self._pop()
-                while task is None:
+                claim = self._claim()
+                while claim is None:
                     if self._closed:
                         return
                     self._cv.wait()
-                    task = self._pop()
-                task.state = RUNNING
-            self._run(task)
+                    claim = self._claim()
+            self._read(*claim)
 
-    def _run(self, task: LoadTask) -> None:
+    def _read(self, task: LoadTask, i: int) -> None:
+        error = None
         try:
-            plan = self._store.plan(task.eid)
-            slot = self._arena.slot(task.slot)
-        except Exception as e:  # e.g. an expert the store does not have: fail the task, keep the thread
-            self._finish(task, FAILED, ExpertLoadError(f"cannot load expert {task.eid}: {e!r}"))
-            return
-        while True:
-            i = task.next_chunk
-            chunk = plan.chunks[i]
-            try:
-                self._store.read_chunk(task.eid, chunk, slot)
-            except ExpertLoadError as e:
-                self._finish(task, FAILED, e)
-                return
-            except Exception as e:  # anything else is still the waiting computation's to see
-                self._finish(task, FAILED, ExpertLoadError(f"reading expert {task.eid} failed: {e}"))
-                return
-            with self._cv:
-                self.bytes_read += chunk.payload
-                self.chunks_read += 1
-                task.next_chunk = i + 1
-                if self.on_chunk is not None:
-                    self.on_chunk(task, i)
-                if task.next_chunk == len(plan.chunks):
-                    task.state = DONE
-                    task.event.set()
-                    return
-                if task.priority == PREFETCH and self._heap and self._heap[0][0] < task.priority:
-                    # yield to a waiting demand read; this task resumes from its next chunk
-                    task.state = QUEUED
-                    heapq.heappush(self._heap, (task.priority, task.seq, task))
-                    self._cv.notify()
-                    return
-
-    def _finish(self, task: LoadTask, state: str, error: BaseException | None) -> None:
+            chunk = self._store.plan(task.eid).chunks[i]
+            self._store.read_chunk(task.eid, chunk, self._arena.slot(task.slot))
+        except ExpertLoadError as e:
+            error = e
+        except Exception as e:  # anything else is still the waiting computation's to see
+            error = ExpertLoadError(f"reading expert {task.eid} failed: {e}")
         with self._cv:
-            task.state = state
-            task.error = error
-            task.event.set()
+            task.active -= 1
+            if error is not None:
+                self._end(task, FAILED, error)
+                return
+            self.bytes_read += chunk.payload
+            self.chunks_read += 1
+            task.done_chunks += 1
+            if self.on_chunk is not None:
+                self.on_chunk(task, i)
+            if task.state != RUNNING or task.active > 0:
+                return  # failed meanwhile, or another thread is still inside one of its chunks
+            if task.done_chunks == task.chunks:
+                self._end(task, DONE, None)
+            else:
+                task.state = QUEUED  # chunks left, none being read: resumes when it is first in line
+
+    def _end(self, task: LoadTask, state: str, error: BaseException | None) -> None:
+        """Finish a task (under the lock); its waiters wake."""
+        if task.state in (DONE, FAILED, CANCELLED):
+            return
+        task.state = state
+        task.error = error
+        task.event.set()
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             for _, _, task in self._heap:
                 if task.state == QUEUED:
-                    task.state = CANCELLED
-                    task.event.set()
-            self._heap.clear()
+                    self._end(task, CANCELLED, None)
+            # a task being read is read to the end (its waiter gets the expert); the rest go
+            self._heap = [entry for entry in self._heap if entry[2].state == RUNNING]
+            heapq.heapify(self._heap)
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=5)

@@ -4,8 +4,9 @@ By default reads use O_DIRECT: aligned reads that bypass the OS page cache, so t
 is the real memory the experts take (a page cache quietly holding them would make the budget a
 fiction). Where the filesystem refuses O_DIRECT (tmpfs, some overlays) reads fall back to buffered
 reads followed by POSIX_FADV_DONTNEED, and `io_effective` says so. `io="buffered"` asks for normal
-reads. Each expert part (gate, up, down) is one chunk: the loader can put a demand read between
-the chunks of a speculative one.
+reads. Each expert part (gate, up, down) is read in aligned chunks of at most CHUNK_BYTES: the
+loader's threads read one expert's chunks side by side, and a demand read can go between the
+chunks of a speculative one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .errors import ExpertLoadError
 log = logging.getLogger(__name__)
 
 ALIGN = 4096  # O_DIRECT needs file offset, length and buffer address aligned to the block size
+CHUNK_BYTES = 2 << 20  # one read: small enough that a demand read waits little behind a speculative
+# one and that the I/O threads share an expert; large enough to keep the disk streaming (a multiple of ALIGN)
 
 
 def _round_up(n: int, a: int = ALIGN) -> int:
@@ -71,7 +74,11 @@ class ExpertStore:
             lead = ref.offset % ALIGN
             start = ref.offset - lead
             length = _round_up(lead + ref.nbytes)
-            chunks.append(Chunk(ref.path, start, length, pos, ref.nbytes, lead + ref.nbytes))
+            end = lead + ref.nbytes  # where the part's bytes end, from `start`
+            for off in range(0, length, CHUNK_BYTES):  # aligned pieces the I/O threads read side by side
+                n = min(CHUNK_BYTES, length - off)
+                payload = min(off + n, end) - max(off, lead)  # the part's own bytes in this piece
+                chunks.append(Chunk(ref.path, start + off, n, pos + off, payload, min(n, end - off)))
             views.append((pos + lead, ref.shape, ref.dtype))
             pos += length + ALIGN  # room for the longest lead any expert of this shape can have
         return ExpertPlan(tuple(chunks), tuple(views), pos)

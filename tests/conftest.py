@@ -340,7 +340,8 @@ class LoadRecorder:
             n_chunks = len(store.plan(r.task.eid).chunks)
             assert len(r.chunks) == len(set(r.chunks)), f"{r.task.eid}: a chunk was read twice"
             if r.task.state == DONE:
-                assert r.chunks == list(range(n_chunks)), f"{r.task.eid}: chunks read {r.chunks}"
+                # every chunk once; I/O threads read one expert's chunks side by side, so in any order
+                assert sorted(r.chunks) == list(range(n_chunks)), f"{r.task.eid}: chunks read {r.chunks}"
             else:
                 assert r.task.state == CANCELLED, f"{r.task.eid}: load ended {r.task.state}"
                 partial += sum(store.plan(r.task.eid).chunks[i].payload for i in r.chunks)

@@ -1,6 +1,6 @@
 """Loader: demand reads overtake queued speculative ones, a running speculative read yields to a
-demand read between chunks, only queued tasks cancel, read errors reach the waiting thread, and
-close() never hangs.
+demand read between chunks, I/O threads share one expert's chunks, only unstarted tasks cancel,
+read errors reach the waiting thread, and close() never hangs.
 
 The store is a real ExpertStore over a hand-written file (no transformers needed); its
 read_chunk is wrapped by a Gate that can hold every read until the test opens it, so the order
@@ -238,6 +238,42 @@ def test_a_truncated_file_fails_the_load_not_the_process(tmp_path):
             bad.wait()
         good.wait()
     finally:
+        loader.close()
+        store.close()
+
+
+def test_threads_read_one_experts_chunks_side_by_side(tmp_path, monkeypatch):
+    """Parts larger than CHUNK_BYTES are read in aligned pieces; two I/O threads are inside the
+    same expert's chunks at once, and the bytes land exactly (unaligned parts, exact byte count)."""
+    import expertcache.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 8192)
+    g = torch.Generator().manual_seed(1)
+    blob, refs, parts = bytearray(b"\xcd" * 300), [], []
+    path = tmp_path / "big.bin"
+    for _ in range(3):
+        t = torch.randn(64, 64, generator=g)  # 16 KiB: three 8 KiB pieces once unaligned
+        refs.append(TensorRef(str(path), len(blob), t.numel() * 4, (64, 64), torch.float32))
+        parts.append(t)
+        blob += t.numpy().tobytes()
+    path.write_bytes(bytes(blob))
+    store = ExpertStore({(0, 0): ExpertParts(tuple(refs), fused=False)}, io="buffered")
+    assert len(store.plan((0, 0)).chunks) == 9
+    arena = SlotArena(1, store.slot_bytes)
+    gate = Gate(store)
+    loader = Loader(store, arena, threads=2)
+    try:
+        task = loader.submit((0, 0), 0, DEMAND)
+        gate.wait_started(2)  # both threads inside chunks of the one expert
+        assert gate.started == [(0, 0), (0, 0)]
+        gate.open()
+        wait_all(task)
+        task.wait()
+        for got, want in zip(arena.tensors(0, store.plan((0, 0))), parts):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert loader.bytes_read == 3 * 64 * 64 * 4 and loader.chunks_read == 9
+    finally:
+        gate.open()
         loader.close()
         store.close()
 
