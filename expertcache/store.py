@@ -4,7 +4,8 @@ By default reads use O_DIRECT: aligned reads that bypass the OS page cache, so t
 is the real memory the experts take (a page cache quietly holding them would make the budget a
 fiction). Where the filesystem refuses O_DIRECT (tmpfs, some overlays) reads fall back to buffered
 reads followed by POSIX_FADV_DONTNEED, and `io_effective` says so. `io="buffered"` asks for normal
-reads. Each expert part (gate, up, down) is read in aligned chunks of at most CHUNK_BYTES: the
+reads. An expert's parts (gate, up, down) are read as spans of file-contiguous parts (one span
+when the checkpoint keeps them side by side), each in aligned chunks of at most CHUNK_BYTES: the
 loader's threads read one expert's chunks side by side, and a demand read can go between the
 chunks of a speculative one.
 """
@@ -69,17 +70,31 @@ class ExpertStore:
 
     @staticmethod
     def _plan(parts: ExpertParts) -> ExpertPlan:
-        chunks, views, pos = [], [], 0
-        for ref in parts.parts:
-            lead = ref.offset % ALIGN
-            start = ref.offset - lead
-            length = _round_up(lead + ref.nbytes)
-            end = lead + ref.nbytes  # where the part's bytes end, from `start`
+        # parts that follow each other in one file (a safetensors file keeps an expert's tensors
+        # side by side) are read as one span: one read per span piece instead of one per part, and
+        # no page read twice where an unaligned part ends and the next begins
+        spans: list[list[int]] = []  # indices into parts.parts, file-contiguous, in file order
+        for i in sorted(range(len(parts.parts)), key=lambda i: (parts.parts[i].path, parts.parts[i].offset)):
+            ref, last = parts.parts[i], parts.parts[spans[-1][-1]] if spans else None
+            if last is not None and ref.path == last.path and ref.offset == last.offset + last.nbytes:
+                spans[-1].append(i)
+            else:
+                spans.append([i])
+        chunks, views, pos = [], [None] * len(parts.parts), 0
+        for span in spans:
+            first = parts.parts[span[0]]
+            nbytes = sum(parts.parts[i].nbytes for i in span)
+            lead = first.offset % ALIGN
+            start = first.offset - lead
+            length = _round_up(lead + nbytes)
+            end = lead + nbytes  # where the span's bytes end, from `start`
             for off in range(0, length, CHUNK_BYTES):  # aligned pieces the I/O threads read side by side
                 n = min(CHUNK_BYTES, length - off)
-                payload = min(off + n, end) - max(off, lead)  # the part's own bytes in this piece
-                chunks.append(Chunk(ref.path, start + off, n, pos + off, payload, min(n, end - off)))
-            views.append((pos + lead, ref.shape, ref.dtype))
+                payload = min(off + n, end) - max(off, lead)  # tensor bytes in this piece
+                chunks.append(Chunk(first.path, start + off, n, pos + off, payload, min(n, end - off)))
+            for i in span:
+                ref = parts.parts[i]
+                views[i] = (pos + lead + ref.offset - first.offset, ref.shape, ref.dtype)
             pos += length + ALIGN  # room for the longest lead any expert of this shape can have
         return ExpertPlan(tuple(chunks), tuple(views), pos)
 

@@ -28,7 +28,8 @@ N_EXPERTS = 6
 
 
 def write_experts(path: Path, n: int = N_EXPERTS) -> tuple[dict, dict]:
-    """A file holding n experts of 3 parts each, at unaligned offsets; returns (experts for
+    """A file holding n experts of 3 parts each, at unaligned offsets and apart (a few bytes
+    between parts, so each part is its own read: three chunks per expert); returns (experts for
     ExpertStore, the expected part tensors by expert id)."""
     g = torch.Generator().manual_seed(0)
     blob = bytearray(b"\xab" * 100)  # a header-like lead, so no part is block-aligned
@@ -40,7 +41,7 @@ def write_experts(path: Path, n: int = N_EXPERTS) -> tuple[dict, dict]:
             raw = t.numpy().tobytes()
             refs.append(TensorRef(str(path), len(blob), len(raw), SHAPE, torch.float32))
             tensors.append(t)
-            blob += raw
+            blob += raw + b"\xab" * 8
         experts[(0, e)] = ExpertParts(tuple(refs), fused=False)
         expected[(0, e)] = tensors
     path.write_bytes(bytes(blob))
@@ -252,13 +253,13 @@ def test_threads_read_one_experts_chunks_side_by_side(tmp_path, monkeypatch):
     blob, refs, parts = bytearray(b"\xcd" * 300), [], []
     path = tmp_path / "big.bin"
     for _ in range(3):
-        t = torch.randn(64, 64, generator=g)  # 16 KiB: three 8 KiB pieces once unaligned
+        t = torch.randn(64, 64, generator=g)  # 16 KiB each, side by side: one span of seven 8 KiB pieces
         refs.append(TensorRef(str(path), len(blob), t.numel() * 4, (64, 64), torch.float32))
         parts.append(t)
         blob += t.numpy().tobytes()
     path.write_bytes(bytes(blob))
     store = ExpertStore({(0, 0): ExpertParts(tuple(refs), fused=False)}, io="buffered")
-    assert len(store.plan((0, 0)).chunks) == 9
+    assert len(store.plan((0, 0)).chunks) == 7  # round_up(300 + 3 * 16 KiB, 4 KiB) / 8 KiB
     arena = SlotArena(1, store.slot_bytes)
     gate = Gate(store)
     loader = Loader(store, arena, threads=2)
@@ -271,7 +272,7 @@ def test_threads_read_one_experts_chunks_side_by_side(tmp_path, monkeypatch):
         task.wait()
         for got, want in zip(arena.tensors(0, store.plan((0, 0))), parts):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert loader.bytes_read == 3 * 64 * 64 * 4 and loader.chunks_read == 9
+        assert loader.bytes_read == 3 * 64 * 64 * 4 and loader.chunks_read == 7
     finally:
         gate.open()
         loader.close()
@@ -318,3 +319,33 @@ def test_close_of_an_idle_loader_is_prompt(tmp_path):
     loader.close()
     assert time.monotonic() - t0 < 1.0
     store.close()
+
+
+@pytest.mark.parametrize("gap", [0, 100, 5000])
+def test_file_contiguous_parts_are_read_as_one_span(tmp_path, gap):
+    """An expert whose parts lie side by side in the file is one read; parts apart are read apart
+    (the bytes between are never read into a part), and every part lands exactly either way."""
+    g = torch.Generator().manual_seed(2)
+    blob, refs, parts = bytearray(b"\xab" * 1000), [], []
+    path = tmp_path / "parts.bin"
+    for shape in [(8, 16), (16, 8), (8, 16)]:
+        t = torch.randn(*shape, generator=g)
+        refs.append(TensorRef(str(path), len(blob), t.numel() * 4, shape, torch.float32))
+        parts.append(t)
+        blob += t.numpy().tobytes() + b"\xef" * gap
+    path.write_bytes(bytes(blob))
+    # listed out of file order, as a fused or renamed layout may list them
+    order = [2, 0, 1]
+    store = ExpertStore({(0, 0): ExpertParts(tuple(refs[i] for i in order), fused=False)}, io="buffered")
+    assert len(store.plan((0, 0)).chunks) == (1 if gap == 0 else 3)
+    arena = SlotArena(1, store.slot_bytes)
+    loader = Loader(store, arena, threads=2)
+    try:
+        task = loader.submit((0, 0), 0, DEMAND)
+        task.wait()
+        for got, want in zip(arena.tensors(0, store.plan((0, 0))), [parts[i] for i in order]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert loader.bytes_read == sum(t.numel() * 4 for t in parts)
+    finally:
+        loader.close()
+        store.close()
