@@ -187,7 +187,7 @@ class ExpertCache:
         """Pin `experts` of `layer` (at most `capacity` of them); start demand loads for misses."""
         core = self.core
         core.tick()
-        out = []
+        out, missed = [], []
         for x in experts:
             eid = (layer, int(x))
             ls = self.stats.layer(layer)
@@ -222,9 +222,13 @@ class ExpertCache:
                 ls.misses += 1
                 self._reclaim(eid)
                 ent = core.add(eid, speculative=False, ready=False)
-                ent.task = self.loader.submit(eid, ent.slot, DEMAND)
+                missed.append((eid, ent))
             ent.pins += 1
             out.append(eid)
+        if missed:  # the layer's demand loads queued together, in the order computed
+            tasks = self.loader.submit_many([(eid, ent.slot) for eid, ent in missed], DEMAND)
+            for (_, ent), task in zip(missed, tasks):
+                ent.task = task
         self._note_occupancy()
         return out
 
@@ -307,21 +311,23 @@ class ExpertCache:
         want = set(eids)
         keep = set(keep_layers)
         protect = want | {e for e in core.entries if e[0] in keep}
-        issued = 0
+        started: list[tuple[ExpertId, Entry]] = []
         for eid in eids:
-            if limit is not None and issued >= limit:
+            if limit is not None and len(started) >= limit:
                 break
             if eid in core.entries:
                 continue
             if not core.make_room(eid, protect=protect):
                 break
-            ent = core.add(eid, speculative=True, ready=False)
-            ent.task = self.loader.submit(eid, ent.slot, PREFETCH)
-            issued += 1
+            started.append((eid, core.add(eid, speculative=True, ready=False)))
             self.stats.layer(eid[0]).prefetch_issued += 1
-        self.stats.prefetch_issued += issued
+        if started:  # queued together, in this order: one hand-over to the I/O threads
+            tasks = self.loader.submit_many([(eid, ent.slot) for eid, ent in started], PREFETCH)
+            for (_, ent), task in zip(started, tasks):
+                ent.task = task
+        self.stats.prefetch_issued += len(started)
         self._note_occupancy()
-        return issued
+        return len(started)
 
     def arrival_key(self, eid: ExpertId) -> tuple[int, int, int]:
         """Sorts experts by when they will be ready: ready ones, then loads being read, then queued

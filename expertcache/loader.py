@@ -78,13 +78,22 @@ class Loader:
             t.start()
 
     def submit(self, eid: ExpertId, slot: int, priority: int) -> LoadTask:
+        return self.submit_many([(eid, slot)], priority)[0]
+
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list[LoadTask]:
+        """Queue (expert, slot) loads in this order under one lock and one wake-up: a prefetch of
+        several experts costs the compute thread one hand-over to the I/O threads, not one each."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("loader is closed")
-            task = LoadTask(eid, slot, priority, next(self._seq))
-            heapq.heappush(self._heap, (priority, task.seq, task))
-            self._cv.notify_all()  # every idle thread can take one of its chunks
-            return task
+            tasks = []
+            for eid, slot in loads:
+                task = LoadTask(eid, slot, priority, next(self._seq))
+                heapq.heappush(self._heap, (priority, task.seq, task))
+                tasks.append(task)
+            if tasks:
+                self._cv.notify_all()  # every idle thread can take one of their chunks
+            return tasks
 
     def promote(self, task: LoadTask) -> None:
         """Raise a queued speculative task to demand priority (it is now needed)."""

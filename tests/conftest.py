@@ -292,19 +292,20 @@ class LoadRecorder:
         loader = engine.cache.loader
         self.records: dict[int, _Record] = {}
         self._lock = threading.Lock()
-        submit = loader.submit
+        submit_many = loader.submit_many  # loader.submit goes through it too
 
-        def recording_submit(eid, slot, priority):
-            task = submit(eid, slot, priority)
+        def recording_submit_many(loads, priority):
+            tasks = submit_many(loads, priority)
             with self._lock:
-                self.records.setdefault(id(task), _Record(task, priority))
-            return task
+                for task in tasks:
+                    self.records.setdefault(id(task), _Record(task, priority))
+            return tasks
 
         def on_chunk(task, i):  # runs on an I/O thread, under the loader's lock
             with self._lock:
                 self.records.setdefault(id(task), _Record(task, task.priority)).chunks.append(i)
 
-        loader.submit = recording_submit
+        loader.submit_many = recording_submit_many
         loader.on_chunk = on_chunk
 
     def drain(self, timeout: float = 30.0) -> None:

@@ -301,13 +301,13 @@ def test_prefill_loads_the_next_layers_experts_behind_this_layers_compute(model_
     of its lookups find the expert already there or on its way."""
     with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="direct") as eng:
         order: list[tuple[str, tuple[int, int]]] = []
-        submit = eng.cache.loader.submit
+        submit_many = eng.cache.loader.submit_many
 
-        def recording_submit(eid, slot, priority):
-            order.append(("prefetch" if priority else "demand", eid))
-            return submit(eid, slot, priority)
+        def recording_submit_many(loads, priority):
+            order.extend(("prefetch" if priority else "demand", eid) for eid, _ in loads)
+            return submit_many(loads, priority)
 
-        eng.cache.loader.submit = recording_submit
+        eng.cache.loader.submit_many = recording_submit_many
         with torch.no_grad():
             eng.model(input_ids=torch.tensor([PROMPT]))
         layers = eng.checkpoint.sparse_layers
