@@ -29,6 +29,8 @@ from .cache import ExpertCache
 from .predictors import Predictor
 from .routing import RoutingPolicy
 
+ONE_TOKEN_PATH = True  # decode steps skip the token/slot search (tests compare both paths bit for bit)
+
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -99,6 +101,7 @@ class OffloadedMoE(nn.Module):
         contrib = torch.zeros(
             (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
         )  # [T, k, H]
+        single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         for start in range(0, len(needed), cache.capacity):
             wave = cache.acquire(self.layer, needed[start : start + cache.capacity])
             try:
@@ -109,9 +112,13 @@ class OffloadedMoE(nn.Module):
                     # nothing ready: wait for the load that arrives first (prefetched ones lead), not the lowest id
                     ready = [e for e in pending if cache.ready(e)] or [min(pending, key=cache.arrival_key)]
                     for eid in ready:
-                        tok, slot = torch.nonzero(ids == eid[1], as_tuple=True)
-                        y = self._expert(x[tok], cache.weights(eid))  # [n, H]
-                        contrib[tok, slot] = y * weights[tok, slot, None]
+                        if single is not None:  # one token (a decode step): its slot, no index search
+                            s = single.index(eid[1])
+                            contrib[0, s] = self._expert(x, cache.weights(eid))[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as before
+                        else:
+                            tok, slot = torch.nonzero(ids == eid[1], as_tuple=True)
+                            y = self._expert(x[tok], cache.weights(eid))  # [n, H]
+                            contrib[tok, slot] = y * weights[tok, slot, None]
                         pending.remove(eid)
             finally:
                 cache.release(wave)

@@ -173,21 +173,28 @@ class SlotArena:
         self._map = mmap.mmap(-1, max(self.stride * n_slots, ALIGN))
         self._view = memoryview(self._map)
         self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (slot, plan.views) -> part tensors
 
     def slot(self, i: int) -> memoryview:
         return self._view[i * self.stride : (i + 1) * self.stride]
 
     def tensors(self, i: int, plan: ExpertPlan) -> tuple[torch.Tensor, ...]:
-        """Views of slot i as the expert's part tensors (no copy)."""
-        base = i * self.stride
-        out = []
-        for offset, shape, dtype in plan.views:
-            n = 1
-            for s in shape:
-                n *= s
-            raw = self._tensor[base + offset : base + offset + n * dtype.itemsize]
-            out.append(raw.view(dtype).view(shape))
-        return tuple(out)
+        """Views of slot i as the expert's part tensors (no copy). The arena never moves, so the
+        views of a slot and layout are made once (a decode step asks for them on every expert
+        call: nine tensor ops each time otherwise); a slot's few layouts differ only in lead."""
+        key = (i, plan.views)
+        out = self._views.get(key)
+        if out is None:
+            base = i * self.stride
+            parts = []
+            for offset, shape, dtype in plan.views:
+                n = 1
+                for s in shape:
+                    n *= s
+                raw = self._tensor[base + offset : base + offset + n * dtype.itemsize]
+                parts.append(raw.view(dtype).view(shape))
+            out = self._views[key] = tuple(parts)
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -230,3 +230,28 @@ def test_dtype_override_matches_transformers_loaded_in_that_dtype(checkpoint):
         assert eng.cache.weights(eid)[0].dtype == torch.bfloat16
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+def test_one_token_path_equals_the_general_path_bit_for_bit(checkpoint, monkeypatch, weights_dtype):
+    """A decode step takes a shortcut past the token/slot search; its output must be the general
+    path's to the bit, also when the routing weights are float32 and the hidden states bf16 (a 0-d
+    weight would change the dtype the contributions are summed in), and with a dropped slot (-1)."""
+    from expertcache import moe_block
+
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16)
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="none", io="buffered") as eng:
+        block = next(m for m in eng.model.modules() if isinstance(m, moe_block.OffloadedMoE))
+        g = torch.Generator().manual_seed(3)
+        hidden = eng.model.config.hidden_size
+        for ids in ([[5, 1]], [[2, -1]]):
+            x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
+            logits = torch.randn(1, 8, generator=g).to(torch.bfloat16)
+            weights = torch.rand(1, 2, generator=g).to(weights_dtype)
+            ids_t = torch.tensor(ids)
+            fast = block._experts(x, logits, weights, ids_t)
+            monkeypatch.setattr(moe_block, "ONE_TOKEN_PATH", False)
+            general = block._experts(x, logits, weights, ids_t)
+            monkeypatch.setattr(moe_block, "ONE_TOKEN_PATH", True)
+            assert fast.dtype == general.dtype == torch.bfloat16
+            assert torch.equal(fast, general)

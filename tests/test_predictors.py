@@ -422,9 +422,10 @@ def test_prefetch_benchmark_report_structure():
     base = bench._row("decode", "50%", "none", 1, none, [1.0, 1.0, 1.0])
     rep = bench.Report(model="m", tokens=8, prefill_tokens=16, rounds=3, depths=[1], io="direct", torch_threads=1,
                        decode=[base, row], prefill=[base, row], best_decode_50={"prefetch": "next-gate", "depth": 1, "ratio": 0.75},
-                       prefill_ratio=0.75, prefill_bound=0.6, targets={"decode_50_at_most_0.8": True, "prefill_at_most_0.8": True},
-                       seconds=1.0)  # fmt: skip
+                       decode_bound_50=0.7, prefill_ratio={"50%": 0.75}, prefill_bound={"50%": 0.6},
+                       targets={"decode_50_at_most_0.8": True, "prefill_at_most_0.8": {"50%": True}}, seconds=1.0)  # fmt: skip
     assert json.loads(json.dumps(asdict(rep)))["decode"][1]["prefetch"] == "next-gate"
     md = bench.markdown(rep)
-    assert "| 50% | next-gate | 1 | 9.00 | 0.75 |" in md and "target <= 0.8: met" in md
-    assert "all experts resident: 0.60 x none" in md
+    assert "| 50% | next-gate | 1 | 9.00 | 0.75 |" in md
+    assert "at 0.75 x none (target <= 0.8: met); all experts resident: 0.70 x none" in md
+    assert "Prefill at 50% with pipelining: 0.75 x none (target <= 0.8: met); all experts resident: 0.60 x none" in md
