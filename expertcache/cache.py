@@ -13,7 +13,9 @@ Rules (DESIGN.md invariants 2-4):
   expert of the layers between the running layer and its target (AdapMoE: a wrong guess never
   pushes out a useful expert);
 - a guess joins the eviction policy at its first use, as a demand load does at its miss: wrong
-  guesses never skew the policy's counts, and a used one is counted once.
+  guesses never skew the policy's counts, and a used one is counted once;
+- in a sweep (a call that needs at least half its layer: a long prompt) eviction follows the
+  forward order, furthest next use first, never an expert the call needs (CacheCore.route).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,13 +65,53 @@ class CacheCore:
     free: list[int] = field(default_factory=list)
     per_layer: Counter = field(default_factory=Counter)
     now: int = -1  # index of the running batch: tick() before each, so the first is 0 (as BeladyPolicy's future)
+    layers: list[int] = field(default_factory=list)  # sparse layers in forward order; [] = no sweep rule
+    experts_per_layer: int = 0  # routed experts per layer
+    sweep: int | None = None  # the running layer while its call is a sweep (see route)
+    sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
 
     def __post_init__(self) -> None:
         self.free = list(range(self.capacity - 1, -1, -1))
+        self._order = {layer: i for i, layer in enumerate(self.layers)}
 
     def tick(self) -> int:
         self.now += 1
         return self.now
+
+    def route(self, layer: int, needed: Iterable[int]) -> None:
+        """The running call's router chose the distinct experts `needed` of `layer`. A call that needs at
+        least half of them (a long prompt) is a sweep: every later layer of this forward will need
+        most of its experts too, so until the next call eviction follows the forward order instead
+        of the policy (see choose_victim). The policy still orders experts inside a layer, and
+        partitioned policies and Belady (which knows the future) keep their own order."""
+        needed = frozenset(needed)
+        sweep = (
+            layer in self._order
+            and self.quotas is None
+            and self.policy.name != "belady"
+            and len(needed) >= max(2, (self.experts_per_layer + 1) // 2)
+        )
+        self.sweep = layer if sweep else None
+        self.sweep_needed = needed if sweep else frozenset()
+
+    def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
+        """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
+        call does not need (next forward), then L-1, L-2, ..., the first layer, then the last, ...,
+        L+1 (this forward); never one the call needs (acquire pins them one by one). Belady's choice for a prompt that uses every expert; an LRU or LFU would instead
+        evict the first layers, which the next prompt needs first (0 hits at any budget below 100%)."""
+        n, at = len(self.layers), self._order[self.sweep]
+        far, layer = -1, None
+        for eid in self.entries:
+            if eid[0] == self.sweep and eid[1] in self.sweep_needed:
+                continue
+            d = (self._order.get(eid[0], at) - at - 1) % n  # L-1 -> n-2, ..., L+1 -> 0; L -> n-1
+            if d > far and ok(eid):
+                far, layer = d, eid[0]
+        if layer is None:
+            return None
+        in_layer = lambda e: e[0] == layer and ok(e) and not (layer == self.sweep and e[1] in self.sweep_needed)  # noqa: E731
+        victim = self.policy.victim(in_layer, self.now)
+        return victim if victim is not None else next(e for e in self.entries if in_layer(e))  # a guess not yet used
 
     def _evictable(self, eid: ExpertId, protect: set[ExpertId]) -> bool:
         e = self.entries.get(eid)
@@ -81,6 +123,10 @@ class CacheCore:
         for eid, ent in self.entries.items():  # oldest wrong guess first
             if ent.wasted and ok(eid):
                 return eid
+        if self.sweep is not None:
+            victim = self._sweep_victim(ok)
+            if victim is not None:
+                return victim
         if self.quotas is not None:
             over = {l for l, n in self.per_layer.items() if n > self.quotas.get(l, 0)}
             if over:
@@ -152,7 +198,10 @@ class ExpertCache:
         capacity = min(budget_bytes // expert_bytes, store.num_experts)
         self.expert_bytes = expert_bytes
         self.budget_bytes = budget_bytes
-        self.core = CacheCore(capacity, policy, equal_quotas(capacity, layers) if partitioned else None)
+        self.core = CacheCore(
+            capacity, policy, equal_quotas(capacity, layers) if partitioned else None,
+            layers=sorted(layers), experts_per_layer=store.num_experts // max(len(layers), 1),
+        )  # fmt: skip
         self.store = store
         self.arena = SlotArena(capacity, store.slot_bytes)
         self.loader = Loader(store, self.arena, threads=io_threads)
@@ -168,6 +217,7 @@ class ExpertCache:
         """The layer's router has run: its speculative entries it does not need are wrong guesses;
         cancel those still queued and mark the rest first to go."""
         needed = set(needed)
+        self.core.route(layer, needed)
         for eid, ent in list(self.core.entries.items()):
             if not ent.ready and ent.pins == 0 and ent.task is not None and ent.task.finished:
                 self._settle(eid, ent)  # a finished load is evictable now (nothing else settles a wrong guess)

@@ -208,13 +208,14 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     quotas = None
     if partitioned:
         quotas = equal_quotas(capacity, stream.layers) if allocation == "equal" else dp_allocation(stream, budget, capacity)
-    core = CacheCore(capacity, policy, quotas)
+    core = CacheCore(capacity, policy, quotas, layers=stream.layers, experts_per_layer=stream.shape.num_experts)
     eb = stream.expert_bytes
     out = Replay(name, budget, "engine")
     if prefetch:
         return _replay_timed(core, calls, stream, hardware, out)
     for step, waves in calls:
         hits = misses = 0
+        core.route(step.layer, {e for _, e in step.lookups})  # as ExpertCache.preempt
         for wave in waves:
             core.tick()
             pinned = []

@@ -146,7 +146,9 @@ class TimedCache:
         for _, experts in lead:
             eids = [(layer, e) for e in experts]
             self._issue(eids, set(eids) | {e for e in self.core.entries if e[0] == layer}, s, timed)
-        self._preempt(layer, {e for w in waves for _, e in w})
+        needed = {e for w in waves for _, e in w}
+        self.core.route(layer, needed)  # as ExpertCache.preempt
+        self._preempt(layer, needed)
         waited = 0.0
         for i, wave in enumerate(waves):
             waits = self._acquire(layer, wave, s + waited, timed)

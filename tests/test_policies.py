@@ -409,3 +409,75 @@ def test_belady_is_optimal_on_single_expert_batches(stream, capacity):
     best = run("belady", batches, capacity=capacity, future=batches)[0]
     for name in ("lru", "lfu", "lfru", "random"):
         assert best >= run(name, batches, capacity=capacity, seed=2)[0], name
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps: calls that need most of their layer (long prompts)
+# --------------------------------------------------------------------------------------------------
+def sweep_passes(core: CacheCore, layers: list[int], experts: int, passes: int, order=None) -> list[int]:
+    """Hits per forward pass of calls that each need every expert of their layer, acquired as the
+    engine does (route, then pin one by one in `order`, evicting as needed)."""
+    hits_per_pass = []
+    for _ in range(passes):
+        hits = 0
+        for layer in layers:
+            needed = list(order or range(experts))
+            core.route(layer, needed)
+            core.tick()
+            for e in needed:
+                ent = core.entries.get((layer, e))
+                if ent is not None:
+                    hits += 1
+                    core.policy.access((layer, e), core.now)
+                else:
+                    assert core.make_room((layer, e)), "every entry pinned"
+                    ent = core.add((layer, e), speculative=False, ready=True)
+                ent.pins += 1
+            for e in needed:
+                core.entries[(layer, e)].pins -= 1
+        hits_per_pass.append(hits)
+    return hits_per_pass
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "random"])
+def test_a_sweep_evicts_in_forward_order_so_the_next_prompt_hits(name):
+    """Three layers of four experts, eight slots, every call needs its whole layer. An LRU or LFU
+    alone evicts the layer the next pass needs first and never hits; in forward order (the running
+    layer's unneeded experts, then the layer before it, ..., wrapping round to the one after it)
+    every policy gets exactly what Belady gets on this stream."""
+    layers = [0, 1, 2]
+    future = [[(l, e) for e in range(4)] for _ in range(4) for l in layers]
+    belady = CacheCore(8, make_policy("belady", future=future)[0], None, layers=layers, experts_per_layer=4)
+    best = sweep_passes(belady, layers, 4, 4)  # the rule leaves Belady alone
+    assert best == [0, 8, 4, 8]
+    swept = CacheCore(8, make_policy(name, seed=1)[0], None, layers=layers, experts_per_layer=4)
+    assert sweep_passes(swept, layers, 4, 4) == best
+    check_core(swept)
+    if name in ("lru", "lfu"):
+        plain = CacheCore(8, make_policy(name)[0], None)  # no layer order given: the policy alone
+        assert sweep_passes(plain, layers, 4, 4) == [0, 0, 0, 0]
+
+
+def test_a_sweep_never_evicts_an_expert_its_own_call_still_needs():
+    """The call pins its experts one by one: resident ones it reaches later must not be taken for
+    the earlier misses (the running layer's experts come first in the sweep order otherwise)."""
+    layers = [0, 1]
+    core = CacheCore(6, make_policy("lru")[0], None, layers=layers, experts_per_layer=4)
+    sweep_passes(core, layers, 4, 1)  # layer 0 then layer 1: two of layer 0 stay
+    kept = sorted(e for l, e in core.entries if l == 0)
+    assert len(kept) == 2
+    order = [e for e in range(4) if e not in kept] + kept  # misses first, the resident ones last
+    assert sweep_passes(core, [0], 4, 1, order=order) == [2]
+
+
+def test_small_calls_are_no_sweep():
+    core = CacheCore(8, make_policy("lfu")[0], None, layers=[0, 1], experts_per_layer=8)
+    core.route(1, [3, 5])  # a decode step: top-2 of 8
+    assert core.sweep is None
+    core.route(1, [0, 1, 2, 3])  # half the layer
+    assert core.sweep == 1
+    core.route(0, [4])
+    assert core.sweep is None
+    part = CacheCore(8, make_policy("layer")[0], equal_quotas(8, [0, 1]), layers=[0, 1], experts_per_layer=8)
+    part.route(0, range(8))
+    assert part.sweep is None  # partitioned policies keep their shares

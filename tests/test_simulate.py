@@ -284,3 +284,23 @@ def test_cli_simulate_refuses_a_file_that_is_no_trace(tmp_path, capsys):
     assert "route.csv" in err and len(err.splitlines()) == 1
     assert main(["simulate", "--trace", str(tmp_path / "missing.npz"), "--budget", "1GiB"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_repeated_prompts_hit_and_engine_replay_follows_the_sweep_rule(tiny, tmp_path, policy):
+    """Long prompts one after another at 50 %: each prompt's calls need most of their layer, so the
+    cache evicts in forward order and the next prompt finds the experts it needs first (without
+    the rule an LRU or LFU hits nothing here). Engine-mode replay applies the same rule: the run's
+    hits and misses, exactly."""
+    with expertcache.load(tiny, expert_budget="50%", cache_policy=policy, prefetch="none") as engine:
+        with Recorder(engine) as rec:
+            hits = []
+            for i in range(3):
+                before = engine.stats()["hits"]
+                engine.generate(PROMPT[i:] + PROMPT[:i], max_new_tokens=1)
+                hits.append(engine.stats()["hits"] - before)
+        stats, budget_bytes = engine.stats(), engine.budget_bytes
+    assert hits[0] == 0 and min(hits[1:]) > 0, hits
+    trace = Trace.load(rec.trace.save(tmp_path / "prompts.npz"))
+    r = replay(trace, policy, budget_bytes, mode="engine")
+    assert (r.lookups, r.hits, r.misses, r.bytes_read) == (stats["lookups"], stats["hits"], stats["misses"], stats["bytes_read"])
