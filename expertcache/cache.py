@@ -94,6 +94,20 @@ class CacheCore:
         self.sweep = layer if sweep else None
         self.sweep_needed = needed if sweep else frozenset()
 
+    def end_call(self) -> None:
+        """The running call has computed every expert it needed: in a sweep they are now the
+        entries used furthest ahead (the next forward), the first to make room."""
+        self.sweep_needed = frozenset()
+
+    def kept_from_guesses(self) -> set[ExpertId]:
+        """In a sweep, what a guess may not take a slot from: every entry but the running layer's
+        experts its call does not need. Those others are Belady's keep (the next prompt needs them
+        first); a guess loaded early into one of their slots only moves a read from now to the
+        next prompt, and adds one. (Free slots and written-off guesses stay open to guesses.)"""
+        if self.sweep is None:
+            return set()
+        return {e for e in self.entries if not (e[0] == self.sweep and e[1] not in self.sweep_needed)}
+
     def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
         """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
         call does not need (next forward), then L-1, L-2, ..., the first layer, then the last, ...,
@@ -351,7 +365,8 @@ class ExpertCache:
     # --- speculation ---------------------------------------------------------------------------
     def prefetch(self, eids: list[ExpertId], limit: int | None = None, *, keep_layers: Iterable[int] = ()) -> int:
         """Start speculative loads for `eids` (in priority order) that are not resident, within the
-        budget, never evicting a pinned entry, one this request wants, or any entry of `keep_layers`.
+        budget, never evicting a pinned entry, one this request wants, or any entry of `keep_layers`
+        (nor, in a sweep, anything Belady keeps: CacheCore.kept_from_guesses).
 
         The caller passes the running layer and every layer up to its farthest target as
         `keep_layers`: their resident experts may be needed before any guess is, so a wrong guess
@@ -360,7 +375,7 @@ class ExpertCache:
         core = self.core
         want = set(eids)
         keep = set(keep_layers)
-        protect = want | {e for e in core.entries if e[0] in keep}
+        protect = want | {e for e in core.entries if e[0] in keep} | core.kept_from_guesses()
         started: list[tuple[ExpertId, Entry]] = []
         for eid in eids:
             if limit is not None and len(started) >= limit:

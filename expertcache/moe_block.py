@@ -10,6 +10,7 @@ One call, for T tokens of one layer:
            (first wave) predictor guesses later layers -> cache.prefetch at low priority
            compute ready experts first, the rest as they arrive -> contributions [T, k, H]
            cache.release
+      -> in a sweep (a long prompt), the guesses again: this layer's finished experts make room
       -> sum over k in transformers' own order and dtype (+ shared expert) -> [T, H]
 
 The contributions are combined exactly as transformers' grouped_mm path does (weighted per
@@ -102,11 +103,12 @@ class OffloadedMoE(nn.Module):
             (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
         )  # [T, k, H]
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
+        guesses: list[tuple[int, list[int]]] = []
         for start in range(0, len(needed), cache.capacity):
             wave = cache.acquire(self.layer, needed[start : start + cache.capacity])
             try:
                 if start == 0 and self.ctx.prefetch_enabled:
-                    self._prefetch(x, logits)
+                    guesses = self._prefetch(x, logits)
                 pending = list(wave)
                 while pending:
                     # nothing ready: wait for the load that arrives first (prefetched ones lead), not the lowest id
@@ -122,18 +124,30 @@ class OffloadedMoE(nn.Module):
                         pending.remove(eid)
             finally:
                 cache.release(wave)
+        if guesses and cache.core.sweep == self.layer:
+            # a sweep: guesses could not take the slots Belady keeps while this layer computed;
+            # now its own experts are done (used furthest ahead), they make room for the rest
+            cache.core.end_call()
+            self._request(guesses, after=True)
         return contrib.sum(dim=1).to(x.dtype)
 
-    def _prefetch(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+    def _prefetch(self, x: torch.Tensor, logits: torch.Tensor) -> list[tuple[int, list[int]]]:
         guesses = self.ctx.predictor.predict(self.layer, x, logits)
-        eids = [(target, e) for target, experts in guesses for e in experts]
         self.ctx.predictions.update(guesses)
+        self._request(guesses, after=False)
+        return guesses
+
+    def _request(self, guesses: list[tuple[int, list[int]]], *, after: bool) -> None:
+        eids = [(target, e) for target, experts in guesses for e in experts]
         if eids:
             # this layer's and the skipped-over layers' resident experts are needed before any guess;
             # so are those of layers no guess ever targets (the first sparse layer): evicted, they
-            # only come back by a demand miss (measured: layer 0's misses 2.3x those without prefetch)
+            # only come back by a demand miss (measured: layer 0's misses 2.3x those without prefetch).
+            # After the call (`after`), this layer's experts are no longer needed first.
             keep = set(range(self.layer, max(t for t, _ in guesses) + 1))
             keep.update(l for l, _ in self.ctx.cache.core.entries if l not in self.ctx.predictions)
+            if after:
+                keep.discard(self.layer)
             self.ctx.cache.prefetch(eids, keep_layers=keep)
 
 

@@ -157,6 +157,9 @@ class TimedCache:
             if waits:
                 waited = max(waited, self.link.finish(waits) - s)
             self._release(layer, wave)
+        if guesses and self.core.sweep == layer:  # as OffloadedMoE._experts after its waves
+            self.core.end_call()
+            self._prefetch(layer, guesses, s + waited, timed, after=True)
         if not timed:
             self._land_everything()
         misses = c.misses - misses0
@@ -265,21 +268,24 @@ class TimedCache:
             return
         raise RuntimeError(f"no slot can be freed for {incoming}: all {core.capacity} slots are pinned")
 
-    def _prefetch(self, layer: int, guesses, now: float, timed: bool) -> None:
+    def _prefetch(self, layer: int, guesses, now: float, timed: bool, after: bool = False) -> None:
         core = self.core
         eids = [(t, e) for t, experts in guesses for e in experts]
         self.predicted.update(t for t, _ in guesses)
         if not eids:
             return
-        # as OffloadedMoE._prefetch: the running and skipped-over layers, and layers no guess ever
+        # as OffloadedMoE._request: the running and skipped-over layers, and layers no guess ever
         # targets (only a demand miss brings their experts back), keep their resident experts
         keep = set(range(layer, max(t for t, _ in guesses) + 1))
         keep.update(l for l, _ in core.entries if l not in self.predicted)
+        if after:
+            keep.discard(layer)
         self._issue(eids, set(eids) | {e for e in core.entries if e[0] in keep}, now, timed)
 
     def _issue(self, eids: list[ExpertId], protect: set[ExpertId], now: float, timed: bool) -> None:
         """As ExpertCache.prefetch: speculative loads in order, never evicting a protected entry."""
         core = self.core
+        protect = protect | core.kept_from_guesses()
         for eid in eids:
             if eid in core.entries:
                 continue

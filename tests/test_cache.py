@@ -389,3 +389,30 @@ def test_a_prefetch_that_arrived_in_time_is_not_late(rig):
     assert (r.stats.hits, r.stats.prefetch_used, r.stats.prefetch_late) == (1, 1, 0)
     assert r.task((1, 5)).priority == PREFETCH
     cache.release(wave)
+
+
+def test_in_a_sweep_a_guess_takes_only_the_running_layers_finished_experts(rig):
+    """A call that needs most of its layer (a long prompt) is a sweep: the entries it keeps for the
+    next prompt (Belady's choice) are off limits to guesses while the layer computes; once its
+    experts are done (end_call) they, not the kept ones, make room for the guesses."""
+    r = rig(10)
+    cache = r.cache
+    r.gate.open()
+    use(cache, 0, range(8))
+    cache.preempt(1, range(8))  # routes layer 1: a sweep
+    assert cache.core.sweep == 1
+    wave = cache.acquire(1, range(8))  # evicts in forward order: six of layer 0 go, two stay
+    r.drain()
+    for eid in wave:
+        cache.weights(eid)
+    kept = {e for e in r.entries() if e[0] == 0}
+    assert len(kept) == 2
+    guesses = [(0, e) for e in range(8) if (0, e) not in kept]
+    assert cache.prefetch(guesses) == 0  # full: the kept ones and the pinned layer are off limits
+    cache.release(wave)
+    assert cache.prefetch(guesses) == 0  # layer 1's experts are released but still the call's own
+    cache.core.end_call()
+    assert cache.prefetch(guesses) == 6  # now they make room, the kept ones stay
+    assert kept <= r.entries() and sum(1 for e in r.entries() if e[0] == 1) == 2
+    r.drain()
+    r.check()

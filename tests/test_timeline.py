@@ -171,3 +171,27 @@ def test_compute_calibration_makes_every_expert_resident_first(tiny):
         assert len(engine.cache.resident()) == len(engine.checkpoint.experts)
     with expertcache.load(tiny, expert_budget="50%", prefetch="none") as engine:
         assert not _make_resident(engine)
+
+
+def test_long_prompts_stream_guesses_through_the_finished_layer_and_replay_exactly(tiny, tmp_path):
+    """Prompts one after another at 50 %: each prefill call is a sweep. Guesses then never take the
+    slots kept for the next prompt; they load once the layer's own experts are done. Prefetch thus
+    reads no more than demand loading plus what its wrong guesses cost, turns most misses into hits, and
+    the prefetch replay reproduces the run's counters exactly."""
+    prompts = [PROMPT[i:] + PROMPT[:i] for i in range(3)]
+    runs = {}
+    for prefetch in ("none", "next-gate"):
+        with expertcache.load(tiny, expert_budget="50%", cache_policy="lfu", prefetch=prefetch) as engine:
+            with Recorder(engine) as rec:
+                for p in prompts:
+                    engine.generate(p, max_new_tokens=1)
+            runs[prefetch] = (engine.stats(), rec.trace, engine.budget_bytes, engine.checkpoint.expert_bytes)
+    none, (ng, trace, budget, expert_bytes) = runs["none"][0], runs["next-gate"]
+    assert ng["prefetch_issued"] > 0 and ng["misses"] < none["misses"] / 2
+    # a wrong guess costs its own read and at most the read of the expert it displaced
+    assert ng["bytes_read"] <= none["bytes_read"] + 2 * ng["prefetch_wasted"] * expert_bytes
+    instant = Hardware("instant", "every read lands at once", 1e18, 0.0, 1e-3)
+    r = replay(Trace.load(trace.save(tmp_path / "prompts.npz")), "lfu", budget, mode="engine", prefetch=True, hardware=instant)
+    assert (r.lookups, r.hits, r.misses, r.bytes_read) == (ng["lookups"], ng["hits"], ng["misses"], ng["bytes_read"])
+    for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled"):
+        assert r.prefetch[k] == ng[k], k
