@@ -373,16 +373,17 @@ class ExpertCache:
         never pushes out a useful expert (AdapMoE's rule); it may take a free slot, a written-off
         guess, or what the eviction policy would evict next anyway. Returns loads started."""
         core = self.core
-        want = set(eids)
-        keep = set(keep_layers)
-        protect = want | {e for e in core.entries if e[0] in keep} | core.kept_from_guesses()
+        protect: set[ExpertId] | None = None  # made when a guess first has to evict (a decode step's guesses are mostly resident)
         started: list[tuple[ExpertId, Entry]] = []
         for eid in eids:
             if limit is not None and len(started) >= limit:
                 break
             if eid in core.entries:
                 continue
-            if not core.make_room(eid, protect=protect):
+            if protect is None and (not core.free or core.quotas is not None):
+                keep = set(keep_layers)
+                protect = set(eids) | {e for e in core.entries if e[0] in keep} | core.kept_from_guesses()
+            if not core.make_room(eid, protect=protect or frozenset()):
                 break
             started.append((eid, core.add(eid, speculative=True, ready=False)))
             self.stats.layer(eid[0]).prefetch_issued += 1

@@ -145,7 +145,7 @@ class OffloadedMoE(nn.Module):
             # only come back by a demand miss (measured: layer 0's misses 2.3x those without prefetch).
             # After the call (`after`), this layer's experts are no longer needed first.
             keep = set(range(self.layer, max(t for t, _ in guesses) + 1))
-            keep.update(l for l, _ in self.ctx.cache.core.entries if l not in self.ctx.predictions)
+            keep.update(l for l, n in self.ctx.cache.core.per_layer.items() if n and l not in self.ctx.predictions)
             if after:
                 keep.discard(self.layer)
             self.ctx.cache.prefetch(eids, keep_layers=keep)
