@@ -111,8 +111,9 @@ class CacheCore:
     def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
         """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
         call does not need (next forward), then L-1, L-2, ..., the first layer, then the last, ...,
-        L+1 (this forward); never one the call needs (acquire pins them one by one). Belady's choice for a prompt that uses every expert; an LRU or LFU would instead
-        evict the first layers, which the next prompt needs first (0 hits at any budget below 100%)."""
+        L+1 (this forward); never one the call needs (acquire pins them one by one). Belady's
+        choice for a prompt that uses every expert; an LRU or LFU would instead evict the first
+        layers, which the next prompt needs first (0 hits at any budget below 100%)."""
         n, at = len(self.layers), self._order[self.sweep]
         far, layer = -1, None
         for eid in self.entries:

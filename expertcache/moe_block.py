@@ -103,6 +103,8 @@ class OffloadedMoE(nn.Module):
             (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
         )  # [T, k, H]
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
+        if single is not None and len(set(single)) < len(single):
+            single = None  # an expert in two slots (no routing policy makes one): the general path covers both
         guesses: list[tuple[int, list[int]]] = []
         for start in range(0, len(needed), cache.capacity):
             wave = cache.acquire(self.layer, needed[start : start + cache.capacity])
