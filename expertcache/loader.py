@@ -86,13 +86,14 @@ class Loader:
         with self._cv:
             if self._closed:
                 raise RuntimeError("loader is closed")
-            tasks = []
+            tasks, chunks = [], 0
             for eid, slot in loads:
                 task = LoadTask(eid, slot, priority, next(self._seq))
                 heapq.heappush(self._heap, (priority, task.seq, task))
                 tasks.append(task)
-            if tasks:
-                self._cv.notify_all()  # every idle thread can take one of their chunks
+                chunks += self._store.chunk_count(eid)
+            if tasks:  # as many idle threads as there are chunks to take (a wake-up costs the caller)
+                self._cv.notify(min(chunks, len(self._threads)))
             return tasks
 
     def promote(self, task: LoadTask) -> None:
