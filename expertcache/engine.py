@@ -174,7 +174,11 @@ class Engine:
             raise
         self.context.prefetch_enabled = config.prefetch != "none"
         if ckpt.sparse_layers:
-            first = FirstLayerPrefetch(self.context, ckpt.sparse_layers[0], ckpt.num_experts, ckpt.top_k)
+            lead = ckpt.sparse_layers[0]
+            block = next((m for m in self.model.modules() if isinstance(m, OffloadedMoE) and m.layer == lead), None)
+            norm = getattr(self.model.model.layers[lead], "post_attention_layernorm", None)
+            first = FirstLayerPrefetch(self.context, lead, ckpt.num_experts, ckpt.top_k,
+                                       router=block.gate if block is not None else None, norm=norm)
             self.model.model.layers[0].register_forward_pre_hook(first, with_kwargs=True)
         self.tokenizer = _load_tokenizer(model_dir)
         self.generation_config = getattr(self.model, "generation_config", None)

@@ -325,16 +325,36 @@ def test_prefill_loads_the_next_layers_experts_behind_this_layers_compute(model_
         assert s[str(first)]["prefetch_issued"] == n and s[str(first)]["misses"] == 0
 
 
-def test_first_layer_prefetch_only_for_prompts_that_use_the_whole_layer(model_dir):
-    """E (1 - k/E)^T < 1/2: at 8 experts top-2 from 10 tokens on; never in a decode step."""
-    from expertcache.moe_block import all_experts_likely
+def test_first_layer_prefetch_all_for_long_prompts_and_the_routers_guess_otherwise(model_dir):
+    """The first sparse layer: all its experts for a prompt that uses the whole layer (E (1 - k/E)^T
+    < 1/2: at 8 experts top-2 from 10 tokens on); for a shorter call (a decode step) the top-k its
+    own norm and router give the token's input to the first decoder layer (its embedding), before
+    attention runs. Recorded as the call's guess for its own layer; nothing without prefetch."""
+    from expertcache.moe_block import OffloadedMoE, all_experts_likely
 
     assert not all_experts_likely(9, 8, 2) and all_experts_likely(10, 8, 2)
     assert not all_experts_likely(85, 128, 8) and all_experts_likely(86, 128, 8)
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered") as eng:
+        first = eng.checkpoint.sparse_layers[0]
+        with Recorder(eng) as rec:
+            out = eng.generate(PROMPT[:6], max_new_tokens=8, stop_at_eos=False)  # short prompt, then decode steps
+        calls = [r for r in rec.trace.routes if r.layer == first]
+        block = next(m for m in eng.model.modules() if isinstance(m, OffloadedMoE) and m.layer == first)
+        norm = eng.model.model.layers[first].post_attention_layernorm
+        inputs = [PROMPT[:6]] + [[t] for t in out.token_ids[:-1]]  # each forward's new tokens
+        assert len(calls) == len(inputs) == 8  # the prompt, then 7 decode steps (the 8th token needs no forward)
+        with torch.no_grad():
+            for call, toks in zip(calls, inputs):
+                emb = eng.model.model.embed_tokens(torch.tensor([toks]))[0]  # [T, H]
+                logits = block.gate(norm(emb))[0]
+                want = rank(logits, eng.checkpoint.top_k)
+                assert call.guesses[0] == (first, want), (call.phase, call.guesses[0], want)
+                assert len(toks) > 1 or len(want) == 2
     with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="buffered") as eng:
-        first = str(eng.checkpoint.sparse_layers[0])
-        eng.generate(PROMPT[:6], max_new_tokens=8, stop_at_eos=False)  # short prompt, then decode steps
-        assert eng.stats()["layers"][first]["prefetch_issued"] == 0
+        with Recorder(eng) as rec:
+            eng.generate(PROMPT, max_new_tokens=1)  # a 40-token prompt: the whole first layer
+        call = next(r for r in rec.trace.routes if r.layer == first)
+        assert call.guesses[0] == (first, list(range(eng.checkpoint.num_experts)))
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
         eng.generate(PROMPT, max_new_tokens=1)  # prefetch none: nothing speculative at all
         assert eng.stats()["prefetch_issued"] == 0

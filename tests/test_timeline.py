@@ -126,10 +126,13 @@ def test_recorded_guesses_round_trip_and_replay_the_runs_prefetching(tiny, tmp_p
     ahead = {id(r): [g for g in r.guesses if g[0] != r.layer] for r in trace.routes}
     assert all(ahead[id(r)] and ahead[id(r)][0][0] == r.layer + 1 for r in trace.routes if r.layer < 3)
     # the prompt (10 tokens, 8 experts top-2) uses all of layer 0: requested before its call, recorded
-    # as a guess for the call's own layer; decode steps request nothing ahead of layer 0
+    # as a guess for the call's own layer; a decode step requests layer 0's router's top-2 for its
+    # token; no other layer gets a guess of its own
     prefill0 = [r for r in trace.routes if r.layer == 0 and r.phase == "prefill"]
     assert prefill0 and all(r.guesses[0] == (0, list(range(8))) for r in prefill0)
-    assert all(g[0] != r.layer for r in trace.routes if r.phase == "decode" for g in r.guesses)
+    decode0 = [r for r in trace.routes if r.layer == 0 and r.phase == "decode"]
+    assert decode0 and all(r.guesses[0][0] == 0 and len(r.guesses[0][1]) == 2 for r in decode0)
+    assert all(g[0] != r.layer for r in trace.routes if r.layer != 0 for g in r.guesses)
     instant = Hardware("instant", "every read lands at once", 1e18, 0.0, 1e-3)
     r = replay(trace, "lfu", budget, mode="engine", prefetch=True, hardware=instant)
     assert r.lookups == stats["lookups"]
