@@ -143,14 +143,8 @@ class OffloadedMoE(nn.Module):
     def _request(self, guesses: list[tuple[int, list[int]]], *, after: bool) -> None:
         eids = [(target, e) for target, experts in guesses for e in experts]
         if eids:
-            # this layer's and the skipped-over layers' resident experts are needed before any guess;
-            # so are those of layers no guess ever targets (the first sparse layer): evicted, they
-            # only come back by a demand miss (measured: layer 0's misses 2.3x those without prefetch).
-            # After the call (`after`), this layer's experts are no longer needed first.
-            keep = set(range(self.layer, max(t for t, _ in guesses) + 1))
-            keep.update(l for l, n in self.ctx.cache.core.per_layer.items() if n and l not in self.ctx.predictions)
-            if after:
-                keep.discard(self.layer)
+            core = self.ctx.cache.core
+            keep = core.guess_keep(self.layer, max(t for t, _ in guesses), self.ctx.predictions, after=after)
             self.ctx.cache.prefetch(eids, keep_layers=keep)
 
 

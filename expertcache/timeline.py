@@ -274,12 +274,7 @@ class TimedCache:
         self.predicted.update(t for t, _ in guesses)
         if not eids:
             return
-        # as OffloadedMoE._request: the running and skipped-over layers, and layers no guess ever
-        # targets (only a demand miss brings their experts back), keep their resident experts
-        keep = set(range(layer, max(t for t, _ in guesses) + 1))
-        keep.update(l for l, _ in core.entries if l not in self.predicted)
-        if after:
-            keep.discard(layer)
+        keep = core.guess_keep(layer, max(t for t, _ in guesses), self.predicted, after=after)  # as OffloadedMoE._request
         self._issue(eids, set(eids) | {e for e in core.entries if e[0] in keep}, now, timed)
 
     def _issue(self, eids: list[ExpertId], protect: set[ExpertId], now: float, timed: bool) -> None:
