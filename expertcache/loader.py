@@ -70,6 +70,7 @@ class Loader:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
+        self._idle = 0  # threads waiting for work
         self.bytes_read = 0  # tensor bytes read (payload); a cancelled task has read none
         self.chunks_read = 0
         self.on_chunk: Callable[[LoadTask, int], None] | None = None  # test hook: (task, chunk index)
@@ -82,18 +83,18 @@ class Loader:
 
     def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list[LoadTask]:
         """Queue (expert, slot) loads in this order under one lock and one wake-up: a prefetch of
-        several experts costs the compute thread one hand-over to the I/O threads, not one each."""
+        several experts costs the compute thread one hand-over to the I/O threads, not one each;
+        a woken thread wakes the next while chunks are left."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("loader is closed")
-            tasks, chunks = [], 0
+            tasks = []
             for eid, slot in loads:
                 task = LoadTask(eid, slot, priority, next(self._seq))
                 heapq.heappush(self._heap, (priority, task.seq, task))
                 tasks.append(task)
-                chunks += self._store.chunk_count(eid)
-            if tasks:  # as many idle threads as there are chunks to take (a wake-up costs the caller)
-                self._cv.notify(min(chunks, len(self._threads)))
+            if tasks and self._idle:  # one idle thread; it wakes the next if chunks are left (_work):
+                self._cv.notify(1)  # each wake-up costs its caller ~10 us here, and this caller is the compute thread
             return tasks
 
     def promote(self, task: LoadTask) -> None:
@@ -146,8 +147,12 @@ class Loader:
                 while claim is None:
                     if self._closed:
                         return
+                    self._idle += 1
                     self._cv.wait()
+                    self._idle -= 1
                     claim = self._claim()
+                if self._heap and self._idle:  # chunks may be left: the next idle thread reads beside this one
+                    self._cv.notify(1)
             self._read(*claim)
 
     def _read(self, task: LoadTask, i: int) -> None:

@@ -105,11 +105,6 @@ class ExpertStore:
     def plan(self, eid: ExpertId) -> ExpertPlan:
         return self._plans[eid]
 
-    def chunk_count(self, eid: ExpertId) -> int:
-        """Reads the expert takes (1 for an id the store lacks: its load fails at the first)."""
-        plan = self._plans.get(eid)
-        return len(plan.chunks) if plan is not None else 1
-
     def _fd(self, path: str) -> int:
         with self._lock:
             fd = self._fds.get(path)

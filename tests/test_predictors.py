@@ -360,6 +360,38 @@ def test_first_layer_prefetch_all_for_long_prompts_and_the_routers_guess_otherwi
         assert eng.stats()["prefetch_issued"] == 0
 
 
+def test_first_layer_guess_is_remembered_per_token_input():
+    """A decode step's first-layer guess is computed once per distinct input (a token id's
+    embedding) and looked up afterwards; a different input, or a full memo, computes again."""
+    from expertcache.moe_block import BlockContext, FirstLayerPrefetch
+
+    calls = []
+
+    class Router(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return (x[:, :4] * 10,)  # logits: expert e scores feature e
+
+    class Cache:
+        requested = []
+
+        def prefetch(self, eids, keep_layers=()):
+            self.requested.append(list(eids))
+
+    ctx = BlockContext(cache=Cache(), predictor=None, routing=None)
+    hook = FirstLayerPrefetch(ctx, 0, 4, 2, router=Router(), norm=torch.nn.Identity())
+    a = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]], dtype=torch.bfloat16)
+    b = torch.tensor([[[5.0, 0.0, 1.0, 2.0]]], dtype=torch.bfloat16)
+    for h in (a, a, b, a, b):
+        hook(None, (h,), {})
+    assert ctx.cache.requested == [[(0, 1), (0, 3)]] * 2 + [[(0, 0), (0, 3)], [(0, 1), (0, 3)], [(0, 0), (0, 3)]]
+    assert calls == [1, 1]  # a and b once each
+    hook.MEMO_BYTES = 8  # room for one key of 8 bytes: a new input clears the memo
+    hook(None, (torch.tensor([[[1.0, 0.0, 0.0, 3.0]]], dtype=torch.bfloat16),), {})
+    hook(None, (a,), {})
+    assert calls == [1, 1, 1, 1] and ctx.cache.requested[-1] == [(0, 1), (0, 3)]
+
+
 # --- training and evaluation ----------------------------------------------------------------------
 def test_learned_training_runs_saves_and_loads_through_the_cli(model_dir, tmp_path, capsys):
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:

@@ -53,22 +53,25 @@ class LearnedPredictor:
     def __init__(self, *, nets: dict[tuple[int, int], ExpertMLP], layers: list[int], top_k: int, depth: int = 1) -> None:
         self._ahead = Lookahead(layers, depth)
         self._top_k = top_k
-        # each net as plain tensors, skip and fc1 stacked into one matmul: a decode step pays for
-        # three small ops per target, not five module calls
+        # each net as two plain matmuls around its activation, so a decode step pays for three small
+        # ops per target instead of five module calls: skip(x) = act(s) - act(-s) with s = skip's
+        # pre-activation (true of ReLU and GELU alike: act(s) - act(-s) = s), so
+        #   scores = [I, -I, fc2] @ act([skip; -skip; fc1] @ x + b_in) + fc2.bias
         self._weights: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self._act = {key: net.act for key, net in nets.items()}
         for key, net in nets.items():
             with torch.no_grad():
-                w_in = torch.cat([net.skip.weight, net.fc1.weight]).detach().clone()  # [E + M, H]
-                b_in = torch.cat([net.skip.bias, net.fc1.bias]).detach().clone()  # [E + M]
-                self._weights[key] = (w_in, b_in, net.fc2.weight.detach().clone(), net.fc2.bias.detach().clone())
+                skip_w, skip_b = net.skip.weight.detach().float(), net.skip.bias.detach().float()
+                eye = torch.eye(skip_w.shape[0])
+                w_in = torch.cat([skip_w, -skip_w, net.fc1.weight.detach().float()]).contiguous()  # [2E + M, H]
+                b_in = torch.cat([skip_b, -skip_b, net.fc1.bias.detach().float()]).contiguous()  # [2E + M]
+                w_out = torch.cat([eye, -eye, net.fc2.weight.detach().float()], dim=1).contiguous()  # [E, 2E + M]
+                self._weights[key] = (w_in, b_in, w_out, net.fc2.bias.detach().float().clone())
 
     def scores(self, d: int, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """[T, E]: the same as the net's forward."""
+        """[T, E]: the net's forward (to float rounding)."""
         w_in, b_in, w_out, b_out = self._weights[(d, layer)]
-        num_experts = w_out.shape[0]
-        h = F.linear(x, w_in, b_in)  # [T, E + M]
-        return torch.addmm(h[:, :num_experts] + b_out, self._act[(d, layer)](h[:, num_experts:]), w_out.T)  # [T, E]
+        return F.linear(self._act[(d, layer)](F.linear(x, w_in, b_in)), w_out, b_out)  # [T, E]
 
     def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:
         out: Prediction = []
