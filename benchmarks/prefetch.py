@@ -67,6 +67,8 @@ class Row:
     read_mib: float
     stall_seconds: float
     rounds: list[float] = field(default_factory=list)
+    round_ratios: list[float] = field(default_factory=list)  # seconds / none's seconds, per round
+    round_stall: list[float] = field(default_factory=list)  # stall seconds, per round
     layers: dict = field(default_factory=dict)  # per-layer prefetch metrics of the last round
 
 
@@ -83,6 +85,7 @@ class Report:
     prefill: list[Row]
     best_decode_50: dict  # {"prefetch", "depth", "ratio"}
     decode_bound_50: float | None  # all-resident TPOT / none's at 50%: what a perfect, free prefetch would reach
+    decode_bound_50_rounds: list[float]  # ...per round: it moves with the disk (the slower it reads, the lower)
     prefill_ratio: dict  # {budget: pipelined TTFT / none's}
     prefill_bound: dict  # {budget: all-resident TTFT / none's}: no pipelining beats it
     targets: dict  # {"decode_50_at_most_0.8": bool, "prefill_at_most_0.8": {budget: bool}}
@@ -273,7 +276,7 @@ def _row(phase: str, budget: str, prefetch: str, depth: int, runs: list[dict], r
         precision=mm("precision"), recall=mm("recall"),
         useful_mib=mm("useful_bytes") * mib, wasted_mib=mm("wasted_bytes") * mib,
         read_mib=med("bytes_read") * mib, stall_seconds=med("stall_seconds"),
-        rounds=[r["seconds"] for r in runs], layers=last["metrics"]["layers"],
+        rounds=[r["seconds"] for r in runs], round_ratios=list(ratios), round_stall=[r["stats"]["stall_seconds"] for r in runs], layers=last["metrics"]["layers"],
     )  # fmt: skip
 
 
@@ -320,7 +323,7 @@ def run(args) -> Report:
         model=model, tokens=args.tokens, prefill_tokens=args.prefill_tokens, rounds=args.rounds, depths=args.depths,
         io="direct", torch_threads=1, decode=decode_rows, prefill=prefill_rows,
         best_decode_50={"prefetch": best.prefetch, "depth": best.depth, "ratio": best.ratio_vs_none},
-        decode_bound_50=bound(decode, "50%"),
+        decode_bound_50=bound(decode, "50%"), decode_bound_50_rounds=ratios(decode, resident, "50%"),
         prefill_ratio=pipelined, prefill_bound={b: bound(prefill, b) for b in args.prefill_budgets},
         targets={"decode_50_at_most_0.8": best.ratio_vs_none <= 0.8,
                  "prefill_at_most_0.8": {b: r is not None and r <= 0.8 for b, r in pipelined.items()}},
@@ -358,6 +361,12 @@ def markdown(rep: Report) -> str:
     lines += ["", f"Best predictor at 50%: {b['prefetch']} (depth {b['depth']}) at {b['ratio']:.2f} x none (target <= 0.8: "
               f"{met(rep.targets['decode_50_at_most_0.8'])}); all experts resident: {rep.decode_bound_50:.2f} x none, "
               "what a perfect prefetch that cost nothing would reach."]  # fmt: skip
+    best = next(r for r in rep.decode if r.budget == "50%" and (r.prefetch, r.depth) == (b["prefetch"], b["depth"]))
+    none50 = next(r for r in rep.decode if r.budget == "50%" and r.prefetch == "none")
+    lines.append("Per round, best / none: " + ", ".join(f"{x:.2f}" for x in best.round_ratios)
+                 + "; all resident / none: " + ", ".join(f"{x:.2f}" for x in rep.decode_bound_50_rounds)
+                 + "; none's stall per token (ms): "
+                 + ", ".join(f"{1000 * x / rep.tokens:.1f}" for x in none50.round_stall) + ".")  # fmt: skip
     for budget, ratio in rep.prefill_ratio.items():
         lines.append(f"Prefill at {budget} with pipelining: {ratio:.2f} x none (target <= 0.8: "
                      f"{met(rep.targets['prefill_at_most_0.8'][budget])}); all experts resident: "
