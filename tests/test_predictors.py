@@ -256,7 +256,8 @@ def test_wrong_guess_never_evicts_an_expert_of_the_layers_it_looks_over(model_di
         running = cache.acquire(0, [0, 1])
         assert cache.prefetch([(1, 5)], keep_layers=range(0, 2)) == 1
         assert {(1, 0), (1, 5)} <= set(cache.core.entries) and (3, 0) not in cache.core.entries
-        assert cache.prefetch([(1, 6)], keep_layers=range(0, 2)) == 0  # only pinned and kept entries are left
+        # (1, 5) asked again: a request without it would withdraw it if its read had not started
+        assert cache.prefetch([(1, 5), (1, 6)], keep_layers=range(0, 2)) == 0  # only pinned and kept entries are left
         assert (1, 0) in cache.core.entries
         cache.release(running)
         assert eng.stats()["layers"]["1"]["prefetch_issued"] == 1
@@ -474,10 +475,11 @@ def test_prefetch_benchmark_report_structure():
     base = bench._row("decode", "50%", "none", 1, none, [1.0, 1.0, 1.0])
     rep = bench.Report(model="m", tokens=8, prefill_tokens=16, rounds=3, depths=[1], io="direct", torch_threads=1,
                        decode=[base, row], prefill=[base, row], best_decode_50={"prefetch": "next-gate", "depth": 1, "ratio": 0.75},
-                       decode_bound_50=0.7, prefill_ratio={"50%": 0.75}, prefill_bound={"50%": 0.6},
+                       decode_bound_50=0.7, decode_bound_50_rounds=[0.8, 0.7, 0.6], prefill_ratio={"50%": 0.75}, prefill_bound={"50%": 0.6},
                        targets={"decode_50_at_most_0.8": True, "prefill_at_most_0.8": {"50%": True}}, seconds=1.0)  # fmt: skip
     assert json.loads(json.dumps(asdict(rep)))["decode"][1]["prefetch"] == "next-gate"
     md = bench.markdown(rep)
     assert "| 50% | next-gate | 1 | 9.00 | 0.75 |" in md
     assert "at 0.75 x none (target <= 0.8: met); all experts resident: 0.70 x none" in md
+    assert "Per round, best / none: 0.60, 0.75, 1.00; all resident / none: 0.80, 0.70, 0.60; none's stall per token (ms): 12.5, 12.5, 12.5." in md
     assert "Prefill at 50% with pipelining: 0.75 x none (target <= 0.8: met); all experts resident: 0.60 x none" in md
