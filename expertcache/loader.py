@@ -8,7 +8,7 @@ sees several requests at once), and a demand read waits at most one chunk behind
 one: no thread starts another speculative chunk while a demand task has chunks left. A task none
 of whose chunks has been claimed can be cancelled (its slot is then free at once); one partly read
 cannot (its bytes would be wasted). A read error is stored on the task and raised in the thread
-that waits for it. Reads release the GIL, so loading overlaps compute.
+that waits for it, once no thread still reads into the task's slot. Reads release the GIL, so loading overlaps compute.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ class Loader:
         """The next unclaimed chunk of the first task in priority order (under the lock)."""
         while self._heap:
             prio, _, task = self._heap[0]
-            if prio != task.priority or task.state not in (QUEUED, RUNNING):
-                heapq.heappop(self._heap)  # promoted (a newer entry stands for it) or over
+            if prio != task.priority or task.state not in (QUEUED, RUNNING) or task.error is not None:
+                heapq.heappop(self._heap)  # promoted (a newer entry stands for it), over, or failing
                 continue
             if task.chunks == 0:
                 try:
@@ -167,16 +167,19 @@ class Loader:
         with self._cv:
             task.active -= 1
             if error is not None:
-                self._end(task, FAILED, error)
-                return
-            self.bytes_read += chunk.payload
-            self.chunks_read += 1
-            task.done_chunks += 1
-            if self.on_chunk is not None:
-                self.on_chunk(task, i)
-            if task.state != RUNNING or task.active > 0:
-                return  # failed meanwhile, or another thread is still inside one of its chunks
-            if task.done_chunks == task.chunks:
+                task.error = task.error or error  # no chunk of it is claimed from now on (_claim)
+            else:
+                self.bytes_read += chunk.payload
+                self.chunks_read += 1
+                task.done_chunks += 1
+                if self.on_chunk is not None:
+                    self.on_chunk(task, i)
+            if task.active > 0:
+                return  # another thread is inside one of its chunks: the task ends with that read,
+                # so a failed load's slot is never reused while a read still writes into it
+            if task.error is not None:
+                self._end(task, FAILED, task.error)
+            elif task.done_chunks == task.chunks:
                 self._end(task, DONE, None)
             else:
                 task.state = QUEUED  # chunks left, none being read: resumes when it is first in line

@@ -279,6 +279,32 @@ def test_threads_read_one_experts_chunks_side_by_side(tmp_path, monkeypatch):
         store.close()
 
 
+def test_a_failed_load_ends_only_when_no_thread_still_reads_into_its_slot(tmp_path):
+    """Two threads inside one expert's chunks; one read fails. The task must not finish (its slot
+    would be freed for another expert) while the other thread still writes into the slot, and no
+    further chunk of it is read."""
+    experts, _ = write_experts(tmp_path / "experts.bin", n=1)
+    store = ExpertStore(experts, io="buffered")
+    assert len(store.plan((0, 0)).chunks) == 3  # three parts apart: three reads
+    gate = Gate(store)
+    loader = Loader(store, SlotArena(1, store.slot_bytes), threads=2)
+    try:
+        gate.fail[(0, 0)] = ExpertLoadError("disk on fire")
+        task = loader.submit((0, 0), 0, DEMAND)
+        gate.wait_started(2)  # both threads inside its chunks
+        gate.release(1)  # one read fails; the other is still inside
+        time.sleep(0.2)
+        assert not task.finished, "a failed load ended while another read still wrote into its slot"
+        gate.open()
+        wait_all(task)
+        assert task.state == FAILED and "disk on fire" in str(task.error)
+        assert len(gate.started) == 2 and loader.chunks_read == 0  # nothing more of it was read
+    finally:
+        gate.open()
+        loader.close()
+        store.close()
+
+
 def test_an_unknown_expert_fails_its_task_instead_of_killing_the_thread(rig):
     loader, gate, *_ = rig
     gate.open()
