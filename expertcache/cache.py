@@ -106,6 +106,12 @@ class CacheCore:
             keep.discard(layer)
         return keep
 
+    def guess_protect(self, eids: Iterable[ExpertId], keep_layers: Iterable[int]) -> set[ExpertId]:
+        """What a request for guesses `eids` may not evict: the experts it wants, every entry of
+        `keep_layers` (guess_keep) and, in a sweep, what Belady keeps (kept_from_guesses)."""
+        keep = set(keep_layers)
+        return set(eids) | {e for e in self.entries if e[0] in keep} | self.kept_from_guesses()
+
     def end_call(self) -> None:
         """The running call has computed every expert it needed: in a sweep they are now the
         entries used furthest ahead (the next forward), the first to make room."""
@@ -394,8 +400,7 @@ class ExpertCache:
             if eid in core.entries:
                 continue
             if protect is None and (not core.free or core.quotas is not None):
-                keep = set(keep_layers)
-                protect = set(eids) | {e for e in core.entries if e[0] in keep} | core.kept_from_guesses()
+                protect = core.guess_protect(eids, keep_layers)
             if not core.make_room(eid, protect=protect or frozenset()):
                 break
             started.append((eid, core.add(eid, speculative=True, ready=False)))

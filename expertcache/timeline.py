@@ -144,8 +144,7 @@ class TimedCache:
         lead = [(t, es) for t, es in guesses or () if t == layer]  # requested before this call (FirstLayerPrefetch)
         guesses = [(t, es) for t, es in guesses or () if t != layer]
         for _, experts in lead:
-            eids = [(layer, e) for e in experts]
-            self._issue(eids, set(eids) | {e for e in self.core.entries if e[0] == layer}, s, timed)
+            self._issue([(layer, e) for e in experts], {layer}, s, timed)
         needed = {e for w in waves for _, e in w}
         self.core.route(layer, needed)  # as ExpertCache.preempt
         self._preempt(layer, needed)
@@ -275,12 +274,12 @@ class TimedCache:
         if not eids:
             return
         keep = core.guess_keep(layer, max(t for t, _ in guesses), self.predicted, after=after)  # as OffloadedMoE._request
-        self._issue(eids, set(eids) | {e for e in core.entries if e[0] in keep}, now, timed)
+        self._issue(eids, keep, now, timed)
 
-    def _issue(self, eids: list[ExpertId], protect: set[ExpertId], now: float, timed: bool) -> None:
-        """As ExpertCache.prefetch: speculative loads in order, never evicting a protected entry."""
+    def _issue(self, eids: list[ExpertId], keep_layers: set[int], now: float, timed: bool) -> None:
+        """As ExpertCache.prefetch: speculative loads in order, never evicting what guess_protect keeps."""
         core = self.core
-        protect = protect | core.kept_from_guesses()
+        protect = core.guess_protect(eids, keep_layers)
         for eid in eids:
             if eid in core.entries:
                 continue
