@@ -13,7 +13,6 @@ from expertcache.cli import main
 from expertcache.quality import evaluate, perplexity
 
 
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_word_model(tmp_path_factory.mktemp("tiny-tok"))

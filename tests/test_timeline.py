@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import prompt_ids
 
 import expertcache
