@@ -1,112 +1,147 @@
-"""Model families: one small adapter each.
+"""Model families as data, and where a transformers model keeps its experts.
 
-An adapter knows a family's tensor names on disk (one tensor per expert, or transformers 5's fused
-[E, 2I, H] gate_up_proj / [E, H, I] down_proj), which decoder layers are sparse, how the router
-turns logits into (weights, ids) exactly as transformers does, and whether the block has a shared
-expert. Everything family-specific lives here; the rest of the engine is family-agnostic.
+transformers routes each MoE family's experts through its experts interface: the family's experts
+module is decorated with `use_experts_implementation`, which marks every instance (has_gate,
+is_transposed, ...). `experts_sites` finds those modules on a model built on the meta device, with
+their layer and per-expert shapes. A Family row adds only what the model cannot tell: how its
+checkpoints name experts on disk, and how its router's weights follow from logits (lossy routing).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import CheckpointError
+from .routing import WeightRule
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """What the engine needs to know about one model family."""
+class Family:
+    """What expertcache needs to know of one model family beyond what transformers' model says."""
 
     model_type: str
-    num_experts_key: str  # config attribute holding the number of routed experts per layer
-    expert_intermediate_key: str  # config attribute holding one expert's intermediate size
-    per_expert_names: tuple[str, str, str]  # disk names of (gate, up, down) in the per-expert layout
+    per_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # disk names of (gate, up, down), one tensor per expert
     disk_renames: tuple[tuple[str, str], ...] = ()  # (disk fragment, in-memory fragment)
+    router: str = "gate"  # the MoE block's child that routes; its forward returns (logits, weights, ids)
+    norm: str = "post_attention_layernorm"  # the decoder layer's norm in front of its MoE block
+    softmax_router: bool = True  # weights are a softmax of the logits, so lossy routing can re-mix them
+    renormalize: bool | None = None  # top-k weights renormalised; None: config.norm_topk_prob says
     weights_in_logits_dtype: bool = True  # router weights cast back to the logits' dtype (Qwen, OLMoE)
-    always_renormalize: bool = False  # Mixtral renormalises top-k weights regardless of config
-    has_shared_expert: bool = False  # Qwen2-MoE: a dense shared expert scaled by sigmoid(gate)
-
-    def num_experts(self, config) -> int:
-        return int(getattr(config, self.num_experts_key))
 
     def top_k(self, config) -> int:
         return int(config.num_experts_per_tok)
 
-    def renormalize(self, config) -> bool:
-        return self.always_renormalize or bool(getattr(config, "norm_topk_prob", False))
-
-    def expert_intermediate(self, config) -> int:
-        return int(getattr(config, self.expert_intermediate_key))
-
-    def sparse_layers(self, config) -> list[int]:
-        """Decoder layers whose MLP is a sparse-MoE block, by transformers' own rule."""
-        n = int(config.num_hidden_layers)
-        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-        dense_only = set(getattr(config, "mlp_only_layers", None) or [])
-        return [i for i in range(n) if i not in dense_only and (i + 1) % step == 0]
+    def weight_rule(self, config) -> WeightRule | None:
+        """How mixing weights follow from logits for another expert set; None: not a softmax router."""
+        if not self.softmax_router:
+            return None
+        renorm = self.renormalize if self.renormalize is not None else bool(getattr(config, "norm_topk_prob", False))
+        return WeightRule(renormalize=renorm, in_logits_dtype=self.weights_in_logits_dtype)
 
     def canonical_name(self, disk_name: str) -> str:
-        """Map a tensor name as saved on disk to the name it has in the transformers module tree."""
+        """A tensor's name as saved on disk -> its name in the transformers module tree."""
         for old, new in self.disk_renames:
             disk_name = disk_name.replace(old, new)
         return disk_name
 
-    def route(self, logits: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k routing of this family: logits [T, E] -> (weights [T, k], ids [T, k]).
 
-        Mirrors transformers' TopKRouter.forward op for op, so dtypes and rounding match."""
-        if self.weights_in_logits_dtype:
-            probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)  # [T, E]
-        else:
-            probs = torch.nn.functional.softmax(logits.float(), dim=-1)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k(config), dim=-1)  # [T, k]
-        if self.renormalize(config):
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.weights_in_logits_dtype:
-            weights = weights.to(logits.dtype)
-        return weights, ids
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "mixtral": Architecture(
-        model_type="mixtral",
-        num_experts_key="num_local_experts",
-        expert_intermediate_key="intermediate_size",
-        per_expert_names=("w1", "w3", "w2"),
-        disk_renames=((".block_sparse_moe.", ".mlp."),),
-        weights_in_logits_dtype=False,
-        always_renormalize=True,
-    ),
-    "qwen2_moe": Architecture(
-        model_type="qwen2_moe",
-        num_experts_key="num_experts",
-        expert_intermediate_key="moe_intermediate_size",
-        per_expert_names=("gate_proj", "up_proj", "down_proj"),
-        has_shared_expert=True,
-    ),
-    "qwen3_moe": Architecture(
-        model_type="qwen3_moe",
-        num_experts_key="num_experts",
-        expert_intermediate_key="moe_intermediate_size",
-        per_expert_names=("gate_proj", "up_proj", "down_proj"),
-    ),
-    "olmoe": Architecture(
-        model_type="olmoe",
-        num_experts_key="num_experts",
-        expert_intermediate_key="intermediate_size",
-        per_expert_names=("gate_proj", "up_proj", "down_proj"),
-    ),
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("mixtral", per_expert_names=("w1", "w3", "w2"), disk_renames=((".block_sparse_moe.", ".mlp."),),
+               renormalize=True, weights_in_logits_dtype=False),
+        Family("qwen2_moe"),
+        Family("qwen3_moe"),
+        Family("olmoe"),
+        Family("glm4_moe", softmax_router=False),  # sigmoid scores, biased group-limited top-k
+    )
 }
 
 
-def architecture_for(config) -> Architecture:
-    """The adapter for a transformers config, or a one-line error naming the supported families."""
+@dataclass(frozen=True)
+class ExpertsSite:
+    """One experts module of a model: where it is and the shapes of one expert's weights."""
+
+    layer: int  # decoder layer index
+    path: str  # module name, e.g. "model.layers.3.mlp.experts"
+    num_experts: int
+    weights: tuple[str, ...]  # its expert weight parameters: ("gate_up_proj" | "up_proj", "down_proj")
+    shapes: tuple[tuple[int, ...], ...]  # one expert's slice of each, in memory
+    has_gate: bool
+    transposed: bool  # weights are [in, out] (x @ W) instead of [out, in]
+
+    @property
+    def block(self) -> str:
+        """The MoE block holding it."""
+        return self.path.rsplit(".", 1)[0]
+
+    @property
+    def decoder_layer(self) -> str:
+        m = _LAYER.search(self.path + ".")
+        return self.path[: m.end() - 1]
+
+
+def family_for(config) -> Family:
+    """The row for a transformers config, or a one-line error naming the supported families."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise CheckpointError(
-            f"unsupported architecture {model_type!r}: expertcache supports {supported}"
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"unsupported architecture {model_type!r}: expertcache supports {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether transformers dispatches this module's forward through its experts interface."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
+
+
+def experts_sites(model: nn.Module) -> dict[int, ExpertsSite]:
+    """Every experts module of `model` (built on any device, meta included), by decoder layer."""
+    sites: dict[int, ExpertsSite] = {}
+    for name, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        m = _LAYER.search(name + ".")
+        if m is None:
+            raise CheckpointError(f"experts module {name} sits outside the decoder layers: not supported")
+        names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+        params = [getattr(module, n, None) for n in names]
+        if any(not isinstance(p, torch.Tensor) or p.dim() != 3 for p in params):
+            raise CheckpointError(f"experts module {name} does not keep its weights as [experts, ...] tensors {names}")
+        layer = int(m.group(1))
+        sites[layer] = ExpertsSite(
+            layer=layer, path=name, num_experts=int(params[0].shape[0]), weights=names,
+            shapes=tuple(tuple(p.shape[1:]) for p in params), has_gate=bool(module.has_gate),
+            transposed=bool(module.is_transposed),
         )
-    return ARCHITECTURES[model_type]
+    return dict(sorted(sites.items()))
+
+
+def shared_expert_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """What a MoE block's shared experts add on x [n, H] (None: the block has none): Qwen2-MoE's
+    sigmoid-gated shared_expert, DeepSeek-style shared_experts, Hunyuan's shared_mlp."""
+    for name in ("shared_expert", "shared_experts", "shared_mlp"):
+        shared = getattr(block, name, None)
+        if shared is not None:
+            gate = getattr(block, name + "_gate", None)
+            y = shared(x)
+            return torch.sigmoid(gate(x)) * y if gate is not None else y
+    return None
+
+
+def build_model(config, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None) -> nn.Module:
+    """The transformers causal LM of `config` on the meta device: modules and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot build the model from its config.json ({first})") from None

@@ -1,51 +1,72 @@
-"""ExpertCache: expert slots under a byte budget, with residency, pins and in-flight loads.
+"""The expert cache: slots under a byte budget, and every rule of what loads, waits and goes.
 
-CacheCore is the accounting alone, on ids: which experts hold a slot (ready or loading), which
-are pinned by the running layer, which were loaded on a guess and not yet used, and whom to evict.
-The trace simulator drives the same CacheCore, so what it reports of a policy is what the engine
-does. ExpertCache adds the slot memory, the loader and the stall clock.
-
-Rules (DESIGN.md invariants 2-4):
-- every entry, ready or loading, holds one slot: resident + in-flight bytes <= budget;
-- a pinned entry (the running layer's) is never evicted;
-- wrong guesses go first: a speculative entry its layer did not use is evicted before any other;
-- a speculative load never evicts an entry that the same prefetch request wants, nor a resident
-  expert of the layers between the running layer and its target (AdapMoE: a wrong guess never
-  pushes out a useful expert);
-- a guess joins the eviction policy at its first use, as a demand load does at its miss: wrong
-  guesses never skew the policy's counts, and a used one is counted once;
-- in a sweep (a call that needs at least half its layer: a long prompt) eviction follows the
-  forward order, furthest next use first, never an expert the call needs (CacheCore.route).
+CacheCore owns the rules on ids (docs/ARCHITECTURE.md, "Cache rules"); it moves bytes through a
+`Reader`: the engine's Loader, or the simulator's clocked link, so both run the very same rules.
+ExpertCache adds the slot memory: a layer call asks it one thing, `stream()`, and gets its experts'
+weights back in the order they become ready.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable, Container, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from .checkpoint import ExpertId
 from .errors import BudgetError, ExpertLoadError
-from .loader import DEMAND, PREFETCH, RUNNING, Loader, LoadTask
+from .ids import DEMAND, PREFETCH, ExpertId, Prediction
+from .loader import CANCELLED, DONE, FAILED, Loader
 from .policies import EvictionPolicy
 from .stats import Stats
 from .store import ExpertStore, SlotArena
 
 log = logging.getLogger(__name__)
 
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class Reader(Protocol):
+    """What moves expert bytes into slots. A load is an opaque handle; its state is one of
+    loader.QUEUED, RUNNING, DONE, FAILED, CANCELLED."""
+
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list: ...  # (expert, slot) -> loads
+
+    def promote(self, load) -> None: ...  # a speculative load is needed now: demand priority
+
+    def cancel(self, load) -> bool: ...  # True: it will never be read, its slot is free now
+
+    def state(self, load) -> str: ...
+
+    def error(self, load) -> BaseException | None: ...
+
+    def wait(self, load) -> float: ...  # until it is over; the seconds waited
+
+    def arrival(self, load) -> tuple: ...  # sort key: loads that will be ready sooner first
+
 
 @dataclass
 class Entry:
     slot: int
-    task: LoadTask | None = None  # set while loading (engine only)
-    ready: bool = True
+    load: object | None = None  # the Reader's handle while loading
+    ready: bool = False
     speculative: bool = False  # loaded on a guess and not used yet
     wasted: bool = False  # its layer ran without needing it
     pins: int = 0
+
+
+def capacity_for(budget_bytes: int, expert_bytes: int, top_k: int, num_experts: int) -> int:
+    """Slots a budget buys, or a one-line error when it cannot hold one layer's top-k experts."""
+    minimum = top_k * expert_bytes
+    if budget_bytes < minimum:
+        raise BudgetError(
+            f"expert budget {budget_bytes} bytes is below the minimum {minimum} bytes "
+            f"({top_k} experts of {expert_bytes} bytes: one layer's top-{top_k}); raise --expert-budget"
+        )
+    return min(budget_bytes // expert_bytes, num_experts)
 
 
 def equal_quotas(capacity: int, layers: list[int]) -> dict[int, int]:
@@ -54,36 +75,209 @@ def equal_quotas(capacity: int, layers: list[int]) -> dict[int, int]:
     return {layer: base + (1 if i < extra else 0) for i, layer in enumerate(layers)}
 
 
-@dataclass
 class CacheCore:
-    """Slot accounting on ids, shared by the engine's cache and the simulator."""
+    """Slot accounting and every cache rule, on ids, over a Reader."""
 
-    capacity: int
-    policy: EvictionPolicy
-    quotas: dict[int, int] | None = None  # per-layer slot shares for partitioned policies
-    entries: dict[ExpertId, Entry] = field(default_factory=dict)
-    free: list[int] = field(default_factory=list)
-    per_layer: Counter = field(default_factory=Counter)
-    now: int = -1  # index of the running batch: tick() before each, so the first is 0 (as BeladyPolicy's future)
-    layers: list[int] = field(default_factory=list)  # sparse layers in forward order; [] = no sweep rule
-    experts_per_layer: int = 0  # routed experts per layer
-    sweep: int | None = None  # the running layer while its call is a sweep (see route)
-    sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
-
-    def __post_init__(self) -> None:
-        self.free = list(range(self.capacity - 1, -1, -1))
+    def __init__(self, *, capacity: int, policy: EvictionPolicy, reader: Reader, stats: Stats,
+                 expert_bytes: dict[int, int], layers: list[int] = (), experts_per_layer: int = 0,
+                 quotas: dict[int, int] | None = None) -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.reader = reader
+        self.stats = stats
+        self.expert_bytes = expert_bytes  # layer -> bytes of one expert
+        self.quotas = quotas  # per-layer slot shares of a partitioned policy
+        self.layers = sorted(layers)  # sparse layers in forward order; [] = no sweep rule
+        self.experts_per_layer = experts_per_layer
+        self.entries: dict[ExpertId, Entry] = {}
+        self.free = list(range(capacity - 1, -1, -1))
+        self.per_layer: Counter = Counter()
+        self.now = -1  # index of the running wave: tick() before each, so the first is 0 (Belady's future)
+        self.sweep: int | None = None  # the running layer while its call is a sweep (see route)
+        self.sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
+        self.guessed: set[int] = set()  # layers some guess has targeted
+        self.max_occupancy = 0  # most slots ever held by ready + loading entries (<= capacity)
         self._order = {layer: i for i, layer in enumerate(self.layers)}
 
-    def tick(self) -> int:
-        self.now += 1
-        return self.now
+    # --- one layer call ------------------------------------------------------------------------
+    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None) -> Iterator[ExpertId]:
+        """One layer call: yields the distinct experts `needed` (ascending) ready, soonest first.
 
+        Its layer's unneeded guesses are written off; the experts are pinned in waves of at most
+        `capacity` (misses start demand loads); after the first wave's demand loads, `guesses()`
+        is asked for and its guesses requested; in a sweep they are requested again once the
+        call's own experts are done. Close the generator (contextlib.closing) if you stop early."""
+        self.preempt(layer, needed)
+        requested: Prediction = []
+        for start in range(0, len(needed), self.capacity):
+            wave = self.acquire(layer, needed[start : start + self.capacity])
+            try:
+                if start == 0 and guesses is not None:
+                    requested = guesses() or []
+                    self.request(layer, requested)
+                pending = list(wave)
+                while pending:
+                    # nothing ready: wait for the load that arrives first (prefetched ones lead)
+                    ready = [e for e in pending if self.ready(e)] or [min(pending, key=self.arrival_key)]
+                    for eid in ready:
+                        self.wait(eid)
+                        yield eid
+                        pending.remove(eid)
+            finally:
+                self.release(wave)
+        if requested and self.sweep == layer:
+            # a sweep: guesses could not take the slots Belady keeps while this layer computed;
+            # now its own experts are done (used furthest ahead), they make room for the rest
+            self.sweep_needed = frozenset()
+            self.request(layer, requested, after=True)
+
+    def preempt(self, layer: int, needed: Iterable[int]) -> None:
+        """The layer's router has run: its speculative entries it does not need are wrong guesses;
+        cancel those still queued and mark the rest first to go."""
+        needed = set(needed)
+        self.route(layer, needed)
+        for eid, ent in list(self.entries.items()):
+            if not ent.ready and ent.pins == 0 and ent.load is not None and self._finished(ent):
+                self._settle(eid, ent)  # a finished load is evictable now (nothing else settles a wrong guess)
+                if eid not in self.entries:
+                    continue
+            if eid[0] != layer or not ent.speculative or eid[1] in needed or ent.wasted:
+                continue
+            ent.wasted = True
+            self.stats.count(layer, "prefetch_wasted")
+            if not ent.ready and self._cancel(eid, ent):
+                self.remove(eid)
+
+    def acquire(self, layer: int, experts: Iterable[int]) -> list[ExpertId]:
+        """Pin `experts` of `layer` (at most `capacity` of them); start demand loads for misses."""
+        self.tick()
+        stats = self.stats
+        out, missed = [], []
+        for x in experts:
+            eid = (layer, int(x))
+            stats.count(layer, "lookups")
+            ent = self.entries.get(eid)
+            if ent is None:
+                stats.count(layer, "misses")
+                self._reclaim(eid)
+                ent = self.add(eid, speculative=False)
+                missed.append((eid, ent))
+            else:
+                stats.count(layer, "hits")
+                if ent.speculative:
+                    self._first_use(eid, ent)
+                else:
+                    self.policy.access(eid, self.now)
+            ent.pins += 1
+            out.append(eid)
+        self._submit(missed, DEMAND)  # the layer's demand loads queued together, in the order computed
+        return out
+
+    def _first_use(self, eid: ExpertId, ent: Entry) -> None:
+        """A guess is needed: it counts as used (and late if still loading), and joins the policy
+        now, as a demand load does at its miss (a wrong guess never skews the policy's counts)."""
+        layer = eid[0]
+        ent.speculative = False
+        if ent.wasted:  # a guess written off for an earlier token, used now after all
+            ent.wasted = False
+            self.stats.count(layer, "prefetch_wasted", -1)
+        self.stats.count(layer, "prefetch_used")
+        if not ent.ready and self._finished(ent) and self.reader.error(ent.load) is None:
+            ent.ready = True  # arrived in time
+        if not ent.ready:
+            self.stats.count(layer, "prefetch_late")
+            self.reader.promote(ent.load)
+        self.policy.insert(eid, self.now)
+
+    def release(self, eids: Iterable[ExpertId]) -> None:
+        for eid in eids:
+            ent = self.entries.get(eid)
+            if ent is not None:
+                ent.pins -= 1
+                if ent.pins == 0 and ent.load is not None and self.reader.error(ent.load) is not None:
+                    self.remove(eid)
+
+    def ready(self, eid: ExpertId) -> bool:
+        ent = self.entries[eid]
+        if not ent.ready and self._finished(ent):
+            self._settle(eid, ent)
+        return eid in self.entries and self.entries[eid].ready
+
+    def wait(self, eid: ExpertId) -> None:
+        """Until the expert's load is over; raises its read error."""
+        ent = self.entries[eid]
+        if ent.ready:
+            return
+        self._wait(eid, ent)
+        error = self.reader.error(ent.load)
+        if error is not None:
+            raise error
+        if self.reader.state(ent.load) == CANCELLED:  # only closing the engine cancels a load someone waits for
+            raise ExpertLoadError(f"the load of expert {eid} was cancelled (the engine is closing)")
+
+    def arrival_key(self, eid: ExpertId) -> tuple:
+        ent = self.entries.get(eid)
+        if ent is None or ent.ready or ent.load is None:
+            return (0, 0, 0)
+        return self.reader.arrival(ent.load)
+
+    # --- guesses -------------------------------------------------------------------------------
+    def request(self, layer: int, guesses: Prediction, *, after: bool = False) -> None:
+        """Prefetch what a call at `layer` guessed for later layers, never evicting what the next
+        layers may need first (guess_keep)."""
+        self.guessed.update(t for t, _ in guesses)
+        eids = [(target, e) for target, experts in guesses for e in experts]
+        if eids:
+            self.prefetch(eids, keep_layers=self.guess_keep(layer, max(t for t, _ in guesses), after=after))
+
+    def request_lead(self, layer: int, experts: list[int]) -> None:
+        """Prefetch a layer's experts before its call (the first sparse layer, which no predictor sees)."""
+        self.prefetch([(layer, e) for e in experts], keep_layers={layer})
+
+    def prefetch(self, eids: list[ExpertId], *, keep_layers: Iterable[int] = ()) -> int:
+        """Start speculative loads for `eids` (in priority order) that hold no slot, within the
+        budget, never evicting a pinned entry, one this request wants or any entry of `keep_layers`
+        (nor, in a sweep, anything Belady keeps). A wrong guess may take a free slot, a written-off
+        guess, or what the eviction policy would evict next anyway. Returns loads started."""
+        protect: set[ExpertId] | None = None  # made when a guess first has to evict (a decode step's guesses are mostly resident)
+        started: list[tuple[ExpertId, Entry]] = []
+        for eid in eids:
+            if eid in self.entries:
+                continue
+            if protect is None and (not self.free or self.quotas is not None):
+                protect = self.guess_protect(eids, keep_layers)
+            if not self.make_room(eid, protect=protect or frozenset()):
+                break
+            started.append((eid, self.add(eid, speculative=True)))
+            self.stats.layer(eid[0]).prefetch_issued += 1
+        self.stats.prefetch_issued += len(started)
+        self._submit(started, PREFETCH)  # queued together, in this order: one hand-over to the reader
+        return len(started)
+
+    def guess_keep(self, layer: int, last_target: int, *, after: bool = False) -> set[int]:
+        """Layers whose resident experts guesses made at `layer` (targets up to `last_target`) may
+        not evict: the running and skipped-over layers (needed before any guess is) and layers no
+        guess ever targets (the first sparse layer: evicted, its experts only come back by a
+        demand miss). `after` the running call, its own layer is no longer needed first."""
+        keep = set(range(layer, last_target + 1))
+        keep.update(l for l, n in self.per_layer.items() if n and l not in self.guessed)
+        if after:
+            keep.discard(layer)
+        return keep
+
+    def guess_protect(self, eids: Iterable[ExpertId], keep_layers: Iterable[int]) -> set[ExpertId]:
+        """What a request for guesses `eids` may not evict: the experts it wants, every entry of
+        `keep_layers` and, in a sweep, what Belady keeps (kept_from_guesses)."""
+        keep = set(keep_layers)
+        return set(eids) | {e for e in self.entries if e[0] in keep} | self.kept_from_guesses()
+
+    # --- sweeps ------------------------------------------------------------------------------
     def route(self, layer: int, needed: Iterable[int]) -> None:
-        """The running call's router chose the distinct experts `needed` of `layer`. A call that needs at
+        """The running call needs the distinct experts `needed` of `layer`. A call that needs at
         least half of them (a long prompt) is a sweep: every later layer of this forward will need
         most of its experts too, so until the next call eviction follows the forward order instead
-        of the policy (see choose_victim). The policy still orders experts inside a layer, and
-        partitioned policies and Belady (which knows the future) keep their own order."""
+        of the policy (_sweep_victim). The policy still orders experts inside a layer; partitioned
+        policies and Belady (which knows the future) keep their own order."""
         needed = frozenset(needed)
         sweep = (
             layer in self._order
@@ -93,29 +287,6 @@ class CacheCore:
         )
         self.sweep = layer if sweep else None
         self.sweep_needed = needed if sweep else frozenset()
-
-    def guess_keep(self, layer: int, last_target: int, guessed: Container[int], *, after: bool = False) -> set[int]:
-        """Layers whose resident experts guesses made at `layer` (targets up to `last_target`) may
-        not evict: the running and skipped-over layers (needed before any guess is) and layers no
-        guess ever targets, `guessed` being those that some guess has (the first sparse layer:
-        evicted, its experts only come back by a demand miss; measured: layer 0's misses 2.3x those
-        without prefetch). `after` the running call, its own layer is no longer needed first."""
-        keep = set(range(layer, last_target + 1))
-        keep.update(l for l, n in self.per_layer.items() if n and l not in guessed)
-        if after:
-            keep.discard(layer)
-        return keep
-
-    def guess_protect(self, eids: Iterable[ExpertId], keep_layers: Iterable[int]) -> set[ExpertId]:
-        """What a request for guesses `eids` may not evict: the experts it wants, every entry of
-        `keep_layers` (guess_keep) and, in a sweep, what Belady keeps (kept_from_guesses)."""
-        keep = set(keep_layers)
-        return set(eids) | {e for e in self.entries if e[0] in keep} | self.kept_from_guesses()
-
-    def end_call(self) -> None:
-        """The running call has computed every expert it needed: in a sweep they are now the
-        entries used furthest ahead (the next forward), the first to make room."""
-        self.sweep_needed = frozenset()
 
     def kept_from_guesses(self) -> set[ExpertId]:
         """In a sweep, what a guess may not take a slot from: every entry but the running layer's
@@ -129,9 +300,8 @@ class CacheCore:
     def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
         """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
         call does not need (next forward), then L-1, L-2, ..., the first layer, then the last, ...,
-        L+1 (this forward); never one the call needs (acquire pins them one by one). Belady's
-        choice for a prompt that uses every expert; an LRU or LFU would instead evict the first
-        layers, which the next prompt needs first (0 hits at any budget below 100%)."""
+        L+1 (this forward); never one the call needs. Belady's choice for a prompt that uses every
+        expert; an LRU or LFU would instead evict the first layers, which the next prompt needs first."""
         n, at = len(self.layers), self._order[self.sweep]
         far, layer = -1, None
         for eid in self.entries:
@@ -146,11 +316,16 @@ class CacheCore:
         victim = self.policy.victim(in_layer, self.now)
         return victim if victim is not None else next(e for e in self.entries if in_layer(e))  # a guess not yet used
 
+    # --- slots -------------------------------------------------------------------------------
+    def tick(self) -> int:
+        self.now += 1
+        return self.now
+
     def _evictable(self, eid: ExpertId, protect: set[ExpertId]) -> bool:
         e = self.entries.get(eid)
         return e is not None and e.ready and e.pins == 0 and eid not in protect
 
-    def choose_victim(self, incoming: ExpertId, protect: set[ExpertId] = frozenset()) -> ExpertId | None:
+    def choose_victim(self, protect: set[ExpertId] = frozenset()) -> ExpertId | None:
         """The entry to evict when no slot is free, or None if every entry is busy."""
         ok = lambda e: self._evictable(e, protect)  # noqa: E731
         for eid, ent in self.entries.items():  # oldest wrong guess first
@@ -171,21 +346,6 @@ class CacheCore:
             victim = next((e for e, n in self.entries.items() if n.speculative and ok(e)), None)
         return victim
 
-    def add(self, eid: ExpertId, *, speculative: bool, ready: bool) -> Entry:
-        ent = Entry(slot=self.free.pop(), ready=ready, speculative=speculative)
-        self.entries[eid] = ent
-        self.per_layer[eid[0]] += 1
-        if not speculative:  # a guess joins the policy at its first use (acquire): until then it
-            self.policy.insert(eid, self.now)  # must not touch the policy's counts (a wrong one never is used)
-        return ent
-
-    def remove(self, eid: ExpertId) -> Entry:
-        ent = self.entries.pop(eid)
-        self.per_layer[eid[0]] -= 1
-        self.policy.remove(eid)
-        self.free.append(ent.slot)
-        return ent
-
     def make_room(self, incoming: ExpertId, protect: set[ExpertId] = frozenset()) -> bool:
         """Evict so `incoming` may take a slot; False if no evictable entry is left.
 
@@ -199,239 +359,134 @@ class CacheCore:
             if victim is not None:
                 self.remove(victim)
         while not self.free:
-            victim = self.choose_victim(incoming, protect)
+            victim = self.choose_victim(protect)
             if victim is None:
                 return False
             self.remove(victim)
         return True
 
+    def add(self, eid: ExpertId, *, speculative: bool) -> Entry:
+        ent = Entry(slot=self.free.pop(), speculative=speculative)
+        self.entries[eid] = ent
+        self.per_layer[eid[0]] += 1
+        if not speculative:  # a guess joins the policy at its first use (acquire)
+            self.policy.insert(eid, self.now)
+        self.max_occupancy = max(self.max_occupancy, len(self.entries))
+        return ent
+
+    def remove(self, eid: ExpertId) -> Entry:
+        ent = self.entries.pop(eid)
+        self.per_layer[eid[0]] -= 1
+        self.policy.remove(eid)
+        self.free.append(ent.slot)
+        return ent
+
+    @contextmanager
+    def no_free_slots(self) -> Iterator[None]:
+        """Hold every free slot aside while inside, so each new load evicts (measure.py)."""
+        held, self.free = self.free, []
+        try:
+            yield
+        finally:
+            self.free.extend(held)
+
+    def clear(self) -> None:
+        """Evict everything, waiting for (or cancelling) loads still in flight; forget the guesses."""
+        for eid, ent in list(self.entries.items()):
+            if ent.load is not None and not self._finished(ent) and not self._cancel(eid, ent, count=False):
+                self._wait(eid, ent)
+            if eid in self.entries:
+                self.remove(eid)
+        self.guessed.clear()
+        self.sweep, self.sweep_needed = None, frozenset()
+
+    # --- loads -------------------------------------------------------------------------------
+    def _submit(self, new: list[tuple[ExpertId, Entry]], priority: int) -> None:
+        if not new:
+            return
+        loads = self.reader.submit_many([(eid, ent.slot) for eid, ent in new], priority)
+        for (eid, ent), load in zip(new, loads):
+            ent.load = load
+            self.stats.bytes_read += self.expert_bytes[eid[0]]
+
+    def _finished(self, ent: Entry) -> bool:
+        return self.reader.state(ent.load) in FINISHED
+
+    def _cancel(self, eid: ExpertId, ent: Entry, *, count: bool = True) -> bool:
+        if not self.reader.cancel(ent.load):
+            return False
+        self.stats.bytes_read -= self.expert_bytes[eid[0]]
+        if count:
+            self.stats.count(eid[0], "prefetch_cancelled")
+        return True
+
+    def _wait(self, eid: ExpertId, ent: Entry) -> None:
+        waited = self.reader.wait(ent.load)
+        if waited:
+            self.stats.count(eid[0], "stall_seconds", waited)
+        self._settle(eid, ent)
+
+    def _settle(self, eid: ExpertId, ent: Entry) -> None:
+        if self.reader.error(ent.load) is not None or self.reader.state(ent.load) == CANCELLED:
+            if ent.pins == 0 and self.entries.get(eid) is ent:
+                self.remove(eid)
+            return
+        ent.ready = True
+
+    def _reclaim(self, incoming: ExpertId) -> None:
+        """Make room for a demand load, cancelling or waiting for speculative loads if need be."""
+        if self.make_room(incoming):
+            return
+        # every ready entry is pinned: take a slot back from an unpinned load in flight
+        loading = [(e, n) for e, n in self.entries.items() if not n.ready and n.pins == 0]
+        for eid, ent in loading:
+            if self._cancel(eid, ent):
+                if ent.speculative and not ent.wasted:
+                    self.stats.count(eid[0], "prefetch_wasted")
+                self.remove(eid)
+                return
+        for eid, ent in loading:
+            self._wait(eid, ent)
+            if eid in self.entries:
+                self.remove(eid)
+            return
+        raise RuntimeError(f"no slot can be freed for {incoming}: all {self.capacity} slots are pinned")
+
 
 class ExpertCache:
-    """Expert slots in memory, filled by the loader, under a byte budget."""
+    """Expert slots in memory, filled from the checkpoint by the Loader, under a byte budget."""
 
-    def __init__(
-        self,
-        *,
-        store: ExpertStore,
-        budget_bytes: int,
-        expert_bytes: int,
-        top_k: int,
-        policy: EvictionPolicy,
-        partitioned: bool,
-        layers: list[int],
-        io_threads: int,
-        stats: Stats,
-    ) -> None:
-        minimum = top_k * expert_bytes
-        if budget_bytes < minimum:
-            raise BudgetError(
-                f"expert budget {budget_bytes} bytes is below the minimum {minimum} bytes "
-                f"({top_k} experts of {expert_bytes} bytes: one layer's top-{top_k}); raise --expert-budget"
-            )
-        capacity = min(budget_bytes // expert_bytes, store.num_experts)
-        self.expert_bytes = expert_bytes
+    def __init__(self, *, store: ExpertStore, budget_bytes: int, expert_bytes: int, top_k: int,
+                 policy: EvictionPolicy, partitioned: bool, layers: list[int], io_threads: int, stats: Stats) -> None:
+        capacity = capacity_for(budget_bytes, expert_bytes, top_k, store.num_experts)
         self.budget_bytes = budget_bytes
-        self.core = CacheCore(
-            capacity, policy, equal_quotas(capacity, layers) if partitioned else None,
-            layers=sorted(layers), experts_per_layer=store.num_experts // max(len(layers), 1),
-        )  # fmt: skip
         self.store = store
         self.arena = SlotArena(capacity, store.slot_bytes)
         self.loader = Loader(store, self.arena, threads=io_threads)
-        self.stats = stats
-        self.max_occupancy = 0  # most slots ever held by ready + loading entries (<= capacity)
+        self.core = CacheCore(
+            capacity=capacity, policy=policy, reader=self.loader, stats=stats,
+            expert_bytes={l: expert_bytes for l in layers}, layers=layers,
+            experts_per_layer=store.num_experts // max(len(layers), 1),
+            quotas=equal_quotas(capacity, sorted(layers)) if partitioned else None,
+        )  # fmt: skip
 
     @property
     def capacity(self) -> int:
         return self.core.capacity
 
-    # --- the running layer -------------------------------------------------------------------
-    def preempt(self, layer: int, needed: Iterable[int]) -> None:
-        """The layer's router has run: its speculative entries it does not need are wrong guesses;
-        cancel those still queued and mark the rest first to go."""
-        needed = set(needed)
-        self.core.route(layer, needed)
-        for eid, ent in list(self.core.entries.items()):
-            if not ent.ready and ent.pins == 0 and ent.task is not None and ent.task.finished:
-                self._settle(eid, ent)  # a finished load is evictable now (nothing else settles a wrong guess)
-                if eid not in self.core.entries:
-                    continue
-            if eid[0] != layer or not ent.speculative or eid[1] in needed or ent.wasted:
-                continue
-            ent.wasted = True
-            self.stats.prefetch_wasted += 1
-            self.stats.layer(layer).prefetch_wasted += 1
-            if not ent.ready and ent.task is not None and self.loader.cancel(ent.task):
-                self.stats.prefetch_cancelled += 1
-                self.stats.layer(layer).prefetch_cancelled += 1
-                self.core.remove(eid)
-
-    def acquire(self, layer: int, experts: Iterable[int]) -> list[ExpertId]:
-        """Pin `experts` of `layer` (at most `capacity` of them); start demand loads for misses."""
-        core = self.core
-        core.tick()
-        out, missed = [], []
-        for x in experts:
-            eid = (layer, int(x))
-            ls = self.stats.layer(layer)
-            self.stats.lookups += 1
-            ls.lookups += 1
-            ent = core.entries.get(eid)
-            if ent is not None:
-                self.stats.hits += 1
-                ls.hits += 1
-                if ent.speculative:
-                    ent.speculative = False
-                    if ent.wasted:  # a guess written off for an earlier token, used now after all
-                        ent.wasted = False
-                        self.stats.prefetch_wasted -= 1
-                        ls.prefetch_wasted -= 1
-                    self.stats.prefetch_used += 1
-                    ls.prefetch_used += 1
-                    if not ent.ready and ent.task.finished and ent.task.error is None:
-                        ent.ready = True  # arrived in time (ready is otherwise only set when waited on)
-                    if not ent.ready:
-                        self.stats.prefetch_late += 1
-                        ls.prefetch_late += 1
-                        self.loader.promote(ent.task)
-                    # first use of a guess counts as its insertion, as a demand load's would: the
-                    # insert at prefetch time is no use, and counting both would rank every
-                    # prefetched expert above demand-loaded ones (never-prefetched layers starve)
-                    core.policy.insert(eid, core.now)
-                else:
-                    core.policy.access(eid, core.now)
-            else:
-                self.stats.misses += 1
-                ls.misses += 1
-                self._reclaim(eid)
-                ent = core.add(eid, speculative=False, ready=False)
-                missed.append((eid, ent))
-            ent.pins += 1
-            out.append(eid)
-        if missed:  # the layer's demand loads queued together, in the order computed
-            tasks = self.loader.submit_many([(eid, ent.slot) for eid, ent in missed], DEMAND)
-            for (_, ent), task in zip(missed, tasks):
-                ent.task = task
-        self._note_occupancy()
-        return out
-
-    def _reclaim(self, incoming: ExpertId) -> None:
-        """Make room for a demand load, cancelling or waiting for speculative loads if need be."""
-        core = self.core
-        if core.make_room(incoming):
-            return
-        # every ready entry is pinned: take a slot back from an unpinned load in flight
-        loading = [(e, n) for e, n in core.entries.items() if not n.ready and n.pins == 0]
-        for eid, ent in loading:
-            if self.loader.cancel(ent.task):
-                self.stats.prefetch_cancelled += 1
-                self.stats.layer(eid[0]).prefetch_cancelled += 1
-                if ent.speculative and not ent.wasted:
-                    self.stats.prefetch_wasted += 1
-                    self.stats.layer(eid[0]).prefetch_wasted += 1
-                core.remove(eid)
-                return
-        for eid, ent in loading:
-            self._wait(ent, eid, raise_error=False)
-            if eid in core.entries:
-                core.remove(eid)
-            return
-        raise RuntimeError(f"no slot can be freed for {incoming}: all {core.capacity} slots are pinned")
-
-    def ready(self, eid: ExpertId) -> bool:
-        ent = self.core.entries[eid]
-        if not ent.ready and ent.task.finished:
-            self._settle(eid, ent)
-        return self.core.entries[eid].ready if eid in self.core.entries else False
-
-    def weights(self, eid: ExpertId) -> tuple[torch.Tensor, ...]:
-        """The expert's part tensors, waiting for its load if needed (raises on a read error)."""
-        ent = self.core.entries[eid]
-        if not ent.ready:
-            self._wait(ent, eid, raise_error=True)
-        return self.arena.tensors(ent.slot, self.store.plan(eid))
-
-    def _wait(self, ent: Entry, eid: ExpertId, *, raise_error: bool) -> None:
-        if not ent.task.finished:
-            t0 = time.perf_counter()
-            ent.task.event.wait()
-            dt = time.perf_counter() - t0
-            self.stats.stall_seconds += dt
-            self.stats.layer(eid[0]).stall_seconds += dt
-        self._settle(eid, ent)
-        if raise_error and ent.task is not None:
-            if ent.task.error is not None:
-                raise ent.task.error
-            if ent.task.state == "cancelled":  # only close() cancels a load someone waits for
-                raise ExpertLoadError(f"the load of expert {eid} was cancelled (the engine is closing)")
-
-    def _settle(self, eid: ExpertId, ent: Entry) -> None:
-        task = ent.task
-        if task.error is not None or task.state == "cancelled":
-            if ent.pins == 0 and eid in self.core.entries:
-                self.core.remove(eid)
-            return
-        ent.ready = True
-
-    def release(self, eids: Iterable[ExpertId]) -> None:
-        for eid in eids:
-            ent = self.core.entries.get(eid)
-            if ent is not None:
-                ent.pins -= 1
-                if ent.task is not None and ent.task.error is not None and ent.pins == 0:
-                    self.core.remove(eid)
-
-    # --- speculation ---------------------------------------------------------------------------
-    def prefetch(self, eids: list[ExpertId], limit: int | None = None, *, keep_layers: Iterable[int] = ()) -> int:
-        """Start speculative loads for `eids` (in priority order) that are not resident, within the
-        budget, never evicting a pinned entry, one this request wants, or any entry of `keep_layers`
-        (nor, in a sweep, anything Belady keeps: CacheCore.kept_from_guesses).
-
-        The caller passes the running layer and every layer up to its farthest target as
-        `keep_layers`: their resident experts may be needed before any guess is, so a wrong guess
-        never pushes out a useful expert (AdapMoE's rule); it may take a free slot, a written-off
-        guess, or what the eviction policy would evict next anyway. Returns loads started."""
-        core = self.core
-        protect: set[ExpertId] | None = None  # made when a guess first has to evict (a decode step's guesses are mostly resident)
-        started: list[tuple[ExpertId, Entry]] = []
-        for eid in eids:
-            if limit is not None and len(started) >= limit:
-                break
-            if eid in core.entries:
-                continue
-            if protect is None and (not core.free or core.quotas is not None):
-                protect = core.guess_protect(eids, keep_layers)
-            if not core.make_room(eid, protect=protect or frozenset()):
-                break
-            started.append((eid, core.add(eid, speculative=True, ready=False)))
-            self.stats.layer(eid[0]).prefetch_issued += 1
-        if started:  # queued together, in this order: one hand-over to the I/O threads
-            tasks = self.loader.submit_many([(eid, ent.slot) for eid, ent in started], PREFETCH)
-            for (_, ent), task in zip(started, tasks):
-                ent.task = task
-        self.stats.prefetch_issued += len(started)
-        self._note_occupancy()
-        return len(started)
-
-    def arrival_key(self, eid: ExpertId) -> tuple[int, int, int]:
-        """Sorts experts by when they will be ready: ready ones, then loads being read, then queued
-        loads in the order the loader serves them (priority, then submission)."""
-        ent = self.core.entries.get(eid)
-        if ent is None or ent.ready or ent.task is None:
-            return (0, 0, 0)
-        return (1 if ent.task.state == RUNNING else 2, ent.task.priority, ent.task.seq)
-
-    def _note_occupancy(self) -> None:
-        n = len(self.core.entries)
-        if n > self.max_occupancy:
-            self.max_occupancy = n
-
-    def resident(self) -> set[ExpertId]:
-        return {e for e, n in self.core.entries.items() if n.ready}
+    def stream(self, layer: int, needed: list[int],
+               guesses: Callable[[], Prediction] | None = None) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """One layer call (CacheCore.stream): yields (expert, its part tensors), soonest ready first."""
+        with closing(self.core.stream(layer, needed, guesses)) as ready:
+            for eid in ready:
+                yield eid[1], self.arena.tensors(self.core.entries[eid].slot, self.store.plan(eid))
 
     def holding(self, layer: int) -> set[int]:
         """Experts of `layer` holding a slot, ready or loading: an acquire now would count them as hits."""
         return {e for (l, e) in self.core.entries if l == layer}
+
+    def resident(self) -> set[ExpertId]:
+        return {e for e, n in self.core.entries.items() if n.ready}
 
     def close(self) -> None:
         self.loader.close()

@@ -1,12 +1,10 @@
-"""A Hugging Face checkpoint directory: its config, the tensors in its safetensors files, and
+"""A Hugging Face checkpoint directory: its config, the tensors of its safetensors files, and
 where each expert's bytes lie.
 
-Safetensors headers are parsed here (8-byte little-endian length, JSON table of dtype, shape and
-data offsets) and validated against the file size, so a corrupt or truncated file is refused
-with one line before anything is read. Dense tensors are loaded into memory; experts are only
-located (file, offset, shape, dtype) for the ExpertStore to read on demand. Both on-disk expert
-layouts are understood: one tensor per expert (what save_pretrained writes by default) and
-transformers 5's fused [E, 2I, H] gate_up_proj / [E, H, I] down_proj.
+Safetensors headers are parsed and checked against the file size here, so a corrupt or truncated
+file is refused with one line before anything is read. Dense tensors are read into memory; experts
+are only located (file, offset, shape, dtype) for the ExpertStore to read on demand, from either
+on-disk layout: one tensor per expert (save_pretrained's default) or fused [E, ...] tensors.
 """
 
 from __future__ import annotations
@@ -14,17 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .architectures import Architecture, architecture_for
+from .architectures import ExpertsSite, Family, FAMILIES, build_model, experts_sites, family_for
 from .errors import CheckpointError
-
-ExpertId = tuple[int, int]  # (layer, expert)
+from .ids import ExpertId
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on header size
 DTYPES: dict[str, torch.dtype] = {
@@ -47,7 +43,8 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class ExpertParts:
-    """The tensors that make one expert: (gate, up, down), or (gate_up, down) when fused."""
+    """The tensors that make one expert: (gate, up, down) one per expert on disk, or slices of the
+    fused tensors, in the experts module's own layout ((gate_up | up, down))."""
 
     parts: tuple[TensorRef, ...]
     fused: bool
@@ -145,11 +142,9 @@ def load_config(model_dir: Path):
         raise _fail(path, f"malformed JSON ({e})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise _fail(path, "no model_type: not a transformers model config")
-    from .architectures import ARCHITECTURES
-
-    if not isinstance(raw["model_type"], str) or raw["model_type"] not in ARCHITECTURES:
+    if not isinstance(raw["model_type"], str) or raw["model_type"] not in FAMILIES:
         raise CheckpointError(
-            f"unsupported architecture {raw['model_type']!r}: expertcache supports {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {raw['model_type']!r}: expertcache supports {', '.join(sorted(FAMILIES))}"
         )
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -160,42 +155,53 @@ def load_config(model_dir: Path):
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: config, family adapter, dense tensors by in-memory name, expert parts."""
+    """An opened checkpoint: config, family, where each layer's experts module is, dense tensors
+    by in-memory name, and each expert's parts."""
 
     model_dir: Path
     config: object
-    arch: Architecture
+    family: Family
+    sites: dict[int, ExpertsSite]  # sparse layer -> its experts module
     dense: dict[str, TensorRef]
     experts: dict[ExpertId, ExpertParts]
-    sparse_layers: list[int]
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike) -> "Checkpoint":
         model_dir = Path(model_dir)
         config = load_config(model_dir)
-        arch = architecture_for(config)
+        family = family_for(config)
         try:
-            n_exp, k = arch.num_experts(config), arch.top_k(config)
+            sites = experts_sites(build_model(config))
+        except CheckpointError as e:
+            raise _fail(model_dir / "config.json", str(e)) from None
+        if not sites:
+            raise _fail(model_dir, "no sparse-MoE layers found in the config")
+        try:
+            k = family.top_k(config)
         except (TypeError, ValueError, AttributeError):
-            raise _fail(model_dir / "config.json", f"no valid {arch.num_experts_key} / num_experts_per_tok") from None
+            raise _fail(model_dir / "config.json", "no valid num_experts_per_tok") from None
+        n_exp = next(iter(sites.values())).num_experts
         if not 1 <= k <= n_exp:
-            raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and {arch.num_experts_key} ({n_exp})")
+            raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
         tensors: dict[str, TensorRef] = {}
         for f in _safetensors_files(model_dir):
             for name, ref in read_safetensors_header(f).items():
-                tensors[arch.canonical_name(name)] = ref
-        sparse = arch.sparse_layers(config)
-        experts, expert_names = _locate_experts(model_dir, arch, config, sparse, tensors)
+                tensors[family.canonical_name(name)] = ref
+        experts, expert_names = _locate_experts(model_dir, family, sites, tensors)
         dense = {n: r for n, r in tensors.items() if n not in expert_names}
-        return cls(model_dir, config, arch, dense, experts, sparse)
+        return cls(model_dir, config, family, sites, dense, experts)
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return list(self.sites)
 
     @property
     def num_experts(self) -> int:
-        return self.arch.num_experts(self.config)
+        return next(iter(self.sites.values())).num_experts
 
     @property
     def top_k(self) -> int:
-        return self.arch.top_k(self.config)
+        return self.family.top_k(self.config)
 
     @property
     def expert_bytes(self) -> int:
@@ -235,46 +241,45 @@ class Checkpoint:
         return out
 
 
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+def _slices(ref: TensorRef, n: int) -> list[TensorRef]:
+    """The n per-expert slices of a fused [n, ...] tensor (each contiguous on disk)."""
+    size = ref.nbytes // n
+    return [TensorRef(ref.path, ref.offset + e * size, size, ref.shape[1:], ref.dtype) for e in range(n)]
 
 
 def _locate_experts(
-    model_dir: Path, arch: Architecture, config, sparse: list[int], tensors: dict[str, TensorRef]
+    model_dir: Path, family: Family, sites: dict[int, ExpertsSite], tensors: dict[str, TensorRef]
 ) -> tuple[dict[ExpertId, ExpertParts], set[str]]:
-    n_exp = arch.num_experts(config)
-    hidden = int(config.hidden_size)
-    inter = arch.expert_intermediate(config)
     experts: dict[ExpertId, ExpertParts] = {}
     names: set[str] = set()
-    for layer in sparse:
-        prefix = f"model.layers.{layer}.mlp.experts."
-        fused_gu, fused_d = tensors.get(prefix + "gate_up_proj"), tensors.get(prefix + "down_proj")
-        if fused_gu is not None and fused_d is not None:
-            want_gu, want_d = (n_exp, 2 * inter, hidden), (n_exp, hidden, inter)
-            if fused_gu.shape != want_gu or fused_d.shape != want_d:
-                raise _fail(model_dir, f"layer {layer}: fused expert shapes {fused_gu.shape}/{fused_d.shape}, config says {want_gu}/{want_d}")
-            names.update({prefix + "gate_up_proj", prefix + "down_proj"})
-            for e in range(n_exp):
-                parts = tuple(
-                    TensorRef(ref.path, ref.offset + e * (ref.nbytes // n_exp), ref.nbytes // n_exp, ref.shape[1:], ref.dtype)
-                    for ref in (fused_gu, fused_d)
-                )
+    for layer, site in sites.items():
+        n, prefix = site.num_experts, site.path + "."
+        fused = [tensors.get(prefix + w) for w in site.weights]
+        if all(ref is not None for ref in fused):
+            want = [(n, *shape) for shape in site.shapes]
+            if [ref.shape for ref in fused] != want:
+                got = "/".join(str(ref.shape) for ref in fused)
+                raise _fail(model_dir, f"layer {layer}: fused expert shapes {got}, config says {'/'.join(map(str, want))}")
+            names.update(prefix + w for w in site.weights)
+            for e, parts in enumerate(zip(*(_slices(ref, n) for ref in fused))):
                 experts[(layer, e)] = ExpertParts(parts, fused=True)
             continue
-        for e in range(n_exp):
+        if not site.has_gate or site.transposed:  # one tensor per expert is written for [gate; up] layouts only
+            raise _fail(model_dir, f"missing expert tensor {prefix}{site.weights[0]} (checkpoint incomplete or not a {family.model_type} model)")
+        (two_inter, hidden), down = site.shapes
+        shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), down)
+        for e in range(n):
             refs = []
-            for role, shape in zip(arch.per_expert_names, ((inter, hidden), (inter, hidden), (hidden, inter))):
+            for role, shape in zip(family.per_expert_names, shapes):
                 name = f"{prefix}{e}.{role}.weight"
                 ref = tensors.get(name)
                 if ref is None:
-                    raise _fail(model_dir, f"missing expert tensor {name} (checkpoint incomplete or not a {arch.model_type} model)")
+                    raise _fail(model_dir, f"missing expert tensor {name} (checkpoint incomplete or not a {family.model_type} model)")
                 if ref.shape != shape:
                     raise _fail(model_dir, f"{name} has shape {ref.shape}, config says {shape}")
                 refs.append(ref)
                 names.add(name)
             experts[(layer, e)] = ExpertParts(tuple(refs), fused=False)
-    if not experts:
-        raise _fail(model_dir, "no sparse-MoE layers found in the config")
     sizes = {p.nbytes for p in experts.values()}
     if len(sizes) != 1:
         raise _fail(model_dir, f"experts differ in size ({sorted(sizes)} bytes); expertcache needs uniform experts")

@@ -1,14 +1,14 @@
-"""Engine configuration: one frozen dataclass, validated on construction.
+"""EngineConfig: everything that decides how a model runs, each default written once, here.
 
-engine.py is the one place where the names in an EngineConfig become objects; the CLI and the
-Python API both build an EngineConfig and hand it over.
+engine.py turns a config into objects; the CLI builds its engine flags from these fields (their
+metadata carries the help text), and the Python API passes keywords straight through.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BudgetError, ExpertCacheError
 
@@ -20,8 +20,8 @@ _UNITS = {
 _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 
 IO_MODES = ("direct", "buffered")
-DEFAULT_CACHE_POLICY = "lfu"  # lfru falls to 0% hits below one token cycle, as a global LRU (tests/test_policies.py)
-DEFAULT_IO_THREADS = 2
+ROUTING_PHASES = ("prefill", "decode", "both")
+THREADS_ENV = "EXPERTCACHE_THREADS"
 
 
 def parse_budget(budget: str | int | float, total_expert_bytes: int) -> int:
@@ -52,48 +52,64 @@ def parse_budget(budget: str | int | float, total_expert_bytes: int) -> int:
     return nbytes
 
 
+def option(default, why: str, **cli):
+    """A config field: its default, its one-line why (also the CLI's help), and how the CLI offers
+    it (flag=..., type=..., choices=..., group=..., cli=False to leave it out)."""
+    return field(default=default, metadata={"help": why, **cli})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything that decides how a model runs; engine.build() turns it into objects."""
+    """How a model runs; engine.Engine(config) builds it."""
 
-    model: str | None = None  # checkpoint directory; None = the bundled demo model
-    expert_budget: str | int = "50%"  # bytes of experts kept in memory: "50%", "512MiB", or an int
-    cache_policy: str = DEFAULT_CACHE_POLICY  # eviction policy name (policies.POLICIES)
-    future_trace: str | None = None  # cache_policy "belady": a trace of these same calls, its future (None: generate() records one)
-    prefetch: str = "next-gate"  # predictor name (predictors.PREDICTORS); "none" = load on demand only
-    prefetch_depth: int = 1  # how many layers ahead the predictor looks
-    prefetch_max: int | None = None  # most experts prefetched per target layer in a decode step (bounds wasted bytes); None = the predictor's whole guess
-    predictor: str | None = None  # file from `expertcache train-predictor` (default-vector, estimator, learned); None = MODEL/predictor-<kind>.pt
-    io: str = "direct"  # "direct" = O_DIRECT reads that bypass the page cache; "buffered" = normal reads
-    io_threads: int = DEFAULT_IO_THREADS  # reader threads; reads release the GIL and overlap compute
-    device: str = "cpu"  # compute device; experts are staged in host memory either way
-    num_threads: int | None = None  # torch intra-op threads; None = leave torch's setting alone
-    dtype: str | None = None  # override the checkpoint's dtype ("float32", "bfloat16"); None = as saved
-    routing: str = "exact"  # routing policy (routing.ROUTINGS); anything but "exact" trades quality for speed
-    calibration: str | None = None  # adaptive-gating thresholds (expertcache calibrate); None = MODEL/adaptive_gating.json
-    cache_lambda: float = 0.2  # cache-aware: bias toward resident experts, in units of the layer's logit range
-    cache_protect_top: int = 2  # cache-aware(-max-rank): the router's top-J choices are never displaced
-    cache_max_rank: int = 4  # cache-aware-max-rank: a resident expert may replace a choice if ranked within this
-    routing_applies_to: str | None = None  # "prefill", "decode" or "both"; None = the routing policy's default
+    model: str | None = option(None, "checkpoint directory (default: the bundled demo model)")
+    expert_budget: str | int = option("50%", "memory for experts: 50%, 512MiB, 2GB or a byte count", type=str)
+    cache_policy: str = option("lfu", "eviction policy: lru, lfu, lfru, layer, layerlfu, random, or belady "
+                                      "(the offline optimum, for measurement); lfru falls to 0% hits below one token cycle, as a global LRU")
+    prefetch: str = option("next-gate", "predictor for speculative loads: none, next-gate, default-vector, estimator, learned, history")
+    prefetch_depth: int = option(1, "sparse layers ahead the predictor guesses")
+    prefetch_max: int | None = option(None, "most experts prefetched per target layer in a decode step (bounds wasted bytes); "
+                                            "default: the predictor's whole guess", type=int)
+    predictor: str | None = option(None, "predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
+    io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
+    io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")
+    num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)
+    dtype: str | None = option(None, "compute dtype override, e.g. float32 or bfloat16 (default: as saved)")
+    device: str = option("cpu", "compute device; only cpu for now (GPU compute is a planned seam: docs/ARCHITECTURE.md)", cli=False)
+    routing: str = option("exact", "routing policy: exact, adaptive-gating, cache-aware, cache-aware-max-rank, speculative; "
+                                   "all but exact trade measured quality for speed", group="routing")
+    calibration: str | None = option(None, "adaptive-gating thresholds from `expertcache calibrate` (default: MODEL/adaptive_gating.json)",
+                                     group="routing", aliases=("--routing-config",))
+    cache_lambda: float = option(0.2, "cache-aware: bias toward resident experts, in units of the layer's logit range", group="routing")
+    cache_protect_top: int = option(2, "cache-aware: the router's top-J choices are never displaced", group="routing")
+    cache_max_rank: int = option(4, "cache-aware-max-rank: a resident expert may replace a choice if ranked within this", group="routing")
+    routing_applies_to: str | None = option(None, "phases the routing policy runs in (default: the policy's own)",
+                                            choices=ROUTING_PHASES, group="routing")
 
     def __post_init__(self) -> None:
         if self.io not in IO_MODES:
-            raise ExpertCacheError(f"unknown --io {self.io!r}: choose one of {', '.join(IO_MODES)}")
-        if self.io_threads < 1:
-            raise ExpertCacheError(f"io_threads must be at least 1, got {self.io_threads}")
-        if self.prefetch_depth < 1:
-            raise ExpertCacheError(f"prefetch_depth must be at least 1, got {self.prefetch_depth}")
-        if self.prefetch_max is not None and self.prefetch_max < 1:
-            raise ExpertCacheError(f"prefetch_max must be at least 1, got {self.prefetch_max}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ExpertCacheError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
+            raise ExpertCacheError(f"unknown io {self.io!r}: choose one of {', '.join(IO_MODES)}")
+        for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):
+            if getattr(self, name) < low:
+                raise ExpertCacheError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("prefetch_max", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ExpertCacheError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.device != "cpu":
+            raise ExpertCacheError(f"device {self.device!r} is not supported: expertcache computes on the cpu for now")
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
             raise ExpertCacheError(f"model must be a directory path, got {type(self.model).__name__}")
         if self.cache_lambda < 0:
             raise ExpertCacheError(f"cache_lambda must be >= 0, got {self.cache_lambda}")
-        if self.cache_protect_top < 0:
-            raise ExpertCacheError(f"cache_protect_top must be >= 0, got {self.cache_protect_top}")
-        if self.cache_max_rank < 1:
-            raise ExpertCacheError(f"cache_max_rank must be at least 1, got {self.cache_max_rank}")
-        if self.routing_applies_to not in (None, "prefill", "decode", "both"):
+        if self.routing_applies_to not in (None, *ROUTING_PHASES):
             raise ExpertCacheError(f"unknown routing phases {self.routing_applies_to!r}: use prefill, decode or both")
+
+    def threads(self) -> int:
+        """Compute threads: num_threads, else $EXPERTCACHE_THREADS, else 1 (small matmuls on a few
+        shared cores only spin and contend with more; docs/ARCHITECTURE.md)."""
+        if self.num_threads is not None:
+            return self.num_threads
+        env = os.environ.get(THREADS_ENV, "1").strip()
+        if not env.isdigit() or int(env) < 1:
+            raise ExpertCacheError(f"{THREADS_ENV} must be a whole number of at least 1, got {env!r}")
+        return int(env)

@@ -1,31 +1,33 @@
-"""Engine: the composition root. Builds everything an EngineConfig names and runs generation.
+"""Engine: the composition root. Builds everything an EngineConfig names, and generates.
 
-Loading never materialises the experts: the transformers model is built on the meta device, each
-sparse-MoE block is replaced by an OffloadedMoE (keeping the model's own router and shared expert),
-only then is the model allocated, and the dense tensors are read from the checkpoint. Experts are
-read on demand (and ahead of time) by the ExpertCache.
+The transformers model is built on the meta device with experts_implementation="expertcache";
+its experts modules lose their weight tensors (the cache serves them), only then is the model
+allocated and its dense tensors read. Hooks for tools and the simulator are context managers:
+observe(), routing_override(), prefetch_paused(), observers_paused().
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from . import experts
+from .architectures import build_model, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .config import EngineConfig, parse_budget
 from .errors import CheckpointError, ExpertCacheError
-from .moe_block import BlockContext, FirstLayerPrefetch, OffloadedMoE
-from .oracle import NAME as BELADY
-from .oracle import BeladyOracle, NoFuture
-from .policies import make_policy
-from .predictors import make_predictor
-from .routing import WeightRule, make_routing
+from .experts import ExpertsRuntime, GuessObserver, RouteObserver
+from .policies import EvictionPolicy, make_policy
+from .predictors import NoPredictor, make_predictor
+from .routing import RoutingPolicy, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
 from .store import ExpertStore
 
@@ -48,29 +50,13 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-def _build_model(ckpt: Checkpoint, context: BlockContext, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-    from transformers.activations import ACT2FN
-
-    config = ckpt.config
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt.model_dir / 'config.json'}: cannot build the model ({first})") from None
-    for layer in ckpt.sparse_layers:
-        block = model.model.layers[layer].mlp
-        fused = next(p for (l, _), p in ckpt.experts.items() if l == layer).fused
-        model.model.layers[layer].mlp = OffloadedMoE(
-            layer=layer,
-            gate=block.gate,
-            act_fn=ACT2FN[config.hidden_act],
-            fused=fused,
-            context=context,
-            shared_expert=getattr(block, "shared_expert", None),
-            shared_expert_gate=getattr(block, "shared_expert_gate", None),
-        )
+def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    experts.register()
+    model = build_model(ckpt.config, dtype=dtype, experts_implementation=experts.IMPLEMENTATION)
+    for site in ckpt.sites.values():  # the cache serves these: never allocated
+        module = model.get_submodule(site.path)
+        for name in site.weights:
+            module.register_parameter(name, None)
     model = model.to_empty(device="cpu")
     state = ckpt.load_dense()
     if dtype is not None:
@@ -81,7 +67,7 @@ def _build_model(ckpt: Checkpoint, context: BlockContext, dtype: torch.dtype) ->
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{ckpt.model_dir}: tensors do not match config.json ({detail})") from None
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if getattr(ckpt.config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise CheckpointError(f"{ckpt.model_dir}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
@@ -89,12 +75,13 @@ def _build_model(ckpt: Checkpoint, context: BlockContext, dtype: torch.dtype) ->
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(result.unexpected_keys), result.unexpected_keys[0])
     if tied:
         model.tie_weights()
-    # non-persistent buffers (rotary inverse frequencies) were left uninitialised by to_empty
+    # non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: build them anew
     for name, module in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            fresh = type(module)(config=config)
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], fresh)
+        if module._non_persistent_buffers_set:
+            if not hasattr(module, "config"):
+                raise CheckpointError(f"{ckpt.model_dir}: cannot initialise the buffers of {name} ({type(module).__name__})")
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, type(module)(config=module.config))
     model.eval()
     model.requires_grad_(False)
     return model
@@ -105,99 +92,158 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        torch.set_num_threads(config.threads())
         t0 = time.perf_counter()
         model_dir = Path(config.model) if config.model is not None else demo_model_dir()
         self.checkpoint = ckpt = Checkpoint.open(model_dir)
-        dtype = getattr(torch, config.dtype) if config.dtype else ckpt.dtype
+        dtype = _dtype(config.dtype) if config.dtype else ckpt.dtype
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
         try:
-            if config.cache_policy == BELADY:  # its future is given once the cache exists (oracle.py)
-                policy, partitioned = NoFuture(), False
-            else:
-                policy, partitioned = make_policy(config.cache_policy)
-            if config.future_trace is not None and config.cache_policy != BELADY:
-                raise ValueError(f"a future trace is Belady's future: it needs cache policy 'belady', not {config.cache_policy!r}")
-            routing = make_routing(
-                config.routing,
-                rule=WeightRule(renormalize=ckpt.arch.renormalize(ckpt.config), in_logits_dtype=ckpt.arch.weights_in_logits_dtype),
-                top_k=ckpt.top_k,
-                layers=ckpt.sparse_layers,
-                model_dir=model_dir,
-                calibration=config.calibration,
-                resident=lambda layer: self.cache.holding(layer),  # read when a layer routes, after the cache exists
-                predicted=lambda layer: self.context.predictions.get(layer, []),
-                cache_lambda=config.cache_lambda,
-                cache_protect_top=config.cache_protect_top,
-                cache_max_rank=config.cache_max_rank,
-                applies_to=config.routing_applies_to,
-            )
+            policy, partitioned = make_policy(config.cache_policy)
         except ValueError as e:
             raise ExpertCacheError(str(e)) from None
         self.stats_ = Stats()
         self.store = ExpertStore(ckpt.experts, io=config.io)
         self.cache = ExpertCache(
-            store=self.store,
-            budget_bytes=self.budget_bytes,
-            expert_bytes=ckpt.expert_bytes,
-            top_k=ckpt.top_k,
-            policy=policy,
-            partitioned=partitioned,
-            layers=ckpt.sparse_layers,
-            io_threads=config.io_threads,
+            store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
+            policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
             stats=self.stats_,
-        )
-        self.context = BlockContext(cache=self.cache, predictor=make_predictor("none"), routing=routing)
+        )  # fmt: skip
         try:
-            self.model = _build_model(ckpt, self.context, dtype)
-            routers = {l: self.model.model.layers[l].mlp.gate.weight for l in ckpt.sparse_layers}
-            try:
-                self.context.predictor = make_predictor(
-                    config.prefetch,
-                    routers=routers,
-                    top_k=ckpt.top_k,
-                    depth=config.prefetch_depth,
-                    max_per_layer=config.prefetch_max,
-                    model=self.model,
-                    model_dir=model_dir,
-                    path=config.predictor,
-                )
-            except ValueError as e:
-                raise ExpertCacheError(str(e)) from None
-            observe = getattr(self.context.predictor, "observe", None)
-            if observe is not None:  # predictors that learn from what each layer routed (history, default-vector)
-                self.context.observers.append(observe)
-            self.oracle = BeladyOracle(self, config.future_trace) if config.cache_policy == BELADY else None
+            self.model = _build_model(ckpt, dtype)
+            self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
+                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k)
+            self.runtime.bind(self.model, ckpt.sites, ckpt.family)
+            self.runtime.predictor = self._predictor(model_dir)
+            self.runtime.prefetch_enabled = config.prefetch != "none"
+        except ValueError as e:
+            self.cache.close()
+            raise ExpertCacheError(str(e)) from None
         except BaseException:
             self.cache.close()  # a failed load leaves no reader threads or open files behind
             raise
-        self.context.prefetch_enabled = config.prefetch != "none"
-        if ckpt.sparse_layers:
-            lead = ckpt.sparse_layers[0]
-            block = next((m for m in self.model.modules() if isinstance(m, OffloadedMoE) and m.layer == lead), None)
-            norm = getattr(self.model.model.layers[lead], "post_attention_layernorm", None)
-            first = FirstLayerPrefetch(self.context, lead, ckpt.num_experts, ckpt.top_k,
-                                       router=block.gate if block is not None else None, norm=norm)
-            self.model.model.layers[0].register_forward_pre_hook(first, with_kwargs=True)
         self.tokenizer = _load_tokenizer(model_dir)
         self.generation_config = getattr(self.model, "generation_config", None)
         self.load_seconds = time.perf_counter() - t0
         self._timing: dict[str, float | int | None] = {"ttft_seconds": None, "tpot_seconds": None, "tokens": 0}
 
-    # --- reporting -------------------------------------------------------------------------------
+    def _routing(self, model_dir: Path) -> RoutingPolicy:
+        c, ckpt = self.config, self.checkpoint
+        return make_routing(
+            c.routing, rule=ckpt.family.weight_rule(ckpt.config), top_k=ckpt.top_k, layers=ckpt.sparse_layers,
+            model_dir=model_dir, calibration=c.calibration,
+            resident=self.cache.holding,  # read when a layer routes
+            predicted=lambda layer: self.runtime.predictions.get(layer, []),
+            cache_lambda=c.cache_lambda, cache_protect_top=c.cache_protect_top, cache_max_rank=c.cache_max_rank,
+            applies_to=c.routing_applies_to,
+        )  # fmt: skip
+
+    def _predictor(self, model_dir: Path):
+        c = self.config
+        predictor = make_predictor(
+            c.prefetch, routers=self.routers(), norms=self.norms(), top_k=self.checkpoint.top_k, depth=c.prefetch_depth,
+            max_per_layer=c.prefetch_max, model_dir=model_dir, path=c.predictor,
+        )  # fmt: skip
+        observe = getattr(predictor, "observe", None)
+        if observe is not None:  # predictors that learn from what each layer routed (history, default-vector)
+            self.runtime.observers.append(observe)
+        return predictor
+
+    # --- the model's parts, by sparse layer ---------------------------------------------------------
+    def block(self, layer: int) -> nn.Module:
+        """The MoE block of a sparse layer (transformers' own module)."""
+        return self.model.get_submodule(self.checkpoint.sites[layer].block)
+
+    def routers(self) -> dict[int, torch.Tensor]:
+        """Each sparse layer's router weight [E, H]."""
+        name = self.checkpoint.family.router
+        return {l: getattr(self.block(l), name).weight for l in self.checkpoint.sparse_layers}
+
+    def norms(self) -> dict[int, nn.Module | None]:
+        """Each sparse layer's norm in front of its MoE block (None where the family has none)."""
+        ckpt = self.checkpoint
+        return {l: getattr(self.model.get_submodule(s.decoder_layer), ckpt.family.norm, None) for l, s in ckpt.sites.items()}
+
+    def shared_output(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' contribution of a sparse layer on x [n, H] (None: it has none)."""
+        return shared_expert_output(self.block(layer), x)
+
+    def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's output on x [n, H], its weights read through the cache."""
+        return self.runtime.run_expert(layer, expert, x)
+
+    # --- hooks -------------------------------------------------------------------------------------
+    @property
+    def prefetching(self) -> bool:
+        """Whether the predictor's guesses are requested (prefetch is not "none" and not paused)."""
+        return self.runtime.prefetch_enabled
+
+    @contextmanager
+    def observe(self, on_route: RouteObserver | None = None, on_guess: GuessObserver | None = None) -> Iterator[None]:
+        """Call on_route(layer, x, logits, weights, ids) for every layer call (after routing) and
+        on_guess(layer, [(target, experts)]) for every guess requested, while inside."""
+        rt = self.runtime
+        added = [(lst, fn) for lst, fn in ((rt.observers, on_route), (rt.guess_observers, on_guess)) if fn is not None]
+        for lst, fn in added:
+            lst.append(fn)
+        try:
+            yield
+        finally:
+            for lst, fn in added:
+                if fn in lst:
+                    lst.remove(fn)
+
+    @contextmanager
+    def observers_paused(self) -> Iterator[None]:
+        """No observer added through observe() sees the calls made inside (the predictor's own do)."""
+        rt = self.runtime
+        keep = [o for o in rt.observers if o is getattr(rt.predictor, "observe", None)]
+        saved = (list(rt.observers), list(rt.guess_observers))
+        rt.observers[:], rt.guess_observers[:] = keep, []
+        try:
+            yield
+        finally:
+            rt.observers[:], rt.guess_observers[:] = saved
+
+    @contextmanager
+    def routing_override(self, policy: RoutingPolicy) -> Iterator[None]:
+        """Route with `policy` while inside."""
+        saved, self.runtime.routing = self.runtime.routing, policy
+        try:
+            yield
+        finally:
+            self.runtime.routing = saved
+
+    @contextmanager
+    def prefetch_paused(self) -> Iterator[None]:
+        """No guesses while inside (demand loads only)."""
+        saved, self.runtime.prefetch_enabled = self.runtime.prefetch_enabled, False
+        try:
+            yield
+        finally:
+            self.runtime.prefetch_enabled = saved
+
+    def reset_cache(self, policy: EvictionPolicy | None = None) -> None:
+        """Empty the cache (waiting for loads in flight), optionally under a new eviction policy."""
+        core = self.cache.core
+        core.clear()
+        if policy is not None:
+            core.policy = policy
+        core.now = -1
+        self.runtime.predictions.clear()
+
+    # --- reporting ---------------------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.stats_.to_dict()
         layers = s.pop("layers")
         s.update(self._timing)
-        s["bytes_read"] = self.cache.loader.bytes_read
         s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else None
         s["peak_rss_bytes"] = peak_rss_bytes()
         s["rss_bytes"] = current_rss_bytes()
         s["budget_bytes"] = self.budget_bytes
         s["expert_bytes"] = self.checkpoint.expert_bytes
         s["cache_slots"] = self.cache.capacity
-        s["max_slots_used"] = self.cache.max_occupancy
+        s["max_slots_used"] = self.cache.core.max_occupancy
         s["io"] = self.store.io_effective
         s["cache_policy"] = self.config.cache_policy
         s["prefetch"] = self.config.prefetch
@@ -208,14 +254,12 @@ class Engine:
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
-        fresh = Stats()
-        for k, v in asdict(fresh).items():
-            setattr(self.stats_, k, v if k != "layers" else {})
+        self.stats_.reset()
         self.cache.loader.bytes_read = 0
-        self.cache.max_occupancy = len(self.cache.core.entries)
+        self.cache.core.max_occupancy = len(self.cache.core.entries)
         self._timing = {"ttft_seconds": None, "tpot_seconds": None, "tokens": 0}
 
-    # --- generation ------------------------------------------------------------------------------
+    # --- generation --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -228,6 +272,7 @@ class Engine:
             raise ExpertCacheError(f"token id {bad[0]} is out of range: this model's vocabulary has ids 0..{vocab - 1}")
         return ids
 
+    @torch.inference_mode()
     def generate(
         self,
         prompt: str | list[int],
@@ -240,29 +285,7 @@ class Engine:
         stop_at_eos: bool = True,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache.
-
-        Cache policy belady without a future trace runs the generation twice (oracle.py): once
-        under LRU to record the access stream, then under Belady; the result is the second run's."""
-        kw = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
-                  stop_at_eos=stop_at_eos, on_token=on_token)
-        if self.oracle is not None and not self.oracle.from_trace:
-            return self.oracle.generate(self._generate, prompt, **kw)
-        return self._generate(prompt, **kw)
-
-    @torch.inference_mode()
-    def _generate(
-        self,
-        prompt: str | list[int],
-        *,
-        max_new_tokens: int,
-        greedy: bool,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop_at_eos: bool,
-        on_token: Callable[[int], None] | None,
-    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache."""
         from transformers import DynamicCache
 
         ids = self.encode(prompt)
@@ -298,6 +321,7 @@ class Engine:
         return GenerationResult(text=text, token_ids=out_ids, stats=self.stats())
 
     def close(self) -> None:
+        self.runtime.unbind()
         self.cache.close()
 
     def __enter__(self) -> "Engine":
@@ -305,6 +329,13 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ExpertCacheError(f"unknown dtype {name!r}: use e.g. float32, bfloat16 or float16")
+    return dtype
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -348,19 +379,13 @@ def _load_tokenizer(model_dir: Path):
         return None
 
 
-def load(
-    model: str | Path | None = None,
-    *,
-    expert_budget: str | int = "50%",
-    cache_policy: str | None = None,
-    prefetch: str = "next-gate",
-    io: str = "direct",
-    io_threads: int | None = None,
-    device: str = "cpu",
-    **options,
-) -> Engine:
-    """Load a checkpoint (None = the bundled demo model) with its experts behind a cache."""
-    cfg = EngineConfig(model=str(model) if model is not None else None, expert_budget=expert_budget, prefetch=prefetch, io=io, device=device)
-    overrides = {k: v for k, v in {"cache_policy": cache_policy, "io_threads": io_threads}.items() if v is not None}
-    cfg = replace(cfg, **overrides, **options)
-    return Engine(cfg)
+CONFIG_FIELDS = frozenset(f.name for f in fields(EngineConfig))
+
+
+def load(model: str | Path | None = None, **options) -> Engine:
+    """Load a checkpoint (None = the bundled demo model) with its experts behind a cache.
+    `options` are EngineConfig fields: expert_budget="50%", cache_policy, prefetch, io, ..."""
+    unknown = sorted(set(options) - CONFIG_FIELDS)
+    if unknown:
+        raise ExpertCacheError(f"unknown option {unknown[0]!r}: load() takes {', '.join(sorted(CONFIG_FIELDS - {'model'}))}")
+    return Engine(EngineConfig(model=str(model) if model is not None else None, **options))

@@ -1,14 +1,11 @@
-"""Loader: I/O threads that fill cache slots from the ExpertStore, demand reads first.
+"""Loader: I/O threads that fill cache slots from the ExpertStore, demand reads first; the
+engine's `Reader` (cache.py).
 
-A priority queue orders tasks (DEMAND before PREFETCH, then first come first served). A task is
-read in chunks (store.py: at most CHUNK_BYTES each), and each I/O thread, whenever it is free,
-claims the next unread chunk of the first task in that order. So the threads read one expert's
-chunks side by side (an expert arrives sooner than one thread alone could read it, and the disk
-sees several requests at once), and a demand read waits at most one chunk behind a speculative
-one: no thread starts another speculative chunk while a demand task has chunks left. A task none
-of whose chunks has been claimed can be cancelled (its slot is then free at once); one partly read
-cannot (its bytes would be wasted). A read error is stored on the task and raised in the thread
-that waits for it, once no thread still reads into the task's slot. Reads release the GIL, so loading overlaps compute.
+Tasks are served DEMAND before PREFETCH, then first come first served, in chunks (store.py): each
+free thread claims the next unread chunk of the first task, so threads read one expert side by
+side and a demand read waits at most one chunk behind a speculative one. A task none of whose
+chunks was claimed can be cancelled; a read error is raised to the waiter once no thread still
+writes into the task's slot. Reads release the GIL, so loading overlaps compute.
 """
 
 from __future__ import annotations
@@ -17,15 +14,14 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from .checkpoint import ExpertId
 from .errors import ExpertLoadError
+from .ids import DEMAND, ExpertId
 from .store import ExpertStore, SlotArena
 
 log = logging.getLogger(__name__)
-
-DEMAND, PREFETCH = 0, 1  # lower value is served first
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
@@ -105,6 +101,27 @@ class Loader:
                 if task.state in (QUEUED, RUNNING) and (task.chunks == 0 or task.next_chunk < task.chunks):
                     heapq.heappush(self._heap, (DEMAND, task.seq, task))  # its chunks left, now first in line
                     self._cv.notify_all()
+
+    # --- the Reader protocol (cache.py) ----------------------------------------------------------
+    def state(self, task: LoadTask) -> str:
+        return task.state
+
+    def error(self, task: LoadTask) -> BaseException | None:
+        return task.error
+
+    def wait(self, task: LoadTask) -> float:
+        """Block until the task is over; the seconds waited."""
+        if task.event.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        task.event.wait()
+        return time.perf_counter() - t0
+
+    def arrival(self, task: LoadTask) -> tuple[int, int, int]:
+        """Sorts loads by when they will be ready: being read, then queued in the order served."""
+        if task.event.is_set():
+            return (0, 0, 0)
+        return (1 if task.state == RUNNING else 2, task.priority, task.seq)
 
     def cancel(self, task: LoadTask) -> bool:
         """Cancel a task no chunk of which has been claimed; True if it will not run. A partly

@@ -1,9 +1,9 @@
 """Eviction policies: which resident expert to drop, decided on ids and counters alone.
 
-Policies know nothing about tensors, bytes or threads, so the engine's ExpertCache and the
-trace simulator drive the very same objects. `now` is the index of the current access batch
-(one MoE layer call); a policy is told of inserts, accesses (once per batch per expert) and
-removals, and asked for a victim among the entries an `allowed` predicate admits.
+Policies know nothing about tensors, bytes or threads, so the engine and the simulator drive the
+very same objects. `now` is the index of the current access batch (one wave of a layer call); a
+policy is told of inserts, accesses (once per batch per expert) and removals, and asked for a
+victim among the entries an `allowed` predicate admits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-ExpertId = tuple[int, int]  # (layer, expert)
+from .errors import ExpertCacheError
+from .ids import ExpertId
+
 Allowed = Callable[[ExpertId], bool]
 
 
@@ -60,7 +62,7 @@ class LFUPolicy:
 
     Counts survive eviction ("perfect" LFU), so an expert that was hot, got pushed out and comes
     back keeps its history; this is the accounting that reproduces the reference replay
-    (REFERENCES.md). A lazy min-heap keeps the victim search logarithmic."""
+    (docs/ARCHITECTURE.md). A lazy min-heap keeps the victim search logarithmic."""
 
     name = "lfu"
 
@@ -201,6 +203,23 @@ class BeladyPolicy:
         return _heap_victim(self._heap, self._live, allowed)
 
 
+class UnknownFuture:
+    """Belady's place before its future is given (sim/belady.py installs one): any use is an error."""
+
+    name = "belady"
+
+    def _refuse(self, *args) -> None:
+        raise ExpertCacheError(
+            "cache policy 'belady' needs the future access stream: run it through expertcache.sim.belady "
+            "(the CLI's --cache-policy belady does), which records or reads one first"
+        )
+
+    insert = access = victim = _refuse
+
+    def remove(self, eid: ExpertId) -> None:
+        pass
+
+
 _SKIP_BEFORE_SCAN = 32  # heap items a victim search passes over before it scans the live entries
 
 
@@ -253,11 +272,12 @@ POLICIES: dict[str, tuple[Callable[..., EvictionPolicy], bool]] = {
 
 
 def make_policy(name: str, **kwargs) -> tuple[EvictionPolicy, bool]:
-    """Build a policy by name; returns (policy, partitioned)."""
+    """Build a policy by name; returns (policy, partitioned). Belady without `future` is an
+    UnknownFuture until one is installed."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}: choose one of {', '.join(POLICIES)}")
     factory, partitioned = POLICIES[name]
-    if name == "belady" and "future" not in kwargs:
-        raise ValueError("cache policy 'belady' needs the future access stream (a recorded trace of the same run)")
+    if name == "belady" and kwargs.get("future") is None:
+        return UnknownFuture(), partitioned
     accepted = {"future"} if name == "belady" else {"seed"} if name == "random" else {"half_life"} if name == "lfru" else set()
     return factory(**{k: v for k, v in kwargs.items() if k in accepted}), partitioned

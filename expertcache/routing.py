@@ -1,18 +1,10 @@
 """Routing policies: from a layer's router output to the experts that run and their weights.
 
-Exact routing (the default) keeps the model's own choice, so outputs equal transformers'. Lossy
-policies are opt-in, named and measured (`expertcache tradeoff`): adaptive gating (AdapMoE: drop
-low-weight slots per token), cache-aware routing (cache-conditional experts: prefer resident
-experts) and speculative routing (run resident predicted experts instead of missing ones).
-
-Conventions shared by the lossy policies:
-- a dropped slot is id -1 with weight 0 (the block skips it, ActivationCounter ignores it);
-- mixing weights follow the family's rule over the chosen set (WeightRule): families that
-  renormalise top-k (Mixtral, norm_topk_prob) renormalise the router's original softmax over the
-  chosen experts; the others keep each chosen expert's original softmax probability, so a policy
-  that changes nothing reproduces exact routing bit for bit;
-- `applies_to` names the phases a policy runs in ("prefill", "decode"); the block routes exactly
-  in the others. A decode step is a forward of one position.
+Exact routing (the default) keeps the model's own choice. The lossy policies are opt-in, named and
+measured (`expertcache tradeoff`): adaptive gating (AdapMoE), cache-aware routing (cache-conditional
+experts) and speculative routing. A dropped slot is id -1 with weight 0; mixing weights follow the
+family's WeightRule over the chosen set, so a policy that changes nothing is exact bit for bit;
+`applies_to` names the phases ("prefill", "decode") a policy runs in.
 """
 
 from __future__ import annotations
@@ -27,11 +19,11 @@ from typing import Protocol
 
 import torch
 
+from .ids import DROPPED, PHASES
+
 log = logging.getLogger(__name__)
 
-PHASES = ("prefill", "decode")
 APPLIES_TO = {"prefill": ("prefill",), "decode": ("decode",), "both": PHASES}
-DROPPED = -1  # id of a slot a policy dropped (its weight is 0)
 CALIBRATION_FILE = "adaptive_gating.json"  # default calibration path, next to the model
 
 Resident = Callable[[int], set[int]]  # layer -> experts holding a cache slot, ready or loading (an acquire would hit)
@@ -164,13 +156,14 @@ class CacheAwareRouting:
     name = "cache-aware"
     exact = False
 
-    def __init__(self, *, resident: Resident, rule: WeightRule, lam: float = 0.2, protect_top: int = 2,
-                 ema_decay: float = 0.99, applies_to: str | None = None) -> None:
+    EMA_DECAY = 0.99  # of D_l per token: the logit range is a slow property of a layer
+
+    def __init__(self, *, resident: Resident, rule: WeightRule, lam: float, protect_top: int,
+                 applies_to: str | None = None) -> None:
         self.resident = resident
         self.rule = rule
         self.lam = lam  # the knob: bias in units of the layer's typical logit range
         self.protect_top = protect_top  # J: the router's top-J always get the bias
-        self.ema_decay = ema_decay
         self.applies_to = _phases(applies_to, "decode")
         self.range_ema: dict[int, float] = {}  # layer -> D_l
 
@@ -179,7 +172,7 @@ class CacheAwareRouting:
         out = []
         d = self.range_ema.get(layer)
         for r in ranges.tolist():
-            d = r if d is None else self.ema_decay * d + (1 - self.ema_decay) * r
+            d = r if d is None else self.EMA_DECAY * d + (1 - self.EMA_DECAY) * r
             out.append(d)
         self.range_ema[layer] = d
         return torch.tensor(out, dtype=torch.float32)
@@ -208,7 +201,7 @@ class CacheMaxRankRouting:
     name = "cache-aware-max-rank"
     exact = False
 
-    def __init__(self, *, resident: Resident, rule: WeightRule, max_rank: int = 4, protect_top: int = 2,
+    def __init__(self, *, resident: Resident, rule: WeightRule, max_rank: int, protect_top: int,
                  applies_to: str | None = None) -> None:
         self.resident = resident
         self.rule = rule
@@ -277,18 +270,18 @@ def _adaptive(**kw) -> AdaptiveGating:
 
 def _cache_aware(**kw) -> CacheAwareRouting:
     _warn_protect(kw)
-    return CacheAwareRouting(resident=kw["resident"], rule=kw["rule"], lam=kw.get("cache_lambda", 0.2),
-                             protect_top=kw.get("cache_protect_top", 2), applies_to=kw.get("applies_to"))
+    return CacheAwareRouting(resident=kw["resident"], rule=kw["rule"], lam=kw["cache_lambda"],
+                             protect_top=kw["cache_protect_top"], applies_to=kw.get("applies_to"))
 
 
 def _cache_max_rank(**kw) -> CacheMaxRankRouting:
     _warn_protect(kw)
-    return CacheMaxRankRouting(resident=kw["resident"], rule=kw["rule"], max_rank=kw.get("cache_max_rank", 4),
-                               protect_top=kw.get("cache_protect_top", 2), applies_to=kw.get("applies_to"))
+    return CacheMaxRankRouting(resident=kw["resident"], rule=kw["rule"], max_rank=kw["cache_max_rank"],
+                               protect_top=kw["cache_protect_top"], applies_to=kw.get("applies_to"))
 
 
 def _warn_protect(kw: dict) -> None:
-    j, k = kw.get("cache_protect_top", 2), kw.get("top_k")
+    j, k = kw["cache_protect_top"], kw.get("top_k")
     if k is not None and j >= k:
         log.warning("--cache-protect-top %d >= top-%d: every choice is protected, cache-aware routing "
                     "changes nothing (use --cache-protect-top %d)", j, k, max(k - 1, 0))
@@ -310,6 +303,8 @@ def make_routing(name: str, **kwargs) -> RoutingPolicy:
     cache_max_rank, applies_to ("prefill" | "decode" | "both"; None = the policy's default)."""
     if name not in ROUTINGS:
         raise ValueError(f"unknown routing {name!r}: choose one of {', '.join(ROUTINGS)}")
+    if name != "exact" and kwargs.get("rule") is None:
+        raise ValueError(f"routing {name!r} re-mixes softmax router weights, and this model's router is not a softmax: use exact")
     return ROUTINGS[name](**kwargs)
 
 

@@ -1,28 +1,18 @@
-"""Run statistics: cache lookups, hits and misses, prefetch outcomes, bytes read, stall time,
-latency (TTFT, TPOT) and peak memory, for the whole run and per layer."""
+"""Run statistics: one Stats type for the engine and the simulator, run-wide and per layer, and
+the process's own memory figures."""
 
 from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+COUNTERS = ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_late",
+            "prefetch_wasted", "prefetch_cancelled")
 
 
 @dataclass
 class LayerStats:
-    lookups: int = 0
-    hits: int = 0
-    misses: int = 0
-    stall_seconds: float = 0.0
-    prefetch_issued: int = 0  # speculative loads started for this layer (the run-wide fields below, per target layer)
-    prefetch_used: int = 0
-    prefetch_late: int = 0
-    prefetch_wasted: int = 0
-    prefetch_cancelled: int = 0
-
-
-@dataclass
-class Stats:
     lookups: int = 0  # expert lookups: one per distinct expert a layer call needs
     hits: int = 0  # lookups that found the expert resident or already loading
     misses: int = 0  # lookups that started a demand load
@@ -32,6 +22,13 @@ class Stats:
     prefetch_wasted: int = 0  # speculative loads their layer did not need
     prefetch_cancelled: int = 0  # speculative loads cancelled before being read
     stall_seconds: float = 0.0  # time the computation waited for expert loads
+
+
+@dataclass
+class Stats(LayerStats):
+    """The run's counters; `layers` holds the same counters per sparse layer."""
+
+    bytes_read: int = 0  # expert bytes of the loads started and not cancelled
     layers: dict[int, LayerStats] = field(default_factory=dict)
 
     def layer(self, layer: int) -> LayerStats:
@@ -39,6 +36,16 @@ class Stats:
         if ls is None:
             ls = self.layers[layer] = LayerStats()
         return ls
+
+    def count(self, layer: int, name: str, n: int | float = 1) -> None:
+        """Add `n` to counter `name`, run-wide and for `layer`."""
+        setattr(self, name, getattr(self, name) + n)
+        ls = self.layer(layer)
+        setattr(ls, name, getattr(ls, name) + n)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, {} if f.name == "layers" else type(getattr(self, f.name))())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -51,8 +58,7 @@ def peak_rss_bytes() -> int:
 
     On Linux this is VmHWM from /proc/self/status. Not getrusage's ru_maxrss: the kernel carries
     ru_maxrss across exec, so a process started by a large parent (pytest, a notebook, a benchmark
-    driver) reports the parent's peak as its own; Python's subprocess forks with vfork, which
-    makes that the parent's whole peak. ru_maxrss is the fallback where /proc is absent.
+    driver) reports the parent's peak as its own. ru_maxrss is the fallback where /proc is absent.
     """
     try:
         with open("/proc/self/status") as f:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import ExpertId, ExpertParts
+from .checkpoint import ExpertParts
 from .errors import ExpertLoadError
+from .ids import ExpertId
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids
+from helpers.checkpoints import prompt_ids
 
 import expertcache
 from expertcache.checkpoint import Checkpoint
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import make_checkpoint
+    from helpers.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("belady"), "mixtral", num_layers=4, num_experts=8, top_k=2)
 

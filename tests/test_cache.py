@@ -22,7 +22,7 @@ from expertcache.loader import CANCELLED, DEMAND, DONE, PREFETCH
 from expertcache.policies import make_policy
 from expertcache.stats import Stats
 from expertcache.store import ExpertStore
-from conftest import ReadGate as Gate
+from helpers.gates import ReadGate as Gate
 
 TIMEOUT = 5.0
 

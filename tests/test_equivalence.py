@@ -23,7 +23,8 @@ from expertcache.checkpoint import Checkpoint
 from expertcache.moe_block import OffloadedMoE
 from expertcache.policies import POLICIES
 
-from conftest import EOS, LoadRecorder, check_engine_invariants, check_io_mode, min_budget, prompt_ids
+from helpers.checkpoints import EOS, prompt_ids
+from helpers.invariants import LoadRecorder, check_engine_invariants, check_io_mode, min_budget
 
 PROMPT = prompt_ids(40)  # long enough that, at the minimum budget, every layer computes in waves
 NEW_TOKENS = 32

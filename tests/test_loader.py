@@ -20,7 +20,7 @@ from expertcache.checkpoint import ExpertParts, TensorRef
 from expertcache.errors import ExpertLoadError
 from expertcache.loader import CANCELLED, DEMAND, DONE, FAILED, PREFETCH, Loader
 from expertcache.store import ExpertStore, SlotArena
-from conftest import ReadGate as Gate
+from helpers.gates import ReadGate as Gate
 
 TIMEOUT = 5.0  # seconds any wait may take before the test calls it a hang
 SHAPE = (8, 16)  # each part: 8 x 16 float32 = 512 bytes

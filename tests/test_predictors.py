@@ -36,7 +36,9 @@ from expertcache.predictors import (
 from expertcache.predictors.train import TrainSettings, record_calibration, train
 from expertcache.trace import Recorder
 
-from conftest import LoadRecorder, check_engine_invariants, make_checkpoint, prompt_ids, reference_outputs
+from helpers.invariants import LoadRecorder, check_engine_invariants
+from helpers.checkpoints import make_checkpoint, prompt_ids
+from helpers.reference import reference_outputs
 
 PROMPT = prompt_ids(40)
 NEW_TOKENS = 16

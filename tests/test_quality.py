@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import WORDS, make_word_model
+from helpers.checkpoints import WORDS, make_word_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import expertcache

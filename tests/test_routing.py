@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import WORDS, make_word_model, prompt_ids
+from helpers.checkpoints import WORDS, make_word_model, prompt_ids
 
 import expertcache
 from expertcache.cli import build_parser, engine_config, main

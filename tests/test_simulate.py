@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_word_model
+from helpers.checkpoints import make_word_model
 
 import expertcache
 from expertcache.checkpoint import Checkpoint

@@ -77,7 +77,7 @@ def _default_vector(**kw) -> DefaultVectorPredictor:
     art = _artefact("default-vector", kw)
     layers = sorted(kw["routers"])
     return DefaultVectorPredictor(
-        model=kw["model"],
+        norms=kw["norms"],
         routers=kw["routers"],
         vectors={l: art.tensors[f"l{l}.vectors"] for l in layers},
         shared={l: art.tensors[f"l{l}.shared"] for l in layers},
@@ -98,8 +98,8 @@ PREDICTORS: dict[str, Callable[..., Predictor]] = {
 
 def make_predictor(name: str, *, max_per_layer: int | None = None, **kwargs) -> Predictor:
     """Build predictor `name`. kwargs: routers {layer: [E, H]}, top_k, depth, and where needed
-    model (the transformers model), model_dir and path (a train-predictor file; None = beside the
-    model). max_per_layer caps decode guesses per target layer."""
+    norms {layer: the norm in front of its MoE block}, model_dir and path (a train-predictor file;
+    None = beside the model). max_per_layer caps decode guesses per target layer."""
     if name not in PREDICTORS:
         raise ValueError(f"unknown prefetch predictor {name!r}: choose one of {', '.join(PREDICTORS)}")
     predictor = PREDICTORS[name](**kwargs)

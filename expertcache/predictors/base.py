@@ -3,7 +3,7 @@
 A predictor sees the running MoE layer's input x [T, H] and router logits [T, E] and returns, for
 each later layer it looks ahead to, experts in the order they should be loaded (most likely
 first). Predictors that need more than (x, logits) -- the routed experts, the residual stream --
-get it through `observe` (the engine registers it as a block observer) or hooks of their own.
+get it through `observe` (the engine calls it with every layer's routing) or hooks of their own.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-Prediction = list[tuple[int, list[int]]]  # [(target layer, experts most likely first)]
+from ..ids import Prediction
 
 
 class Predictor(Protocol):

@@ -27,7 +27,7 @@ class DefaultVectorPredictor:
     def __init__(
         self,
         *,
-        model: nn.Module,
+        norms: dict[int, nn.Module],  # layer -> the decoder layer's norm in front of its MoE block
         routers: dict[int, torch.Tensor],
         vectors: dict[int, torch.Tensor],  # layer -> [E, H] mean output of each expert
         shared: dict[int, torch.Tensor],  # layer -> [H] mean shared-expert contribution (zeros if none)
@@ -40,12 +40,10 @@ class DefaultVectorPredictor:
         self._vectors = vectors
         self._shared = shared
         self._top_k = top_k
-        self._norms: dict[int, nn.Module] = {}
-        for l in layers:
-            norm = getattr(model.model.layers[l], "post_attention_layernorm", None)
-            if norm is None:
-                raise ExpertCacheError(f"default-vector needs decoder layer {l}'s post_attention_layernorm, which this model lacks")
-            self._norms[l] = norm
+        missing = [l for l in layers if norms.get(l) is None]
+        if missing:
+            raise ExpertCacheError(f"default-vector needs the norm in front of each MoE block, which layer {missing[0]} lacks")
+        self._norms: dict[int, nn.Module] = {l: norms[l] for l in layers}
         self._residual: dict[int, torch.Tensor] = {}  # layer -> [T, H] latest post-attention residual
         self._routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> latest (weights [T, k], ids [T, k])
         # the residual is the one input the MoE block does not see: read it where the layer norms it

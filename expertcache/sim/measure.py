@@ -1,84 +1,24 @@
-"""Hardware profiles for the simulator's cost model: how fast experts move and layers compute.
-
-A profile is a link (sustained read bandwidth plus a fixed latency per expert read), the
-compute time of one sparse layer for one decode token, and the compute time each read adds
-(`read_cpu_seconds`: the eviction, submission, reader-thread and waiter wake-ups, computing on
-freshly read weights, on a CPU host; 0 in the presets, whose reads are DMA that costs the compute
-nothing). Presets describe
-typical machines; the "measured" profile is calibrated here, on this machine, by timing the
-ExpertStore's own reads (O_DIRECT by default) of a checkpoint's experts and the engine's decode
-steps.
-
-Cost model (simulate.py), per MoE layer call that misses n experts totalling B bytes:
-    load    = n * latency + B / bandwidth
-    time    = compute + n * read_cpu + load - overlap * min(compute, load)
-overlap 0 is demand loading (the layer waits for its misses, then computes); overlap 1 hides
-loads behind one layer's compute (perfect prefetch). Time per output token = decode time /
-decode tokens. A prefetch replay (timeline.py) times its reads on the same link instead.
-"""
+"""Calibrating the "measured" hardware profile on this machine, through a real engine: its
+store's reads for the link, its decode steps for compute, its demand misses for what a read costs."""
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
-from .errors import ExpertCacheError
+import torch
+from transformers import DynamicCache
 
-log = logging.getLogger(__name__)
+from ..config import EngineConfig
+from ..engine import Engine
+from ..ids import DEMAND
+from ..loader import Loader
+from ..store import ALIGN, Chunk, SlotArena
+from .hardware import Hardware
 
 MEASURE_READS = 48  # experts loaded (and first blocks read) to calibrate the per-load fixed cost
 MEASURE_SPAN_BYTES = 256 * 2**20  # most bytes of the one long read that calibrates bandwidth
 MEASURE_STEPS = 16  # decode steps timed to calibrate compute (mean), and forward pairs for the miss cost
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    description: str
-    bandwidth_bytes_per_s: float  # sustained reads from the slow tier into expert slots
-    latency_seconds: float  # fixed cost per expert read (request setup, command latency)
-    layer_compute_seconds: float  # one decode token through one sparse layer (attention + experts)
-    read_cpu_seconds: float = 0.0  # compute time one expert read takes from the computation beside it
-
-    def load_seconds(self, reads: int, nbytes: int) -> float:
-        return reads * self.latency_seconds + nbytes / self.bandwidth_bytes_per_s
-
-    def layer_seconds(self, reads: int, nbytes: int, overlap: float = 0.0) -> float:
-        """One layer call: compute plus the loads of its misses, `overlap` of them hidden."""
-        load = self.load_seconds(reads, nbytes) if reads else 0.0
-        c = self.layer_compute_seconds
-        return c + reads * self.read_cpu_seconds + load - overlap * min(c, load)
-
-    def with_compute(self, seconds: float) -> "Hardware":
-        return replace(self, layer_compute_seconds=seconds)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-GB = 1e9
-# Links are typical sustained figures (not the interface's raw rate); compute is the per-layer
-# decode time of a ~3B-active MoE (Qwen3-30B-A3B class, 4-bit) on the compute that usually sits
-# behind that link: a discrete GPU for PCIe, a desktop CPU for NVMe, a phone SoC for UFS.
-PRESETS: dict[str, Hardware] = {
-    "pcie4": Hardware("pcie4", "PCIe 4.0 x16 host->GPU copies (~25 GB/s of 31.5 raw), GPU compute", 25 * GB, 10e-6, 100e-6),
-    "pcie5": Hardware("pcie5", "PCIe 5.0 x16 host->GPU copies (~50 GB/s of 63 raw), GPU compute", 50 * GB, 10e-6, 100e-6),
-    "nvme4": Hardware("nvme4", "NVMe gen4 SSD (~7 GB/s sequential, ~80 us per read), desktop CPU compute", 7 * GB, 80e-6, 800e-6),
-    "ufs4": Hardware("ufs4", "UFS 4.0 phone flash (~4 GB/s sequential, ~120 us per read), phone SoC compute", 4 * GB, 120e-6, 1.6e-3),
-}
-HARDWARE_NAMES = (*PRESETS, "measured")
-
-
-def get_hardware(name: str, *, model: str | Path | None = None, prefetch: str = "none") -> Hardware:
-    """A preset by name, or "measured": calibrated on `model` (a checkpoint dir; None = demo)."""
-    if name in PRESETS:
-        return PRESETS[name]
-    if name == "measured":
-        return measure(model, prefetch=prefetch)
-    raise ExpertCacheError(f"unknown hardware {name!r}: choose one of {', '.join(HARDWARE_NAMES)}")
 
 
 def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STEPS, prefetch: str = "none") -> Hardware:
@@ -105,9 +45,6 @@ def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STE
     (`prefetch`, run with nothing left to load), so a profile for a prefetching engine is measured
     with its predictor. A checkpoint is opened with a 100% budget; an Engine given is used as it is
     (its cache and counters move)."""
-    from .config import EngineConfig
-    from .engine import Engine
-
     if isinstance(source, Engine):
         return _measure(source, reads, steps)
     cfg = EngineConfig(model=str(source) if source is not None else None, expert_budget="100%", prefetch=prefetch)
@@ -131,8 +68,6 @@ def _measure_reads(store, experts: dict, n: int, *, threads: int = 2) -> tuple[f
     """(fixed cost of one expert load, bandwidth): one long read over the experts' largest file
     gives the bandwidth; `n` experts loaded through a Loader of `threads` reader threads give the
     fixed cost (mean load time minus the transfer), at least one aligned block read per part."""
-    from .loader import DEMAND, Loader
-    from .store import ALIGN, Chunk, SlotArena
 
     eids = sorted(experts)
     picks = [eids[i * len(eids) // min(n, len(eids))] for i in range(min(n, len(eids)))]
@@ -173,9 +108,6 @@ def _measure_reads(store, experts: dict, n: int, *, threads: int = 2) -> tuple[f
 
 
 def _measure_compute(engine, steps: int) -> float:
-    import torch
-    from transformers import DynamicCache
-
     model = engine.model
     vocab = int(model.config.vocab_size)
     past = DynamicCache(config=model.config)
@@ -200,12 +132,9 @@ def _measure_miss(engine, steps: int) -> tuple[float, float] | None:
     prefetch off for both; per miss, the mean time waited (the engine's stall counter) and the
     mean of the rest of the difference (at least 0). None when the cache cannot hold every
     expert."""
-    import torch
-    from transformers import DynamicCache
-
     if not _make_resident(engine):
         return None
-    model, ctx, core = engine.model, engine.context, engine.cache.core
+    model, core = engine.model, engine.cache.core
     vocab = int(model.config.vocab_size)
     past = DynamicCache(config=model.config)
     routed: dict[int, int] = {}
@@ -213,40 +142,30 @@ def _measure_miss(engine, steps: int) -> tuple[float, float] | None:
     def note(layer, x, logits, weights, ids) -> None:
         routed[layer] = int(ids.reshape(-1)[0])
 
-    enabled, ctx.prefetch_enabled = ctx.prefetch_enabled, False
     waits, others = [], []
-    try:
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
-            for i in range(steps):
-                _make_resident(engine)
-                token = torch.tensor([[(3 + i) % vocab]])
-                pos = past.get_seq_length()
-                ctx.observers.append(note)
-                try:
-                    t0 = time.perf_counter()
-                    model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
-                    quiet = time.perf_counter() - t0
-                finally:
-                    ctx.observers.remove(note)
-                past.crop(pos - past.get_seq_length())  # drop the token again (transformers 5: a negative count)
-                for layer, e in routed.items():
-                    if (layer, e) in core.entries:
-                        core.remove((layer, e))
-                reserved, core.free = core.free, []  # a full cache: each miss evicts
-                misses0, stall0 = engine.stats_.misses, engine.stats_.stall_seconds
-                try:
-                    t0 = time.perf_counter()
-                    model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
-                    busy = time.perf_counter() - t0
-                finally:
-                    core.free.extend(reserved)
-                misses, stall = engine.stats_.misses - misses0, engine.stats_.stall_seconds - stall0
-                if misses:
-                    waits.append(stall / misses)
-                    others.append((busy - quiet - stall) / misses)
-    finally:
-        ctx.prefetch_enabled = enabled
+    with engine.prefetch_paused(), torch.inference_mode():
+        model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+        for i in range(steps):
+            _make_resident(engine)
+            token = torch.tensor([[(3 + i) % vocab]])
+            pos = past.get_seq_length()
+            with engine.observe(note):
+                t0 = time.perf_counter()
+                model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                quiet = time.perf_counter() - t0
+            past.crop(pos - past.get_seq_length())  # drop the token again (transformers 5: a negative count)
+            for layer, e in routed.items():
+                if (layer, e) in core.entries:
+                    core.remove((layer, e))
+            misses0, stall0 = engine.stats_.misses, engine.stats_.stall_seconds
+            with core.no_free_slots():  # a full cache: each miss evicts
+                t0 = time.perf_counter()
+                model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                busy = time.perf_counter() - t0
+            misses, stall = engine.stats_.misses - misses0, engine.stats_.stall_seconds - stall0
+            if misses:
+                waits.append(stall / misses)
+                others.append((busy - quiet - stall) / misses)
     _make_resident(engine)
     if not waits:
         return None
@@ -262,10 +181,6 @@ def _make_resident(engine) -> bool:
     for layer, e in sorted(ckpt.experts):
         by_layer.setdefault(layer, []).append(e)
     for layer, experts in by_layer.items():
-        held = cache.acquire(layer, experts)
-        try:
-            for eid in held:
-                cache.weights(eid)
-        finally:
-            cache.release(held)
+        for _ in cache.stream(layer, experts):
+            pass
     return True

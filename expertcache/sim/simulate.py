@@ -1,34 +1,31 @@
-"""Trace-driven cache simulator: replays a routing trace through the engine's own policy classes.
+"""Trace-driven cache simulator: a routing trace replayed through the engine's own cache rules.
 
-Two accountings of the same access stream (trace.Trace.batches):
-- "reference": REFERENCES.md's replay, byte budgets. Per batch each distinct expert is looked up
-  once (lookups in the order of their last use in the batch, so a repeat refreshes recency); a
-  miss makes it resident and reads expert_bytes(layer); after the batch, entries are evicted
-  until the budget holds, never one the batch touched. Partitioned policies (layer, layerlfu)
-  give each layer its own share of the bytes and evict only inside it, with one policy object per
-  layer. This reproduces ../shared/traces/qwen3-30b-a3b/replay-curve.csv.
-- "engine": drives cache.CacheCore exactly as ExpertCache.acquire does without prefetch: slots =
-  budget // expert_bytes, distinct experts of a call in ascending id order, in waves of at most
-  `capacity`, eviction before each insert, pins held for the wave. Replaying an engine run's
-  trace gives that run's hits and misses exactly. With `prefetch=True` the trace's recorded
-  predictor guesses are replayed too, on a simulated clock (timeline.py): the engine's prefetch
-  rules, and guesses loading behind the previous layer's compute.
-Each replay is then priced with a hardware.Hardware cost model (time per output token).
+Two accountings of a trace's access stream:
+- "reference": the reference replay of ../shared/traces (docs/ARCHITECTURE.md): byte budgets,
+  each call's distinct experts looked up, then eviction down to the budget, never an expert the
+  call touched. Partitioned policies give each layer its own share and policy object.
+- "engine": the engine's own CacheCore (slots, waves, sweeps, pins), driven through a Reader that
+  lands every load at once; replaying an engine run's trace gives that run's hits and misses
+  exactly. With `prefetch=True` the trace's recorded guesses are replayed too, timed on a
+  ClockedReader (clock.py).
+Each replay is priced with a hardware.Hardware cost model (time per output token).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import BudgetError, ExpertCacheError
-from .hardware import HARDWARE_NAMES, Hardware, get_hardware
-from .policies import POLICIES, ExpertId, make_policy
+from ..cache import CacheCore, capacity_for, equal_quotas
+from ..errors import BudgetError, ExpertCacheError
+from ..ids import ExpertId
+from ..policies import POLICIES, make_policy
+from ..stats import Stats
+from .clock import ClockedReader, InstantReader
+from .hardware import Hardware
 from .trace import Trace
 
 log = logging.getLogger(__name__)
@@ -122,7 +119,7 @@ def _policy(name: str, future: Sequence | None, seed: int):
 
 # --- reference accounting -------------------------------------------------------------------------
 def _replay_reference(stream: Stream, name: str, budget: int, allocation: str, seed: int) -> Replay:
-    """REFERENCES.md's accounting: lookups, then eviction after the batch down to the budget."""
+    """The reference accounting: lookups, then eviction after the batch down to the budget."""
     future = [s.lookups for s in stream.steps] if name == "belady" else None
     partitioned = POLICIES[name][1]
     eb = stream.expert_bytes
@@ -179,81 +176,72 @@ def layer_budgets(stream: Stream, budget: int, allocation: str = "equal") -> dic
 
 # --- engine accounting ----------------------------------------------------------------------------
 def engine_capacity(stream: Stream, budget: int) -> int:
-    """Slots the engine's ExpertCache would have for this budget (its minimum budget enforced)."""
-    eb = max(stream.expert_bytes.values())
-    minimum = stream.shape.top_k * eb
-    if budget < minimum:
-        raise BudgetError(
-            f"expert budget {budget} bytes is below the engine's minimum {minimum} bytes "
-            f"({stream.shape.top_k} experts of {eb} bytes)"
-        )
-    return min(budget // eb, stream.shape.num_experts * len(stream.layers))
+    """Slots the engine's cache would have for this budget (its minimum budget enforced)."""
+    return capacity_for(budget, max(stream.expert_bytes.values()), stream.shape.top_k,
+                        stream.shape.num_experts * len(stream.layers))
 
 
 def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed: int,
                    hardware: Hardware | None = None, prefetch: bool = False) -> Replay:
-    """CacheCore driven like ExpertCache.acquire/release with prefetch none, or, with `prefetch`,
-    like the engine with the trace's recorded guesses on a simulated clock (timeline.py)."""
-    from .cache import CacheCore, equal_quotas
-
+    """The engine's CacheCore over the stream: demand loads only (every load lands at once), or,
+    with `prefetch`, the trace's recorded guesses too, on a simulated clock."""
     capacity = engine_capacity(stream, budget)
-    calls = []  # per layer call: its waves of ascending distinct ids, as the block acquires them
-    for s in stream.steps:
-        needed = sorted(s.lookups)
-        calls.append((s, [tuple(needed[i : i + capacity]) for i in range(0, len(needed), capacity)]))
-    # CacheCore ticks once per wave: Belady's future is indexed by the `now` of each tick
-    first = CacheCore(0, None).tick()
-    future = [()] * first + [w for _, waves in calls for w in waves] if name == "belady" else None
+    needed = [sorted(e for _, e in s.lookups) for s in stream.steps]
+    future = None
+    if name == "belady":  # CacheCore ticks once per wave: Belady's future is indexed by each tick's `now`
+        future = [tuple((s.layer, e) for e in ids[i : i + capacity])
+                  for s, ids in zip(stream.steps, needed) for i in range(0, len(ids), capacity)]
     policy, partitioned = _policy(name, future, seed)
     quotas = None
     if partitioned:
         quotas = equal_quotas(capacity, stream.layers) if allocation == "equal" else dp_allocation(stream, budget, capacity)
-    core = CacheCore(capacity, policy, quotas, layers=stream.layers, experts_per_layer=stream.shape.num_experts)
-    eb = stream.expert_bytes
+    stats = Stats()
+    reader = ClockedReader(hardware, stream.expert_bytes) if prefetch else InstantReader()
+    core = CacheCore(capacity=capacity, policy=policy, reader=reader, stats=stats, expert_bytes=stream.expert_bytes,
+                     layers=stream.layers, experts_per_layer=stream.shape.num_experts, quotas=quotas)
     out = Replay(name, budget, "engine")
     if prefetch:
-        return _replay_timed(core, calls, stream, hardware, out)
-    for step, waves in calls:
-        hits = misses = 0
-        core.route(step.layer, {e for _, e in step.lookups})  # as ExpertCache.preempt
-        for wave in waves:
-            core.tick()
-            pinned = []
-            for eid in wave:
-                ent = core.entries.get(eid)
-                if ent is not None:
-                    hits += 1
-                    core.policy.access(eid, core.now)
-                else:
-                    misses += 1
-                    if not core.make_room(eid):
-                        raise RuntimeError(f"no slot can be freed for {eid}: all {capacity} slots are pinned")
-                    ent = core.add(eid, speculative=False, ready=False)
-                ent.pins += 1
-                pinned.append(ent)
-            for ent in pinned:  # the wave computed (loads settled), then released
-                ent.ready = True
-                ent.pins -= 1
-        out._count(step.decode, hits, misses, misses * eb[step.layer])
+        out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware
+    for step, ids in zip(stream.steps, needed):
+        hits0, misses0, issued0, stall0 = stats.hits, stats.misses, stats.prefetch_issued, stats.stall_seconds
+        if prefetch:
+            _timed_call(core, reader, step, ids, out)
+        else:
+            for _ in core.stream(step.layer, ids):
+                pass
+        misses = stats.misses - misses0
+        out._count(step.decode, stats.hits - hits0, misses, misses * stream.expert_bytes[step.layer])
+    if prefetch:
+        out.bytes_read = stats.bytes_read  # demand and speculative reads (cancelled guesses are never read)
+        out.prefetch = {k: getattr(stats, k) for k in ("prefetch_issued", "prefetch_used", "prefetch_late",
+                                                       "prefetch_wasted", "prefetch_cancelled")}
     return out
 
 
-def _replay_timed(core, calls, stream: Stream, hardware: Hardware, out: Replay) -> Replay:
-    from .timeline import TimedCache
-
-    sim = TimedCache(core, hardware, stream.expert_bytes)
-    out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware
-    for step, waves in calls:
-        res = sim.call(step.layer, waves, step.guesses, timed=step.decode)
-        out._count(step.decode, res.hits, res.misses, res.miss_bytes)
-        if step.decode:
-            out.decode_seconds.append(res.seconds)
-            out.decode_waits.append(res.wait_seconds)
-    c = sim.counters
-    out.bytes_read = c.bytes_read  # demand and speculative reads (cancelled guesses are never read)
-    out.prefetch = {k: getattr(c, k) for k in ("prefetch_issued", "prefetch_used", "prefetch_late",
-                                               "prefetch_wasted", "prefetch_cancelled")}
-    return out
+def _timed_call(core: CacheCore, reader: ClockedReader, step: Step, needed: list[int], out: Replay) -> None:
+    """One layer call as the engine makes it: the lead guess requested before it, the call's own
+    guesses after its first wave's demand loads; decode calls then compute for the profile's time
+    per layer plus read_cpu per read submitted (prefill calls are untimed: loads land at once)."""
+    stats, hw = core.stats, reader.hardware
+    reader.timed = step.decode
+    if not step.decode:
+        reader.flush()
+    start, reads0 = reader.now, stats.misses + stats.prefetch_issued
+    guesses = [(t, list(es)) for t, es in step.guesses or () if t != step.layer]
+    for t, experts in step.guesses or ():
+        if t == step.layer:  # requested before the call (the engine's first-layer guess)
+            core.request_lead(t, list(experts))
+    for _ in core.stream(step.layer, needed, (lambda: guesses) if guesses else None):
+        pass
+    if not step.decode:
+        reader.flush()
+        reader.now = start
+        return
+    waited = reader.now - start
+    reads = stats.misses + stats.prefetch_issued - reads0
+    reader.now = start + waited + hw.layer_compute_seconds + reads * hw.read_cpu_seconds
+    out.decode_seconds.append(reader.now - start)
+    out.decode_waits.append(waited)
 
 
 # --- per-layer allocation (AdapMoE) ---------------------------------------------------------------
@@ -461,79 +449,6 @@ def simulate(
         "results": results,
         "bounds": bounds,
     }
-
-
-# --- CLI: expertcache simulate --------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--trace", required=True, help="trace file: an expertcache .npz or a reference route.csv")
-    p.add_argument("--budget", required=True, help="expert budget(s), comma-separated: 10%%, 2GiB, 250MiB or bytes")
-    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES), help=f"cache policies, comma-separated (default {','.join(DEFAULT_POLICIES)})")
-    p.add_argument("--mode", default="reference", choices=MODES, help="reference (byte budget, evict after each call) or engine (the engine's slots)")
-    p.add_argument("--allocation", default="equal", choices=ALLOCATIONS, help="per-layer shares of partitioned policies: equal, or AdapMoE's dp")
-    p.add_argument("--hardware", default="nvme4", help=f"cost model: {', '.join(HARDWARE_NAMES)} (default nvme4)")
-    p.add_argument("--model", default=None, help="checkpoint to calibrate --hardware measured on (default: the bundled demo)")
-    p.add_argument("--layer-compute-ms", type=float, default=None, help="override the profile's per-layer decode compute time")
-    p.add_argument("--overlap", type=float, default=0.0, help="share of loads hidden behind compute, 0 (demand loading, default) to 1")
-    p.add_argument("--prefetch", default="none", choices=["none", "trace"],
-                   help="trace: replay the predictor guesses recorded in the trace, timed on --hardware (engine mode; --overlap does not apply)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
-    p.add_argument("--plot", default=None, help="write hit rate vs budget, one line per policy, to this PNG")
-    p.add_argument("--json", action="store_true", help="print {results, bounds} as JSON")
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def run(args) -> int:
-    from .config import parse_budget
-
-    trace = Trace.load(args.trace)
-    policies = _split(args.policy)
-    for name in policies:
-        if name not in POLICIES:
-            raise ExpertCacheError(f"unknown cache policy {name!r}: choose one of {', '.join(POLICIES)}")
-    budgets = [parse_budget(b, trace.shape.total_expert_bytes) for b in _split(args.budget)]
-    if not budgets or not policies:
-        raise ExpertCacheError("give at least one --budget and one --policy")
-    hw = get_hardware(args.hardware, model=args.model)
-    if args.layer_compute_ms is not None:
-        if args.layer_compute_ms < 0:
-            raise ExpertCacheError("--layer-compute-ms must not be negative")
-        hw = hw.with_compute(args.layer_compute_ms / 1000)
-    report = simulate(trace, budgets, policies, mode=args.mode, hardware=hw, overlap=args.overlap,
-                      allocation=args.allocation, seed=args.seed, progress=sys.stderr.isatty(),
-                      prefetch=args.prefetch == "trace")
-    if args.plot:
-        plot(report, args.plot)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print(report)
-    return 0
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{1000 * s:.2f}"
-
-
-def _print(report: dict) -> None:
-    from .cli import _fmt_bytes
-
-    hw = report["hardware"]
-    t = report["trace"]
-    print(f"trace   {t['model']}: {t['layer_calls']} layer calls, {t['decode_tokens']} decode tokens")
-    how = "recorded prefetch guesses, timed" if report.get("prefetch") == "trace" else f"overlap {report['overlap']:g}"
-    print(f"model   {report['mode']} accounting, {report['allocation']} allocation; {hw['name']}: {hw['description']}; {how}")
-    print(f"{'budget':>12} {'policy':>10} {'hit%':>7} {'decode%':>8} {'read':>11} {'TPOT ms':>9}")
-    for r in report["results"]:
-        print(f"{_fmt_bytes(r['budget_bytes']):>12} {r['policy']:>10} {r['hit_pct']:>7.2f} {r['hit_pct_decode']:>8.2f} "
-              f"{_fmt_bytes(r['bytes_read']):>11} {_ms(r['modeled_tpot_seconds']):>9}")
-    b = report["bounds"]
-    print(f"bound   compute only: TPOT {_ms(b['compute_only_tpot_seconds'])} ms")
-    for r in b["belady_perfect_overlap"]:
-        print(f"bound   belady, perfect overlap @ {_fmt_bytes(r['budget_bytes'])}: decode hit {r['hit_pct_decode']:.2f}%, "
-              f"TPOT {_ms(r['modeled_tpot_seconds'])} ms")
 
 
 def plot(report: dict, path: str) -> None:

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExpertCacheError
+from ..errors import ExpertCacheError
+from ..ids import DROPPED, PHASES
 
 log = logging.getLogger(__name__)
 
 FORMAT = "expertcache-trace"
 VERSION = 1
-PHASES = ("prefill", "decode")
-DROPPED = -1  # id of a slot a lossy routing policy dropped
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ class Trace:
     meta: dict = field(default_factory=dict)  # free-form: source, engine settings, run counters
 
     def batches(self) -> list[Batch]:
-        """The access stream (REFERENCES.md): one batch per layer call, in call order. A prefill
+        """The access stream: one batch per layer call, in call order. A prefill
         call holds every prompt token's ids, token-major; a decode call one token's ids. Routes
         of the reference CSV are ordered so decode comes token by token, layer-major."""
         out = []
@@ -304,176 +303,3 @@ def _route(turn: int, step: int, phase: str, layer: int, tokens: list[list[tuple
         ids[i, : len(t)] = [e for e, _ in t]
         weights[i, : len(t)] = [w for _, w in t]
     return Route(turn, step, phase, layer, ids, weights)
-
-
-# --- recording from an engine ---------------------------------------------------------------------
-def engine_shape(engine) -> ModelShape:
-    ckpt = engine.checkpoint
-    return ModelShape(
-        model=str(ckpt.model_dir),
-        n_layers=int(ckpt.config.num_hidden_layers),
-        sparse_layers=tuple(ckpt.sparse_layers),
-        num_experts=ckpt.num_experts,
-        top_k=ckpt.top_k,
-        expert_bytes={l: ckpt.expert_bytes for l in ckpt.sparse_layers},
-    )
-
-
-class Recorder:
-    """Records every MoE layer call of an engine (via BlockContext.observers) into a Trace, and,
-    when the engine prefetches, the predictor's guesses of each call (its predictor is wrapped
-    while attached), so the simulator can replay the prefetching too.
-
-    A forward pass is recognised by the layer order starting over. The first forward after
-    attaching, or after `new_turn()`, is a prefill, and so is any forward of more than one token
-    (a new prompt); other forwards are decode steps. Call `new_turn()` between generate() calls
-    when a prompt can be a single token.
-
-        with Recorder(engine) as rec:
-            engine.generate(prompt, max_new_tokens=32)
-        rec.trace.save("run.npz")
-    """
-
-    def __init__(self, engine, *, logits: bool = False, hidden_states: bool = False) -> None:
-        self.engine = engine
-        self.logits = logits
-        self.hidden_states = hidden_states
-        cfg = engine.config
-        meta = {"source": "engine", "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch,
-                "budget_bytes": engine.budget_bytes}
-        self.trace = Trace(engine_shape(engine), [], meta)
-        self._turn = -1
-        self._pos = 0  # position of the current forward's first token
-        self._tokens = 0  # tokens of the current forward
-        self._phase = "prefill"
-        self._last_layer: int | None = None
-        self._fresh_turn = True
-        self._guesses = engine.context.prefetch_enabled
-
-    def new_turn(self) -> None:
-        """The next forward starts a new prompt (a fresh KV cache)."""
-        self._fresh_turn = True
-        self._last_layer = None
-
-    def attach(self) -> "Recorder":
-        ctx = self.engine.context
-        if self._observe not in ctx.observers:
-            ctx.observers.append(self._observe)
-        if self._guesses and not (isinstance(ctx.predictor, _GuessRecorder) and ctx.predictor.recorder is self):
-            ctx.predictor = _GuessRecorder(ctx.predictor, self)
-        return self
-
-    def detach(self) -> None:
-        ctx = self.engine.context
-        if self._observe in ctx.observers:
-            ctx.observers.remove(self._observe)
-        if isinstance(ctx.predictor, _GuessRecorder) and ctx.predictor.recorder is self:
-            ctx.predictor = ctx.predictor.inner
-
-    def _note_guesses(self, layer: int, guesses) -> None:
-        route = self.trace.routes[-1] if self.trace.routes else None
-        if route is not None and route.layer == layer and route.guesses is not None:
-            route.guesses += [(int(t), [int(e) for e in es]) for t, es in guesses]
-
-    def __enter__(self) -> "Recorder":
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-    def _observe(self, layer: int, x, logits, weights, ids) -> None:
-        n = int(ids.shape[0])
-        if self._last_layer is None or layer <= self._last_layer:  # a new forward pass
-            if self._fresh_turn or n > 1:
-                self._turn += 1
-                self._pos = 0
-                self._phase = "prefill"
-                self._fresh_turn = False
-            else:
-                self._pos += self._tokens
-                self._phase = "decode"
-            self._tokens = n
-        self._last_layer = layer
-        guesses = None
-        if self._guesses:  # a guess for the call's own layer was requested before it (FirstLayerPrefetch)
-            lead = self.engine.context.lead_guesses.get(layer)
-            guesses = [(layer, list(lead))] if lead else []
-        self.trace.routes.append(
-            Route(
-                turn=self._turn,
-                step=self._pos,
-                phase=self._phase,
-                layer=layer,
-                ids=ids.detach().to("cpu").numpy().astype(np.int32),
-                weights=weights.detach().float().to("cpu").numpy(),
-                logits=logits.detach().float().to("cpu").numpy() if self.logits else None,
-                hidden=x.detach().float().to("cpu").numpy() if self.hidden_states else None,
-                guesses=guesses,
-            )
-        )
-
-
-class _GuessRecorder:
-    """The engine's predictor, unchanged, noting each guess on the route being recorded."""
-
-    def __init__(self, inner, recorder: Recorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-
-    def predict(self, layer: int, x, logits):
-        guesses = self.inner.predict(layer, x, logits)
-        self.recorder._note_guesses(layer, guesses)
-        return guesses
-
-    def __getattr__(self, name: str):  # name, observe, close ... of the wrapped predictor
-        return getattr(self.inner, name)
-
-
-# --- CLI: expertcache trace -----------------------------------------------------------------------
-def add_arguments(p) -> None:
-    from .cli import add_engine_arguments
-
-    add_engine_arguments(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", default=None, help="file whose text is the prompt")
-    src.add_argument("--prompt", default=None, help="prompt text")
-    src.add_argument("--prompt-ids", default=None, help="comma-separated token ids (for checkpoints without a tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate after the prompt (default 32)")
-    p.add_argument("--out", required=True, help="trace file to write (.npz)")
-    p.add_argument("--logits", action="store_true", help="also record router logits")
-    p.add_argument("--hidden-states", action="store_true", help="also record router logits and MoE-input hidden states (for training predictors)")
-
-
-def run(args) -> int:
-    from .cli import _set_threads, engine_config
-    from .engine import Engine
-
-    if args.max_new_tokens < 1:
-        raise ExpertCacheError("--max-new-tokens must be at least 1")
-    if args.text is not None:
-        try:
-            prompt = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExpertCacheError(f"cannot read --text {args.text}: {getattr(e, 'strerror', None) or e}") from None
-        if not prompt.strip():
-            raise ExpertCacheError(f"--text {args.text} is empty")
-    elif args.prompt_ids is not None:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise ExpertCacheError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    else:
-        prompt = args.prompt
-    _set_threads(args.threads)
-    with Engine(engine_config(args)) as engine:
-        with Recorder(engine, logits=args.logits or args.hidden_states, hidden_states=args.hidden_states) as rec:
-            result = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
-        stats = result.stats
-        rec.trace.meta["run"] = {k: stats[k] for k in ("lookups", "hits", "misses", "bytes_read", "tokens")}
-        out = rec.trace.save(args.out)
-    n_pre = sum(1 for r in rec.trace.routes if not r.decode)
-    print(
-        f"wrote {out}: {len(rec.trace.routes)} layer calls ({n_pre} prefill, {len(rec.trace.routes) - n_pre} decode), "
-        f"{stats['tokens']} tokens generated, hits {stats['hits']}/{stats['lookups']}"
-    )
-    return 0

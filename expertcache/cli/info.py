@@ -1,0 +1,41 @@
+"""expertcache info: a checkpoint's experts, bytes and minimum budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..tools.info import model_info
+from .flags import fmt_bytes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    total = info["total_expert_bytes"]
+    weights = {True: ", renormalised", False: "", None: ", non-softmax router"}[info["renormalize"]]
+    rows = [
+        ("family", info["family"]),
+        ("layers (sparse)", f"{info['layers']} ({info['sparse_layers']})"),
+        ("experts per layer, top-k", f"{info['experts_per_layer']}, top-{info['top_k']}{weights}"),
+        ("expert layout, dtype", f"{info['expert_layout']}, {info['dtype']}"),
+        ("bytes per expert", fmt_bytes(info["bytes_per_expert"])),
+        ("dense bytes", fmt_bytes(info["dense_bytes"])),
+        ("all expert bytes", fmt_bytes(total)),
+        ("minimum budget", f"{fmt_bytes(info['min_budget_bytes'])} ({100 * info['min_budget_bytes'] / total:.2f}%)"),
+        ("one token cycle", f"{fmt_bytes(info['token_cycle_bytes'])} ({100 * info['token_cycle_bytes'] / total:.1f}%)"),
+    ]
+    for k, v in rows:
+        print(f"{k:<26} {v}")
+    print(
+        f"advice: budgets below one token cycle ({fmt_bytes(info['token_cycle_bytes'])}) stream most experts every "
+        "token; a frequency-aware policy (lfu, the default) keeps the hot experts resident where a global LRU falls to 0% hits"
+    )
+    return 0

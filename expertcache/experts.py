@@ -1,0 +1,239 @@
+"""The experts implementation expertcache registers with transformers, and the state its calls share.
+
+Every MoE family's experts module dispatches forward(hidden_states, top_k_index, top_k_weights)
+through transformers' experts interface; a model built with experts_implementation="expertcache"
+lands here. The router, shared experts and the rest of the block stay transformers' code. One call,
+for T tokens of one layer:
+
+    x [T, H], ids [T, k], weights [T, k]       (the router's logits [T, E] are captured by a hook)
+      -> routing policy, in the phases it applies to (exact: unchanged; a dropped slot is id -1)
+      -> observers see (layer, x, logits, weights, ids)
+      -> cache.stream(layer, needed, guesses): experts in the order they are ready; the predictor's
+         guesses for later layers are requested once this call's demand loads are queued
+           each expert: its tokens through (gate_up | gate, up) -> gate -> down, times its weight
+      -> sum over k in transformers' own order and dtype -> [T, H]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import closing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import ExpertsSite, Family
+from .cache import ExpertCache
+from .ids import Prediction
+from .predictors.base import Predictor, rank
+from .routing import RoutingPolicy
+
+IMPLEMENTATION = "expertcache"  # the name under which transformers' experts interface knows us
+ONE_TOKEN_PATH = True  # decode steps skip the token/slot search (tests compare both paths bit for bit)
+
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], None]  # (layer, x, logits, weights, ids)
+GuessObserver = Callable[[int, Prediction], None]  # (layer of the call, [(target layer, experts)])
+
+
+def register() -> None:
+    """Make "expertcache" an experts implementation of transformers (its public registry)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+
+
+def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers calls this for every experts module of a model built with our implementation."""
+    binding = module.__dict__.get("_expertcache")
+    if binding is None:
+        raise RuntimeError("this experts module belongs to no expertcache engine: load the model with expertcache.load()")
+    runtime, layer = binding
+    return runtime.forward(module, layer, hidden_states, top_k_index, top_k_weights)
+
+
+def _default_gate(module: nn.Module) -> bool:
+    from transformers.integrations.moe import _default_apply_gate
+
+    return getattr(type(module), "_apply_gate", None) is _default_apply_gate
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ w if transposed else F.linear(x, w)
+    return y if bias is None else y + bias
+
+
+def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int) -> torch.Tensor:
+    """One expert of `module` on its tokens x [n, H] -> [n, H]: the module's own math (gating,
+    biases, layout) on weights read from the cache."""
+    if parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use, as
+        parts = tuple(p.to(x.dtype) for p in parts)  # transformers casts at load (the cache keeps the saved bytes)
+    t, bias = module.is_transposed, module.has_bias
+    if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
+        gate, up, down = parts
+        if _default_gate(module):
+            h = module.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [n, I]
+        else:
+            h = module._apply_gate(torch.cat([F.linear(x, gate), F.linear(x, up)], dim=-1))
+    else:
+        w, down = parts
+        name = "gate_up_proj_bias" if module.has_gate else "up_proj_bias"
+        h = _linear(x, w, t, getattr(module, name)[expert] if bias else None)  # [n, 2I] or [n, I]
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)  # [n, I]
+    y = _linear(h, down, t, module.down_proj_bias[expert] if bias else None)  # [n, H]
+    return module.post_expert_norm(y) if module.has_post_expert_norm else y
+
+
+def all_experts_likely(tokens: int, num_experts: int, top_k: int) -> bool:
+    """Whether `tokens` tokens, routed uniformly, leave less than half an expert of a layer unused
+    in expectation (E (1 - k/E)^T < 1/2): from about 10 tokens at 8 experts top-2, 86 at 128 top-8."""
+    return num_experts * (1 - top_k / num_experts) ** tokens < 0.5
+
+
+class ExpertsRuntime:
+    """What every experts call of one engine shares: the cache, the routing policy, the predictor,
+    the observers, and what the router hooks captured. The engine builds and owns it."""
+
+    def __init__(self, *, cache: ExpertCache, routing: RoutingPolicy, predictor: Predictor, num_experts: int, top_k: int) -> None:
+        self.cache = cache
+        self.routing = routing
+        self.predictor = predictor
+        self.num_experts, self.top_k = num_experts, top_k
+        self.observers: list[RouteObserver] = []
+        self.guess_observers: list[GuessObserver] = []
+        self.prefetch_enabled = True
+        self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
+        self.phase = "prefill"  # of the running forward: "decode" when it feeds one position
+        self._logits: dict[int, torch.Tensor] = {}  # layer -> router logits of its running call
+        self._modules: dict[int, nn.Module] = {}
+        self._lead: FirstLayerPrefetch | None = None
+        self._hooks: list = []
+
+    def bind(self, model: nn.Module, sites: dict[int, ExpertsSite], family: Family) -> None:
+        """Route `model`'s experts calls here, capture each router's logits, and watch each forward start."""
+        for layer, site in sites.items():
+            module = model.get_submodule(site.path)
+            module.__dict__["_expertcache"] = (self, layer)
+            self._modules[layer] = module
+            router = getattr(model.get_submodule(site.block), family.router, None)
+            if router is not None:
+                self._hooks.append(router.register_forward_hook(self._capture(layer)))
+        first = next(iter(sites.values()))
+        decoder_layers = model.get_submodule(first.decoder_layer.rsplit(".", 1)[0])
+        router = getattr(model.get_submodule(first.block), family.router, None)
+        norm = getattr(model.get_submodule(first.decoder_layer), family.norm, None)
+        self._lead = FirstLayerPrefetch(self, first.layer, router=router, norm=norm)
+        self._hooks.append(decoder_layers[0].register_forward_pre_hook(self._forward_start, with_kwargs=True))
+
+    def _capture(self, layer: int):
+        def hook(module: nn.Module, args: tuple, out) -> None:
+            self._logits[layer] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    def _forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None or hidden.dim() != 3:
+            return
+        self.phase = "decode" if hidden.shape[1] == 1 else "prefill"
+        if self.prefetch_enabled:
+            self._lead(hidden)
+
+    # --- one call ------------------------------------------------------------------------------
+    def forward(self, module: nn.Module, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        logits = self._logits.pop(layer, None)  # [T, E]
+        if self.phase in self.routing.applies_to:
+            weights, ids = self.routing.select(layer, logits, weights, ids)  # dropped slots: id -1
+        for observe in self.observers:
+            observe(layer, x, logits, weights, ids)
+        needed = [e for e in torch.unique(ids).tolist() if e >= 0]  # sorted distinct experts
+        contrib = torch.zeros(
+            (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
+        )  # [T, k, H]
+        single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
+        if single is not None and len(set(single)) < len(single):
+            single = None  # an expert in two slots (no routing policy makes one): the general path covers both
+        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled else None
+        with closing(self.cache.stream(layer, needed, guesses)) as ready:
+            for e, parts in ready:
+                if single is not None:  # one token (a decode step): its slot, no index search
+                    s = single.index(e)
+                    contrib[0, s] = expert_output(module, x, parts, e)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
+                else:
+                    tok, slot = torch.nonzero(ids == e, as_tuple=True)
+                    contrib[tok, slot] = expert_output(module, x[tok], parts, e) * weights[tok, slot, None]
+        return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
+
+    def _guess(self, layer: int, x: torch.Tensor, logits: torch.Tensor | None) -> Prediction:
+        guesses = self.predictor.predict(layer, x, logits)
+        self.predictions.update(guesses)
+        for notify in self.guess_observers:
+            notify(layer, guesses)
+        return guesses
+
+    def lead(self, layer: int, experts: list[int]) -> None:
+        """Request `layer`'s experts before its call (FirstLayerPrefetch)."""
+        for notify in self.guess_observers:
+            notify(layer, [(layer, experts)])
+        self.cache.core.request_lead(layer, experts)
+
+    def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert of `layer` on x [n, H], its weights through the cache (for tools)."""
+        module = self._modules[layer]
+        with closing(self.cache.stream(layer, [expert])) as ready:
+            for e, parts in ready:
+                return expert_output(module, x, parts, e)
+        raise RuntimeError(f"expert {(layer, expert)} was not streamed")
+
+    def unbind(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class FirstLayerPrefetch:
+    """The first sparse layer, which no predictor sees ahead of time (each guesses from an earlier
+    MoE layer): its experts are requested when the first decoder layer starts, so they load behind
+    the embeddings and attention. A prompt long enough to use every expert gets all of them; a
+    shorter call (a decode step) gets what the layer's own norm and router choose for the token's
+    input without the attention's contribution (docs/prefetch-experiments.md: most of a token's
+    first routing is decided by its embedding). `router`, `norm` None: only long prompts are served.
+
+    A token's input to the first decoder layer is a function of its id alone, so a decode step's
+    guess is remembered by the input's bytes (MEMO_BYTES of keys at most)."""
+
+    MEMO_BYTES = 16 << 20
+
+    def __init__(self, runtime: ExpertsRuntime, layer: int, *, router: nn.Module | None, norm: nn.Module | None) -> None:
+        self.runtime, self.layer = runtime, layer
+        self.router, self.norm = router, norm
+        self._memo: dict[bytes, list[int]] = {}
+        self._memo_bytes = 0
+
+    def __call__(self, hidden: torch.Tensor) -> None:
+        rt = self.runtime
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens > 1 and all_experts_likely(tokens, rt.num_experts, rt.top_k):
+            experts = list(range(rt.num_experts))
+        elif self.router is not None and self.norm is not None:
+            experts = self._guess(hidden, tokens)
+        else:
+            return
+        rt.lead(self.layer, experts)
+
+    def _guess(self, hidden: torch.Tensor, tokens: int) -> list[int]:
+        key = hidden.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if tokens == 1 else None
+        experts = self._memo.get(key) if key is not None else None
+        if experts is None:
+            out = self.router(self.norm(hidden).reshape(tokens, hidden.shape[-1]))
+            logits = out[0] if isinstance(out, tuple) else out  # [T, E]
+            experts = rank(logits, self.runtime.top_k)
+            if key is not None:
+                if self._memo_bytes + len(key) > self.MEMO_BYTES:
+                    self._memo.clear()
+                    self._memo_bytes = 0
+                self._memo[key] = experts
+                self._memo_bytes += len(key)
+        return list(experts)

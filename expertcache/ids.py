@@ -1,0 +1,11 @@
+"""Names every part of expertcache shares: expert ids, guesses, phases and load priorities."""
+
+from __future__ import annotations
+
+ExpertId = tuple[int, int]  # (layer, expert)
+Prediction = list[tuple[int, list[int]]]  # [(target layer, experts most likely first)]
+
+PHASES = ("prefill", "decode")  # a decode step is a forward of one position
+DROPPED = -1  # id of a routing slot a lossy routing policy dropped (its weight is 0)
+
+DEMAND, PREFETCH = 0, 1  # load priorities: lower is served first

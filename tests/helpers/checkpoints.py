@@ -1,0 +1,220 @@
+"""Tiny random MoE checkpoints of every supported family, written by transformers' own
+save_pretrained (so the on-disk layout is exactly what a user has). Seeded: the same arguments
+give the same weights bit for bit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+BOS, EOS, PAD = 1, 2, 0  # special ids of every tiny checkpoint (inside the tiny vocabulary)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny checkpoints
+# --------------------------------------------------------------------------------------------------
+WORDS = "the a cat dog sat ran on mat big small red blue and it was happy sad".split()
+
+
+def make_word_model(directory: Path, *, num_layers: int = 2, num_experts: int = 4) -> Path:
+    """A tiny top-2 Mixtral (hidden 32, seed 0) with a word-level tokenizer over WORDS ([UNK] is
+    id 0, word i is id i + 1): text in, text out, for the commands that read text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
+    cfg = MixtralConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=num_layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=num_experts, num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
+def tiny_config(
+    family: str,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    norm_topk_prob: bool | None = None,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    expert_intermediate: int = 32,
+    vocab_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    decoder_sparse_step: int | None = None,
+    mlp_only_layers: list[int] | None = None,
+    initializer_range: float = 0.1,
+    **extra,
+):
+    """A tiny transformers config of `family` (fp32). `norm_topk_prob=None` keeps the family's
+    default; Mixtral has no such flag (it always renormalises) and refuses an explicit one.
+    `decoder_sparse_step` / `mlp_only_layers` exist for the Qwen families only (dense layers)."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=256,
+        initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings,
+        num_experts_per_tok=top_k,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    qwen_dense = {}
+    if decoder_sparse_step is not None:
+        qwen_dense["decoder_sparse_step"] = decoder_sparse_step
+    if mlp_only_layers is not None:
+        qwen_dense["mlp_only_layers"] = list(mlp_only_layers)
+    if qwen_dense and family not in ("qwen2_moe", "qwen3_moe"):
+        raise ValueError(f"{family} has no dense MLP layers (decoder_sparse_step / mlp_only_layers are Qwen options)")
+    norm = {} if norm_topk_prob is None else {"norm_topk_prob": bool(norm_topk_prob)}
+    if family == "mixtral":
+        if norm:
+            raise ValueError("Mixtral always renormalises its top-k weights: leave norm_topk_prob=None")
+        cfg = MixtralConfig(**common, intermediate_size=expert_intermediate, num_local_experts=num_experts, **extra)
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **common,
+            intermediate_size=3 * expert_intermediate,  # the dense layers' MLP
+            moe_intermediate_size=expert_intermediate,
+            shared_expert_intermediate_size=2 * expert_intermediate,
+            num_experts=num_experts,
+            **norm,
+            **qwen_dense,
+            **extra,
+        )
+    elif family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **common,
+            head_dim=hidden_size // num_heads,
+            intermediate_size=3 * expert_intermediate,
+            moe_intermediate_size=expert_intermediate,
+            num_experts=num_experts,
+            **norm,
+            **qwen_dense,
+            **extra,
+        )
+    elif family == "olmoe":
+        cfg = OlmoeConfig(**common, intermediate_size=expert_intermediate, num_experts=num_experts, **norm, **extra)
+    else:
+        raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
+    return cfg
+
+
+def make_checkpoint(
+    tmp_dir: str | os.PathLike,
+    family: str,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    norm_topk_prob: bool | None = None,
+    fused: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shards: int | None = None,
+    seed: int = 0,
+    eos_unreachable: bool = True,
+    **config_kw,
+) -> Path:
+    """Write a tiny random checkpoint of `family` into `tmp_dir` (created) and return it.
+
+    fused=False: save_pretrained's default, one tensor per expert (w1/w3/w2 for Mixtral under
+    block_sparse_moe, gate/up/down_proj otherwise); fused=True: transformers 5's own
+    [E, 2I, H] gate_up_proj / [E, H, I] down_proj (save_original_format=False).
+    shards=N: split into about N safetensors files with a model.safetensors.index.json.
+    eos_unreachable: zero the EOS row of the LM head so greedy decoding never picks EOS (its logit
+    is exactly 0 while the max of the other 127 random logits is positive), so a 32-token greedy
+    run is the same whether or not a generator stops at EOS. config_kw go to tiny_config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(tmp_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(family, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob, **config_kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # exercise the QK-norm / RMSNorm weights too: their init (ones) would hide a missing tensor
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        if eos_unreachable:
+            model.get_output_embeddings().weight[EOS].zero_()
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    kwargs = {"save_original_format": not fused}
+    if shards is not None and shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        kwargs["max_shard_size"] = max(1, math.ceil(total / shards))
+    model.save_pretrained(out, **kwargs)
+    if shards is not None and shards > 1:
+        assert (out / "model.safetensors.index.json").is_file(), "save_pretrained wrote no shard index"
+    return out
+
+
+def checkpoint_key(family: str, **kw) -> str:
+    """A directory name that identifies a make_checkpoint call."""
+    parts = [family] + [f"{k}={_short(v)}" for k, v in sorted(kw.items())]
+    return "-".join(parts).replace("/", "_").replace(" ", "")
+
+
+def _short(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, (list, tuple)):
+        return "_".join(map(str, v)) or "none"
+    return str(v)
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+
+
+def prompt_ids(n: int, *, vocab_size: int = 128, seed: int = 1234) -> list[int]:
+    """A fixed random prompt of n ids, special ids excluded."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(3, vocab_size, (n,), generator=g)).tolist()
+
+
+def o_direct_supported(directory: Path) -> bool:
+    """Whether files under `directory` can be opened and read with O_DIRECT (ext4: yes; tmpfs: no)."""
+    probe = Path(directory) / ".o_direct_probe"
+    probe.write_bytes(b"\0" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 4096)
+        try:
+            os.preadv(fd, [buf], 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+        probe.unlink()
