@@ -128,7 +128,7 @@ class CacheCore:
         if requested and self.sweep == layer:
             # a sweep: guesses could not take the slots Belady keeps while this layer computed;
             # now its own experts are done (used furthest ahead), they make room for the rest
-            self.sweep_needed = frozenset()
+            self.end_call()
             self.request(layer, requested, after=True)
 
     def preempt(self, layer: int, needed: Iterable[int]) -> None:
@@ -287,6 +287,11 @@ class CacheCore:
         )
         self.sweep = layer if sweep else None
         self.sweep_needed = needed if sweep else frozenset()
+
+    def end_call(self) -> None:
+        """The running call has computed every expert it needed: in a sweep they are now the
+        entries used furthest ahead (the next forward), the first to make room."""
+        self.sweep_needed = frozenset()
 
     def kept_from_guesses(self) -> set[ExpertId]:
         """In a sweep, what a guess may not take a slot from: every entry but the running layer's
@@ -480,6 +485,11 @@ class ExpertCache:
         with closing(self.core.stream(layer, needed, guesses)) as ready:
             for eid in ready:
                 yield eid[1], self.arena.tensors(self.core.entries[eid].slot, self.store.plan(eid))
+
+    def weights(self, eid: ExpertId) -> tuple[torch.Tensor, ...]:
+        """The part tensors of an expert holding a slot (views of it), once its load is over."""
+        self.core.wait(eid)
+        return self.arena.tensors(self.core.entries[eid].slot, self.store.plan(eid))
 
     def holding(self, layer: int) -> set[int]:
         """Experts of `layer` holding a slot, ready or loading: an acquire now would count them as hits."""

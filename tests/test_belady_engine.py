@@ -1,6 +1,6 @@
-"""Every cache policy name runs in the engine, Belady included (oracle.py): its future comes from a
-trace of the same run or from a recording run inside generate(); it never misses more than any
-other policy on the same generation, outputs stay exact, and a run that leaves its future stops.
+"""Every cache policy name runs in the engine, Belady included (sim/belady.py): its future comes
+from a trace of the same run or from a recording run inside belady.generate(); it never misses more
+than any other policy on the same generation, outputs stay exact, and a run that leaves its future stops.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import expertcache
 from expertcache.checkpoint import Checkpoint
 from expertcache.cli import main
 from expertcache.policies import POLICIES
-from expertcache.simulate import replay
-from expertcache.trace import Recorder, Trace
+from expertcache.sim import belady
+from expertcache.sim.recorder import Recorder
+from expertcache.sim.simulate import replay
+from expertcache.sim.trace import Trace
 
 PROMPT = prompt_ids(12)
 TOKENS = 20
@@ -30,10 +32,11 @@ def tiny(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("belady"), "mixtral", num_layers=4, num_experts=8, top_k=2)
 
 
-def _generate(model_dir, policy, budget, *, prefetch="none", **kw):
-    with expertcache.load(model_dir, expert_budget=budget, cache_policy=policy, prefetch=prefetch, **kw) as engine:
-        out = engine.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
-    return out
+def _generate(model_dir, policy, budget, *, prefetch="none", future_trace=None):
+    with expertcache.load(model_dir, expert_budget=budget, cache_policy=policy, prefetch=prefetch) as engine:
+        if policy == "belady":
+            return belady.generate(engine, PROMPT, future_trace=future_trace, max_new_tokens=TOKENS, stop_at_eos=False)
+        return engine.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
 
 
 def _min_budget(model_dir) -> int:
@@ -77,23 +80,23 @@ def test_belady_with_prefetch_and_sampling_keeps_the_outputs(tiny):
     with expertcache.load(tiny, expert_budget="40%", cache_policy="lfu", prefetch="next-gate") as engine:
         ref = engine.generate(PROMPT, **kw)
     with expertcache.load(tiny, expert_budget="40%", cache_policy="belady", prefetch="next-gate") as engine:
-        out = engine.generate(PROMPT, **kw)
+        out = belady.generate(engine, PROMPT, **kw)
         assert out.token_ids == ref.token_ids
         assert out.stats["prefetch_issued"] > 0 and out.stats["lookups"] == ref.stats["lookups"]
         # a sampled run without a seed draws one seed for both of its runs
-        unseeded = engine.generate(PROMPT, max_new_tokens=8, stop_at_eos=False, greedy=False)
+        unseeded = belady.generate(engine, PROMPT, max_new_tokens=8, stop_at_eos=False, greedy=False)
         assert len(unseeded.token_ids) == 8
 
 
 def test_a_callers_recorder_sees_only_the_belady_run(tiny):
     with expertcache.load(tiny, expert_budget="40%", cache_policy="belady", prefetch="next-gate") as engine:
         with Recorder(engine) as rec:
-            engine.generate(PROMPT, max_new_tokens=6, stop_at_eos=False)
-        predictor = engine.context.predictor
+            belady.generate(engine, PROMPT, max_new_tokens=6, stop_at_eos=False)
+        observers = (list(engine.runtime.observers), list(engine.runtime.guess_observers))
     assert {r.turn for r in rec.trace.routes} == {0}
     assert len(rec.trace.routes) == 4 * 6  # one prefill and five decode forwards of four layers
     assert all(r.guesses is not None for r in rec.trace.routes)
-    assert type(predictor).__name__ == "NextGatePredictor"  # every wrapper taken off again
+    assert observers == ([], [])  # every observer taken off again
 
 
 def test_belady_stops_a_run_that_leaves_its_future(tiny, tmp_path):
@@ -101,15 +104,14 @@ def test_belady_stops_a_run_that_leaves_its_future(tiny, tmp_path):
         with Recorder(engine) as rec:
             engine.generate(PROMPT, max_new_tokens=4, stop_at_eos=False)
     path = rec.trace.save(tmp_path / "short.npz")
-    with expertcache.load(tiny, expert_budget="30%", cache_policy="belady", prefetch="none", future_trace=str(path)) as engine:
+    with expertcache.load(tiny, expert_budget="30%", cache_policy="belady", prefetch="none") as engine:
         with pytest.raises(expertcache.ExpertCacheError, match="past the end of its future"):
-            engine.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
-    with expertcache.load(tiny, expert_budget="30%", cache_policy="belady", prefetch="none", future_trace=str(path)) as engine:
+            belady.generate(engine, PROMPT, future_trace=path, max_new_tokens=8, stop_at_eos=False)
         with pytest.raises(expertcache.ExpertCacheError, match="routed other experts than its future"):
-            engine.generate(prompt_ids(12, seed=99), max_new_tokens=4, stop_at_eos=False)
+            belady.generate(engine, prompt_ids(12, seed=99), future_trace=path, max_new_tokens=4, stop_at_eos=False)
 
 
-def test_belady_without_a_future_refuses_calls_outside_generate(tiny):
+def test_belady_without_a_future_refuses_calls_outside_belady_generate(tiny):
     with expertcache.load(tiny, expert_budget="30%", cache_policy="belady", prefetch="none") as engine:
         with pytest.raises(expertcache.ExpertCacheError, match="needs the future access stream"):
             with torch.inference_mode():
@@ -128,7 +130,7 @@ def test_cli_generate_with_every_policy_and_belady_flags(tiny, tmp_path, capsys)
                  "--trace", str(out), "--json"]) == 0
     capsys.readouterr()
     for args, message in [
-        (["--cache-policy", "lru", "--trace", str(out)], "needs cache policy 'belady'"),
+        (["--cache-policy", "lru", "--trace", str(out)], "needs --cache-policy belady"),
         (["--cache-policy", "belady", "--routing", "cache-aware"], "routing that does not read the cache"),
         (["--cache-policy", "belady", "--max-new-tokens", "9", "--trace", str(out)], "past the end"),
     ]:

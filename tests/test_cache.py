@@ -1,4 +1,4 @@
-"""ExpertCache on a real tiny Mixtral checkpoint: the budget check, slot contents equal to the
+"""The cache (ExpertCache over CacheCore) on a real tiny Mixtral checkpoint: the budget check, slot contents equal to the
 checkpoint's tensors, occupancy (resident + in flight) within the capacity while loads are held,
 speculative loads that never evict what the running layer pins or what the request wants,
 wrong guesses evicted first, preempt's cancellation of unneeded guesses, late prefetches promoted.
@@ -18,7 +18,8 @@ import torch
 from expertcache.cache import ExpertCache
 from expertcache.checkpoint import Checkpoint
 from expertcache.errors import BudgetError, ExpertLoadError
-from expertcache.loader import CANCELLED, DEMAND, DONE, PREFETCH
+from expertcache.ids import DEMAND, PREFETCH
+from expertcache.loader import CANCELLED, DONE
 from expertcache.policies import make_policy
 from expertcache.stats import Stats
 from expertcache.store import ExpertStore
@@ -76,7 +77,7 @@ class Rig:
     def _on_chunk(self, task, i):  # on the I/O thread: the slot being written must be the task's own
         self.log.append((task.eid, i))
         ent = self.cache.core.entries.get(task.eid)
-        if ent is None or ent.slot != task.slot or ent.task is not task:
+        if ent is None or ent.slot != task.slot or ent.load is not task:
             self.violations.append(f"{task.eid} chunk {i} read into slot {task.slot} it does not own")
         if len(self.cache.core.entries) > self.cache.capacity:
             self.violations.append(f"{len(self.cache.core.entries)} entries > {self.cache.capacity} slots")
@@ -85,12 +86,12 @@ class Rig:
         return set(self.cache.core.entries)
 
     def task(self, eid):
-        return self.cache.core.entries[eid].task
+        return self.cache.core.entries[eid].load
 
     def drain(self) -> None:
         self.gate.open()
         for ent in list(self.cache.core.entries.values()):
-            assert ent.task.event.wait(TIMEOUT), "a load never finished"
+            assert ent.load.event.wait(TIMEOUT), "a load never finished"
 
     def check(self) -> None:
         core = self.cache.core
@@ -98,7 +99,7 @@ class Rig:
         assert len(core.entries) <= self.cache.capacity
         slots = [e.slot for e in core.entries.values()]
         assert sorted(slots + core.free) == list(range(self.cache.capacity)), "a slot leaked or is shared"
-        assert self.cache.max_occupancy <= self.cache.capacity
+        assert self.cache.core.max_occupancy <= self.cache.capacity
 
     def close(self) -> None:
         self.gate.open()
@@ -120,13 +121,11 @@ def rig(ckpt):
 
 
 def use(cache: ExpertCache, layer: int, experts) -> None:
-    """One layer call as the MoE block makes it: preempt, acquire, read every expert's weights,
-    release. (preempt is also what settles loads that finished unobserved, so they can be evicted.)"""
-    cache.preempt(layer, experts)
-    wave = cache.acquire(layer, experts)
-    for eid in wave:
-        cache.weights(eid)
-    cache.release(wave)
+    """One layer call as the experts implementation makes it: stream() writes off the layer's
+    unneeded guesses (which also settles loads that finished unobserved, so they can be evicted),
+    pins the experts, waits for each and releases them."""
+    for _ in cache.stream(layer, sorted(experts)):
+        pass
 
 
 def assert_weights(cache: ExpertCache, eid, tensors) -> None:
@@ -164,18 +163,18 @@ def test_weights_read_into_slots_equal_the_checkpoint(rig, tensors):
     cache = r.cache
     for layer in (0, 1):
         for pair in ((0, 1), (2, 3), (4, 5), (6, 7)):
-            wave = cache.acquire(layer, pair)
+            wave = cache.core.acquire(layer, pair)
             for eid in wave:
                 assert_weights(cache, eid, tensors)
-                assert cache.ready(eid)
-            cache.release(wave)
+                assert cache.core.ready(eid)
+            cache.core.release(wave)
     assert (r.stats.hits, r.stats.misses) == (0, 16)
-    wave = cache.acquire(1, [7, 6])
+    wave = cache.core.acquire(1, [7, 6])
     assert (r.stats.hits, r.stats.misses) == (2, 16)
     for eid in wave:
         assert_weights(cache, eid, tensors)
-    cache.release(wave)
-    assert cache.loader.bytes_read == 16 * cache.expert_bytes
+    cache.core.release(wave)
+    assert cache.loader.bytes_read == 16 * cache.core.expert_bytes[0]
     r.check()
 
 
@@ -184,16 +183,16 @@ def test_a_read_error_reaches_weights_and_frees_the_slot(rig, tensors):
     r.gate.fail[(0, 3)] = ExpertLoadError("bad sector")
     r.gate.open()
     cache = r.cache
-    wave = cache.acquire(0, [3, 4])
+    wave = cache.core.acquire(0, [3, 4])
     with pytest.raises(ExpertLoadError, match="bad sector"):
         cache.weights((0, 3))
     assert_weights(cache, (0, 4), tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     assert r.entries() == {(0, 4)}  # the failed expert holds no slot
     del r.gate.fail[(0, 3)]
-    wave = cache.acquire(0, [3])  # and a later try reads it afresh
+    wave = cache.core.acquire(0, [3])  # and a later try reads it afresh
     assert_weights(cache, (0, 3), tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     r.check()
 
 
@@ -203,25 +202,25 @@ def test_a_read_error_reaches_weights_and_frees_the_slot(rig, tensors):
 def test_resident_plus_in_flight_never_exceeds_capacity(rig, tensors):
     r = rig(4, threads=2)
     cache = r.cache
-    wave = cache.acquire(0, [0, 1])  # two demand loads, held in flight
+    wave = cache.core.acquire(0, [0, 1])  # two demand loads, held in flight
     r.gate.wait_started(2)
-    assert cache.prefetch([(1, e) for e in range(8)]) == 2  # only the two free slots
+    assert cache.core.prefetch([(1, e) for e in range(8)]) == 2  # only the two free slots
     assert len(r.entries()) == 4
-    cache.release(wave)
+    cache.core.release(wave)
     # every slot is taken by a load in flight: nothing can be evicted for another guess
-    assert cache.prefetch([(0, e) for e in range(2, 8)]) == 0
+    assert cache.core.prefetch([(0, e) for e in range(2, 8)]) == 0
     assert len(r.entries()) == 4
     r.check()
     # a demand load now takes a slot back from a queued (not started) guess
-    queued = [e for e, n in cache.core.entries.items() if n.task.state == "queued"]
+    queued = [e for e, n in cache.core.entries.items() if n.load.state == "queued"]
     assert queued, "expected prefetches still queued behind the held reads"
-    wave = cache.acquire(0, [5])
+    wave = cache.core.acquire(0, [5])
     assert len(r.entries()) == 4
     assert r.stats.prefetch_cancelled == 1
     r.drain()
     for eid in wave:
         assert_weights(cache, eid, tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     for eid in r.entries():
         assert_weights(cache, eid, tensors)
     r.check()
@@ -230,19 +229,19 @@ def test_resident_plus_in_flight_never_exceeds_capacity(rig, tensors):
 def test_a_demand_load_waits_for_a_running_guess_when_no_slot_is_free(rig, tensors):
     r = rig(2)
     cache = r.cache
-    assert cache.prefetch([(1, 0), (1, 1)]) == 2
+    assert cache.core.prefetch([(1, 0), (1, 1)]) == 2
     r.gate.wait_started(1)  # (1, 0) is being read, (1, 1) queued
     timer = threading.Timer(0.2, r.gate.open)  # the running read finishes a little later
     timer.start()
     try:
-        wave = cache.acquire(0, [0, 1])  # (0, 0) cancels (1, 1); (0, 1) must wait for (1, 0)
+        wave = cache.core.acquire(0, [0, 1])  # (0, 0) cancels (1, 1); (0, 1) must wait for (1, 0)
     finally:
         timer.join()
     assert r.entries() == {(0, 0), (0, 1)}
     assert r.stats.prefetch_cancelled == 1
     for eid in wave:
         assert_weights(cache, eid, tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     r.check()
 
 
@@ -253,15 +252,15 @@ def test_a_speculative_load_never_evicts_a_pinned_expert(rig):
     r = rig(4)
     r.gate.open()
     cache = r.cache
-    wave = cache.acquire(0, [0, 1])  # the running layer's experts
+    wave = cache.core.acquire(0, [0, 1])  # the running layer's experts
     for eid in wave:
         cache.weights(eid)
-    assert cache.prefetch([(1, 2), (1, 3), (1, 4)]) == 2  # two free slots, the pinned two stay
+    assert cache.core.prefetch([(1, 2), (1, 3), (1, 4)]) == 2  # two free slots, the pinned two stay
     assert {(0, 0), (0, 1)} <= r.entries()
     r.drain()
-    assert cache.prefetch([(1, 5)]) == 0  # the guesses are unpinned but ready: still the pins hold
+    assert cache.core.prefetch([(1, 5)]) == 0  # the guesses are unpinned but ready: still the pins hold
     assert {(0, 0), (0, 1)} <= r.entries()
-    cache.release(wave)
+    cache.core.release(wave)
     r.check()
 
 
@@ -269,17 +268,17 @@ def test_a_speculative_load_never_evicts_what_the_same_request_wants(rig):
     r = rig(4)
     r.gate.open()
     cache = r.cache
-    assert cache.prefetch([(1, 0), (1, 1)]) == 2
+    assert cache.core.prefetch([(1, 0), (1, 1)]) == 2
     r.drain()
     use(cache, 0, [0, 1])  # (settles the arrived guesses;) layer 0 is now the most recent
     # (1, 0) and (1, 1) are the least recently used, but this request wants them too
-    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3)]) == 2
+    assert cache.core.prefetch([(1, 0), (1, 1), (1, 2), (1, 3)]) == 2
     assert r.entries() == {(1, 0), (1, 1), (1, 2), (1, 3)}
     r.drain()
-    cache.preempt(0, [])  # the next layer call settles the arrived loads
+    cache.core.preempt(0, [])  # the next layer call settles the arrived loads
     assert all(n.ready for n in cache.core.entries.values())
     # every entry is wanted: a fifth guess gets no slot, nothing is evicted
-    assert cache.prefetch([(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]) == 0
+    assert cache.core.prefetch([(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]) == 0
     assert r.entries() == {(1, 0), (1, 1), (1, 2), (1, 3)}
     assert r.stats.prefetch_issued == 4
     r.check()
@@ -290,11 +289,11 @@ def test_a_speculative_load_never_evicts_an_expert_of_a_kept_layer(rig):
     r.gate.open()
     cache = r.cache
     use(cache, 0, [0, 1])  # the running layer's experts, released but needed again soon
-    assert cache.prefetch([(1, 2), (1, 3), (1, 4)], keep_layers=[0, 1]) == 2  # only the free slots
+    assert cache.core.prefetch([(1, 2), (1, 3), (1, 4)], keep_layers=[0, 1]) == 2  # only the free slots
     assert {(0, 0), (0, 1)} <= r.entries()
     r.drain()
-    cache.preempt(1, [2, 3])
-    assert cache.prefetch([(1, 4)], keep_layers=[1]) == 1  # layer 0 not kept: its LRU entry goes
+    cache.core.preempt(1, [2, 3])
+    assert cache.core.prefetch([(1, 4)], keep_layers=[1]) == 1  # layer 0 not kept: its LRU entry goes
     assert r.entries() == {(0, 1), (1, 2), (1, 3), (1, 4)}
     r.check()
 
@@ -304,9 +303,9 @@ def test_wrong_guesses_are_evicted_first(rig):
     r.gate.open()
     cache = r.cache
     use(cache, 0, [0, 1])  # the oldest entries: LRU's first victims
-    cache.prefetch([(1, 2), (1, 3)])
+    cache.core.prefetch([(1, 2), (1, 3)])
     r.drain()
-    cache.preempt(1, [2])  # layer 1's router wants 2: the guess 3 was wrong
+    cache.core.preempt(1, [2])  # layer 1's router wants 2: the guess 3 was wrong
     assert (r.stats.prefetch_wasted, r.stats.prefetch_cancelled) == (1, 0)
     use(cache, 1, [2])
     assert (r.stats.hits, r.stats.prefetch_used, r.stats.prefetch_late) == (1, 1, 0)
@@ -318,9 +317,9 @@ def test_wrong_guesses_are_evicted_first(rig):
 def test_a_wrong_guess_still_loading_at_preempt_is_evicted_first_once_loaded(rig):
     r = rig(4)
     cache = r.cache
-    cache.prefetch([(1, 3)])
+    cache.core.prefetch([(1, 3)])
     r.gate.wait_started(1)  # running: preempt cannot cancel it
-    cache.preempt(1, [2])
+    cache.core.preempt(1, [2])
     assert cache.core.entries[(1, 3)].wasted
     assert (r.stats.prefetch_wasted, r.stats.prefetch_cancelled) == (1, 0)
     r.drain()  # the wrong guess arrives
@@ -335,22 +334,22 @@ def test_a_wrong_guess_still_loading_at_preempt_is_evicted_first_once_loaded(rig
 def test_preempt_cancels_a_layers_queued_unneeded_guesses(rig, tensors):
     r = rig(8)
     cache = r.cache
-    wave = cache.acquire(0, [0, 1])
+    wave = cache.core.acquire(0, [0, 1])
     r.gate.wait_started(1)  # the only I/O thread is inside (0, 0): everything else queues
-    assert cache.prefetch([(1, 2), (1, 3), (1, 4), (0, 5)]) == 4
+    assert cache.core.prefetch([(1, 2), (1, 3), (1, 4), (0, 5)]) == 4
     tasks = {eid: r.task(eid) for eid in [(1, 2), (1, 3), (1, 4), (0, 5)]}
-    cache.preempt(1, [2, 6])  # layer 1 needs 2 (and 6, not guessed); 3 and 4 were wrong
+    cache.core.preempt(1, [2, 6])  # layer 1 needs 2 (and 6, not guessed); 3 and 4 were wrong
     assert (r.stats.prefetch_wasted, r.stats.prefetch_cancelled) == (2, 2)
     assert tasks[(1, 3)].state == tasks[(1, 4)].state == CANCELLED
     assert r.entries() == {(0, 0), (0, 1), (1, 2), (0, 5)}  # cancelled guesses free their slots at once
     assert not cache.core.entries[(1, 2)].wasted and not cache.core.entries[(0, 5)].wasted  # other layer untouched
-    cache.preempt(1, [2, 6])  # a second preempt counts nothing twice
+    cache.core.preempt(1, [2, 6])  # a second preempt counts nothing twice
     assert (r.stats.prefetch_wasted, r.stats.prefetch_cancelled) == (2, 2)
     r.drain()
     assert {eid for eid, _ in r.log} == {(0, 0), (0, 1), (1, 2), (0, 5)}, "a cancelled guess was read"
     for eid in wave:
         assert_weights(cache, eid, tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     r.check()
 
 
@@ -362,16 +361,16 @@ def test_a_late_prefetch_is_promoted_to_demand_and_counted(rig, tensors, monkeyp
     cache = r.cache
     n = {e: len(r.store.plan((1, e)).chunks) for e in range(3)}
     assert min(n.values()) >= 2
-    assert cache.prefetch([(1, 0), (1, 1), (1, 2)]) == 3
+    assert cache.core.prefetch([(1, 0), (1, 1), (1, 2)]) == 3
     r.gate.wait_started(1)  # (1, 0) running, (1, 1) and (1, 2) queued
     late = r.task((1, 2))
-    wave = cache.acquire(1, [2])  # the guess is needed while still queued
+    wave = cache.core.acquire(1, [2])  # the guess is needed while still queued
     assert (r.stats.hits, r.stats.misses) == (1, 0)
     assert (r.stats.prefetch_used, r.stats.prefetch_late) == (1, 1)
     assert late.priority == DEMAND
     r.gate.open()
     assert_weights(cache, (1, 2), tensors)
-    cache.release(wave)
+    cache.core.release(wave)
     r.drain()
     # (1, 0) yields after its running chunk, the promoted (1, 2) goes whole, then the rest
     order = [eid for eid, _ in r.log]
@@ -383,12 +382,12 @@ def test_a_late_prefetch_is_promoted_to_demand_and_counted(rig, tensors, monkeyp
 def test_a_prefetch_that_arrived_in_time_is_not_late(rig):
     r = rig(4)
     cache = r.cache
-    cache.prefetch([(1, 5)])
+    cache.core.prefetch([(1, 5)])
     r.drain()
-    wave = cache.acquire(1, [5])
+    wave = cache.core.acquire(1, [5])
     assert (r.stats.hits, r.stats.prefetch_used, r.stats.prefetch_late) == (1, 1, 0)
     assert r.task((1, 5)).priority == PREFETCH
-    cache.release(wave)
+    cache.core.release(wave)
 
 
 def test_in_a_sweep_a_guess_takes_only_the_running_layers_finished_experts(rig):
@@ -399,20 +398,20 @@ def test_in_a_sweep_a_guess_takes_only_the_running_layers_finished_experts(rig):
     cache = r.cache
     r.gate.open()
     use(cache, 0, range(8))
-    cache.preempt(1, range(8))  # routes layer 1: a sweep
+    cache.core.preempt(1, range(8))  # routes layer 1: a sweep
     assert cache.core.sweep == 1
-    wave = cache.acquire(1, range(8))  # evicts in forward order: six of layer 0 go, two stay
+    wave = cache.core.acquire(1, range(8))  # evicts in forward order: six of layer 0 go, two stay
     r.drain()
     for eid in wave:
         cache.weights(eid)
     kept = {e for e in r.entries() if e[0] == 0}
     assert len(kept) == 2
     guesses = [(0, e) for e in range(8) if (0, e) not in kept]
-    assert cache.prefetch(guesses) == 0  # full: the kept ones and the pinned layer are off limits
-    cache.release(wave)
-    assert cache.prefetch(guesses) == 0  # layer 1's experts are released but still the call's own
+    assert cache.core.prefetch(guesses) == 0  # full: the kept ones and the pinned layer are off limits
+    cache.core.release(wave)
+    assert cache.core.prefetch(guesses) == 0  # layer 1's experts are released but still the call's own
     cache.core.end_call()
-    assert cache.prefetch(guesses) == 6  # now they make room, the kept ones stay
+    assert cache.core.prefetch(guesses) == 6  # now they make room, the kept ones stay
     assert kept <= r.entries() and sum(1 for e in r.entries() if e[0] == 1) == 2
     r.drain()
     r.check()

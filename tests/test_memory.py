@@ -1,33 +1,15 @@
 """Memory and I/O accounting on a checkpoint with 1.1 GB of experts, at a 10% expert budget.
 
-Each measurement runs in its own subprocess with io="direct" (O_DIRECT: the page cache never holds
-an expert, and page cache is not RSS anyway) and reads its peak from VmHWM (stats.peak_rss_bytes),
-its own since exec. Not ru_maxrss: the kernel carries that across exec, so a child of this pytest
-process reported pytest's peak (547 MiB for a 435 MiB engine, the CI failure that changed it).
-The checkpoint is benchmarks/decode.py's (64 bf16 experts of 17.3 MB, 56 MiB dense), built once
-and cached across runs under $EXPERTCACHE_BENCH_DIR or <tmp>/expertcache-bench, keyed by its
-parameters; the tests skip when the disk is too full.
-
-- peak RSS <= dense bytes + expert budget + 450 MB (450e6 bytes), with prefetch none and next-gate;
-- bytes read == misses x expert bytes (prefetch none), and with next-gate
-  (misses + prefetch_issued - prefetch_cancelled) x expert bytes, once no read is in flight.
-
-Overhead of an empty engine (python + torch + transformers imported, the engine built at the
-minimal budget of 2 experts, no generation), measured on the development machine (2 cores,
-Python 3.11, torch 2.13 CPU, transformers 5.23, scipy installed): peak RSS 436 MiB, of which
-56 MiB are the dense tensors: ~380 MiB of interpreter, torch (~205 MiB), transformers' modelling
-import (~125 MiB: it pulls torch._dynamo with sympy, torch.distributed and, when installed, scipy)
-and shared-library pages; in a fresh venv without scipy, 396 MiB. The slot arena is mapped but not
-resident until read. At 10% (6 slots of 16.5 MiB) peak RSS is 571 MiB = dense 56 + budget 106 +
-410 MiB, against the allowed 429 MiB (450e6 bytes); generation itself adds ~35 MiB beyond the
-slots. test_empty_engine_overhead measures it again and prints it (pytest -rP or -s).
-Runtime: ~45 s with the checkpoint cached (the three subprocesses run side by side), ~15 s more
-on the first run, which builds it.
+Each measurement runs in its own subprocess with io="direct" (the page cache never holds an expert)
+and reads its peak from VmHWM (stats.peak_rss_bytes), its own since exec. The checkpoint is
+tests/helpers/synthetic.py's, built once under $EXPERTCACHE_BENCH_DIR or <tmp>/expertcache-bench
+(skipped when the disk is too full). Checked: peak RSS <= dense bytes + expert budget + 450 MB,
+prefetch none and next-gate; bytes read == the loads made, once no read is in flight. The empty
+engine's overhead is measured and printed (pytest -rP); docs/memory.md keeps the figures.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers.synthetic import CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD = 450 * 10**6  # bytes allowed above dense + budget
@@ -56,8 +39,8 @@ if args["tokens"]:
     out["tokens"] = len(res.token_ids)
 # let reads still in flight (a wrong guess being read) finish, so bytes_read is final
 for ent in list(eng.cache.core.entries.values()):
-    if ent.task is not None:
-        ent.task.event.wait()
+    if ent.load is not None:
+        ent.load.event.wait()
 s = eng.stats()
 for k in ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_cancelled", "bytes_read",
           "budget_bytes", "expert_bytes", "cache_slots", "io", "tpot_seconds"):
@@ -70,32 +53,18 @@ print(json.dumps(out))
 """
 
 
-def _bench_module():
-    """benchmarks/decode.py, imported by path (its checkpoint builder)."""
-    name = "expertcache_bench_decode"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def big_checkpoint() -> Path:
-    bench = _bench_module()
     root = Path(os.environ.get("EXPERTCACHE_BENCH_DIR") or Path(tempfile.gettempdir()) / "expertcache-bench")
     try:
-        return bench.build_checkpoint(root, bench.CkptSpec(), log=lambda *a: None)
-    except bench.DiskSpaceError as e:
+        return build_checkpoint(root, CkptSpec(), log=lambda *a: None)
+    except DiskSpaceError as e:
         pytest.skip(f"not enough disk space for the 1.1 GB benchmark checkpoint: {e}")
 
 
 def _start(ckpt: Path, budget, prefetch: str, tokens: int) -> subprocess.Popen:
-    bench = _bench_module()
     args = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens,
-            "prompt": bench.prompt_ids(bench.CkptSpec(), 16)}
+            "prompt": prompt_ids(CkptSpec(), 16)}
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -118,9 +87,8 @@ TOKENS = 16
 def runs(big_checkpoint) -> dict[str, dict]:
     """The three measurements, each in its own process, run side by side (peaks are per process;
     only their timings, which nothing here checks, suffer from sharing the machine)."""
-    bench = _bench_module()
     procs = {
-        "empty": _start(big_checkpoint, 2 * bench.CkptSpec().expert_bytes, "none", 0),
+        "empty": _start(big_checkpoint, 2 * CkptSpec().expert_bytes, "none", 0),
         "none": _start(big_checkpoint, "10%", "none", TOKENS),
         "next-gate": _start(big_checkpoint, "10%", "next-gate", TOKENS),
     }

@@ -15,9 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collections import defaultdict
+
 from expertcache.cache import CacheCore, equal_quotas
-from expertcache.config import DEFAULT_CACHE_POLICY
+from expertcache.config import EngineConfig
 from expertcache.policies import POLICIES, make_policy
+from expertcache.sim.clock import InstantReader
+from expertcache.stats import Stats
+
+DEFAULT_CACHE_POLICY = EngineConfig().cache_policy
+
+
+def core_of(capacity: int, policy, quotas=None, **kw) -> CacheCore:
+    """A CacheCore whose loads land at once (the tests below pin and count by hand)."""
+    return CacheCore(capacity=capacity, policy=policy, reader=InstantReader(), stats=Stats(),
+                     expert_bytes=defaultdict(lambda: 1), quotas=quotas, **kw)
 
 ExpertId = tuple[int, int]
 
@@ -26,7 +38,7 @@ ExpertId = tuple[int, int]
 # driver
 # --------------------------------------------------------------------------------------------------
 def replay(core: CacheCore, batches: list[list[ExpertId]], evicted: list[ExpertId] | None = None) -> tuple[int, int]:
-    """Replay `batches` through `core` as ExpertCache.acquire does; returns (hits, misses).
+    """Replay `batches` through `core` as CacheCore.acquire does; returns (hits, misses).
     Evictions are appended to `evicted` in the order they happen."""
     if evicted is not None:
         remove = core.remove
@@ -48,7 +60,8 @@ def replay(core: CacheCore, batches: list[list[ExpertId]], evicted: list[ExpertI
             else:
                 misses += 1
                 assert core.make_room(eid), f"no room for {eid}: every entry pinned"
-                ent = core.add(eid, speculative=False, ready=True)
+                ent = core.add(eid, speculative=False)
+                ent.ready = True
             ent.pins += 1
             pinned.append(eid)
         for eid in pinned:
@@ -59,7 +72,7 @@ def replay(core: CacheCore, batches: list[list[ExpertId]], evicted: list[ExpertI
 def make_core(name: str, capacity: int, layers: list[int] | None = None, **kw) -> CacheCore:
     policy, partitioned = make_policy(name, **kw)
     quotas = equal_quotas(capacity, layers if layers is not None else [0]) if partitioned else None
-    return CacheCore(capacity, policy, quotas)
+    return core_of(capacity, policy, quotas)
 
 
 def run(name: str, batches, capacity: int, layers: list[int] | None = None, **kw):
@@ -88,9 +101,14 @@ def test_unknown_policy_name_lists_the_valid_ones():
         assert name in str(err.value)
 
 
-def test_belady_without_a_future_is_refused():
-    with pytest.raises(ValueError, match="future"):
-        make_policy("belady")
+def test_belady_without_a_future_refuses_any_use():
+    from expertcache.errors import ExpertCacheError
+
+    policy, _ = make_policy("belady")
+    policy.remove((0, 1))  # evicting (emptying a cache) is fine
+    for use in (lambda: policy.insert((0, 1), 0), lambda: policy.access((0, 1), 0), lambda: policy.victim(lambda e: True, 0)):
+        with pytest.raises(ExpertCacheError, match="future"):
+            use()
 
 
 def test_partitioned_flag_of_each_policy():
@@ -431,7 +449,8 @@ def sweep_passes(core: CacheCore, layers: list[int], experts: int, passes: int, 
                     core.policy.access((layer, e), core.now)
                 else:
                     assert core.make_room((layer, e)), "every entry pinned"
-                    ent = core.add((layer, e), speculative=False, ready=True)
+                    ent = core.add((layer, e), speculative=False)
+                    ent.ready = True
                 ent.pins += 1
             for e in needed:
                 core.entries[(layer, e)].pins -= 1
@@ -447,14 +466,14 @@ def test_a_sweep_evicts_in_forward_order_so_the_next_prompt_hits(name):
     every policy gets exactly what Belady gets on this stream."""
     layers = [0, 1, 2]
     future = [[(l, e) for e in range(4)] for _ in range(4) for l in layers]
-    belady = CacheCore(8, make_policy("belady", future=future)[0], None, layers=layers, experts_per_layer=4)
+    belady = core_of(8, make_policy("belady", future=future)[0], None, layers=layers, experts_per_layer=4)
     best = sweep_passes(belady, layers, 4, 4)  # the rule leaves Belady alone
     assert best == [0, 8, 4, 8]
-    swept = CacheCore(8, make_policy(name, seed=1)[0], None, layers=layers, experts_per_layer=4)
+    swept = core_of(8, make_policy(name, seed=1)[0], None, layers=layers, experts_per_layer=4)
     assert sweep_passes(swept, layers, 4, 4) == best
     check_core(swept)
     if name in ("lru", "lfu"):
-        plain = CacheCore(8, make_policy(name)[0], None)  # no layer order given: the policy alone
+        plain = core_of(8, make_policy(name)[0], None)  # no layer order given: the policy alone
         assert sweep_passes(plain, layers, 4, 4) == [0, 0, 0, 0]
 
 
@@ -462,7 +481,7 @@ def test_a_sweep_never_evicts_an_expert_its_own_call_still_needs():
     """The call pins its experts one by one: resident ones it reaches later must not be taken for
     the earlier misses (the running layer's experts come first in the sweep order otherwise)."""
     layers = [0, 1]
-    core = CacheCore(6, make_policy("lru")[0], None, layers=layers, experts_per_layer=4)
+    core = core_of(6, make_policy("lru")[0], None, layers=layers, experts_per_layer=4)
     sweep_passes(core, layers, 4, 1)  # layer 0 then layer 1: two of layer 0 stay
     kept = sorted(e for l, e in core.entries if l == 0)
     assert len(kept) == 2
@@ -471,13 +490,13 @@ def test_a_sweep_never_evicts_an_expert_its_own_call_still_needs():
 
 
 def test_small_calls_are_no_sweep():
-    core = CacheCore(8, make_policy("lfu")[0], None, layers=[0, 1], experts_per_layer=8)
+    core = core_of(8, make_policy("lfu")[0], None, layers=[0, 1], experts_per_layer=8)
     core.route(1, [3, 5])  # a decode step: top-2 of 8
     assert core.sweep is None
     core.route(1, [0, 1, 2, 3])  # half the layer
     assert core.sweep == 1
     core.route(0, [4])
     assert core.sweep is None
-    part = CacheCore(8, make_policy("layer")[0], equal_quotas(8, [0, 1]), layers=[0, 1], experts_per_layer=8)
+    part = core_of(8, make_policy("layer")[0], equal_quotas(8, [0, 1]), layers=[0, 1], experts_per_layer=8)
     part.route(0, range(8))
     assert part.sweep is None  # partitioned policies keep their shares

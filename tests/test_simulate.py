@@ -1,6 +1,6 @@
 """Traces and the trace-driven simulator.
 
-The reference replay of ../shared/traces/qwen3-30b-a3b (route.csv) reproduces its replay-curve.csv
+The reference replay of the shared Qwen3-30B-A3B trace (route.csv) reproduces its replay-curve.csv
 for belady, lru, lfu, layer and layerlfu at every budget; a trace recorded from a real engine run
 replays in engine mode to that run's exact hits and misses; no online policy beats Belady; the
 CLI's JSON and plot; the trace format round-trips; the cost model is the documented formula.
@@ -22,11 +22,13 @@ from helpers.checkpoints import make_word_model
 import expertcache
 from expertcache.checkpoint import Checkpoint
 from expertcache.cli import main
-from expertcache.corpus import data_dir
-from expertcache.hardware import PRESETS, Hardware, measure
+from expertcache.demo.corpus import data_dir
 from expertcache.policies import POLICIES
-from expertcache.simulate import Stream, dp_allocation, replay
-from expertcache.trace import ModelShape, Recorder, Route, Trace
+from expertcache.sim.hardware import PRESETS, Hardware
+from expertcache.sim.measure import measure
+from expertcache.sim.recorder import Recorder
+from expertcache.sim.simulate import Stream, dp_allocation, replay
+from expertcache.sim.trace import ModelShape, Route, Trace
 
 REFERENCE_POLICIES = ("belady", "lru", "lfu", "layer", "layerlfu")
 ONLINE_POLICIES = ("lru", "lfu", "lfru", "random", "layer", "layerlfu")

@@ -1,5 +1,6 @@
-"""Prefetch in the simulator (timeline.py): traces carry the predictor's guesses, and an engine-mode
-replay of them on a simulated clock loads guesses behind the previous layer's compute. The timing
+"""Prefetch in the simulator: traces carry the predictor's guesses, and an engine-mode replay of
+them through the engine's own CacheCore, on a simulated clock (sim/clock.py), loads guesses behind
+the previous layer's compute. The timing
 rules are checked on hand-made traces whose timelines are worked out on paper; an engine run's
 counters are reproduced where timing cannot change them.
 """
@@ -14,9 +15,11 @@ from helpers.checkpoints import prompt_ids
 
 import expertcache
 from expertcache.cli import main
-from expertcache.hardware import Hardware, _make_resident
-from expertcache.simulate import Stream, modeled_token_seconds, modeled_tpot, replay
-from expertcache.trace import ModelShape, Recorder, Route, Trace
+from expertcache.sim.hardware import Hardware
+from expertcache.sim.measure import _make_resident
+from expertcache.sim.recorder import Recorder
+from expertcache.sim.simulate import Stream, modeled_token_seconds, modeled_tpot, replay
+from expertcache.sim.trace import ModelShape, Route, Trace
 
 EB = 1000  # bytes per expert in the hand-made traces
 PROMPT = prompt_ids(10)

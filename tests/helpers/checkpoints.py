@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
 
 BOS, EOS, PAD = 1, 2, 0  # special ids of every tiny checkpoint (inside the tiny vocabulary)
 
@@ -61,7 +61,7 @@ def tiny_config(
     """A tiny transformers config of `family` (fp32). `norm_topk_prob=None` keeps the family's
     default; Mixtral has no such flag (it always renormalises) and refuses an explicit one.
     `decoder_sparse_step` / `mlp_only_layers` exist for the Qwen families only (dense layers)."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -113,6 +113,16 @@ def tiny_config(
         )
     elif family == "olmoe":
         cfg = OlmoeConfig(**common, intermediate_size=expert_intermediate, num_experts=num_experts, **norm, **extra)
+    elif family == "glm4_moe":  # sigmoid router with a score-correction bias, group-limited top-k, a shared expert
+        cfg = Glm4MoeConfig(
+            **common,
+            head_dim=hidden_size // num_heads,
+            intermediate_size=3 * expert_intermediate,  # the dense leading layers' MLP (first_k_dense_replace)
+            moe_intermediate_size=expert_intermediate,
+            n_routed_experts=num_experts,
+            **norm,
+            **extra,
+        )
     else:
         raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
     return cfg
@@ -154,6 +164,9 @@ def make_checkpoint(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():  # a router's score-correction bias (zeros at init) steers routing too
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=gen))
         if eos_unreachable:
             model.get_output_embeddings().weight[EOS].zero_()
     model = model.to(dtype)
