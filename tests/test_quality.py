@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import expertcache
 from expertcache.cli import main
-from expertcache.quality import evaluate, perplexity
+from expertcache.tools.quality import evaluate, perplexity
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ class _MergingTokenizer:
 
 
 def test_choice_sequences_score_a_merge_across_the_boundary():
-    from expertcache.quality import choice_sequences
+    from expertcache.tools.quality import choice_sequences
 
     tok = _MergingTokenizer()
     (plain, p_start), (merged, m_start) = choice_sequences(tok, "sat on", ["the", "mat"])
@@ -114,8 +116,8 @@ def test_choice_sequences_score_a_merge_across_the_boundary():
 def test_batched_and_decode_choice_scores_equal_one_forward_per_choice(model_dir):
     """quality.choice_scores (choices batched, right-padded) and tradeoff.decode_choice_scores
     (KV cache, decode steps) both equal scoring each whole sequence alone with transformers."""
-    from expertcache.quality import choice_scores, choice_sequences
-    from expertcache.tradeoff import decode_choice_scores
+    from expertcache.tools.quality import choice_scores, choice_sequences
+    from expertcache.tools.tradeoff import decode_choice_scores
 
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()

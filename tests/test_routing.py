@@ -10,8 +10,8 @@ import torch
 from helpers.checkpoints import WORDS, make_word_model, prompt_ids
 
 import expertcache
-from expertcache.cli import build_parser, engine_config, main
-from expertcache.quality import evaluate
+from expertcache.cli import build_parser, main
+from expertcache.cli.flags import engine_config
 from expertcache.routing import (
     AdaptiveGating,
     CacheAwareRouting,
@@ -20,6 +20,9 @@ from expertcache.routing import (
     WeightRule,
     make_routing,
 )
+from expertcache.tools.quality import evaluate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MIXTRAL = WeightRule(renormalize=True, in_logits_dtype=False)
 NO_RENORM = WeightRule(renormalize=False, in_logits_dtype=True)  # OLMoE / Qwen2-MoE default
@@ -307,8 +310,8 @@ def test_tradeoff_writes_table_json_and_plot(tok_model, text_file, tmp_path, cap
 
 
 def test_decode_mode_scores_equal_the_prefill_scores_of_quality(tok_model):
-    from expertcache.quality import choice_scores, perplexity
-    from expertcache.tradeoff import decode_choice_scores, decode_perplexity
+    from expertcache.tools.quality import choice_scores, perplexity
+    from expertcache.tools.tradeoff import decode_choice_scores, decode_perplexity
 
     ids = [int(t) for t in torch.randint(1, len(WORDS) + 1, (45,), generator=torch.Generator().manual_seed(2))]
     with expertcache.load(tok_model, expert_budget="50%") as eng:

@@ -1,34 +1,33 @@
-"""Adaptive-gating calibration (`expertcache calibrate`): per-layer routing sensitivity measured on
-calibration text, and the AdapMoE thresholds t_l = sqrt(c / H_l) derived from it.
+"""Adaptive-gating calibration: per-layer routing sensitivity measured on calibration text, and the
+AdapMoE thresholds t_l = sqrt(c / H_l) derived from it (calibrate -> CalibrationResult).
 
-H_l is the empirical Fisher information of layer l's routing weights: the mean squared gradient of
-the language-model loss (summed over tokens) with respect to each (token, slot) routing weight,
-computed through the engine. A slot j >= 2 is dropped when its weight normalised over the top-k is
-below t_l, i.e. when w^2 * H_l < c; so the share of activations dropped on the calibration text is
-a known function of c, and c is chosen to meet --target-drop, or by bisection on perplexity to stay
-within --max-ppl-increase.
+H_l, the empirical Fisher information of layer l's routing weights, is the mean squared gradient of
+the summed token loss with respect to each (token, slot) routing weight, computed through the
+engine. Slot j >= 2 is dropped when its weight normalised over the top-k is below t_l, i.e. when
+w^2 * H_l < c; so the share of activations dropped on the calibration text is a known function of
+c, chosen to meet a target drop, or by bisection on perplexity to stay within a relative increase.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ExpertCacheError
-from .routing import CALIBRATION_FILE, PHASES, AdaptiveGating, WeightRule, drop_threshold
+from ..errors import ExpertCacheError
+from ..ids import PHASES
+from ..routing import AdaptiveGating, ExactRouting, WeightRule, drop_threshold
+from .quality import ActivationCounter, perplexity
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BISECTION_STEPS = 7  # --max-ppl-increase: perplexity passes after the exact one
+BISECTION_STEPS = 7  # max_ppl_increase: perplexity passes after the exact one
+DEFAULT_TARGET_DROP = 0.25  # when neither a target drop nor a perplexity budget is given
 
 
 class _FisherProbe:
@@ -96,53 +95,46 @@ def measure_sensitivity(engine, ids: list[int], *, window: int) -> Sensitivity:
         )
     sens = Sensitivity(top_k=engine.checkpoint.top_k)
     probe = _FisherProbe()
-    saved = engine.context.routing
-    engine.context.routing = probe
     try:
-        for begin in range(0, len(ids) - 1, window):
-            chunk = ids[begin : begin + window]
-            if len(chunk) < 2:
-                break
-            probe.leaves.clear()
-            inp = torch.tensor([chunk])
-            with torch.enable_grad():
-                logits = engine.model(input_ids=inp, use_cache=False).logits[0, :-1]  # [n-1, V]
-                loss = F.cross_entropy(logits.float(), inp[0, 1:], reduction="sum")
-                loss.backward()
-            for layer, leaf in probe.leaves:
-                g = leaf.grad.double()  # [n, k]
-                sens.fisher_sum[layer] = sens.fisher_sum.get(layer, 0.0) + float((g**2).sum())
-                sens.fisher_count[layer] = sens.fisher_count.get(layer, 0) + g.numel()
-                w = leaf.detach().float()
-                norm = w / w.sum(dim=-1, keepdim=True)  # [n, k]
-                sens.tail_weights.setdefault(layer, []).append(norm[:, 1:])
-            sens.tokens += len(chunk)
+        with engine.routing_override(probe):
+            for begin in range(0, len(ids) - 1, window):
+                chunk = ids[begin : begin + window]
+                if len(chunk) < 2:
+                    break
+                probe.leaves.clear()
+                inp = torch.tensor([chunk])
+                with torch.enable_grad():
+                    logits = engine.model(input_ids=inp, use_cache=False).logits[0, :-1]  # [n-1, V]
+                    loss = F.cross_entropy(logits.float(), inp[0, 1:], reduction="sum")
+                    loss.backward()
+                for layer, leaf in probe.leaves:
+                    g = leaf.grad.double()  # [n, k]
+                    sens.fisher_sum[layer] = sens.fisher_sum.get(layer, 0.0) + float((g**2).sum())
+                    sens.fisher_count[layer] = sens.fisher_count.get(layer, 0) + g.numel()
+                    w = leaf.detach().float()
+                    norm = w / w.sum(dim=-1, keepdim=True)  # [n, k]
+                    sens.tail_weights.setdefault(layer, []).append(norm[:, 1:])
+                sens.tokens += len(chunk)
     finally:
-        engine.context.routing = saved
         probe.leaves.clear()
     return sens
 
 
-def _rule(engine) -> WeightRule:
-    arch, cfg = engine.checkpoint.arch, engine.checkpoint.config
-    return WeightRule(renormalize=arch.renormalize(cfg), in_logits_dtype=arch.weights_in_logits_dtype)
+def weight_rule(engine) -> WeightRule:
+    """How the engine's model mixes router weights; adaptive gating re-mixes them, so it needs one."""
+    rule = engine.checkpoint.family.weight_rule(engine.checkpoint.config)
+    if rule is None:
+        raise ExpertCacheError("adaptive gating re-mixes softmax router weights, and this model's router is not a softmax")
+    return rule
 
 
 def adaptive_ppl(engine, sens: Sensitivity, c: float | None, ids: list[int], *, window: int, stride: int) -> tuple[float, float]:
     """(perplexity, share of activations dropped) with thresholds from scale c (None = exact)."""
-    from .quality import ActivationCounter, perplexity
-    from .routing import ExactRouting
-
-    saved = engine.context.routing
-    engine.context.routing = (ExactRouting() if c is None else
-                              AdaptiveGating(thresholds=sens.thresholds(c), rule=_rule(engine), applies_to="both"))
+    policy = (ExactRouting() if c is None else
+              AdaptiveGating(thresholds=sens.thresholds(c), rule=weight_rule(engine), applies_to="both"))
     counter = ActivationCounter()
-    engine.context.observers.append(counter)
-    try:
+    with engine.routing_override(policy), engine.observe(on_route=counter):
         ppl, _ = perplexity(engine.model, ids, window=window, stride=stride)
-    finally:
-        engine.context.observers.remove(counter)
-        engine.context.routing = saved
     full = sum(counter.tokens_by_layer.values()) * sens.top_k
     return ppl, 1 - counter.activations / full
 
@@ -153,7 +145,7 @@ def calibration_record(engine, sens: Sensitivity, c: float, **extra) -> dict:
         "routing": "adaptive-gating",
         "version": FORMAT_VERSION,
         "model": str(ckpt.model_dir),
-        "model_type": ckpt.arch.model_type,
+        "model_type": ckpt.family.model_type,
         "top_k": ckpt.top_k,
         "num_experts": ckpt.num_experts,
         "sensitivity": "fisher: mean squared gradient of the summed token loss w.r.t. each routing weight",
@@ -170,14 +162,6 @@ def write_calibration(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _fraction(text: str) -> float:
-    """'0.2' or '20%' -> 0.2."""
-    try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction (0.2) or a percentage (20%), got {text!r}") from None
-
-
 def read_ids(engine, text: Path, max_tokens: int | None) -> list[int]:
     if engine.tokenizer is None:
         raise ExpertCacheError("this checkpoint has no tokenizer; calibration needs one")
@@ -189,67 +173,58 @@ def read_ids(engine, text: Path, max_tokens: int | None) -> list[int]:
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_engine_arguments
 
-    add_engine_arguments(p)
-    p.set_defaults(expert_budget="100%", prefetch="none")
-    p.add_argument("--text", type=Path, required=True, help="calibration text (held out from what you evaluate on)")
-    goal = p.add_mutually_exclusive_group()
-    goal.add_argument("--target-drop", type=_fraction, default=None,
-                      help="share of expert activations to drop, e.g. 0.25 or 25%% (default 0.25)")
-    goal.add_argument("--max-ppl-increase", type=_fraction, default=None,
-                      help="drop as much as keeps perplexity within this relative increase, e.g. 0.01 or 1%%")
-    p.add_argument("--out", type=Path, default=None, help=f"where to write the thresholds (default: MODEL/{CALIBRATION_FILE})")
-    p.add_argument("--max-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-    p.add_argument("--window", type=int, default=256, help="tokens per calibration window (default 256)")
-    p.add_argument("--json", action="store_true", help="print the written record as JSON")
+@dataclass
+class CalibrationResult:
+    """What calibrate() measured and chose; `record` is what a calibration file holds."""
+
+    record: dict
+    sensitivity: Sensitivity
+    c: float
+    target_drop: float
+    perplexity_exact: float
+    perplexity: float  # with the thresholds, on the calibration text
+    dropped: float  # share of expert activations the thresholds dropped there
+
+    @property
+    def tokens(self) -> int:
+        return self.sensitivity.tokens
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import _set_threads, engine_config
-    from .engine import Engine
-
-    _set_threads(args.threads)
-    if args.window < 2:
-        raise ExpertCacheError(f"--window must be at least 2, got {args.window}")
-    t0 = time.perf_counter()
-    with Engine(engine_config(args)) as engine:
-        ids = read_ids(engine, args.text, args.max_tokens)
-        if len(ids) < 2:
-            raise ExpertCacheError(f"{args.text}: fewer than 2 tokens")
-        sens = measure_sensitivity(engine, ids, window=args.window)
-        ppl_args = dict(window=args.window, stride=args.window)
-        base, _ = adaptive_ppl(engine, sens, None, ids, **ppl_args)
-        if args.max_ppl_increase is not None:
-            lo, hi, best = 0.0, sens.max_drop * (1 - 1e-6), None
-            for _ in range(BISECTION_STEPS):
-                mid = (lo + hi) / 2
-                ppl, dropped = adaptive_ppl(engine, sens, sens.scale_for_drop(mid), ids, **ppl_args)
-                log.info("drop %.3f -> perplexity %.4f (%+.2f%%)", mid, ppl, 100 * (ppl / base - 1))
-                if ppl <= base * (1 + args.max_ppl_increase):
-                    lo, best = mid, (ppl, dropped)
-                else:
-                    hi = mid
-            target = lo
-        else:
-            target = 0.25 if args.target_drop is None else args.target_drop
-        c = sens.scale_for_drop(target)
-        ppl, dropped = adaptive_ppl(engine, sens, c, ids, **ppl_args) if target > 0 else (base, 0.0)
-        record = calibration_record(
-            engine, sens, c, target_drop=target, max_ppl_increase=args.max_ppl_increase,
-            calibration_text=str(args.text), perplexity_exact=base, perplexity=ppl, measured_drop=dropped,
-            window=args.window,
-        )
-        out = args.out if args.out is not None else engine.checkpoint.model_dir / CALIBRATION_FILE
-    write_calibration(out, record)
-    if args.json:
-        print(json.dumps(record))
-        return 0
-    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s, {sens.tokens} tokens)")
-    print(f"c = {c:.4g}: drops {100 * dropped:.1f}% of expert activations, perplexity {base:.3f} -> {ppl:.3f} "
-          f"({100 * (ppl / base - 1):+.2f}%) on the calibration text")
-    for l, v in record["layers"].items():
-        t = v["threshold"]
-        print(f"  layer {l:>3}: fisher {v['fisher']:.3e}  threshold {t:.3f}" if math.isfinite(t) else f"  layer {l:>3}: threshold inf")
-    return 0
+def calibrate(engine, ids: list[int], *, target_drop: float | None = None, max_ppl_increase: float | None = None,
+              window: int = 256, calibration_text: str | None = None) -> CalibrationResult:
+    """Thresholds for adaptive gating from calibration tokens `ids`: dropping `target_drop` of the
+    expert activations (default DEFAULT_TARGET_DROP), or as much as keeps perplexity within a
+    relative `max_ppl_increase` (bisection over the drop). The engine must hold every expert.
+    `calibration_text` names the text in the record."""
+    if target_drop is not None and max_ppl_increase is not None:
+        raise ExpertCacheError("give a target drop or a maximum perplexity increase, not both")
+    if window < 2:
+        raise ExpertCacheError(f"the calibration window must be at least 2 tokens, got {window}")
+    if len(ids) < 2:
+        raise ExpertCacheError("the calibration text has fewer than 2 tokens")
+    weight_rule(engine)  # refuse a model adaptive gating cannot run on before measuring
+    sens = measure_sensitivity(engine, ids, window=window)
+    ppl_args = dict(window=window, stride=window)
+    base, _ = adaptive_ppl(engine, sens, None, ids, **ppl_args)
+    if max_ppl_increase is not None:
+        lo, hi = 0.0, sens.max_drop * (1 - 1e-6)
+        for _ in range(BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            ppl, _ = adaptive_ppl(engine, sens, sens.scale_for_drop(mid), ids, **ppl_args)
+            log.info("drop %.3f -> perplexity %.4f (%+.2f%%)", mid, ppl, 100 * (ppl / base - 1))
+            if ppl <= base * (1 + max_ppl_increase):
+                lo = mid
+            else:
+                hi = mid
+        target = lo
+    else:
+        target = DEFAULT_TARGET_DROP if target_drop is None else target_drop
+    c = sens.scale_for_drop(target)
+    ppl, dropped = adaptive_ppl(engine, sens, c, ids, **ppl_args) if target > 0 else (base, 0.0)
+    record = calibration_record(
+        engine, sens, c, target_drop=target, max_ppl_increase=max_ppl_increase, calibration_text=calibration_text,
+        perplexity_exact=base, perplexity=ppl, measured_drop=dropped, window=window,
+    )  # fmt: skip
+    return CalibrationResult(record=record, sensitivity=sens, c=c, target_drop=target, perplexity_exact=base,
+                             perplexity=ppl, dropped=dropped)

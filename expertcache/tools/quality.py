@@ -1,24 +1,24 @@
-"""Quality measured through the offloaded engine: perplexity over a text file and multiple-choice
-accuracy over a jsonl set, with the cache counters of the run (misses, bytes read per token).
+"""Quality through the offloaded engine: sliding-window perplexity of a text and multiple-choice
+accuracy over a jsonl set, with the run's cache counters per token (evaluate -> EvalResult), and
+the scorers other tools share (perplexity, choice_sequences, choice_scores, ActivationCounter).
 
-Perplexity uses fixed windows of `window` tokens advancing by `stride`; each window scores only the
-tokens not scored by the previous one, so every token is predicted once, with at least
-`window - stride` tokens of context (except at the start). A choice of a multiple-choice item is
-scored by the sum of its token log-probabilities after the context: tokens of `context` (after the
-tokenizer's BOS token, when it has one) followed by tokens of " " + choice, each encoded on its own.
+Perplexity: windows of `window` tokens advancing by `stride`, each scoring only tokens the previous
+one did not, so every token is predicted once with at least `window - stride` tokens of context.
+A multiple-choice choice scores the sum of its continuation's token log-probabilities
+(choice_sequences says which tokens those are).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ExpertCacheError
+from ..engine import encode_text
+from ..errors import ExpertCacheError
 
 
 @dataclass
@@ -86,8 +86,6 @@ def choice_sequences(tokenizer, context: str, choices: list[str]) -> list[tuple[
     context's own ids (lm-evaluation-harness's rule). Tokenised whole, a merge across the boundary
     is scored as the model would see it; tokenised in pieces, the model is scored on a split it never saw.
     The one definition every multiple-choice score in expertcache uses (eval, tradeoff, train-demo)."""
-    from .engine import encode_text
-
     ctx = encode_text(tokenizer, context)
     out = []
     for choice in choices:
@@ -144,9 +142,8 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
     if engine.tokenizer is None:
         raise ExpertCacheError("this checkpoint has no tokenizer; eval needs one")
     counter = ActivationCounter()
-    engine.context.observers.append(counter)
     engine.reset_stats()
-    try:
+    with engine.observe(on_route=counter):
         ppl = acc = None
         items = None
         if text is not None:
@@ -172,8 +169,6 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
                 scores = choice_scores(engine.model, engine.tokenizer, item["context"], item["choices"])
                 correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
             acc, items, scored = correct / len(data), len(data), counter.tokens
-    finally:
-        engine.context.observers.remove(counter)
     s = engine.stats()
     fwd = max(counter.tokens, 1)
     return EvalResult(
@@ -182,37 +177,3 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
         bytes_read_per_token=s["bytes_read"] / fwd, forwarded_tokens=counter.tokens,
         window=window if text is not None else None, stride=stride if text is not None else None,
     )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_engine_arguments
-
-    add_engine_arguments(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", type=Path, help="text file: token-level perplexity")
-    src.add_argument("--mc", type=Path, help="jsonl of {context, choices, label}: multiple-choice accuracy")
-    p.add_argument("--window", type=int, default=256, help="perplexity window in tokens (default 256)")
-    p.add_argument("--stride", type=int, default=128, help="window advance in tokens (default 128)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of --text")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many --mc items")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .cli import _set_threads, engine_config
-    from .engine import Engine
-
-    _set_threads(args.threads)
-    with Engine(engine_config(args)) as engine:
-        result = evaluate(engine, text=args.text, mc=args.mc, window=args.window, stride=args.stride,
-                          max_tokens=args.max_tokens, limit=args.limit, progress=not args.json)
-    if args.json:
-        print(json.dumps(asdict(result)))
-        return 0
-    if result.perplexity is not None:
-        print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens (window {result.window}, stride {result.stride})")
-    else:
-        print(f"accuracy {100 * result.accuracy:.1f}% over {result.items} items")
-    print(f"experts/token {result.experts_per_token:.2f} | misses/token {result.misses_per_token:.3f} | "
-          f"bytes read/token {result.bytes_read_per_token / 1e6:.2f} MB")
-    return 0

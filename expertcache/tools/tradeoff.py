@@ -1,20 +1,14 @@
-"""Quality against speed for the lossy routing policies (`expertcache tradeoff`).
-
-Each setting (a policy and one value of its knob) runs in its own engine in decode mode: the text
-is cut into chunks of --window tokens, each fed one token at a time with a KV cache, so every
-forward is a decode step (the regime cache-aware and speculative routing are made for, and where
-misses per token mean what they mean in generation). Perplexity covers every predicted token; TPOT
-is the median wall time of one step. Settings advance round-robin, chunk by chunk, so a shared
-machine's changing load falls on all of them alike. A multiple-choice item is scored like a
-prompt: the context but its last token in one prefill, then decode steps for the last context
-token and each choice. Adaptive gating is calibrated once on text held out from what is scored.
-
-Results are a dataclass written to JSON; the markdown table and the PNG plot are views of it.
+"""Quality against speed for the lossy routing policies (tradeoff -> TradeoffResult; markdown,
+plot and write are its views). Each setting (a policy, one value of its knob) runs in its own
+engine in decode mode: chunks of `window` tokens, each fed one token at a time with a KV cache,
+so misses per token mean what they mean in generation. TPOT is the median wall time of one step.
+Settings advance round-robin, chunk by chunk, so a shared machine's changing load falls on all of
+them alike. A multiple-choice item is scored like a prompt: the context but its last token in one
+prefill, then decode steps. Adaptive gating is calibrated once on text held out from what is scored.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,12 +20,20 @@ from pathlib import Path
 
 import torch
 
-from .errors import ExpertCacheError
+from ..checkpoint import Checkpoint
+from ..config import EngineConfig
+from ..engine import Engine, demo_model_dir
+from ..errors import ExpertCacheError
+from .calibration import calibration_record, measure_sensitivity, read_ids, write_calibration
+from .quality import ActivationCounter, choice_sequences, read_mc
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("exact", "adaptive-gating", "cache-aware", "cache-aware-max-rank", "speculative")
 WARMUP_STEPS = 32  # decode steps run and discarded before the first measured setting
+DROPS = (0.1, 0.2, 0.3)  # adaptive gating: target shares of activations dropped
+LAMBDAS = (0.1, 0.2, 0.4, 0.8)  # cache-aware: bias toward resident experts
+RANKS = (3, 4)  # cache-aware-max-rank: how far down the ranking a resident expert may come from
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,6 @@ def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> 
     routes every position that predicts a choice token)."""
     from transformers import DynamicCache
 
-    from .quality import choice_sequences
-
     past = DynamicCache(config=model.config)
     held: list[int] = []  # the tokens the KV cache holds
     scores = []
@@ -165,11 +165,10 @@ class SettingRun:
     counters carry on from chunk to chunk exactly as in a run of its own."""
 
     def __init__(self, setting: Setting, engine) -> None:
-        from .quality import ActivationCounter
-
         self.setting, self.engine = setting, engine
         self.counter = ActivationCounter()
-        engine.context.observers.append(self.counter)
+        self._counting = ExitStack()  # counting activations: until the perplexity pass ends
+        self._counting.enter_context(engine.observe(on_route=self.counter))
         engine.reset_stats()
         self.nll, self.scored, self.times = 0.0, 0, []
         self.correct, self.items, self.seconds = 0, 0, 0.0
@@ -185,7 +184,7 @@ class SettingRun:
 
     def end_text(self) -> None:
         """The perplexity pass is over: its counters are the table's cost figures."""
-        self.engine.context.observers.remove(self.counter)
+        self._counting.close()
         self.text_stats = self.engine.stats()
 
     def item(self, item: dict) -> None:
@@ -236,9 +235,6 @@ def settings(policies: list[str], *, drops: list[float], lambdas: list[float], r
 
 def calibrate_drops(base_config, text_ids: list[int], drops: list[float], out_dir: Path, *, window: int) -> tuple[dict[float, Path], dict]:
     """Measure routing sensitivity once (all experts resident) and write one threshold file per drop."""
-    from .calibration import calibration_record, measure_sensitivity, write_calibration
-    from .engine import Engine
-
     with Engine(replace(base_config, expert_budget="100%", prefetch="none", routing="exact")) as engine:
         sens = measure_sensitivity(engine, text_ids, window=window)
         paths = {}
@@ -252,9 +248,6 @@ def calibrate_drops(base_config, text_ids: list[int], drops: list[float], out_di
 def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_items: list[dict], out_dir: Path,
               policies: list[str], drops: list[float], lambdas: list[float], ranks: list[int],
               window: int, protect_tops: list[int] | None, progress: bool = True, meta: dict) -> TradeoffResult:
-    from .checkpoint import Checkpoint
-    from .engine import Engine, demo_model_dir
-
     model_dir = Path(base_config.model) if base_config.model is not None else demo_model_dir()
     top_k = Checkpoint.open(model_dir).top_k
     if not protect_tops:  # J >= k protects every choice: cache-aware routing would change nothing
@@ -298,6 +291,39 @@ def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_item
         if bar is not None:
             bar.close()
     return result
+
+
+def tradeoff(base_config: EngineConfig, *, text: Path, out_dir: Path, mc: Path | None = None, max_tokens: int = 4096,
+             limit: int | None = 100, window: int = 256, policies: list[str] | tuple[str, ...] = POLICIES,
+             drops: list[float] | tuple[float, ...] = DROPS, lambdas: list[float] | tuple[float, ...] = LAMBDAS,
+             ranks: list[int] | tuple[int, ...] = RANKS, protect_tops: list[int] | None = None,
+             calibration_text: Path | None = None, calibration_tokens: int = 8192, progress: bool = True) -> TradeoffResult:
+    """Sweep `policies` on the first `max_tokens` tokens of `text` (and up to `limit` items of the
+    multiple-choice jsonl `mc`), each setting in an engine built from `base_config`. Adaptive
+    gating is calibrated on `calibration_tokens` tokens of `calibration_text` (default: the tokens
+    of `text` after the scored ones); its threshold files are written to `out_dir`."""
+    if window < 2:
+        raise ExpertCacheError(f"--window must be at least 2, got {window}")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ExpertCacheError(f"unknown policy {unknown[0]!r} in --policies: choose from {', '.join(POLICIES)}")
+    with Engine(replace(base_config, routing="exact", expert_budget="100%")) as engine:  # tokenizer and a cheap load check
+        all_ids = read_ids(engine, text, None)
+        calib_ids = (read_ids(engine, calibration_text, calibration_tokens) if calibration_text
+                     else all_ids[max_tokens : max_tokens + calibration_tokens])
+    ids = all_ids[:max_tokens]
+    if len(ids) < 2:
+        raise ExpertCacheError(f"{text}: fewer than 2 tokens")
+    if "adaptive-gating" in policies and len(calib_ids) < 2:
+        raise ExpertCacheError("no calibration text left after --max-tokens: pass --calibration-text")
+    mc_items = read_mc(mc, limit) if mc is not None else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"text": str(text), "mc": str(mc) if mc else None,
+            "calibration_text": str(calibration_text or f"{text} (tokens {max_tokens}..)")}
+    return run_sweep(base_config, text_ids=ids, calib_ids=calib_ids, mc_items=mc_items, out_dir=out_dir,
+                     policies=list(policies), drops=list(drops), lambdas=list(lambdas), ranks=[int(r) for r in ranks],
+                     window=window, protect_tops=[int(j) for j in protect_tops] if protect_tops else None,
+                     progress=progress, meta=meta)
 
 
 # --- views ----------------------------------------------------------------------------------------
@@ -372,71 +398,3 @@ def write(result: TradeoffResult, out_dir: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown(result))
     plot(result, paths["plot"])
     return paths
-
-
-# --- command --------------------------------------------------------------------------------------
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_engine_arguments
-
-    add_engine_arguments(p)
-    p.set_defaults(expert_budget="25%")
-    p.add_argument("--text", type=Path, required=True, help="text for perplexity (decode mode)")
-    p.add_argument("--mc", type=Path, default=None, help="jsonl of {context, choices, label}: multiple-choice accuracy")
-    p.add_argument("--out", type=Path, required=True, help="folder for tradeoff.json, tradeoff.md, tradeoff.png")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
-    p.add_argument("--limit", type=int, default=100, help="multiple-choice items (default 100)")
-    p.add_argument("--window", type=int, default=256, help="decode chunk length in tokens (default 256)")
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated (default {','.join(POLICIES)})")
-    p.add_argument("--drops", type=_floats, default=[0.1, 0.2, 0.3], help="adaptive-gating target drops (default 0.1,0.2,0.3)")
-    p.add_argument("--lambdas", type=_floats, default=[0.1, 0.2, 0.4, 0.8], help="cache-aware lambdas (default 0.1,0.2,0.4,0.8)")
-    p.add_argument("--ranks", type=_floats, default=[3, 4], help="cache-aware-max-rank maximum ranks (default 3,4)")
-    p.add_argument("--protect-tops", type=_floats, default=None,
-                   help="cache-aware J values to sweep (default: --cache-protect-top, at most top-k - 1)")
-    p.add_argument("--calibration-text", type=Path, default=None,
-                   help="adaptive-gating calibration text (default: the tokens of --text after the scored ones)")
-    p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .calibration import read_ids
-    from .cli import _set_threads, engine_config
-    from .engine import Engine
-    from .quality import read_mc
-
-    _set_threads(args.threads)
-    if args.window < 2:
-        raise ExpertCacheError(f"--window must be at least 2, got {args.window}")
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    base = engine_config(args)
-    with Engine(replace(base, routing="exact", expert_budget="100%")) as engine:  # tokenizer and a cheap load check
-        all_ids = read_ids(engine, args.text, None)
-        calib_ids = (read_ids(engine, args.calibration_text, args.calibration_tokens) if args.calibration_text
-                     else all_ids[args.max_tokens : args.max_tokens + args.calibration_tokens])
-    ids = all_ids[: args.max_tokens]
-    if len(ids) < 2:
-        raise ExpertCacheError(f"{args.text}: fewer than 2 tokens")
-    if "adaptive-gating" in policies and len(calib_ids) < 2:
-        raise ExpertCacheError("no calibration text left after --max-tokens: pass --calibration-text")
-    mc_items = read_mc(args.mc, args.limit) if args.mc is not None else []
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"text": str(args.text), "mc": str(args.mc) if args.mc else None,
-            "calibration_text": str(args.calibration_text or f"{args.text} (tokens {args.max_tokens}..)")}
-    result = run_sweep(base, text_ids=ids, calib_ids=calib_ids, mc_items=mc_items, out_dir=args.out, policies=policies,
-                       drops=args.drops, lambdas=args.lambdas, ranks=[int(r) for r in args.ranks], window=args.window,
-                       protect_tops=[int(j) for j in args.protect_tops] if args.protect_tops else None,
-                       progress=not args.json, meta=meta)
-    paths = write(result, args.out)
-    if args.json:
-        print(json.dumps(asdict(result)))
-        return 0
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
