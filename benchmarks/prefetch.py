@@ -98,7 +98,7 @@ class Report:
 # --------------------------------------------------------------------------------------------------
 def _valid_text() -> str:
     sys.path.insert(0, str(REPO))
-    from expertcache.corpus import TINYSTORIES_VALID, corpus_path
+    from expertcache.demo.corpus import TINYSTORIES_VALID, corpus_path
 
     return corpus_path(TINYSTORIES_VALID).read_text(encoding="utf-8")
 
@@ -121,7 +121,7 @@ def worker(cfg: dict) -> dict:
     from transformers import DynamicCache
 
     sys.path.insert(0, str(REPO))
-    from expertcache.predictors.evaluate import prefetch_metrics
+    from expertcache.tools.predictor_eval import prefetch_metrics
 
     torch.set_num_threads(1)
     engines = {tuple(c): _engine(cfg, *c) for c in cfg["configs"]}
@@ -196,7 +196,7 @@ def record_worker(cfg: dict) -> dict:
     sys.path.insert(0, str(REPO))
     from expertcache.config import EngineConfig
     from expertcache.engine import Engine
-    from expertcache.predictors.train import record_calibration
+    from expertcache.tools.predictor_training import record_calibration
 
     torch.set_num_threads(1)
     with Engine(EngineConfig(model=cfg["model"], expert_budget="100%", prefetch="none", io="buffered", num_threads=1)) as eng:

@@ -7,7 +7,7 @@ none and next-gate.
                                            [--rounds 5] [--steps 32] [--out results/simulate_accuracy]
 
 One measurement (a fresh subprocess each, 1 torch thread, OMP_NUM_THREADS=1):
-  1. calibrate the `measured` profile (hardware.measure) on the checkpoint with the run's
+  1. calibrate the `measured` profile (sim/measure.py) on the checkpoint with the run's
      predictor: bandwidth from one long O_DIRECT read; per-layer decode compute with every
      expert resident (so it holds no load at all); the wait (latency) and the extra compute
      (read_cpu) of a demand miss, from the same forwards run again with one routed expert per
@@ -19,7 +19,7 @@ One measurement (a fresh subprocess each, 1 torch thread, OMP_NUM_THREADS=1):
   3. calibrate again; the profile is the mean of the two calibrations, which bracket the run
      (the machine is shared: its speed drifts);
   4. replay the trace in engine mode with the same policy and budget, prefetch replayed from the
-     recorded guesses (timeline.py), and price it on the profile: modelled TPOT, mean and median
+     recorded guesses (sim/clock.py), and price it on the profile: modelled TPOT, mean and median
      over decode tokens.
 Prefetch none and next-gate alternate over --rounds rounds; the modelled/measured ratio is taken
 per measurement (its own calibration) and the median over rounds reported, next to the medians
@@ -95,9 +95,10 @@ def worker(cfg: dict) -> dict:
     sys.path.insert(0, str(REPO))
     from expertcache.config import EngineConfig
     from expertcache.engine import Engine
-    from expertcache.hardware import Hardware, measure
-    from expertcache.simulate import Stream, modeled_token_seconds, replay
-    from expertcache.trace import Recorder
+    from expertcache.sim.hardware import Hardware
+    from expertcache.sim.measure import measure
+    from expertcache.sim.recorder import Recorder
+    from expertcache.sim.simulate import Stream, modeled_token_seconds, replay
 
     torch.set_num_threads(1)
     prefetch = cfg["prefetch"]

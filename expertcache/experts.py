@@ -2,16 +2,8 @@
 
 Every MoE family's experts module dispatches forward(hidden_states, top_k_index, top_k_weights)
 through transformers' experts interface; a model built with experts_implementation="expertcache"
-lands here. The router, shared experts and the rest of the block stay transformers' code. One call,
-for T tokens of one layer:
-
-    x [T, H], ids [T, k], weights [T, k]       (the router's logits [T, E] are captured by a hook)
-      -> routing policy, in the phases it applies to (exact: unchanged; a dropped slot is id -1)
-      -> observers see (layer, x, logits, weights, ids)
-      -> cache.stream(layer, needed, guesses): experts in the order they are ready; the predictor's
-         guesses for later layers are requested once this call's demand loads are queued
-           each expert: its tokens through (gate_up | gate, up) -> gate -> down, times its weight
-      -> sum over k in transformers' own order and dtype -> [T, H]
+lands in ExpertsRuntime.forward. The router, shared experts and the rest of the MoE block stay
+transformers' code; this module supplies each call's expert weights from the cache.
 """
 
 from __future__ import annotations
@@ -143,6 +135,16 @@ class ExpertsRuntime:
 
     # --- one call ------------------------------------------------------------------------------
     def forward(self, module: nn.Module, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One experts call, for T tokens of one layer:
+
+        x [T, H], ids [T, k], weights [T, k]    (the router's logits [T, E] were captured by a hook)
+          -> routing policy, in the phases it applies to (exact: unchanged; a dropped slot is id -1)
+          -> observers see (layer, x, logits, weights, ids)
+          -> cache.stream(layer, needed, guesses): experts as they become ready; the predictor's
+             guesses are requested once this call's demand loads are queued
+               each expert: its tokens through (gate_up | gate, up) -> gate -> down, times its weight
+          -> sum over k in transformers' own order and dtype -> [T, H]
+        """
         logits = self._logits.pop(layer, None)  # [T, E]
         if self.phase in self.routing.applies_to:
             weights, ids = self.routing.select(layer, logits, weights, ids)  # dropped slots: id -1

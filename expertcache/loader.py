@@ -90,7 +90,7 @@ class Loader:
                 heapq.heappush(self._heap, (priority, task.seq, task))
                 tasks.append(task)
             if tasks and self._idle:  # one idle thread; it wakes the next if chunks are left (_work):
-                self._cv.notify(1)  # each wake-up costs its caller ~10 us here, and this caller is the compute thread
+                self._cv.notify(1)  # a wake-up costs its caller (the compute thread) time: docs/prefetch-experiments.md
             return tasks
 
     def promote(self, task: LoadTask) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import expertcache
-from expertcache import corpus
-from expertcache.quality import evaluate
+from expertcache.demo import corpus
+from expertcache.tools.quality import evaluate
 
 PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park and", "It was a dark and stormy night"]
 
@@ -26,14 +26,14 @@ PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park
 class RoutingRecorder:
     """Per layer: routed counts per expert, and next-gate hits (layer l+1's router on layer l's input)."""
 
-    def __init__(self, model, layers: list[int], num_experts: int, top_k: int) -> None:
-        self.layers = layers
+    def __init__(self, routers: dict[int, torch.Tensor], num_experts: int, top_k: int) -> None:
+        self.layers = sorted(routers)
         self.k = top_k
-        self.counts = {l: torch.zeros(num_experts, dtype=torch.long) for l in layers}
-        self.routers = {l: model.model.layers[l].mlp.gate.weight for l in layers}
+        self.counts = {l: torch.zeros(num_experts, dtype=torch.long) for l in self.layers}
+        self.routers = routers
         self.pending: dict[int, torch.Tensor] = {}
-        self.hit = {l: 0 for l in layers}
-        self.total = {l: 0 for l in layers}
+        self.hit = {l: 0 for l in self.layers}
+        self.total = {l: 0 for l in self.layers}
 
     def __call__(self, layer, x, logits, weights, ids) -> None:
         self.counts[layer] += torch.bincount(ids.flatten(), minlength=self.counts[layer].numel())
@@ -55,10 +55,9 @@ def main() -> None:
     ap.add_argument("--mc-limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("results/demo_report.json"))
     args = ap.parse_args()
-    torch.set_num_threads(2)
     report: dict = {"max_tokens_per_file": args.max_tokens}
     t0 = time.time()
-    with expertcache.load(args.model, expert_budget="100%", prefetch="none", io="buffered") as eng:
+    with expertcache.load(args.model, expert_budget="100%", prefetch="none", io="buffered", num_threads=2) as eng:
         ck = eng.checkpoint
         texts = {"tinystories_valid": corpus.corpus_path(corpus.TINYSTORIES_VALID)}
         tails = Path("results/heldout")
@@ -69,14 +68,10 @@ def main() -> None:
             texts[p.stem + " (held-out tail)"] = tail
         texts["wikitext2 test (out of domain)"] = corpus.corpus_path("wikitext2/wiki.test.raw")
         report["perplexity"] = {}
-        rec = None
+        rec = RoutingRecorder(eng.routers(), ck.num_experts, ck.top_k)
         for name, path in texts.items():
-            if name == "tinystories_valid":
-                rec = RoutingRecorder(eng.model, ck.sparse_layers, ck.num_experts, ck.top_k)
-                eng.context.observers.append(rec)
-            res = evaluate(eng, text=path, window=256, stride=128, max_tokens=args.max_tokens)
-            if rec is not None and rec in eng.context.observers:
-                eng.context.observers.remove(rec)
+            with eng.observe(on_route=rec if name == "tinystories_valid" else None):  # routing: TinyStories only
+                res = evaluate(eng, text=path, window=256, stride=128, max_tokens=args.max_tokens)
             report["perplexity"][name] = {"perplexity": res.perplexity, "tokens": res.tokens}
             print(f"{name:<45} ppl {res.perplexity:8.2f} over {res.tokens} tokens", flush=True)
         mc = evaluate(eng, mc=corpus.corpus_path(corpus.LASTWORD_MC), limit=args.mc_limit, progress=True)

@@ -19,7 +19,7 @@ def test_bundled_files_and_shape():
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] >= 8 and cfg["num_experts_per_tok"] >= 2
     assert (DEMO_DIR / "model.safetensors").stat().st_size <= 60e6
-    from expertcache.cli import model_info
+    from expertcache.tools.info import model_info
 
     info = model_info(None)
     assert info["total_expert_bytes"] >= 0.75 * (info["total_expert_bytes"] + info["dense_bytes"])

@@ -33,8 +33,8 @@ from expertcache.predictors import (
     make_predictor,
     rank,
 )
-from expertcache.predictors.train import TrainSettings, record_calibration, train
-from expertcache.trace import Recorder
+from expertcache.sim.recorder import Recorder
+from expertcache.tools.predictor_training import TrainSettings, record_calibration, train_predictor
 
 from helpers.invariants import LoadRecorder, check_engine_invariants
 from helpers.checkpoints import make_checkpoint, prompt_ids
@@ -69,7 +69,7 @@ def model_dir(tmp_path_factory):
         docs = [prompt_ids(64, seed=s) for s in range(4)]
         trace = record_calibration(eng, docs, max_tokens=256, window=64, progress=False)
         for kind in TRAINED:
-            art = train(kind, eng, trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False)
+            art = train_predictor(eng, kind, trace=trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False)
             art.save(default_path(d, kind))
     return d
 
@@ -201,12 +201,11 @@ def test_history_votes_with_decay_at_the_target_layer():
 
 
 def test_default_vector_adds_expert_outputs_to_the_residual():
-    norms = [nn.Identity(), nn.Identity()]
-    model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[types.SimpleNamespace(post_attention_layernorm=n) for n in norms]))
+    norms = {0: nn.Identity(), 1: nn.Identity()}
     vectors = {0: torch.zeros(4, 4), 1: torch.zeros(4, 4)}
     vectors[0][1] = torch.tensor([0.0, 0.0, 0.0, 10.0])  # expert 1 of layer 0 writes feature 3
     shared = {0: torch.tensor([0.0, 0.0, 0.5, 0.0]), 1: torch.zeros(4)}
-    p = DefaultVectorPredictor(model=model, routers={0: E4, 1: E4}, vectors=vectors, shared=shared, top_k=2, depth=1)
+    p = DefaultVectorPredictor(norms=norms, routers={0: E4, 1: E4}, vectors=vectors, shared=shared, top_k=2, depth=1)
     residual = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])  # [B, S, H] as the decoder layer hands it over
     norms[0](residual)  # the decoder layer norms its residual: the pre-hook keeps it
     p.observe(0, None, None, torch.tensor([[0.8, 0.2]]), torch.tensor([[1, 0]]))
@@ -251,38 +250,39 @@ def test_wrong_guess_never_evicts_an_expert_of_the_layers_it_looks_over(model_di
     layer 1 may take (3,0), the policy's victim outside the window, but never (1,0): layer 1 runs
     before the guess could pay off, and (1,0) may be what it needs."""
     with expertcache.load(model_dir, expert_budget=_budget(model_dir, 2), prefetch="none", io="buffered", cache_policy="lru") as eng:
-        cache = eng.cache
+        core = eng.cache.core
         for eid in ((1, 0), (3, 0)):
-            cache.release(cache.acquire(*eid[:1], [eid[1]]))
-            cache.weights(eid)
-        running = cache.acquire(0, [0, 1])
-        assert cache.prefetch([(1, 5)], keep_layers=range(0, 2)) == 1
-        assert {(1, 0), (1, 5)} <= set(cache.core.entries) and (3, 0) not in cache.core.entries
-        assert cache.prefetch([(1, 6)], keep_layers=range(0, 2)) == 0  # only pinned and kept entries are left
-        assert (1, 0) in cache.core.entries
-        cache.release(running)
+            core.release(core.acquire(eid[0], [eid[1]]))
+            core.wait(eid)
+        running = core.acquire(0, [0, 1])
+        assert core.prefetch([(1, 5)], keep_layers=range(0, 2)) == 1
+        assert {(1, 0), (1, 5)} <= set(core.entries) and (3, 0) not in core.entries
+        assert core.prefetch([(1, 6)], keep_layers=range(0, 2)) == 0  # only pinned and kept entries are left
+        assert (1, 0) in core.entries
+        core.release(running)
         assert eng.stats()["layers"]["1"]["prefetch_issued"] == 1
 
 
 def test_a_guess_counts_in_the_policy_only_when_used(model_dir):
     """LFU keeps touch counts for the whole run: a wrong guess must add none, a used one one."""
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered", cache_policy="lfu") as eng:
-        cache, policy = eng.cache, eng.cache.core.policy
-        cache.prefetch([(1, 5), (1, 6)])
+        core, policy = eng.cache.core, eng.cache.core.policy
+        core.prefetch([(1, 5), (1, 6)])
         for eid in ((1, 5), (1, 6)):
-            cache.core.entries[eid].task.event.wait()
+            core.reader.wait(core.entries[eid].load)  # both loads over
         assert (1, 5) not in policy._count and (1, 6) not in policy._count
-        cache.preempt(1, [6])  # layer 1 runs and needs 6: 5 was a wrong guess
-        cache.release(cache.acquire(1, [6]))
+        core.preempt(1, [6])  # layer 1 runs and needs 6: 5 was a wrong guess
+        core.release(core.acquire(1, [6]))
         assert (1, 5) not in policy._count and policy._count[(1, 6)] == 1
-        assert cache.core.choose_victim((2, 0)) == (1, 5)  # the wrong guess goes first
+        assert core.choose_victim() == (1, 5)  # the wrong guess goes first
         s = eng.stats()
         assert (s["prefetch_issued"], s["prefetch_used"], s["prefetch_wasted"]) == (2, 1, 1)
 
 
 def test_arrival_key_orders_ready_then_running_then_queue_order(model_dir):
     from expertcache.cache import Entry
-    from expertcache.loader import DEMAND, PREFETCH, RUNNING, LoadTask
+    from expertcache.ids import DEMAND, PREFETCH
+    from expertcache.loader import RUNNING, LoadTask
 
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
         core = eng.cache.core
@@ -290,9 +290,9 @@ def test_arrival_key_orders_ready_then_running_then_queue_order(model_dir):
                  "running": LoadTask((0, 3), 2, PREFETCH, 7), "early-demand": LoadTask((0, 4), 3, DEMAND, 5)}  # fmt: skip
         tasks["running"].state = RUNNING
         for name, t in tasks.items():
-            core.entries[t.eid] = Entry(slot=t.slot, task=t, ready=False)
+            core.entries[t.eid] = Entry(slot=t.slot, load=t, ready=False)
         core.entries[(0, 0)] = Entry(slot=4)
-        order = sorted([(0, 1), (0, 2), (0, 3), (0, 4), (0, 0)], key=eng.cache.arrival_key)
+        order = sorted([(0, 1), (0, 2), (0, 3), (0, 4), (0, 0)], key=core.arrival_key)
         assert order == [(0, 0), (0, 3), (0, 4), (0, 1), (0, 2)]
         core.entries.clear()
 
@@ -332,7 +332,7 @@ def test_first_layer_prefetch_all_for_long_prompts_and_the_routers_guess_otherwi
     < 1/2: at 8 experts top-2 from 10 tokens on); for a shorter call (a decode step) the top-k its
     own norm and router give the token's input to the first decoder layer (its embedding), before
     attention runs. Recorded as the call's guess for its own layer; nothing without prefetch."""
-    from expertcache.moe_block import OffloadedMoE, all_experts_likely
+    from expertcache.experts import all_experts_likely
 
     assert not all_experts_likely(9, 8, 2) and all_experts_likely(10, 8, 2)
     assert not all_experts_likely(85, 128, 8) and all_experts_likely(86, 128, 8)
@@ -341,14 +341,15 @@ def test_first_layer_prefetch_all_for_long_prompts_and_the_routers_guess_otherwi
         with Recorder(eng) as rec:
             out = eng.generate(PROMPT[:6], max_new_tokens=8, stop_at_eos=False)  # short prompt, then decode steps
         calls = [r for r in rec.trace.routes if r.layer == first]
-        block = next(m for m in eng.model.modules() if isinstance(m, OffloadedMoE) and m.layer == first)
-        norm = eng.model.model.layers[first].post_attention_layernorm
+        router = getattr(eng.block(first), eng.checkpoint.family.router)
+        norm = eng.norms()[first]
         inputs = [PROMPT[:6]] + [[t] for t in out.token_ids[:-1]]  # each forward's new tokens
         assert len(calls) == len(inputs) == 8  # the prompt, then 7 decode steps (the 8th token needs no forward)
         with torch.no_grad():
             for call, toks in zip(calls, inputs):
-                emb = eng.model.model.embed_tokens(torch.tensor([toks]))[0]  # [T, H]
-                logits = block.gate(norm(emb))[0]
+                emb = eng.model.get_input_embeddings()(torch.tensor([toks]))[0]  # [T, H]
+                out = router(norm(emb))
+                logits = out[0] if isinstance(out, tuple) else out  # [T, E]
                 want = rank(logits, eng.checkpoint.top_k)
                 assert call.guesses[0] == (first, want), (call.phase, call.guesses[0], want)
                 assert len(toks) > 1 or len(want) == 2
@@ -365,33 +366,28 @@ def test_first_layer_prefetch_all_for_long_prompts_and_the_routers_guess_otherwi
 def test_first_layer_guess_is_remembered_per_token_input():
     """A decode step's first-layer guess is computed once per distinct input (a token id's
     embedding) and looked up afterwards; a different input, or a full memo, computes again."""
-    from expertcache.moe_block import BlockContext, FirstLayerPrefetch
+    from expertcache.experts import FirstLayerPrefetch
 
     calls = []
+    requested = []
 
     class Router(torch.nn.Module):
         def forward(self, x):
             calls.append(x.shape[0])
             return (x[:, :4] * 10,)  # logits: expert e scores feature e
 
-    class Cache:
-        requested = []
-
-        def prefetch(self, eids, keep_layers=()):
-            self.requested.append(list(eids))
-
-    ctx = BlockContext(cache=Cache(), predictor=None, routing=None)
-    hook = FirstLayerPrefetch(ctx, 0, 4, 2, router=Router(), norm=torch.nn.Identity())
+    runtime = types.SimpleNamespace(num_experts=4, top_k=2, lead=lambda layer, experts: requested.append([(layer, e) for e in experts]))
+    hook = FirstLayerPrefetch(runtime, 0, router=Router(), norm=torch.nn.Identity())
     a = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]], dtype=torch.bfloat16)
     b = torch.tensor([[[5.0, 0.0, 1.0, 2.0]]], dtype=torch.bfloat16)
     for h in (a, a, b, a, b):
-        hook(None, (h,), {})
-    assert ctx.cache.requested == [[(0, 1), (0, 3)]] * 2 + [[(0, 0), (0, 3)], [(0, 1), (0, 3)], [(0, 0), (0, 3)]]
+        hook(h)
+    assert requested == [[(0, 1), (0, 3)]] * 2 + [[(0, 0), (0, 3)], [(0, 1), (0, 3)], [(0, 0), (0, 3)]]
     assert calls == [1, 1]  # a and b once each
     hook.MEMO_BYTES = 8  # room for one key of 8 bytes: a new input clears the memo
-    hook(None, (torch.tensor([[[1.0, 0.0, 0.0, 3.0]]], dtype=torch.bfloat16),), {})
-    hook(None, (a,), {})
-    assert calls == [1, 1, 1, 1] and ctx.cache.requested[-1] == [(0, 1), (0, 3)]
+    hook(torch.tensor([[[1.0, 0.0, 0.0, 3.0]]], dtype=torch.bfloat16))
+    hook(a)
+    assert calls == [1, 1, 1, 1] and requested[-1] == [(0, 1), (0, 3)]
 
 
 # --- training and evaluation ----------------------------------------------------------------------
@@ -462,7 +458,7 @@ def test_prefetch_benchmark_report_structure():
         stats = {"hit_rate": 0.5, "bytes_read": 3 << 20, "stall_seconds": 0.1, "peak_rss_bytes": 100 << 20, "lookups": 10,
                  "prefetch_issued": issued, "prefetch_used": used, "prefetch_wasted": issued - used, "prefetch_cancelled": 0,
                  "expert_bytes": 1 << 20, "layers": {"1": {"lookups": 10, "prefetch_issued": issued, "prefetch_used": used}}}  # fmt: skip
-        from expertcache.predictors.evaluate import prefetch_metrics
+        from expertcache.tools.predictor_eval import prefetch_metrics
 
         return {"seconds": seconds, "stats": stats, "metrics": prefetch_metrics(stats)}
 

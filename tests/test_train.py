@@ -1,4 +1,5 @@
-"""Training entry point: a few steps of a tiny model, resume, export, and the corpus split."""
+"""Demo training through `expertcache train-demo`'s flags: a few steps of a tiny model, resume,
+export, and the corpus split."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertcache import corpus, train
+from expertcache.cli import demo as train_demo_cli
+from expertcache.demo import corpus
+from expertcache.demo import training as train
+from expertcache.demo.training import DemoTrainingSettings
+from expertcache.errors import ExpertCacheError
 
 STORY = (
     "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog. "
@@ -22,7 +27,7 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     if not text.exists():
         text.write_text(f"\n{corpus.SEPARATOR}\n".join(STORY * (i % 3 + 1) for i in range(30)), encoding="utf-8")
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_demo_cli.add_arguments(parser)
     return parser.parse_args(
         [
             "--out-dir", str(tmp_path / "run"), "--train-text", str(text), "--vocab-size", "300",
@@ -36,18 +41,18 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 def test_train_resume_and_export(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, MixtralForCausalLM
 
-    assert train.run(_args(tmp_path, "--max-steps", "3")) == 0
+    assert train_demo_cli.run(_args(tmp_path, "--max-steps", "3")) == 0
     ckpt = tmp_path / "run" / "ckpt"
     state = torch.load(ckpt / train.STATE_FILE, weights_only=False)
     assert state["step"] == 3 and state["tokens_seen"] == 3 * 2 * 32 and "optimizer" in state
 
-    assert train.run(_args(tmp_path, "--max-steps", "5", "--resume")) == 0
+    assert train_demo_cli.run(_args(tmp_path, "--max-steps", "5", "--resume")) == 0
     assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == 5
 
     out = tmp_path / "shipped"
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    assert train.run(parser.parse_args(["--export", str(ckpt), "--out", str(out)])) == 0
+    train_demo_cli.add_arguments(parser)
+    assert train_demo_cli.run(parser.parse_args(["--export", str(ckpt), "--out", str(out)])) == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
@@ -68,10 +73,16 @@ def test_batches_are_a_function_of_step() -> None:
 
 
 def test_lr_schedule_warms_up_and_decays() -> None:
-    args = argparse.Namespace(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    assert train.lr_at(args, 0, 0.0) == pytest.approx(1e-4)
-    assert train.lr_at(args, 50, 0.0) == pytest.approx(1e-3)
-    assert train.lr_at(args, 50, 1.0) == pytest.approx(1e-4)
+    settings = DemoTrainingSettings(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert train.lr_at(settings, 0, 0.0) == pytest.approx(1e-4)
+    assert train.lr_at(settings, 50, 0.0) == pytest.approx(1e-3)
+    assert train.lr_at(settings, 50, 1.0) == pytest.approx(1e-4)
+
+
+def test_a_run_needs_an_end(tmp_path: Path) -> None:
+    with pytest.raises(ExpertCacheError, match="give --max-steps or --end-at"):
+        train.train_demo(DemoTrainingSettings(out_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_split_point_prefers_document_boundary() -> None:

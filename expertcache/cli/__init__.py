@@ -32,7 +32,7 @@ SUMMARIES = {  # shown by `expertcache --help` without importing the command mod
     "generate": "generate text through the offloaded engine",
     "info": "describe a checkpoint: experts, bytes, minimum budget",
     "eval": "perplexity or multiple-choice accuracy through the offloaded engine",
-    "train-demo": "train the bundled demo model from ../shared/corpus",
+    "train-demo": "train the bundled demo model from the shared corpus ($EXPERTCACHE_DATA/corpus)",
     "calibrate": "estimate per-layer routing sensitivity and write adaptive-gating thresholds",
     "tradeoff": "sweep the lossy routing policies: quality against misses and time per token",
     "trace": "record the routing of a generation into a trace file",

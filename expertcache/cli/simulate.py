@@ -9,7 +9,8 @@ import sys
 from ..config import parse_budget
 from ..errors import ExpertCacheError
 from ..policies import POLICIES
-from ..sim.hardware import HARDWARE_NAMES, get_hardware
+from ..sim.hardware import HARDWARE_NAMES
+from ..sim.measure import get_hardware
 from ..sim.simulate import ALLOCATIONS, DEFAULT_POLICIES, MODES, plot, simulate
 from ..sim.trace import Trace
 from .flags import fmt_bytes

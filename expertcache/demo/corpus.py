@@ -30,7 +30,7 @@ def data_dir() -> Path | None:
         if path.name == "corpus" and not (path / "corpus").is_dir():
             path = path.parent
         return path if path.is_dir() else None
-    path = Path(__file__).resolve().parents[2] / "shared"
+    path = Path(__file__).resolve().parents[3] / "shared"  # expertcache/demo/corpus.py -> beside the checkout
     return path if path.is_dir() else None
 
 
@@ -102,7 +102,7 @@ def train_head(path: Path, fraction: float = HELDOUT_FRACTION) -> str:
 
 
 def heldout_tail(path: Path, fraction: float = HELDOUT_FRACTION) -> str:
-    """The held-out tail (about 5%) of a public-domain file; never used for training."""
+    """The held-out tail (about `fraction`) of a public-domain file; never used for training."""
     text = _read(path)
     return text[split_point(text, fraction) :]
 

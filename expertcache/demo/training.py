@@ -3,11 +3,12 @@
 Owns the training recipe (tokenizer, data mixture, model shape, AdamW + warmup/cosine schedule,
 router load-balancing loss), resumable checkpoints, the in-run evaluation (last-word multiple
 choice accuracy, per-expert routing shares) and the export of the shipped bf16 checkpoint.
+`train_demo(DemoTrainingSettings(...))` runs it; `expertcache train-demo` builds the settings.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,60 +23,93 @@ from pathlib import Path
 
 import torch
 
-from expertcache import corpus
+from ..errors import ExpertCacheError
+from . import corpus
 
 logger = logging.getLogger(__name__)
 
 EOS = corpus.SEPARATOR
 STATE_FILE = "trainer_state.pt"
+EXPERTS_IMPLS = ("grouped_mm", "eager", "batched_mm")
 
 
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- settings
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the train / export options on ``parser``."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="run folder (checkpoints, log, tokens)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    g.add_argument("--max-steps", type=int, default=None, help="step budget (schedule by steps)")
-    g.add_argument("--end-at", default=None, help="UTC wall-clock end 'HH:MM' or ISO time (schedule by time)")
-    g.add_argument("--save-every-min", type=float, default=10.0, help="checkpoint period in minutes")
-    g.add_argument("--eval-items", type=int, default=200, help="last-word MC items scored at each checkpoint (0: off)")
-    g.add_argument("--export-to", type=Path, default=None, help="also export the first and the final checkpoint here")
-    g.add_argument("--export", type=Path, default=None, metavar="CKPT", help="export mode: checkpoint folder to export")
-    g.add_argument("--out", type=Path, default=None, help="export mode: destination folder")
+@dataclass(frozen=True)
+class DemoTrainingSettings:
+    """One training run: where it writes, how long it runs, its data, model shape and optimiser."""
 
-    d = parser.add_argument_group("data")
-    d.add_argument("--train-text", type=Path, nargs="*", default=None, help="train on these files instead of the corpus")
-    d.add_argument("--no-extra-lowercase", action="store_true", help="skip tinystories_train_extra_lowercase.txt")
-    d.add_argument("--tinystories-share", type=float, default=0.65, help="token share of cased TinyStories")
-    d.add_argument("--lowercase-share", type=float, default=0.15, help="token share of lowercase TinyStories")
-    d.add_argument("--seq-len", type=int, default=256)
-    d.add_argument("--batch-size", type=int, default=8)
+    # run
+    out_dir: Path = Path("runs/demo")  # run folder (checkpoints, tokenizer, tokens)
+    resume: bool = False  # continue from out_dir/ckpt
+    seed: int = 1234
+    threads: int = 2  # torch CPU threads while training
+    max_steps: int | None = None  # step budget (schedule by steps)
+    end_at: str | None = None  # UTC wall-clock end "HH:MM" or ISO time (schedule by time)
+    save_every_min: float = 10.0  # checkpoint period in minutes
+    eval_items: int = 200  # last-word multiple-choice items scored at each checkpoint (0: off)
+    export_to: Path | None = None  # also export the first and the final checkpoint here
+    # data
+    train_text: tuple[Path, ...] | None = None  # train on these files instead of the corpus
+    no_extra_lowercase: bool = False  # skip the extra lowercase TinyStories file
+    tinystories_share: float = 0.65  # token share of cased TinyStories
+    lowercase_share: float = 0.15  # token share of lowercase TinyStories
+    seq_len: int = 256
+    batch_size: int = 8
+    # model
+    vocab_size: int = 8192
+    hidden: int = 256
+    layers: int = 6
+    intermediate: int = 512  # per-expert FFN width
+    experts: int = 8
+    top_k: int = 2
+    heads: int = 8
+    kv_heads: int = 4
+    tie_embeddings: bool = False
+    experts_impl: str = "grouped_mm"  # transformers' experts implementation while training
+    # optimiser
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 150
+    weight_decay: float = 0.1
+    aux_coef: float = 0.02  # router load-balancing loss coefficient
+    grad_clip: float = 1.0
+    bf16: bool = False  # bf16 autocast
 
-    m = parser.add_argument_group("model")
-    m.add_argument("--vocab-size", type=int, default=8192)
-    m.add_argument("--hidden", type=int, default=256)
-    m.add_argument("--layers", type=int, default=6)
-    m.add_argument("--intermediate", type=int, default=512, help="per-expert FFN width")
-    m.add_argument("--experts", type=int, default=8)
-    m.add_argument("--top-k", type=int, default=2)
-    m.add_argument("--heads", type=int, default=8)
-    m.add_argument("--kv-heads", type=int, default=4)
-    m.add_argument("--tie-embeddings", action="store_true")
-    m.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
+    def to_state(self) -> dict:
+        """Plain values, as a checkpoint stores them."""
+        out = dataclasses.asdict(self)
+        out["out_dir"] = str(self.out_dir)
+        out["export_to"] = None if self.export_to is None else str(self.export_to)
+        out["train_text"] = None if self.train_text is None else [str(t) for t in self.train_text]
+        return out
 
-    o = parser.add_argument_group("optimiser")
-    o.add_argument("--lr", type=float, default=2e-3)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1)
-    o.add_argument("--warmup-steps", type=int, default=150)
-    o.add_argument("--weight-decay", type=float, default=0.1)
-    o.add_argument("--aux-coef", type=float, default=0.02, help="router load-balancing loss coefficient")
-    o.add_argument("--grad-clip", type=float, default=1.0)
-    o.add_argument("--bf16", action="store_true", help="bf16 autocast (measured no faster on the 2-core CPU)")
+    @classmethod
+    def from_state(cls, saved: dict) -> "DemoTrainingSettings":
+        """The settings a checkpoint stored (keys it does not know, from older runs, are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in saved.items() if k in known}
+        if kw.get("out_dir") is not None:
+            kw["out_dir"] = Path(kw["out_dir"])
+        if kw.get("export_to") is not None:
+            kw["export_to"] = Path(kw["export_to"])
+        if kw.get("train_text") is not None:
+            kw["train_text"] = tuple(Path(t) for t in kw["train_text"])
+        return cls(**kw)
+
+
+# what a resumed run takes from its own settings rather than from the checkpoint's
+RESUME_OVERRIDES = ("max_steps", "end_at", "export_to", "eval_items", "save_every_min", "threads")
+
+
+@dataclass
+class DemoTrainingResult:
+    checkpoint: Path  # out_dir/ckpt, the last checkpoint written
+    step: int
+    tokens_seen: int
+    last_eval: dict  # the final checkpoint's evaluation (mc_acc, heldout_loss, expert shares)
+    exported_to: Path | None
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,17 +124,17 @@ class Source:
     share: float
 
 
-def training_texts(args: argparse.Namespace) -> list[tuple[str, list[str], float]]:
+def training_texts(settings: DemoTrainingSettings) -> list[tuple[str, list[str], float]]:
     """(name, documents, share) for each training source; the held-out tails are excluded."""
-    if args.train_text:
-        n = len(args.train_text)
-        return [(p.name, corpus.read_documents(p), 1.0 / n) for p in args.train_text]
-    sources = [("tinystories", corpus.read_documents(corpus.corpus_path(corpus.TINYSTORIES_TRAIN)), args.tinystories_share)]
-    pd_share = 1.0 - args.tinystories_share
-    if not args.no_extra_lowercase:
+    if settings.train_text:
+        n = len(settings.train_text)
+        return [(p.name, corpus.read_documents(p), 1.0 / n) for p in settings.train_text]
+    sources = [("tinystories", corpus.read_documents(corpus.corpus_path(corpus.TINYSTORIES_TRAIN)), settings.tinystories_share)]
+    pd_share = 1.0 - settings.tinystories_share
+    if not settings.no_extra_lowercase:
         lower = corpus.corpus_path(corpus.TINYSTORIES_EXTRA_LOWER).read_text(encoding="utf-8")
-        sources.append(("tinystories_lower", [s for s in lower.split("\n\n") if s.strip()], args.lowercase_share))
-        pd_share -= args.lowercase_share
+        sources.append(("tinystories_lower", [s for s in lower.split("\n\n") if s.strip()], settings.lowercase_share))
+        pd_share -= settings.lowercase_share
     pd = [(p.stem, corpus.split_documents(corpus.train_head(p))) for p in corpus.public_domain_files()]
     sizes = [sum(len(d) for d in docs) for _, docs in pd]
     for (name, docs), size in zip(pd, sizes):
@@ -153,13 +187,13 @@ def encode_sources(tokenizer, texts: list[tuple[str, list[str], float]]) -> list
     return out
 
 
-def set_shares(sources: list[Source], args: argparse.Namespace) -> None:
-    """Sampling shares: the TinyStories shares from args, the rest split by token count."""
-    if args.train_text:
+def set_shares(sources: list[Source], settings: DemoTrainingSettings) -> None:
+    """Sampling shares: the TinyStories shares of the settings, the rest split by token count."""
+    if settings.train_text:
         for s in sources:
             s.share = 1.0 / len(sources)
         return
-    fixed = {"tinystories": args.tinystories_share, "tinystories_lower": args.lowercase_share}
+    fixed = {"tinystories": settings.tinystories_share, "tinystories_lower": settings.lowercase_share}
     rest = [s for s in sources if s.name not in fixed]
     left = 1.0 - sum(fixed[s.name] for s in sources if s.name in fixed)
     for s in sources:
@@ -183,24 +217,24 @@ def sample_batch(sources: list[Source], step: int, seed: int, batch: int, seq_le
 # ----------------------------------------------------------------------------- model
 
 
-def make_config(args: argparse.Namespace, tokenizer):
+def make_config(settings: DemoTrainingSettings, tokenizer):
     from transformers import MixtralConfig
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
     cfg = MixtralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        num_local_experts=args.experts,
-        num_experts_per_tok=args.top_k,
+        hidden_size=settings.hidden,
+        intermediate_size=settings.intermediate,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.kv_heads,
+        num_local_experts=settings.experts,
+        num_experts_per_tok=settings.top_k,
         max_position_embeddings=1024,
         rope_theta=10000.0,
         output_router_logits=True,
-        router_aux_loss_coef=args.aux_coef,
-        tie_word_embeddings=args.tie_embeddings,
+        router_aux_loss_coef=settings.aux_coef,
+        tie_word_embeddings=settings.tie_embeddings,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=None,  # pad = eos lives in generation_config; as padding_idx it would freeze EOS at zero
@@ -235,17 +269,17 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_
     return torch.stack([load_balancing_loss_func((r,), num_experts, top_k) for r in router_logits]).mean()
 
 
-def lr_at(args: argparse.Namespace, step: int, progress: float) -> float:
-    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+def lr_at(settings: DemoTrainingSettings, step: int, progress: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, settings.warmup_steps))
     cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return args.lr * warm * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cos)
+    return settings.lr * warm * (settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cos)
 
 
-def make_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(model, settings: DemoTrainingSettings) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -262,7 +296,7 @@ def load_mc_items(limit: int) -> list[dict]:
 @torch.no_grad()
 def mc_accuracy(model, tokenizer, items: list[dict]) -> float:
     """Multiple-choice accuracy with the one scorer every command uses (quality.choice_scores)."""
-    from .quality import choice_scores
+    from ..tools.quality import choice_scores
 
     correct = 0
     for item in items:
@@ -363,22 +397,22 @@ def parse_end_at(value: str, now: float) -> float:
     return end.timestamp()
 
 
-def prepare(args: argparse.Namespace, run_dir: Path):
+def prepare(settings: DemoTrainingSettings, run_dir: Path):
     """Tokenizer and token streams of the run (built once, reused on resume)."""
     tok_dir, cache = run_dir / "tokenizer", run_dir / "tokens.pt"
     texts = None
     if not (tok_dir / "tokenizer.json").exists():
-        texts = training_texts(args)
-        logger.info("training tokenizer (vocab %d) on %d sources", args.vocab_size, len(texts))
-        train_tokenizer([docs for _, docs, _ in texts], args.vocab_size, tok_dir)
+        texts = training_texts(settings)
+        logger.info("training tokenizer (vocab %d) on %d sources", settings.vocab_size, len(texts))
+        train_tokenizer([docs for _, docs, _ in texts], settings.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     if cache.exists():
         sources = [Source(**s) for s in torch.load(cache, weights_only=False)]
     else:
-        texts = texts or training_texts(args)
+        texts = texts or training_texts(settings)
         sources = encode_sources(tokenizer, texts)
         torch.save([s.__dict__ for s in sources], cache)
-    set_shares(sources, args)
+    set_shares(sources, settings)
     for s in sources:
         logger.info("source %-30s %9d tokens  share %.3f", s.name, len(s.ids), s.share)
     return tokenizer, sources
@@ -399,86 +433,99 @@ def evaluate(model, tokenizer, items, held, seq_len: int) -> dict:
     return result
 
 
-def train(args: argparse.Namespace) -> int:
+def train_demo(settings: DemoTrainingSettings) -> DemoTrainingResult:
+    """Train (or, with `resume`, continue) the run in settings.out_dir until max_steps or end_at,
+    checkpointing every save_every_min minutes and at the end; torch's thread count is restored after."""
+    if settings.max_steps is None and settings.end_at is None and not settings.resume:
+        raise ExpertCacheError("give --max-steps or --end-at")
+    if settings.experts_impl not in EXPERTS_IMPLS:
+        raise ExpertCacheError(f"unknown experts implementation {settings.experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+    threads = torch.get_num_threads()
+    try:
+        return _train(settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(settings: DemoTrainingSettings) -> DemoTrainingResult:
     from tqdm import tqdm
     from transformers import MixtralForCausalLM
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    run_dir = args.out_dir
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    run_dir = Path(settings.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if args.max_steps is None and args.end_at is None and not args.resume:
-        raise SystemExit("give --max-steps or --end-at")
     ckpt = run_dir / "ckpt"
-    resuming = args.resume and (ckpt / STATE_FILE).exists()
+    resuming = settings.resume and (ckpt / STATE_FILE).exists()
     if resuming:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
         saved = state.pop("args")
-        for key in ("max_steps", "end_at", "export_to", "eval_items", "save_every_min", "threads"):
-            saved[key] = getattr(args, key)
-        args = argparse.Namespace(**{**saved, "resume": True, "out_dir": run_dir})
-    tokenizer, sources = prepare(args, run_dir)
+        saved.update({key: getattr(settings, key) for key in RESUME_OVERRIDES})
+        settings = DemoTrainingSettings.from_state({**saved, "resume": True, "out_dir": run_dir})
+    s = settings
+    tokenizer, sources = prepare(s, run_dir)
     if resuming:
         model = MixtralForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
         model.config.pad_token_id = None  # runs started before this fix had pad = eos = padding_idx
         model.model.embed_tokens.padding_idx = None
-        optimizer = make_optimizer(model, args)
+        optimizer = make_optimizer(model, s)
         optimizer.load_state_dict(state.pop("optimizer"))
         logger.info("resumed at step %d (%d tokens seen)", state["step"], state["tokens_seen"])
     else:
-        model = MixtralForCausalLM(make_config(args, tokenizer))
-        optimizer = make_optimizer(model, args)
+        model = MixtralForCausalLM(make_config(s, tokenizer))
+        optimizer = make_optimizer(model, s)
         now = time.time()
-        end = parse_end_at(args.end_at, now) if args.end_at else None
+        end = parse_end_at(s.end_at, now) if s.end_at else None
         state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "start_time": now, "end_time": end}
-    if args.end_at and args.resume:
-        state["end_time"] = parse_end_at(args.end_at, state["start_time"])
-    set_experts_impl(model, args.experts_impl)
+    if s.end_at and s.resume:
+        state["end_time"] = parse_end_at(s.end_at, state["start_time"])
+    set_experts_impl(model, s.experts_impl)
     model.train()
     counts = param_counts(model)
     logger.info(
         "model: %.2fM params, experts %.1f%%, active/token %.2fM, bf16 size %.1f MB",
         counts["total"] / 1e6, 100 * counts["experts_share"], counts["active"] / 1e6, counts["total"] * 2 / 1e6,
     )
-    items = load_mc_items(args.eval_items)
+    items = load_mc_items(s.eval_items)
     held = heldout_ids(tokenizer)
 
     def progress() -> float:
         if state.get("end_time"):
             return (time.time() - state["start_time"]) / (state["end_time"] - state["start_time"])
-        return state["step"] / max(1, args.max_steps)
+        return state["step"] / max(1, s.max_steps)
 
     def done() -> bool:
-        if args.max_steps is not None and state["step"] >= args.max_steps:
+        if s.max_steps is not None and state["step"] >= s.max_steps:
             return True
         return bool(state.get("end_time")) and time.time() >= state["end_time"]
 
-    def checkpoint(final: bool) -> None:
-        state["last_eval"] = evaluate(model, tokenizer, items, held, args.seq_len)
+    def checkpoint(final: bool) -> Path:
+        state["last_eval"] = evaluate(model, tokenizer, items, held, s.seq_len)
         state["saved_at"] = time.time()
-        path = save_checkpoint(run_dir, model, tokenizer, optimizer, {**state, "args": vars(args) | {"out_dir": str(run_dir)}})
+        path = save_checkpoint(run_dir, model, tokenizer, optimizer, {**state, "args": s.to_state()})
         logger.info("checkpoint step %d tokens %d: %s", state["step"], state["tokens_seen"], state["last_eval"])
-        if args.export_to and (final or not state.get("exported")):
-            export(path, args.export_to)
+        if s.export_to and (final or not state.get("exported")):
+            export(path, s.export_to)
             state["exported"] = True
+        return path
 
     is_tty = sys.stderr.isatty()
-    bar = tqdm(initial=state["step"], total=args.max_steps, unit="step", mininterval=1 if is_tty else 30, ascii=not is_tty)
+    bar = tqdm(initial=state["step"], total=s.max_steps, unit="step", mininterval=1 if is_tty else 30, ascii=not is_tty)
     last_save, tic, window_tokens = time.time(), time.time(), 0
     while not done():
         step = state["step"]
-        lr = lr_at(args, step, progress())
+        lr = lr_at(s, step, progress())
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(sources, step, args.seed, args.batch_size, args.seq_len)
+        batch = sample_batch(sources, step, s.seed, s.batch_size, s.seq_len)
         t0 = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
             out = model(input_ids=batch[:, :-1], output_router_logits=True)
             lm_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
             aux_loss = balance_loss(out.router_logits, model.config.num_local_experts, model.config.num_experts_per_tok)
-            loss = lm_loss + args.aux_coef * aux_loss
+            loss = lm_loss + s.aux_coef * aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["train_seconds"] += time.time() - t0
@@ -492,37 +539,12 @@ def train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
             if state["step"] % 100 == 0:
                 logger.info("step %d loss %.3f aux %.3f lr %.2e tok/s %.0f tokens %d progress %.3f",
-                            state["step"], lm, aux, lr, rate, state["tokens_seen"], progress())
+                            state["step"], lm, aux, lr, rate, state["tokens_seen"], progress())  # fmt: skip
                 tic, window_tokens = time.time(), 0
-        if time.time() - last_save >= args.save_every_min * 60:
+        if time.time() - last_save >= s.save_every_min * 60:
             checkpoint(final=False)
             last_save, tic, window_tokens = time.time(), time.time(), 0
     bar.close()
-    checkpoint(final=True)
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point for ``python -m expertcache.train`` and ``expertcache train-demo``."""
-    if args.export is not None:
-        if args.out is None:
-            raise SystemExit("--export needs --out")
-        export(args.export, args.out)
-        return 0
-    threads = torch.get_num_threads()
-    try:
-        return train(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = argparse.ArgumentParser(prog="python -m expertcache.train", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    path = checkpoint(final=True)
+    return DemoTrainingResult(checkpoint=path, step=state["step"], tokens_seen=state["tokens_seen"],
+                              last_eval=state["last_eval"], exported_to=s.export_to)  # fmt: skip

@@ -1,17 +1,8 @@
-"""Predictors: which experts later layers will need, guessed while the current layer runs.
-
-A predictor sees the current MoE layer's input and router logits and returns, for each layer it
-looks ahead to, experts in the order they should be loaded (most likely first). Predictors only
-guess: exactness never depends on them, only speed does. Registered by name; the engine builds
-the one EngineConfig.prefetch names.
-
-    none            load on demand only
-    next-gate       layer l+d's router on layer l's MoE input (AdapMoE)
-    estimator       layer l+d's router on a fitted linear map of layer l's MoE input
-    default-vector  layer l+1's norm and router on the residual plus per-expert default vectors
-    learned         a small MLP per (layer, distance), trained on recorded routing (ProMoE)
-    history         the experts recent tokens used at the target layer
-default-vector, estimator and learned read a file from `expertcache train-predictor`.
+"""Predictors: which experts later layers will need, guessed while the current layer runs (only
+speed depends on them, never exactness). Registered by name in PREDICTORS: none, next-gate
+(AdapMoE), estimator, default-vector (speculating experts), learned (ProMoE), history;
+docs/techniques.md describes each. default-vector, estimator and learned read a file from
+`expertcache train-predictor`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""default-vector (speculating experts, REFERENCES.md section 4): guess layer l+1's MoE input from
+"""default-vector (speculating experts, docs/techniques.md): guess layer l+1's MoE input from
 layer l's post-attention residual plus each routed expert's typical output.
 
     r = post-attention residual of layer l                        (captured by a forward pre-hook

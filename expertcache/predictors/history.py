@@ -1,7 +1,7 @@
 """history: the experts recent tokens used at the target layer, most frequent first.
 
-Tokens near each other reuse experts (REFERENCES.md, Lessons: previous-token reuse covers 35-45%
-of routed slots on Qwen3-class models), so the guess for layer l+d is the experts that the last
+Tokens near each other reuse experts (docs/techniques.md: previous-token reuse), so the guess for
+layer l+d is the experts that the last
 `window` tokens routed to at l+d, each counted with weight decay**age; the top_k most voted are
 the guess (as many as a token routes to, like every predictor's guess for one token). Needs no
 calibration and no view of the hidden state; it cannot guess a layer before it has seen a token there.

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
-from ..errors import ExpertCacheError
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +51,4 @@ PRESETS: dict[str, Hardware] = {
     "nvme4": Hardware("nvme4", "NVMe gen4 SSD (~7 GB/s sequential, ~80 us per read), desktop CPU compute", 7 * GB, 80e-6, 800e-6),
     "ufs4": Hardware("ufs4", "UFS 4.0 phone flash (~4 GB/s sequential, ~120 us per read), phone SoC compute", 4 * GB, 120e-6, 1.6e-3),
 }
-HARDWARE_NAMES = (*PRESETS, "measured")
-
-
-def get_hardware(name: str, *, model: str | Path | None = None, prefetch: str = "none") -> Hardware:
-    """A preset by name, or "measured": calibrated on `model` (a checkpoint dir; None = demo)."""
-    if name in PRESETS:
-        return PRESETS[name]
-    if name == "measured":
-        from .measure import measure
-
-        return measure(model, prefetch=prefetch)
-    raise ExpertCacheError(f"unknown hardware {name!r}: choose one of {', '.join(HARDWARE_NAMES)}")
+HARDWARE_NAMES = (*PRESETS, "measured")  # "measured": calibrated on this machine (measure.py)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -14,11 +15,21 @@ from ..engine import Engine
 from ..ids import DEMAND
 from ..loader import Loader
 from ..store import ALIGN, Chunk, SlotArena
-from .hardware import Hardware
+from ..errors import ExpertCacheError
+from .hardware import HARDWARE_NAMES, PRESETS, Hardware
 
 MEASURE_READS = 48  # experts loaded (and first blocks read) to calibrate the per-load fixed cost
 MEASURE_SPAN_BYTES = 256 * 2**20  # most bytes of the one long read that calibrates bandwidth
 MEASURE_STEPS = 16  # decode steps timed to calibrate compute (mean), and forward pairs for the miss cost
+
+
+def get_hardware(name: str, *, model: str | Path | None = None, prefetch: str = "none") -> Hardware:
+    """A preset by name, or "measured": calibrated on `model` (a checkpoint dir; None = demo)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name == "measured":
+        return measure(model, prefetch=prefetch)
+    raise ExpertCacheError(f"unknown hardware {name!r}: choose one of {', '.join(HARDWARE_NAMES)}")
 
 
 def measure(source=None, *, reads: int = MEASURE_READS, steps: int = MEASURE_STEPS, prefetch: str = "none") -> Hardware:

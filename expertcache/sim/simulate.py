@@ -1,7 +1,7 @@
 """Trace-driven cache simulator: a routing trace replayed through the engine's own cache rules.
 
 Two accountings of a trace's access stream:
-- "reference": the reference replay of ../shared/traces (docs/ARCHITECTURE.md): byte budgets,
+- "reference": the reference replay of the shared Qwen3 trace (docs/techniques.md): byte budgets,
   each call's distinct experts looked up, then eviction down to the budget, never an expert the
   call touched. Partitioned policies give each layer its own share and policy object.
 - "engine": the engine's own CacheCore (slots, waves, sweeps, pins), driven through a Reader that

@@ -1,28 +1,9 @@
 """Routing traces: what every MoE layer call routed, recorded from an engine or imported.
 
 A Trace holds the model's shape and one Route per MoE layer call, in call order; `batches()`
-turns it into the access stream the simulator replays. Traces are written as one `.npz` file
-(numpy, no pickle) and the reference `route.csv` format of ../shared/traces is read into the
-same object. `expertcache trace` records one from a prompt.
-
-File format, version 1 (`np.load(path)` reads it):
-    header       0-d str array, JSON: {"format": "expertcache-trace", "version": 1, "model",
-                 "n_layers", "sparse_layers", "num_experts", "top_k",
-                 "expert_bytes": {layer: bytes}, "meta": {...}}
-    routes       int64 [R, 5]: turn, step, phase (0 prefill, 1 decode), layer, tokens T
-    ids          int32 [N, k]: routed experts of every token of every call, calls in order,
-                 tokens in order (N = sum of T); -1 marks a slot a lossy routing dropped
-    weights      float32 [N, k]: their mixing weights
-    logits       float32 [N, E], optional: router logits
-    hidden       float32 [N, H], optional: the MoE block's input hidden states
-    guesses      int32 [G, 3], optional: the prefetch predictor's guesses, one row per guessed
-                 expert: route index, target layer, expert, in the order they were requested;
-                 present when the run prefetched (a route may have none: the last layer); a
-                 target equal to the route's own layer was requested before that call (a long
-                 prompt's first sparse layer), the others after its router ran
-`step` is the sequence position of the call's first token (prefill starts at 0; decode step
-p routes the token at position p). Readers ignore arrays they do not know, so optional arrays
-added later keep version 1.
+turns it into the access stream the simulator replays. Traces are one `.npz` file (numpy, no
+pickle; the format, version 1, is in docs/formats.md), and the reference `route.csv` format of
+the shared Qwen3 trace is read into the same object. `expertcache trace` records one.
 """
 
 from __future__ import annotations
@@ -231,7 +212,7 @@ CSV_COLUMNS = ("turn", "phase", "step", "layer", "slot", "expert", "weight", "re
 
 
 def read_route_csv(path: str | Path) -> Trace:
-    """Import a reference `route.csv` (../shared/traces): `#` lines give the model shape
+    """Import a reference `route.csv` (docs/techniques.md, "The reference replay"): `#` lines give the model shape
     (n_layer, n_expert, n_expert_used) and per-layer expert_bytes; each row is one routed slot
     (turn, phase 0 prefill / 1 decode, step = token position, layer, slot, expert, weight). The
     recording device's own residency / bytes columns are not needed for a replay and are dropped.

@@ -1,34 +1,34 @@
-"""eval-predictors: how well each predictor guesses the experts later layers route to.
+"""How well each predictor guesses the experts later layers route to (eval-predictors).
 
-One pass through the model over held-out text, token by token with the KV cache (exactly the
-decode situation a prefetch serves). At every MoE layer l every predictor guesses layers l+d; the
-guess (its first top-k experts) is compared with the set the layer then really routes to.
-precision = |guess & routed| / |guess|, recall = |guess & routed| / |routed|, summed over
-(token, target layer) pairs. Layers no predictor can see (the first d sparse layers at distance d)
-have no figure. The cache plays no part: this measures the guesses, `prefetch_metrics` the engine.
+One pass over held-out text, token by token with the KV cache (the decode situation a prefetch
+serves). At every MoE layer l every predictor guesses layers l+d; the guess (its first top-k
+experts) is compared with the set the layer then really routes to: precision = |guess & routed| /
+|guess|, recall = |guess & routed| / |routed|, summed over (token, target layer) pairs. Layers no
+predictor can see (the first d sparse layers at distance d) have no figure. The cache plays no
+part: this measures the guesses; `prefetch_metrics` reads an engine run's prefetch counters.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ExpertCacheError
-from .artefact import TRAINED_KINDS
-from .base import Predictor
-
-log = logging.getLogger(__name__)
+from ..predictors import PREDICTORS, make_predictor
+from ..predictors.artefact import TRAINED_KINDS
+from ..predictors.base import Predictor
+from .predictor_training import text_documents
 
 DEFAULT_PREDICTORS = ("next-gate", "default-vector", "estimator", "learned", "history")
 
 
 class _Scorer:
-    """A block observer: settles the guesses made for this layer, then asks every predictor for
-    its guesses of the layers ahead. Feeds one token per forward."""
+    """An engine route observer: settles the guesses made for this layer, then asks every predictor
+    for its guesses of the layers ahead. Takes one token per forward."""
 
     def __init__(self, predictors: dict[str, Predictor], layers: list[int], depths: list[int], top_k: int) -> None:
         self.predictors = predictors
@@ -84,14 +84,29 @@ class _Scorer:
         return out
 
 
-def build_predictors(engine, names: list[str], depth: int, files: dict[str, str]) -> tuple[dict[str, Predictor], dict[str, int], list[dict]]:
+def check_inputs(names: list[str], files: dict[str, str], *, depths: list[int], max_tokens: int, text: str | Path) -> None:
+    """Refuse inputs eval_predictors cannot use, before any engine is loaded."""
+    if not depths or min(depths) < 1:
+        raise ExpertCacheError(f"--depth values must be at least 1, got {depths}")
+    if max_tokens < 1:
+        raise ExpertCacheError("--max-tokens must be at least 1")
+    unknown = [n for n in names if n not in PREDICTORS]
+    if unknown:
+        raise ExpertCacheError(f"unknown predictor {unknown[0]!r}: choose from {', '.join(PREDICTORS)}")
+    for kind in files:
+        if kind not in TRAINED_KINDS:
+            raise ExpertCacheError(f"--predictor-file takes KIND=PATH with KIND one of {', '.join(TRAINED_KINDS)}, got {kind!r}")
+    if not Path(text).is_file():
+        raise ExpertCacheError(f"--text {text} not found")
+
+
+def build_predictors(
+    engine, names: list[str], depth: int, files: dict[str, str]
+) -> tuple[dict[str, Predictor], dict[str, int], list[dict]]:
     """Each named predictor for the engine's model, looking `depth` layers ahead (or as far as its
     file allows). Returns (predictors, depth each reaches, skipped [{predictor, reason}])."""
-    from . import make_predictor
-
     ckpt = engine.checkpoint
-    routers = {l: engine.model.model.layers[l].mlp.gate.weight for l in ckpt.sparse_layers}
-    model_dir = ckpt.model_dir
+    routers, norms = engine.routers(), engine.norms()
     built: dict[str, Predictor] = {}
     reach: dict[str, int] = {}
     skipped: list[dict] = []
@@ -100,7 +115,7 @@ def build_predictors(engine, names: list[str], depth: int, files: dict[str, str]
         for d in range(depth, 0, -1):
             try:
                 built[name] = make_predictor(
-                    name, routers=routers, top_k=ckpt.top_k, depth=d, model=engine.model, model_dir=model_dir, path=files.get(name)
+                    name, routers=routers, norms=norms, top_k=ckpt.top_k, depth=d, model_dir=ckpt.model_dir, path=files.get(name)
                 )
                 reach[name] = d
                 break
@@ -123,20 +138,26 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[_Scorer, int]:
     """Feed `documents` token by token (a fresh KV cache per document, and per `max_doc_tokens`
-    segment of a longer one) with every predictor guessing; returns the scorer and the tokens fed."""
+    segment of a longer one) with every predictor guessing and the engine's own prefetch paused;
+    returns the scorer and the tokens fed."""
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     ckpt = engine.checkpoint
     scorer = _Scorer(predictors, list(ckpt.sparse_layers), depths, ckpt.top_k)
-    observers = engine.context.observers
-    added = [p.observe for p in predictors.values() if hasattr(p, "observe")] + [scorer]
-    observers.extend(added)
-    engine.context.prefetch_enabled = False
+    # the predictors that learn from each layer's routing see it first, then the scorer asks them
+    watchers = [p.observe for p in predictors.values() if hasattr(p, "observe")] + [scorer]
+
+    def on_route(layer, x, logits, weights, ids) -> None:
+        for watch in watchers:
+            watch(layer, x, logits, weights, ids)
+
     fed = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc="eval-predictors", disable=not progress)
     segments = [doc[i : i + max_doc_tokens] for doc in documents for i in range(0, len(doc), max_doc_tokens)]
-    try:
+    with ExitStack() as stack:
+        stack.enter_context(engine.prefetch_paused())
+        stack.enter_context(engine.observe(on_route=on_route))
+        bar = stack.enter_context(tqdm(total=max_tokens, unit="tok", desc="eval-predictors", disable=not progress))
         for doc in segments:
             if fed >= max_tokens:
                 break
@@ -149,11 +170,67 @@ def evaluate(
                 engine.model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True, logits_to_keep=1)
                 fed += 1
                 bar.update(1)
-    finally:
-        bar.close()
-        for obs in added:
-            observers.remove(obs)
     return scorer, fed
+
+
+@dataclass
+class PredictorEval:
+    """What eval_predictors measured. results: one row per (predictor, depth) with precision,
+    recall, per_layer_recall and per_layer_precision (one per sparse layer, None where no guess
+    was made) and pairs; skipped: [{predictor, reason} (and depth, for a file too shallow)]."""
+
+    model: str
+    text: str
+    tokens: int
+    sparse_layers: list[int]
+    depths: list[int]
+    results: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_predictors(
+    engine,
+    text: str | Path,
+    *,
+    names: list[str] = DEFAULT_PREDICTORS,
+    depths: list[int] = (1,),
+    max_tokens: int = 1000,
+    files: dict[str, str] | None = None,
+    progress: bool = True,
+) -> PredictorEval:
+    """Score every predictor in `names` at each distance in `depths` on the first `max_tokens`
+    tokens of the text file `text` (documents split on <|endoftext|> lines). `files`: {kind: path}
+    of trained predictor files (default: MODEL/predictor-<kind>.pt). A predictor that cannot be
+    built, or whose file does not reach a distance, is reported as skipped."""
+    names, depths, files = list(names), sorted(set(depths)), dict(files or {})
+    check_inputs(names, files, depths=depths, max_tokens=max_tokens, text=text)
+    max_depth = len(engine.checkpoint.sparse_layers) - 1
+    if max(depths) > max_depth:
+        raise ExpertCacheError(f"--depth {max(depths)} is beyond this model's {max_depth + 1} sparse layers")
+    predictors, reach, skipped = build_predictors(engine, names, max(depths), files)
+    try:
+        for name, d in reach.items():
+            skipped += [{"predictor": name, "depth": x, "reason": "its file has no maps this far"} for x in depths if x > d]
+        docs = text_documents(engine, text, max_tokens)
+        scorer, fed = evaluate(engine, docs, predictors, depths=depths, max_tokens=max_tokens, progress=progress)
+    finally:
+        for p in predictors.values():
+            close = getattr(p, "close", None)
+            if close is not None:
+                close()
+    available = {(n, d) for n, r in reach.items() for d in depths if d <= r}
+    return PredictorEval(
+        model=str(engine.checkpoint.model_dir),
+        text=str(text),
+        tokens=fed,
+        sparse_layers=list(engine.checkpoint.sparse_layers),
+        depths=depths,
+        results=scorer.results(names, depths, available),
+        skipped=skipped,
+    )
 
 
 def prefetch_metrics(stats: dict) -> dict:
@@ -174,78 +251,3 @@ def prefetch_metrics(stats: dict) -> dict:
         }
 
     return {**one(stats), "layers": {layer: one(s) for layer, s in stats.get("layers", {}).items()}}
-
-
-# --- CLI -----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
-    p.add_argument("--text", required=True, help="held-out text (documents split on <|endoftext|> lines)")
-    p.add_argument("--depth", default="1", help="distances to score, e.g. 1,2 (default 1)")
-    p.add_argument("--max-tokens", type=int, default=1000, help="tokens to feed (default 1000)")
-    p.add_argument("--predictors", default=",".join(DEFAULT_PREDICTORS), help=f"comma-separated (default {','.join(DEFAULT_PREDICTORS)})")
-    p.add_argument("--predictor-file", action="append", default=[], metavar="KIND=PATH",
-                   help="file for a trained predictor (default MODEL/predictor-<kind>.pt); repeatable")
-    p.add_argument("--expert-budget", default="100%", help="expert memory for the pass (default 100%%)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: $EXPERTCACHE_THREADS or 1)")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    from ..cli import _set_threads
-    from ..config import EngineConfig
-    from ..engine import Engine
-    from . import PREDICTORS
-    from .train import parse_depths, text_documents
-
-    depths = parse_depths(args.depth, expand=False)
-    if args.max_tokens < 1:
-        raise ExpertCacheError("--max-tokens must be at least 1")
-    names = [n.strip() for n in args.predictors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PREDICTORS]
-    if unknown:
-        raise ExpertCacheError(f"unknown predictor {unknown[0]!r}: choose from {', '.join(PREDICTORS)}")
-    files = {}
-    for item in args.predictor_file:
-        kind, sep, path = item.partition("=")
-        if not sep or kind not in TRAINED_KINDS:
-            raise ExpertCacheError(f"--predictor-file takes KIND=PATH with KIND one of {', '.join(TRAINED_KINDS)}, got {item!r}")
-        files[kind] = path
-    if not Path(args.text).is_file():
-        raise ExpertCacheError(f"--text {args.text} not found")
-    _set_threads(args.threads)
-    cfg = EngineConfig(model=args.model, expert_budget=args.expert_budget, prefetch="none", io="buffered")
-    with Engine(cfg) as engine:
-        max_depth = len(engine.checkpoint.sparse_layers) - 1
-        if max(depths) > max_depth:
-            raise ExpertCacheError(f"--depth {max(depths)} is beyond this model's {max_depth + 1} sparse layers")
-        predictors, reach, skipped = build_predictors(engine, names, max(depths), files)
-        for name, d in reach.items():
-            skipped += [{"predictor": name, "depth": x, "reason": "its file has no maps this far"} for x in depths if x > d]
-        docs = text_documents(engine, args.text, args.max_tokens)
-        scorer, fed = evaluate(engine, docs, predictors, depths=depths, max_tokens=args.max_tokens, progress=not args.no_progress)
-        for p in predictors.values():
-            close = getattr(p, "close", None)
-            if close is not None:
-                close()
-        available = {(n, d) for n, r in reach.items() for d in depths if d <= r}
-        report = {
-            "model": str(engine.checkpoint.model_dir),
-            "text": str(args.text),
-            "tokens": fed,
-            "sparse_layers": list(engine.checkpoint.sparse_layers),
-            "depths": depths,
-            "results": scorer.results(names, depths, available),
-            "skipped": skipped,
-        }
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{report['tokens']} tokens of {args.text}; recall per target layer (sparse layers {report['sparse_layers']})")
-    print(f"{'predictor':<16}{'depth':>6}{'precision':>11}{'recall':>9}  per-layer recall")
-    pct = lambda v: "   -" if v is None else f"{100 * v:4.0f}"  # noqa: E731
-    for r in report["results"]:
-        print(f"{r['predictor']:<16}{r['depth']:>6}{pct(r['precision']):>10}%{pct(r['recall']):>8}%  {' '.join(pct(v) for v in r['per_layer_recall'])}")
-    for s in skipped:
-        print(f"skipped {s['predictor']}{' depth ' + str(s['depth']) if 'depth' in s else ''}: {s['reason']}")
-    return 0

@@ -1,32 +1,29 @@
-"""train-predictor: fit the file a default-vector, estimator or learned predictor reads.
+"""Fitting the file a default-vector, estimator or learned predictor reads (train-predictor).
 
-Input is recorded routing with MoE-input hidden states: a trace from `expertcache trace
---hidden-states` (--trace), or calibration text run through the engine here (--text, default the
-TinyStories train split). Pairs are (token's MoE input at layer l, the same token's routing and
-MoE input at layer l+d), d = 1..depth in sparse layers.
-
-    learned         an ExpertMLP per (l, d), started from layer l+d's router (= next-gate) and trained
-                    with a cross-entropy towards layer l+d's true router distribution (its routed set
-                    when the trace has no logits); the checkpoint with the best
-                    validation recall is kept, so training never ends below its next-gate start
+Input is recorded routing with MoE-input hidden states: a trace recorded with hidden states, or
+calibration text run through the engine here. Pairs are (a token's MoE input at layer l, the same
+token's routing and MoE input at layer l+d), d = 1..depth in sparse layers.
+    learned         an ExpertMLP per (l, d), started from layer l+d's router (= next-gate), trained
+                    towards layer l+d's router distribution; the best validation recall is kept
     estimator       A, b per (l, d) by ridge least squares: x[l+d] ~ x[l] A + b
     default-vector  per expert, its mean output over the calibration tokens routed to it (plus the
-                    mean shared-expert contribution), computed with the engine's own expert code
+                    mean shared-expert contribution), computed through the engine's cache
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ExpertCacheError
-from ..trace import Recorder, Trace
-from .artefact import TRAINED_KINDS, Artefact, default_path
-from .learned import DEFAULT_ACTIVATION, DEFAULT_WIDTH, ExpertMLP
+from ..predictors.artefact import TRAINED_KINDS, Artefact
+from ..predictors.learned import DEFAULT_ACTIVATION, DEFAULT_WIDTH, ExpertMLP
+from ..sim.recorder import Recorder
+from ..sim.trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -210,63 +207,63 @@ def fit_learned(
 @torch.inference_mode()
 def fit_default_vectors(engine, data: dict[int, LayerData], layers: list[int], *, rows_per_pass: int = 4096) -> dict[str, torch.Tensor]:
     """Each expert's mean output over the calibration tokens routed to it, computed by the
-    offloaded block's own expert code with the expert read through the engine's cache."""
+    engine's own expert code with the expert read through its cache (Engine.run_expert)."""
     tensors = {}
-    cache = engine.cache
+    routers = engine.routers()
     for l in layers:
-        block = engine.model.model.layers[l].mlp
-        dtype = block.gate.weight.dtype
+        dtype = routers[l].dtype
+        num_experts, hidden = routers[l].shape
         x_all, ids = data[l].hidden, data[l].ids
-        num_experts, hidden = block.gate.weight.shape
         vectors = torch.zeros(num_experts, hidden)
         for e in range(num_experts):
             rows = (ids == e).any(dim=1).nonzero().flatten()
             if len(rows) == 0:
                 continue
-            [eid] = cache.acquire(l, [e])
-            try:
-                parts = cache.weights(eid)
-                total = torch.zeros(hidden, dtype=torch.float64)
-                for s in range(0, len(rows), rows_per_pass):
-                    y = block._expert(x_all[rows[s : s + rows_per_pass]].to(dtype), parts)  # [n, H], the block's own code
-                    total += y.double().sum(dim=0)
-            finally:
-                cache.release([eid])
+            total = torch.zeros(hidden, dtype=torch.float64)
+            for s in range(0, len(rows), rows_per_pass):
+                y = engine.run_expert(l, e, x_all[rows[s : s + rows_per_pass]].to(dtype))  # [n, H]
+                total += y.double().sum(dim=0)
             vectors[e] = (total / len(rows)).float()
         shared = torch.zeros(hidden)
-        if block.shared_expert is not None:
-            total = torch.zeros(hidden, dtype=torch.float64)
-            for s in range(0, len(x_all), rows_per_pass):
-                x = x_all[s : s + rows_per_pass].to(dtype)
-                y = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)  # [n, H]
-                total += y.double().sum(dim=0)
+        total = torch.zeros(hidden, dtype=torch.float64)
+        for s in range(0, len(x_all), rows_per_pass):
+            y = engine.shared_output(l, x_all[s : s + rows_per_pass].to(dtype))  # [n, H]
+            if y is None:  # the block has no shared experts: they add nothing
+                break
+            total += y.double().sum(dim=0)
+        else:
             shared = (total / len(x_all)).float()
         tensors[f"l{l}.vectors"] = vectors
         tensors[f"l{l}.shared"] = shared
     return tensors
 
 
-def train(
-    kind: str,
-    engine,
-    trace: Trace,
-    *,
-    depths: list[int],
-    settings: TrainSettings = TrainSettings(),
-    progress: bool = True,
-) -> Artefact:
-    """Fit a predictor file of `kind` for the engine's model from `trace`."""
+def check_inputs(kind: str, *, max_tokens: int, window: int, settings: TrainSettings) -> None:
+    """Refuse inputs train_predictor cannot use, before any engine is loaded."""
+    if kind not in TRAINED_KINDS:
+        raise ExpertCacheError(f"unknown predictor kind {kind!r}: choose one of {', '.join(TRAINED_KINDS)}")
+    if max_tokens < 2 or window < 2 or settings.steps < 1 or settings.width < 1:
+        raise ExpertCacheError("--max-tokens and --window must be at least 2, --steps and --width at least 1")
+
+
+def _check_depths(kind: str, layers: list[int], depths: list[int]) -> None:
+    if len(layers) < 2 and kind != "default-vector":
+        raise ExpertCacheError("the model has one sparse layer: there is no later layer to predict")
+    if not depths or any(d < 1 or d >= len(layers) for d in depths):
+        raise ExpertCacheError(f"--depth must be between 1 and {len(layers) - 1} for this model's {len(layers)} sparse layers")
+
+
+def fit(kind: str, engine, trace: Trace, *, depths: list[int], settings: TrainSettings = TrainSettings(),
+        progress: bool = True) -> Artefact:
+    """Fit a predictor file of `kind` for the engine's model from `trace` (recorded with hidden states)."""
     if kind not in TRAINED_KINDS:
         raise ExpertCacheError(f"unknown predictor kind {kind!r}: choose one of {', '.join(TRAINED_KINDS)}")
     ckpt = engine.checkpoint
     layers = list(ckpt.sparse_layers)
-    if len(layers) < 2 and kind != "default-vector":
-        raise ExpertCacheError("the model has one sparse layer: there is no later layer to predict")
-    if any(d < 1 or d >= len(layers) for d in depths):
-        raise ExpertCacheError(f"--depth must be between 1 and {len(layers) - 1} for this model's {len(layers)} sparse layers")
-    routers = {l: engine.model.model.layers[l].mlp.gate.weight.detach() for l in layers}
+    _check_depths(kind, layers, depths)
+    routers = {l: w.detach() for l, w in engine.routers().items()}
     num_experts, hidden = routers[layers[0]].shape
-    if trace.shape.sparse_layers != tuple(layers) or trace.shape.num_experts != num_experts:
+    if tuple(trace.shape.sparse_layers) != tuple(layers) or trace.shape.num_experts != num_experts:
         raise ExpertCacheError(
             f"the trace was recorded on another model (sparse layers {list(trace.shape.sparse_layers)}, "
             f"{trace.shape.num_experts} experts; this model {layers}, {num_experts})"
@@ -278,7 +275,7 @@ def train(
     elif kind == "learned":
         tensors, meta["validation"] = fit_learned(data, layers, depths, routers, ckpt.top_k, settings, progress=progress)
         meta["activation"] = DEFAULT_ACTIVATION
-        meta["settings"] = {k: v for k, v in vars(settings).items()}
+        meta["settings"] = asdict(settings)
     else:
         tensors = fit_default_vectors(engine, data, layers)
         depths = []
@@ -293,6 +290,40 @@ def train(
         tensors=tensors,
         meta=meta,
     )
+
+
+def train_predictor(
+    engine,
+    kind: str,
+    *,
+    trace: Trace | str | Path | None = None,
+    text: str | Path | None = None,
+    max_tokens: int = 20000,
+    window: int = 256,
+    depths: list[int] = (1,),
+    settings: TrainSettings = TrainSettings(),
+    progress: bool = True,
+) -> Artefact:
+    """A predictor file of `kind` for the engine's model, not yet saved (Artefact.save). Its input:
+    `trace` (a Trace or a trace file recorded with hidden states), else the first `max_tokens`
+    tokens of the text file `text` (None: TinyStories train), run through the engine in forward
+    passes of at most `window` tokens. meta["source"] names the input."""
+    depths = list(depths)
+    if trace is not None and text is not None:
+        raise ExpertCacheError("give a trace or a calibration text, not both")
+    check_inputs(kind, max_tokens=max_tokens, window=window, settings=settings)
+    _check_depths(kind, list(engine.checkpoint.sparse_layers), depths)
+    if isinstance(trace, Trace):
+        source = "trace"
+    elif trace is not None:
+        source, trace = str(trace), Trace.load(trace)
+    else:
+        source = str(text) if text is not None else "tinystories-train"
+        docs = text_documents(engine, text, max_tokens)
+        trace = record_calibration(engine, docs, max_tokens=max_tokens, window=window, progress=progress)
+    art = fit(kind, engine, trace, depths=depths, settings=settings, progress=progress)
+    art.meta["source"] = source
+    return art
 
 
 def parse_depths(text: str, *, expand: bool) -> list[int]:
@@ -311,7 +342,7 @@ def parse_depths(text: str, *, expand: bool) -> list[int]:
 def text_documents(engine, path: str | Path | None, max_tokens: int | None = None) -> list[list[int]]:
     """Token documents of a text file (documents split on <|endoftext|> lines), tokenised only as
     far as `max_tokens` reaches; None = TinyStories train."""
-    from ..corpus import TINYSTORIES_TRAIN, corpus_path, split_documents
+    from ..demo.corpus import TINYSTORIES_TRAIN, corpus_path, split_documents
 
     if engine.tokenizer is None:
         raise ExpertCacheError("this checkpoint has no tokenizer: record a trace with --hidden-states and pass --trace")
@@ -339,67 +370,3 @@ def text_documents(engine, path: str | Path | None, max_tokens: int | None = Non
         if max_tokens is not None and total >= max_tokens:
             break
     return docs
-
-
-# --- CLI -----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
-    p.add_argument("--kind", default="learned", choices=TRAINED_KINDS, help="predictor to fit (default learned)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--trace", default=None, help="trace recorded with `expertcache trace --hidden-states`")
-    src.add_argument("--text", default=None, help="calibration text run through the model here (default: TinyStories train)")
-    p.add_argument("--max-tokens", type=int, default=20000, help="calibration tokens taken from --text (default 20000)")
-    p.add_argument("--window", type=int, default=256, help="tokens per calibration forward pass (default 256)")
-    p.add_argument("--depth", default="1", help="distances to fit: D means 1..D, or a list 1,2 (default 1)")
-    out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", default=None, help="predictor file to write (load it with --predictor PATH)")
-    out.add_argument("--next-to-model", action="store_true", help="write MODEL/predictor-<kind>.pt, found without --predictor")
-    p.add_argument("--steps", type=int, default=TrainSettings.steps, help=f"learned: optimiser steps per net (default {TrainSettings.steps})")
-    p.add_argument("--width", type=int, default=TrainSettings.width, help=f"learned: hidden units per net (default {TrainSettings.width})")
-    p.add_argument("--seed", type=int, default=0, help="learned: seed (default 0)")
-    p.add_argument("--expert-budget", default="100%", help="expert memory while calibrating (default 100%%)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: $EXPERTCACHE_THREADS or 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args) -> int:
-    from ..cli import _set_threads
-    from ..config import EngineConfig
-    from ..engine import Engine, demo_model_dir
-
-    depths = parse_depths(args.depth, expand=True)
-    if args.max_tokens < 2 or args.window < 2 or args.steps < 1 or args.width < 1:
-        raise ExpertCacheError("--max-tokens and --window must be at least 2, --steps and --width at least 1")
-    model_dir = Path(args.model) if args.model is not None else demo_model_dir()
-    if args.next_to_model:
-        out = default_path(model_dir, args.kind)
-        if not _writable(model_dir):
-            raise ExpertCacheError(f"{model_dir} is not writable: pass --out FILE instead of --next-to-model")
-    else:
-        out = Path(args.out)
-    _set_threads(args.threads)
-    progress = not args.no_progress
-    cfg = EngineConfig(model=str(model_dir), expert_budget=args.expert_budget, prefetch="none", io="buffered")
-    with Engine(cfg) as engine:
-        if args.trace is not None:
-            trace = Trace.load(args.trace)
-        else:
-            docs = text_documents(engine, args.text, args.max_tokens)
-            trace = record_calibration(engine, docs, max_tokens=args.max_tokens, window=args.window, progress=progress)
-        settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
-        art = train(args.kind, engine, trace, depths=depths, settings=settings, progress=progress)
-    art.meta["source"] = args.trace or args.text or "tinystories-train"
-    path = art.save(out)
-    extra = ""
-    if "validation" in art.meta:
-        v = list(art.meta["validation"].values())
-        mean = lambda key: sum(r[key] for r in v) / len(v)  # noqa: E731
-        extra = f"; validation recall {mean('val_recall'):.3f} (next-gate {mean('val_recall_next_gate'):.3f})"
-    print(f"wrote {path}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or 'chained'}{extra}")
-    return 0
-
-
-def _writable(directory: Path) -> bool:
-    import os
-
-    return directory.is_dir() and os.access(directory, os.W_OK)
