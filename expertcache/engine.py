@@ -384,7 +384,7 @@ CONFIG_FIELDS = frozenset(f.name for f in fields(EngineConfig))
 
 def load(model: str | Path | None = None, **options) -> Engine:
     """Load a checkpoint (None = the bundled demo model) with its experts behind a cache.
-    `options` are EngineConfig fields: expert_budget="50%", cache_policy, prefetch, io, ..."""
+    `options` are EngineConfig fields (expert_budget, cache_policy, prefetch, io, ...) and their defaults."""
     unknown = sorted(set(options) - CONFIG_FIELDS)
     if unknown:
         raise ExpertCacheError(f"unknown option {unknown[0]!r}: load() takes {', '.join(sorted(CONFIG_FIELDS - {'model'}))}")

@@ -33,13 +33,13 @@ def _shape(routers: dict[int, torch.Tensor]) -> tuple[list[int], int, int]:
 def _artefact(kind: str, kw: dict) -> Artefact:
     art, path = find(kind, kw.get("path"), kw.get("model_dir"))
     layers, num_experts, hidden = _shape(kw["routers"])
-    art.check(kind=kind, sparse_layers=layers, num_experts=num_experts, hidden_size=hidden, depth=kw.get("depth", 1), path=path)
+    art.check(kind=kind, sparse_layers=layers, num_experts=num_experts, hidden_size=hidden, depth=kw["depth"], path=path)
     return art
 
 
 def _estimator(**kw) -> EstimatorPredictor:
     art = _artefact("estimator", kw)
-    layers, depth = sorted(kw["routers"]), kw.get("depth", 1)
+    layers, depth = sorted(kw["routers"]), kw["depth"]
     maps = {
         (d, l): (art.tensors[f"d{d}.l{l}.A"], art.tensors[f"d{d}.l{l}.b"])
         for d in range(1, depth + 1)
@@ -51,7 +51,7 @@ def _estimator(**kw) -> EstimatorPredictor:
 def _learned(**kw) -> LearnedPredictor:
     art = _artefact("learned", kw)
     layers, num_experts, hidden = _shape(kw["routers"])
-    depth = kw.get("depth", 1)
+    depth = kw["depth"]
     nets = {}
     for d in range(1, depth + 1):
         for l in layers[: len(layers) - d]:
@@ -73,17 +73,17 @@ def _default_vector(**kw) -> DefaultVectorPredictor:
         vectors={l: art.tensors[f"l{l}.vectors"] for l in layers},
         shared={l: art.tensors[f"l{l}.shared"] for l in layers},
         top_k=kw["top_k"],
-        depth=kw.get("depth", 1),
+        depth=kw["depth"],
     )
 
 
 PREDICTORS: dict[str, Callable[..., Predictor]] = {
     "none": lambda **kw: NoPredictor(),
-    "next-gate": lambda **kw: NextGatePredictor(routers=kw["routers"], top_k=kw["top_k"], depth=kw.get("depth", 1)),
+    "next-gate": lambda **kw: NextGatePredictor(routers=kw["routers"], top_k=kw["top_k"], depth=kw["depth"]),
     "default-vector": _default_vector,
     "estimator": _estimator,
     "learned": _learned,
-    "history": lambda **kw: HistoryPredictor(layers=sorted(kw["routers"]), top_k=kw["top_k"], depth=kw.get("depth", 1)),
+    "history": lambda **kw: HistoryPredictor(layers=sorted(kw["routers"]), top_k=kw["top_k"], depth=kw["depth"]),
 }
 
 

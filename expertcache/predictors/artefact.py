@@ -1,15 +1,7 @@
-"""Predictor files: what `expertcache train-predictor` writes and `--predictor PATH` loads.
-
-One file per predictor kind (default-vector, estimator, learned), written with torch.save and read
-with torch.load(weights_only=True): a dict of plain values and tensors, no pickled code.
-
-    {"format": "expertcache-predictor", "version": 1, "kind", "model", "sparse_layers",
-     "num_experts", "hidden_size", "top_k", "depths": [d, ...], "meta": {...},
-     "tensors": {name: tensor}}
-Tensor names: default-vector "l{layer}.vectors" [E, H], "l{layer}.shared" [H]; estimator
-"d{d}.l{layer}.A" [H, H], "d{d}.l{layer}.b" [H]; learned "d{d}.l{layer}.{param}" (ExpertMLP's
-state dict; meta["activation"] names its nonlinearity). The default place is beside the model: MODEL/predictor-{kind}.pt (the checkpoint
-reader only reads *.safetensors, so the file is never mistaken for weights).
+"""Predictor files: what `expertcache train-predictor` writes and `--predictor PATH` loads, one
+per predictor kind (default-vector, estimator, learned): plain values and tensors written with
+torch.save and read with torch.load(weights_only=True). The format is in docs/formats.md; the
+default place is beside the model, MODEL/predictor-{kind}.pt.
 """
 
 from __future__ import annotations
