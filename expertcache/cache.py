@@ -151,25 +151,24 @@ class CacheCore:
     def acquire(self, layer: int, experts: Iterable[int]) -> list[ExpertId]:
         """Pin `experts` of `layer` (at most `capacity` of them); start demand loads for misses."""
         self.tick()
-        stats = self.stats
         out, missed = [], []
         for x in experts:
             eid = (layer, int(x))
-            stats.count(layer, "lookups")
             ent = self.entries.get(eid)
             if ent is None:
-                stats.count(layer, "misses")
                 self._reclaim(eid)
                 ent = self.add(eid, speculative=False)
                 missed.append((eid, ent))
+            elif ent.speculative:
+                self._first_use(eid, ent)
             else:
-                stats.count(layer, "hits")
-                if ent.speculative:
-                    self._first_use(eid, ent)
-                else:
-                    self.policy.access(eid, self.now)
+                self.policy.access(eid, self.now)
             ent.pins += 1
             out.append(eid)
+        for stats in (self.stats, self.stats.layer(layer)):
+            stats.lookups += len(out)
+            stats.hits += len(out) - len(missed)
+            stats.misses += len(missed)
         self._submit(missed, DEMAND)  # the layer's demand loads queued together, in the order computed
         return out
 

@@ -8,6 +8,7 @@ transformers' code; this module supplies each call's expert weights from the cac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import closing
 
@@ -46,10 +47,12 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     return runtime.forward(module, layer, hidden_states, top_k_index, top_k_weights)
 
 
-def _default_gate(module: nn.Module) -> bool:
+@functools.cache
+def _default_gate(cls: type) -> bool:
+    """Whether an experts class gates as transformers' default does: act(gate) * up."""
     from transformers.integrations.moe import _default_apply_gate
 
-    return getattr(type(module), "_apply_gate", None) is _default_apply_gate
+    return getattr(cls, "_apply_gate", None) is _default_apply_gate
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +68,7 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     t, bias = module.is_transposed, module.has_bias
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
-        if _default_gate(module):
+        if _default_gate(type(module)):
             h = module.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [n, I]
         else:
             h = module._apply_gate(torch.cat([F.linear(x, gate), F.linear(x, up)], dim=-1))

@@ -7,10 +7,6 @@ import resource
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
-COUNTERS = ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_late",
-            "prefetch_wasted", "prefetch_cancelled")
-
-
 @dataclass
 class LayerStats:
     lookups: int = 0  # expert lookups: one per distinct expert a layer call needs

@@ -27,9 +27,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, only: tuple[str, ...] | 
         target = p
         if meta.get("group") == "routing":
             target = groups.setdefault("routing", p.add_argument_group(ROUTING_GROUP))
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         target.add_argument(
-            meta.get("flag", "--" + f.name.replace("_", "-")), *meta.get("aliases", ()), dest=f.name, type=kind,
-            default=default, choices=meta.get("choices"), help=(meta["help"] + shown).replace("%", "%%"),
+            flag, *meta.get("aliases", ()), dest=f.name, type=kind, default=default, choices=meta.get("choices"),
+            metavar=None if meta.get("choices") else flag[2:].replace("-", "_").upper(),
+            help=(meta["help"] + shown).replace("%", "%%"),
         )  # fmt: skip
 
 

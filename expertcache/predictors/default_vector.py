@@ -1,14 +1,8 @@
 """default-vector (speculating experts, docs/techniques.md): guess layer l+1's MoE input from
-layer l's post-attention residual plus each routed expert's typical output.
-
-    r = post-attention residual of layer l                        (captured by a forward pre-hook
-                                                                   on layer l's post_attention_layernorm)
-    r' = r + sum_k w_k * v[l, e_k] (+ mean shared-expert output)   v: per-expert default vectors,
-                                                                   mean outputs on calibration text
-    x' = post_attention_layernorm[l+1](r');  scores = router[l+1](x')
-Deeper targets chain the same step with the guessed top-k of l+1 (their softmax weights,
-renormalised). Layer l+1's attention output is not guessed: that is the method's error term.
-Default vectors come from `expertcache train-predictor --kind default-vector`.
+layer l's post-attention residual r plus each routed expert's typical output ("default vector" v,
+its mean output on calibration text): x' = norm[l+1](r + sum_k w_k v[l, e_k] + mean shared output),
+then router[l+1](x'). Deeper targets chain the step with the guessed top-k; layer l+1's attention
+is not guessed (the method's error term). Vectors: `expertcache train-predictor --kind default-vector`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""Trace-driven cache simulator: a routing trace replayed through the engine's own cache rules.
+"""Trace-driven cache simulator: a routing trace replayed, then priced on a hardware profile.
 
-Two accountings of a trace's access stream:
-- "reference": the reference replay of the shared Qwen3 trace (docs/techniques.md): byte budgets,
-  each call's distinct experts looked up, then eviction down to the budget, never an expert the
-  call touched. Partitioned policies give each layer its own share and policy object.
-- "engine": the engine's own CacheCore (slots, waves, sweeps, pins), driven through a Reader that
-  lands every load at once; replaying an engine run's trace gives that run's hits and misses
-  exactly. With `prefetch=True` the trace's recorded guesses are replayed too, timed on a
-  ClockedReader (clock.py).
-Each replay is priced with a hardware.Hardware cost model (time per output token).
+"reference" mode is the shared Qwen3 trace's own accounting (docs/techniques.md): byte budgets,
+eviction after each call. "engine" mode drives the engine's own CacheCore through a Reader that
+lands loads at once, so an engine run's trace replays to its exact hits and misses; with
+`prefetch=True` the recorded guesses replay too, timed on a ClockedReader (clock.py).
 """
 
 from __future__ import annotations

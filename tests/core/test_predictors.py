@@ -129,6 +129,27 @@ def test_every_predictor_exact_in_bf16(name, model_dir, bf16_model):
     assert (stats["prefetch_issued"] > 0) == (name != "none")
 
 
+@pytest.fixture(scope="module")
+def glm4(tmp_path_factory):
+    """GLM4-MoE (sigmoid router, biased group-limited top-k, a shared expert, a dense first layer):
+    a family new to the experts seam, with its own trained predictor files."""
+    d = make_checkpoint(tmp_path_factory.mktemp("glm4") / "m", "glm4_moe", num_experts=8, top_k=2, num_layers=4,
+                        n_group=2, topk_group=1)
+    with expertcache.load(d, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        trace = record_calibration(eng, [prompt_ids(64, seed=s) for s in range(4)], max_tokens=256, window=64, progress=False)
+        for kind in TRAINED:
+            train_predictor(eng, kind, trace=trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False).save(default_path(d, kind))
+    return d, reference_outputs(d, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", sorted(PREDICTORS))
+def test_every_predictor_exact_on_glm4_moe(name, glm4):
+    d, ref = glm4
+    _run_exact(d, ref, prefetch=name, budget=_budget(d, 0))
+    stats = _run_exact(d, ref, prefetch=name, budget=_budget(d, 3))
+    assert (stats["prefetch_issued"] > 0) == (name != "none")
+
+
 def test_prefetch_max_caps_decode_guesses_and_stays_exact(model_dir, ref):
     capped = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1, prefetch_max=1)
     full = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1)
@@ -449,7 +470,7 @@ def test_prefetch_benchmark_report_structure():
     from dataclasses import asdict
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_prefetch", Path(__file__).parents[1] / "benchmarks" / "prefetch.py")
+    spec = importlib.util.spec_from_file_location("bench_prefetch", Path(__file__).parents[2] / "benchmarks" / "prefetch.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
     spec.loader.exec_module(bench)

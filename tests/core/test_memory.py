@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers.synthetic import CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OVERHEAD = 450 * 10**6  # bytes allowed above dense + budget
 MiB = 2**20
 
