@@ -33,6 +33,7 @@ class Family:
     softmax_router: bool = True  # weights are a softmax of the logits, so lossy routing can re-mix them
     renormalize: bool | None = None  # top-k weights renormalised; None: config.norm_topk_prob says
     weights_in_logits_dtype: bool = True  # router weights cast back to the logits' dtype (Qwen, OLMoE)
+    quirks: str = ""  # what is particular to the family, for `expertcache info --families`
 
     def top_k(self, config) -> int:
         return int(config.num_experts_per_tok)
@@ -55,11 +56,12 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("mixtral", per_expert_names=("w1", "w3", "w2"), disk_renames=((".block_sparse_moe.", ".mlp."),),
-               renormalize=True, weights_in_logits_dtype=False),
-        Family("qwen2_moe"),
-        Family("qwen3_moe"),
-        Family("olmoe"),
-        Family("glm4_moe", softmax_router=False),  # sigmoid scores, biased group-limited top-k
+               renormalize=True, weights_in_logits_dtype=False, quirks="softmax top-k, always renormalised"),
+        Family("qwen2_moe", quirks="softmax top-k; a sigmoid-gated shared expert; dense layers by decoder_sparse_step / mlp_only_layers"),
+        Family("qwen3_moe", quirks="softmax top-k; dense layers by decoder_sparse_step / mlp_only_layers"),
+        Family("olmoe", quirks="softmax top-k"),
+        Family("glm4_moe", softmax_router=False, quirks="sigmoid scores with a score-correction bias, group-limited top-k, "
+                                                         "routed scaling; a shared expert; dense leading layers (first_k_dense_replace)"),
     )
 }
 
@@ -88,11 +90,36 @@ class ExpertsSite:
 
 
 def family_for(config) -> Family:
-    """The row for a transformers config, or a one-line error naming the supported families."""
+    """The row for a transformers config, or a one-line error saying what is missing."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise CheckpointError(f"unsupported architecture {model_type!r}: expertcache supports {', '.join(sorted(FAMILIES))}")
+        raise unsupported(model_type, why_unsupported(config))
     return FAMILIES[model_type]
+
+
+def unsupported(model_type, why: str | None) -> CheckpointError:
+    why = f" ({why})" if why else ""
+    return CheckpointError(f"unsupported architecture {model_type!r}{why}: expertcache supports {', '.join(sorted(FAMILIES))}")
+
+
+def why_unsupported(config) -> str | None:
+    """The one thing that keeps a model of `config` from running here, read off its model."""
+    try:
+        model = build_model(config)
+    except CheckpointError as e:
+        return str(e)
+    try:
+        sites = experts_sites(model)
+    except CheckpointError as e:
+        return str(e)
+    if sites and config.model_type not in FAMILIES:
+        return "its experts go through transformers' experts interface, but no row describes how its checkpoints name them on disk"
+    if not sites:
+        unrouted = next((m for n, m in model.named_modules() if n.endswith(".experts")), None)
+        if unrouted is not None:
+            return f"its experts module {type(unrouted).__name__} is not routed through transformers' experts interface"
+        return "a dense model: it has no experts"
+    return None
 
 
 def is_experts_module(module: nn.Module) -> bool:

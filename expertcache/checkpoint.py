@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures import ExpertsSite, Family, FAMILIES, build_model, experts_sites, family_for
+from .architectures import FAMILIES, ExpertsSite, Family, build_model, experts_sites, family_for, unsupported
 from .errors import CheckpointError
 from .ids import ExpertId
 
@@ -142,15 +142,18 @@ def load_config(model_dir: Path):
         raise _fail(path, f"malformed JSON ({e})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise _fail(path, "no model_type: not a transformers model config")
-    if not isinstance(raw["model_type"], str) or raw["model_type"] not in FAMILIES:
-        raise CheckpointError(
-            f"unsupported architecture {raw['model_type']!r}: expertcache supports {', '.join(sorted(FAMILIES))}"
-        )
+    model_type = raw["model_type"]
+    if not isinstance(model_type, str):
+        raise unsupported(model_type, "model_type is not a name")
     try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config; the user needs one line
+        if model_type not in FAMILIES:
+            raise unsupported(model_type, "transformers does not know this model type") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(path, f"invalid config ({first})") from None
+    family_for(config)  # refuses an unsupported family, with the one thing missing
+    return config
 
 
 @dataclass

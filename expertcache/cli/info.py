@@ -5,23 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..tools.info import model_info
+from ..tools.info import families, model_info
 from .flags import fmt_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--families", action="store_true", help="list the model families expertcache runs, and their quirks")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
+    if args.families:
+        rows = families()
+        if args.json:
+            print(json.dumps(rows))
+        for r in [] if args.json else rows:
+            print(f"{r['model_type']:<12} {r['quirks']}" + ("" if r["lossy_routing"] else " (exact routing only)"))
+        return 0
+    info = model_info(args.model)  # an unsupported directory: one line on what keeps it from running
     if args.json:
         print(json.dumps(info))
         return 0
     total = info["total_expert_bytes"]
     weights = {True: ", renormalised", False: "", None: ", non-softmax router"}[info["renormalize"]]
     rows = [
+        ("supported", "yes"),
         ("family", info["family"]),
         ("layers (sparse)", f"{info['layers']} ({info['sparse_layers']})"),
         ("experts per layer, top-k", f"{info['experts_per_layer']}, top-{info['top_k']}{weights}"),

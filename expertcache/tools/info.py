@@ -1,11 +1,18 @@
-"""What a checkpoint is, in figures: family, layers, experts, bytes, the minimum budget."""
+"""What a checkpoint is, in figures (family, layers, experts, bytes, the minimum budget), and which
+families expertcache runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..architectures import FAMILIES
 from ..checkpoint import Checkpoint
 from ..engine import demo_model_dir
+
+
+def families() -> list[dict]:
+    """Every supported family and what is particular to it."""
+    return [{"model_type": f.model_type, "quirks": f.quirks, "lossy_routing": f.softmax_router} for f in FAMILIES.values()]
 
 
 def model_info(model_dir: str | Path | None) -> dict:
@@ -15,6 +22,7 @@ def model_info(model_dir: str | Path | None) -> dict:
     rule = ckpt.family.weight_rule(ckpt.config)
     return {
         "model": str(ckpt.model_dir),
+        "supported": True,
         "family": ckpt.family.model_type,
         "layers": int(ckpt.config.num_hidden_layers),
         "sparse_layers": layers,

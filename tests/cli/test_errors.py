@@ -200,6 +200,28 @@ def test_unsupported_architecture_lists_families(capsys, model):
 
 
 @pytest.mark.parametrize(
+    "model_type, config, words",
+    [
+        ("llama", dict(intermediate_size=I), "a dense model: it has no experts"),
+        ("llama4_text", dict(intermediate_size=16, intermediate_size_mlp=32, num_key_value_heads=2, head_dim=8),
+         "its experts module Llama4TextExperts is not routed through transformers' experts interface"),
+        ("afmoe", dict(moe_intermediate_size=16, num_experts=4, num_key_value_heads=2, head_dim=8),
+         "its experts go through transformers' experts interface, but no row describes how its checkpoints name them"),
+    ],
+    ids=["dense", "not-through-the-interface", "no-row"],
+)
+def test_an_unsupported_directory_gets_the_one_thing_missing(capsys, model, model_type, config, words):
+    """`info` (and every command) says why a model cannot run, read off transformers' own model."""
+    from transformers import AutoConfig
+
+    (model / "config.json").unlink()
+    AutoConfig.for_model(model_type, vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS,
+                         **config).save_pretrained(model)
+    line = cli_error(capsys, ["info", str(model)], model)
+    assert f"unsupported architecture '{model_type}' ({words}" in line, line
+
+
+@pytest.mark.parametrize(
     "change, words",
     [
         ({"num_experts_per_tok": 5}, "num_experts_per_tok is 5"),  # top-k above the expert count
