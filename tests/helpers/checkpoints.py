@@ -8,11 +8,11 @@ import errno
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
 
 BOS, EOS, PAD = 1, 2, 0  # special ids of every tiny checkpoint (inside the tiny vocabulary)
 
@@ -40,6 +40,22 @@ def make_word_model(directory: Path, *, num_layers: int = 2, num_experts: int = 
     return directory
 
 
+# One row per family: its config's own keywords for the tiny shapes (hidden h, heads n, experts e,
+# expert intermediate i). Adding a family: a row here, a row in architectures.FAMILIES, and its
+# name in the test matrices.
+TINY: dict[str, Callable[[int, int, int, int], dict]] = {
+    "mixtral": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e),
+    "qwen2_moe": lambda h, n, e, i: dict(intermediate_size=3 * i, moe_intermediate_size=i, num_experts=e,
+                                         shared_expert_intermediate_size=2 * i),
+    "qwen3_moe": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=3 * i, moe_intermediate_size=i, num_experts=e),
+    "olmoe": lambda h, n, e, i: dict(intermediate_size=i, num_experts=e),
+    # sigmoid router with a score-correction bias, group-limited top-k, a shared expert, dense first layers
+    "glm4_moe": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=3 * i, moe_intermediate_size=i, n_routed_experts=e),
+}
+FAMILIES = tuple(TINY)
+DENSE_LAYER_OPTIONS = ("decoder_sparse_step", "mlp_only_layers")  # the Qwen families' dense MLP layers
+
+
 def tiny_config(
     family: str,
     *,
@@ -53,16 +69,20 @@ def tiny_config(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     tie_word_embeddings: bool = False,
-    decoder_sparse_step: int | None = None,
-    mlp_only_layers: list[int] | None = None,
     initializer_range: float = 0.1,
     **extra,
 ):
     """A tiny transformers config of `family` (fp32). `norm_topk_prob=None` keeps the family's
     default; Mixtral has no such flag (it always renormalises) and refuses an explicit one.
-    `decoder_sparse_step` / `mlp_only_layers` exist for the Qwen families only (dense layers)."""
-    from transformers import Glm4MoeConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    `extra` goes to the config as it is (decoder_sparse_step, first_k_dense_replace, ...)."""
+    from transformers import AutoConfig
 
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
+    if family == "mixtral" and norm_topk_prob is not None:
+        raise ValueError("Mixtral always renormalises its top-k weights: leave norm_topk_prob=None")
+    if family not in ("qwen2_moe", "qwen3_moe") and any(k in extra for k in DENSE_LAYER_OPTIONS):
+        raise ValueError(f"{family} has no dense MLP layers (decoder_sparse_step / mlp_only_layers are Qwen options)")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -77,55 +97,9 @@ def tiny_config(
         eos_token_id=EOS,
         pad_token_id=PAD,
     )
-    qwen_dense = {}
-    if decoder_sparse_step is not None:
-        qwen_dense["decoder_sparse_step"] = decoder_sparse_step
-    if mlp_only_layers is not None:
-        qwen_dense["mlp_only_layers"] = list(mlp_only_layers)
-    if qwen_dense and family not in ("qwen2_moe", "qwen3_moe"):
-        raise ValueError(f"{family} has no dense MLP layers (decoder_sparse_step / mlp_only_layers are Qwen options)")
     norm = {} if norm_topk_prob is None else {"norm_topk_prob": bool(norm_topk_prob)}
-    if family == "mixtral":
-        if norm:
-            raise ValueError("Mixtral always renormalises its top-k weights: leave norm_topk_prob=None")
-        cfg = MixtralConfig(**common, intermediate_size=expert_intermediate, num_local_experts=num_experts, **extra)
-    elif family == "qwen2_moe":
-        cfg = Qwen2MoeConfig(
-            **common,
-            intermediate_size=3 * expert_intermediate,  # the dense layers' MLP
-            moe_intermediate_size=expert_intermediate,
-            shared_expert_intermediate_size=2 * expert_intermediate,
-            num_experts=num_experts,
-            **norm,
-            **qwen_dense,
-            **extra,
-        )
-    elif family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(
-            **common,
-            head_dim=hidden_size // num_heads,
-            intermediate_size=3 * expert_intermediate,
-            moe_intermediate_size=expert_intermediate,
-            num_experts=num_experts,
-            **norm,
-            **qwen_dense,
-            **extra,
-        )
-    elif family == "olmoe":
-        cfg = OlmoeConfig(**common, intermediate_size=expert_intermediate, num_experts=num_experts, **norm, **extra)
-    elif family == "glm4_moe":  # sigmoid router with a score-correction bias, group-limited top-k, a shared expert
-        cfg = Glm4MoeConfig(
-            **common,
-            head_dim=hidden_size // num_heads,
-            intermediate_size=3 * expert_intermediate,  # the dense leading layers' MLP (first_k_dense_replace)
-            moe_intermediate_size=expert_intermediate,
-            n_routed_experts=num_experts,
-            **norm,
-            **extra,
-        )
-    else:
-        raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
-    return cfg
+    own = TINY[family](hidden_size, num_heads, num_experts, expert_intermediate)
+    return AutoConfig.for_model(family, **{**common, **own, **norm, **extra})
 
 
 def make_checkpoint(
