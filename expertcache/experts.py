@@ -9,6 +9,7 @@ transformers' code; this module supplies each call's expert weights from the cac
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from contextlib import closing
 
@@ -105,6 +106,8 @@ class ExpertsRuntime:
         self._modules: dict[int, nn.Module] = {}
         self._lead: FirstLayerPrefetch | None = None
         self._hooks: list = []
+        self._lock = threading.Lock()  # one forward at a time (threads share the cache, its pins and this state)
+        self._owner: int | None = None  # the thread whose forward holds it
 
     def bind(self, model: nn.Module, sites: dict[int, ExpertsSite], family: Family) -> None:
         """Route `model`'s experts calls here, capture each router's logits, and watch each forward start."""
@@ -121,6 +124,20 @@ class ExpertsRuntime:
         norm = getattr(model.get_submodule(first.decoder_layer), family.norm, None)
         self._lead = FirstLayerPrefetch(self, first.layer, router=router, norm=norm)
         self._hooks.append(decoder_layers[0].register_forward_pre_hook(self._forward_start, with_kwargs=True))
+        self._hooks.append(model.register_forward_pre_hook(self._enter))
+        self._hooks.append(model.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        """Forwards from several threads take turns: one at a time runs its layers."""
+        me = threading.get_ident()
+        if self._owner != me:  # held by this thread already: its last forward was interrupted (Ctrl-C)
+            self._lock.acquire()
+            self._owner = me
+
+    def _leave(self, module: nn.Module, args: tuple, out) -> None:
+        if self._owner == threading.get_ident():
+            self._owner = None
+            self._lock.release()
 
     def _capture(self, layer: int):
         def hook(module: nn.Module, args: tuple, out) -> None:
