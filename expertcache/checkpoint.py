@@ -100,25 +100,50 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         if end > data_len:
             raise _fail(path, f"truncated: {name!r} ends at byte {data_start + end} but the file has {size}; re-download it")
         tensors[name] = TensorRef(str(path), data_start + begin, expected, shape, dtype)
+    at, last = data_start, None  # as the format demands: tensors follow each other, none overlapping another
+    for name, ref in sorted(tensors.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+        if ref.offset != at:
+            how = f"overlaps {last!r}" if ref.offset < at else f"leaves a gap after {last!r}" if last else "does not start the data"
+            raise _fail(path, f"corrupt safetensors header: {name!r} {how}; re-save or re-download it")
+        at, last = ref.offset + ref.nbytes, name
     return tensors
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
+def read_tensors(model_dir: Path) -> dict[str, TensorRef]:
+    """Every tensor of the checkpoint by on-disk name, each from exactly one file: a sharded
+    checkpoint's index says which; otherwise a name in two files is refused, naming both."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise _fail(index, f"malformed shard index ({e})") from None
         files = sorted({model_dir / shard for shard in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise _fail(model_dir, f"shard(s) named in model.safetensors.index.json are missing: {', '.join(missing)}")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise _fail(model_dir, "no .safetensors files found (expertcache reads safetensors checkpoints only)")
-    return files
+    else:
+        weight_map = None
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise _fail(model_dir, "no .safetensors files found (expertcache reads safetensors checkpoints only)")
+    tensors: dict[str, TensorRef] = {}
+    for f in files:
+        for name, ref in read_safetensors_header(f).items():
+            if weight_map is not None:
+                if weight_map.get(name) != f.name:
+                    continue  # the index puts it in another shard (or nowhere)
+            elif name in tensors:
+                raise _fail(model_dir, f"tensor {name!r} is in both {Path(tensors[name].path).name} and {f.name}: "
+                                       "remove the stray file")
+            tensors[name] = ref
+    if weight_map is not None:
+        absent = [n for n in weight_map if n not in tensors]
+        if absent:
+            raise _fail(index, f"names {absent[0]!r} in {weight_map[absent[0]]}, which does not hold it")
+    return tensors
 
 
 def load_config(model_dir: Path):
@@ -174,7 +199,8 @@ class Checkpoint:
         config = load_config(model_dir)
         family = family_for(config)
         try:
-            sites = experts_sites(build_model(config))
+            model = build_model(config)
+            sites = experts_sites(model)
         except CheckpointError as e:
             raise _fail(model_dir / "config.json", str(e)) from None
         if not sites:
@@ -186,12 +212,10 @@ class Checkpoint:
         n_exp = next(iter(sites.values())).num_experts
         if not 1 <= k <= n_exp:
             raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
-        tensors: dict[str, TensorRef] = {}
-        for f in _safetensors_files(model_dir):
-            for name, ref in read_safetensors_header(f).items():
-                tensors[family.canonical_name(name)] = ref
+        tensors = {family.canonical_name(name): ref for name, ref in read_tensors(model_dir).items()}
         experts, expert_names = _locate_experts(model_dir, family, sites, tensors)
         dense = {n: r for n, r in tensors.items() if n not in expert_names}
+        _check_dense(model_dir, config, model, sites, dense)
         return cls(model_dir, config, family, sites, dense, experts)
 
     @property
@@ -242,6 +266,24 @@ class Checkpoint:
             except OSError as e:
                 raise _fail(path, f"cannot read ({e.strerror or e})") from None
         return out
+
+
+def _check_dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef]) -> None:
+    """The non-expert tensors are exactly the model's (as many checks as loading them makes, so
+    `info` refuses what `generate` would): none missing, each of its parameter's shape, and no
+    expert beyond the count config.json gives."""
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    served = {f"{s.path}.{w}" for s in sites.values() for w in s.weights}
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    for name, ref in dense.items():
+        if name in want and ref.shape != want[name]:
+            raise _fail(model_dir, f"tensors do not match config.json ({name}: {ref.shape} in the file, {want[name]} in the model)")
+        site = next((s for s in sites.values() if name.startswith(s.path + ".")), None)
+        if site is not None and name not in want:
+            raise _fail(model_dir, f"tensors do not match config.json ({name}: more experts than the {site.num_experts} it gives)")
+    missing = [n for n in want if n not in dense and n not in served and n not in tied]
+    if missing:
+        raise _fail(model_dir, f"missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
 
 
 def _slices(ref: TensorRef, n: int) -> list[TensorRef]:

@@ -61,19 +61,10 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     state = ckpt.load_dense()
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # size mismatches: the tensors do not match config.json
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-        raise CheckpointError(f"{ckpt.model_dir}: tensors do not match config.json ({detail})") from None
-    tied = {"lm_head.weight"} if getattr(ckpt.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing:
-        raise CheckpointError(f"{ckpt.model_dir}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    result = model.load_state_dict(state, strict=False, assign=True)  # Checkpoint.open checked names and shapes
     if result.unexpected_keys:
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(result.unexpected_keys), result.unexpected_keys[0])
-    if tied:
+    if getattr(ckpt.config, "tie_word_embeddings", False):
         model.tie_weights()
     # non-persistent buffers (rotary inverse frequencies) are not in the checkpoint: build them anew
     for name, module in list(model.named_modules()):

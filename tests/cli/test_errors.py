@@ -277,6 +277,54 @@ def test_truncated_mid_tensor(capsys, model):
     assert f"the file has {cut}" in line
 
 
+def _rewrite_header(st, edit) -> None:
+    """Rewrite a safetensors file's header through `edit(header)`, its data left as it is."""
+    start, hdr = header(st)
+    data = st.read_bytes()[start:]
+    edit(hdr)
+    raw = json.dumps(hdr).encode()
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("how", ["overlap", "gap"])
+def test_tensors_must_follow_each_other_in_the_data(capsys, model, how):
+    """As the safetensors format demands (its own library refuses such files): a tensor whose bytes
+    overlap another's would be read as expert weights; a gap means a header that lies."""
+    a = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+
+    def edit(hdr):
+        names = sorted((k for k in hdr if k != "__metadata__"), key=lambda k: hdr[k]["data_offsets"][0])
+        b = names[names.index(a) + 1]  # the tensor after it
+        begin, end = hdr[b]["data_offsets"]
+        shift = -8 if how == "overlap" else 8
+        hdr[b]["data_offsets"] = [begin + shift, end + shift]
+
+    st = model / "model.safetensors"
+    _rewrite_header(st, edit)
+    line = cli_error(capsys, generate_args(model), model)
+    assert "corrupt safetensors header" in line and ("overlaps" in line if how == "overlap" else "gap" in line), line
+    cli_error(capsys, ["info", str(model)], model)
+
+
+def test_a_tensor_in_two_files_is_refused_naming_both(capsys, model):
+    from safetensors.torch import load_file, save_file
+
+    stray = {k: v for k, v in load_file(model / "model.safetensors").items() if ".experts.0." in k}
+    save_file(stray, model / "extra.safetensors", metadata={"format": "pt"})
+    line = cli_error(capsys, generate_args(model), model)
+    assert "extra.safetensors" in line and "model.safetensors" in line and "in both" in line, line
+    cli_error(capsys, ["info", str(model)], model)
+
+
+def test_info_refuses_what_generate_refuses(capsys, model):
+    """A config giving fewer experts than the file holds: generate and info both refuse it."""
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_local_experts"] = E - 1
+    (model / "config.json").write_text(json.dumps(cfg))
+    for argv in (generate_args(model), ["info", str(model)], ["info", str(model), "--json"]):
+        assert "do not match config.json" in cli_error(capsys, argv, model)
+
+
 def test_empty_safetensors(capsys, model):
     (model / "model.safetensors").write_bytes(b"")
     line = cli_error(capsys, generate_args(model), model)
