@@ -10,6 +10,7 @@ on-disk layout: one tensor per expert (save_pretrained's default) or fused [E, .
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -21,6 +22,8 @@ import torch
 from .architectures import FAMILIES, ExpertsSite, Family, build_model, experts_sites, family_for, unsupported
 from .errors import CheckpointError
 from .ids import ExpertId
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on header size
 DTYPES: dict[str, torch.dtype] = {
@@ -214,8 +217,7 @@ class Checkpoint:
             raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
         tensors = {family.canonical_name(name): ref for name, ref in read_tensors(model_dir).items()}
         experts, expert_names = _locate_experts(model_dir, family, sites, tensors)
-        dense = {n: r for n, r in tensors.items() if n not in expert_names}
-        _check_dense(model_dir, config, model, sites, dense)
+        dense = _dense(model_dir, config, model, sites, {n: r for n, r in tensors.items() if n not in expert_names})
         return cls(model_dir, config, family, sites, dense, experts)
 
     @property
@@ -268,10 +270,11 @@ class Checkpoint:
         return out
 
 
-def _check_dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef]) -> None:
-    """The non-expert tensors are exactly the model's (as many checks as loading them makes, so
-    `info` refuses what `generate` would): none missing, each of its parameter's shape, and no
-    expert beyond the count config.json gives."""
+def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """The non-expert tensors the model has, checked as loading them would check (so `info`
+    refuses what `generate` would): none missing, each of its parameter's shape, no expert beyond
+    the count config.json gives. Others (e.g. multi-token-prediction layers transformers does not
+    build) are left on disk, never read."""
     want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     served = {f"{s.path}.{w}" for s in sites.values() for w in s.weights}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -284,6 +287,10 @@ def _check_dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], 
     missing = [n for n in want if n not in dense and n not in served and n not in tied]
     if missing:
         raise _fail(model_dir, f"missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    unknown = [n for n in dense if n not in want]
+    if unknown:
+        log.info("%s: leaving %d tensors the model does not use on disk, e.g. %s", model_dir, len(unknown), unknown[0])
+    return {n: r for n, r in dense.items() if n in want}
 
 
 def _slices(ref: TensorRef, n: int) -> list[TensorRef]:

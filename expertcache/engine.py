@@ -256,6 +256,8 @@ class Engine:
             if self.tokenizer is None:
                 raise ExpertCacheError("this checkpoint has no tokenizer: pass token ids instead of text")
             return encode_text(self.tokenizer, prompt)
+        if any(isinstance(t, bool) or not float(t).is_integer() for t in prompt):
+            raise ExpertCacheError(f"token ids must be whole numbers, got {next(t for t in prompt if isinstance(t, bool) or not float(t).is_integer())!r}")
         ids = [int(t) for t in prompt]
         vocab = self.model.get_input_embeddings().num_embeddings
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -276,14 +278,23 @@ class Engine:
         stop_at_eos: bool = True,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache."""
+        """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache; greedy, or
+        sampling at `temperature` (0: greedy) from the top-p mass, seeded by `seed`. Generation
+        stops at the model's context (max_position_embeddings), with a warning."""
         from transformers import DynamicCache
 
+        check_sampling(temperature=temperature, top_p=top_p, seed=seed)
         ids = self.encode(prompt)
         if not ids:
             raise ExpertCacheError("the prompt is empty")
         if max_new_tokens < 1:
             raise ExpertCacheError("max_new_tokens must be at least 1")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and len(ids) >= context:
+            raise ExpertCacheError(f"the prompt has {len(ids)} tokens, this model's context is {context}: shorten it")
+        if context is not None and len(ids) + max_new_tokens > context:
+            log.warning("stopping at the model's context: %d new tokens at most after a %d-token prompt", context - len(ids), len(ids))
+            max_new_tokens = context - len(ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = _eos_ids(self.generation_config, self.model.config) if stop_at_eos else set()
         past = DynamicCache(config=self.model.config)
@@ -329,10 +340,21 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def check_sampling(*, temperature: float, top_p: float, seed: int | None) -> None:
+    """The sampling rules, one line each: 0 <= temperature < inf, 0 < top_p <= 1, an integer seed."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ExpertCacheError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ExpertCacheError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ExpertCacheError(f"seed must be a whole number, got {seed!r}")
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text` as the model saw documents in training: after the tokenizer's BOS
-    token when it defines one (a byte-level BPE tokenizer does not add it on its own)."""
-    ids = list(tokenizer.encode(text))
+    token when it defines one (a byte-level BPE tokenizer does not add it on its own). Long texts
+    are the caller's to check against the context (no tokenizer length warning)."""
+    ids = list(tokenizer.encode(text, verbose=False))
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..engine import Engine
+from ..engine import Engine, check_sampling
 from ..errors import ExpertCacheError
 from .flags import add_engine_arguments, add_prompt_arguments, engine_config, fmt_bytes, generate, prompt_of
 
@@ -19,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "without it generate runs twice, recording the future first")
     add_prompt_arguments(p, default="Once upon a time")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (implies --sample)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (implied by --temperature, --top-p, --seed)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, >= 0 (default 1; 0 is greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print {text, token_ids, stats} as JSON")
 
 
@@ -41,9 +41,11 @@ def summary(stats: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ExpertCacheError("--max-new-tokens must be at least 1")
-    if not 0 < args.top_p <= 1:
-        raise ExpertCacheError(f"--top-p must be in (0, 1], got {args.top_p}")
-    greedy = not (args.sample or args.seed is not None)
+    # any sampling flag means sampling; the values follow the API's rules (engine.check_sampling)
+    greedy = not (args.sample or any(v is not None for v in (args.temperature, args.top_p, args.seed)))
+    temperature = 1.0 if args.temperature is None else args.temperature
+    top_p = 1.0 if args.top_p is None else args.top_p
+    check_sampling(temperature=temperature, top_p=top_p, seed=args.seed)
     prompt = prompt_of(args)
     with Engine(engine_config(args)) as engine:
         streamed: list[int] = []
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(prompt)
         result = generate(
             engine, prompt, args.future_trace, max_new_tokens=args.max_new_tokens, greedy=greedy,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=None if args.json else stream,
+            temperature=temperature, top_p=top_p, seed=args.seed, on_token=None if args.json else stream,
         )  # fmt: skip
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats}))

@@ -124,6 +124,8 @@ def read_mc(path: Path, limit: int | None = None) -> list[dict]:
                 item = json.loads(line)
                 if not isinstance(item.get("choices"), list) or not isinstance(item.get("label"), int) or "context" not in item:
                     raise ExpertCacheError(f"{path}:{n}: each line needs context, choices (list) and label (int)")
+                if not 0 <= item["label"] < len(item["choices"]):
+                    raise ExpertCacheError(f"{path}:{n}: label {item['label']} is not the index of one of its {len(item['choices'])} choices")
                 items.append(item)
                 if limit is not None and len(items) >= limit:
                     break

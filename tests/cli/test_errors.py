@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+import expertcache
+
 from expertcache.cli import main
 
 # the tiny model's shape, and its sizes computed by hand from it (fp32 = 4 bytes)
@@ -469,11 +471,18 @@ def test_unknown_prefetch_lists_names(capsys, model):
         (["--prompt-ids", "1000"], "out of range"),
         (["--prompt-ids", "-1"], "out of range"),
         (["--prompt", "hello"], "no tokenizer"),
-        (["--sample", "--top-p", "0"], "--top-p"),
+        (["--sample", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+        (["--temperature", "nan"], "temperature must be a number >= 0"),
+        (["--temperature", "-1"], "temperature must be a number >= 0"),
+        (["--temperature", "inf"], "temperature must be a number >= 0"),
         (["--io-threads", "0"], "io_threads"),
         (["--prefetch-depth", "0"], "prefetch_depth"),
+        (["--threads", "0"], "num_threads must be at least 1"),
+        (["--threads", "-3"], "num_threads must be at least 1"),
     ],
-    ids=["ids-not-ints", "ids-empty", "id-too-big", "id-negative", "text-without-tokenizer", "top-p-0", "io-threads-0", "depth-0"],
+    ids=["ids-not-ints", "ids-empty", "id-too-big", "id-negative", "text-without-tokenizer", "top-p-0", "top-p-nan",
+         "temperature-nan", "temperature-negative", "temperature-inf", "io-threads-0", "depth-0", "threads-0", "threads-negative"],
 )
 def test_other_bad_generate_inputs(capsys, model, extra, words):
     args = ["generate", "--model", str(model), "--max-new-tokens", "2", "--json"]
@@ -481,6 +490,50 @@ def test_other_bad_generate_inputs(capsys, model, extra, words):
         args += ["--prompt-ids", "1,2,3"]
     line = cli_error(capsys, args + extra, model)
     assert words in line, line
+
+
+def test_sampling_flags_imply_sampling(capsys, model):
+    """--temperature, --top-p or --seed without --sample sample (as --seed always did): two seeds
+    at a high temperature give other tokens than greedy decoding, and a seed repeats itself."""
+    def tokens(*extra):
+        rc, out, _ = run_cli(capsys, ["generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
+                                      "--json", *extra])
+        assert rc == 0
+        return json.loads(out)["token_ids"]
+
+    greedy = tokens()
+    hot = [tokens("--temperature", "5", "--seed", str(s)) for s in (1, 2, 3)]
+    assert any(t != greedy for t in hot)
+    assert tokens("--temperature", "5", "--seed", "1") == hot[0]
+    assert tokens("--temperature", "0", "--seed", "1") == greedy  # temperature 0 is greedy
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(seed="x"), "seed"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
+def test_the_api_applies_the_same_sampling_rules(model, kw, words):
+    with expertcache.load(model, expert_budget="100%", prefetch="none") as eng:
+        with pytest.raises(expertcache.ExpertCacheError, match=words):
+            eng.generate([1, 2, 3], max_new_tokens=2, greedy=False, **kw)
+
+
+def test_prompt_ids_must_be_whole_and_prompts_fit_the_context(model):
+    with expertcache.load(model, expert_budget="100%", prefetch="none") as eng:
+        with pytest.raises(expertcache.ExpertCacheError, match="whole numbers"):
+            eng.generate([1, 2.5, 3], max_new_tokens=2)
+        context = eng.model.config.max_position_embeddings
+        with pytest.raises(expertcache.ExpertCacheError, match=f"context is {context}"):
+            eng.generate([3] * context, max_new_tokens=2)
+        out = eng.generate([3] * (context - 2), max_new_tokens=10, stop_at_eos=False)  # stops at the context
+        assert len(out.token_ids) == 2
 
 
 @pytest.mark.parametrize(
