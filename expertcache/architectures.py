@@ -52,6 +52,12 @@ class Family:
         return disk_name
 
 
+GRANITE_RENAMES = (  # Granite keeps its experts fused under other names, in both save formats
+    (".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
+    (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
+    (".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight"),
+)
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -62,6 +68,23 @@ FAMILIES: dict[str, Family] = {
         Family("olmoe", quirks="softmax top-k"),
         Family("glm4_moe", softmax_router=False, quirks="sigmoid scores with a score-correction bias, group-limited top-k, "
                                                          "routed scaling; a shared expert; dense leading layers (first_k_dense_replace)"),
+        Family("gpt_oss", router="router", renormalize=True,
+               quirks="softmax over the top-k logits of a biased router; interleaved gate/up with a clamped SwiGLU, expert "
+                      "biases, [in, out] weights, fused on disk; attention sinks, sliding and full attention"),
+        Family("qwen3_next", quirks="softmax top-k; a sigmoid-gated shared expert; gated-delta-net linear attention but "
+                                    "every full_attention_interval-th layer"),
+        Family("jamba", router="router", norm="pre_ff_layernorm", renormalize=False,
+               quirks="softmax top-k, never renormalised; MoE every expert_layer_period-th layer; Mamba and attention "
+                      "layers interleaved"),
+        Family("phimoe", per_expert_names=("w1", "w3", "w2"), router="router", softmax_router=False,
+               disk_renames=((".block_sparse_moe.", ".mlp."), (".mlp.gate.weight", ".mlp.router.weight")),
+               quirks="sparsemixer routing: always top-2, each choice weighted by a softmax over the logits near it, "
+                      "not a top-k softmax; LayerNorm and attention biases"),
+        Family("granitemoe", disk_renames=GRANITE_RENAMES, router="router", renormalize=True, weights_in_logits_dtype=False,
+               quirks="softmax over the top-k logits; embedding, attention, residual and logits multipliers; experts "
+                      "fused on disk (input_linear / output_linear)"),
+        Family("granitemoeshared", disk_renames=GRANITE_RENAMES, router="router", renormalize=True,
+               weights_in_logits_dtype=False, quirks="as granitemoe, with a shared MLP beside the MoE block"),
     )
 }
 

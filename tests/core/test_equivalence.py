@@ -21,22 +21,13 @@ from expertcache.architectures import is_experts_module
 from expertcache.checkpoint import Checkpoint
 from expertcache.policies import POLICIES
 
-from helpers.checkpoints import EOS, prompt_ids
+from helpers.checkpoints import EOS, FAMILY_CASES, prompt_ids
 from helpers.invariants import LoadRecorder, check_engine_invariants, check_io_mode, min_budget
 
 PROMPT = prompt_ids(40)  # long enough that, at the minimum budget, every layer computes in waves
 NEW_TOKENS = 32
 
-# The main matrix: one checkpoint per family, expert count / top-k / renormalisation varied.
-MAIN = {
-    "mixtral": dict(num_experts=8, top_k=2, expert_intermediate=32),  # always renormalises
-    "qwen2_moe": dict(num_experts=12, top_k=4, norm_topk_prob=False, expert_intermediate=24),
-    "qwen3_moe": dict(num_experts=16, top_k=3, norm_topk_prob=True, expert_intermediate=16),
-    "olmoe": dict(num_experts=10, top_k=2, norm_topk_prob=True, expert_intermediate=40),
-    # not supported before the experts seam: a row of on-disk names, no block code (architectures.FAMILIES)
-    "glm4_moe": dict(num_experts=8, top_k=2, expert_intermediate=24, num_layers=3, n_group=2, topk_group=1,
-                     routed_scaling_factor=1.5),
-}
+MAIN = FAMILY_CASES  # the main matrix: one checkpoint per family (tests/helpers/checkpoints.py)
 BUDGETS = ("min", "50%", "100%")
 
 # Layouts and checkpoint shapes beyond the main matrix: (family, make_checkpoint kwargs).

@@ -51,8 +51,50 @@ TINY: dict[str, Callable[[int, int, int, int], dict]] = {
     "olmoe": lambda h, n, e, i: dict(intermediate_size=i, num_experts=e),
     # sigmoid router with a score-correction bias, group-limited top-k, a shared expert, dense first layers
     "glm4_moe": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=3 * i, moe_intermediate_size=i, n_routed_experts=e),
+    # biased router, interleaved gate/up with a clamped SwiGLU (the clamp bites at this scale), expert
+    # biases, [in, out] weights; a window shorter than the prompt; yarn RoPE
+    "gpt_oss": lambda h, n, e, i: dict(
+        head_dim=h // n, intermediate_size=i, num_local_experts=e, sliding_window=8, swiglu_limit=1.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 64}),
+    # linear attention (gated delta net) but every second layer; a sigmoid-gated shared expert
+    "qwen3_next": lambda h, n, e, i: dict(
+        head_dim=h // n, intermediate_size=3 * i, moe_intermediate_size=i, shared_expert_intermediate_size=2 * i,
+        num_experts=e, full_attention_interval=2, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    # Mamba at 0 and 2, attention at 1 and 3; MoE at 0 and 3 (four layers)
+    "jamba": lambda h, n, e, i: dict(
+        intermediate_size=i, num_experts=e, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=3,
+        expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4),
+    # sparsemixer (always top-2): router_jitter_noise is its mask width at inference (0.3 mixes weights)
+    "phimoe": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e, router_jitter_noise=0.3,
+                                      input_jitter_noise=0.01, attention_bias=True, lm_head_bias=True),
+    # every Granite multiplier away from 1
+    "granitemoe": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e, embedding_multiplier=12.0,
+                                          attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0),
+    "granitemoeshared": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e, shared_intermediate_size=3 * i // 2,
+                                                embedding_multiplier=12.0, attention_multiplier=0.0625,
+                                                residual_multiplier=0.22, logits_scaling=4.0),
 }
 FAMILIES = tuple(TINY)
+
+# One tiny checkpoint per family for the matrices (equivalence, predictors, replays): expert count,
+# top-k and renormalisation varied; a family's quirks switched on by its TINY row.
+FAMILY_CASES: dict[str, dict] = {
+    "mixtral": dict(num_experts=8, top_k=2, expert_intermediate=32),  # always renormalises
+    "qwen2_moe": dict(num_experts=12, top_k=4, norm_topk_prob=False, expert_intermediate=24),
+    "qwen3_moe": dict(num_experts=16, top_k=3, norm_topk_prob=True, expert_intermediate=16),
+    "olmoe": dict(num_experts=10, top_k=2, norm_topk_prob=True, expert_intermediate=40),
+    # not supported before the experts seam: a row of on-disk names, no block code (architectures.FAMILIES)
+    "glm4_moe": dict(num_experts=8, top_k=2, expert_intermediate=24, num_layers=3, n_group=2, topk_group=1,
+                     routed_scaling_factor=1.5),
+    "gpt_oss": dict(num_experts=8, top_k=2, num_layers=4),
+    "qwen3_next": dict(num_experts=8, top_k=2, norm_topk_prob=True, num_layers=4),
+    "jamba": dict(num_experts=8, top_k=2, num_layers=4),
+    "phimoe": dict(num_experts=8, top_k=2, num_layers=3),  # sparsemixer: always top-2
+    "granitemoe": dict(num_experts=8, top_k=2, num_layers=3),
+    "granitemoeshared": dict(num_experts=8, top_k=2, num_layers=3),
+}
 DENSE_LAYER_OPTIONS = ("decoder_sparse_step", "mlp_only_layers")  # the Qwen families' dense MLP layers
 
 
@@ -81,7 +123,7 @@ def tiny_config(
         raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
     if family == "mixtral" and norm_topk_prob is not None:
         raise ValueError("Mixtral always renormalises its top-k weights: leave norm_topk_prob=None")
-    if family not in ("qwen2_moe", "qwen3_moe") and any(k in extra for k in DENSE_LAYER_OPTIONS):
+    if family not in ("qwen2_moe", "qwen3_moe", "qwen3_next") and any(k in extra for k in DENSE_LAYER_OPTIONS):
         raise ValueError(f"{family} has no dense MLP layers (decoder_sparse_step / mlp_only_layers are Qwen options)")
     common = dict(
         vocab_size=vocab_size,
@@ -138,11 +180,20 @@ def make_checkpoint(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith((".bias", "_bias")):  # zeros at init: biases would go untested
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("sinks"):  # attention sinks (gpt-oss)
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith((".D", ".A_log")):  # Mamba's skip and decay (Jamba): ones and a fixed ladder at init
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
         for name, b in model.named_buffers():  # a router's score-correction bias (zeros at init) steers routing too
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=gen))
         if eos_unreachable:
-            model.get_output_embeddings().weight[EOS].zero_()
+            head = model.get_output_embeddings()
+            head.weight[EOS].zero_()
+            if head.bias is not None:
+                head.bias[EOS] = -1.0  # below the other logits' max, which is positive
     model = model.to(dtype)
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)

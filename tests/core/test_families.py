@@ -1,0 +1,85 @@
+"""Every supported family through everything that reads a model: transformers' own outputs from
+both on-disk layouts, every predictor (the trained ones fitted on a quick calibration) keeping them
+exact, and a trace of each tiny model replaying to its run's exact counters. Adding a family is a
+row in architectures.FAMILIES and in tests/helpers/checkpoints.py (TINY, FAMILY_CASES)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.checkpoints import FAMILY_CASES, TINY, prompt_ids
+from helpers.invariants import check_engine_invariants
+
+import expertcache
+from expertcache.architectures import FAMILIES
+from expertcache.checkpoint import Checkpoint
+from expertcache.predictors import PREDICTORS
+from expertcache.predictors.artefact import TRAINED_KINDS
+from expertcache.sim.hardware import PRESETS
+from expertcache.sim.recorder import Recorder
+from expertcache.sim.simulate import replay
+from expertcache.tools.predictor_training import TrainSettings, record_calibration, train_predictor
+
+PROMPT = prompt_ids(24)
+TOKENS = 12
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _exact(model_dir, ref, **options) -> dict:
+    with expertcache.load(model_dir, **options) as eng:
+        with torch.no_grad():
+            logits = eng.model(input_ids=torch.tensor([PROMPT])).logits[0]
+        torch.testing.assert_close(logits, ref.logits)
+        assert eng.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False).token_ids == ref.generated
+        check_engine_invariants(eng)
+        return eng.stats()
+
+
+def _slots(model_dir, n: int) -> int:
+    ck = Checkpoint.open(model_dir)
+    return (ck.top_k + n) * ck.expert_bytes
+
+
+def test_every_family_has_a_tiny_model_and_a_case():
+    assert set(FAMILIES) == set(TINY) == set(FAMILY_CASES)
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_the_fused_layout_matches_transformers(family, checkpoint, reference):
+    model_dir = checkpoint(family, fused=True, **FAMILY_CASES[family])
+    assert all(p.fused for p in Checkpoint.open(model_dir).experts.values())
+    ref = reference(model_dir, PROMPT, TOKENS)
+    for budget in (_slots(model_dir, 0), "50%"):
+        _exact(model_dir, ref, expert_budget=budget, prefetch="next-gate", io="buffered")
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_every_predictor_keeps_the_outputs_exact(family, checkpoint, reference, tmp_path):
+    model_dir = checkpoint(family, **FAMILY_CASES[family])
+    ref = reference(model_dir, PROMPT, TOKENS)
+    files = {}
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        trace = record_calibration(eng, [prompt_ids(48, seed=s) for s in range(3)], max_tokens=144, window=48, progress=False)
+        for kind in TRAINED_KINDS:
+            art = train_predictor(eng, kind, trace=trace, depths=[1], settings=TrainSettings(steps=5), progress=False)
+            files[kind] = str(art.save(tmp_path / f"{kind}.pt"))
+    for name in sorted(PREDICTORS):
+        stats = _exact(model_dir, ref, expert_budget=_slots(model_dir, 3), prefetch=name, predictor=files.get(name), io="direct")
+        assert (stats["prefetch_issued"] > 0) == (name != "none"), name
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_a_trace_of_each_family_replays_to_the_runs_counters(family, checkpoint):
+    model_dir = checkpoint(family, **FAMILY_CASES[family])
+    with expertcache.load(model_dir, expert_budget="30%", prefetch="none", io="buffered") as eng:
+        with Recorder(eng) as rec:
+            eng.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
+        stats, budget = eng.stats(), eng.budget_bytes
+    r = replay(rec.trace, "lfu", budget, mode="engine")
+    assert (r.lookups, r.hits, r.misses) == (stats["lookups"], stats["hits"], stats["misses"])
+    with expertcache.load(model_dir, expert_budget="30%", prefetch="next-gate", io="buffered") as eng:
+        with Recorder(eng) as rec:
+            eng.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
+    timed = replay(rec.trace, "lfu", budget, mode="engine", prefetch=True, hardware=PRESETS["nvme4"])
+    assert timed.lookups == stats["lookups"] and timed.prefetch["prefetch_issued"] > 0
