@@ -46,11 +46,13 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class ExpertParts:
-    """The tensors that make one expert: (gate, up, down) one per expert on disk, or slices of the
-    fused tensors, in the experts module's own layout ((gate_up | up, down))."""
+    """The tensors that make one expert: (gate, up, down) one per expert on disk, slices of the
+    fused tensors in the experts module's own layout ((gate_up | up, down)), or, MXFP4, slices of
+    (gate_up blocks, scales, down blocks, scales) as saved (mxfp4.py)."""
 
     parts: tuple[TensorRef, ...]
     fused: bool
+    mxfp4: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -247,7 +249,12 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.experts.values())).parts[0].dtype
+        """The dtype the model computes in: its experts', or config.json's for MXFP4 experts."""
+        first = next(iter(self.experts.values()))
+        if not first.mxfp4:
+            return first.parts[0].dtype
+        dtype = getattr(self.config, "dtype", None) or torch.bfloat16
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     def load_dense(self) -> dict[str, torch.Tensor]:
         """Read every non-expert tensor into memory, keyed by its in-memory name."""
@@ -268,6 +275,24 @@ class Checkpoint:
             except OSError as e:
                 raise _fail(path, f"cannot read ({e.strerror or e})") from None
         return out
+
+
+def _locate_mxfp4(model_dir: Path, layer: int, site: ExpertsSite, tensors: dict[str, TensorRef],
+                  experts: dict[ExpertId, ExpertParts], names: set[str]) -> None:
+    """One layer's MXFP4 experts: `<weight>_blocks` [E, out, in/32, 16] and `_scales` [E, out, in/32]."""
+    n, refs = site.num_experts, []
+    for w, shape in zip(site.weights, site.shapes):
+        out, inner = (shape[1], shape[0]) if site.transposed else shape
+        want = ((n, out, inner // 32, 16), (n, out, inner // 32))
+        pair = [tensors.get(f"{site.path}.{w}_{kind}") for kind in ("blocks", "scales")]
+        if any(r is None for r in pair):
+            raise _fail(model_dir, f"missing expert tensor {site.path}.{w}_scales (an MXFP4 checkpoint needs blocks and scales)")
+        if tuple(r.shape for r in pair) != want or any(r.dtype != torch.uint8 for r in pair):
+            raise _fail(model_dir, f"layer {layer}: MXFP4 {w} blocks/scales are {pair[0].shape}/{pair[1].shape}, config says {want[0]}/{want[1]}")
+        refs += [_slices(r, n) for r in pair]
+        names.update(f"{site.path}.{w}_{kind}" for kind in ("blocks", "scales"))
+    for e, parts in enumerate(zip(*refs)):
+        experts[(layer, e)] = ExpertParts(parts, fused=True, mxfp4=True)
 
 
 def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef]) -> dict[str, TensorRef]:
@@ -306,6 +331,9 @@ def _locate_experts(
     names: set[str] = set()
     for layer, site in sites.items():
         n, prefix = site.num_experts, site.path + "."
+        if prefix + site.weights[0] + "_blocks" in tensors:
+            _locate_mxfp4(model_dir, layer, site, tensors, experts, names)
+            continue
         fused = [tensors.get(prefix + w) for w in site.weights]
         if all(ref is not None for ref in fused):
             want = [(n, *shape) for shape in site.shapes]

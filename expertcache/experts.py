@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mxfp4
 from .architectures import ExpertsSite, Family
 from .cache import ExpertCache
 from .ids import Prediction
@@ -64,9 +65,12 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tens
 def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int) -> torch.Tensor:
     """One expert of `module` on its tokens x [n, H] -> [n, H]: the module's own math (gating,
     biases, layout) on weights read from the cache."""
-    if parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use, as
-        parts = tuple(p.to(x.dtype) for p in parts)  # transformers casts at load (the cache keeps the saved bytes)
     t, bias = module.is_transposed, module.has_bias
+    if len(parts) == 4:  # MXFP4 (gate_up blocks, scales, down blocks, scales): decoded on use, [out, in]
+        parts = tuple(mxfp4.decode(b, s, x.dtype) for b, s in (parts[:2], parts[2:]))
+        parts = tuple(p.t().contiguous() for p in parts) if t else parts  # the module's own layout
+    elif parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use, as
+        parts = tuple(p.to(x.dtype) for p in parts)  # transformers casts at load (the cache keeps the saved bytes)
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
         if _default_gate(type(module)):

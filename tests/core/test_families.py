@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.checkpoints import FAMILY_CASES, TINY, prompt_ids
+from helpers.checkpoints import FAMILY_CASES, TINY, make_mxfp4_checkpoint, prompt_ids
 from helpers.invariants import check_engine_invariants
+from helpers.reference import Reference
 
 import expertcache
 from expertcache.architectures import FAMILIES
@@ -83,3 +84,40 @@ def test_a_trace_of_each_family_replays_to_the_runs_counters(family, checkpoint)
             eng.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
     timed = replay(rec.trace, "lfu", budget, mode="engine", prefetch=True, hardware=PRESETS["nvme4"])
     assert timed.lookups == stats["lookups"] and timed.prefetch["prefetch_issued"] > 0
+
+
+def test_gpt_oss_mxfp4_experts_are_read_as_published(tmp_path):
+    """Blocks and scales of one expert are read as saved (the cache budgets the packed bytes) and
+    decoded on use: outputs equal transformers' own model dequantized at load."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model_dir = make_mxfp4_checkpoint(tmp_path / "m", **{k: v for k, v in FAMILY_CASES["gpt_oss"].items() if k != "fused"})
+    ck = Checkpoint.open(model_dir)
+    assert all(p.mxfp4 for p in ck.experts.values()) and ck.dtype == torch.bfloat16
+    assert ck.expert_bytes < 2 * sum(sh[0] * sh[1] for sh in ck.sites[0].shapes) / 3  # bf16 would be 2 bytes a weight
+    ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=Mxfp4Config(dequantize=True),
+                                                     dtype=torch.bfloat16).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = ref_model(input_ids=ids).logits[0]
+        gen = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS,
+                                 do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+
+    ref = Reference(logits=logits, generated=gen, dtype=torch.bfloat16)
+    for budget in (_slots(model_dir, 0), "50%", "100%"):
+        for prefetch in ("none", "next-gate"):
+            _exact(model_dir, ref, expert_budget=budget, prefetch=prefetch, io="direct")
+
+
+def test_the_mxfp4_decoder_gives_transformers_own_values():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from expertcache import mxfp4
+    from helpers.checkpoints import quantize_mxfp4
+
+    w = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 96)  # scales far apart
+    blocks, scales = quantize_mxfp4(w)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out]
+        got = torch.stack([mxfp4.decode(blocks[e], scales[e], dtype).t() for e in range(3)])
+        assert torch.equal(got, want)

@@ -207,6 +207,38 @@ def make_checkpoint(
     return out
 
 
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] (K a multiple of 32) -> MXFP4 blocks u8 [..., K/32, 16] and scales u8 [..., K/32]:
+    each group of 32 shares the power of two that puts its largest magnitude in [4, 8), each value
+    the nearest E2M1 code (clamped at 6), two codes a byte, the even element in the low nibble."""
+    from expertcache.mxfp4 import E2M1
+
+    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = groups.abs().amax(-1, keepdim=True).clamp(min=2.0**-120)
+    exp = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)
+    scaled = groups / torch.exp2(exp)
+    codes = (scaled.abs().clamp(max=6.0)[..., None] - torch.tensor(E2M1[:8])).abs().argmin(-1) + 8 * (scaled < 0)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks.contiguous(), (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+def make_mxfp4_checkpoint(tmp_dir: str | os.PathLike, **kw) -> Path:
+    """A tiny gpt-oss checkpoint with its experts in MXFP4 as the published ones store them
+    (`*_blocks`, `*_scales`, quantization_config in config.json), the rest bf16."""
+    from safetensors.torch import load_file, save_file
+
+    out = make_checkpoint(tmp_dir, "gpt_oss", fused=True, dtype=torch.bfloat16, **kw)
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(tensors.pop(name).transpose(1, 2))  # [E, in, out] -> quantized along `in`
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def checkpoint_key(family: str, **kw) -> str:
     """A directory name that identifies a make_checkpoint call."""
     parts = [family] + [f"{k}={_short(v)}" for k, v in sorted(kw.items())]
