@@ -8,11 +8,11 @@ import math
 import time
 from pathlib import Path
 
-from ..engine import Engine
+from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
 from ..routing import CALIBRATION_FILE
 from ..tools.calibration import DEFAULT_TARGET_DROP, calibrate, read_ids, write_calibration
-from .flags import add_engine_arguments, engine_config
+from .flags import add_engine_arguments, engine_config, output_path, written
 
 
 def fraction(text: str) -> float:
@@ -41,15 +41,17 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 2:
         raise ExpertCacheError(f"--window must be at least 2, got {args.window}")
     t0 = time.perf_counter()
+    model_dir = Path(args.model) if args.model is not None else demo_model_dir()
+    out = output_path(args.out if args.out is not None else model_dir / CALIBRATION_FILE, "--out")
     with Engine(engine_config(args)) as engine:
         ids = read_ids(engine, args.text, args.max_tokens)
         if len(ids) < 2:
             raise ExpertCacheError(f"{args.text}: fewer than 2 tokens")
         result = calibrate(engine, ids, target_drop=args.target_drop, max_ppl_increase=args.max_ppl_increase,
                            window=args.window, calibration_text=str(args.text))
-        out = args.out if args.out is not None else engine.checkpoint.model_dir / CALIBRATION_FILE
     record = result.record
-    write_calibration(out, record)
+    with written(out, "--out") as tmp:
+        write_calibration(tmp, record)
     if args.json:
         print(json.dumps(record))
         return 0

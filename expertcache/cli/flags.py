@@ -4,12 +4,17 @@ written once, there), prompt parsing, and byte formatting."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import ExpertCacheError
 
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
 ROUTING_GROUP = "routing (lossy options trade measured quality for speed; see expertcache tradeoff)"
 
 
@@ -86,3 +91,36 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def output_path(path: str | os.PathLike, flag: str) -> Path:
+    """A file the command will write, checked before the long work starts: not a directory, in a
+    folder that exists and takes a new file (a probe file is made and removed)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ExpertCacheError(f"{flag} {p} is a directory: give a file name")
+    if not p.parent.is_dir():
+        raise ExpertCacheError(f"{flag} {p}: the folder {p.parent} does not exist")
+    probe = p.with_name(f".{p.name}.probe-{os.getpid()}")
+    try:
+        probe.open("wb").close()
+    except OSError as e:
+        raise ExpertCacheError(f"{flag} {p}: cannot write there ({e.strerror or e})") from None
+    probe.unlink(missing_ok=True)
+    return p
+
+
+@contextmanager
+def written(path: Path, flag: str) -> Iterator[Path]:
+    """Write through a temporary file beside `path`, renamed onto it on success and removed on
+    failure: a failed write (a full disk) leaves no partial file, and says so in one line."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its own
+        full = shutil.disk_usage(path.parent).free < FULL_BELOW
+        reason = "no space left on the device" if full else getattr(e, "strerror", None) or str(e).strip().split("\n")[0]
+        raise ExpertCacheError(f"{flag} {path}: cannot write it ({reason})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

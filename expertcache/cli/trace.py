@@ -7,7 +7,7 @@ import argparse
 from ..engine import Engine
 from ..errors import ExpertCacheError
 from ..sim.recorder import Recorder
-from .flags import add_engine_arguments, add_prompt_arguments, engine_config, generate, prompt_of
+from .flags import add_engine_arguments, add_prompt_arguments, engine_config, generate, output_path, prompt_of, written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,12 +25,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ExpertCacheError("--max-new-tokens must be at least 1")
     prompt = prompt_of(args)
+    out = output_path(args.out, "--out")
     with Engine(engine_config(args)) as engine:
         with Recorder(engine, logits=args.logits or args.hidden_states, hidden_states=args.hidden_states) as rec:
             result = generate(engine, prompt, args.future_trace, max_new_tokens=args.max_new_tokens)
         stats = result.stats
         rec.trace.meta["run"] = {k: stats[k] for k in ("lookups", "hits", "misses", "bytes_read", "tokens")}
-        out = rec.trace.save(args.out)
+        with written(out, "--out") as tmp:
+            rec.trace.save(tmp)
     n_pre = sum(1 for r in rec.trace.routes if not r.decode)
     print(
         f"wrote {out}: {len(rec.trace.routes)} layer calls ({n_pre} prefill, {len(rec.trace.routes) - n_pre} decode), "

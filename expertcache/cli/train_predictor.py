@@ -11,7 +11,7 @@ from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
 from ..predictors.artefact import TRAINED_KINDS, Artefact, default_path
 from ..tools.predictor_training import TrainSettings, check_inputs, parse_depths, train_predictor
-from .flags import add_engine_arguments, engine_config
+from .flags import add_engine_arguments, engine_config, output_path, written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
         if not (model_dir.is_dir() and os.access(model_dir, os.W_OK)):
             raise ExpertCacheError(f"{model_dir} is not writable: pass --out FILE instead of --next-to-model")
     else:
-        out = Path(args.out)
+        out = output_path(args.out, "--out")
     progress = not args.no_progress
     with Engine(engine_config(args, model=str(model_dir), prefetch="none", io="buffered")) as engine:
         art = train_predictor(engine, args.kind, trace=args.trace, text=args.text, max_tokens=args.max_tokens,
                               window=args.window, depths=depths, settings=settings, progress=progress)  # fmt: skip
-    path = art.save(out)
-    print(f"wrote {path}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or 'chained'}{_validation(art)}")
+    with written(out, "--out") as tmp:
+        art.save(tmp)
+    print(f"wrote {out}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or 'chained'}{_validation(art)}")
     return 0
 
 

@@ -51,8 +51,11 @@ class Artefact:
             "tensors": {k: v.detach().float().contiguous() for k, v in self.tensors.items()},
         }
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(body, tmp)
-        tmp.replace(path)
+        try:
+            torch.save(body, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed save leaves no partial file
         return path
 
     @classmethod

@@ -677,3 +677,47 @@ def test_subprocess_exit_code_and_one_line(model):
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert snapshot(model) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# output files: checked before the work, written whole or not at all
+# --------------------------------------------------------------------------------------------------
+def _trace_args(model, out, prompt: int = 3) -> list[str]:
+    ids = ",".join(str(3 + i % 60) for i in range(prompt))
+    return ["trace", "--model", str(model), "--prompt-ids", ids, "--max-new-tokens", "2", "--out", str(out)]
+
+
+@pytest.mark.parametrize("where", ["directory", "missing-folder", "proc"])
+def test_an_unwritable_output_is_refused_before_the_work(capsys, model, tmp_path, monkeypatch, where):
+    import expertcache.cli.trace as trace_cmd
+
+    out = {"directory": tmp_path, "missing-folder": tmp_path / "no" / "t.npz", "proc": Path("/proc/t.npz")}[where]
+    monkeypatch.setattr(trace_cmd, "Engine", lambda *a, **k: pytest.fail("the engine was loaded before the output was checked"))
+    line = cli_error(capsys, _trace_args(model, out), model)
+    assert str(out) in line and "--out" in line, line
+    assert list(tmp_path.glob(".*")) == []
+
+
+def test_a_full_disk_leaves_no_partial_file(capsys, model, tmp_path):
+    """A tmpfs of a few KiB (root only; skipped elsewhere): the trace does not fit, one line says so."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        line = cli_error(capsys, _trace_args(model, mnt / "t.npz", prompt=120) + ["--hidden-states"], model)  # ~30 KB
+        assert "cannot write it" in line and "t.npz" in line, line
+        assert list(mnt.iterdir()) == [], "a partial file was left"
+        line = cli_error(capsys, ["train-predictor", "--model", str(model), "--kind", "learned", "--steps", "2", "--no-progress", "--trace",
+                                  str(_a_trace(capsys, model, tmp_path)), "--out", str(mnt / "p.pt")], model)
+        assert "cannot write it (no space left on the device)" in line and "p.pt" in line, line
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _a_trace(capsys, model, tmp_path) -> Path:
+    out = tmp_path / "t.npz"
+    assert main(_trace_args(model, out, prompt=40) + ["--hidden-states"]) == 0
+    capsys.readouterr()
+    return out
