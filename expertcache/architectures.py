@@ -29,6 +29,7 @@ class Family:
     per_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # disk names of (gate, up, down), one tensor per expert
     disk_renames: tuple[tuple[str, str], ...] = ()  # (disk fragment, in-memory fragment)
     router: str = "gate"  # the MoE block's child that routes; its forward returns (logits, weights, ids)
+    router_weight: str = "weight"  # the router's [E, H] weight, from the router (Hunyuan: "wg.weight")
     norm: str = "post_attention_layernorm"  # the decoder layer's norm in front of its MoE block
     softmax_router: bool = True  # weights are a softmax of the logits, so lossy routing can re-mix them
     renormalize: bool | None = None  # top-k weights renormalised; None: config.norm_topk_prob says
@@ -85,6 +86,22 @@ FAMILIES: dict[str, Family] = {
                       "fused on disk (input_linear / output_linear)"),
         Family("granitemoeshared", disk_renames=GRANITE_RENAMES, router="router", renormalize=True,
                weights_in_logits_dtype=False, quirks="as granitemoe, with a shared MLP beside the MoE block"),
+        Family("deepseek_v2", softmax_router=False,
+               quirks="softmax over all experts times routed_scaling_factor, not renormalised; group-limited greedy "
+                      "top-k; MLA attention; shared experts; dense leading layers (first_k_dense_replace)"),
+        Family("deepseek_v3", softmax_router=False,
+               quirks="sigmoid scores with a score-correction bias, group-limited top-k, routed scaling; MLA "
+                      "attention; a shared expert; dense leading layers (first_k_dense_replace)"),
+        Family("ernie4_5_moe", disk_renames=((".mlp.moe_statics.", ".mlp.gate.moe_statics."),), renormalize=True,
+               weights_in_logits_dtype=False,
+               quirks="softmax top-k chosen with a score-correction bias (moe_statics), renormalised; the router in "
+                      "float32; shared experts; dense layers before moe_layer_start_index"),
+        Family("hunyuan_v1_moe", router_weight="wg.weight", renormalize=True,
+               quirks="softmax top-k, renormalised; the router's weight is gate.wg, in float32; a shared MLP; QK-norm"),
+        Family("minimax", per_expert_names=("w1", "w3", "w2"), disk_renames=((".block_sparse_moe.", ".mlp."),),
+               renormalize=True, weights_in_logits_dtype=False,
+               quirks="softmax top-k, renormalised (Mixtral's names on disk); lightning linear-attention layers with a "
+                      "cache of their own"),
     )
 }
 

@@ -57,10 +57,11 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
         module = model.get_submodule(site.path)
         for name in site.weights:
             module.register_parameter(name, None)
+    # each tensor in the dtype its module builds it in, as from_pretrained loads it (a router some
+    # families keep in float32 in a bf16 model: Hunyuan's wg, Ernie's gate)
+    built = {n: t.dtype for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()}
     model = model.to_empty(device="cpu")
-    state = ckpt.load_dense()
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(built.get(k, dtype)) if v.is_floating_point() else v for k, v in ckpt.load_dense().items()}
     result = model.load_state_dict(state, strict=False, assign=True)  # Checkpoint.open checked names and shapes
     if result.unexpected_keys:
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(result.unexpected_keys), result.unexpected_keys[0])
@@ -147,8 +148,8 @@ class Engine:
 
     def routers(self) -> dict[int, torch.Tensor]:
         """Each sparse layer's router weight [E, H]."""
-        name = self.checkpoint.family.router
-        return {l: getattr(self.block(l), name).weight for l in self.checkpoint.sparse_layers}
+        family = self.checkpoint.family
+        return {l: getattr(self.block(l), family.router).get_parameter(family.router_weight) for l in self.checkpoint.sparse_layers}
 
     def norms(self) -> dict[int, nn.Module | None]:
         """Each sparse layer's norm in front of its MoE block (None where the family has none)."""
@@ -281,8 +282,6 @@ class Engine:
         """Generate up to `max_new_tokens` after `prompt` with the transformers KV cache; greedy, or
         sampling at `temperature` (0: greedy) from the top-p mass, seeded by `seed`. Generation
         stops at the model's context (max_position_embeddings), with a warning."""
-        from transformers import DynamicCache
-
         check_sampling(temperature=temperature, top_p=top_p, seed=seed)
         ids = self.encode(prompt)
         if not ids:
@@ -297,14 +296,17 @@ class Engine:
             max_new_tokens = context - len(ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = _eos_ids(self.generation_config, self.model.config) if stop_at_eos else set()
-        past = DynamicCache(config=self.model.config)
+        past, pos = None, 0  # the model makes its own cache at its first call (MiniMax: one of its own)
         out_ids: list[int] = []
         step_times: list[float] = []
         t0 = time.perf_counter()
         inputs = torch.tensor([ids])
         for step in range(max_new_tokens):
             ts = time.perf_counter()
-            logits = self.model(input_ids=inputs, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
+            n = inputs.shape[1]  # positions given, not read off the cache (MiniMax's first layer keeps no keys)
+            out = self.model(input_ids=inputs, position_ids=torch.arange(pos, pos + n)[None], past_key_values=past,
+                             use_cache=True, logits_to_keep=1)
+            past, pos, logits = out.past_key_values, pos + n, out.logits[0, -1]
             nxt = _pick(logits, greedy=greedy, temperature=temperature, top_p=top_p, generator=gen)
             if step == 0:
                 self._timing["ttft_seconds"] = time.perf_counter() - t0
@@ -354,7 +356,10 @@ def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text` as the model saw documents in training: after the tokenizer's BOS
     token when it defines one (a byte-level BPE tokenizer does not add it on its own). Long texts
     are the caller's to check against the context (no tokenizer length warning)."""
-    ids = list(tokenizer.encode(text, verbose=False))
+    try:
+        ids = list(tokenizer.encode(text, verbose=False))
+    except TypeError:  # a tokenizer without transformers' `verbose` (nothing to silence)
+        ids = list(tokenizer.encode(text))
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids

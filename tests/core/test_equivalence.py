@@ -45,6 +45,10 @@ VARIANTS = {
         dict(num_experts=8, top_k=2, norm_topk_prob=True, num_layers=4, mlp_only_layers=[0, 2], tie_word_embeddings=True),
     ),
     "qwen2-bf16": ("qwen2_moe", dict(num_experts=8, top_k=2, dtype=torch.bfloat16)),
+    # routers built in float32 in a bf16 model: loaded in the dtype their module builds them in
+    "hunyuan-bf16": ("hunyuan_v1_moe", dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3, dtype=torch.bfloat16)),
+    "ernie-bf16-fused": ("ernie4_5_moe", dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3,
+                                              moe_layer_start_index=1, dtype=torch.bfloat16, fused=True)),
     "glm4-fused-bf16-dense2": ("glm4_moe", dict(num_experts=8, top_k=2, fused=True, dtype=torch.bfloat16, num_layers=4,
                                                 first_k_dense_replace=2, n_group=4, topk_group=2)),
     "mixtral-bf16-fused": ("mixtral", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, fused=True)),
@@ -73,6 +77,7 @@ def _expected_sparse_layers(model_dir) -> list[int]:
     cfg = json.loads((model_dir / "config.json").read_text())
     step = cfg.get("decoder_sparse_step") or 1
     dense = set(cfg.get("mlp_only_layers") or []) | set(range(cfg.get("first_k_dense_replace") or 0))
+    dense |= set(range(cfg.get("moe_layer_start_index") or 0))
     return [i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
 
 

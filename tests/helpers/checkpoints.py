@@ -75,6 +75,18 @@ TINY: dict[str, Callable[[int, int, int, int], dict]] = {
     "granitemoeshared": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e, shared_intermediate_size=3 * i // 2,
                                                 embedding_multiplier=12.0, attention_multiplier=0.0625,
                                                 residual_multiplier=0.22, logits_scaling=4.0),
+    # MLA attention (low-rank q and kv, a rope/nope split of the heads), a shared expert
+    "deepseek_v2": lambda h, n, e, i: dict(intermediate_size=4 * i, moe_intermediate_size=i, n_routed_experts=e,
+                                           n_shared_experts=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                                           qk_nope_head_dim=8, v_head_dim=16),
+    "deepseek_v3": lambda h, n, e, i: dict(intermediate_size=4 * i, moe_intermediate_size=i, n_routed_experts=e,
+                                           n_shared_experts=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                                           qk_nope_head_dim=8, v_head_dim=16),
+    "ernie4_5_moe": lambda h, n, e, i: dict(intermediate_size=3 * i, moe_intermediate_size=i, moe_num_experts=e,
+                                            moe_num_shared_experts=1),
+    "hunyuan_v1_moe": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=i, num_experts=e),
+    # lightning attention in blocks of 16 (a 40-token prompt spans three), linear in layer 0 as in MiniMax-Text-01
+    "minimax": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=i, num_local_experts=e, block_size=16),
 }
 FAMILIES = tuple(TINY)
 
@@ -94,6 +106,15 @@ FAMILY_CASES: dict[str, dict] = {
     "phimoe": dict(num_experts=8, top_k=2, num_layers=3),  # sparsemixer: always top-2
     "granitemoe": dict(num_experts=8, top_k=2, num_layers=3),
     "granitemoeshared": dict(num_experts=8, top_k=2, num_layers=3),
+    # group-limited greedy top-k: with top-2, one group of two is the setting where the limit bites
+    "deepseek_v2": dict(num_experts=8, top_k=2, expert_intermediate=24, num_layers=3, first_k_dense_replace=1,
+                        topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    "deepseek_v3": dict(num_experts=8, top_k=2, norm_topk_prob=True, expert_intermediate=24, num_layers=3,
+                        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    "ernie4_5_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3, moe_layer_start_index=1),
+    "hunyuan_v1_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3),
+    "minimax": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=4,
+                    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
 }
 DENSE_LAYER_OPTIONS = ("decoder_sparse_step", "mlp_only_layers")  # the Qwen families' dense MLP layers
 
