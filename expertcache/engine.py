@@ -257,8 +257,9 @@ class Engine:
             if self.tokenizer is None:
                 raise ExpertCacheError("this checkpoint has no tokenizer: pass token ids instead of text")
             return encode_text(self.tokenizer, prompt)
-        if any(isinstance(t, bool) or not float(t).is_integer() for t in prompt):
-            raise ExpertCacheError(f"token ids must be whole numbers, got {next(t for t in prompt if isinstance(t, bool) or not float(t).is_integer())!r}")
+        bad = [t for t in prompt if not _whole(t)]
+        if bad:
+            raise ExpertCacheError(f"token ids must be whole numbers, got {bad[0]!r}")
         ids = [int(t) for t in prompt]
         vocab = self.model.get_input_embeddings().num_embeddings
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -340,6 +341,13 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ExpertCacheError(f"unknown dtype {name!r}: use e.g. float32, bfloat16 or float16")
     return dtype
+
+
+def _whole(t) -> bool:
+    try:
+        return not isinstance(t, bool) and float(t).is_integer()
+    except (TypeError, ValueError):
+        return False
 
 
 def check_sampling(*, temperature: float, top_p: float, seed: int | None) -> None:

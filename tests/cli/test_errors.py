@@ -525,11 +525,15 @@ def test_the_api_applies_the_same_sampling_rules(model, kw, words):
             eng.generate([1, 2, 3], max_new_tokens=2, greedy=False, **kw)
 
 
-def test_prompt_ids_must_be_whole_and_prompts_fit_the_context(model):
+def test_prompt_ids_must_be_whole_and_prompts_fit_the_context(model, monkeypatch):
     with expertcache.load(model, expert_budget="100%", prefetch="none") as eng:
         with pytest.raises(expertcache.ExpertCacheError, match="whole numbers"):
             eng.generate([1, 2.5, 3], max_new_tokens=2)
-        context = eng.model.config.max_position_embeddings
+        for bad in ("x", True, None):
+            with pytest.raises(expertcache.ExpertCacheError, match="whole numbers"):
+                eng.generate([1, bad], max_new_tokens=2)
+        context = 24  # a short context, so the test does not feed the tiny model's 131072 positions
+        monkeypatch.setattr(eng.model.config, "max_position_embeddings", context)
         with pytest.raises(expertcache.ExpertCacheError, match=f"context is {context}"):
             eng.generate([3] * context, max_new_tokens=2)
         out = eng.generate([3] * (context - 2), max_new_tokens=10, stop_at_eos=False)  # stops at the context
