@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     top_p = 1.0 if args.top_p is None else args.top_p
     check_sampling(temperature=temperature, top_p=top_p, seed=args.seed)
     prompt = prompt_of(args)
+    if not args.json and sys.stderr.isatty():  # loading takes seconds: say so on a terminal
+        print(f"[expertcache] loading {args.model or 'the demo model'} ...", file=sys.stderr, flush=True)
     with Engine(engine_config(args)) as engine:
         streamed: list[int] = []
         shown = [0]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import ExpertCacheError
+
 SEPARATOR = "<|endoftext|>"
 HELDOUT_FRACTION = 0.05
 
@@ -38,10 +40,11 @@ def corpus_path(relative: str) -> Path:
     """Absolute path of a corpus file such as ``tinystories/tinystories_train_cased.txt``."""
     root = data_dir()
     if root is None:
-        raise FileNotFoundError("reference data not found: set EXPERTCACHE_DATA or add shared/ beside the checkout")
+        raise ExpertCacheError("the shared corpus is not here: set EXPERTCACHE_DATA to the folder holding corpus/ "
+                               "(default: shared/ beside the checkout)")
     path = root / "corpus" / relative
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file missing: {path}")
+        raise ExpertCacheError(f"corpus file missing: {path} (EXPERTCACHE_DATA names the folder holding corpus/)")
     return path
 
 

@@ -349,8 +349,8 @@ def text_documents(engine, path: str | Path | None, max_tokens: int | None = Non
     if path is None:
         try:
             path = corpus_path(TINYSTORIES_TRAIN)
-        except FileNotFoundError as e:
-            raise ExpertCacheError(f"{e}: pass --text FILE or --trace FILE") from None
+        except ExpertCacheError as e:
+            raise ExpertCacheError(f"{e}; or pass --text FILE or --trace FILE") from None
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

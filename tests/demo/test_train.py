@@ -104,3 +104,14 @@ def test_heldout_tails_are_disjoint_from_training_text() -> None:
         head, tail = corpus.train_head(path), corpus.heldout_tail(path)
         assert head + tail == path.read_text(encoding="utf-8")
         assert 0.02 < len(tail) / (len(head) + len(tail)) < 0.11
+
+
+def test_train_demo_without_the_corpus_says_where_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from expertcache.cli import main
+
+    monkeypatch.setenv("EXPERTCACHE_DATA", str(tmp_path / "nowhere"))
+    out = tmp_path / "run"
+    assert main(["train-demo", "--out-dir", str(out), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "EXPERTCACHE_DATA" in err and "internal error" not in err, err
+    assert not out.exists(), "a failed run left its output folder behind"
