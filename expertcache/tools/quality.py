@@ -60,22 +60,27 @@ def _token_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def perplexity(model, ids: list[int], *, window: int, stride: int) -> tuple[float, int]:
+def perplexity(model, ids: list[int], *, window: int, stride: int, progress: bool = False) -> tuple[float, int]:
     """Sliding-window perplexity of `ids`; returns (perplexity, tokens scored)."""
+    from tqdm.auto import tqdm
+
     if window < 2 or not 1 <= stride <= window:
         raise ExpertCacheError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
     if len(ids) < 2:
         raise ExpertCacheError("the text has fewer than 2 tokens")
     nll, scored, done = 0.0, 0, 1  # `done`: tokens [0, done) are already predicted (token 0 never is)
     begin = 0
+    bar = tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress)
     while done < len(ids):
         end = min(begin + window, len(ids))
         lp = _token_logprobs(model, ids[begin:end])  # predicts ids[begin+1 : end]
         new = lp[done - begin - 1 :]  # only tokens not yet scored
         nll -= float(new.sum())
         scored += new.numel()
+        bar.update(new.numel())
         done = end
         begin = end - max(window - stride, 1)  # keep >= 1 token of context so none goes unscored
+    bar.close()
     return math.exp(nll / scored), scored
 
 
@@ -156,7 +161,7 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
             ids = engine.encode(raw)
             if max_tokens is not None:
                 ids = ids[:max_tokens]
-            ppl, scored = perplexity(engine.model, ids, window=window, stride=stride)
+            ppl, scored = perplexity(engine.model, ids, window=window, stride=stride, progress=progress)
         else:
             data = read_mc(Path(mc), limit)
             if not data:
