@@ -18,8 +18,8 @@ from typing import Protocol
 import torch
 
 from .errors import BudgetError, ExpertLoadError
-from .ids import DEMAND, PREFETCH, ExpertId, Prediction
-from .loader import CANCELLED, DONE, FAILED, Loader
+from .ids import CANCELLED, DEMAND, DONE, FAILED, PREFETCH, ExpertId, Prediction
+from .loader import Loader
 from .policies import EvictionPolicy
 from .stats import Stats
 from .store import ExpertStore, SlotArena

@@ -22,6 +22,7 @@ _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 IO_MODES = ("direct", "buffered")
 ROUTING_PHASES = ("prefill", "decode", "both")
 THREADS_ENV = "EXPERTCACHE_THREADS"
+CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
 
 
 def parse_budget(budget: str | int | float, total_expert_bytes: int) -> int:
@@ -78,7 +79,7 @@ class EngineConfig:
     device: str = option("cpu", "compute device; only cpu for now (GPU compute is a planned seam: docs/ARCHITECTURE.md)", cli=False)
     routing: str = option("exact", "routing policy: exact, adaptive-gating, cache-aware, cache-aware-max-rank, speculative; "
                                    "all but exact trade measured quality for speed", group="routing")
-    calibration: str | None = option(None, "adaptive-gating thresholds from `expertcache calibrate` (default: MODEL/adaptive_gating.json)",
+    calibration: str | None = option(None, f"adaptive-gating thresholds from `expertcache calibrate` (default: MODEL/{CALIBRATION_FILE})",
                                      group="routing", aliases=("--routing-config",))
     cache_lambda: float = option(0.2, "cache-aware: bias toward resident experts, in units of the layer's logit range", group="routing")
     cache_protect_top: int = option(2, "cache-aware: the router's top-J choices are never displaced", group="routing")

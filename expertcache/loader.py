@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 
 from .errors import ExpertLoadError
-from .ids import DEMAND, ExpertId
+from .ids import CANCELLED, DEMAND, DONE, FAILED, QUEUED, RUNNING, ExpertId
 from .store import ExpertStore, SlotArena
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
 
 class LoadTask:

@@ -19,12 +19,12 @@ from typing import Protocol
 
 import torch
 
+from .config import CALIBRATION_FILE
 from .ids import DROPPED, PHASES
 
 log = logging.getLogger(__name__)
 
 APPLIES_TO = {"prefill": ("prefill",), "decode": ("decode",), "both": PHASES}
-CALIBRATION_FILE = "adaptive_gating.json"  # default calibration path, next to the model
 
 Resident = Callable[[int], set[int]]  # layer -> experts holding a cache slot, ready or loading (an acquire would hit)
 Predicted = Callable[[int], list[int]]  # layer -> latest predicted experts for it, most likely first

@@ -8,10 +8,9 @@ import math
 import time
 from pathlib import Path
 
-from ..engine import Engine, demo_model_dir
+from ..config import CALIBRATION_FILE
 from ..errors import ExpertCacheError
-from ..routing import CALIBRATION_FILE
-from ..tools.calibration import DEFAULT_TARGET_DROP, calibrate, read_ids, write_calibration
+from ..tools.settings import DEFAULT_TARGET_DROP
 from .flags import add_engine_arguments, engine_config, output_path, written
 
 
@@ -38,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine, demo_model_dir
+    from ..tools.calibration import calibrate, read_ids, write_calibration
+
     if args.window < 2:
         raise ExpertCacheError(f"--window must be at least 2, got {args.window}")
     t0 = time.perf_counter()

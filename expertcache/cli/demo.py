@@ -7,8 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..demo import training
-from ..demo.training import EXPERTS_IMPLS, DemoTrainingSettings
+from ..demo.settings import EXPERTS_IMPLS, DemoTrainingSettings
 from ..errors import ExpertCacheError
 
 D = DemoTrainingSettings  # every default is the settings' own
@@ -68,6 +67,8 @@ def settings_of(args: argparse.Namespace) -> DemoTrainingSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..demo import training
+
     _show_progress_logs()
     if args.export is not None:
         if args.out is None:
@@ -80,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _show_progress_logs() -> None:
     """The run logs its steps, checkpoints and evaluations at INFO: shown (on stderr) unless --debug shows more."""
-    log = logging.getLogger(training.__name__)
+    log = logging.getLogger("expertcache.demo.training")
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)

@@ -7,8 +7,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..engine import Engine
-from ..tools.quality import evaluate
 from .flags import add_engine_arguments, engine_config
 
 
@@ -25,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine
+    from ..tools.quality import evaluate
+
     with Engine(engine_config(args)) as engine:
         result = evaluate(engine, text=args.text, mc=args.mc, window=args.window, stride=args.stride,
                           max_tokens=args.max_tokens, limit=args.limit, progress=not args.json)

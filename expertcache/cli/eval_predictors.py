@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..engine import Engine
 from ..errors import ExpertCacheError
-from ..predictors.artefact import TRAINED_KINDS
-from ..tools.predictor_eval import DEFAULT_PREDICTORS, check_inputs, eval_predictors
-from ..tools.predictor_training import parse_depths
-from .flags import add_engine_arguments, engine_config
+from ..ids import TRAINED_KINDS
+from ..tools.settings import DEFAULT_PREDICTORS
+from .flags import add_engine_arguments, engine_config, parse_depths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine
+    from ..tools.predictor_eval import check_inputs, eval_predictors
+
     depths = parse_depths(args.depth, expand=False)
     names = [n.strip() for n in args.predictors.split(",") if n.strip()]
     files = {}

@@ -83,6 +83,19 @@ def generate(engine, prompt, future_trace: str | None = None, **kw):
     return engine.generate(prompt, **kw)
 
 
+def parse_depths(text: str, *, expand: bool) -> list[int]:
+    """"1,2" -> [1, 2]; a single "D" -> [1..D] when `expand` (what --prefetch-depth D needs)."""
+    try:
+        values = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ExpertCacheError(f"--depth must be a number or comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ExpertCacheError(f"--depth values must be at least 1, got {text!r}")
+    if expand and len(values) == 1:
+        return list(range(1, values[0] + 1))
+    return sorted(set(values))
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"

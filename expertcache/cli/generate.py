@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-from ..engine import Engine, check_sampling
 from ..errors import ExpertCacheError
 from .flags import add_engine_arguments, add_prompt_arguments, engine_config, fmt_bytes, generate, prompt_of
 
@@ -39,6 +38,8 @@ def summary(stats: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine, check_sampling
+
     if args.max_new_tokens < 1:
         raise ExpertCacheError("--max-new-tokens must be at least 1")
     # any sampling flag means sampling; the values follow the API's rules (engine.check_sampling)

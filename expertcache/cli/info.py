@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..tools.info import families, model_info
 from .flags import fmt_bytes
 
 
@@ -16,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..tools.info import families, model_info
+
     if args.families:
         rows = families()
         if args.json:

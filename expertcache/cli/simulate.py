@@ -10,7 +10,6 @@ from ..config import parse_budget
 from ..errors import ExpertCacheError
 from ..policies import POLICIES
 from ..sim.hardware import HARDWARE_NAMES
-from ..sim.measure import get_hardware
 from ..sim.simulate import ALLOCATIONS, DEFAULT_POLICIES, MODES, plot, simulate
 from ..sim.trace import Trace
 from .flags import fmt_bytes
@@ -38,6 +37,8 @@ def _split(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..sim.measure import get_hardware  # the "measured" profile runs an engine
+
     trace = Trace.load(args.trace)
     policies = _split(args.policy)
     for name in policies:

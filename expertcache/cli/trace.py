@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine import Engine
 from ..errors import ExpertCacheError
-from ..sim.recorder import Recorder
 from .flags import add_engine_arguments, add_prompt_arguments, engine_config, generate, output_path, prompt_of, written
 
 
@@ -22,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine
+    from ..sim.recorder import Recorder
+
     if args.max_new_tokens < 1:
         raise ExpertCacheError("--max-new-tokens must be at least 1")
     prompt = prompt_of(args)

@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..tools.tradeoff import DROPS, LAMBDAS, POLICIES, RANKS, markdown, tradeoff, write
+from ..tools.settings import DROPS, LAMBDAS, RANKS
+from ..tools.settings import TRADEOFF_POLICIES as POLICIES
 from .flags import add_engine_arguments, engine_config
 
 
@@ -45,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..tools.tradeoff import markdown, tradeoff, write
+
     result = tradeoff(
         engine_config(args), text=args.text, out_dir=args.out, mc=args.mc, max_tokens=args.max_tokens,
         limit=args.limit, window=args.window, policies=[p.strip() for p in args.policies.split(",") if p.strip()],

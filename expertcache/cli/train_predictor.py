@@ -7,11 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
-from ..predictors.artefact import TRAINED_KINDS, Artefact, default_path
-from ..tools.predictor_training import TrainSettings, check_inputs, parse_depths, train_predictor
-from .flags import add_engine_arguments, engine_config, output_path, written
+from ..ids import TRAINED_KINDS
+from ..tools.settings import TrainSettings
+from .flags import add_engine_arguments, engine_config, output_path, parse_depths, written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine, demo_model_dir
+    from ..predictors.artefact import default_path
+    from ..tools.predictor_training import check_inputs, train_predictor
+
     depths = parse_depths(args.depth, expand=True)
     settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
     check_inputs(args.kind, max_tokens=args.max_tokens, window=args.window, settings=settings)
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validation(art: Artefact) -> str:
+def _validation(art) -> str:
     v = list(art.meta.get("validation", {}).values())
     if not v:
         return ""

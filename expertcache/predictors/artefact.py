@@ -15,7 +15,6 @@ from ..errors import ExpertCacheError
 
 FORMAT = "expertcache-predictor"
 VERSION = 1
-TRAINED_KINDS = ("default-vector", "estimator", "learned")
 
 
 def default_path(model_dir: str | Path, kind: str) -> Path:

@@ -14,7 +14,6 @@ from torch import nn
 
 from .base import Lookahead, Prediction, rank
 
-DEFAULT_WIDTH = 128  # hidden units per net: small next to the model, cheap per token
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # name -> function, recorded in the predictor file
 DEFAULT_ACTIVATION = "relu"  # as good as GELU and cheaper per decode step (docs/prefetch-experiments.md)
 
@@ -22,7 +21,7 @@ DEFAULT_ACTIVATION = "relu"  # as good as GELU and cheaper per decode step (docs
 class ExpertMLP(nn.Module):
     """scores [T, E] = skip(x) + fc2(act(fc1(x)))."""
 
-    def __init__(self, hidden_size: int, num_experts: int, width: int = DEFAULT_WIDTH, activation: str = DEFAULT_ACTIVATION) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, width: int, activation: str = DEFAULT_ACTIVATION) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown predictor activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
@@ -36,7 +35,7 @@ class ExpertMLP(nn.Module):
         nn.init.zeros_(self.skip.bias)
 
     @classmethod
-    def from_router(cls, router: torch.Tensor, width: int = DEFAULT_WIDTH, activation: str = DEFAULT_ACTIVATION) -> "ExpertMLP":
+    def from_router(cls, router: torch.Tensor, width: int, activation: str = DEFAULT_ACTIVATION) -> "ExpertMLP":
         num_experts, hidden = router.shape
         net = cls(hidden, num_experts, width, activation)
         with torch.no_grad():

@@ -14,8 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..ids import DEMAND, ExpertId
-from ..loader import CANCELLED, DONE, QUEUED, RUNNING
+from ..ids import CANCELLED, DEMAND, DONE, QUEUED, RUNNING, ExpertId
 from .hardware import Hardware
 
 

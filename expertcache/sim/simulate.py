@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..cache import CacheCore, capacity_for, equal_quotas
 from ..errors import BudgetError, ExpertCacheError
 from ..ids import ExpertId
 from ..policies import POLICIES, make_policy
@@ -172,6 +171,8 @@ def layer_budgets(stream: Stream, budget: int, allocation: str = "equal") -> dic
 # --- engine accounting ----------------------------------------------------------------------------
 def engine_capacity(stream: Stream, budget: int) -> int:
     """Slots the engine's cache would have for this budget (its minimum budget enforced)."""
+    from ..cache import capacity_for
+
     return capacity_for(budget, max(stream.expert_bytes.values()), stream.shape.top_k,
                         stream.shape.num_experts * len(stream.layers))
 
@@ -180,6 +181,8 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
                    hardware: Hardware | None = None, prefetch: bool = False) -> Replay:
     """The engine's CacheCore over the stream: demand loads only (every load lands at once), or,
     with `prefetch`, the trace's recorded guesses too, on a simulated clock."""
+    from ..cache import CacheCore, equal_quotas
+
     capacity = engine_capacity(stream, budget)
     needed = [sorted(e for _, e in s.lookups) for s in stream.steps]
     future = None
@@ -198,7 +201,7 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     if prefetch:
         out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware
     for step, ids in zip(stream.steps, needed):
-        hits0, misses0, issued0, stall0 = stats.hits, stats.misses, stats.prefetch_issued, stats.stall_seconds
+        hits0, misses0 = stats.hits, stats.misses
         if prefetch:
             _timed_call(core, reader, step, ids, out)
         else:
@@ -213,7 +216,7 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     return out
 
 
-def _timed_call(core: CacheCore, reader: ClockedReader, step: Step, needed: list[int], out: Replay) -> None:
+def _timed_call(core, reader: ClockedReader, step: Step, needed: list[int], out: Replay) -> None:
     """One layer call as the engine makes it: the lead guess requested before it, the call's own
     guesses after its first wave's demand loads; decode calls then compute for the profile's time
     per layer plus read_cpu per read submitted (prefill calls are untimed: loads land at once)."""

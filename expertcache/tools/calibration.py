@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ExpertCacheError
+from .settings import DEFAULT_TARGET_DROP
 from ..ids import PHASES
 from ..routing import AdaptiveGating, ExactRouting, WeightRule, drop_threshold
 from .quality import ActivationCounter, perplexity
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BISECTION_STEPS = 7  # max_ppl_increase: perplexity passes after the exact one
-DEFAULT_TARGET_DROP = 0.25  # when neither a target drop nor a perplexity budget is given
 
 
 class _FisherProbe:

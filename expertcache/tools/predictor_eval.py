@@ -19,11 +19,11 @@ import torch
 
 from ..errors import ExpertCacheError
 from ..predictors import PREDICTORS, make_predictor
-from ..predictors.artefact import TRAINED_KINDS
+from ..ids import TRAINED_KINDS
+from .settings import DEFAULT_PREDICTORS
 from ..predictors.base import Predictor
 from .predictor_training import text_documents
 
-DEFAULT_PREDICTORS = ("next-gate", "default-vector", "estimator", "learned", "history")
 
 
 class _Scorer:

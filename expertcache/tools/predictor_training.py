@@ -20,28 +20,14 @@ import numpy as np
 import torch
 
 from ..errors import ExpertCacheError
-from ..predictors.artefact import TRAINED_KINDS, Artefact
-from ..predictors.learned import DEFAULT_ACTIVATION, DEFAULT_WIDTH, ExpertMLP
+from ..ids import TRAINED_KINDS
+from ..predictors.artefact import Artefact
+from ..predictors.learned import DEFAULT_ACTIVATION, ExpertMLP
+from .settings import TrainSettings
 from ..sim.recorder import Recorder
 from ..sim.trace import Trace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How a learned predictor is trained (defaults suit a model of a few hundred hidden units)."""
-
-    width: int = DEFAULT_WIDTH  # hidden units of each MLP
-    steps: int = 1000  # optimiser steps per (layer, distance) net
-    batch: int = 512  # token pairs per step
-    lr: float = 1e-3  # Adam learning rate of the MLP part
-    skip_lr: float = 1e-3  # of the linear part (it starts at the router)
-    hard_weight: float = 0.0  # target = this share on the routed set (uniform) + the rest on the true router's
-    # softmax (distillation: the whole ranking, not just the top-k, measured best); traces without logits use the set
-    val_fraction: float = 0.1  # pairs held out to pick the best checkpoint
-    eval_every: int = 50  # steps between validation checks
-    seed: int = 0
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -324,19 +310,6 @@ def train_predictor(
     art = fit(kind, engine, trace, depths=depths, settings=settings, progress=progress)
     art.meta["source"] = source
     return art
-
-
-def parse_depths(text: str, *, expand: bool) -> list[int]:
-    """"1,2" -> [1, 2]; a single "D" -> [1..D] when `expand` (what --prefetch-depth D needs)."""
-    try:
-        values = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ExpertCacheError(f"--depth must be a number or comma-separated numbers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ExpertCacheError(f"--depth values must be at least 1, got {text!r}")
-    if expand and len(values) == 1:
-        return list(range(1, values[0] + 1))
-    return sorted(set(values))
 
 
 def text_documents(engine, path: str | Path | None, max_tokens: int | None = None) -> list[list[int]]:

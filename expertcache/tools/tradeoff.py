@@ -26,14 +26,12 @@ from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
 from .calibration import calibration_record, measure_sensitivity, read_ids, write_calibration
 from .quality import ActivationCounter, choice_sequences, read_mc
+from .settings import DROPS, LAMBDAS, RANKS
+from .settings import TRADEOFF_POLICIES as POLICIES
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("exact", "adaptive-gating", "cache-aware", "cache-aware-max-rank", "speculative")
 WARMUP_STEPS = 32  # decode steps run and discarded before the first measured setting
-DROPS = (0.1, 0.2, 0.3)  # adaptive gating: target shares of activations dropped
-LAMBDAS = (0.1, 0.2, 0.4, 0.8)  # cache-aware: bias toward resident experts
-RANKS = (3, 4)  # cache-aware-max-rank: how far down the ranking a resident expert may come from
 
 
 @dataclass(frozen=True)

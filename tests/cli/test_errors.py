@@ -693,10 +693,10 @@ def _trace_args(model, out, prompt: int = 3) -> list[str]:
 
 @pytest.mark.parametrize("where", ["directory", "missing-folder", "proc"])
 def test_an_unwritable_output_is_refused_before_the_work(capsys, model, tmp_path, monkeypatch, where):
-    import expertcache.cli.trace as trace_cmd
+    import expertcache.engine
 
     out = {"directory": tmp_path, "missing-folder": tmp_path / "no" / "t.npz", "proc": Path("/proc/t.npz")}[where]
-    monkeypatch.setattr(trace_cmd, "Engine", lambda *a, **k: pytest.fail("the engine was loaded before the output was checked"))
+    monkeypatch.setattr(expertcache.engine, "Engine", lambda *a, **k: pytest.fail("the engine was loaded before the output was checked"))
     line = cli_error(capsys, _trace_args(model, out), model)
     assert str(out) in line and "--out" in line, line
     assert list(tmp_path.glob(".*")) == []

@@ -18,8 +18,7 @@ import torch
 from expertcache.cache import ExpertCache
 from expertcache.checkpoint import Checkpoint
 from expertcache.errors import BudgetError, ExpertLoadError
-from expertcache.ids import DEMAND, PREFETCH
-from expertcache.loader import CANCELLED, DONE
+from expertcache.ids import CANCELLED, DEMAND, DONE, PREFETCH
 from expertcache.policies import make_policy
 from expertcache.stats import Stats
 from expertcache.store import ExpertStore

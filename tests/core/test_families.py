@@ -15,7 +15,7 @@ import expertcache
 from expertcache.architectures import FAMILIES
 from expertcache.checkpoint import Checkpoint
 from expertcache.predictors import PREDICTORS
-from expertcache.predictors.artefact import TRAINED_KINDS
+from expertcache.ids import TRAINED_KINDS
 from expertcache.sim.hardware import PRESETS
 from expertcache.sim.recorder import Recorder
 from expertcache.sim.simulate import replay

@@ -18,8 +18,8 @@ import torch
 
 from expertcache.checkpoint import ExpertParts, TensorRef
 from expertcache.errors import ExpertLoadError
-from expertcache.ids import DEMAND, PREFETCH
-from expertcache.loader import CANCELLED, DONE, FAILED, Loader
+from expertcache.ids import CANCELLED, DEMAND, DONE, FAILED, PREFETCH
+from expertcache.loader import Loader
 from expertcache.store import ExpertStore, SlotArena
 from helpers.gates import ReadGate as Gate
 

@@ -54,8 +54,7 @@ class LoadRecorder:
         refuses it and it is read to the end). Were cancel ever to accept such a task again, its
         partial chunks would be read but its expert not; `partial` below is that excess, reported
         in the failure message."""
-        from expertcache.ids import DEMAND, PREFETCH
-        from expertcache.loader import CANCELLED, DONE
+        from expertcache.ids import CANCELLED, DEMAND, DONE, PREFETCH
 
         self.drain()
         eng = self.engine
