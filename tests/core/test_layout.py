@@ -139,7 +139,7 @@ def test_the_public_api_is_pinned_and_importing_it_does_no_work():
 
 def test_every_commands_help_imports_neither_torch_nor_transformers():
     """`expertcache <command> --help` answers at once: the flags come from torch-free modules."""
-    code = ("import sys, contextlib, io\nfrom expertcache.cli import COMMANDS, build_parser\n"
+    code = ("import sys\nfrom expertcache.cli import COMMANDS, build_parser\n"
             "build_parser(list(COMMANDS))\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], "a command's parser imports torch or transformers"
