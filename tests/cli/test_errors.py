@@ -725,3 +725,34 @@ def _a_trace(capsys, model, tmp_path) -> Path:
     assert main(_trace_args(model, out, prompt=40) + ["--hidden-states"]) == 0
     capsys.readouterr()
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the same defaults for the API and the CLI
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_a_device_other_than_cpu_is_refused_with_the_reason(model, device, capsys):
+    with pytest.raises(expertcache.ExpertCacheError, match="computes on the cpu"):
+        expertcache.load(model, device=device)
+
+
+def test_the_api_and_the_cli_use_the_same_compute_threads(model, monkeypatch):
+    """load() applies EngineConfig's thread rule, as the CLI does: $EXPERTCACHE_THREADS, else 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("EXPERTCACHE_THREADS", raising=False)
+        with expertcache.load(model, prefetch="none"):
+            assert torch.get_num_threads() == 1
+        monkeypatch.setenv("EXPERTCACHE_THREADS", "2")
+        with expertcache.load(model, prefetch="none"):
+            assert torch.get_num_threads() == 2
+        with expertcache.load(model, prefetch="none", num_threads=1):
+            assert torch.get_num_threads() == 1
+        monkeypatch.setenv("EXPERTCACHE_THREADS", "zero")
+        with pytest.raises(expertcache.ExpertCacheError, match="EXPERTCACHE_THREADS"):
+            expertcache.load(model, prefetch="none")
+    finally:
+        torch.set_num_threads(before)
