@@ -30,6 +30,8 @@ class Family:
     disk_renames: tuple[tuple[str, str], ...] = ()  # (disk fragment, in-memory fragment)
     router: str = "gate"  # the MoE block's child that routes; its forward returns (logits, weights, ids)
     router_weight: str = "weight"  # the router's [E, H] weight, from the router (Hunyuan: "wg.weight")
+    router_logits: int = 0  # which output of the router is its logits (Llama 4's comes second)
+    scaled_rows: str | None = None  # an experts class outside the interface that takes router-scaled rows [E*T, H] (Llama 4)
     norm: str = "post_attention_layernorm"  # the decoder layer's norm in front of its MoE block
     softmax_router: bool = True  # weights are a softmax of the logits, so lossy routing can re-mix them
     renormalize: bool | None = None  # top-k weights renormalised; None: config.norm_topk_prob says
@@ -51,6 +53,35 @@ class Family:
         for old, new in self.disk_renames:
             disk_name = disk_name.replace(old, new)
         return disk_name
+
+
+class ScaledRowsExperts(nn.Module):
+    """Experts whose block hands them one row per (expert, token) of inputs already scaled by the
+    router (Llama 4: rows [E*T, H], every expert on every token, unselected rows zero) and sums
+    their outputs itself. transformers 5.23 keeps such a module outside its experts interface;
+    this stand-in, swapped in for it in expertcache's own model, carries the interface's marks and
+    the same weights, and its calls go to the engine (ExpertsRuntime.forward_rows), which computes
+    only the selected rows."""
+
+    has_gate, is_transposed, is_concatenated, has_bias, has_post_expert_norm = True, True, True, False, False
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.num_experts = original.num_experts
+        self.gate_up_proj = original.gate_up_proj  # [E, H, 2I]: gate then up
+        self.down_proj = original.down_proj  # [E, I, H]
+        self.act_fn = original.act_fn
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return up * self.act_fn(gate)  # as Llama4TextExperts computes it
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        binding = self.__dict__.get("_expertcache")
+        if binding is None:
+            raise RuntimeError("these experts belong to no expertcache engine: load the model with expertcache.load()")
+        runtime, layer = binding
+        return runtime.forward_rows(self, layer, rows)
 
 
 GRANITE_RENAMES = (  # Granite keeps its experts fused under other names, in both save formats
@@ -98,6 +129,10 @@ FAMILIES: dict[str, Family] = {
                       "float32; shared experts; dense layers before moe_layer_start_index"),
         Family("hunyuan_v1_moe", router_weight="wg.weight", renormalize=True,
                quirks="softmax top-k, renormalised; the router's weight is gate.wg, in float32; a shared MLP; QK-norm"),
+        Family("llama4_text", router="router", router_logits=1, softmax_router=False, scaled_rows="Llama4TextExperts",
+               quirks="sigmoid of the top-k logits scales the experts' input, not their output (its experts module "
+                      "stands outside the experts interface: a stand-in takes its place); a shared expert; MoE every "
+                      "interleave_moe_layer_step-th layer; chunked attention, no-RoPE layers"),
         Family("minimax", per_expert_names=("w1", "w3", "w2"), disk_renames=((".block_sparse_moe.", ".mlp."),),
                renormalize=True, weights_in_logits_dtype=False,
                quirks="softmax top-k, renormalised (Mixtral's names on disk); lightning linear-attention layers with a "
@@ -144,8 +179,12 @@ def unsupported(model_type, why: str | None) -> CheckpointError:
 
 def why_unsupported(config) -> str | None:
     """The one thing that keeps a model of `config` from running here, read off its model."""
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", None) in FAMILIES:
+        return (f"a multimodal checkpoint: its text model {text.model_type!r} is supported, reading it out of a "
+                "multimodal checkpoint is not yet")
     try:
-        model = build_model(config)
+        model = build_model(config, family=FAMILIES.get(config.model_type))
     except CheckpointError as e:
         return str(e)
     try:
@@ -201,14 +240,21 @@ def shared_expert_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor | No
     return None
 
 
-def build_model(config, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None) -> nn.Module:
-    """The transformers causal LM of `config` on the meta device: modules and shapes, no memory."""
+def build_model(config, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None,
+                family: Family | None = None) -> nn.Module:
+    """The transformers causal LM of `config` on the meta device: modules and shapes, no memory.
+    A family whose experts stand outside the interface gets its stand-in (ScaledRowsExperts)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot build the model from its config.json ({first})") from None
+    if family is not None and family.scaled_rows is not None:
+        for name, module in list(model.named_modules()):
+            if type(module).__name__ == family.scaled_rows:
+                model.set_submodule(name, ScaledRowsExperts(module))
+    return model

@@ -204,7 +204,7 @@ class Checkpoint:
         config = load_config(model_dir)
         family = family_for(config)
         try:
-            model = build_model(config)
+            model = build_model(config, family=family)
             sites = experts_sites(model)
         except CheckpointError as e:
             raise _fail(model_dir / "config.json", str(e)) from None

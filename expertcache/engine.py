@@ -52,7 +52,7 @@ class GenerationResult:
 
 def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     experts.register()
-    model = build_model(ckpt.config, dtype=dtype, experts_implementation=experts.IMPLEMENTATION)
+    model = build_model(ckpt.config, dtype=dtype, experts_implementation=experts.IMPLEMENTATION, family=ckpt.family)
     for site in ckpt.sites.values():  # the cache serves these: never allocated
         module = model.get_submodule(site.path)
         for name in site.weights:

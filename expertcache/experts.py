@@ -107,6 +107,7 @@ class ExpertsRuntime:
         self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
         self.phase = "prefill"  # of the running forward: "decode" when it feeds one position
         self._logits: dict[int, torch.Tensor] = {}  # layer -> router logits of its running call
+        self._router_input: dict[int, torch.Tensor] = {}  # layer -> the router's input (scaled-rows experts)
         self._modules: dict[int, nn.Module] = {}
         self._lead: FirstLayerPrefetch | None = None
         self._hooks: list = []
@@ -121,12 +122,12 @@ class ExpertsRuntime:
             self._modules[layer] = module
             router = getattr(model.get_submodule(site.block), family.router, None)
             if router is not None:
-                self._hooks.append(router.register_forward_hook(self._capture(layer)))
+                self._hooks.append(router.register_forward_hook(self._capture(layer, family.router_logits)))
         first = next(iter(sites.values()))
         decoder_layers = model.get_submodule(first.decoder_layer.rsplit(".", 1)[0])
         router = getattr(model.get_submodule(first.block), family.router, None)
         norm = getattr(model.get_submodule(first.decoder_layer), family.norm, None)
-        self._lead = FirstLayerPrefetch(self, first.layer, router=router, norm=norm)
+        self._lead = FirstLayerPrefetch(self, first.layer, router=router, norm=norm, logits_index=family.router_logits)
         self._hooks.append(decoder_layers[0].register_forward_pre_hook(self._forward_start, with_kwargs=True))
         self._hooks.append(model.register_forward_pre_hook(self._enter))
         self._hooks.append(model.register_forward_hook(self._leave, always_call=True))
@@ -143,9 +144,10 @@ class ExpertsRuntime:
             self._owner = None
             self._lock.release()
 
-    def _capture(self, layer: int):
+    def _capture(self, layer: int, index: int):
         def hook(module: nn.Module, args: tuple, out) -> None:
-            self._logits[layer] = out[0] if isinstance(out, tuple) else out
+            self._logits[layer] = out[index] if isinstance(out, tuple) else out
+            self._router_input[layer] = args[0]
 
         return hook
 
@@ -192,6 +194,28 @@ class ExpertsRuntime:
                     contrib[tok, slot] = expert_output(module, x[tok], parts, e) * weights[tok, slot, None]
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
+    def forward_rows(self, module: nn.Module, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """One call of experts fed router-scaled rows [E*T, H] (architectures.ScaledRowsExperts):
+        the router chose the top-k of its logits and scaled each token's input to expert e by
+        sigmoid(logit); unselected rows are zero and stay zero. Only the selected rows compute."""
+        logits = self._logits.pop(layer)  # [T, E]
+        if self.phase in self.routing.applies_to and not getattr(self.routing, "exact", False):
+            raise ValueError(f"routing {self.routing.name!r} re-mixes softmax router weights, and this model's router "
+                             "scales the experts' input by a sigmoid: use exact")
+        x = self._router_input.pop(layer).reshape(logits.shape[0], -1)  # [T, H], before scaling
+        values, ids = logits.topk(self.top_k, dim=-1)  # [T, k], as the router picks them
+        weights = torch.sigmoid(values.float()).to(logits.dtype)
+        for observe in self.observers:
+            observe(layer, x, logits, weights, ids)
+        needed = torch.unique(ids).tolist()
+        out = torch.zeros_like(rows)  # [E*T, H]
+        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled else None
+        with closing(self.cache.stream(layer, needed, guesses)) as ready:
+            for e, parts in ready:
+                mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
+                out[mine] = expert_output(module, rows[mine], parts, e)
+        return out
+
     def _guess(self, layer: int, x: torch.Tensor, logits: torch.Tensor | None) -> Prediction:
         guesses = self.predictor.predict(layer, x, logits)
         self.predictions.update(guesses)
@@ -232,9 +256,10 @@ class FirstLayerPrefetch:
 
     MEMO_BYTES = 16 << 20
 
-    def __init__(self, runtime: ExpertsRuntime, layer: int, *, router: nn.Module | None, norm: nn.Module | None) -> None:
+    def __init__(self, runtime: ExpertsRuntime, layer: int, *, router: nn.Module | None, norm: nn.Module | None,
+                 logits_index: int = 0) -> None:
         self.runtime, self.layer = runtime, layer
-        self.router, self.norm = router, norm
+        self.router, self.norm, self.logits_index = router, norm, logits_index
         self._memo: dict[bytes, list[int]] = {}
         self._memo_bytes = 0
 
@@ -254,7 +279,7 @@ class FirstLayerPrefetch:
         experts = self._memo.get(key) if key is not None else None
         if experts is None:
             out = self.router(self.norm(hidden).reshape(tokens, hidden.shape[-1]))
-            logits = out[0] if isinstance(out, tuple) else out  # [T, E]
+            logits = out[self.logits_index] if isinstance(out, tuple) else out  # [T, E]
             experts = rank(logits, self.runtime.top_k)
             if key is not None:
                 if self._memo_bytes + len(key) > self.MEMO_BYTES:

@@ -205,8 +205,9 @@ def test_unsupported_architecture_lists_families(capsys, model):
     "model_type, config, words",
     [
         ("llama", dict(intermediate_size=I), "a dense model: it has no experts"),
-        ("llama4_text", dict(intermediate_size=16, intermediate_size_mlp=32, num_key_value_heads=2, head_dim=8),
-         "its experts module Llama4TextExperts is not routed through transformers' experts interface"),
+        ("dbrx", dict(ffn_config=dict(ffn_hidden_size=I, moe_num_experts=E, moe_top_k=K),
+                      attn_config=dict(kv_n_heads=KV_HEADS, rope_theta=10000.0)),
+         "its experts module DbrxExperts is not routed through transformers' experts interface"),
         ("afmoe", dict(moe_intermediate_size=16, num_experts=4, num_key_value_heads=2, head_dim=8),
          "its experts go through transformers' experts interface, but no row describes how its checkpoints name them"),
     ],
@@ -221,6 +222,17 @@ def test_an_unsupported_directory_gets_the_one_thing_missing(capsys, model, mode
                          **config).save_pretrained(model)
     line = cli_error(capsys, ["info", str(model)], model)
     assert f"unsupported architecture '{model_type}' ({words}" in line, line
+
+
+def test_a_multimodal_checkpoint_names_its_supported_text_model(capsys, model):
+    from transformers import AutoConfig
+
+    (model / "config.json").unlink()
+    text = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS, intermediate_size=I,
+                intermediate_size_mlp=2 * I, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
+    AutoConfig.for_model("llama4", text_config=text).save_pretrained(model)
+    line = cli_error(capsys, ["info", str(model)], model)
+    assert "unsupported architecture 'llama4' (a multimodal checkpoint: its text model 'llama4_text' is supported" in line, line
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,14 @@ TINY: dict[str, Callable[[int, int, int, int], dict]] = {
     "ernie4_5_moe": lambda h, n, e, i: dict(intermediate_size=3 * i, moe_intermediate_size=i, moe_num_experts=e,
                                             moe_num_shared_experts=1),
     "hunyuan_v1_moe": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=i, num_experts=e),
+    # sigmoid-scaled inputs, a shared expert, MoE every second layer; chunked attention shorter than the
+    # prompt, a no-RoPE layer, QK-norm, attention temperature tuning; llama3 RoPE
+    "llama4_text": lambda h, n, e, i: dict(
+        head_dim=h // n, intermediate_size=i, intermediate_size_mlp=3 * i, num_local_experts=e,
+        interleave_moe_layer_step=2, attention_chunk_size=8, no_rope_layer_interval=4, use_qk_norm=True,
+        attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     # lightning attention in blocks of 16 (a 40-token prompt spans three), linear in layer 0 as in MiniMax-Text-01
     "minimax": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=i, num_local_experts=e, block_size=16),
 }
@@ -113,6 +121,7 @@ FAMILY_CASES: dict[str, dict] = {
                         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     "ernie4_5_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3, moe_layer_start_index=1),
     "hunyuan_v1_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3),
+    "llama4_text": dict(num_experts=8, top_k=2, num_layers=4),
     "minimax": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=4,
                     layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
 }
