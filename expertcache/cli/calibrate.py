@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if len(ids) < 2:
             raise ExpertCacheError(f"{args.text}: fewer than 2 tokens")
         result = calibrate(engine, ids, target_drop=args.target_drop, max_ppl_increase=args.max_ppl_increase,
-                           window=args.window, calibration_text=str(args.text))
+                           window=args.window, calibration_text=str(args.text), progress=not args.json)
     record = result.record
     with written(out, "--out") as tmp:
         write_calibration(tmp, record)

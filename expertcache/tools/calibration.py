@@ -86,15 +86,18 @@ class Sensitivity:
         return {l: drop_threshold(c, h) for l, h in self.fisher.items()}
 
 
-def measure_sensitivity(engine, ids: list[int], *, window: int) -> Sensitivity:
+def measure_sensitivity(engine, ids: list[int], *, window: int, progress: bool = False) -> Sensitivity:
     """Fisher information of each layer's routing weights over `ids`, in windows of `window` tokens."""
     if engine.cache.capacity < engine.store.num_experts:
         raise ExpertCacheError(
             "calibration needs every expert in memory (the backward pass reads each expert's weights "
             "again): use --expert-budget 100%"
         )
+    from tqdm.auto import tqdm
+
     sens = Sensitivity(top_k=engine.checkpoint.top_k)
     probe = _FisherProbe()
+    bar = tqdm(total=len(ids), unit="tok", desc="sensitivity", disable=not progress)
     try:
         with engine.routing_override(probe):
             for begin in range(0, len(ids) - 1, window):
@@ -115,8 +118,10 @@ def measure_sensitivity(engine, ids: list[int], *, window: int) -> Sensitivity:
                     norm = w / w.sum(dim=-1, keepdim=True)  # [n, k]
                     sens.tail_weights.setdefault(layer, []).append(norm[:, 1:])
                 sens.tokens += len(chunk)
+                bar.update(len(chunk))
     finally:
         probe.leaves.clear()
+        bar.close()
     return sens
 
 
@@ -128,13 +133,14 @@ def weight_rule(engine) -> WeightRule:
     return rule
 
 
-def adaptive_ppl(engine, sens: Sensitivity, c: float | None, ids: list[int], *, window: int, stride: int) -> tuple[float, float]:
+def adaptive_ppl(engine, sens: Sensitivity, c: float | None, ids: list[int], *, window: int, stride: int,
+                 progress: bool = False, desc: str = "perplexity") -> tuple[float, float]:
     """(perplexity, share of activations dropped) with thresholds from scale c (None = exact)."""
     policy = (ExactRouting() if c is None else
               AdaptiveGating(thresholds=sens.thresholds(c), rule=weight_rule(engine), applies_to="both"))
     counter = ActivationCounter()
     with engine.routing_override(policy), engine.observe(on_route=counter):
-        ppl, _ = perplexity(engine.model, ids, window=window, stride=stride)
+        ppl, _ = perplexity(engine.model, ids, window=window, stride=stride, progress=progress, desc=desc)
     full = sum(counter.tokens_by_layer.values()) * sens.top_k
     return ppl, 1 - counter.activations / full
 
@@ -192,11 +198,11 @@ class CalibrationResult:
 
 
 def calibrate(engine, ids: list[int], *, target_drop: float | None = None, max_ppl_increase: float | None = None,
-              window: int = 256, calibration_text: str | None = None) -> CalibrationResult:
+              window: int = 256, calibration_text: str | None = None, progress: bool = False) -> CalibrationResult:
     """Thresholds for adaptive gating from calibration tokens `ids`: dropping `target_drop` of the
     expert activations (default DEFAULT_TARGET_DROP), or as much as keeps perplexity within a
     relative `max_ppl_increase` (bisection over the drop). The engine must hold every expert.
-    `calibration_text` names the text in the record."""
+    `calibration_text` names the text in the record; `progress` shows a bar per pass."""
     if target_drop is not None and max_ppl_increase is not None:
         raise ExpertCacheError("give a target drop or a maximum perplexity increase, not both")
     if window < 2:
@@ -204,14 +210,15 @@ def calibrate(engine, ids: list[int], *, target_drop: float | None = None, max_p
     if len(ids) < 2:
         raise ExpertCacheError("the calibration text has fewer than 2 tokens")
     weight_rule(engine)  # refuse a model adaptive gating cannot run on before measuring
-    sens = measure_sensitivity(engine, ids, window=window)
-    ppl_args = dict(window=window, stride=window)
-    base, _ = adaptive_ppl(engine, sens, None, ids, **ppl_args)
+    sens = measure_sensitivity(engine, ids, window=window, progress=progress)
+    ppl_args = dict(window=window, stride=window, progress=progress)
+    base, _ = adaptive_ppl(engine, sens, None, ids, desc="perplexity, exact", **ppl_args)
     if max_ppl_increase is not None:
         lo, hi = 0.0, sens.max_drop * (1 - 1e-6)
-        for _ in range(BISECTION_STEPS):
+        for step in range(BISECTION_STEPS):
             mid = (lo + hi) / 2
-            ppl, _ = adaptive_ppl(engine, sens, sens.scale_for_drop(mid), ids, **ppl_args)
+            ppl, _ = adaptive_ppl(engine, sens, sens.scale_for_drop(mid), ids, desc=f"bisection {step + 1}/{BISECTION_STEPS}",
+                                  **ppl_args)
             log.info("drop %.3f -> perplexity %.4f (%+.2f%%)", mid, ppl, 100 * (ppl / base - 1))
             if ppl <= base * (1 + max_ppl_increase):
                 lo = mid
@@ -221,7 +228,7 @@ def calibrate(engine, ids: list[int], *, target_drop: float | None = None, max_p
     else:
         target = DEFAULT_TARGET_DROP if target_drop is None else target_drop
     c = sens.scale_for_drop(target)
-    ppl, dropped = adaptive_ppl(engine, sens, c, ids, **ppl_args) if target > 0 else (base, 0.0)
+    ppl, dropped = adaptive_ppl(engine, sens, c, ids, desc="perplexity, gated", **ppl_args) if target > 0 else (base, 0.0)
     record = calibration_record(
         engine, sens, c, target_drop=target, max_ppl_increase=max_ppl_increase, calibration_text=calibration_text,
         perplexity_exact=base, perplexity=ppl, measured_drop=dropped, window=window,

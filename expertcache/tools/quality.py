@@ -60,7 +60,8 @@ def _token_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def perplexity(model, ids: list[int], *, window: int, stride: int, progress: bool = False) -> tuple[float, int]:
+def perplexity(model, ids: list[int], *, window: int, stride: int, progress: bool = False,
+               desc: str = "perplexity") -> tuple[float, int]:
     """Sliding-window perplexity of `ids`; returns (perplexity, tokens scored)."""
     from tqdm.auto import tqdm
 
@@ -70,7 +71,7 @@ def perplexity(model, ids: list[int], *, window: int, stride: int, progress: boo
         raise ExpertCacheError("the text has fewer than 2 tokens")
     nll, scored, done = 0.0, 0, 1  # `done`: tokens [0, done) are already predicted (token 0 never is)
     begin = 0
-    bar = tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress)
+    bar = tqdm(total=len(ids) - 1, unit="tok", desc=desc, disable=not progress)
     while done < len(ids):
         end = min(begin + window, len(ids))
         lp = _token_logprobs(model, ids[begin:end])  # predicts ids[begin+1 : end]
