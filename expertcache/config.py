@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .errors import BudgetError, ExpertCacheError
+from .errors import BudgetError, CheckpointError, ExpertCacheError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -23,6 +24,14 @@ IO_MODES = ("direct", "buffered")
 ROUTING_PHASES = ("prefill", "decode", "both")
 THREADS_ENV = "EXPERTCACHE_THREADS"
 CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
+def demo_model_dir() -> Path:
+    """The bundled demo model's directory (shipped inside the package)."""
+    if not (DEMO_DIR / "config.json").is_file():
+        raise CheckpointError(f"the bundled demo model is missing from {DEMO_DIR}: pass --model DIR")
+    return DEMO_DIR
 
 
 def parse_budget(budget: str | int | float, total_expert_bytes: int) -> int:

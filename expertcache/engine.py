@@ -22,7 +22,7 @@ from . import experts
 from .architectures import build_model, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
-from .config import EngineConfig, parse_budget
+from .config import DEMO_DIR, EngineConfig, demo_model_dir, parse_budget  # noqa: F401  (DEMO_DIR re-exported)
 from .errors import CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
 from .policies import EvictionPolicy, make_policy
@@ -33,14 +33,6 @@ from .store import ExpertStore
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).parent / "demo"
-
-
-def demo_model_dir() -> Path:
-    """The bundled demo model's directory (shipped inside the package)."""
-    if not (DEMO_DIR / "config.json").is_file():
-        raise CheckpointError(f"the bundled demo model is missing from {DEMO_DIR}: pass --model DIR")
-    return DEMO_DIR
 
 
 @dataclass

@@ -255,6 +255,11 @@ def test_config_disagrees_with_tensors(capsys, model, change, words):
     (model / "config.json").write_text(json.dumps(cfg))
     line = cli_error(capsys, generate_args(model), model)
     assert words in line, line
+    # info refuses it too: from config.json and the headers, or, for what only transformers' model
+    # can tell (an activation it does not know), with --check
+    argv = ["info", str(model)] + (["--check"] if "hidden_act" in change else [])
+    line = cli_error(capsys, argv, model)
+    assert words in line, line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,6 +387,7 @@ def test_unreadable_file_simulated(capsys, model, monkeypatch):
     import builtins
 
     import expertcache.checkpoint as checkpoint
+    import expertcache.headers as headers
 
     st = str(model / "model.safetensors")
     real_open = builtins.open
@@ -391,6 +397,7 @@ def test_unreadable_file_simulated(capsys, model, monkeypatch):
             raise PermissionError(13, "Permission denied", st)
         return real_open(file, *a, **kw)
 
+    monkeypatch.setattr(headers, "open", denying_open, raising=False)
     monkeypatch.setattr(checkpoint, "open", denying_open, raising=False)
     line = cli_error(capsys, generate_args(model), model)
     assert "model.safetensors" in line and "permission denied" in line

@@ -1,7 +1,7 @@
 """Every supported family through everything that reads a model: transformers' own outputs from
 both on-disk layouts, every predictor (the trained ones fitted on a quick calibration) keeping them
 exact, and a trace of each tiny model replaying to its run's exact counters. Adding a family is a
-row in architectures.FAMILIES and in tests/helpers/checkpoints.py (TINY, FAMILY_CASES)."""
+row in families.FAMILIES and in tests/helpers/checkpoints.py (TINY, FAMILY_CASES)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def make_word_model(directory: Path, *, num_layers: int = 2, num_experts: int = 
 
 
 # One row per family: its config's own keywords for the tiny shapes (hidden h, heads n, experts e,
-# expert intermediate i). Adding a family: a row here, a row in architectures.FAMILIES, and its
+# expert intermediate i). Adding a family: a row here, a row in families.FAMILIES, and its
 # name in the test matrices.
 TINY: dict[str, Callable[[int, int, int, int], dict]] = {
     "mixtral": lambda h, n, e, i: dict(intermediate_size=i, num_local_experts=e),
@@ -105,7 +105,7 @@ FAMILY_CASES: dict[str, dict] = {
     "qwen2_moe": dict(num_experts=12, top_k=4, norm_topk_prob=False, expert_intermediate=24),
     "qwen3_moe": dict(num_experts=16, top_k=3, norm_topk_prob=True, expert_intermediate=16),
     "olmoe": dict(num_experts=10, top_k=2, norm_topk_prob=True, expert_intermediate=40),
-    # not supported before the experts seam: a row of on-disk names, no block code (architectures.FAMILIES)
+    # not supported before the experts seam: a row of on-disk names, no block code (families.FAMILIES)
     "glm4_moe": dict(num_experts=8, top_k=2, expert_intermediate=24, num_layers=3, n_group=2, topk_group=1,
                      routed_scaling_factor=1.5),
     "gpt_oss": dict(num_experts=8, top_k=2, num_layers=4),
