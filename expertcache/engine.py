@@ -9,6 +9,7 @@ observe(), routing_override(), prefetch_paused(), observers_paused().
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,16 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
+def _kept_in_float32(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
+    """Whether from_pretrained would load tensor `name` in float32 in a `dtype` model: the model
+    class's keep-in-float32 patterns (the strict ones for float16 and bfloat16, the others for
+    float16 only), matched anywhere in the name."""
+    patterns = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return any(re.search(re.escape(p).replace(r"\*", ".*"), name) for p in patterns)
+
+
 def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     experts.register()
     model = build_model(ckpt.config, dtype=dtype, experts_implementation=experts.IMPLEMENTATION, family=ckpt.family)
@@ -52,6 +63,8 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     # each tensor in the dtype its module builds it in, as from_pretrained loads it (a router some
     # families keep in float32 in a bf16 model: Hunyuan's wg, Ernie's gate)
     built = {n: t.dtype for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()}
+    for n in [n for n in built if _kept_in_float32(model, n, dtype)]:  # DeepSeek-V3's score-correction bias
+        built[n] = torch.float32
     model = model.to_empty(device="cpu")
     state = {k: v.to(built.get(k, dtype)) if v.is_floating_point() else v for k, v in ckpt.load_dense().items()}
     result = model.load_state_dict(state, strict=False, assign=True)  # Checkpoint.open checked names and shapes

@@ -56,6 +56,20 @@ def test_the_fused_layout_matches_transformers(family, checkpoint, reference):
 
 
 @pytest.mark.parametrize("family", FAMILY_CASES)
+def test_each_dense_tensor_has_the_dtype_from_pretrained_gives_it(family, checkpoint):
+    """In a bf16 model some tensors stay float32, by the module (Hunyuan's router) or by the model
+    class's keep-in-float32 list (DeepSeek-V3's score-correction bias): the engine follows both."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = checkpoint(family, dtype=torch.bfloat16, **FAMILY_CASES[family])
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    want = {n: t.dtype for n, t in (*ref.named_parameters(), *ref.named_buffers())}
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none") as eng:
+        got = {n: t.dtype for n, t in (*eng.model.named_parameters(), *eng.model.named_buffers())}
+    assert got and {n: d for n, d in got.items() if want.get(n, d) != d} == {}
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_every_predictor_keeps_the_outputs_exact(family, checkpoint, reference, tmp_path):
     model_dir = checkpoint(family, **FAMILY_CASES[family])
     ref = reference(model_dir, PROMPT, TOKENS)
