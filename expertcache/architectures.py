@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .families import FAMILIES, GRANITE_RENAMES, Family  # noqa: F401  (re-exported)
+from .families import FAMILIES, GRANITE_RENAMES, TEXT_MODELS, Family  # noqa: F401  (re-exported)
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -90,8 +90,8 @@ def why_unsupported(config) -> str | None:
     """The one thing that keeps a model of `config` from running here, read off its model."""
     text = getattr(config, "text_config", None)
     if getattr(text, "model_type", None) in FAMILIES:
-        return (f"a multimodal checkpoint: its text model {text.model_type!r} is supported, reading it out of a "
-                "multimodal checkpoint is not yet")
+        return (f"a multimodal checkpoint whose text model {text.model_type!r} is supported; expertcache reads text "
+                f"models out of {', '.join(TEXT_MODELS)} checkpoints only")
     try:
         model = build_model(config, family=FAMILIES.get(config.model_type))
     except CheckpointError as e:

@@ -20,6 +20,7 @@ import torch
 from .architectures import FAMILIES, ExpertsSite, Family, build_model, experts_sites, family_for, unsupported
 from . import headers
 from .errors import CheckpointError
+from .families import text_prefix
 from .ids import ExpertId
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def load_config(model_dir: Path):
             raise unsupported(model_type, "transformers does not know this model type") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(model_dir / "config.json", f"invalid config ({first})") from None
+    if text_prefix(model_type):  # a multimodal checkpoint: its text model runs
+        config = config.text_config
     family_for(config)  # refuses an unsupported family, with the one thing missing
     return config
 
@@ -115,7 +118,9 @@ class Checkpoint:
         n_exp = next(iter(sites.values())).num_experts
         if not 1 <= k <= n_exp:
             raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
-        tensors = {family.canonical_name(name): ref for name, ref in read_tensors(model_dir).items()}
+        prefix = text_prefix(headers.read_config_json(model_dir)["model_type"])
+        tensors = {family.canonical_name(name[len(prefix):]): ref for name, ref in read_tensors(model_dir).items()
+                   if name.startswith(prefix)}  # a multimodal checkpoint's other tensors stay on disk
         experts, expert_names = _locate_experts(model_dir, family, sites, tensors)
         dense = _dense(model_dir, config, model, sites, {n: r for n, r in tensors.items() if n not in expert_names})
         return cls(model_dir, config, family, sites, dense, experts)

@@ -108,3 +108,13 @@ FAMILIES: dict[str, Family] = {
                       "cache of their own"),
     )
 }
+
+# Multimodal checkpoints whose text model is a family here: model_type -> the prefix its text
+# model's tensors carry on disk. expertcache runs the text model (config.json's text_config) and
+# leaves every other tensor (the vision tower, the projector) on disk.
+TEXT_MODELS: dict[str, str] = {"llama4": "language_model."}
+
+
+def text_prefix(model_type) -> str:
+    """The prefix of the text model's tensors in a checkpoint of `model_type` ("" for a text model)."""
+    return TEXT_MODELS.get(model_type, "") if isinstance(model_type, str) else ""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import demo_model_dir
 from ..errors import CheckpointError
-from ..families import FAMILIES, Family
+from ..families import FAMILIES, Family, text_prefix
 from ..headers import DTYPE_NAMES, TensorEntry, read_config_json, read_tensors
 
 EXPERT_COUNT_KEYS = ("n_routed_experts", "moe_num_experts", "num_local_experts", "num_experts")  # the first present counts
@@ -90,6 +90,11 @@ def _from_headers(model_dir: Path) -> dict | None:
     counts, top-k, the embedding's shape, uniform experts); None where they cannot settle them
     (an unsupported or unusual config, a layout this reading does not know): the model decides."""
     raw = read_config_json(model_dir)
+    prefix = text_prefix(raw["model_type"])
+    if prefix:  # a multimodal checkpoint: its text model runs
+        raw = raw.get("text_config")
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            return None
     family = FAMILIES.get(raw["model_type"]) if isinstance(raw["model_type"], str) else None
     layers = _int(raw, "num_hidden_layers")
     top_k, n_cfg = (_first(raw, keys) for keys in (TOP_K_KEYS, EXPERT_COUNT_KEYS))
@@ -100,7 +105,7 @@ def _from_headers(model_dir: Path) -> dict | None:
         renormalize = family.renormalize if family.renormalize is not None else raw.get("norm_topk_prob")
         if not isinstance(renormalize, bool):
             return None
-    tensors = {family.canonical_name(n): e for n, e in read_tensors(model_dir).items()}
+    tensors = {family.canonical_name(n[len(prefix):]): e for n, e in read_tensors(model_dir).items() if n.startswith(prefix)}
     sites, dense_bytes = _sites(family, tensors, layers)
     if not sites:
         return None

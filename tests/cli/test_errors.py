@@ -228,11 +228,11 @@ def test_a_multimodal_checkpoint_names_its_supported_text_model(capsys, model):
     from transformers import AutoConfig
 
     (model / "config.json").unlink()
-    text = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS, intermediate_size=I,
-                intermediate_size_mlp=2 * I, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
-    AutoConfig.for_model("llama4", text_config=text).save_pretrained(model)
+    text = dict(model_type="mixtral", vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS,
+                intermediate_size=I, num_key_value_heads=KV_HEADS, num_local_experts=E, num_experts_per_tok=K)
+    AutoConfig.for_model("llava", text_config=text).save_pretrained(model)
     line = cli_error(capsys, ["info", str(model)], model)
-    assert "unsupported architecture 'llama4' (a multimodal checkpoint: its text model 'llama4_text' is supported" in line, line
+    assert "unsupported architecture 'llava' (a multimodal checkpoint whose text model 'mixtral' is supported" in line, line
 
 
 @pytest.mark.parametrize(

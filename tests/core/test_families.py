@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.checkpoints import FAMILY_CASES, TINY, make_mxfp4_checkpoint, prompt_ids
+from helpers.checkpoints import FAMILY_CASES, TINY, make_llama4_multimodal_checkpoint, make_mxfp4_checkpoint, prompt_ids
 from helpers.invariants import check_engine_invariants
 from helpers.reference import Reference
 
@@ -98,6 +98,26 @@ def test_a_trace_of_each_family_replays_to_the_runs_counters(family, checkpoint)
             eng.generate(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
     timed = replay(rec.trace, "lfu", budget, mode="engine", prefetch=True, hardware=PRESETS["nvme4"])
     assert timed.lookups == stats["lookups"] and timed.prefetch["prefetch_issued"] > 0
+
+
+@torch.no_grad()
+def test_llama4_as_published_runs_its_text_model(tmp_path):
+    """A multimodal Llama 4 checkpoint (text tensors under `language_model.`, a vision tower beside
+    them): the engine runs its text model, equal to transformers' multimodal model on text, and
+    reads none of the vision tensors."""
+    from transformers import Llama4ForConditionalGeneration
+
+    model_dir = make_llama4_multimodal_checkpoint(tmp_path, **FAMILY_CASES["llama4_text"])
+    model = Llama4ForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = torch.tensor([PROMPT])
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS,
+                               do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    ref = Reference(logits=model(input_ids=ids).logits[0], generated=generated, dtype=torch.float32)
+    for budget in (_slots(model_dir, 0), "50%"):
+        _exact(model_dir, ref, expert_budget=budget, prefetch="next-gate", io="direct")
+    ck = Checkpoint.open(model_dir)
+    assert ck.family.model_type == "llama4_text"
+    assert ck.dense and not [n for n, r in ck.dense.items() if "vision" in n or "projector" in n]
 
 
 def test_gpt_oss_mxfp4_experts_are_read_as_published(tmp_path):

@@ -237,6 +237,28 @@ def make_checkpoint(
     return out
 
 
+def make_llama4_multimodal_checkpoint(tmp_dir: str | os.PathLike, **kw) -> Path:
+    """A tiny Llama 4 checkpoint as Meta publishes them: the multimodal model (a one-layer vision
+    tower and projector beside the text model, whose tensors carry `language_model.`), its text
+    model the llama4_text one make_checkpoint writes with `kw` (float32)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, GenerationConfig, Llama4ForConditionalGeneration
+
+    text_dir = make_checkpoint(Path(tmp_dir) / "text", "llama4_text", **kw)
+    text = AutoConfig.from_pretrained(text_dir)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=16, vision_output_dim=32,
+                  projector_input_dim=32, projector_output_dim=text.hidden_size, image_size=28, patch_size=14)
+    config = AutoConfig.for_model("llama4", text_config=text.to_dict(), vision_config=vision)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config)
+    missing = model.language_model.load_state_dict(load_file(text_dir / "model.safetensors"), strict=False).missing_keys
+    assert not missing, missing
+    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    out = Path(tmp_dir) / "multimodal"
+    model.save_pretrained(out)
+    return out
+
+
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] (K a multiple of 32) -> MXFP4 blocks u8 [..., K/32, 16] and scales u8 [..., K/32]:
     each group of 32 shares the power of two that puts its largest magnitude in [4, 8), each value

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers.checkpoints import FAMILY_CASES, make_checkpoint, make_mxfp4_checkpoint
+from helpers.checkpoints import FAMILY_CASES, make_checkpoint, make_llama4_multimodal_checkpoint, make_mxfp4_checkpoint
 from safetensors.torch import load_file, save_file
 
 from expertcache.tools.info import model_info
@@ -34,6 +34,11 @@ def test_mxfp4_bf16_and_sharded_checkpoints(tmp_path):
     quick, full = _both(make_checkpoint(tmp_path / "sh", "qwen3_moe", shards=3, dtype=torch.bfloat16, **{
         k: v for k, v in FAMILY_CASES["qwen3_moe"].items()}))
     assert quick == full and quick["dtype"] == "bfloat16"
+
+
+def test_a_multimodal_checkpoint_gives_its_text_models_figures(tmp_path):
+    quick, full = _both(make_llama4_multimodal_checkpoint(tmp_path, **FAMILY_CASES["llama4_text"]))
+    assert quick == full and quick["family"] == "llama4_text"
 
 
 def test_layers_past_the_model_stay_out_of_the_figures(tmp_path):
