@@ -4,7 +4,7 @@ transformers routes each MoE family's experts through its experts interface: the
 module is decorated with `use_experts_implementation`, which marks every instance (has_gate,
 is_transposed, ...). `experts_sites` finds those modules on a model built on the meta device, with
 their layer and per-expert shapes; `build_model` swaps in a stand-in where a family's experts
-module stands outside the interface (ScaledRowsExperts).
+module stands outside the interface (STAND_INS).
 """
 
 from __future__ import annotations
@@ -18,18 +18,29 @@ from torch import nn
 from .errors import CheckpointError
 from .families import FAMILIES, GRANITE_RENAMES, TEXT_MODELS, Family  # noqa: F401  (re-exported)
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # decoder layers: model.layers.N, DBRX's transformer.blocks.N
 
 
-class ScaledRowsExperts(nn.Module):
-    """Experts whose block hands them one row per (expert, token) of inputs already scaled by the
-    router (Llama 4: rows [E*T, H], every expert on every token, unselected rows zero) and sums
-    their outputs itself. transformers 5.23 keeps such a module outside its experts interface;
-    this stand-in, swapped in for it in expertcache's own model, carries the interface's marks and
-    the same weights, and its calls go to the engine (ExpertsRuntime.forward_rows), which computes
-    only the selected rows."""
+class _StandIn(nn.Module):
+    """An experts module swapped in for one transformers 5.23 keeps outside its experts interface:
+    it carries the interface's marks and 3-D weights of the interface's shapes (what experts_sites
+    reads; the engine never allocates them), and its calls go to the engine."""
 
-    has_gate, is_transposed, is_concatenated, has_bias, has_post_expert_norm = True, True, True, False, False
+    has_gate, is_concatenated, has_bias, has_post_expert_norm = True, True, False, False
+
+    def _binding(self):
+        binding = self.__dict__.get("_expertcache")
+        if binding is None:
+            raise RuntimeError("these experts belong to no expertcache engine: load the model with expertcache.load()")
+        return binding
+
+
+class ScaledRowsExperts(_StandIn):
+    """Llama 4's experts: its block hands them one row per (expert, token) of inputs already scaled
+    by the router (rows [E*T, H], every expert on every token, unselected rows zero) and sums their
+    outputs itself. The engine computes only the selected rows (ExpertsRuntime.forward_rows)."""
+
+    is_transposed = True
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -43,11 +54,45 @@ class ScaledRowsExperts(nn.Module):
         return up * self.act_fn(gate)  # as Llama4TextExperts computes it
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        binding = self.__dict__.get("_expertcache")
-        if binding is None:
-            raise RuntimeError("these experts belong to no expertcache engine: load the model with expertcache.load()")
-        runtime, layer = binding
+        runtime, layer = self._binding()
         return runtime.forward_rows(self, layer, rows)
+
+
+class RowBlockExperts(_StandIn):
+    """DBRX's experts: w1, v1, w2 as [E*I, H] tensors, expert e the rows [e*I, (e+1)*I) of each
+    (Family.row_blocks); gate = x W1^T, up = x V1^T, out = (act(gate) * up) W2. Each expert runs
+    on its blocks as saved, with DBRX's own operations (expert_from_parts)."""
+
+    is_transposed = False
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        n, inter, hidden = original.num_experts, original.ffn_hidden_size, original.hidden_size
+        like = dict(device=original.mlp.w1.device, dtype=original.mlp.w1.dtype)
+        self.num_experts, self.hidden_size = n, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden, **like), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter, **like), requires_grad=False)
+        self.act_fn = original.mlp.activation_fn
+
+    def expert_from_parts(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        w1, v1, w2 = parts  # [I, H] each, as saved
+        return (self.act_fn(x.matmul(w1.T)) * x.matmul(v1.T)).matmul(w2)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        runtime, layer = self._binding()
+        x = hidden_states.reshape(-1, self.hidden_size)  # DBRX hands its experts [B, S, H]
+        return runtime.forward(self, layer, x, top_k_index, top_k_weights).view(hidden_states.shape[0], -1, self.hidden_size)
+
+
+STAND_INS: dict[str, type[nn.Module]] = {"Llama4TextExperts": ScaledRowsExperts, "DbrxExperts": RowBlockExperts}
+
+
+def child(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted path, or None."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -152,7 +197,7 @@ def shared_expert_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor | No
 def build_model(config, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None,
                 family: Family | None = None) -> nn.Module:
     """The transformers causal LM of `config` on the meta device: modules and shapes, no memory.
-    A family whose experts stand outside the interface gets its stand-in (ScaledRowsExperts)."""
+    A family whose experts stand outside the interface gets its stand-in (STAND_INS)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
@@ -162,8 +207,8 @@ def build_model(config, *, dtype: torch.dtype | None = None, experts_implementat
     except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot build the model from its config.json ({first})") from None
-    if family is not None and family.scaled_rows is not None:
+    if family is not None and family.stand_in is not None:
         for name, module in list(model.named_modules()):
-            if type(module).__name__ == family.scaled_rows:
-                model.set_submodule(name, ScaledRowsExperts(module))
+            if type(module).__name__ == family.stand_in:
+                model.set_submodule(name, STAND_INS[family.stand_in](module))
     return model

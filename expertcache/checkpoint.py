@@ -221,10 +221,31 @@ def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense:
     return {n: r for n, r in dense.items() if n in want}
 
 
-def _slices(ref: TensorRef, n: int) -> list[TensorRef]:
-    """The n per-expert slices of a fused [n, ...] tensor (each contiguous on disk)."""
+def _locate_row_blocks(model_dir: Path, family: Family, layer: int, site: ExpertsSite, tensors: dict[str, TensorRef],
+                       experts: dict[ExpertId, ExpertParts], names: set[str]) -> None:
+    """One layer's experts kept as row blocks (Family.row_blocks): (gate, up, down) [E*I, H] each,
+    expert e the rows [e*I, (e+1)*I), read as saved ([I, H] each; the stand-in applies down as h @ W)."""
+    n, ((two_inter, hidden), _) = site.num_experts, site.shapes
+    want = (n * (two_inter // 2), hidden)
+    refs = []
+    for w in family.row_blocks:
+        ref = tensors.get(f"{site.path}.{w}")
+        if ref is None:
+            raise _fail(model_dir, f"missing expert tensor {site.path}.{w} (checkpoint incomplete or not a {family.model_type} model)")
+        if ref.shape != want:
+            raise _fail(model_dir, f"layer {layer}: {site.path}.{w} has shape {ref.shape}, config says {want}")
+        refs.append(_slices(ref, n, rows=True))
+        names.add(f"{site.path}.{w}")
+    for e, parts in enumerate(zip(*refs)):
+        experts[(layer, e)] = ExpertParts(parts, fused=True)
+
+
+def _slices(ref: TensorRef, n: int, *, rows: bool = False) -> list[TensorRef]:
+    """The n per-expert slices of a fused [n, ...] tensor, or with `rows` of a [n*r, ...] one (each
+    contiguous on disk)."""
     size = ref.nbytes // n
-    return [TensorRef(ref.path, ref.offset + e * size, size, ref.shape[1:], ref.dtype) for e in range(n)]
+    shape = (ref.shape[0] // n, *ref.shape[1:]) if rows else ref.shape[1:]
+    return [TensorRef(ref.path, ref.offset + e * size, size, shape, ref.dtype) for e in range(n)]
 
 
 def _locate_experts(
@@ -234,6 +255,9 @@ def _locate_experts(
     names: set[str] = set()
     for layer, site in sites.items():
         n, prefix = site.num_experts, site.path + "."
+        if family.row_blocks is not None:
+            _locate_row_blocks(model_dir, family, layer, site, tensors, experts, names)
+            continue
         if prefix + site.weights[0] + "_blocks" in tensors:
             _locate_mxfp4(model_dir, layer, site, tensors, experts, names)
             continue

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import experts
-from .architectures import build_model, shared_expert_output
+from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .config import DEMO_DIR, EngineConfig, demo_model_dir, parse_budget  # noqa: F401  (DEMO_DIR re-exported)
@@ -159,7 +159,7 @@ class Engine:
     def norms(self) -> dict[int, nn.Module | None]:
         """Each sparse layer's norm in front of its MoE block (None where the family has none)."""
         ckpt = self.checkpoint
-        return {l: getattr(self.model.get_submodule(s.decoder_layer), ckpt.family.norm, None) for l, s in ckpt.sites.items()}
+        return {l: child(self.model.get_submodule(s.decoder_layer), ckpt.family.norm) for l, s in ckpt.sites.items()}
 
     def shared_output(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The shared experts' contribution of a sparse layer on x [n, H] (None: it has none)."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mxfp4
-from .architectures import ExpertsSite, Family
+from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
 from .ids import Prediction
 from .predictors.base import Predictor, rank
@@ -71,6 +71,9 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
         parts = tuple(p.t().contiguous() for p in parts) if t else parts  # the module's own layout
     elif parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use, as
         parts = tuple(p.to(x.dtype) for p in parts)  # transformers casts at load (the cache keeps the saved bytes)
+    own = getattr(module, "expert_from_parts", None)  # a stand-in's own math on its parts as saved (DBRX)
+    if own is not None:
+        return own(x, parts)
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
         if _default_gate(type(module)):
@@ -126,7 +129,7 @@ class ExpertsRuntime:
         first = next(iter(sites.values()))
         decoder_layers = model.get_submodule(first.decoder_layer.rsplit(".", 1)[0])
         router = getattr(model.get_submodule(first.block), family.router, None)
-        norm = getattr(model.get_submodule(first.decoder_layer), family.norm, None)
+        norm = child(model.get_submodule(first.decoder_layer), family.norm)
         self._lead = FirstLayerPrefetch(self, first.layer, router=router, norm=norm, logits_index=family.router_logits)
         self._hooks.append(decoder_layers[0].register_forward_pre_hook(self._forward_start, with_kwargs=True))
         self._hooks.append(model.register_forward_pre_hook(self._enter))

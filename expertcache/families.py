@@ -26,15 +26,20 @@ class Family:
     router: str = "gate"  # the MoE block's child that routes; its forward returns (logits, weights, ids)
     router_weight: str = "weight"  # the router's [E, H] weight, from the router (Hunyuan: "wg.weight")
     router_logits: int = 0  # which output of the router is its logits (Llama 4's comes second)
-    scaled_rows: str | None = None  # an experts class outside the interface that takes router-scaled rows [E*T, H] (Llama 4)
-    norm: str = "post_attention_layernorm"  # the decoder layer's norm in front of its MoE block
+    stand_in: str | None = None  # an experts class outside the interface, replaced by a stand-in (architectures.STAND_INS)
+    row_blocks: tuple[str, str, str] | None = None  # disk names under the experts module of (gate, up, down) as
+    #   [E*I, H] tensors, each expert a block of I rows (DBRX's mlp.w1/v1/w2; its down is applied as h @ W)
+    norm: str = "post_attention_layernorm"  # the decoder layer's norm in front of its MoE block (a dotted path)
+    top_k_attr: str = "num_experts_per_tok"  # where the config keeps top-k (a dotted path: DBRX's ffn_config.moe_top_k)
     softmax_router: bool = True  # weights are a softmax of the logits, so lossy routing can re-mix them
     renormalize: bool | None = None  # top-k weights renormalised; None: config.norm_topk_prob says
     weights_in_logits_dtype: bool = True  # router weights cast back to the logits' dtype (Qwen, OLMoE)
     quirks: str = ""  # what is particular to the family, for `expertcache info --families`
 
     def top_k(self, config) -> int:
-        return int(config.num_experts_per_tok)
+        for attr in self.top_k_attr.split("."):
+            config = getattr(config, attr)
+        return int(config)
 
     def weight_rule(self, config) -> "WeightRule | None":
         """How mixing weights follow from logits for another expert set; None: not a softmax router."""
@@ -98,10 +103,15 @@ FAMILIES: dict[str, Family] = {
                       "float32; shared experts; dense layers before moe_layer_start_index"),
         Family("hunyuan_v1_moe", router_weight="wg.weight", renormalize=True,
                quirks="softmax top-k, renormalised; the router's weight is gate.wg, in float32; a shared MLP; QK-norm"),
-        Family("llama4_text", router="router", router_logits=1, softmax_router=False, scaled_rows="Llama4TextExperts",
+        Family("llama4_text", router="router", router_logits=1, softmax_router=False, stand_in="Llama4TextExperts",
                quirks="sigmoid of the top-k logits scales the experts' input, not their output (its experts module "
                       "stands outside the experts interface: a stand-in takes its place); a shared expert; MoE every "
                       "interleave_moe_layer_step-th layer; chunked attention, no-RoPE layers"),
+        Family("dbrx", router="router", router_weight="layer.weight", norm="norm_attn_norm.norm_2", softmax_router=False,
+               stand_in="DbrxExperts", row_blocks=("mlp.w1", "mlp.v1", "mlp.w2"), top_k_attr="ffn_config.moe_top_k",
+               quirks="softmax top-k, its weights divided by their p-norm (moe_normalize_expert_weights); experts as "
+                      "row blocks of 2-D w1/v1/w2 tensors, down applied as h @ W (its experts module stands outside the "
+                      "experts interface: a stand-in takes its place); clipped fused QKV; layers under transformer.blocks"),
         Family("minimax", per_expert_names=("w1", "w3", "w2"), disk_renames=((".block_sparse_moe.", ".mlp."),),
                renormalize=True, weights_in_logits_dtype=False,
                quirks="softmax top-k, renormalised (Mixtral's names on disk); lightning linear-attention layers with a "

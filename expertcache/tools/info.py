@@ -14,9 +14,10 @@ from ..families import FAMILIES, Family, text_prefix
 from ..headers import DTYPE_NAMES, TensorEntry, read_config_json, read_tensors
 
 EXPERT_COUNT_KEYS = ("n_routed_experts", "moe_num_experts", "num_local_experts", "num_experts")  # the first present counts
-TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # config.json's names for top-k (Ernie, Hunyuan)
-_EXPERT = re.compile(r"^(?P<site>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<rest>.+)$")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k")  # config.json's names for top-k (Ernie, Hunyuan, DBRX)
+LAYER_KEYS, HIDDEN_KEYS = ("num_hidden_layers", "n_layers"), ("hidden_size", "d_model")  # DBRX: n_layers, d_model
+_EXPERT = re.compile(r"^(?P<site>(?:.*\.)?(?:layers|blocks)\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<rest>.+)$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")
 _FUSED = ("gate_up_proj", "up_proj", "down_proj")
 _MXFP4 = re.compile(r"^(gate_up_proj|down_proj)_(blocks|scales)$")
 _PER_EXPERT = re.compile(r"^(\d+)\.(\w+)\.weight$")
@@ -81,8 +82,12 @@ def _int(raw: dict, key: str) -> int | None:
 
 
 def _first(raw: dict, keys: tuple[str, ...]) -> int | None:
-    key = next((k for k in keys if raw.get(k) is not None), None)
-    return _int(raw, key) if key else None
+    """The first of `keys` config.json gives, at the top or in its ffn_config (DBRX)."""
+    for where in (raw, raw.get("ffn_config") if isinstance(raw.get("ffn_config"), dict) else {}):
+        key = next((k for k in keys if where.get(k) is not None), None)
+        if key:
+            return _int(where, key)
+    return None
 
 
 def _from_headers(model_dir: Path) -> dict | None:
@@ -96,8 +101,7 @@ def _from_headers(model_dir: Path) -> dict | None:
         if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
             return None
     family = FAMILIES.get(raw["model_type"]) if isinstance(raw["model_type"], str) else None
-    layers = _int(raw, "num_hidden_layers")
-    top_k, n_cfg = (_first(raw, keys) for keys in (TOP_K_KEYS, EXPERT_COUNT_KEYS))
+    layers, top_k, n_cfg = (_first(raw, keys) for keys in (LAYER_KEYS, TOP_K_KEYS, EXPERT_COUNT_KEYS))
     if family is None or layers is None or top_k is None or n_cfg is None:
         return None
     renormalize = None
@@ -111,11 +115,12 @@ def _from_headers(model_dir: Path) -> dict | None:
         return None
     config = model_dir / "config.json"
     embed = tensors.get("model.embed_tokens.weight")
-    want = (_int(raw, "vocab_size"), _int(raw, "hidden_size"))
+    want = (_int(raw, "vocab_size"), _first(raw, HIDDEN_KEYS))
     if embed is not None and None not in want and embed.shape != want:
         raise CheckpointError(f"{model_dir}: tensors do not match config.json (model.embed_tokens.weight: {embed.shape} "
                               f"in the file, config says vocab_size {want[0]}, hidden_size {want[1]})")
-    figures = [_site_figures(model_dir, family, path, parts, n_cfg) for path, parts in sorted(sites.items())]
+    inter = _first(raw, ("ffn_hidden_size",))  # rows per expert of row-block experts (DBRX)
+    figures = [_site_figures(model_dir, family, path, parts, n_cfg, inter) for path, parts in sorted(sites.items())]
     if any(f is None for f in figures) or len({f[0] for f in figures}) != 1:
         return None
     sizes = {f[1] for f in figures}
@@ -143,16 +148,23 @@ def _sites(family: Family, tensors: dict[str, TensorEntry], layers: int) -> tupl
         m = _EXPERT.match(name)
         rest = m.group("rest") if m else ""
         per = _PER_EXPERT.match(rest)
-        if m and (rest in _FUSED or _MXFP4.match(rest) or (per and per.group(2) in family.per_expert_names)):
+        if m and (rest in _FUSED or rest in (family.row_blocks or ()) or _MXFP4.match(rest)
+                  or (per and per.group(2) in family.per_expert_names)):
             sites.setdefault(m.group("site"), {})[rest] = entry
         elif not name.endswith("rotary_emb.inv_freq"):
             dense += entry.nbytes
     return sites, dense
 
 
-def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int):
+def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int, inter: int | None):
     """(layout, bytes per expert, dtype) of one experts module, its expert count checked against
     config.json's; None for a layout this reading does not know."""
+    if family.row_blocks is not None:  # [E*I, H] each
+        group = [parts.get(w) for w in family.row_blocks]
+        if None in group or len(parts) != 3 or not inter or len({e.shape for e in group}) != 1 or group[0].shape[0] % inter:
+            return None
+        _check_count(model_dir, path, group[0].shape[0] // inter, n_cfg)
+        return "fused", sum(e.nbytes // n_cfg for e in group), DTYPE_NAMES[group[0].dtype]
     fused = [parts.get(w) for w in (("gate_up_proj" if "gate_up_proj" in parts else "up_proj"), "down_proj")]
     mx = [parts.get(f"{w}_{kind}") for w in ("gate_up_proj", "down_proj") for kind in ("blocks", "scales")]
     if all(e is not None for e in mx) and len(parts) == 4:

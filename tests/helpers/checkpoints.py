@@ -93,6 +93,11 @@ TINY: dict[str, Callable[[int, int, int, int], dict]] = {
         attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # experts as row blocks of 2-D w1/v1/w2, weights divided by their L1 norm; QKV clipped at a value
+    # that bites at this scale; attention and FFN settings in sub-configs (top-k: tiny_config sets it)
+    "dbrx": lambda h, n, e, i: dict(
+        ffn_config=dict(hidden_size=h, ffn_hidden_size=i, moe_num_experts=e, moe_normalize_expert_weights=1.0),
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=0.5)),
     # lightning attention in blocks of 16 (a 40-token prompt spans three), linear in layer 0 as in MiniMax-Text-01
     "minimax": lambda h, n, e, i: dict(head_dim=h // n, intermediate_size=i, num_local_experts=e, block_size=16),
 }
@@ -122,6 +127,7 @@ FAMILY_CASES: dict[str, dict] = {
     "ernie4_5_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3, moe_layer_start_index=1),
     "hunyuan_v1_moe": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=3),
     "llama4_text": dict(num_experts=8, top_k=2, num_layers=4),
+    "dbrx": dict(num_experts=8, top_k=2, num_layers=3),
     "minimax": dict(num_experts=8, top_k=2, expert_intermediate=32, num_layers=4,
                     layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
 }
@@ -171,6 +177,12 @@ def tiny_config(
     )
     norm = {} if norm_topk_prob is None else {"norm_topk_prob": bool(norm_topk_prob)}
     own = TINY[family](hidden_size, num_heads, num_experts, expert_intermediate)
+    if family == "dbrx":  # its top-k lives in ffn_config
+        own["ffn_config"]["moe_top_k"] = top_k
+    # each config's own names for the common keys (DBRX copies d_model into its ffn_config only
+    # when given as d_model, not as its alias hidden_size)
+    aliases = getattr(type(AutoConfig.for_model(family)), "attribute_map", {})
+    common = {aliases.get(k, k): v for k, v in common.items()}
     return AutoConfig.for_model(family, **{**common, **own, **norm, **extra})
 
 
@@ -208,7 +220,7 @@ def make_checkpoint(
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith((".bias", "_bias")):  # zeros at init: biases would go untested
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
