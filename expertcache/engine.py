@@ -24,6 +24,7 @@ from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .config import DEMO_DIR, EngineConfig, demo_model_dir, parse_budget  # noqa: F401  (DEMO_DIR re-exported)
+from .decoding import Decoding
 from .errors import CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
 from .policies import EvictionPolicy, make_policy
@@ -302,17 +303,14 @@ class Engine:
             max_new_tokens = context - len(ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = _eos_ids(self.generation_config, self.model.config) if stop_at_eos else set()
-        past, pos = None, 0  # the model makes its own cache at its first call (MiniMax: one of its own)
+        decoding = Decoding(self.model)
         out_ids: list[int] = []
         step_times: list[float] = []
         t0 = time.perf_counter()
-        inputs = torch.tensor([ids])
+        inputs = list(ids)
         for step in range(max_new_tokens):
             ts = time.perf_counter()
-            n = inputs.shape[1]  # positions given, not read off the cache (MiniMax's first layer keeps no keys)
-            out = self.model(input_ids=inputs, position_ids=torch.arange(pos, pos + n)[None], past_key_values=past,
-                             use_cache=True, logits_to_keep=1)
-            past, pos, logits = out.past_key_values, pos + n, out.logits[0, -1]
+            logits = decoding.feed(inputs)[-1]
             nxt = _pick(logits, greedy=greedy, temperature=temperature, top_p=top_p, generator=gen)
             if step == 0:
                 self._timing["ttft_seconds"] = time.perf_counter() - t0
@@ -323,7 +321,7 @@ class Engine:
                 on_token(nxt)
             if nxt in eos:
                 break
-            inputs = torch.tensor([[nxt]])
+            inputs = [nxt]
         self._timing["tokens"] = len(out_ids)
         self._timing["tpot_seconds"] = sorted(step_times)[len(step_times) // 2] if step_times else None
         self._timing["tpot_mean_seconds"] = sum(step_times) / len(step_times) if step_times else None

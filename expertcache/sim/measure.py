@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from ..config import EngineConfig
+from ..decoding import Decoding
 from ..engine import Engine
 from ..ids import DEMAND
 from ..loader import Loader
@@ -119,17 +119,16 @@ def _measure_reads(store, experts: dict, n: int, *, threads: int = 2) -> tuple[f
 
 
 def _measure_compute(engine, steps: int) -> float:
-    model = engine.model
-    vocab = int(model.config.vocab_size)
-    past = DynamicCache(config=model.config)
+    vocab = int(engine.model.config.vocab_size)
+    decoding = Decoding(engine.model)
     times = []
     _make_resident(engine)  # misses cost more than their stall (submission, wake-ups): time none
     with torch.inference_mode():
-        model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+        decoding.feed([1 % vocab, 2 % vocab])
         for i in range(steps + 1):
             stall0 = engine.stats_.stall_seconds
             t0 = time.perf_counter()
-            model(input_ids=torch.tensor([[(3 + i) % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            decoding.feed([(3 + i) % vocab])
             dt = time.perf_counter() - t0 - (engine.stats_.stall_seconds - stall0)
             if i:  # the first decode step warms kernels and the cache
                 times.append(max(dt, 0.0))
@@ -145,9 +144,9 @@ def _measure_miss(engine, steps: int) -> tuple[float, float] | None:
     expert."""
     if not _make_resident(engine):
         return None
-    model, core = engine.model, engine.cache.core
-    vocab = int(model.config.vocab_size)
-    past = DynamicCache(config=model.config)
+    core = engine.cache.core
+    vocab = int(engine.model.config.vocab_size)
+    decoding = Decoding(engine.model)
     routed: dict[int, int] = {}
 
     def note(layer, x, logits, weights, ids) -> None:
@@ -155,23 +154,23 @@ def _measure_miss(engine, steps: int) -> tuple[float, float] | None:
 
     waits, others = [], []
     with engine.prefetch_paused(), torch.inference_mode():
-        model(input_ids=torch.tensor([[1 % vocab, 2 % vocab]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+        decoding.feed([1 % vocab, 2 % vocab])
         for i in range(steps):
             _make_resident(engine)
-            token = torch.tensor([[(3 + i) % vocab]])
-            pos = past.get_seq_length()
+            token = [(3 + i) % vocab]
+            pos = len(decoding)
             with engine.observe(note):
                 t0 = time.perf_counter()
-                model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                decoding.feed(token)
                 quiet = time.perf_counter() - t0
-            past.crop(pos - past.get_seq_length())  # drop the token again (transformers 5: a negative count)
+            decoding.crop(pos)  # drop the token again
             for layer, e in routed.items():
                 if (layer, e) in core.entries:
                     core.remove((layer, e))
             misses0, stall0 = engine.stats_.misses, engine.stats_.stall_seconds
             with core.no_free_slots():  # a full cache: each miss evicts
                 t0 = time.perf_counter()
-                model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+                decoding.feed(token)
                 busy = time.perf_counter() - t0
             misses, stall = engine.stats_.misses - misses0, engine.stats_.stall_seconds - stall0
             if misses:

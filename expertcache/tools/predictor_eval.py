@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..decoding import Decoding
 from ..errors import ExpertCacheError
 from ..predictors import PREDICTORS, make_predictor
 from ..ids import TRAINED_KINDS
@@ -141,7 +142,6 @@ def evaluate(
     segment of a longer one) with every predictor guessing and the engine's own prefetch paused;
     returns the scorer and the tokens fed."""
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
 
     ckpt = engine.checkpoint
     scorer = _Scorer(predictors, list(ckpt.sparse_layers), depths, ckpt.top_k)
@@ -165,9 +165,9 @@ def evaluate(
                 reset = getattr(p, "reset", None)
                 if reset is not None:
                     reset()
-            past = DynamicCache(config=engine.model.config)
+            decoding = Decoding(engine.model)
             for tok in doc[: max_tokens - fed]:
-                engine.model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True, logits_to_keep=1)
+                decoding.feed([tok])
                 fed += 1
                 bar.update(1)
     return scorer, fed

@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..config import EngineConfig
+from ..decoding import Decoding
 from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
 from .calibration import calibration_record, measure_sensitivity, read_ids, write_calibration
@@ -92,19 +93,17 @@ class TradeoffResult:
 
 
 # --- decode-mode measurement --------------------------------------------------------------------
-def _step(model, token: int, past) -> torch.Tensor:
-    return model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True).logits[0, -1].double()  # [V]
+def _step(decoding: Decoding, token: int) -> torch.Tensor:
+    return decoding.feed([token])[-1].double()  # [V]
 
 
 def _decode_chunk(model, chunk: list[int]) -> tuple[float, int, list[float]]:
     """Feed chunk[:-1] one decode step at a time on a fresh KV cache; (nll of chunk[1:], tokens, step seconds)."""
-    from transformers import DynamicCache
-
-    past = DynamicCache(config=model.config)
+    decoding = Decoding(model)
     nll, times = 0.0, []
     for i in range(len(chunk) - 1):
         t0 = time.perf_counter()
-        logits = _step(model, chunk[i], past)
+        logits = _step(decoding, chunk[i])
         times.append(time.perf_counter() - t0)
         nll -= float(torch.log_softmax(logits, -1)[chunk[i + 1]])
     return nll, len(chunk) - 1, times
@@ -133,25 +132,18 @@ def decode_choice_scores(model, tokenizer, context: str, choices: list[str]) -> 
     """Sum of each choice's token log-probabilities after `context`, the way a prompt is answered:
     the context but its last token in one prefill, then decode steps (so a decode-only policy
     routes every position that predicts a choice token)."""
-    from transformers import DynamicCache
-
-    past = DynamicCache(config=model.config)
-    held: list[int] = []  # the tokens the KV cache holds
+    decoding = Decoding(model)  # its tokens: what the KV cache holds
     scores = []
     for full, start in choice_sequences(tokenizer, context, choices):  # as quality.choice_scores scores them
         keep = 0  # keep the cached prefix this sequence shares, up to its last unscored token
-        while keep < min(len(held), start - 1) and held[keep] == full[keep]:
+        while keep < min(len(decoding), start - 1) and decoding.tokens[keep] == full[keep]:
             keep += 1
-        if len(held) > keep:
-            past.crop(keep - len(held))  # transformers crops by a negative count
-            del held[keep:]
+        decoding.crop(keep)
         if start - 1 > keep:  # the context but its last token: one prefill
-            model(input_ids=torch.tensor([full[keep : start - 1]]), past_key_values=past, use_cache=True, logits_to_keep=1)
-            held += full[keep : start - 1]
+            decoding.feed(full[keep : start - 1])
         total = 0.0
         for p in range(start, len(full)):  # decode steps: each predicts full[p]
-            logits = _step(model, full[p - 1], past)
-            held.append(full[p - 1])
+            logits = _step(decoding, full[p - 1])
             total += float(torch.log_softmax(logits, -1)[full[p]])
         scores.append(total)
     return scores
