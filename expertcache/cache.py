@@ -461,12 +461,13 @@ class ExpertCache:
     """Expert slots in memory, filled from the checkpoint by the Loader, under a byte budget."""
 
     def __init__(self, *, store: ExpertStore, budget_bytes: int, expert_bytes: int, top_k: int,
-                 policy: EvictionPolicy, partitioned: bool, layers: list[int], io_threads: int, stats: Stats) -> None:
+                 policy: EvictionPolicy, partitioned: bool, layers: list[int], io_threads: int, stats: Stats,
+                 prepare: Callable[[tuple[torch.Tensor, ...]], None] | None = None) -> None:
         capacity = capacity_for(budget_bytes, expert_bytes, top_k, store.num_experts)
         self.budget_bytes = budget_bytes
         self.store = store
         self.arena = SlotArena(capacity, store.slot_bytes)
-        self.loader = Loader(store, self.arena, threads=io_threads)
+        self.loader = Loader(store, self.arena, threads=io_threads, prepare=prepare)
         self.core = CacheCore(
             capacity=capacity, policy=policy, reader=self.loader, stats=stats,
             expert_bytes={l: expert_bytes for l in layers}, layers=layers,

@@ -22,6 +22,8 @@ from . import headers
 from .errors import CheckpointError
 from .families import text_prefix
 from .ids import ExpertId
+from .qformat import SUFFIXES, Scheme, SchemeError, read_scheme
+from .quant import QuantExperts, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,13 @@ class TensorRef:
 class ExpertParts:
     """The tensors that make one expert: (gate, up, down) one per expert on disk, slices of the
     fused tensors in the experts module's own layout ((gate_up | up, down)), or, MXFP4, slices of
-    (gate_up blocks, scales, down blocks, scales) as saved (mxfp4.py)."""
+    (gate_up blocks, scales, down blocks, scales) as saved (mxfp4.py), or, quantized (quant.py),
+    (gate packed, scale, up packed, scale, down packed, scale)."""
 
     parts: tuple[TensorRef, ...]
     fused: bool
     mxfp4: bool = False
+    quantized: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +102,8 @@ class Checkpoint:
     sites: dict[int, ExpertsSite]  # sparse layer -> its experts module
     dense: dict[str, TensorRef]
     experts: dict[ExpertId, ExpertParts]
+    quant: QuantExperts | None = None  # how quantized experts compute; None: experts as saved, dequantized or not
+    dense_quantized: dict[str, QuantizedWeight] | None = None  # dense weights stored quantized, by weight name
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike) -> "Checkpoint":
@@ -118,12 +124,20 @@ class Checkpoint:
         n_exp = next(iter(sites.values())).num_experts
         if not 1 <= k <= n_exp:
             raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
-        prefix = text_prefix(headers.read_config_json(model_dir)["model_type"])
+        raw = headers.read_config_json(model_dir)
+        try:
+            scheme = read_scheme(raw)
+        except SchemeError as e:
+            raise _fail(model_dir / "config.json", str(e)) from None
+        prefix = text_prefix(raw["model_type"])
         tensors = {family.canonical_name(name[len(prefix):]): ref for name, ref in read_tensors(model_dir).items()
                    if name.startswith(prefix)}  # a multimodal checkpoint's other tensors stay on disk
-        experts, expert_names = _locate_experts(model_dir, family, sites, tensors)
-        dense = _dense(model_dir, config, model, sites, {n: r for n, r in tensors.items() if n not in expert_names})
-        return cls(model_dir, config, family, sites, dense, experts)
+        experts, expert_names, quant = _locate_experts(model_dir, family, sites, tensors, scheme)
+        rest = {n: r for n, r in tensors.items() if n not in expert_names}
+        packed = _dense_quantized(model_dir, model, rest, scheme)
+        dense = _dense(model_dir, config, model, sites, {n: r for n, r in rest.items() if n not in packed.names},
+                       quantized=set(packed.weights))
+        return cls(model_dir, config, family, sites, dense, experts, quant, packed.weights or None)
 
     @property
     def sparse_layers(self) -> list[int]:
@@ -154,30 +168,95 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         """The dtype the model computes in: its experts', or config.json's for MXFP4 experts."""
         first = next(iter(self.experts.values()))
+        if first.quantized:
+            return first.parts[1].dtype  # the scales'
         if not first.mxfp4:
             return first.parts[0].dtype
         dtype = getattr(self.config, "dtype", None) or torch.bfloat16
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     def load_dense(self) -> dict[str, torch.Tensor]:
-        """Read every non-expert tensor into memory, keyed by its in-memory name."""
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[str, list[tuple[str, TensorRef]]] = {}
-        for name, ref in self.dense.items():
-            by_file.setdefault(ref.path, []).append((name, ref))
-        for path, items in by_file.items():
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    for name, ref in sorted(items, key=lambda it: it[1].offset):
-                        buf = bytearray(ref.nbytes)
-                        f.seek(ref.offset)
-                        if f.readinto(memoryview(buf)) != ref.nbytes:
-                            raise _fail(path, f"truncated while reading {name!r}")
-                        t = torch.frombuffer(buf, dtype=ref.dtype) if ref.nbytes else torch.empty(0, dtype=ref.dtype)
-                        out[name] = t.reshape(ref.shape)
-            except OSError as e:
-                raise _fail(path, f"cannot read ({e.strerror or e})") from None
+        """Read every non-expert tensor into memory, keyed by its in-memory name; a quantized dense
+        weight is dequantized into its scale's dtype."""
+        out = _read_all(self.dense)
+        for name, q in (self.dense_quantized or {}).items():
+            got = _read_all({"packed": q.packed, "scale": q.scale})
+            out[name] = dequantize(got["packed"], got["scale"], q.scheme, q.shape)
         return out
+
+
+def _read_all(refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
+    """Tensors by name, read file by file in offset order."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[tuple[str, TensorRef]]] = {}
+    for name, ref in refs.items():
+        by_file.setdefault(ref.path, []).append((name, ref))
+    for path, items in by_file.items():
+        try:
+            with open(path, "rb", buffering=0) as f:
+                for name, ref in sorted(items, key=lambda it: it[1].offset):
+                    buf = bytearray(ref.nbytes)
+                    f.seek(ref.offset)
+                    if f.readinto(memoryview(buf)) != ref.nbytes:
+                        raise _fail(path, f"truncated while reading {name!r}")
+                    t = torch.frombuffer(buf, dtype=ref.dtype) if ref.nbytes else torch.empty(0, dtype=ref.dtype)
+                    out[name] = t.reshape(ref.shape)
+        except OSError as e:
+            raise _fail(path, f"cannot read ({e.strerror or e})") from None
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A dense Linear weight stored pack-quantized: read and dequantized at load."""
+
+    packed: TensorRef
+    scale: TensorRef
+    scheme: Scheme
+    shape: tuple[int, int]
+
+
+@dataclass
+class _DenseQuantized:
+    weights: dict[str, QuantizedWeight]
+    names: set[str]  # the on-disk tensors they take
+
+
+def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], scheme: Scheme | None,
+                    shape: tuple[int, int]) -> tuple[TensorRef, TensorRef]:
+    """`base`.weight_packed and .weight_scale, checked against the scheme and the weight's [out, in]."""
+    if scheme is None:
+        raise _fail(model_dir, f"{base}.weight_packed is quantized but config.json has no quantization_config")
+    packed, scale = tensors.get(base + ".weight_packed"), tensors.get(base + ".weight_scale")
+    if packed is None or scale is None:
+        what = "weight_scale" if packed is not None else "weight_packed"
+        raise _fail(model_dir, f"missing tensor {base}.{what} (a quantized weight needs packed values and scales)")
+    want_p = (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))
+    if packed.shape != want_p or packed.dtype != torch.int32:
+        raise _fail(model_dir, f"{base}.weight_packed is {packed.shape} {str(packed.dtype)[6:]}, {scheme.name} of a "
+                               f"{list(shape)} weight is {want_p} int32")
+    want_s = scheme.scale_shape(*shape)
+    if scale.shape != want_s or not scale.dtype.is_floating_point:
+        raise _fail(model_dir, f"{base}.weight_scale has shape {scale.shape} ({str(scale.dtype)[6:]}), {scheme.name} of a "
+                               f"{list(shape)} weight needs {want_s} floats")
+    return TensorRef(packed.path, packed.offset, packed.nbytes, (shape[0], packed.nbytes // shape[0]), torch.uint8), scale
+
+
+def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], scheme: Scheme | None) -> _DenseQuantized:
+    """The dense Linear weights a checkpoint keeps quantized (a published one may quantize attention too)."""
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    out = _DenseQuantized({}, set())
+    for name in tensors:
+        if not name.endswith(".weight_packed"):
+            continue
+        base = name[: -len("_packed")]
+        shape = shapes.get(base)
+        if shape is None or len(shape) != 2:
+            raise _fail(model_dir, f"{name}: the model has no 2-D weight {base} to dequantize it into")
+        packed, scale = _quantized_pair(model_dir, base[: -len(".weight")], tensors, scheme, shape)
+        out.weights[base] = QuantizedWeight(packed, scale, scheme, shape)
+        out.names |= {base + "_packed", base + "_scale", base + "_shape"}
+    return out
 
 
 def _locate_mxfp4(model_dir: Path, layer: int, site: ExpertsSite, tensors: dict[str, TensorRef],
@@ -198,7 +277,8 @@ def _locate_mxfp4(model_dir: Path, layer: int, site: ExpertsSite, tensors: dict[
         experts[(layer, e)] = ExpertParts(parts, fused=True, mxfp4=True)
 
 
-def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef]) -> dict[str, TensorRef]:
+def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense: dict[str, TensorRef], *,
+           quantized: set[str] = frozenset()) -> dict[str, TensorRef]:
     """The non-expert tensors the model has, checked as loading them would check (so `info`
     refuses what `generate` would): none missing, each of its parameter's shape, no expert beyond
     the count config.json gives. Others (e.g. multi-token-prediction layers transformers does not
@@ -212,7 +292,7 @@ def _dense(model_dir: Path, config, model, sites: dict[int, ExpertsSite], dense:
         site = next((s for s in sites.values() if name.startswith(s.path + ".")), None)
         if site is not None and name not in want:
             raise _fail(model_dir, f"tensors do not match config.json ({name}: more experts than the {site.num_experts} it gives)")
-    missing = [n for n in want if n not in dense and n not in served and n not in tied]
+    missing = [n for n in want if n not in dense and n not in served and n not in tied and n not in quantized]
     if missing:
         raise _fail(model_dir, f"missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     unknown = [n for n in dense if n not in want]
@@ -248,13 +328,33 @@ def _slices(ref: TensorRef, n: int, *, rows: bool = False) -> list[TensorRef]:
     return [TensorRef(ref.path, ref.offset + e * size, size, shape, ref.dtype) for e in range(n)]
 
 
+def _locate_quantized(model_dir: Path, family: Family, layer: int, site: ExpertsSite, tensors: dict[str, TensorRef],
+                      scheme: Scheme | None, experts: dict[ExpertId, ExpertParts], names: set[str]) -> tuple:
+    """One layer's pack-quantized experts, one (gate, up, down) Linear each: their (packed, scale)
+    pairs in that order; returns the [out, in] shapes of (gate, up, down)."""
+    (two_inter, hidden), down = site.shapes
+    shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), down)
+    for e in range(site.num_experts):
+        refs = []
+        for role, shape in zip(family.per_expert_names, shapes):
+            base = f"{site.path}.{e}.{role}"
+            refs += _quantized_pair(model_dir, base, tensors, scheme, shape)
+            names.update(f"{base}.{suffix}" for suffix in SUFFIXES)
+        experts[(layer, e)] = ExpertParts(tuple(refs), fused=False, quantized=True)
+    return shapes
+
+
 def _locate_experts(
-    model_dir: Path, family: Family, sites: dict[int, ExpertsSite], tensors: dict[str, TensorRef]
-) -> tuple[dict[ExpertId, ExpertParts], set[str]]:
+    model_dir: Path, family: Family, sites: dict[int, ExpertsSite], tensors: dict[str, TensorRef], scheme: Scheme | None
+) -> tuple[dict[ExpertId, ExpertParts], set[str], QuantExperts | None]:
     experts: dict[ExpertId, ExpertParts] = {}
     names: set[str] = set()
+    quant_shapes = None
     for layer, site in sites.items():
         n, prefix = site.num_experts, site.path + "."
+        if f"{prefix}0.{family.per_expert_names[0]}.weight_packed" in tensors and site.has_gate and not site.transposed:
+            quant_shapes = _locate_quantized(model_dir, family, layer, site, tensors, scheme, experts, names)
+            continue
         if family.row_blocks is not None:
             _locate_row_blocks(model_dir, family, layer, site, tensors, experts, names)
             continue
@@ -290,4 +390,6 @@ def _locate_experts(
     sizes = {p.nbytes for p in experts.values()}
     if len(sizes) != 1:
         raise _fail(model_dir, f"experts differ in size ({sorted(sizes)} bytes); expertcache needs uniform experts")
-    return experts, names
+    if quant_shapes is not None and not all(p.quantized for p in experts.values()):
+        raise _fail(model_dir, "some layers' experts are quantized and others are not; expertcache needs one format")
+    return experts, names, QuantExperts(scheme, quant_shapes) if quant_shapes is not None else None

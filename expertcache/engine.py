@@ -105,12 +105,12 @@ class Engine:
         self.cache = ExpertCache(
             store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
             policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
-            stats=self.stats_,
+            stats=self.stats_, prepare=ckpt.quant.prepare if ckpt.quant is not None else None,
         )  # fmt: skip
         try:
             self.model = _build_model(ckpt, dtype)
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
-                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k)
+                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant)
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"

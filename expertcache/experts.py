@@ -22,6 +22,7 @@ from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
 from .ids import Prediction
 from .predictors.base import Predictor, rank
+from .quant import QuantExperts
 from .routing import RoutingPolicy
 
 IMPLEMENTATION = "expertcache"  # the name under which transformers' experts interface knows us
@@ -62,10 +63,17 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tens
     return y if bias is None else y + bias
 
 
-def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int) -> torch.Tensor:
+def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int,
+                  quant: QuantExperts | None = None) -> torch.Tensor:
     """One expert of `module` on its tokens x [n, H] -> [n, H]: the module's own math (gating,
-    biases, layout) on weights read from the cache."""
+    biases, layout) on weights read from the cache; `quant`: (gate, up, down) are quantized
+    (packed, scale) pairs, computed on by quant's kernels."""
     t, bias = module.is_transposed, module.has_bias
+    if quant is not None:  # one Linear each, [out, in], as the per-expert layout
+        g, u = quant.linear(x, parts, 0), quant.linear(x, parts, 1)
+        h = module.act_fn(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
+        y = quant.linear(h, parts, 2)
+        return module.post_expert_norm(y) if module.has_post_expert_norm else y
     if len(parts) == 4:  # MXFP4 (gate_up blocks, scales, down blocks, scales): decoded on use, [out, in]
         parts = tuple(mxfp4.decode(b, s, x.dtype) for b, s in (parts[:2], parts[2:]))
         parts = tuple(p.t().contiguous() for p in parts) if t else parts  # the module's own layout
@@ -99,8 +107,10 @@ class ExpertsRuntime:
     """What every experts call of one engine shares: the cache, the routing policy, the predictor,
     the observers, and what the router hooks captured. The engine builds and owns it."""
 
-    def __init__(self, *, cache: ExpertCache, routing: RoutingPolicy, predictor: Predictor, num_experts: int, top_k: int) -> None:
+    def __init__(self, *, cache: ExpertCache, routing: RoutingPolicy, predictor: Predictor, num_experts: int, top_k: int,
+                 quant: QuantExperts | None = None) -> None:
         self.cache = cache
+        self.quant = quant
         self.routing = routing
         self.predictor = predictor
         self.num_experts, self.top_k = num_experts, top_k
@@ -191,10 +201,10 @@ class ExpertsRuntime:
             for e, parts in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
                     s = single.index(e)
-                    contrib[0, s] = expert_output(module, x, parts, e)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
+                    contrib[0, s] = expert_output(module, x, parts, e, self.quant)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
                     tok, slot = torch.nonzero(ids == e, as_tuple=True)
-                    contrib[tok, slot] = expert_output(module, x[tok], parts, e) * weights[tok, slot, None]
+                    contrib[tok, slot] = expert_output(module, x[tok], parts, e, self.quant) * weights[tok, slot, None]
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
     def forward_rows(self, module: nn.Module, layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -216,7 +226,7 @@ class ExpertsRuntime:
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
             for e, parts in ready:
                 mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
-                out[mine] = expert_output(module, rows[mine], parts, e)
+                out[mine] = expert_output(module, rows[mine], parts, e, self.quant)
         return out
 
     def _guess(self, layer: int, x: torch.Tensor, logits: torch.Tensor | None) -> Prediction:
@@ -237,7 +247,7 @@ class ExpertsRuntime:
         module = self._modules[layer]
         with closing(self.cache.stream(layer, [expert])) as ready:
             for e, parts in ready:
-                return expert_output(module, x, parts, e)
+                return expert_output(module, x, parts, e, self.quant)
         raise RuntimeError(f"expert {(layer, expert)} was not streamed")
 
     def unbind(self) -> None:

@@ -58,9 +58,11 @@ class LoadTask:
 class Loader:
     """A pool of reader threads over one ExpertStore and one SlotArena."""
 
-    def __init__(self, store: ExpertStore, arena: SlotArena, *, threads: int = 2) -> None:
+    def __init__(self, store: ExpertStore, arena: SlotArena, *, threads: int = 2,
+                 prepare: Callable[[tuple], None] | None = None) -> None:
         self._store = store
         self._arena = arena
+        self._prepare = prepare  # run on an expert's part tensors when its last chunk is read, before it is ready
         self._heap: list[tuple[int, int, LoadTask]] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
@@ -195,10 +197,19 @@ class Loader:
                 # so a failed load's slot is never reused while a read still writes into it
             if task.error is not None:
                 self._end(task, FAILED, task.error)
-            elif task.done_chunks == task.chunks:
-                self._end(task, DONE, None)
-            else:
+                return
+            if task.done_chunks < task.chunks:
                 task.state = QUEUED  # chunks left, none being read: resumes when it is first in line
+                return
+            if self._prepare is None:
+                self._end(task, DONE, None)
+                return
+        try:  # every chunk is read and no other thread holds the task: its bytes are this thread's
+            self._prepare(self._arena.tensors(task.slot, self._store.plan(task.eid)))
+        except Exception as e:
+            error = ExpertLoadError(f"preparing expert {task.eid} failed: {e}")
+        with self._cv:
+            self._end(task, DONE if error is None else FAILED, error)
 
     def _end(self, task: LoadTask, state: str, error: BaseException | None) -> None:
         """Finish a task (under the lock); its waiters wake."""

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {  # command -> module of this package
     "simulate": "simulate",
     "train-predictor": "train_predictor",
     "eval-predictors": "eval_predictors",
+    "quantize": "quantize",
 }
 SUMMARIES = {  # shown by `expertcache --help` without importing the command modules
     "generate": "generate text through the offloaded engine",
@@ -39,6 +40,7 @@ SUMMARIES = {  # shown by `expertcache --help` without importing the command mod
     "simulate": "replay a routing trace through the cache policies with a cost model",
     "train-predictor": "fit a predictor file (learned, estimator, default-vector) from a trace or calibration text",
     "eval-predictors": "precision and recall of every predictor on held-out text",
+    "quantize": "write a copy of a checkpoint with int8 or int4 experts (compressed-tensors pack-quantized)",
 }
 
 

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         ("family", info["family"]),
         ("layers (sparse)", f"{info['layers']} ({info['sparse_layers']})"),
         ("experts per layer, top-k", f"{info['experts_per_layer']}, top-{info['top_k']}{weights}"),
-        ("expert layout, dtype", f"{info['expert_layout']}, {info['dtype']}"),
+        ("expert layout, dtype", f"{info['expert_layout']}, {info['dtype']}"
+                                 + (f" ({info['expert_precision']} experts)" if info["expert_precision"] != info["dtype"] else "")),
         ("bytes per expert", fmt_bytes(info["bytes_per_expert"])),
         ("dense bytes", fmt_bytes(info["dense_bytes"])),
         ("all expert bytes", fmt_bytes(total)),

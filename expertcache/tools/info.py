@@ -12,6 +12,7 @@ from ..config import demo_model_dir
 from ..errors import CheckpointError
 from ..families import FAMILIES, Family, text_prefix
 from ..headers import DTYPE_NAMES, TensorEntry, read_config_json, read_tensors
+from ..qformat import SchemeError, read_scheme
 
 EXPERT_COUNT_KEYS = ("n_routed_experts", "moe_num_experts", "num_local_experts", "num_experts")  # the first present counts
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k")  # config.json's names for top-k (Ernie, Hunyuan, DBRX)
@@ -39,7 +40,7 @@ def model_info(model_dir: str | Path | None, *, check: bool = False) -> dict:
 
 
 def _figures(model_dir: Path, *, family: str, layers: int, sparse: int, experts: int, top_k: int, renormalize,
-             layout: str, dtype: str, expert_bytes: int, dense_bytes: int, checked: str) -> dict:
+             layout: str, dtype: str, expert_bytes: int, dense_bytes: int, checked: str, precision: str | None = None) -> dict:
     return {
         "model": str(model_dir),
         "supported": True,
@@ -51,6 +52,7 @@ def _figures(model_dir: Path, *, family: str, layers: int, sparse: int, experts:
         "renormalize": renormalize,
         "expert_layout": layout,
         "dtype": dtype,
+        "expert_precision": precision or dtype,  # what an expert's weights are stored as: a dtype, mxfp4, int4-g64 ...
         "bytes_per_expert": expert_bytes,
         "dense_bytes": dense_bytes,
         "total_expert_bytes": sparse * experts * expert_bytes,
@@ -66,13 +68,15 @@ def _from_model(model_dir: Path) -> dict:
 
     ckpt = Checkpoint.open(model_dir)
     rule = ckpt.family.weight_rule(ckpt.config)
+    first = next(iter(ckpt.experts.values()))
+    precision = ckpt.quant.scheme.name if ckpt.quant is not None else "mxfp4" if first.mxfp4 else None
     return _figures(
         ckpt.model_dir, family=ckpt.family.model_type, layers=int(ckpt.config.num_hidden_layers),
         sparse=len(ckpt.sparse_layers), experts=ckpt.num_experts, top_k=ckpt.top_k,
         renormalize=rule.renormalize if rule is not None else None,
         layout="fused" if next(iter(ckpt.experts.values())).fused else "per-expert",
         dtype=str(ckpt.dtype).replace("torch.", ""), expert_bytes=ckpt.expert_bytes, dense_bytes=ckpt.dense_bytes,
-        checked="model",
+        checked="model", precision=precision,
     )
 
 
@@ -95,6 +99,11 @@ def _from_headers(model_dir: Path) -> dict | None:
     counts, top-k, the embedding's shape, uniform experts); None where they cannot settle them
     (an unsupported or unusual config, a layout this reading does not know): the model decides."""
     raw = read_config_json(model_dir)
+    try:
+        if read_scheme(raw) is not None:  # pack-quantized experts: the model reads them
+            return None
+    except SchemeError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
     prefix = text_prefix(raw["model_type"])
     if prefix:  # a multimodal checkpoint: its text model runs
         raw = raw.get("text_config")
@@ -129,11 +138,12 @@ def _from_headers(model_dir: Path) -> dict | None:
     if not 1 <= top_k <= n_cfg:
         raise CheckpointError(f"{config}: num_experts_per_tok is {top_k}, must be between 1 and the number of experts ({n_cfg})")
     layout, dtype = figures[0][0], figures[0][2]
+    precision = None
     if layout == "mxfp4":
-        layout, dtype = "fused", str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16")
+        layout, dtype, precision = "fused", str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"), "mxfp4"
     return _figures(model_dir, family=family.model_type, layers=layers, sparse=len(sites), experts=n_cfg, top_k=top_k,
                     renormalize=renormalize, layout=layout, dtype=dtype, expert_bytes=figures[0][1],
-                    dense_bytes=dense_bytes, checked="headers")
+                    dense_bytes=dense_bytes, checked="headers", precision=precision)
 
 
 def _sites(family: Family, tensors: dict[str, TensorEntry], layers: int) -> tuple[dict[str, dict], int]:

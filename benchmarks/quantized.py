@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Quantized experts benchmark: kernels, bytes and decode speed on the 1 GB checkpoint, quality on
+the demo model; bf16 against int8 (one scale per row) and int4 (groups of 64), same run.
+
+    python benchmarks/quantized.py [--out results/quantized] [--tokens N] [--skip-quality] [--quick]
+
+- kernels: one expert of the 1 GB checkpoint's shape (hidden 1024, intermediate 2816: gate, up and
+  down) on 1 and 8 tokens, torch's bf16 F.linear against the int8 and int4 kernels expertcache
+  calls on the stored bytes (median of repeats, 1 thread); effective GB/s is the expert's stored
+  bytes over the time; and the one-off repack a load pays (quant.QuantExperts.prepare).
+- speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB bf16),
+  quantized by `expertcache quantize` (cached beside it). One subprocess per budget holds three
+  engines (bf16, int8, int4) at the same budget in bytes (100% of each one's experts, or 50% of
+  the bf16 experts' bytes for all three) and steps them in turn, one decode step each (order
+  alternating), so each step sees the same machine load; each engine samples its own tokens
+  (temperature 1, fixed seed). TPOT is the median step; the ratio is the median of per-step ratios.
+  Decode bytes read per token and hit rates come from each engine's counters.
+- quality: the demo model and its int8 / int4-g64 / int4-g32 copies, `expertcache eval`'s
+  perplexity on TinyStories validation (first 10k tokens, window 256, stride 128) and last-word
+  multiple-choice accuracy (1,000 items), at a 100% budget.
+Writes quantized.json, quantized.md and quantized.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+VARIANTS = {"bf16": None, "int8": (8, 0), "int4-g64": (4, 64)}
+
+
+def kernels(repeats: int = 30) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from expertcache.qformat import Scheme
+    from expertcache.quant import QuantExperts, quantize
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    h, i = 1024, 2816
+    shapes = ((i, h), (i, h), (h, i))
+    ws = [torch.randn(s) * 0.02 for s in shapes]
+
+    def med(f):
+        for _ in range(3):
+            f()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    out = {}
+    bf = [w.to(torch.bfloat16) for w in ws]
+    bf_bytes = sum(w.numel() * 2 for w in bf)
+    for n in (1, 8):
+        x = torch.randn(n, h, dtype=torch.bfloat16)
+        xi = torch.randn(n, i, dtype=torch.bfloat16)
+        t = med(lambda: (F.linear(x, bf[0]), F.linear(x, bf[1]), F.linear(xi, bf[2])))
+        out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9}
+        for name, scheme in (("int8", Scheme(8, None)), ("int4-g64", Scheme(4, 64)), ("int4-g32", Scheme(4, 32))):
+            q = QuantExperts(scheme, shapes)
+            parts = []
+            for w in ws:
+                p, s = quantize(w, scheme, torch.bfloat16)
+                parts += [p.view(torch.uint8).view(w.shape[0], -1).clone(), s]
+            nbytes = sum(p.numel() * p.element_size() for p in parts)
+            fresh = [p.clone() for p in parts]
+            t_prep = med(lambda: q.prepare([p.copy_(f) for p, f in zip([x.clone() for x in fresh], fresh)]))
+            q.prepare(parts)
+            t = med(lambda: (q.linear(x, parts, 0), q.linear(x, parts, 1), q.linear(xi, parts, 2)))
+            out[f"{name}_n{n}"] = {"ms": 1e3 * t, "bytes": nbytes, "gb_s": nbytes / t / 1e9, "kernels": list(q.kernels),
+                                   "prepare_ms": 1e3 * t_prep, "vs_bf16": t / (out[f"bf16_n{n}"]["ms"] / 1e3)}
+    return out
+
+
+def checkpoints(root: Path | None) -> dict[str, Path]:
+    from helpers.synthetic import CkptSpec, build_checkpoint
+
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    root = Path(root or os.environ.get("EXPERTCACHE_BENCH_DIR") or REPO / "results" / "ckpt")
+    base = build_checkpoint(CkptSpec(), root)
+    out = {"bf16": base}
+    for name, v in VARIANTS.items():
+        if v is None:
+            continue
+        d = base.with_name(base.name + "-" + name)
+        if not (d / "config.json").exists():
+            quantize_checkpoint(base, d, bits=v[0], group_size=v[1])
+            (d / "spec.json").write_text((base / "spec.json").read_text())
+        out[name] = d
+    return out
+
+
+def paired(ckpts: dict[str, str], budget: str, tokens: int, warmup: int = 8) -> dict:
+    """One engine per variant at `budget` (bytes, or "100%" of each one's experts), stepped in turn."""
+    import torch
+
+    torch.set_num_threads(1)
+    import expertcache
+    from decode import COUNTERS, drain
+    from helpers.synthetic import CkptSpec, prompt_ids
+
+    from expertcache.decoding import Decoding
+
+    spec = CkptSpec(**json.loads((Path(ckpts["bf16"]) / "spec.json").read_text()))
+    prompt = prompt_ids(spec)
+    engines = {}
+    for v, path in ckpts.items():
+        engines[v] = e = expertcache.load(path, expert_budget=budget, prefetch="next-gate", io="direct", num_threads=1)
+        e.generate(prompt_ids(spec, 8, seed=99), max_new_tokens=warmup, stop_at_eos=False, greedy=False, seed=1)
+        drain(e)
+        e.reset_stats()
+    st = {v: {"d": Decoding(e.model), "next": list(prompt), "gen": torch.Generator().manual_seed(0), "times": []}
+          for v, e in engines.items()}
+    first = {}
+    with torch.inference_mode():
+        for step in range(tokens):
+            for v in list(engines) if step % 2 == 0 else list(engines)[::-1]:
+                e, s = engines[v], st[v]
+                t0 = time.perf_counter()
+                logits = s["d"].feed(s["next"])[-1]
+                probs = torch.softmax(logits.float(), dim=-1)
+                nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=s["gen"]))
+                drain(e)  # a step pays for its own reads in flight
+                if step > 0:
+                    s["times"].append(time.perf_counter() - t0)
+                else:
+                    first[v] = dict(e.stats())
+                s["next"] = [nxt]
+    base = next(iter(engines))
+    out = {"budget": budget, "tokens": tokens, "variants": {}}
+    for v, e in engines.items():
+        s = e.stats()
+        dec = {k: s[k] - first[v][k] for k in COUNTERS}
+        n = len(st[v]["times"])
+        out["variants"][v] = {
+            "tpot_ms": 1e3 * statistics.median(st[v]["times"]),
+            "ratio_vs_bf16": statistics.median(a / b for a, b in zip(st[v]["times"], st[base]["times"])),
+            "hit_rate": dec["hits"] / dec["lookups"] if dec["lookups"] else None,
+            "bytes_read_per_token": dec["bytes_read"] / n,
+            "cache_slots": e.cache.capacity, "expert_bytes": e.checkpoint.expert_bytes,
+            "budget_bytes": e.budget_bytes,
+        }
+        e.close()
+    return out
+
+
+def quality(max_tokens: int, limit: int | None) -> dict:
+    import expertcache
+    from expertcache.demo.corpus import LASTWORD_MC, TINYSTORIES_VALID, corpus_path
+    from expertcache.engine import demo_model_dir
+    from expertcache.tools.quality import evaluate
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    text, mc = corpus_path(TINYSTORIES_VALID), corpus_path(LASTWORD_MC)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"bf16": demo_model_dir()}
+        for name, (bits, g) in {"int8": (8, 0), "int4-g64": (4, 64), "int4-g32": (4, 32)}.items():
+            dirs[name] = Path(tmp) / name
+            quantize_checkpoint(dirs["bf16"], dirs[name], bits=bits, group_size=g, progress=False)
+        for name, d in dirs.items():
+            with expertcache.load(d, expert_budget="100%", prefetch="none", num_threads=1) as eng:
+                ppl = evaluate(eng, text=text, window=256, stride=128, max_tokens=max_tokens, progress=True)
+                acc = evaluate(eng, mc=mc, limit=limit, progress=True)
+            out[name] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "accuracy": acc.accuracy, "items": acc.items,
+                         "expert_bytes": eng.checkpoint.expert_bytes}
+    for name in out:
+        out[name]["perplexity_vs_bf16"] = out[name]["perplexity"] / out["bf16"]["perplexity"] - 1
+        out[name]["accuracy_points_vs_bf16"] = 100 * (out[name]["accuracy"] - out["bf16"]["accuracy"])
+    return out
+
+
+def _spawn(args: list[str]) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
+    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {args} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def markdown(rep: dict) -> str:
+    lines = ["# Quantized experts", "", f"`python benchmarks/quantized.py` ({rep['when']}; 1 thread)", ""]
+    k = rep["kernels"]
+    lines += ["## One expert (gate, up, down: 1024 x 2816), per call", "",
+              "| tokens | format | kernels | ms | stored MB | effective GB/s | vs bf16 | repack at load, ms |", "|---|---|---|---|---|---|---|---|"]
+    for key, r in k.items():
+        fmt, n = key.rsplit("_n", 1)
+        lines.append(f"| {n} | {fmt} | {', '.join(sorted(set(r.get('kernels', ['F.linear']))))} | {r['ms']:.3f} | "
+                     f"{r['bytes'] / 1e6:.2f} | {r['gb_s']:.1f} | {r.get('vs_bf16', 1.0):.2f}x | {r.get('prepare_ms', 0):.2f} |")
+    for run in rep["speed"]:
+        lines += ["", f"## Decode, budget {run['label']} ({run['tokens']} tokens, paired steps)", "",
+                  "| format | TPOT ms | vs bf16 (median step ratio) | hit rate | MB read/token | slots | bytes/expert |", "|---|---|---|---|---|---|---|"]
+        for v, r in run["variants"].items():
+            hr = f"{100 * r['hit_rate']:.1f}%" if r["hit_rate"] is not None else "-"
+            lines.append(f"| {v} | {r['tpot_ms']:.1f} | {r['ratio_vs_bf16']:.2f} | {hr} | {r['bytes_read_per_token'] / 1e6:.2f} | "
+                         f"{r['cache_slots']} | {r['expert_bytes'] / 1e6:.2f} MB |")
+    if rep.get("quality"):
+        lines += ["", "## Quality on the demo model (100% budget)", "",
+                  "| format | bytes/expert | perplexity (TinyStories valid) | vs bf16 | last-word accuracy | vs bf16 |", "|---|---|---|---|---|---|"]
+        for v, r in rep["quality"].items():
+            lines.append(f"| {v} | {r['expert_bytes'] / 1024:.0f} KiB | {r['perplexity']:.3f} | {100 * r['perplexity_vs_bf16']:+.2f}% | "
+                         f"{100 * r['accuracy']:.1f}% ({r['items']}) | {r['accuracy_points_vs_bf16']:+.1f} pts |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [r["label"] for r in rep["speed"]]
+    variants = list(rep["speed"][0]["variants"])
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        ax.bar([i + j * width for i in range(len(labels))], [r["variants"][v]["tpot_ms"] for r in rep["speed"]], width, label=v)
+    ax.set_xticks([i + width for i in range(len(labels))], labels)
+    ax.set_ylabel("TPOT, ms (median)")
+    ax.set_title("Decode on the 1 GB checkpoint, 1 thread")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "results" / "quantized"))
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps per engine and budget (default 64)")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="16 tokens; quality on 2k tokens and 200 items")
+    ap.add_argument("--ckpt-root", default=None)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        w = json.loads(args.worker)
+        print(json.dumps(globals()[w.pop("fn")](**w)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = 16 if args.quick else args.tokens
+    rep = {"when": time.strftime("%Y-%m-%d %H:%M"), "kernels": _spawn(["--worker", json.dumps({"fn": "kernels"})])}
+    ckpts = {k: str(v) for k, v in checkpoints(args.ckpt_root).items()}
+    import expertcache.checkpoint as ck
+
+    bf16_bytes = ck.Checkpoint.open(ckpts["bf16"]).total_expert_bytes
+    rep["speed"] = []
+    for label, budget in (("100% of each", "100%"), ("50% of bf16 bytes", str(bf16_bytes // 2))):
+        r = _spawn(["--worker", json.dumps({"fn": "paired", "ckpts": ckpts, "budget": budget, "tokens": tokens})])
+        r["label"] = label
+        rep["speed"].append(r)
+        print(json.dumps(r), flush=True)
+    if not args.skip_quality:
+        rep["quality"] = quality(2000 if args.quick else 10000, 200 if args.quick else None)
+    (out / "quantized.json").write_text(json.dumps(rep, indent=2))
+    (out / "quantized.md").write_text(markdown(rep))
+    plot(rep, out / "quantized.png")
+    print(markdown(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

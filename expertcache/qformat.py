@@ -1,0 +1,105 @@
+"""Weight-only integer experts as compressed-tensors' "pack-quantized" format stores them (what
+llm-compressor writes and vLLM and transformers read), readable without torch.
+
+A quantized Linear `X` keeps `X.weight_packed` (int32 [out, in*bits/32]: element i of a row at bit
+i*bits, little-endian, stored as value + 2^(bits-1)), `X.weight_scale` ([out, in/group], or
+[out, 1] for one scale per row, in the model's dtype) and `X.weight_shape` ([out, in]); its weight is
+value * scale. config.json's `quantization_config` names the scheme. expertcache reads and writes
+the symmetric int4 and int8 schemes, by group or by output row, with no activation quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+GROUP_SIZES = (32, 64, 128, 256)  # what `quantize` writes (torch's CPU int4 kernel takes these)
+
+
+class SchemeError(ValueError):
+    """A quantization_config expertcache cannot run (its message is one line)."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One weight quantization: `bits` (4 or 8), symmetric, one scale per `group_size` inputs of a
+    row (None: one per row)."""
+
+    bits: int
+    group_size: int | None
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "channel")
+
+    def packed_bytes(self, out: int, inner: int) -> int:
+        return out * -(-inner * self.bits // 32) * 4
+
+    def scale_shape(self, out: int, inner: int) -> tuple[int, int]:
+        return (out, -(-inner // self.group_size) if self.group_size else 1)
+
+    def config(self, targets: list[str], ignore: list[str]) -> dict:
+        """config.json's quantization_config for this scheme on the Linear modules `targets` names."""
+        strategy = {"strategy": "group", "group_size": self.group_size} if self.group_size else {"strategy": "channel"}
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": True, "dynamic": False, "actorder": None,
+                   "observer": "mse", **strategy}
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
+                                              "output_activations": None, "format": "pack-quantized"}},
+                "ignore": ignore, "kv_cache_scheme": None}
+
+
+def read_scheme(config_json: dict) -> Scheme | None:
+    """The weight scheme of a checkpoint's config.json; None for an unquantized checkpoint or an
+    MXFP4 one (read by its tensors). SchemeError for what expertcache cannot run, with the reason."""
+    qc = config_json.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise SchemeError("quantization_config is not an object")
+    method = qc.get("quant_method")
+    if method == "mxfp4":
+        return None
+    if method != "compressed-tensors":
+        raise SchemeError(f"quantization method {method!r} is not supported (expertcache reads compressed-tensors "
+                          "pack-quantized int4/int8 and MXFP4)")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        raise SchemeError("compressed-tensors quantization_config has no config_groups")
+    schemes = set()
+    for name, group in groups.items():
+        fmt = group.get("format") or qc.get("format")
+        if fmt != "pack-quantized":
+            raise SchemeError(f"compressed-tensors format {fmt!r} is not supported (expertcache reads pack-quantized)")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise SchemeError(f"config group {name!r} quantizes activations; expertcache runs weight-only schemes (W4A16, W8A16)")
+        schemes.add(_weights_scheme(name, group.get("weights")))
+    if len(schemes) != 1:
+        raise SchemeError(f"config groups differ ({', '.join(sorted(s.name for s in schemes))}); expertcache runs one scheme")
+    return schemes.pop()
+
+
+def _weights_scheme(name: str, w) -> Scheme:
+    if not isinstance(w, dict):
+        raise SchemeError(f"config group {name!r} has no weights scheme")
+    bits, kind = w.get("num_bits"), w.get("type", "int")
+    if kind != "int":
+        raise SchemeError(f"{kind} weights are not supported (expertcache reads int4 and int8 weights)")
+    if bits not in (4, 8):
+        raise SchemeError(f"{bits}-bit weights are not supported (expertcache runs 4 and 8 bits)")
+    if not w.get("symmetric", True):
+        raise SchemeError("asymmetric weights (with zero points) are not supported yet; quantize symmetric")
+    if w.get("dynamic"):
+        raise SchemeError("dynamic weight quantization is not a stored format")
+    if w.get("actorder") == "group":
+        raise SchemeError("activation-ordered groups (actorder: group, weight_g_idx) are not supported; "
+                          "use actorder static or none")
+    strategy = w.get("strategy")
+    if strategy == "channel":
+        return Scheme(bits, None)
+    if strategy == "group":
+        g = w.get("group_size")
+        if not isinstance(g, int) or g <= 0:
+            raise SchemeError(f"group strategy with group_size {g!r}")
+        return Scheme(bits, g)
+    raise SchemeError(f"weight strategy {strategy!r} is not supported (group or channel)")

@@ -1,0 +1,133 @@
+"""Quantized experts: quantize a weight into the pack-quantized format (qformat.py), and compute
+on the stored bytes without dequantizing a whole expert per call.
+
+An expert's (gate, up, down) arrive as (packed, scale) pairs read as saved. Where one of torch's
+CPU weight-only kernels fits the scheme and shape, the packed bytes are changed in place once,
+when the load ends, into the layout that kernel reads (the same bytes, so the budget holds):
+  int8, a scale per row     -> signed int8 [out, in]   for aten._weight_int8pack_mm
+  int4, groups of 32..256   -> torch's int4 CPU tiles  for aten._weight_int4pack_mm_for_cpu
+                               (out a multiple of 32)
+Any other scheme or shape (int8 by group, odd sizes) is dequantized on use, as the reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .qformat import Scheme
+
+INT8_CHANNEL, INT4_TILES, DEQUANT = "int8-channel", "int4-tiles", "dequantize"
+
+
+# --- the format --------------------------------------------------------------------------------
+def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (packed int32 [out, in*bits/32 rounded up], scale [out, groups] in
+    `scale_dtype`). Symmetric; each group's scale is the one, among clipped fractions of its
+    absolute maximum, whose rounded weights are nearest w in squared error (after rounding the
+    scale to `scale_dtype`, which dequantization uses)."""
+    out, inner = w.shape
+    g = scheme.group_size or inner
+    groups = -(-inner // g)
+    wf = F.pad(w.float(), (0, groups * g - inner)).view(out, groups, g)
+    qmax = (1 << (scheme.bits - 1)) - 1
+    top = wf.abs().amax(dim=-1, keepdim=True)  # [out, groups, 1]
+    best_q = best_s = best_err = None
+    fractions = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7) if scheme.bits == 4 else (1.0, 0.97, 0.94, 0.9)
+    for c in fractions:
+        s = (top * c / qmax).to(scale_dtype).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: any scale
+        q = torch.clamp(torch.round(wf / s), -qmax - 1, qmax)
+        err = ((q * s - wf) ** 2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
+    q = best_q.view(out, groups * g)[:, :inner].to(torch.int16)
+    return pack(q, scheme.bits), best_s.view(out, groups).to(scale_dtype)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed values [out, in] -> int32 [out, ceil(in*bits/32)]: element i at bit i*bits of its row,
+    stored as value + 2^(bits-1) (little-endian words)."""
+    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    if bits == 4:
+        u = F.pad(u, (0, u.shape[1] % 2))
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    elif bits != 8:
+        raise ValueError(f"{bits}-bit packing is not supported")
+    u = F.pad(u, (0, -u.shape[1] % 4))
+    return u.contiguous().view(torch.int32)
+
+
+def unpack(packed: torch.Tensor, bits: int, inner: int) -> torch.Tensor:
+    """The inverse of `pack`: packed bytes [out, n] (any 1-byte or int32 view) -> int16 values [out, inner]."""
+    b = packed.contiguous().view(torch.uint8).view(packed.shape[0], -1)
+    if bits == 4:
+        b = torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], -1)
+    return b[:, :inner].to(torch.int16) - (1 << (bits - 1))
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int]) -> torch.Tensor:
+    """The weight [out, in] in the scale's dtype: value * scale, as compressed-tensors dequantizes."""
+    out, inner = shape
+    q = unpack(packed, scheme.bits, inner).to(scale.dtype)
+    g = scheme.group_size or inner
+    return q * scale.repeat_interleave(g, dim=1)[:, :inner]
+
+
+# --- compute on the stored bytes -----------------------------------------------------------------
+def kernel_for(scheme: Scheme, shape: tuple[int, int]) -> str:
+    out, inner = shape
+    if scheme.bits == 8 and scheme.group_size is None and inner % 4 == 0:
+        return INT8_CHANNEL
+    if (scheme.bits == 4 and scheme.group_size in (32, 64, 128, 256) and inner % scheme.group_size == 0
+            and out % 32 == 0):
+        return INT4_TILES
+    return DEQUANT
+
+
+def _int4_tiles(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values [out, in] (out a multiple of 32) -> torch's CPU int4 layout [out, in/2]:
+    per block of 32 rows, for each input k, 16 bytes holding rows j (low nibble) and j + 16 (high)."""
+    out, inner = u.shape
+    v = u.view(out // 32, 2, 16, inner)
+    return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).reshape(out, inner // 2)
+
+
+@dataclass(frozen=True)
+class QuantExperts:
+    """How a checkpoint's quantized experts are laid out and computed: the scheme and the
+    [out, in] shapes of (gate, up, down), each with the kernel that computes it."""
+
+    scheme: Scheme
+    shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        return tuple(kernel_for(self.scheme, s) for s in self.shapes)
+
+    def prepare(self, parts: tuple[torch.Tensor, ...]) -> None:
+        """Once, when an expert's load ends: change its packed bytes in place into the layout
+        each matrix's kernel reads."""
+        for i, (kernel, shape) in enumerate(zip(self.kernels, self.shapes)):
+            packed = parts[2 * i]
+            if kernel == INT8_CHANNEL:
+                packed.bitwise_xor_(0x80)  # value + 128 -> the value's two's complement byte
+            elif kernel == INT4_TILES:
+                packed.copy_(_int4_tiles(unpack(packed, 4, shape[1]).add_(8).to(torch.uint8)))
+
+    def linear(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
+        """x [n, in] @ matrix i's weight.T -> [n, out], in x's dtype."""
+        packed, scale = parts[2 * i], parts[2 * i + 1]
+        kernel, shape = self.kernels[i], self.shapes[i]
+        if kernel == INT8_CHANNEL:
+            return torch.ops.aten._weight_int8pack_mm(x, packed.view(torch.int8), scale.reshape(-1).to(x.dtype))
+        if kernel == INT4_TILES:
+            s = scale.to(x.dtype).t()  # [groups, out]
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.scheme.group_size,
+                                                              torch.stack((s, torch.zeros_like(s)), dim=-1))
+        return F.linear(x, dequantize(packed, scale, self.scheme, shape).to(x.dtype))

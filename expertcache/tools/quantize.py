@@ -1,0 +1,231 @@
+"""expertcache quantize: a new checkpoint directory whose experts are pack-quantized int4 or int8
+(compressed-tensors' format, qformat.py), written one expert at a time; the source is only read.
+
+Each expert becomes three Linear weights under the family's per-expert names (Mixtral's w1/w3/w2),
+whatever layout the source keeps: `X.weight_packed`, `X.weight_scale`, `X.weight_shape`. An
+expert's six data tensors lie side by side (one read), the shape tensors at the end of the file.
+Dense tensors are copied as saved; tokenizer and generation files are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, TensorRef, _read_all, read_tensors
+from ..errors import CheckpointError, ExpertCacheError
+from ..families import text_prefix
+from ..qformat import GROUP_SIZES, Scheme
+from ..quant import dequantize, quantize
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+             torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.float64: "F64", torch.int16: "I16",
+             torch.bool: "BOOL"}
+SHARD_BYTES = 4 << 30
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: str
+    scheme: str
+    experts: int
+    source_expert_bytes: int  # one expert, as the source stores it
+    expert_bytes: int  # one expert, quantized (packed values and scales)
+    relative_error: float  # ||W - dequantized W|| / ||W|| over every expert weight
+    files: int
+    seconds: float
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def scheme_for(bits: int, group_size: int | None) -> Scheme:
+    """The scheme `quantize` writes for --bits/--group-size (defaults: int8 by row, int4 in groups of 64)."""
+    if bits not in (4, 8):
+        raise ExpertCacheError(f"--bits {bits}: expertcache quantizes to 4 or 8 bits")
+    if group_size is None:
+        group_size = 64 if bits == 4 else 0
+    if group_size and group_size not in GROUP_SIZES:
+        raise ExpertCacheError(f"--group-size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}, or 0 for one scale per row")
+    return Scheme(bits, group_size or None)
+
+
+def _disk_name(ckpt: Checkpoint, name: str) -> str:
+    """An in-memory name -> the name the family's checkpoints give it on disk (undoing disk_renames)."""
+    for old, new in reversed(ckpt.family.disk_renames):
+        name = name.replace(new, old)
+    return name
+
+
+def _check_source(ckpt: Checkpoint, model_dir: Path) -> None:
+    first = next(iter(ckpt.experts.values()))
+    if ckpt.quant is not None or first.mxfp4:
+        raise CheckpointError(f"{model_dir}: its experts are quantized already")
+    if ckpt.dense_quantized:
+        raise CheckpointError(f"{model_dir}: its dense weights are quantized already")
+    site = next(iter(ckpt.sites.values()))
+    if ckpt.family.row_blocks is not None or site.transposed or not site.has_gate or text_prefix(ckpt.config.model_type):
+        raise CheckpointError(f"{model_dir}: quantize writes one (gate, up, down) Linear per expert; {ckpt.family.model_type} "
+                              "checkpoints keep their experts another way")
+
+
+def _expert_weights(ckpt: Checkpoint, eid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) [out, in] of one expert, read as saved."""
+    parts = ckpt.experts[eid]
+    t = _read_all({str(i): ref for i, ref in enumerate(parts.parts)})
+    if len(t) == 3:
+        return t["0"], t["1"], t["2"]
+    gate, up = t["0"].chunk(2, dim=0)  # fused [gate; up] rows, as transformers' experts split them
+    return gate, up, t["1"]
+
+
+def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int | None = None,
+                        progress: bool = True, shard_bytes: int = SHARD_BYTES) -> QuantizeResult:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    scheme = scheme_for(bits, group_size)
+    model_dir, out_dir = Path(model), Path(out)
+    ckpt = Checkpoint.open(model_dir)
+    _check_source(ckpt, model_dir)
+    if out_dir.resolve() == model_dir.resolve() or model_dir.resolve() in out_dir.resolve().parents:
+        raise ExpertCacheError(f"--out {out_dir}: write the quantized checkpoint outside the source directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExpertCacheError(f"--out {out_dir}: exists and is not an empty directory")
+    dtype = ckpt.dtype
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{model_dir}: experts are {dtype}, not floating point")
+
+    # what the files hold: dense tensors as saved, then each expert's six tensors, then the shapes
+    site_paths = [s.path + "." for s in ckpt.sites.values()]
+    dense = {name: ref for name, ref in read_tensors(model_dir).items()
+             if not any(ckpt.family.canonical_name(name).startswith(p) for p in site_paths)}
+    roles = ckpt.family.per_expert_names
+    site = next(iter(ckpt.sites.values()))
+    (two_inter, hidden), down = site.shapes
+    shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), tuple(down))
+    if scheme.group_size and any(inner % scheme.group_size for _, inner in shapes):
+        raise ExpertCacheError(f"--group-size {scheme.group_size} does not divide the experts' input widths ({hidden} and "
+                               f"{down[1]}): pick one that does, or 0 for one scale per row")
+    groups: list[tuple[list[_Entry], Callable[[], Iterator[torch.Tensor]]]] = []
+    for name, ref in dense.items():
+        groups.append(([_Entry(name, ref.dtype, ref.shape)], _reader(name, ref)))
+    bases = {}
+    for eid in ckpt.experts:
+        layer, e = eid
+        base = [_disk_name(ckpt, f"{ckpt.sites[layer].path}.{e}.{role}") for role in roles]
+        bases[eid] = base
+        entries = []
+        for b, shape in zip(base, shapes):
+            entries += [_Entry(f"{b}.weight_packed", torch.int32, (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))),
+                        _Entry(f"{b}.weight_scale", dtype, scheme.scale_shape(*shape))]
+        groups.append((entries, None))  # filled by the expert writer below
+    shape_entries = [_Entry(f"{b}.weight_shape", torch.int64, (2,)) for eid in ckpt.experts for b in bases[eid]]
+
+    # shards: whole groups, a new file past shard_bytes
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (entries, _) in enumerate(groups):
+        n = sum(e.nbytes for e in entries)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                              for i in range(len(shards))]
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    err_num = err_den = 0.0
+    expert_ids = list(ckpt.experts)
+    bar = tqdm(total=len(expert_ids), unit="expert", desc=f"quantize {scheme.name}", disable=not progress)
+    weight_map = {}
+    try:
+        for shard_i, (fname, members) in enumerate(zip(names, shards)):
+            entries = [e for i in members for e in groups[i][0]] + (shape_entries if shard_i == len(shards) - 1 else [])
+            with open(partial / fname, "wb") as f:
+                _write_header(f, entries)
+                for i in members:
+                    group_entries, read = groups[i]
+                    if read is not None:
+                        for t in read():
+                            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+                        continue
+                    eid = expert_ids[i - len(dense)]
+                    for w, shape in zip(_expert_weights(ckpt, eid), shapes):
+                        packed, scale = quantize(w, scheme, dtype)
+                        back = dequantize(packed, scale, scheme, shape).float()
+                        err_num += float(((back - w.float()) ** 2).sum())
+                        err_den += float((w.float() ** 2).sum())
+                        for t in (packed, scale):
+                            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+                    bar.update(1)
+                if shard_i == len(shards) - 1:
+                    for eid in ckpt.experts:
+                        for shape in shapes:
+                            f.write(torch.tensor(shape, dtype=torch.int64).numpy().tobytes())
+            weight_map.update({e.name: fname for e in entries})
+        bar.close()
+        _copy_side_files(model_dir, partial, scheme, bases, ckpt)
+        if len(names) > 1:
+            total = sum(e.nbytes for g, _ in groups for e in g) + sum(e.nbytes for e in shape_entries)
+            (partial / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        partial.rename(out_dir)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    q_bytes = sum(e.nbytes for e in groups[len(dense)][0])
+    return QuantizeResult(str(out_dir), scheme.name, len(expert_ids), ckpt.expert_bytes, q_bytes,
+                          (err_num / max(err_den, 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
+
+
+def _reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
+    def read() -> Iterator[torch.Tensor]:
+        yield _read_all({name: ref})[name]
+
+    return read
+
+
+def _write_header(f, entries: list[_Entry]) -> None:
+    header, pos = {"__metadata__": {"format": "pt", "quantized_by": "expertcache"}}, 0
+    for e in entries:
+        header[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def _copy_side_files(model_dir: Path, out: Path, scheme: Scheme, bases: dict, ckpt: Checkpoint) -> None:
+    """config.json with the scheme, and every other file but the weights."""
+    for p in model_dir.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(p, out / p.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    roles = "|".join(ckpt.family.per_expert_names)
+    config["quantization_config"] = scheme.config(targets=[rf"re:.*\.experts\.\d+\.({roles})$"], ignore=["lm_head"])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
