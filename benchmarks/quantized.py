@@ -93,7 +93,7 @@ def checkpoints(root: Path | None) -> dict[str, Path]:
     from expertcache.tools.quantize import quantize_checkpoint
 
     root = Path(root or os.environ.get("EXPERTCACHE_BENCH_DIR") or REPO / "results" / "ckpt")
-    base = build_checkpoint(CkptSpec(), root)
+    base = build_checkpoint(root, CkptSpec())
     out = {"bf16": base}
     for name, v in VARIANTS.items():
         if v is None:

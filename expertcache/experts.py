@@ -70,8 +70,12 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     (packed, scale) pairs, computed on by quant's kernels."""
     t, bias = module.is_transposed, module.has_bias
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
-        g, u = quant.linear(x, parts, 0), quant.linear(x, parts, 1)
-        h = module.act_fn(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
+        gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
+        if _default_gate(type(module)):
+            g, u = gu.chunk(2, dim=-1)
+            h = module.act_fn(g) * u
+        else:
+            h = module._apply_gate(gu)
         y = quant.linear(h, parts, 2)
         return module.post_expert_norm(y) if module.has_post_expert_norm else y
     if len(parts) == 4:  # MXFP4 (gate_up blocks, scales, down blocks, scales): decoded on use, [out, in]

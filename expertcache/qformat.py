@@ -103,3 +103,22 @@ def _weights_scheme(name: str, w) -> Scheme:
             raise SchemeError(f"group strategy with group_size {g!r}")
         return Scheme(bits, g)
     raise SchemeError(f"weight strategy {strategy!r} is not supported (group or channel)")
+
+
+PLAIN_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
+
+
+def bytes_per_weight(precision: str) -> float:
+    """Stored bytes per expert weight of a precision: a dtype name, or a scheme's name
+    (int8-channel, int4-g64 ...; 16-bit scales; mxfp4: 4 bits and one byte per 32)."""
+    if precision in PLAIN_BYTES:
+        return PLAIN_BYTES[precision]
+    if precision == "mxfp4":
+        return 0.5 + 1 / 32
+    for bits in (4, 8):
+        if precision == f"int{bits}-channel":
+            return bits / 8
+        if precision.startswith(f"int{bits}-g") and precision[len(f"int{bits}-g"):].isdigit():
+            return bits / 8 + 2 / int(precision[len(f"int{bits}-g"):])
+    raise ValueError(f"unknown precision {precision!r}: a dtype (bfloat16, float16, float32), mxfp4, int8-channel "
+                     "or int4-g32/g64/g128/g256")

@@ -1,25 +1,28 @@
 """Quantized experts: quantize a weight into the pack-quantized format (qformat.py), and compute
 on the stored bytes without dequantizing a whole expert per call.
 
-An expert's (gate, up, down) arrive as (packed, scale) pairs read as saved. Where one of torch's
-CPU weight-only kernels fits the scheme and shape, the packed bytes are changed in place once,
-when the load ends, into the layout that kernel reads (the same bytes, so the budget holds):
+An expert's (gate, up, down) arrive as (packed, scale) pairs read as saved. expertcache's own
+kernel (kernels/qmm.cpp) computes on those bytes as they are. Without it (no compiler), where one
+of torch's CPU weight-only kernels fits the scheme and shape, the packed bytes are changed in place
+once, when the load ends, into the layout that kernel reads (the same bytes, so the budget holds):
   int8, a scale per row     -> signed int8 [out, in]   for aten._weight_int8pack_mm
   int4, groups of 32..256   -> torch's int4 CPU tiles  for aten._weight_int4pack_mm_for_cpu
                                (out a multiple of 32)
-Any other scheme or shape (int8 by group, odd sizes) is dequantized on use, as the reference does.
+Any other scheme or shape (odd sizes) is dequantized on use, as the reference does.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .qformat import Scheme
 
-INT8_CHANNEL, INT4_TILES, DEQUANT = "int8-channel", "int4-tiles", "dequantize"
+NATIVE, INT8_CHANNEL, INT4_TILES, DEQUANT = "expertcache", "int8-channel", "int4-tiles", "dequantize"
 
 
 # --- the format --------------------------------------------------------------------------------
@@ -80,8 +83,13 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape:
 
 
 # --- compute on the stored bytes -----------------------------------------------------------------
-def kernel_for(scheme: Scheme, shape: tuple[int, int]) -> str:
+def kernel_for(scheme: Scheme, shape: tuple[int, int], *, native: bool | None = None) -> str:
+    """Which kernel computes a [out, in] weight of `scheme` (`native`: whether expertcache's own
+    kernel is there; None: build or find it)."""
     out, inner = shape
+    g = scheme.group_size or inner
+    if inner % g == 0 and g % (16 if scheme.bits == 4 else 8) == 0 and (native if native is not None else kernels.available()):
+        return NATIVE
     if scheme.bits == 8 and scheme.group_size is None and inner % 4 == 0:
         return INT8_CHANNEL
     if (scheme.bits == 4 and scheme.group_size in (32, 64, 128, 256) and inner % scheme.group_size == 0
@@ -101,14 +109,16 @@ def _int4_tiles(u: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class QuantExperts:
     """How a checkpoint's quantized experts are laid out and computed: the scheme and the
-    [out, in] shapes of (gate, up, down), each with the kernel that computes it."""
+    [out, in] shapes of (gate, up, down), each with the kernel that computes it (`native`: whether
+    expertcache's own kernel may; None: wherever it builds)."""
 
     scheme: Scheme
     shapes: tuple[tuple[int, int], ...]
+    native: bool | None = None
 
-    @property
+    @functools.cached_property
     def kernels(self) -> tuple[str, ...]:
-        return tuple(kernel_for(self.scheme, s) for s in self.shapes)
+        return tuple(kernel_for(self.scheme, s, native=self.native) for s in self.shapes)
 
     def prepare(self, parts: tuple[torch.Tensor, ...]) -> None:
         """Once, when an expert's load ends: change its packed bytes in place into the layout
@@ -120,10 +130,20 @@ class QuantExperts:
             elif kernel == INT4_TILES:
                 packed.copy_(_int4_tiles(unpack(packed, 4, shape[1]).add_(8).to(torch.uint8)))
 
+    def gate_up(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x [n, in] -> [n, 2I]: the gate's and the up projection's outputs side by side (one
+        kernel call where expertcache's kernel computes both)."""
+        if self.kernels[0] == self.kernels[1] == NATIVE:
+            return torch.ops.expertcache.qmm(x, [parts[0], parts[2]], [parts[1], parts[3]], self.scheme.bits,
+                                             self.scheme.group_size or self.shapes[0][1])
+        return torch.cat([self.linear(x, parts, 0), self.linear(x, parts, 1)], dim=-1)
+
     def linear(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
         """x [n, in] @ matrix i's weight.T -> [n, out], in x's dtype."""
         packed, scale = parts[2 * i], parts[2 * i + 1]
         kernel, shape = self.kernels[i], self.shapes[i]
+        if kernel == NATIVE:
+            return torch.ops.expertcache.qmm(x, [packed], [scale], self.scheme.bits, self.scheme.group_size or shape[1])
         if kernel == INT8_CHANNEL:
             return torch.ops.aten._weight_int8pack_mm(x, packed.view(torch.int8), scale.reshape(-1).to(x.dtype))
         if kernel == INT4_TILES:

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", default="none", choices=["none", "trace"],
                    help="trace: replay the predictor guesses recorded in the trace, timed on --hardware (engine mode; --overlap does not apply)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--precision", default=None,
+                   help="price the experts as stored at this precision: bfloat16, float16, float32, int8-channel, "
+                        "int4-g32/g64/g128, mxfp4 (default: as the trace was recorded; a trace without one is 16-bit)")
     p.add_argument("--plot", default=None, help="write hit rate vs budget, one line per policy, to this PNG")
     p.add_argument("--json", action="store_true", help="print {results, bounds} as JSON")
 
@@ -40,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sim.measure import get_hardware  # the "measured" profile runs an engine
 
     trace = Trace.load(args.trace)
+    if args.precision is not None:
+        try:
+            trace = trace.at_precision(args.precision)
+        except ValueError as e:
+            raise ExpertCacheError(f"--precision: {e}") from None
     policies = _split(args.policy)
     for name in policies:
         if name not in POLICIES:

@@ -88,6 +88,18 @@ class Trace:
             out.append(Batch(r.decode, r.layer, tuple(e for e in r.ids.reshape(-1).tolist() if e >= 0)))
         return out
 
+    def at_precision(self, precision: str) -> "Trace":
+        """The same routing with experts stored at `precision` (qformat.bytes_per_weight): each
+        layer's expert bytes scaled from the precision the trace was recorded at (meta
+        "precision"; a trace without it is taken as 16-bit, as the reference traces are)."""
+        from dataclasses import replace
+
+        from ..qformat import bytes_per_weight
+
+        ratio = bytes_per_weight(precision) / bytes_per_weight(self.meta.get("precision", "bfloat16"))
+        shape = replace(self.shape, expert_bytes={l: max(1, round(b * ratio)) for l, b in self.shape.expert_bytes.items()})
+        return Trace(shape, self.routes, {**self.meta, "precision": precision, "recorded_precision": self.meta.get("precision", "bfloat16")})
+
     @property
     def decode_tokens(self) -> int:
         """Tokens routed in decode calls (the denominator of a time per output token)."""

@@ -21,7 +21,8 @@ import expertcache
 from expertcache.checkpoint import Checkpoint
 from expertcache.errors import ExpertCacheError
 from expertcache.qformat import Scheme, SchemeError, read_scheme
-from expertcache.quant import DEQUANT, INT4_TILES, INT8_CHANNEL, QuantExperts, dequantize, kernel_for, pack, quantize, unpack
+from expertcache import kernels
+from expertcache.quant import DEQUANT, INT4_TILES, INT8_CHANNEL, NATIVE, QuantExperts, dequantize, kernel_for, pack, quantize, unpack
 from expertcache.tools.quantize import quantize_checkpoint
 
 from helpers.checkpoints import FAMILY_CASES
@@ -103,23 +104,31 @@ def test_packing_is_compressed_tensors_packing(bits, width):
     assert torch.equal(unpack(packed, bits, width).to(torch.int8), unpack_from_int32(packed, bits, torch.Size((5, width))))
 
 
-@pytest.mark.parametrize("scheme,shape,kernel", [
-    (Scheme(8, None), (64, 128), INT8_CHANNEL), (Scheme(4, 32), (64, 128), INT4_TILES), (Scheme(4, 128), (32, 256), INT4_TILES),
-    (Scheme(8, 32), (64, 128), DEQUANT), (Scheme(4, 64), (48, 128), DEQUANT), (Scheme(4, None), (64, 128), DEQUANT),
-])
+KERNEL_CASES = [  # (scheme, [out, in], kernel, whether expertcache's own kernel may run)
+    (Scheme(8, None), (64, 128), INT8_CHANNEL, False), (Scheme(4, 32), (64, 128), INT4_TILES, False),
+    (Scheme(4, 128), (32, 256), INT4_TILES, False), (Scheme(8, 32), (64, 128), DEQUANT, False),
+    (Scheme(4, 64), (48, 128), DEQUANT, False), (Scheme(4, None), (64, 128), DEQUANT, False),
+    (Scheme(8, None), (64, 128), NATIVE, True), (Scheme(8, 32), (48, 96), NATIVE, True), (Scheme(4, 32), (40, 128), NATIVE, True),
+    (Scheme(4, 64), (64, 192), NATIVE, True), (Scheme(4, None), (33, 80), NATIVE, True), (Scheme(8, None), (16, 34), DEQUANT, True),
+]
+
+
+@pytest.mark.parametrize("scheme,shape,kernel,native", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_compute_the_dequantized_linear(scheme, shape, kernel, dtype):
+def test_kernels_compute_the_dequantized_linear(scheme, shape, kernel, native, dtype):
+    if native and not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here (no compiler, or not x86-64 AVX2)")
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
     packed, scale = quantize(w, scheme, dtype)
     weight = dequantize(packed, scale, scheme, shape)
     rel = float((weight.float() - w).norm() / w.norm())
     assert rel < (0.01 if scheme.bits == 8 else 0.12)  # a quantization, not noise
-    q = QuantExperts(scheme, (shape,))
-    assert q.kernels == (kernel,) and kernel_for(scheme, shape) == kernel
+    q = QuantExperts(scheme, (shape,), native=native)
+    assert q.kernels == (kernel,) and kernel_for(scheme, shape, native=native) == kernel
     parts = (packed.view(torch.uint8).view(shape[0], -1).clone(), scale)
     q.prepare(parts)
-    x = torch.randn(5, shape[1], dtype=dtype)
+    x = torch.randn(7, shape[1], dtype=dtype)  # a block of four tokens and three more (qmm.cpp)
     want = torch.nn.functional.linear(x, weight.to(dtype))
     torch.testing.assert_close(q.linear(x, parts, 0), want, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
 
@@ -147,6 +156,17 @@ def test_quantized_checkpoint_matches_transformers(family, scheme, budget, quant
     ref = _reference(ref_dir)
     stats = run_and_compare(qdir, ref, budget=budget, prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
     assert stats["expert_bytes"] == Checkpoint.open(qdir).expert_bytes
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_torch_kernels_match_transformers_too(scheme, quantized, monkeypatch, direct_io_works):
+    """Without expertcache's own kernel (no compiler): torch's int8 / int4 kernels on the bytes
+    repacked at load."""
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    qdir = quantized("qwen3_moe", scheme)
+    with expertcache.load(qdir, expert_budget="100%") as eng:
+        assert set(eng.checkpoint.quant.kernels) == {INT8_CHANNEL if scheme == "int8" else INT4_TILES}
+    run_and_compare(qdir, _reference(qdir), budget="50%", prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
 
 
 _REFS: dict[str, object] = {}
@@ -276,3 +296,30 @@ def test_quantize_refuses_what_it_cannot_write(checkpoint, quantized, tmp_path):
     with pytest.raises(ExpertCacheError, match="not an empty directory"):
         quantize_checkpoint(src, tmp_path / "full", bits=4, progress=False)
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+# --- the simulator prices bytes at the stored precision ---------------------------------------------
+def test_traces_carry_the_precision_and_simulate_reprices_it(quantized, tmp_path):
+    from expertcache.sim.measure import get_hardware
+    from expertcache.sim.recorder import Recorder
+    from expertcache.sim.simulate import simulate
+    from expertcache.sim.trace import Trace
+
+    qdir = quantized("mixtral", "int4-g32")
+    with expertcache.load(qdir, expert_budget="50%", prefetch="none") as eng:
+        with Recorder(eng) as rec:
+            eng.generate(PROMPT[:12], max_new_tokens=6, stop_at_eos=False)
+        eb = eng.checkpoint.expert_bytes
+    trace = rec.trace
+    assert trace.meta["precision"] == "int4-g32" and set(trace.shape.expert_bytes.values()) == {eb}
+    trace.save(tmp_path / "t.npz")
+    again = Trace.load(tmp_path / "t.npz")
+    wide = again.at_precision("bfloat16")
+    assert set(wide.shape.expert_bytes.values()) == {round(eb * 2 / (0.5 + 2 / 32))}
+    budget = 4 * eb
+    hw = get_hardware("nvme4")
+    small = simulate(again, [budget], ["lru"], hardware=hw)["results"][0]
+    big = simulate(wide, [budget], ["lru"], hardware=hw)["results"][0]
+    assert small["hit_pct"] > big["hit_pct"]  # the same bytes hold more int4 experts
+    with pytest.raises(ValueError, match="unknown precision"):
+        again.at_precision("int3")
