@@ -9,13 +9,13 @@ the demo model; bf16 against int8 (one scale per row) and int4 (groups of 64), s
   calls on the stored bytes (median of repeats, 1 thread); effective GB/s is the expert's stored
   bytes over the time; and the one-off repack a load pays (quant.QuantExperts.prepare).
 - speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB bf16),
-  quantized by `expertcache quantize` (cached beside it). One subprocess per budget holds three
-  engines (bf16, int8, int4) at the same budget in bytes (100% of each one's experts, or 50% of
+  quantized by `expertcache quantize` (cached beside it). One subprocess per budget holds four
+  engines (bf16, int8, int4, int4 with int8 dense weights) at the same budget in bytes (100% of each one's experts, or 50% of
   the bf16 experts' bytes for all three) and steps them in turn, one decode step each (order
   alternating), so each step sees the same machine load; each engine samples its own tokens
   (temperature 1, fixed seed). TPOT is the median step; the ratio is the median of per-step ratios.
   Decode bytes read per token and hit rates come from each engine's counters.
-- quality: the demo model and its int8 / int4-g64 / int4-g32 copies, `expertcache eval`'s
+- quality: the demo model and its int8 / int4-g64 / int4-g32 / int4-g64 with int8 dense copies, `expertcache eval`'s
   perplexity on TinyStories validation (first 10k tokens, window 256, stride 128) and last-word
   multiple-choice accuracy (1,000 items), at a 100% budget.
 Writes quantized.json, quantized.md and quantized.png.
@@ -37,10 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-VARIANTS = {"bf16": None, "int8": (8, 0), "int4-g64": (4, 64)}
+VARIANTS = {"bf16": None, "int8": (8, 0, "keep"), "int4-g64": (4, 64, "keep"), "int4-g64+dense-int8": (4, 64, "int8")}
+QUALITY = {"int8": (8, 0, "keep"), "int4-g64": (4, 64, "keep"), "int4-g32": (4, 32, "keep"), "int4-g64+dense-int8": (4, 64, "int8")}
 
 
-def kernels(repeats: int = 30) -> dict:
+def kernels(experts: int = 12, repeats: int = 9) -> dict:
+    """Per expert call, its weights coming from memory (a round over `experts` distinct experts,
+    larger than the L3 cache), as in decoding: median seconds per expert over `repeats` rounds."""
     import torch
     import torch.nn.functional as F
 
@@ -53,37 +56,41 @@ def kernels(repeats: int = 30) -> dict:
     shapes = ((i, h), (i, h), (h, i))
     ws = [torch.randn(s) * 0.02 for s in shapes]
 
-    def med(f):
-        for _ in range(3):
-            f()
+    def med(f, n):
+        f()
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             f()
-            ts.append(time.perf_counter() - t0)
+            ts.append((time.perf_counter() - t0) / n)
         return statistics.median(ts)
 
     out = {}
-    bf = [w.to(torch.bfloat16) for w in ws]
-    bf_bytes = sum(w.numel() * 2 for w in bf)
+    bf = [[(w + 1e-4 * e).to(torch.bfloat16) for w in ws] for e in range(experts)]
+    bf_bytes = sum(w.numel() * 2 for w in bf[0])
+    formats = (("int8", Scheme(8, None), None), ("int4-g64", Scheme(4, 64), None), ("int4-g32", Scheme(4, 32), None),
+               ("int8 torch", Scheme(8, None), False), ("int4-g64 torch", Scheme(4, 64), False))
+    packed = {}
+    for name, scheme, native in formats:
+        q = QuantExperts(scheme, shapes, native=native)
+        one = []
+        for w in ws:
+            p, s = quantize(w, scheme, torch.bfloat16)
+            one += [p.view(torch.uint8).view(w.shape[0], -1), s]
+        copies = [[t.clone() for t in one] for _ in range(experts)]
+        t0 = time.perf_counter()
+        for c in copies:
+            q.prepare(c)
+        packed[name] = (q, copies, (time.perf_counter() - t0) / experts, sum(t.numel() * t.element_size() for t in one))
     for n in (1, 8):
         x = torch.randn(n, h, dtype=torch.bfloat16)
         xi = torch.randn(n, i, dtype=torch.bfloat16)
-        t = med(lambda: (F.linear(x, bf[0]), F.linear(x, bf[1]), F.linear(xi, bf[2])))
-        out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9}
-        for name, scheme in (("int8", Scheme(8, None)), ("int4-g64", Scheme(4, 64)), ("int4-g32", Scheme(4, 32))):
-            q = QuantExperts(scheme, shapes)
-            parts = []
-            for w in ws:
-                p, s = quantize(w, scheme, torch.bfloat16)
-                parts += [p.view(torch.uint8).view(w.shape[0], -1).clone(), s]
-            nbytes = sum(p.numel() * p.element_size() for p in parts)
-            fresh = [p.clone() for p in parts]
-            t_prep = med(lambda: q.prepare([p.copy_(f) for p, f in zip([x.clone() for x in fresh], fresh)]))
-            q.prepare(parts)
-            t = med(lambda: (q.linear(x, parts, 0), q.linear(x, parts, 1), q.linear(xi, parts, 2)))
+        t = med(lambda: [(F.linear(x, e[0]), F.linear(x, e[1]), F.linear(xi, e[2])) for e in bf], experts)
+        out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9, "kernels": ["F.linear"]}
+        for name, (q, copies, prep, nbytes) in packed.items():
+            t = med(lambda: [(q.gate_up(x, c), q.linear(xi, c, 2)) for c in copies], experts)
             out[f"{name}_n{n}"] = {"ms": 1e3 * t, "bytes": nbytes, "gb_s": nbytes / t / 1e9, "kernels": list(q.kernels),
-                                   "prepare_ms": 1e3 * t_prep, "vs_bf16": t / (out[f"bf16_n{n}"]["ms"] / 1e3)}
+                                   "prepare_ms": 1e3 * prep, "vs_bf16": t / (out[f"bf16_n{n}"]["ms"] / 1e3)}
     return out
 
 
@@ -100,7 +107,7 @@ def checkpoints(root: Path | None) -> dict[str, Path]:
             continue
         d = base.with_name(base.name + "-" + name)
         if not (d / "config.json").exists():
-            quantize_checkpoint(base, d, bits=v[0], group_size=v[1])
+            quantize_checkpoint(base, d, bits=v[0], group_size=v[1], dense=v[2])
             (d / "spec.json").write_text((base / "spec.json").read_text())
         out[name] = d
     return out
@@ -160,7 +167,9 @@ def paired(ckpts: dict[str, str], budget: str, tokens: int, warmup: int = 8) -> 
     return out
 
 
-def quality(max_tokens: int, limit: int | None) -> dict:
+def quality(max_tokens: int, limit: int | None, variants: list[str] | None = None, log: str | None = None) -> dict:
+    """Perplexity and last-word accuracy of the demo model as `variants` (bf16 and QUALITY's names;
+    None: all), each appended to `log` as a JSON line as soon as it is measured."""
     import expertcache
     from expertcache.demo.corpus import LASTWORD_MC, TINYSTORIES_VALID, corpus_path
     from expertcache.engine import demo_model_dir
@@ -168,22 +177,32 @@ def quality(max_tokens: int, limit: int | None) -> dict:
     from expertcache.tools.quantize import quantize_checkpoint
 
     text, mc = corpus_path(TINYSTORIES_VALID), corpus_path(LASTWORD_MC)
+    names = variants or ["bf16", *QUALITY]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"bf16": demo_model_dir()}
-        for name, (bits, g) in {"int8": (8, 0), "int4-g64": (4, 64), "int4-g32": (4, 32)}.items():
-            dirs[name] = Path(tmp) / name
-            quantize_checkpoint(dirs["bf16"], dirs[name], bits=bits, group_size=g, progress=False)
-        for name, d in dirs.items():
+        for name in names:
+            d = demo_model_dir()
+            if name != "bf16":
+                bits, g, dense = QUALITY[name]
+                d = Path(tmp) / name
+                quantize_checkpoint(demo_model_dir(), d, bits=bits, group_size=g, dense=dense, progress=False)
             with expertcache.load(d, expert_budget="100%", prefetch="none", num_threads=1) as eng:
                 ppl = evaluate(eng, text=text, window=256, stride=128, max_tokens=max_tokens, progress=True)
                 acc = evaluate(eng, mc=mc, limit=limit, progress=True)
-            out[name] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "accuracy": acc.accuracy, "items": acc.items,
-                         "expert_bytes": eng.checkpoint.expert_bytes}
-    for name in out:
-        out[name]["perplexity_vs_bf16"] = out[name]["perplexity"] / out["bf16"]["perplexity"] - 1
-        out[name]["accuracy_points_vs_bf16"] = 100 * (out[name]["accuracy"] - out["bf16"]["accuracy"])
+                out[name] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "accuracy": acc.accuracy,
+                             "items": acc.items, "expert_bytes": eng.checkpoint.expert_bytes,
+                             "dense_bytes": eng.checkpoint.dense_bytes}
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps({name: out[name]}) + "\n")
     return out
+
+
+def with_relative(q: dict) -> dict:
+    """Quality figures with each variant's change against bf16's."""
+    base = q["bf16"]
+    return {name: {**r, "perplexity_vs_bf16": r["perplexity"] / base["perplexity"] - 1,
+                   "accuracy_points_vs_bf16": 100 * (r["accuracy"] - base["accuracy"])} for name, r in q.items()}
 
 
 def _spawn(args: list[str]) -> dict:
@@ -198,11 +217,11 @@ def _spawn(args: list[str]) -> dict:
 def markdown(rep: dict) -> str:
     lines = ["# Quantized experts", "", f"`python benchmarks/quantized.py` ({rep['when']}; 1 thread)", ""]
     k = rep["kernels"]
-    lines += ["## One expert (gate, up, down: 1024 x 2816), per call", "",
+    lines += ["## One expert (gate, up, down: 1024 x 2816) per call, weights from memory", "",
               "| tokens | format | kernels | ms | stored MB | effective GB/s | vs bf16 | repack at load, ms |", "|---|---|---|---|---|---|---|---|"]
     for key, r in k.items():
         fmt, n = key.rsplit("_n", 1)
-        lines.append(f"| {n} | {fmt} | {', '.join(sorted(set(r.get('kernels', ['F.linear']))))} | {r['ms']:.3f} | "
+        lines.append(f"| {n} | {fmt} | {', '.join(sorted(set(r['kernels'])))} | {r['ms']:.3f} | "
                      f"{r['bytes'] / 1e6:.2f} | {r['gb_s']:.1f} | {r.get('vs_bf16', 1.0):.2f}x | {r.get('prepare_ms', 0):.2f} |")
     for run in rep["speed"]:
         lines += ["", f"## Decode, budget {run['label']} ({run['tokens']} tokens, paired steps)", "",
@@ -245,6 +264,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "results" / "quantized"))
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per engine and budget (default 64)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--quality-json", default=None, help="take the quality figures from these files of JSON lines, comma-separated (quality(log=FILE))")
     ap.add_argument("--quick", action="store_true", help="16 tokens; quality on 2k tokens and 200 items")
     ap.add_argument("--ckpt-root", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -267,8 +287,14 @@ def main(argv=None) -> int:
         r["label"] = label
         rep["speed"].append(r)
         print(json.dumps(r), flush=True)
-    if not args.skip_quality:
-        rep["quality"] = quality(2000 if args.quick else 10000, 200 if args.quick else None)
+    if args.quality_json:
+        q = {}
+        for path in args.quality_json.split(","):  # JSON lines of {variant: figures}, as `quality(log=...)` writes
+            for line in Path(path).read_text().splitlines():
+                q.update(json.loads(line))
+        rep["quality"] = with_relative(q)
+    elif not args.skip_quality:
+        rep["quality"] = with_relative(quality(2000 if args.quick else 10000, 200 if args.quick else None))
     (out / "quantized.json").write_text(json.dumps(rep, indent=2))
     (out / "quantized.md").write_text(markdown(rep))
     plot(rep, out / "quantized.png")

@@ -22,7 +22,7 @@ from . import headers
 from .errors import CheckpointError
 from .families import text_prefix
 from .ids import ExpertId
-from .qformat import SUFFIXES, Scheme, SchemeError, read_scheme
+from .qformat import SUFFIXES, Scheme, SchemeError, read_schemes
 from .quant import QuantExperts, dequantize
 
 log = logging.getLogger(__name__)
@@ -126,15 +126,15 @@ class Checkpoint:
             raise _fail(model_dir / "config.json", f"num_experts_per_tok is {k}, must be between 1 and the number of experts ({n_exp})")
         raw = headers.read_config_json(model_dir)
         try:
-            scheme = read_scheme(raw)
+            schemes = read_schemes(raw)
         except SchemeError as e:
             raise _fail(model_dir / "config.json", str(e)) from None
         prefix = text_prefix(raw["model_type"])
         tensors = {family.canonical_name(name[len(prefix):]): ref for name, ref in read_tensors(model_dir).items()
                    if name.startswith(prefix)}  # a multimodal checkpoint's other tensors stay on disk
-        experts, expert_names, quant = _locate_experts(model_dir, family, sites, tensors, scheme)
+        experts, expert_names, quant = _locate_experts(model_dir, family, sites, tensors, schemes)
         rest = {n: r for n, r in tensors.items() if n not in expert_names}
-        packed = _dense_quantized(model_dir, model, rest, scheme)
+        packed = _dense_quantized(model_dir, model, rest, schemes)
         dense = _dense(model_dir, config, model, sites, {n: r for n, r in rest.items() if n not in packed.names},
                        quantized=set(packed.weights))
         return cls(model_dir, config, family, sites, dense, experts, quant, packed.weights or None)
@@ -175,13 +175,17 @@ class Checkpoint:
         dtype = getattr(self.config, "dtype", None) or torch.bfloat16
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-    def load_dense(self) -> dict[str, torch.Tensor]:
+    def load_dense(self, *, packed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Read every non-expert tensor into memory, keyed by its in-memory name; a quantized dense
-        weight is dequantized into its scale's dtype."""
+        weight is dequantized into its scale's dtype, but those named in `packed`, which come as
+        `name` + "_packed" (uint8 [out, bytes]) and "_scale"."""
         out = _read_all(self.dense)
         for name, q in (self.dense_quantized or {}).items():
             got = _read_all({"packed": q.packed, "scale": q.scale})
-            out[name] = dequantize(got["packed"], got["scale"], q.scheme, q.shape)
+            if name in packed:
+                out[name + "_packed"], out[name + "_scale"] = got["packed"], got["scale"]
+            else:
+                out[name] = dequantize(got["packed"], got["scale"], q.scheme, q.shape)
         return out
 
 
@@ -222,27 +226,32 @@ class _DenseQuantized:
     names: set[str]  # the on-disk tensors they take
 
 
-def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], scheme: Scheme | None,
-                    shape: tuple[int, int]) -> tuple[TensorRef, TensorRef]:
-    """`base`.weight_packed and .weight_scale, checked against the scheme and the weight's [out, in]."""
-    if scheme is None:
+def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], schemes: tuple[Scheme, ...],
+                    shape: tuple[int, int]) -> tuple[TensorRef, TensorRef, Scheme]:
+    """`base`.weight_packed and .weight_scale, and the scheme of config.json's whose shapes they have
+    for a [out, in] weight."""
+    if not schemes:
         raise _fail(model_dir, f"{base}.weight_packed is quantized but config.json has no quantization_config")
     packed, scale = tensors.get(base + ".weight_packed"), tensors.get(base + ".weight_scale")
     if packed is None or scale is None:
         what = "weight_scale" if packed is not None else "weight_packed"
         raise _fail(model_dir, f"missing tensor {base}.{what} (a quantized weight needs packed values and scales)")
-    want_p = (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))
+    for scheme in schemes:
+        want_p = (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))
+        want_s = scheme.scale_shape(*shape)
+        if packed.shape == want_p and scale.shape == want_s:
+            break
+    names = "/".join(s.name for s in schemes)
     if packed.shape != want_p or packed.dtype != torch.int32:
-        raise _fail(model_dir, f"{base}.weight_packed is {packed.shape} {str(packed.dtype)[6:]}, {scheme.name} of a "
+        raise _fail(model_dir, f"{base}.weight_packed is {packed.shape} {str(packed.dtype)[6:]}, {names} of a "
                                f"{list(shape)} weight is {want_p} int32")
-    want_s = scheme.scale_shape(*shape)
     if scale.shape != want_s or not scale.dtype.is_floating_point:
-        raise _fail(model_dir, f"{base}.weight_scale has shape {scale.shape} ({str(scale.dtype)[6:]}), {scheme.name} of a "
+        raise _fail(model_dir, f"{base}.weight_scale has shape {scale.shape} ({str(scale.dtype)[6:]}), {names} of a "
                                f"{list(shape)} weight needs {want_s} floats")
-    return TensorRef(packed.path, packed.offset, packed.nbytes, (shape[0], packed.nbytes // shape[0]), torch.uint8), scale
+    return TensorRef(packed.path, packed.offset, packed.nbytes, (shape[0], packed.nbytes // shape[0]), torch.uint8), scale, scheme
 
 
-def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], scheme: Scheme | None) -> _DenseQuantized:
+def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], schemes: tuple[Scheme, ...]) -> _DenseQuantized:
     """The dense Linear weights a checkpoint keeps quantized (a published one may quantize attention too)."""
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     out = _DenseQuantized({}, set())
@@ -253,7 +262,7 @@ def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], sche
         shape = shapes.get(base)
         if shape is None or len(shape) != 2:
             raise _fail(model_dir, f"{name}: the model has no 2-D weight {base} to dequantize it into")
-        packed, scale = _quantized_pair(model_dir, base[: -len(".weight")], tensors, scheme, shape)
+        packed, scale, scheme = _quantized_pair(model_dir, base[: -len(".weight")], tensors, schemes, shape)
         out.weights[base] = QuantizedWeight(packed, scale, scheme, shape)
         out.names |= {base + "_packed", base + "_scale", base + "_shape"}
     return out
@@ -329,31 +338,41 @@ def _slices(ref: TensorRef, n: int, *, rows: bool = False) -> list[TensorRef]:
 
 
 def _locate_quantized(model_dir: Path, family: Family, layer: int, site: ExpertsSite, tensors: dict[str, TensorRef],
-                      scheme: Scheme | None, experts: dict[ExpertId, ExpertParts], names: set[str]) -> tuple:
+                      schemes: tuple[Scheme, ...], experts: dict[ExpertId, ExpertParts], names: set[str]) -> QuantExperts:
     """One layer's pack-quantized experts, one (gate, up, down) Linear each: their (packed, scale)
-    pairs in that order; returns the [out, in] shapes of (gate, up, down)."""
+    pairs in that order, all of one scheme; returns how they compute."""
     (two_inter, hidden), down = site.shapes
     shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), down)
+    found: set[Scheme] = set()
     for e in range(site.num_experts):
         refs = []
         for role, shape in zip(family.per_expert_names, shapes):
             base = f"{site.path}.{e}.{role}"
-            refs += _quantized_pair(model_dir, base, tensors, scheme, shape)
+            packed, scale, scheme = _quantized_pair(model_dir, base, tensors, schemes, shape)
+            refs += [packed, scale]
+            found.add(scheme)
             names.update(f"{base}.{suffix}" for suffix in SUFFIXES)
         experts[(layer, e)] = ExpertParts(tuple(refs), fused=False, quantized=True)
-    return shapes
+    if len(found) != 1:
+        raise _fail(model_dir, f"layer {layer}: experts quantized in several schemes ({', '.join(sorted(s.name for s in found))}); "
+                               "expertcache needs one")
+    return QuantExperts(found.pop(), shapes)
 
 
 def _locate_experts(
-    model_dir: Path, family: Family, sites: dict[int, ExpertsSite], tensors: dict[str, TensorRef], scheme: Scheme | None
+    model_dir: Path, family: Family, sites: dict[int, ExpertsSite], tensors: dict[str, TensorRef], schemes: tuple[Scheme, ...]
 ) -> tuple[dict[ExpertId, ExpertParts], set[str], QuantExperts | None]:
     experts: dict[ExpertId, ExpertParts] = {}
     names: set[str] = set()
-    quant_shapes = None
+    quant: QuantExperts | None = None
     for layer, site in sites.items():
         n, prefix = site.num_experts, site.path + "."
         if f"{prefix}0.{family.per_expert_names[0]}.weight_packed" in tensors and site.has_gate and not site.transposed:
-            quant_shapes = _locate_quantized(model_dir, family, layer, site, tensors, scheme, experts, names)
+            layer_quant = _locate_quantized(model_dir, family, layer, site, tensors, schemes, experts, names)
+            if quant is not None and layer_quant != quant:
+                raise _fail(model_dir, f"layer {layer}: experts quantized as {layer_quant.scheme.name}, earlier layers as "
+                                       f"{quant.scheme.name}; expertcache needs one scheme")
+            quant = layer_quant
             continue
         if family.row_blocks is not None:
             _locate_row_blocks(model_dir, family, layer, site, tensors, experts, names)
@@ -390,6 +409,6 @@ def _locate_experts(
     sizes = {p.nbytes for p in experts.values()}
     if len(sizes) != 1:
         raise _fail(model_dir, f"experts differ in size ({sorted(sizes)} bytes); expertcache needs uniform experts")
-    if quant_shapes is not None and not all(p.quantized for p in experts.values()):
+    if quant is not None and not all(p.quantized for p in experts.values()):
         raise _fail(model_dir, "some layers' experts are quantized and others are not; expertcache needs one format")
-    return experts, names, QuantExperts(scheme, quant_shapes) if quant_shapes is not None else None
+    return experts, names, quant

@@ -28,6 +28,7 @@ from .decoding import Decoding
 from .errors import CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
 from .policies import EvictionPolicy, make_policy
+from .quant import NATIVE, QuantLinear, kernel_for
 from .predictors import NoPredictor, make_predictor
 from .routing import RoutingPolicy, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
@@ -66,8 +67,19 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     built = {n: t.dtype for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()}
     for n in [n for n in built if _kept_in_float32(model, n, dtype)]:  # DeepSeek-V3's score-correction bias
         built[n] = torch.float32
+    packed = {n for n, q in (ckpt.dense_quantized or {}).items()
+              if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Linear) and kernel_for(q.scheme, q.shape) == NATIVE}
+    for name in packed:  # dense weights kept quantized (quantize --dense int8): never allocated in the dtype
+        model.get_submodule(name.rsplit(".", 1)[0]).register_parameter("weight", None)
     model = model.to_empty(device="cpu")
-    state = {k: v.to(built.get(k, dtype)) if v.is_floating_point() else v for k, v in ckpt.load_dense().items()}
+    dense = ckpt.load_dense(packed=packed)
+    for name in packed:
+        path = name.rsplit(".", 1)[0]
+        q = ckpt.dense_quantized[name]
+        bias = dense.pop(path + ".bias", None)
+        model.set_submodule(path, QuantLinear(dense.pop(name + "_packed"), dense.pop(name + "_scale"), q.scheme, q.shape,
+                                              None if bias is None else bias.to(dtype)))
+    state = {k: v.to(built.get(k, dtype)) if v.is_floating_point() else v for k, v in dense.items()}
     result = model.load_state_dict(state, strict=False, assign=True)  # Checkpoint.open checked names and shapes
     if result.unexpected_keys:
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(result.unexpected_keys), result.unexpected_keys[0])

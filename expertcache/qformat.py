@@ -38,45 +38,58 @@ class Scheme:
     def scale_shape(self, out: int, inner: int) -> tuple[int, int]:
         return (out, -(-inner // self.group_size) if self.group_size else 1)
 
-    def config(self, targets: list[str], ignore: list[str]) -> dict:
-        """config.json's quantization_config for this scheme on the Linear modules `targets` names."""
+    def group(self, targets: list[str]) -> dict:
+        """A config group of quantization_config: this scheme on the Linear modules `targets` names."""
         strategy = {"strategy": "group", "group_size": self.group_size} if self.group_size else {"strategy": "channel"}
         weights = {"num_bits": self.bits, "type": "int", "symmetric": True, "dynamic": False, "actorder": None,
                    "observer": "mse", **strategy}
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": "pack-quantized"}},
-                "ignore": ignore, "kv_cache_scheme": None}
+        return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+                "format": "pack-quantized"}
+
+
+def quantization_config(groups: list[tuple[Scheme, list[str]]], ignore: list[str]) -> dict:
+    """config.json's quantization_config: each (scheme, targets) a config group."""
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": s.group(t) for i, (s, t) in enumerate(groups)},
+            "ignore": ignore, "kv_cache_scheme": None}
 
 
 def read_scheme(config_json: dict) -> Scheme | None:
-    """The weight scheme of a checkpoint's config.json; None for an unquantized checkpoint or an
-    MXFP4 one (read by its tensors). SchemeError for what expertcache cannot run, with the reason."""
+    """The weight scheme of a checkpoint's config.json where it has one (the first where it has
+    several); None for an unquantized checkpoint or an MXFP4 one."""
+    schemes = read_schemes(config_json)
+    return schemes[0] if schemes else None
+
+
+def read_schemes(config_json: dict) -> tuple[Scheme, ...]:
+    """The weight schemes of a checkpoint's config.json, one per config group (experts in one, dense
+    weights in another); () for an unquantized checkpoint or an MXFP4 one (read by its tensors).
+    SchemeError for what expertcache cannot run, with the reason."""
     qc = config_json.get("quantization_config")
     if qc is None:
-        return None
+        return ()
     if not isinstance(qc, dict):
         raise SchemeError("quantization_config is not an object")
     method = qc.get("quant_method")
     if method == "mxfp4":
-        return None
+        return ()
     if method != "compressed-tensors":
         raise SchemeError(f"quantization method {method!r} is not supported (expertcache reads compressed-tensors "
                           "pack-quantized int4/int8 and MXFP4)")
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, dict) or not groups:
         raise SchemeError("compressed-tensors quantization_config has no config_groups")
-    schemes = set()
+    schemes: list[Scheme] = []
     for name, group in groups.items():
         fmt = group.get("format") or qc.get("format")
         if fmt != "pack-quantized":
             raise SchemeError(f"compressed-tensors format {fmt!r} is not supported (expertcache reads pack-quantized)")
         if group.get("input_activations") or group.get("output_activations"):
             raise SchemeError(f"config group {name!r} quantizes activations; expertcache runs weight-only schemes (W4A16, W8A16)")
-        schemes.add(_weights_scheme(name, group.get("weights")))
-    if len(schemes) != 1:
-        raise SchemeError(f"config groups differ ({', '.join(sorted(s.name for s in schemes))}); expertcache runs one scheme")
-    return schemes.pop()
+        scheme = _weights_scheme(name, group.get("weights"))
+        if scheme not in schemes:
+            schemes.append(scheme)
+    return tuple(schemes)
 
 
 def _weights_scheme(name: str, w) -> Scheme:

@@ -151,3 +151,22 @@ class QuantExperts:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.scheme.group_size,
                                                               torch.stack((s, torch.zeros_like(s)), dim=-1))
         return F.linear(x, dequantize(packed, scale, self.scheme, shape).to(x.dtype))
+
+
+class QuantLinear(torch.nn.Module):
+    """A dense Linear whose weight stays pack-quantized in memory (`quantize --dense int8`),
+    computed by expertcache's kernel on the stored bytes."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int],
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.scheme, self.out_features, self.in_features = scheme, *shape
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", scale)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale],
+                                      self.scheme.bits, self.scheme.group_size or self.in_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="weights sharing one scale along a row: 32, 64, 128 or 256, or 0 for one scale per row "
                         "(default: 64 for 4 bits, one per row for 8 bits: the layouts torch's CPU kernels compute on)")
+    p.add_argument("--dense", choices=("keep", "int8"), default="keep",
+                   help="the dense Linear weights (attention, shared experts, the head): keep them as saved (default) or "
+                        "int8 with one scale per row; routers and a tied head are always kept")
     p.add_argument("--out", required=True, help="new directory to write (must not exist or be empty); the source is only read")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -24,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.quantize import quantize_checkpoint
 
     model = args.model if args.model is not None else demo_model_dir()
-    r = quantize_checkpoint(model, args.out, bits=args.bits, group_size=args.group_size, progress=not args.json)
+    r = quantize_checkpoint(model, args.out, bits=args.bits, group_size=args.group_size, dense=args.dense, progress=not args.json)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return 0

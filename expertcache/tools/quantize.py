@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import Checkpoint, TensorRef, _read_all, read_tensors
 from ..errors import CheckpointError, ExpertCacheError
 from ..families import text_prefix
-from ..qformat import GROUP_SIZES, Scheme
+from ..qformat import GROUP_SIZES, Scheme, quantization_config
 from ..quant import dequantize, quantize
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
@@ -98,8 +98,32 @@ def _expert_weights(ckpt: Checkpoint, eid) -> tuple[torch.Tensor, torch.Tensor, 
     return gate, up, t["1"]
 
 
+DENSE_SCHEME = Scheme(8, None)  # --dense int8: one scale per row
+
+
+def _dense_targets(ckpt: Checkpoint) -> set[str]:
+    """In-memory names of the dense Linear weights `--dense int8` quantizes: every Linear but the
+    experts, the routers, and a head tied to the embeddings; in-features a multiple of 8 (the kernel's)."""
+    from torch import nn
+
+    from ..architectures import build_model
+
+    model = build_model(ckpt.config, family=ckpt.family)
+    routers = [f"{s.block}.{ckpt.family.router}" for s in ckpt.sites.values()]
+    experts = [s.path for s in ckpt.sites.values()]
+    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+    out = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module.in_features % 8:
+            continue
+        if any(name == p or name.startswith(p + ".") for p in routers + experts) or (tied and name == "lm_head"):
+            continue
+        out.add(name + ".weight")
+    return out & set(ckpt.dense)
+
+
 def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8, group_size: int | None = None,
-                        progress: bool = True, shard_bytes: int = SHARD_BYTES) -> QuantizeResult:
+                        dense: str = "keep", progress: bool = True, shard_bytes: int = SHARD_BYTES) -> QuantizeResult:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -115,7 +139,11 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     if not dtype.is_floating_point:
         raise CheckpointError(f"{model_dir}: experts are {dtype}, not floating point")
 
-    # what the files hold: dense tensors as saved, then each expert's six tensors, then the shapes
+    if dense not in ("keep", "int8"):
+        raise ExpertCacheError(f"--dense {dense}: keep or int8")
+    dense_targets = _dense_targets(ckpt) if dense == "int8" else set()
+
+    # what the files hold: dense tensors as saved (or int8), then each expert's six tensors, then the shapes
     site_paths = [s.path + "." for s in ckpt.sites.values()]
     dense = {name: ref for name, ref in read_tensors(model_dir).items()
              if not any(ckpt.family.canonical_name(name).startswith(p) for p in site_paths)}
@@ -127,8 +155,16 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         raise ExpertCacheError(f"--group-size {scheme.group_size} does not divide the experts' input widths ({hidden} and "
                                f"{down[1]}): pick one that does, or 0 for one scale per row")
     groups: list[tuple[list[_Entry], Callable[[], Iterator[torch.Tensor]]]] = []
+    dense_shapes: list[tuple[str, tuple[int, int]]] = []  # (disk base, [out, in]) of the dense weights quantized
     for name, ref in dense.items():
-        groups.append(([_Entry(name, ref.dtype, ref.shape)], _reader(name, ref)))
+        if ckpt.family.canonical_name(name) in dense_targets:
+            base, shape = name[: -len(".weight")], tuple(ref.shape)
+            dense_shapes.append((base, shape))
+            groups.append(([_Entry(f"{base}.weight_packed", torch.int32, (shape[0], DENSE_SCHEME.packed_bytes(*shape) // (4 * shape[0]))),
+                            _Entry(f"{base}.weight_scale", ref.dtype, DENSE_SCHEME.scale_shape(*shape))],
+                           _quantized_reader(name, ref)))
+        else:
+            groups.append(([_Entry(name, ref.dtype, ref.shape)], _reader(name, ref)))
     bases = {}
     for eid in ckpt.experts:
         layer, e = eid
@@ -140,6 +176,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
                         _Entry(f"{b}.weight_scale", dtype, scheme.scale_shape(*shape))]
         groups.append((entries, None))  # filled by the expert writer below
     shape_entries = [_Entry(f"{b}.weight_shape", torch.int64, (2,)) for eid in ckpt.experts for b in bases[eid]]
+    shape_entries += [_Entry(f"{b}.weight_shape", torch.int64, (2,)) for b, _ in dense_shapes]
 
     # shards: whole groups, a new file past shard_bytes
     shards: list[list[int]] = [[]]
@@ -184,9 +221,11 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
                     for eid in ckpt.experts:
                         for shape in shapes:
                             f.write(torch.tensor(shape, dtype=torch.int64).numpy().tobytes())
+                    for _, shape in dense_shapes:
+                        f.write(torch.tensor(shape, dtype=torch.int64).numpy().tobytes())
             weight_map.update({e.name: fname for e in entries})
         bar.close()
-        _copy_side_files(model_dir, partial, scheme, bases, ckpt)
+        _copy_side_files(model_dir, partial, scheme, ckpt, sorted(n[: -len(".weight")] for n in dense_targets))
         if len(names) > 1:
             total = sum(e.nbytes for g, _ in groups for e in g) + sum(e.nbytes for e in shape_entries)
             (partial / "model.safetensors.index.json").write_text(
@@ -201,6 +240,14 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     q_bytes = sum(e.nbytes for e in groups[len(dense)][0])
     return QuantizeResult(str(out_dir), scheme.name, len(expert_ids), ckpt.expert_bytes, q_bytes,
                           (err_num / max(err_den, 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
+
+
+def _quantized_reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
+    def read() -> Iterator[torch.Tensor]:
+        w = _read_all({name: ref})[name]
+        yield from quantize(w, DENSE_SCHEME, w.dtype)
+
+    return read
 
 
 def _reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
@@ -220,12 +267,13 @@ def _write_header(f, entries: list[_Entry]) -> None:
     f.write(struct.pack("<Q", len(raw)) + raw)
 
 
-def _copy_side_files(model_dir: Path, out: Path, scheme: Scheme, bases: dict, ckpt: Checkpoint) -> None:
+def _copy_side_files(model_dir: Path, out: Path, scheme: Scheme, ckpt: Checkpoint, dense_modules: list[str]) -> None:
     """config.json with the scheme, and every other file but the weights."""
     for p in model_dir.iterdir():
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(p, out / p.name)
     config = json.loads((model_dir / "config.json").read_text())
     roles = "|".join(ckpt.family.per_expert_names)
-    config["quantization_config"] = scheme.config(targets=[rf"re:.*\.experts\.\d+\.({roles})$"], ignore=["lm_head"])
+    groups = [(scheme, [rf"re:.*\.experts\.\d+\.({roles})$"])] + ([(DENSE_SCHEME, dense_modules)] if dense_modules else [])
+    config["quantization_config"] = quantization_config(groups, ignore=[] if "lm_head" in dense_modules else ["lm_head"])
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -50,12 +50,12 @@ def _source(checkpoint, family: str, **kw) -> Path:
 def quantized(checkpoint, tmp_path_factory):
     made: dict[tuple, Path] = {}
 
-    def get(family: str, scheme: str, **kw) -> Path:
-        key = (family, scheme, tuple(sorted(kw.items())))
+    def get(family: str, scheme: str, dense: str = "keep", **kw) -> Path:
+        key = (family, scheme, dense, tuple(sorted(kw.items())))
         if key not in made:
             bits, g = SCHEMES[scheme]
-            out = tmp_path_factory.mktemp("quantized") / f"{family}-{scheme}"
-            quantize_checkpoint(_source(checkpoint, family, **kw), out, bits=bits, group_size=g, progress=False)
+            out = tmp_path_factory.mktemp("quantized") / f"{family}-{scheme}-{dense}"
+            quantize_checkpoint(_source(checkpoint, family, **kw), out, bits=bits, group_size=g, dense=dense, progress=False)
             made[key] = out
         return made[key]
 
@@ -69,7 +69,7 @@ def dequantized_copy(qdir: Path, out: Path, dtype: torch.dtype | None = None) ->
     from safetensors.torch import load_file, save_file
 
     config = json.loads((qdir / "config.json").read_text())
-    w = config.pop("quantization_config")["config_groups"]["group_0"]["weights"]
+    config.pop("quantization_config")
     tensors = load_file(qdir / "model.safetensors")
     plain = {}
     for name, t in tensors.items():
@@ -77,8 +77,9 @@ def dequantized_copy(qdir: Path, out: Path, dtype: torch.dtype | None = None) ->
             base = name[: -len("_packed")]
             shape = torch.Size(tensors[base + "_shape"].tolist())
             scale = tensors[base + "_scale"]
-            q = unpack_from_int32(t, w["num_bits"], shape)
-            g = w["group_size"] if w["strategy"] == "group" else shape[1]
+            bits = 4 if t.shape[1] == -(-shape[1] * 4 // 32) else 8  # experts and dense weights may differ
+            q = unpack_from_int32(t, bits, shape)
+            g = shape[1] // scale.shape[1]
             scale = scale.to(dtype or scale.dtype)
             plain[base] = q.to(scale.dtype) * scale.repeat_interleave(g, dim=1)
         elif not name.endswith((".weight_scale", ".weight_shape")):
@@ -156,6 +157,26 @@ def test_quantized_checkpoint_matches_transformers(family, scheme, budget, quant
     ref = _reference(ref_dir)
     stats = run_and_compare(qdir, ref, budget=budget, prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
     assert stats["expert_bytes"] == Checkpoint.open(qdir).expert_bytes
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_dense_int8_matches_transformers(family, quantized, tmp_path, direct_io_works):
+    """quantize --dense int8: attention, shared experts, dense MLP layers and the head int8 too,
+    kept packed in memory and computed by the kernel (routers kept)."""
+    qdir = quantized(family, "int4-g64", dense="int8")
+    ckpt = Checkpoint.open(qdir)
+    names = set(ckpt.dense_quantized)
+    assert "lm_head.weight" in names and any("self_attn" in n for n in names)
+    assert not any(n.endswith(".mlp.gate.weight") for n in names)  # routers stay as saved
+    if family == "qwen2_moe":
+        assert any(".shared_expert." in n for n in names)
+    ref_dir = qdir if family in DIRECT else dequantized_copy(qdir, tmp_path / "dequantized")
+    run_and_compare(qdir, _reference(ref_dir), budget="50%", prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
+    if kernels.available():
+        from expertcache.quant import QuantLinear
+
+        with expertcache.load(qdir, expert_budget="100%") as eng:
+            assert isinstance(eng.model.lm_head, QuantLinear)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
