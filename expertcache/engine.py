@@ -113,6 +113,8 @@ class Engine:
         except ValueError as e:
             raise ExpertCacheError(str(e)) from None
         self.stats_ = Stats()
+        if ckpt.quant is not None:
+            ckpt.quant.kernels  # which kernels compute the experts: decided (and built) here, not in a reader thread
         self.store = ExpertStore(ckpt.experts, io=config.io)
         self.cache = ExpertCache(
             store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,

@@ -34,13 +34,24 @@ def _build() -> bool:
             flags = f.read()
         if " avx2" not in flags or " fma" not in flags:
             return False
-        log.info("building expertcache's int8/int4 CPU kernels (once; cached by torch's extension builder)")
+        if not _built_before("expertcache_qmm"):
+            log.warning("building expertcache's int8/int4 CPU kernels (once, about 15 s; torch's extension cache keeps them)")
         load(name="expertcache_qmm", sources=[str(Path(__file__).with_name("qmm.cpp"))],
              extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
         return hasattr(torch.ops.expertcache, "qmm")
     except Exception as e:  # no compiler, no ninja, a read-only cache: torch's kernels do the work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("expertcache's CPU kernels did not build (%s); using torch's int8/int4 kernels", first[:200])
+        return False
+
+
+def _built_before(name: str) -> bool:
+    """Whether torch's extension cache holds a build of `name` (it rebuilds if the source changed)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:
         return False
 
 

@@ -773,3 +773,21 @@ def test_the_api_and_the_cli_use_the_same_compute_threads(model, monkeypatch):
             expertcache.load(model, prefetch="none")
     finally:
         torch.set_num_threads(before)
+
+
+def test_quantize_writes_a_new_directory_and_refuses_bad_output(capsys, model, tmp_path):
+    """quantize reads the model, writes beside it, and refuses with one line what it cannot do;
+    the source stays byte for byte as it was."""
+    before = snapshot(model)
+    out = tmp_path / "q4"
+    rc, stdout, _ = run_cli(capsys, ["quantize", str(model), "--bits", "4", "--group-size", "0", "--out", str(out), "--json"])
+    assert rc == 0 and json.loads(stdout)["scheme"] == "int4-channel"
+    assert snapshot(model) == before
+    rc, stdout, _ = run_cli(capsys, ["generate", "--model", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json"])
+    assert rc == 0 and len(json.loads(stdout)["token_ids"]) == 2
+    assert "not an empty directory" in cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(out)], model)
+    assert "quantized already" in cli_error(capsys, ["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "b")], model)
+    assert "outside the source" in cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(model / "q")], model)
+    assert "does not divide" in cli_error(capsys, ["quantize", str(model), "--bits", "4", "--group-size", "64",
+                                                   "--out", str(tmp_path / "c")], model)
+    assert not (model / "q").exists() and not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
