@@ -344,3 +344,18 @@ def test_traces_carry_the_precision_and_simulate_reprices_it(quantized, tmp_path
     assert small["hit_pct"] > big["hit_pct"]  # the same bytes hold more int4 experts
     with pytest.raises(ValueError, match="unknown precision"):
         again.at_precision("int3")
+
+
+def test_quantize_writes_shards_with_an_index(checkpoint, tmp_path):
+    """A checkpoint larger than --shard size goes to several files and an index, as save_pretrained
+    writes them; both transformers and the engine read it."""
+    src = _source(checkpoint, "qwen3_moe")
+    out = tmp_path / "sharded"
+    r = quantize_checkpoint(src, out, bits=4, group_size=32, progress=False, shard_bytes=40_000)
+    assert r.files > 2 and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert {p.name for p in out.glob("*.safetensors")} == set(index["weight_map"].values())
+    ref = reference_outputs(out, PROMPT[:16], 4)
+    with expertcache.load(out, expert_budget="50%") as eng:
+        torch.testing.assert_close(eng.model(input_ids=torch.tensor([PROMPT[:16]])).logits[0], ref.logits)
+        assert eng.generate(PROMPT[:16], max_new_tokens=4, stop_at_eos=False).token_ids == ref.generated
