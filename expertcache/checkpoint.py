@@ -178,14 +178,15 @@ class Checkpoint:
     def load_dense(self, *, packed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Read every non-expert tensor into memory, keyed by its in-memory name; a quantized dense
         weight is dequantized into its scale's dtype, but those named in `packed`, which come as
-        `name` + "_packed" (uint8 [out, bytes]) and "_scale"."""
+        `name` + "_parts": (packed uint8 [out, bytes], scale[, zero point])."""
         out = _read_all(self.dense)
         for name, q in (self.dense_quantized or {}).items():
-            got = _read_all({"packed": q.packed, "scale": q.scale})
+            got = _read_all({str(i): ref for i, ref in enumerate(q.parts)})
+            parts = tuple(got[str(i)] for i in range(len(q.parts)))
             if name in packed:
-                out[name + "_packed"], out[name + "_scale"] = got["packed"], got["scale"]
+                out[name + "_parts"] = parts
             else:
-                out[name] = dequantize(got["packed"], got["scale"], q.scheme, q.shape)
+                out[name] = dequantize(*parts[:2], q.scheme, q.shape, zero=parts[2] if len(parts) > 2 else None)
         return out
 
 
@@ -212,10 +213,9 @@ def _read_all(refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A dense Linear weight stored pack-quantized: read and dequantized at load."""
+    """A dense Linear weight stored pack-quantized: (packed, scale[, zero point]), its scheme and [out, in]."""
 
-    packed: TensorRef
-    scale: TensorRef
+    parts: tuple[TensorRef, ...]
     scheme: Scheme
     shape: tuple[int, int]
 
@@ -227,9 +227,10 @@ class _DenseQuantized:
 
 
 def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], schemes: tuple[Scheme, ...],
-                    shape: tuple[int, int]) -> tuple[TensorRef, TensorRef, Scheme]:
-    """`base`.weight_packed and .weight_scale, and the scheme of config.json's whose shapes they have
-    for a [out, in] weight."""
+                    shape: tuple[int, int]) -> tuple[tuple[TensorRef, ...], Scheme]:
+    """`base`.weight_packed, .weight_scale (and, asymmetric, .weight_zero_point), as read into a slot
+    (packed values and zero points as bytes), and the scheme of config.json's whose shapes they
+    have for a [out, in] weight."""
     if not schemes:
         raise _fail(model_dir, f"{base}.weight_packed is quantized but config.json has no quantization_config")
     packed, scale = tensors.get(base + ".weight_packed"), tensors.get(base + ".weight_scale")
@@ -248,7 +249,17 @@ def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], s
     if scale.shape != want_s or not scale.dtype.is_floating_point:
         raise _fail(model_dir, f"{base}.weight_scale has shape {scale.shape} ({str(scale.dtype)[6:]}), {names} of a "
                                f"{list(shape)} weight needs {want_s} floats")
-    return TensorRef(packed.path, packed.offset, packed.nbytes, (shape[0], packed.nbytes // shape[0]), torch.uint8), scale, scheme
+    refs = (TensorRef(packed.path, packed.offset, packed.nbytes, (shape[0], packed.nbytes // shape[0]), torch.uint8), scale)
+    if scheme.symmetric:
+        return refs, scheme
+    zero = tensors.get(base + ".weight_zero_point")
+    want_z = scheme.zero_point_shape(*shape)
+    if zero is None:
+        raise _fail(model_dir, f"missing tensor {base}.weight_zero_point ({scheme.name} is asymmetric: it needs zero points)")
+    if zero.shape != want_z or zero.dtype != torch.int32:
+        raise _fail(model_dir, f"{base}.weight_zero_point is {zero.shape} {str(zero.dtype)[6:]}, {scheme.name} of a "
+                               f"{list(shape)} weight needs {want_z} int32")
+    return (*refs, TensorRef(zero.path, zero.offset, zero.nbytes, (want_z[0], want_z[1] * 4), torch.uint8)), scheme
 
 
 def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], schemes: tuple[Scheme, ...]) -> _DenseQuantized:
@@ -262,9 +273,9 @@ def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], sche
         shape = shapes.get(base)
         if shape is None or len(shape) != 2:
             raise _fail(model_dir, f"{name}: the model has no 2-D weight {base} to dequantize it into")
-        packed, scale, scheme = _quantized_pair(model_dir, base[: -len(".weight")], tensors, schemes, shape)
-        out.weights[base] = QuantizedWeight(packed, scale, scheme, shape)
-        out.names |= {base + "_packed", base + "_scale", base + "_shape"}
+        refs, scheme = _quantized_pair(model_dir, base[: -len(".weight")], tensors, schemes, shape)
+        out.weights[base] = QuantizedWeight(refs, scheme, shape)
+        out.names |= {base + "_packed", base + "_scale", base + "_shape", base + "_zero_point"}
     return out
 
 
@@ -348,8 +359,8 @@ def _locate_quantized(model_dir: Path, family: Family, layer: int, site: Experts
         refs = []
         for role, shape in zip(family.per_expert_names, shapes):
             base = f"{site.path}.{e}.{role}"
-            packed, scale, scheme = _quantized_pair(model_dir, base, tensors, schemes, shape)
-            refs += [packed, scale]
+            pair, scheme = _quantized_pair(model_dir, base, tensors, schemes, shape)
+            refs += pair
             found.add(scheme)
             names.update(f"{base}.{suffix}" for suffix in SUFFIXES)
         experts[(layer, e)] = ExpertParts(tuple(refs), fused=False, quantized=True)

@@ -77,7 +77,7 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
         path = name.rsplit(".", 1)[0]
         q = ckpt.dense_quantized[name]
         bias = dense.pop(path + ".bias", None)
-        model.set_submodule(path, QuantLinear(dense.pop(name + "_packed"), dense.pop(name + "_scale"), q.scheme, q.shape,
+        model.set_submodule(path, QuantLinear(dense.pop(name + "_parts"), q.scheme, q.shape,
                                               None if bias is None else bias.to(dtype)))
     state = {k: v.to(built.get(k, dtype)) if v.is_floating_point() else v for k, v in dense.items()}
     result = model.load_state_dict(state, strict=False, assign=True)  # Checkpoint.open checked names and shapes

@@ -4,15 +4,17 @@ llm-compressor writes and vLLM and transformers read), readable without torch.
 A quantized Linear `X` keeps `X.weight_packed` (int32 [out, in*bits/32]: element i of a row at bit
 i*bits, little-endian, stored as value + 2^(bits-1)), `X.weight_scale` ([out, in/group], or
 [out, 1] for one scale per row, in the model's dtype) and `X.weight_shape` ([out, in]); its weight is
-value * scale. config.json's `quantization_config` names the scheme. expertcache reads and writes
-the symmetric int4 and int8 schemes, by group or by output row, with no activation quantization.
+value * scale, or, asymmetric, (value - zero point) * scale with `X.weight_zero_point` packed the
+same way along the output dimension (int32 [out*bits/32, groups]). config.json's
+`quantization_config` names the schemes, one per config group. expertcache reads int4 and int8,
+symmetric or not, by group or by output row, with no activation quantization; it writes symmetric.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 GROUP_SIZES = (32, 64, 128, 256)  # what `quantize` writes (torch's CPU int4 kernel takes these)
 
 
@@ -22,15 +24,20 @@ class SchemeError(ValueError):
 
 @dataclass(frozen=True)
 class Scheme:
-    """One weight quantization: `bits` (4 or 8), symmetric, one scale per `group_size` inputs of a
-    row (None: one per row)."""
+    """One weight quantization: `bits` (4 or 8), one scale (and, not `symmetric`, one zero point) per
+    `group_size` inputs of a row (None: one per row)."""
 
     bits: int
     group_size: int | None
+    symmetric: bool = True
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "channel")
+        return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "channel") + ("" if self.symmetric else "-asym")
+
+    def zero_point_shape(self, out: int, inner: int) -> tuple[int, int]:
+        """weight_zero_point's shape: packed along the output dimension."""
+        return (-(-out * self.bits // 32), self.scale_shape(out, inner)[1])
 
     def packed_bytes(self, out: int, inner: int) -> int:
         return out * -(-inner * self.bits // 32) * 4
@@ -41,7 +48,7 @@ class Scheme:
     def group(self, targets: list[str]) -> dict:
         """A config group of quantization_config: this scheme on the Linear modules `targets` names."""
         strategy = {"strategy": "group", "group_size": self.group_size} if self.group_size else {"strategy": "channel"}
-        weights = {"num_bits": self.bits, "type": "int", "symmetric": True, "dynamic": False, "actorder": None,
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "dynamic": False, "actorder": None,
                    "observer": "mse", **strategy}
         return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
                 "format": "pack-quantized"}
@@ -100,8 +107,7 @@ def _weights_scheme(name: str, w) -> Scheme:
         raise SchemeError(f"{kind} weights are not supported (expertcache reads int4 and int8 weights)")
     if bits not in (4, 8):
         raise SchemeError(f"{bits}-bit weights are not supported (expertcache runs 4 and 8 bits)")
-    if not w.get("symmetric", True):
-        raise SchemeError("asymmetric weights (with zero points) are not supported yet; quantize symmetric")
+    symmetric = bool(w.get("symmetric", True))
     if w.get("dynamic"):
         raise SchemeError("dynamic weight quantization is not a stored format")
     if w.get("actorder") == "group":
@@ -109,12 +115,12 @@ def _weights_scheme(name: str, w) -> Scheme:
                           "use actorder static or none")
     strategy = w.get("strategy")
     if strategy == "channel":
-        return Scheme(bits, None)
+        return Scheme(bits, None, symmetric)
     if strategy == "group":
         g = w.get("group_size")
         if not isinstance(g, int) or g <= 0:
             raise SchemeError(f"group strategy with group_size {g!r}")
-        return Scheme(bits, g)
+        return Scheme(bits, g, symmetric)
     raise SchemeError(f"weight strategy {strategy!r} is not supported (group or channel)")
 
 
@@ -128,6 +134,10 @@ def bytes_per_weight(precision: str) -> float:
         return PLAIN_BYTES[precision]
     if precision == "mxfp4":
         return 0.5 + 1 / 32
+    if precision.endswith("-asym"):  # a zero point of `bits` per group besides the scale
+        base = precision.removesuffix("-asym")
+        group = int(base.split("-g")[1]) if "-g" in base and base.split("-g")[1].isdigit() else None
+        return bytes_per_weight(base) + (int(base[3]) / 8 / group if group else 0)
     for bits in (4, 8):
         if precision == f"int{bits}-channel":
             return bits / 8

@@ -74,11 +74,23 @@ def unpack(packed: torch.Tensor, bits: int, inner: int) -> torch.Tensor:
     return b[:, :inner].to(torch.int16) - (1 << (bits - 1))
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int]) -> torch.Tensor:
-    """The weight [out, in] in the scale's dtype: value * scale, as compressed-tensors dequantizes."""
+def unpack_zero_points(zero: torch.Tensor, bits: int, out: int) -> torch.Tensor:
+    """weight_zero_point's bytes (int32 [out*bits/32, groups], any view of them as [words, groups*4]
+    bytes) -> int16 zero points [out, groups], packed along the output dimension."""
+    words = zero.shape[0]
+    b = zero.contiguous().view(torch.uint8).reshape(words, -1, 4).permute(1, 0, 2).reshape(-1, words * 4)  # [groups, bytes]
+    return unpack(b, bits, out).t()
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int],
+               zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight [out, in] in the scale's dtype: (value - zero point) * scale, as compressed-tensors
+    dequantizes."""
     out, inner = shape
     q = unpack(packed, scheme.bits, inner).to(scale.dtype)
     g = scheme.group_size or inner
+    if zero is not None:
+        q = q - unpack_zero_points(zero, scheme.bits, out).to(scale.dtype).repeat_interleave(g, dim=1)[:, :inner]
     return q * scale.repeat_interleave(g, dim=1)[:, :inner]
 
 
@@ -90,6 +102,8 @@ def kernel_for(scheme: Scheme, shape: tuple[int, int], *, native: bool | None = 
     g = scheme.group_size or inner
     if inner % g == 0 and g % (16 if scheme.bits == 4 else 8) == 0 and (native if native is not None else kernels.available()):
         return NATIVE
+    if not scheme.symmetric:  # torch's CPU kernels take no zero points (int4's could, as an offset: not wired)
+        return DEQUANT
     if scheme.bits == 8 and scheme.group_size is None and inner % 4 == 0:
         return INT8_CHANNEL
     if (scheme.bits == 4 and scheme.group_size in (32, 64, 128, 256) and inner % scheme.group_size == 0
@@ -120,11 +134,27 @@ class QuantExperts:
     def kernels(self) -> tuple[str, ...]:
         return tuple(kernel_for(self.scheme, s, native=self.native) for s in self.shapes)
 
+    @property
+    def per(self) -> int:
+        """Tensors per matrix: packed, scale and, asymmetric, zero points."""
+        return 2 if self.scheme.symmetric else 3
+
+    def _matrix(self, parts: tuple[torch.Tensor, ...], i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        p = parts[self.per * i : self.per * (i + 1)]
+        return p[0], p[1], (p[2] if len(p) > 2 else None)
+
+    def _offsets(self, zero: torch.Tensor | None, i: int) -> list[torch.Tensor]:
+        """The stored zero points of matrix i as int32 [out, groups] for the kernel (value + 2^(bits-1))."""
+        if zero is None:
+            return []
+        stored = unpack_zero_points(zero, self.scheme.bits, self.shapes[i][0]) + (1 << (self.scheme.bits - 1))
+        return [stored.to(torch.int32).contiguous()]
+
     def prepare(self, parts: tuple[torch.Tensor, ...]) -> None:
         """Once, when an expert's load ends: change its packed bytes in place into the layout
         each matrix's kernel reads."""
         for i, (kernel, shape) in enumerate(zip(self.kernels, self.shapes)):
-            packed = parts[2 * i]
+            packed = parts[self.per * i]
             if kernel == INT8_CHANNEL:
                 packed.bitwise_xor_(0x80)  # value + 128 -> the value's two's complement byte
             elif kernel == INT4_TILES:
@@ -134,39 +164,44 @@ class QuantExperts:
         """x [n, in] -> [n, 2I]: the gate's and the up projection's outputs side by side (one
         kernel call where expertcache's kernel computes both)."""
         if self.kernels[0] == self.kernels[1] == NATIVE:
-            return torch.ops.expertcache.qmm(x, [parts[0], parts[2]], [parts[1], parts[3]], self.scheme.bits,
-                                             self.scheme.group_size or self.shapes[0][1])
+            (p0, s0, z0), (p1, s1, z1) = self._matrix(parts, 0), self._matrix(parts, 1)
+            return torch.ops.expertcache.qmm(x, [p0, p1], [s0, s1], self._offsets(z0, 0) + self._offsets(z1, 1),
+                                             self.scheme.bits, self.scheme.group_size or self.shapes[0][1])
         return torch.cat([self.linear(x, parts, 0), self.linear(x, parts, 1)], dim=-1)
 
     def linear(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
         """x [n, in] @ matrix i's weight.T -> [n, out], in x's dtype."""
-        packed, scale = parts[2 * i], parts[2 * i + 1]
+        packed, scale, zero = self._matrix(parts, i)
         kernel, shape = self.kernels[i], self.shapes[i]
         if kernel == NATIVE:
-            return torch.ops.expertcache.qmm(x, [packed], [scale], self.scheme.bits, self.scheme.group_size or shape[1])
+            return torch.ops.expertcache.qmm(x, [packed], [scale], self._offsets(zero, i), self.scheme.bits,
+                                             self.scheme.group_size or shape[1])
         if kernel == INT8_CHANNEL:
             return torch.ops.aten._weight_int8pack_mm(x, packed.view(torch.int8), scale.reshape(-1).to(x.dtype))
         if kernel == INT4_TILES:
             s = scale.to(x.dtype).t()  # [groups, out]
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.scheme.group_size,
                                                               torch.stack((s, torch.zeros_like(s)), dim=-1))
-        return F.linear(x, dequantize(packed, scale, self.scheme, shape).to(x.dtype))
+        return F.linear(x, dequantize(packed, scale, self.scheme, shape, zero).to(x.dtype))
 
 
 class QuantLinear(torch.nn.Module):
     """A dense Linear whose weight stays pack-quantized in memory (`quantize --dense int8`),
     computed by expertcache's kernel on the stored bytes."""
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int],
+    def __init__(self, parts: tuple[torch.Tensor, ...], scheme: Scheme, shape: tuple[int, int],
                  bias: torch.Tensor | None) -> None:
         super().__init__()
         self.scheme, self.out_features, self.in_features = scheme, *shape
-        self.register_buffer("weight_packed", packed)
-        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_packed", parts[0])
+        self.register_buffer("weight_scale", parts[1])
+        zero = QuantExperts(scheme, (shape,))._offsets(parts[2] if len(parts) > 2 else None, 0)
+        self.register_buffer("weight_offset", zero[0] if zero else None)  # unpacked once: int32 [out, groups]
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale],
+        offsets = [] if self.weight_offset is None else [self.weight_offset]
+        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale], offsets,
                                       self.scheme.bits, self.scheme.group_size or self.in_features)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

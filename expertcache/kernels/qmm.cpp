@@ -1,7 +1,7 @@
 // Weight-only int8/int4 matrix products on the bytes compressed-tensors' pack-quantized format
 // stores (no repacking): y[t, n] = sum_g scale[n, g] * sum_{k in g} x[t, k] * (u[n, k] - offset),
 // u the stored unsigned value (int8: one byte; int4: two to a byte, the even element in the low
-// nibble), offset 2^(bits-1). AVX2 + FMA, float32 accumulation; rows split over torch's threads.
+// nibble), offset 2^(bits-1), or, asymmetric, the stored zero point of (n, g). AVX2 + FMA, float32 accumulation; rows split over torch's threads.
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,14 +24,15 @@ inline float hsum(__m256 v) {
 
 // U independent accumulators per token (a chain of FMAs waits on each one's latency otherwise)
 template <int BITS, int NT, int U>
-inline void row_tokens(const uint8_t* row, const float* sc, const float* x, int64_t K, int64_t g, int64_t G,
-                       float* y, int64_t ystride) {
+inline void row_tokens(const uint8_t* row, const float* sc, const int32_t* zp, const float* x, int64_t K, int64_t g,
+                       int64_t G, float* y, int64_t ystride) {
   constexpr int STEP = BITS == 8 ? 8 : 16;  // inputs per 8-byte load
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   const __m256i off = _mm256_set1_epi32(1 << (BITS - 1));
   const __m256i nib = _mm256_set1_epi32(15);
   for (int64_t gi = 0; gi < G; ++gi) {
+    const __m256i goff = zp != nullptr ? _mm256_set1_epi32(zp[gi]) : off;
     __m256 ga[NT][U];
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < U; ++u) ga[t][u] = _mm256_setzero_ps();
@@ -41,12 +42,12 @@ inline void row_tokens(const uint8_t* row, const float* sc, const float* x, int6
         const int64_t k = kb + u * STEP;
         if (BITS == 8) {
           __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
-          __m256 w = _mm256_cvtepi32_ps(_mm256_sub_epi32(i, off));
+          __m256 w = _mm256_cvtepi32_ps(_mm256_sub_epi32(i, goff));
           for (int t = 0; t < NT; ++t) ga[t][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k), ga[t][u]);
         } else {  // x is de-interleaved per 16: the 8 even elements, then the 8 odd ones
           __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
-          __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(i, nib), off));
-          __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(i, 4), off));
+          __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(i, nib), goff));
+          __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(i, 4), goff));
           for (int t = 0; t < NT; ++t) {
             ga[t][u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k), ga[t][u]);
             ga[t][u] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 8), ga[t][u]);
@@ -65,26 +66,27 @@ inline void row_tokens(const uint8_t* row, const float* sc, const float* x, int6
 }
 
 template <int BITS, int NT>
-inline void row_tokens_any(const uint8_t* row, const float* sc, const float* x, int64_t K, int64_t g, int64_t G,
-                           float* y, int64_t ystride) {
+inline void row_tokens_any(const uint8_t* row, const float* sc, const int32_t* zp, const float* x, int64_t K, int64_t g,
+                           int64_t G, float* y, int64_t ystride) {
   constexpr int STEP = BITS == 8 ? 8 : 16;
   constexpr int U = NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  if (g % (STEP * U) == 0) row_tokens<BITS, NT, U>(row, sc, x, K, g, G, y, ystride);
-  else row_tokens<BITS, NT, 1>(row, sc, x, K, g, G, y, ystride);
+  if (g % (STEP * U) == 0) row_tokens<BITS, NT, U>(row, sc, zp, x, K, g, G, y, ystride);
+  else row_tokens<BITS, NT, 1>(row, sc, zp, x, K, g, G, y, ystride);
 }
 
 template <int BITS>
-void rows(const uint8_t* packed, int64_t rb, const float* scale, int64_t col0, const float* x, int64_t T, int64_t K,
-          int64_t g, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows(const uint8_t* packed, int64_t rb, const float* scale, const int32_t* zeros, int64_t col0, const float* x,
+          int64_t T, int64_t K, int64_t g, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {  // output column n is row n - col0 of this weight
     const uint8_t* row = packed + (n - col0) * rb;
     const float* sc = scale + (n - col0) * G;
+    const int32_t* zp = zeros != nullptr ? zeros + (n - col0) * G : nullptr;
     int64_t t = 0;
-    for (; t + TB <= T; t += TB) row_tokens_any<BITS, TB>(row, sc, x + t * K, K, g, G, y + t * N + n, N);
+    for (; t + TB <= T; t += TB) row_tokens_any<BITS, TB>(row, sc, zp, x + t * K, K, g, G, y + t * N + n, N);
     switch (T - t) {
-      case 3: row_tokens_any<BITS, 3>(row, sc, x + t * K, K, g, G, y + t * N + n, N); break;
-      case 2: row_tokens_any<BITS, 2>(row, sc, x + t * K, K, g, G, y + t * N + n, N); break;
-      case 1: row_tokens_any<BITS, 1>(row, sc, x + t * K, K, g, G, y + t * N + n, N); break;
+      case 3: row_tokens_any<BITS, 3>(row, sc, zp, x + t * K, K, g, G, y + t * N + n, N); break;
+      case 2: row_tokens_any<BITS, 2>(row, sc, zp, x + t * K, K, g, G, y + t * N + n, N); break;
+      case 1: row_tokens_any<BITS, 1>(row, sc, zp, x + t * K, K, g, G, y + t * N + n, N); break;
       default: break;
     }
   }
@@ -95,10 +97,12 @@ void rows(const uint8_t* packed, int64_t rb, const float* scale, int64_t col0, c
 // x [T, K] (any float dtype); packed[i] [N_i, row bytes] uint8; scale[i] [N_i, G] (any float dtype);
 // group: inputs per scale. -> [T, sum N_i] in x's dtype: the products side by side (gate and up in
 // one call share the converted x).
-at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale, int64_t bits, int64_t group) {
+at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at::TensorList offsets, int64_t bits,
+               int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float [T, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
   TORCH_CHECK(!packed.empty() && packed.size() == scale.size(), "one scale per packed weight");
+  TORCH_CHECK(offsets.empty() || offsets.size() == packed.size(), "offsets: none, or one per packed weight");
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 8 ? 8 : 16) == 0, "group must divide K, a multiple of 8 (int8) or 16 (int4)");
   const int64_t G = K / group;
@@ -110,6 +114,10 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
                 "packed: uint8 [N, K*bits/8]");
     TORCH_CHECK(scale[i].dim() == 2 && scale[i].size(0) == p.size(0) && scale[i].size(1) == G, "scale: [N, K/group]");
     scales.push_back(scale[i].to(at::kFloat).contiguous());
+    if (!offsets.empty()) {
+      TORCH_CHECK(offsets[i].scalar_type() == at::kInt && offsets[i].is_contiguous() && offsets[i].dim() == 2 &&
+                  offsets[i].size(0) == p.size(0) && offsets[i].size(1) == G, "offsets: contiguous int32 [N, K/group]");
+    }
     first.push_back(first.back() + p.size(0));
   }
   const int64_t N = first.back();
@@ -126,13 +134,14 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
       if (a >= b) continue;
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const float* s = scales[i].data_ptr<float>();
-      if (bits == 8) rows<8>(p, packed[i].stride(0), s, first[i], xp, T, K, group, G, yp, N, a, b);
-      else rows<4>(p, packed[i].stride(0), s, first[i], xp, T, K, group, G, yp, N, a, b);
+      const int32_t* z = offsets.empty() ? nullptr : offsets[i].data_ptr<int32_t>();
+      if (bits == 8) rows<8>(p, packed[i].stride(0), s, z, first[i], xp, T, K, group, G, yp, N, a, b);
+      else rows<4>(p, packed[i].stride(0), s, z, first[i], xp, T, K, group, G, yp, N, a, b);
     }
   });
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 TORCH_LIBRARY(expertcache, m) {
-  m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, int bits, int group) -> Tensor", qmm);
+  m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] offsets, int bits, int group) -> Tensor", qmm);
 }

@@ -81,8 +81,12 @@ def dequantized_copy(qdir: Path, out: Path, dtype: torch.dtype | None = None) ->
             q = unpack_from_int32(t, bits, shape)
             g = shape[1] // scale.shape[1]
             scale = scale.to(dtype or scale.dtype)
-            plain[base] = q.to(scale.dtype) * scale.repeat_interleave(g, dim=1)
-        elif not name.endswith((".weight_scale", ".weight_shape")):
+            q = q.to(scale.dtype)
+            if base + "_zero_point" in tensors:
+                zp = unpack_from_int32(tensors[base + "_zero_point"], bits, torch.Size((shape[0], scale.shape[1])), packed_dim=0)
+                q = q - zp.to(scale.dtype).repeat_interleave(g, dim=1)
+            plain[base] = q * scale.repeat_interleave(g, dim=1)
+        elif not name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
             plain[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -274,7 +278,7 @@ def test_broken_quantized_checkpoints_are_one_line(case, match, quantized, tmp_p
 
 @pytest.mark.parametrize("weights,match", [
     ({"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}, "3-bit weights"),
-    ({"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}, "asymmetric"),
+    ({"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}, "needs zero points"),
     ({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32}, "float weights"),
     ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "tensor"}, "strategy 'tensor'"),
 ])
@@ -359,3 +363,82 @@ def test_quantize_writes_shards_with_an_index(checkpoint, tmp_path):
     with expertcache.load(out, expert_budget="50%") as eng:
         torch.testing.assert_close(eng.model(input_ids=torch.tensor([PROMPT[:16]])).logits[0], ref.logits)
         assert eng.generate(PROMPT[:16], max_new_tokens=4, stop_at_eos=False).token_ids == ref.generated
+
+
+# --- asymmetric (zero-point) checkpoints, as AWQ-style conversions publish them ----------------------
+def asymmetric_copy(qdir: Path, out: Path) -> Path:
+    """The quantized checkpoint's weights re-quantized with zero points (min/max per group), packed by
+    compressed-tensors' own pack_to_int32 (values; zero points along the output dimension)."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((qdir / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"]["symmetric"] = False
+    tensors = load_file(qdir / "model.safetensors")
+    new = {}
+    for name, t in tensors.items():
+        if not name.endswith(".weight_packed"):
+            if not name.endswith(".weight_scale"):
+                new[name] = t
+            continue
+        base = name[: -len("_packed")]
+        shape = torch.Size(tensors[base + "_shape"].tolist())
+        scale = tensors[base + "_scale"]
+        bits = 4 if t.shape[1] == -(-shape[1] * 4 // 32) else 8
+        g = shape[1] // scale.shape[1]
+        w = (unpack_from_int32(t, bits, shape).float() * scale.float().repeat_interleave(g, dim=1)).view(shape[0], -1, g)
+        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+        qmax, qmin = (1 << bits - 1) - 1, -(1 << bits - 1)
+        s = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8).to(scale.dtype).float()
+        zp = torch.clamp(torch.round(qmin - lo / s), qmin, qmax)
+        q = torch.clamp(torch.round(w / s) + zp, qmin, qmax).view(shape).to(torch.int8)
+        new[name] = pack_to_int32(q, bits)
+        new[base + "_scale"] = s.view(shape[0], -1).to(scale.dtype)
+        new[base + "_zero_point"] = pack_to_int32(zp.view(shape[0], -1).to(torch.int8), bits, packed_dim=0)
+    shutil.copytree(qdir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int8"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_asymmetric_checkpoint_matches_transformers(family, scheme, quantized, tmp_path, direct_io_works):
+    """transformers 5.23 does not carry zero points into fused experts (its conversion fails), so the
+    reference is the copy compressed-tensors' unpacking dequantizes, zero points included."""
+    adir = asymmetric_copy(quantized(family, scheme, dense="int8"), tmp_path / "asym")
+    ck = Checkpoint.open(adir)
+    assert not ck.quant.scheme.symmetric and ck.quant.scheme.name.endswith("-asym")
+    assert all(not q.scheme.symmetric for q in ck.dense_quantized.values())
+    ref = reference_outputs(dequantized_copy(adir, tmp_path / "dequantized"), PROMPT, NEW_TOKENS)
+    run_and_compare(adir, ref, budget="50%", prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
+
+
+def test_asymmetric_without_zero_points_is_one_line(quantized, tmp_path):
+    adir = asymmetric_copy(quantized("mixtral", "int4-g32"), tmp_path / "asym")
+    broken = _broken(adir, tmp_path, lambda t: t.pop(_one_expert_tensor(t, "weight_zero_point")))
+    with pytest.raises(ExpertCacheError, match="needs zero points") as e:
+        Checkpoint.open(broken)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None), (4, None)])
+def test_zero_point_kernels_compute_the_dequantized_linear(bits, group, native):
+    if native and not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here")
+    torch.manual_seed(2)
+    out, inner = 48, 128
+    g = group or inner
+    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
+    zp = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
+    scale = torch.rand(out, inner // g) * 0.01
+    scheme = Scheme(bits, group, symmetric=False)
+    packed, zero = pack_to_int32(q, bits), pack_to_int32(zp, bits, packed_dim=0)
+    parts = (packed.view(torch.uint8).view(out, -1), scale, zero.flatten().view(torch.uint8).view(zero.shape[0], -1))
+    want_w = (q.float() - zp.float().repeat_interleave(g, dim=1)) * scale.repeat_interleave(g, dim=1)
+    torch.testing.assert_close(dequantize(*parts[:2], scheme, (out, inner), zero=parts[2]), want_w)
+    qe = QuantExperts(scheme, ((out, inner),), native=native)
+    assert qe.kernels == ((NATIVE,) if native else (DEQUANT,))
+    x = torch.randn(5, inner)
+    torch.testing.assert_close(qe.linear(x, parts, 0), torch.nn.functional.linear(x, want_w))
