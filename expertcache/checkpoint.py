@@ -162,7 +162,9 @@ class Checkpoint:
 
     @property
     def dense_bytes(self) -> int:
-        return sum(r.nbytes for r in self.dense.values())
+        """Bytes of the dense tensors as stored (quantized ones packed)."""
+        packed = sum(r.nbytes for q in (self.dense_quantized or {}).values() for r in q.parts)
+        return sum(r.nbytes for r in self.dense.values()) + packed
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ from ..config import demo_model_dir
 from ..errors import CheckpointError
 from ..families import FAMILIES, Family, text_prefix
 from ..headers import DTYPE_NAMES, TensorEntry, read_config_json, read_tensors
-from ..qformat import SchemeError, read_scheme
+from ..qformat import Scheme, SchemeError, read_schemes
 
 EXPERT_COUNT_KEYS = ("n_routed_experts", "moe_num_experts", "num_local_experts", "num_experts")  # the first present counts
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k")  # config.json's names for top-k (Ernie, Hunyuan, DBRX)
@@ -21,7 +21,7 @@ _EXPERT = re.compile(r"^(?P<site>(?:.*\.)?(?:layers|blocks)\.(?P<layer>\d+)\.(?:
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")
 _FUSED = ("gate_up_proj", "up_proj", "down_proj")
 _MXFP4 = re.compile(r"^(gate_up_proj|down_proj)_(blocks|scales)$")
-_PER_EXPERT = re.compile(r"^(\d+)\.(\w+)\.weight$")
+_PER_EXPERT = re.compile(r"^(\d+)\.(\w+)\.weight(?:_packed|_scale|_shape|_zero_point)?$")
 
 
 def families() -> list[dict]:
@@ -100,8 +100,7 @@ def _from_headers(model_dir: Path) -> dict | None:
     (an unsupported or unusual config, a layout this reading does not know): the model decides."""
     raw = read_config_json(model_dir)
     try:
-        if read_scheme(raw) is not None:  # pack-quantized experts: the model reads them
-            return None
+        schemes = read_schemes(raw)  # refuses what the engine would refuse
     except SchemeError as e:
         raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
     prefix = text_prefix(raw["model_type"])
@@ -129,7 +128,8 @@ def _from_headers(model_dir: Path) -> dict | None:
         raise CheckpointError(f"{model_dir}: tensors do not match config.json (model.embed_tokens.weight: {embed.shape} "
                               f"in the file, config says vocab_size {want[0]}, hidden_size {want[1]})")
     inter = _first(raw, ("ffn_hidden_size",))  # rows per expert of row-block experts (DBRX)
-    figures = [_site_figures(model_dir, family, path, parts, n_cfg, inter) for path, parts in sorted(sites.items())]
+    figures = [_site_figures(model_dir, family, path, parts, n_cfg, inter, want[1], schemes)
+               for path, parts in sorted(sites.items())]
     if any(f is None for f in figures) or len({f[0] for f in figures}) != 1:
         return None
     sizes = {f[1] for f in figures}
@@ -141,6 +141,8 @@ def _from_headers(model_dir: Path) -> dict | None:
     precision = None
     if layout == "mxfp4":
         layout, dtype, precision = "fused", str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"), "mxfp4"
+    elif layout.startswith("per-expert "):  # "per-expert <scheme>": pack-quantized experts
+        layout, precision = layout.split(" ")
     return _figures(model_dir, family=family.model_type, layers=layers, sparse=len(sites), experts=n_cfg, top_k=top_k,
                     renormalize=renormalize, layout=layout, dtype=dtype, expert_bytes=figures[0][1],
                     dense_bytes=dense_bytes, checked="headers", precision=precision)
@@ -161,12 +163,13 @@ def _sites(family: Family, tensors: dict[str, TensorEntry], layers: int) -> tupl
         if m and (rest in _FUSED or rest in (family.row_blocks or ()) or _MXFP4.match(rest)
                   or (per and per.group(2) in family.per_expert_names)):
             sites.setdefault(m.group("site"), {})[rest] = entry
-        elif not name.endswith("rotary_emb.inv_freq"):
+        elif not name.endswith(("rotary_emb.inv_freq", ".weight_shape")):  # a quantized weight's shape: metadata
             dense += entry.nbytes
     return sites, dense
 
 
-def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int, inter: int | None):
+def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int, inter: int | None,
+                  hidden: int | None = None, schemes: tuple[Scheme, ...] = ()):
     """(layout, bytes per expert, dtype) of one experts module, its expert count checked against
     config.json's; None for a layout this reading does not know."""
     if family.row_blocks is not None:  # [E*I, H] each
@@ -182,7 +185,7 @@ def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, T
     elif all(e is not None for e in fused) and len(parts) == 2:
         layout, group = "fused", fused
     elif all(_PER_EXPERT.match(rest) for rest in parts):
-        return _per_expert_figures(model_dir, family, path, parts, n_cfg)
+        return _per_expert_figures(model_dir, family, path, parts, n_cfg, hidden, schemes)
     else:
         return None
     counts = {e.shape[0] if e.shape else 0 for e in group}
@@ -192,20 +195,35 @@ def _site_figures(model_dir: Path, family: Family, path: str, parts: dict[str, T
     return layout, sum(e.nbytes // n_cfg for e in group), DTYPE_NAMES[group[0].dtype]
 
 
-def _per_expert_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int):
+def _per_expert_figures(model_dir: Path, family: Family, path: str, parts: dict[str, TensorEntry], n_cfg: int,
+                        hidden: int | None, schemes: tuple[Scheme, ...]):
     on_disk = {int(_PER_EXPERT.match(rest).group(1)) for rest in parts}
     _check_count(model_dir, path, max(on_disk) + 1, n_cfg)
+    quantized = f"0.{family.per_expert_names[0]}.weight_packed" in parts
+    kinds = ("weight_packed", "weight_scale") if quantized else ("weight",)
+    if quantized and f"0.{family.per_expert_names[0]}.weight_zero_point" in parts:
+        kinds += ("weight_zero_point",)
     sizes = set()
     for e in range(n_cfg):
-        refs = [parts.get(f"{e}.{role}.weight") for role in family.per_expert_names]
-        missing = next((role for role, r in zip(family.per_expert_names, refs) if r is None), None)
-        if missing is not None:
-            raise CheckpointError(f"{model_dir}: missing expert tensor {path}.{e}.{missing}.weight "
-                                  f"(checkpoint incomplete or not a {family.model_type} model)")
-        sizes.add(sum(r.nbytes for r in refs))
+        for role in family.per_expert_names:
+            for kind in kinds:
+                if f"{e}.{role}.{kind}" not in parts:
+                    raise CheckpointError(f"{model_dir}: missing expert tensor {path}.{e}.{role}.{kind} "
+                                          f"(checkpoint incomplete or not a {family.model_type} model)")
+        sizes.add(sum(parts[f"{e}.{role}.{kind}"].nbytes for role in family.per_expert_names for kind in kinds))
     if len(sizes) != 1:
         raise CheckpointError(f"{model_dir}: experts differ in size ({sorted(sizes)} bytes); expertcache needs uniform experts")
-    return "per-expert", sizes.pop(), DTYPE_NAMES[parts[f"0.{family.per_expert_names[0]}.weight"].dtype]
+    first = f"0.{family.per_expert_names[0]}"
+    if not quantized:
+        return "per-expert", sizes.pop(), DTYPE_NAMES[parts[first + ".weight"].dtype]
+    packed, scale = parts[first + ".weight_packed"], parts[first + ".weight_scale"]  # the gate's: [I, hidden] weight
+    out = packed.shape[0] if packed.shape else 0
+    scheme = next((s for s in schemes if hidden and s.symmetric == ("weight_zero_point" not in kinds)
+                   and packed.shape == (out, s.packed_bytes(out, hidden) // (4 * out)) and scale.shape == s.scale_shape(out, hidden)),
+                  None)
+    if scheme is None:
+        return None  # the model decides (and says what does not fit)
+    return f"per-expert {scheme.name}", sizes.pop(), DTYPE_NAMES[scale.dtype]
 
 
 def _check_count(model_dir: Path, path: str, on_disk: int, n_cfg: int) -> None:

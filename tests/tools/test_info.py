@@ -79,3 +79,15 @@ def test_info_reads_no_weights_and_imports_neither_torch_nor_transformers(tmp_pa
     figures, flags = out.strip().splitlines()
     assert json.loads(figures)["checked"] == "headers"
     assert flags.split() == ["0", "False", "False"]
+
+
+@pytest.mark.parametrize("bits,group,dense", [(8, 0, "keep"), (4, 32, "int8"), (4, 64, "keep")])
+def test_pack_quantized_checkpoints_from_the_headers(bits, group, dense, checkpoint, tmp_path):
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    src = checkpoint("qwen2_moe", **{**FAMILY_CASES["qwen2_moe"], "expert_intermediate": 64})
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, bits=bits, group_size=group, dense=dense, progress=False)
+    quick, full = _both(out)
+    assert quick == full
+    assert quick["expert_precision"] == f"int{bits}-" + (f"g{group}" if group else "channel")
