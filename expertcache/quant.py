@@ -23,15 +23,21 @@ from . import kernels
 from .qformat import Scheme
 
 NATIVE, INT8_CHANNEL, INT4_TILES, DEQUANT = "expertcache", "int8-channel", "int4-tiles", "dequantize"
+ROWS_AT_ONCE = 512  # rows quantize() works on at a time
 
 
 # --- the format --------------------------------------------------------------------------------
-def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
+             error: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (packed int32 [out, in*bits/32 rounded up], scale [out, groups] in
     `scale_dtype`). Symmetric; each group's scale is the one, among clipped fractions of its
     absolute maximum, whose rounded weights are nearest w in squared error (after rounding the
-    scale to `scale_dtype`, which dequantization uses)."""
+    scale to `scale_dtype`, which dequantization uses). `error`, if given, gets the squared error
+    and the squared norm of w added to its two entries."""
     out, inner = w.shape
+    if out > ROWS_AT_ONCE:  # rows are independent: a block at a time bounds the temporaries (~40 MB)
+        blocks = [quantize(w[r : r + ROWS_AT_ONCE], scheme, scale_dtype, error) for r in range(0, out, ROWS_AT_ONCE)]
+        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
     g = scheme.group_size or inner
     groups = -(-inner // g)
     wf = F.pad(w.float(), (0, groups * g - inner)).view(out, groups, g)
@@ -49,6 +55,9 @@ def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple
         else:
             better = err < best_err
             best_q, best_s, best_err = torch.where(better, q, best_q), torch.where(better, s, best_s), torch.minimum(err, best_err)
+    if error is not None:
+        error[0] += float(best_err.sum())
+        error[1] += float((wf * wf).sum())
     q = best_q.view(out, groups * g)[:, :inner].to(torch.int16)
     return pack(q, scheme.bits), best_s.view(out, groups).to(scale_dtype)
 

@@ -24,7 +24,7 @@ from ..checkpoint import Checkpoint, TensorRef, _read_all, read_tensors
 from ..errors import CheckpointError, ExpertCacheError
 from ..families import text_prefix
 from ..qformat import GROUP_SIZES, Scheme, quantization_config
-from ..quant import dequantize, quantize
+from ..quant import quantize
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
              torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.float64: "F64", torch.int16: "I16",
@@ -193,7 +193,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    err_num = err_den = 0.0
+    error = [0.0, 0.0]  # squared error, squared norm: over every expert weight
     expert_ids = list(ckpt.experts)
     bar = tqdm(total=len(expert_ids), unit="expert", desc=f"quantize {scheme.name}", disable=not progress)
     weight_map = {}
@@ -209,11 +209,8 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
                             f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
                         continue
                     eid = expert_ids[i - len(dense)]
-                    for w, shape in zip(_expert_weights(ckpt, eid), shapes):
-                        packed, scale = quantize(w, scheme, dtype)
-                        back = dequantize(packed, scale, scheme, shape).float()
-                        err_num += float(((back - w.float()) ** 2).sum())
-                        err_den += float((w.float() ** 2).sum())
+                    for w in _expert_weights(ckpt, eid):
+                        packed, scale = quantize(w, scheme, dtype, error)
                         for t in (packed, scale):
                             f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
                     bar.update(1)
@@ -239,7 +236,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         raise
     q_bytes = sum(e.nbytes for e in groups[len(dense)][0])
     return QuantizeResult(str(out_dir), scheme.name, len(expert_ids), ckpt.expert_bytes, q_bytes,
-                          (err_num / max(err_den, 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
+                          (error[0] / max(error[1], 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
 
 
 def _quantized_reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
