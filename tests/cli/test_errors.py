@@ -791,3 +791,16 @@ def test_quantize_writes_a_new_directory_and_refuses_bad_output(capsys, model, t
     assert "does not divide" in cli_error(capsys, ["quantize", str(model), "--bits", "4", "--group-size", "64",
                                                    "--out", str(tmp_path / "c")], model)
     assert not (model / "q").exists() and not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_simulate_prices_a_trace_at_another_precision(capsys, model, tmp_path):
+    trace = tmp_path / "t.npz"
+    assert run_cli(capsys, ["trace", "--model", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                            "--out", str(trace)])[0] == 0
+    args = ["simulate", "--trace", str(trace), "--budget", str(2 * BYTES_PER_EXPERT), "--policy", "lru", "--json"]
+    rc, out, _ = run_cli(capsys, args)
+    rc4, out4, _ = run_cli(capsys, [*args, "--precision", "int4-g32"])
+    assert rc == rc4 == 0
+    plain, small = json.loads(out)["results"][0], json.loads(out4)["results"][0]
+    assert small["hit_pct"] > plain["hit_pct"]  # the same bytes hold the float32 experts' int4 copies several times over
+    assert "unknown precision 'int3'" in cli_error(capsys, [*args, "--precision", "int3"], model)
