@@ -113,13 +113,13 @@ class Engine:
         except ValueError as e:
             raise ExpertCacheError(str(e)) from None
         self.stats_ = Stats()
-        if ckpt.quant is not None:
-            ckpt.quant.kernels  # which kernels compute the experts: decided (and built) here, not in a reader thread
+        # which kernels compute quantized experts is decided (and expertcache's built) here, not in a reader thread
+        prepare = ckpt.quant.prepare if ckpt.quant is not None and ckpt.quant.repacks else None
         self.store = ExpertStore(ckpt.experts, io=config.io)
         self.cache = ExpertCache(
             store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
             policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
-            stats=self.stats_, prepare=ckpt.quant.prepare if ckpt.quant is not None else None,
+            stats=self.stats_, prepare=prepare,
         )  # fmt: skip
         try:
             self.model = _build_model(ckpt, dtype)

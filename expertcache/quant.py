@@ -144,6 +144,11 @@ class QuantExperts:
         return tuple(kernel_for(self.scheme, s, native=self.native) for s in self.shapes)
 
     @property
+    def repacks(self) -> bool:
+        """Whether a load must end with `prepare` (torch's kernels read a layout of their own)."""
+        return any(k in (INT8_CHANNEL, INT4_TILES) for k in self.kernels)
+
+    @property
     def per(self) -> int:
         """Tensors per matrix: packed, scale and, asymmetric, zero points."""
         return 2 if self.scheme.symmetric else 3
@@ -151,13 +156,6 @@ class QuantExperts:
     def _matrix(self, parts: tuple[torch.Tensor, ...], i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         p = parts[self.per * i : self.per * (i + 1)]
         return p[0], p[1], (p[2] if len(p) > 2 else None)
-
-    def _offsets(self, zero: torch.Tensor | None, i: int) -> list[torch.Tensor]:
-        """The stored zero points of matrix i as int32 [out, groups] for the kernel (value + 2^(bits-1))."""
-        if zero is None:
-            return []
-        stored = unpack_zero_points(zero, self.scheme.bits, self.shapes[i][0]) + (1 << (self.scheme.bits - 1))
-        return [stored.to(torch.int32).contiguous()]
 
     def prepare(self, parts: tuple[torch.Tensor, ...]) -> None:
         """Once, when an expert's load ends: change its packed bytes in place into the layout
@@ -174,7 +172,7 @@ class QuantExperts:
         kernel call where expertcache's kernel computes both)."""
         if self.kernels[0] == self.kernels[1] == NATIVE:
             (p0, s0, z0), (p1, s1, z1) = self._matrix(parts, 0), self._matrix(parts, 1)
-            return torch.ops.expertcache.qmm(x, [p0, p1], [s0, s1], self._offsets(z0, 0) + self._offsets(z1, 1),
+            return torch.ops.expertcache.qmm(x, [p0, p1], [s0, s1], [z for z in (z0, z1) if z is not None],
                                              self.scheme.bits, self.scheme.group_size or self.shapes[0][1])
         return torch.cat([self.linear(x, parts, 0), self.linear(x, parts, 1)], dim=-1)
 
@@ -183,7 +181,7 @@ class QuantExperts:
         packed, scale, zero = self._matrix(parts, i)
         kernel, shape = self.kernels[i], self.shapes[i]
         if kernel == NATIVE:
-            return torch.ops.expertcache.qmm(x, [packed], [scale], self._offsets(zero, i), self.scheme.bits,
+            return torch.ops.expertcache.qmm(x, [packed], [scale], [] if zero is None else [zero], self.scheme.bits,
                                              self.scheme.group_size or shape[1])
         if kernel == INT8_CHANNEL:
             return torch.ops.aten._weight_int8pack_mm(x, packed.view(torch.int8), scale.reshape(-1).to(x.dtype))
@@ -204,13 +202,12 @@ class QuantLinear(torch.nn.Module):
         self.scheme, self.out_features, self.in_features = scheme, *shape
         self.register_buffer("weight_packed", parts[0])
         self.register_buffer("weight_scale", parts[1])
-        zero = QuantExperts(scheme, (shape,))._offsets(parts[2] if len(parts) > 2 else None, 0)
-        self.register_buffer("weight_offset", zero[0] if zero else None)  # unpacked once: int32 [out, groups]
+        self.register_buffer("weight_zero_point", parts[2] if len(parts) > 2 else None)  # bytes, as stored
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offsets = [] if self.weight_offset is None else [self.weight_offset]
-        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale], offsets,
+        zeros = [] if self.weight_zero_point is None else [self.weight_zero_point]
+        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale], zeros,
                                       self.scheme.bits, self.scheme.group_size or self.in_features)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

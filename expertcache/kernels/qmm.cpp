@@ -1,13 +1,15 @@
 // Weight-only int8/int4 matrix products on the bytes compressed-tensors' pack-quantized format
 // stores (no repacking): y[t, n] = sum_g scale[n, g] * sum_{k in g} x[t, k] * (u[n, k] - offset),
 // u the stored unsigned value (int8: one byte; int4: two to a byte, the even element in the low
-// nibble), offset 2^(bits-1), or, asymmetric, the stored zero point of (n, g). AVX2 + FMA, float32 accumulation; rows split over torch's threads.
+// nibble), offset 2^(bits-1), or, asymmetric, the stored zero point of (n, g), read from the
+// zero points' packed words as stored. AVX2 + FMA, float32 accumulation; rows split over torch's threads.
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 #include <immintrin.h>
 
@@ -15,6 +17,26 @@ namespace {
 
 constexpr int TB = 4;  // tokens per pass over a row
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in a row that a one-token pass asks for
+
+// One output row's zero points as stored: packed along the output dimension, so row r's value for
+// group g is at bit (r * bits) % 32 of the int32 word [(r * bits) / 32, g]. words == nullptr:
+// symmetric (the offset is 2^(bits-1)).
+struct ZeroRow {
+  const uint8_t* words;  // the row's word row: G little-endian int32
+  int shift;
+};
+
+inline ZeroRow zero_row(const uint8_t* zeros, int64_t r, int bits, int64_t G) {
+  if (zeros == nullptr) return {nullptr, 0};
+  return {zeros + (r * bits / 32) * G * 4, static_cast<int>(r * bits % 32)};
+}
+
+inline __m256i group_offset(ZeroRow z, int64_t gi, int bits, __m256i symmetric) {
+  if (z.words == nullptr) return symmetric;
+  uint32_t w;
+  std::memcpy(&w, z.words + gi * 4, 4);
+  return _mm256_set1_epi32(static_cast<int>((w >> z.shift) & ((1u << bits) - 1)));
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -25,7 +47,7 @@ inline float hsum(__m256 v) {
 
 // U independent accumulators per token (a chain of FMAs waits on each one's latency otherwise)
 template <int BITS, int NT, int U>
-inline void row_tokens(const uint8_t* row, const float* sc, const int32_t* zp, const float* x, int64_t K, int64_t g,
+inline void row_tokens(const uint8_t* row, const float* sc, ZeroRow zp, const float* x, int64_t K, int64_t g,
                        int64_t G, float* y, int64_t ystride) {
   constexpr int STEP = BITS == 8 ? 8 : 16;  // inputs per 8-byte load
   __m256 acc[NT];
@@ -33,7 +55,7 @@ inline void row_tokens(const uint8_t* row, const float* sc, const int32_t* zp, c
   const __m256i off = _mm256_set1_epi32(1 << (BITS - 1));
   const __m256i nib = _mm256_set1_epi32(15);
   for (int64_t gi = 0; gi < G; ++gi) {
-    const __m256i goff = zp != nullptr ? _mm256_set1_epi32(zp[gi]) : off;
+    const __m256i goff = group_offset(zp, gi, BITS, off);
     __m256 ga[NT][U];
     for (int t = 0; t < NT; ++t)
       for (int u = 0; u < U; ++u) ga[t][u] = _mm256_setzero_ps();
@@ -67,7 +89,7 @@ inline void row_tokens(const uint8_t* row, const float* sc, const int32_t* zp, c
 }
 
 template <int BITS, int NT>
-inline void row_tokens_any(const uint8_t* row, const float* sc, const int32_t* zp, const float* x, int64_t K, int64_t g,
+inline void row_tokens_any(const uint8_t* row, const float* sc, ZeroRow zp, const float* x, int64_t K, int64_t g,
                            int64_t G, float* y, int64_t ystride) {
   constexpr int STEP = BITS == 8 ? 8 : 16;
   constexpr int U = NT == 1 ? 4 : NT == 2 ? 2 : 1;
@@ -79,15 +101,14 @@ inline void row_tokens_any(const uint8_t* row, const float* sc, const int32_t* z
 // lines are asked for PREFETCH bytes ahead (faster from memory than one row a pass:
 // docs/quantized.md).
 template <int BITS>
-inline void row_pair(const uint8_t* r0, const uint8_t* r1, const float* s0, const float* s1, const int32_t* z0,
-                     const int32_t* z1, const float* x, int64_t K, int64_t g, int64_t G, float* y0, float* y1) {
+inline void row_pair(const uint8_t* r0, const uint8_t* r1, const float* s0, const float* s1, ZeroRow z0, ZeroRow z1,
+                     const float* x, int64_t K, int64_t g, int64_t G, float* y0, float* y1) {
   constexpr int STEP = BITS == 8 ? 8 : 16;
   const __m256i off = _mm256_set1_epi32(1 << (BITS - 1));
   const __m256i nib = _mm256_set1_epi32(15);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < G; ++gi) {
-    const __m256i o0 = z0 != nullptr ? _mm256_set1_epi32(z0[gi]) : off;
-    const __m256i o1 = z1 != nullptr ? _mm256_set1_epi32(z1[gi]) : off;
+    const __m256i o0 = group_offset(z0, gi, BITS, off), o1 = group_offset(z1, gi, BITS, off);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
     const int64_t k0 = gi * g, k1 = k0 + g;
     for (int64_t k = k0; k < k1; k += STEP) {
@@ -120,21 +141,21 @@ inline void row_pair(const uint8_t* r0, const uint8_t* r1, const float* s0, cons
 }
 
 template <int BITS>
-void rows(const uint8_t* packed, int64_t rb, const float* scale, const int32_t* zeros, int64_t col0, const float* x,
+void rows(const uint8_t* packed, int64_t rb, const float* scale, const uint8_t* zeros, int64_t col0, const float* x,
           int64_t T, int64_t K, int64_t g, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   if (T == 1) {
     int64_t n = n0;
     for (; n + 1 < n1; n += 2) {
       const int64_t r = n - col0;
       row_pair<BITS>(packed + r * rb, packed + (r + 1) * rb, scale + r * G, scale + (r + 1) * G,
-                     zeros ? zeros + r * G : nullptr, zeros ? zeros + (r + 1) * G : nullptr, x, K, g, G, y + n, y + n + 1);
+                     zero_row(zeros, r, BITS, G), zero_row(zeros, r + 1, BITS, G), x, K, g, G, y + n, y + n + 1);
     }
     n0 = n;
   }
   for (int64_t n = n0; n < n1; ++n) {  // output column n is row n - col0 of this weight
     const uint8_t* row = packed + (n - col0) * rb;
     const float* sc = scale + (n - col0) * G;
-    const int32_t* zp = zeros != nullptr ? zeros + (n - col0) * G : nullptr;
+    const ZeroRow zp = zero_row(zeros, n - col0, BITS, G);
     int64_t t = 0;
     for (; t + TB <= T; t += TB) row_tokens_any<BITS, TB>(row, sc, zp, x + t * K, K, g, G, y + t * N + n, N);
     switch (T - t) {
@@ -151,12 +172,12 @@ void rows(const uint8_t* packed, int64_t rb, const float* scale, const int32_t* 
 // x [T, K] (any float dtype); packed[i] [N_i, row bytes] uint8; scale[i] [N_i, G] (any float dtype);
 // group: inputs per scale. -> [T, sum N_i] in x's dtype: the products side by side (gate and up in
 // one call share the converted x).
-at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at::TensorList offsets, int64_t bits,
+at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at::TensorList zeros, int64_t bits,
                int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float [T, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
   TORCH_CHECK(!packed.empty() && packed.size() == scale.size(), "one scale per packed weight");
-  TORCH_CHECK(offsets.empty() || offsets.size() == packed.size(), "offsets: none, or one per packed weight");
+  TORCH_CHECK(zeros.empty() || zeros.size() == packed.size(), "zero points: none, or one per packed weight");
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 8 ? 8 : 16) == 0, "group must divide K, a multiple of 8 (int8) or 16 (int4)");
   const int64_t G = K / group;
@@ -168,9 +189,10 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
                 "packed: uint8 [N, K*bits/8]");
     TORCH_CHECK(scale[i].dim() == 2 && scale[i].size(0) == p.size(0) && scale[i].size(1) == G, "scale: [N, K/group]");
     scales.push_back(scale[i].to(at::kFloat).contiguous());
-    if (!offsets.empty()) {
-      TORCH_CHECK(offsets[i].scalar_type() == at::kInt && offsets[i].is_contiguous() && offsets[i].dim() == 2 &&
-                  offsets[i].size(0) == p.size(0) && offsets[i].size(1) == G, "offsets: contiguous int32 [N, K/group]");
+    if (!zeros.empty()) {
+      TORCH_CHECK(zeros[i].scalar_type() == at::kByte && zeros[i].is_contiguous() && zeros[i].dim() == 2 &&
+                  zeros[i].size(0) == (p.size(0) * bits + 31) / 32 && zeros[i].size(1) == G * 4,
+                  "zero points: the stored int32 [N*bits/32, K/group] as contiguous bytes [words, 4*K/group]");
     }
     first.push_back(first.back() + p.size(0));
   }
@@ -188,7 +210,7 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
       if (a >= b) continue;
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const float* s = scales[i].data_ptr<float>();
-      const int32_t* z = offsets.empty() ? nullptr : offsets[i].data_ptr<int32_t>();
+      const uint8_t* z = zeros.empty() ? nullptr : zeros[i].data_ptr<uint8_t>();
       if (bits == 8) rows<8>(p, packed[i].stride(0), s, z, first[i], xp, T, K, group, G, yp, N, a, b);
       else rows<4>(p, packed[i].stride(0), s, z, first[i], xp, T, K, group, G, yp, N, a, b);
     }
@@ -197,5 +219,5 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
 }
 
 TORCH_LIBRARY(expertcache, m) {
-  m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] offsets, int bits, int group) -> Tensor", qmm);
+  m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
 }
