@@ -9,7 +9,6 @@ on-disk layout: one tensor per expert (save_pretrained's default) or fused [E, .
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -177,6 +176,13 @@ class Checkpoint:
         dtype = getattr(self.config, "dtype", None) or torch.bfloat16
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
+    @property
+    def precision(self) -> str:
+        """How expert weights are stored: a scheme's name (int4-g64 ...), mxfp4, or the dtype's name."""
+        if self.quant is not None:
+            return self.quant.scheme.name
+        return "mxfp4" if next(iter(self.experts.values())).mxfp4 else str(self.dtype).removeprefix("torch.")
+
     def load_dense(self, *, packed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Read every non-expert tensor into memory, keyed by its in-memory name; a quantized dense
         weight is dequantized into its scale's dtype, but those named in `packed`, which come as
@@ -240,7 +246,7 @@ def _quantized_pair(model_dir: Path, base: str, tensors: dict[str, TensorRef], s
         what = "weight_scale" if packed is not None else "weight_packed"
         raise _fail(model_dir, f"missing tensor {base}.{what} (a quantized weight needs packed values and scales)")
     for scheme in schemes:
-        want_p = (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))
+        want_p = scheme.packed_shape(*shape)
         want_s = scheme.scale_shape(*shape)
         if packed.shape == want_p and scale.shape == want_s:
             break
@@ -277,7 +283,7 @@ def _dense_quantized(model_dir: Path, model, tensors: dict[str, TensorRef], sche
             raise _fail(model_dir, f"{name}: the model has no 2-D weight {base} to dequantize it into")
         refs, scheme = _quantized_pair(model_dir, base[: -len(".weight")], tensors, schemes, shape)
         out.weights[base] = QuantizedWeight(refs, scheme, shape)
-        out.names |= {base + "_packed", base + "_scale", base + "_shape", base + "_zero_point"}
+        out.names |= {f"{base[: -len('weight')]}{suffix}" for suffix in SUFFIXES}
     return out
 
 

@@ -39,8 +39,9 @@ class Scheme:
         """weight_zero_point's shape: packed along the output dimension."""
         return (-(-out * self.bits // 32), self.scale_shape(out, inner)[1])
 
-    def packed_bytes(self, out: int, inner: int) -> int:
-        return out * -(-inner * self.bits // 32) * 4
+    def packed_shape(self, out: int, inner: int) -> tuple[int, int]:
+        """weight_packed's shape: int32 words, a row's values at `bits` each."""
+        return (out, -(-inner * self.bits // 32))
 
     def scale_shape(self, out: int, inner: int) -> tuple[int, int]:
         return (out, -(-inner // self.group_size) if self.group_size else 1)
@@ -59,13 +60,6 @@ def quantization_config(groups: list[tuple[Scheme, list[str]]], ignore: list[str
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {f"group_{i}": s.group(t) for i, (s, t) in enumerate(groups)},
             "ignore": ignore, "kv_cache_scheme": None}
-
-
-def read_scheme(config_json: dict) -> Scheme | None:
-    """The weight scheme of a checkpoint's config.json where it has one (the first where it has
-    several); None for an unquantized checkpoint or an MXFP4 one."""
-    schemes = read_schemes(config_json)
-    return schemes[0] if schemes else None
 
 
 def read_schemes(config_json: dict) -> tuple[Scheme, ...]:

@@ -9,14 +9,6 @@ import numpy as np
 from .trace import ModelShape, Route, Trace
 
 
-def expert_precision(ckpt) -> str:
-    """How the checkpoint stores expert weights: a scheme's name, mxfp4, or the dtype's name."""
-    first = next(iter(ckpt.experts.values()))
-    if ckpt.quant is not None:
-        return ckpt.quant.scheme.name
-    return "mxfp4" if first.mxfp4 else str(ckpt.dtype).removeprefix("torch.")
-
-
 def engine_shape(engine) -> ModelShape:
     ckpt = engine.checkpoint
     return ModelShape(
@@ -49,7 +41,7 @@ class Recorder:
         self.hidden_states = hidden_states
         cfg = engine.config
         meta = {"source": "engine", "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch,
-                "budget_bytes": engine.budget_bytes, "precision": expert_precision(engine.checkpoint)}
+                "budget_bytes": engine.budget_bytes, "precision": engine.checkpoint.precision}
         self.trace = Trace(engine_shape(engine), [], meta)
         self._turn = -1
         self._pos = 0  # position of the current forward's first token

@@ -68,15 +68,13 @@ def _from_model(model_dir: Path) -> dict:
 
     ckpt = Checkpoint.open(model_dir)
     rule = ckpt.family.weight_rule(ckpt.config)
-    first = next(iter(ckpt.experts.values()))
-    precision = ckpt.quant.scheme.name if ckpt.quant is not None else "mxfp4" if first.mxfp4 else None
     return _figures(
         ckpt.model_dir, family=ckpt.family.model_type, layers=int(ckpt.config.num_hidden_layers),
         sparse=len(ckpt.sparse_layers), experts=ckpt.num_experts, top_k=ckpt.top_k,
         renormalize=rule.renormalize if rule is not None else None,
         layout="fused" if next(iter(ckpt.experts.values())).fused else "per-expert",
         dtype=str(ckpt.dtype).replace("torch.", ""), expert_bytes=ckpt.expert_bytes, dense_bytes=ckpt.dense_bytes,
-        checked="model", precision=precision,
+        checked="model", precision=ckpt.precision,
     )
 
 
@@ -219,7 +217,7 @@ def _per_expert_figures(model_dir: Path, family: Family, path: str, parts: dict[
     packed, scale = parts[first + ".weight_packed"], parts[first + ".weight_scale"]  # the gate's: [I, hidden] weight
     out = packed.shape[0] if packed.shape else 0
     scheme = next((s for s in schemes if hidden and s.symmetric == ("weight_zero_point" not in kinds)
-                   and packed.shape == (out, s.packed_bytes(out, hidden) // (4 * out)) and scale.shape == s.scale_shape(out, hidden)),
+                   and packed.shape == s.packed_shape(out, hidden) and scale.shape == s.scale_shape(out, hidden)),
                   None)
     if scheme is None:
         return None  # the model decides (and says what does not fit)

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, TensorRef, _read_all, read_tensors
+from ..checkpoint import DTYPES, Checkpoint, TensorRef, _read_all, read_tensors
 from ..errors import CheckpointError, ExpertCacheError
 from ..families import text_prefix
 from ..qformat import GROUP_SIZES, Scheme, quantization_config
 from ..quant import quantize
 
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-             torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.float64: "F64", torch.int16: "I16",
-             torch.bool: "BOOL"}
+ST_DTYPES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> its safetensors name
 SHARD_BYTES = 4 << 30
 
 
@@ -135,6 +133,8 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         raise ExpertCacheError(f"--out {out_dir}: write the quantized checkpoint outside the source directory")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExpertCacheError(f"--out {out_dir}: exists and is not an empty directory")
+    if not out_dir.parent.is_dir():
+        raise ExpertCacheError(f"--out {out_dir}: the folder {out_dir.parent} does not exist")
     dtype = ckpt.dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{model_dir}: experts are {dtype}, not floating point")
@@ -142,47 +142,44 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     if dense not in ("keep", "int8"):
         raise ExpertCacheError(f"--dense {dense}: keep or int8")
     dense_targets = _dense_targets(ckpt) if dense == "int8" else set()
-
-    # what the files hold: dense tensors as saved (or int8), then each expert's six tensors, then the shapes
-    site_paths = [s.path + "." for s in ckpt.sites.values()]
-    dense = {name: ref for name, ref in read_tensors(model_dir).items()
-             if not any(ckpt.family.canonical_name(name).startswith(p) for p in site_paths)}
-    roles = ckpt.family.per_expert_names
     site = next(iter(ckpt.sites.values()))
     (two_inter, hidden), down = site.shapes
     shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), tuple(down))
     if scheme.group_size and any(inner % scheme.group_size for _, inner in shapes):
         raise ExpertCacheError(f"--group-size {scheme.group_size} does not divide the experts' input widths ({hidden} and "
                                f"{down[1]}): pick one that does, or 0 for one scale per row")
+
+    # what the files hold, as groups of tensors written side by side: dense tensors as saved (or
+    # int8), each expert's six tensors, then the shape of every weight written quantized
+    bar = tqdm(total=len(ckpt.experts), unit="expert", desc=f"quantize {scheme.name}", disable=not progress)
+    error = [0.0, 0.0]  # squared error, squared norm: over every expert weight
     groups: list[tuple[list[_Entry], Callable[[], Iterator[torch.Tensor]]]] = []
-    dense_shapes: list[tuple[str, tuple[int, int]]] = []  # (disk base, [out, in]) of the dense weights quantized
-    for name, ref in dense.items():
-        if ckpt.family.canonical_name(name) in dense_targets:
+    quantized: list[tuple[str, tuple[int, int]]] = []  # (disk name without ".weight", [out, in]), in file order
+    site_paths = [s.path + "." for s in ckpt.sites.values()]
+    for name, ref in read_tensors(model_dir).items():
+        canonical = ckpt.family.canonical_name(name)
+        if any(canonical.startswith(p) for p in site_paths):
+            continue  # an expert tensor: written below
+        if canonical in dense_targets:
             base, shape = name[: -len(".weight")], tuple(ref.shape)
-            dense_shapes.append((base, shape))
-            groups.append(([_Entry(f"{base}.weight_packed", torch.int32, (shape[0], DENSE_SCHEME.packed_bytes(*shape) // (4 * shape[0]))),
-                            _Entry(f"{base}.weight_scale", ref.dtype, DENSE_SCHEME.scale_shape(*shape))],
-                           _quantized_reader(name, ref)))
+            quantized.append((base, shape))
+            groups.append((_quantized_entries(base, DENSE_SCHEME, shape, ref.dtype), _dense_int8_reader(name, ref)))
         else:
             groups.append(([_Entry(name, ref.dtype, ref.shape)], _reader(name, ref)))
-    bases = {}
-    for eid in ckpt.experts:
-        layer, e = eid
-        base = [_disk_name(ckpt, f"{ckpt.sites[layer].path}.{e}.{role}") for role in roles]
-        bases[eid] = base
-        entries = []
-        for b, shape in zip(base, shapes):
-            entries += [_Entry(f"{b}.weight_packed", torch.int32, (shape[0], scheme.packed_bytes(*shape) // (4 * shape[0]))),
-                        _Entry(f"{b}.weight_scale", dtype, scheme.scale_shape(*shape))]
-        groups.append((entries, None))  # filled by the expert writer below
-    shape_entries = [_Entry(f"{b}.weight_shape", torch.int64, (2,)) for eid in ckpt.experts for b in bases[eid]]
-    shape_entries += [_Entry(f"{b}.weight_shape", torch.int64, (2,)) for b, _ in dense_shapes]
+    for layer, e in ckpt.experts:
+        bases = [_disk_name(ckpt, f"{ckpt.sites[layer].path}.{e}.{role}") for role in ckpt.family.per_expert_names]
+        quantized += zip(bases, shapes)
+        entries = [entry for b, shape in zip(bases, shapes) for entry in _quantized_entries(b, scheme, shape, dtype)]
+        groups.append((entries, _expert_reader(ckpt, (layer, e), scheme, dtype, error, bar)))
+    expert_bytes = sum(entry.nbytes for entry in entries)
+    groups.append(([_Entry(f"{b}.weight_shape", torch.int64, (2,)) for b, _ in quantized],
+                   lambda: (torch.tensor(shape, dtype=torch.int64) for _, shape in quantized)))
 
     # shards: whole groups, a new file past shard_bytes
     shards: list[list[int]] = [[]]
     size = 0
     for i, (entries, _) in enumerate(groups):
-        n = sum(e.nbytes for e in entries)
+        n = sum(entry.nbytes for entry in entries)
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
@@ -192,54 +189,52 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
                                                               for i in range(len(shards))]
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    error = [0.0, 0.0]  # squared error, squared norm: over every expert weight
-    expert_ids = list(ckpt.experts)
-    bar = tqdm(total=len(expert_ids), unit="expert", desc=f"quantize {scheme.name}", disable=not progress)
     weight_map = {}
     try:
-        for shard_i, (fname, members) in enumerate(zip(names, shards)):
-            entries = [e for i in members for e in groups[i][0]] + (shape_entries if shard_i == len(shards) - 1 else [])
+        partial.mkdir()
+        for fname, members in zip(names, shards):
+            entries = [entry for i in members for entry in groups[i][0]]
             with open(partial / fname, "wb") as f:
                 _write_header(f, entries)
                 for i in members:
-                    group_entries, read = groups[i]
-                    if read is not None:
-                        for t in read():
-                            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-                        continue
-                    eid = expert_ids[i - len(dense)]
-                    for w in _expert_weights(ckpt, eid):
-                        packed, scale = quantize(w, scheme, dtype, error)
-                        for t in (packed, scale):
-                            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-                    bar.update(1)
-                if shard_i == len(shards) - 1:
-                    for eid in ckpt.experts:
-                        for shape in shapes:
-                            f.write(torch.tensor(shape, dtype=torch.int64).numpy().tobytes())
-                    for _, shape in dense_shapes:
-                        f.write(torch.tensor(shape, dtype=torch.int64).numpy().tobytes())
-            weight_map.update({e.name: fname for e in entries})
+                    for t in groups[i][1]():
+                        f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            weight_map.update({entry.name: fname for entry in entries})
         bar.close()
         _copy_side_files(model_dir, partial, scheme, ckpt, sorted(n[: -len(".weight")] for n in dense_targets))
         if len(names) > 1:
-            total = sum(e.nbytes for g, _ in groups for e in g) + sum(e.nbytes for e in shape_entries)
+            total = sum(entry.nbytes for g, _ in groups for entry in g)
             (partial / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if out_dir.exists():
             out_dir.rmdir()
         partial.rename(out_dir)
-    except BaseException:
+    except OSError as e:  # a full disk, a folder that takes no files: nothing half-written is left
+        raise ExpertCacheError(f"--out {out_dir}: cannot write it ({e.strerror or e})") from None
+    finally:
         bar.close()
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    q_bytes = sum(e.nbytes for e in groups[len(dense)][0])
-    return QuantizeResult(str(out_dir), scheme.name, len(expert_ids), ckpt.expert_bytes, q_bytes,
+    return QuantizeResult(str(out_dir), scheme.name, len(ckpt.experts), ckpt.expert_bytes, expert_bytes,
                           (error[0] / max(error[1], 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
 
 
-def _quantized_reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
+def _quantized_entries(base: str, scheme: Scheme, shape: tuple[int, int], scale_dtype: torch.dtype) -> list[_Entry]:
+    """The packed values and the scales of one weight written quantized."""
+    return [_Entry(f"{base}.weight_packed", torch.int32, scheme.packed_shape(*shape)),
+            _Entry(f"{base}.weight_scale", scale_dtype, scheme.scale_shape(*shape))]
+
+
+def _expert_reader(ckpt: Checkpoint, eid, scheme: Scheme, dtype: torch.dtype, error: list[float],
+                   bar) -> Callable[[], Iterator[torch.Tensor]]:
+    def read() -> Iterator[torch.Tensor]:
+        for w in _expert_weights(ckpt, eid):
+            yield from quantize(w, scheme, dtype, error)
+        bar.update(1)
+
+    return read
+
+
+def _dense_int8_reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
     def read() -> Iterator[torch.Tensor]:
         w = _read_all({name: ref})[name]
         yield from quantize(w, DENSE_SCHEME, w.dtype)

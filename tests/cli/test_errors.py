@@ -775,6 +775,20 @@ def test_the_api_and_the_cli_use_the_same_compute_threads(model, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_quantize_on_a_full_disk_is_one_line_and_leaves_nothing(capsys, model, tmp_path, monkeypatch):
+    import errno
+
+    from expertcache.tools import quantize
+
+    def full(f, entries):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(quantize, "_write_header", full)
+    line = cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(tmp_path / "q"), "--json"], model)
+    assert "cannot write it (No space left on device)" in line
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # nothing half-written
+
+
 def test_quantize_writes_a_new_directory_and_refuses_bad_output(capsys, model, tmp_path):
     """quantize reads the model, writes beside it, and refuses with one line what it cannot do;
     the source stays byte for byte as it was."""
@@ -790,6 +804,7 @@ def test_quantize_writes_a_new_directory_and_refuses_bad_output(capsys, model, t
     assert "outside the source" in cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(model / "q")], model)
     assert "does not divide" in cli_error(capsys, ["quantize", str(model), "--bits", "4", "--group-size", "64",
                                                    "--out", str(tmp_path / "c")], model)
+    assert "does not exist" in cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(tmp_path / "no" / "q")], model)
     assert not (model / "q").exists() and not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 

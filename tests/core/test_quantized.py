@@ -20,7 +20,7 @@ import torch
 import expertcache
 from expertcache.checkpoint import Checkpoint
 from expertcache.errors import ExpertCacheError
-from expertcache.qformat import Scheme, SchemeError, read_scheme
+from expertcache.qformat import Scheme, SchemeError, read_schemes
 from expertcache import kernels
 from expertcache.quant import DEQUANT, INT4_TILES, INT8_CHANNEL, NATIVE, QuantExperts, dequantize, kernel_for, pack, quantize, unpack
 from expertcache.tools.quantize import quantize_checkpoint
@@ -296,11 +296,11 @@ def test_unsupported_schemes_are_one_line(weights, match, quantized, tmp_path):
 
 def test_unknown_methods_and_formats_are_refused():
     with pytest.raises(SchemeError, match="'gptq' is not supported"):
-        read_scheme({"quantization_config": {"quant_method": "gptq"}})
+        read_schemes({"quantization_config": {"quant_method": "gptq"}})
     with pytest.raises(SchemeError, match="format 'float-quantized'"):
-        read_scheme({"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+        read_schemes({"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
                                              "config_groups": {"g": {"weights": {"num_bits": 8}}}}})
-    assert read_scheme({}) is None and read_scheme({"quantization_config": {"quant_method": "mxfp4"}}) is None
+    assert read_schemes({}) == () == read_schemes({"quantization_config": {"quant_method": "mxfp4"}})
 
 
 def test_quantize_refuses_what_it_cannot_write(checkpoint, quantized, tmp_path):
