@@ -185,7 +185,6 @@ def run_paired(ckpt: str, budget: str, tokens: int, warmup: int, seed: int = 0,
 
     torch.set_num_threads(1)
     import expertcache
-    from transformers import DynamicCache
 
     spec = CkptSpec(**json.loads((Path(ckpt) / "spec.json").read_text()))
     prompt = prompt or prompt_ids(spec)
@@ -199,24 +198,7 @@ def run_paired(ckpt: str, budget: str, tokens: int, warmup: int, seed: int = 0,
             eng.generate(prompt_ids(spec, 8, seed=99), max_new_tokens=warmup, stop_at_eos=False, greedy=False, seed=seed + 1)
         drain(eng)
         eng.reset_stats()
-    st = {v: {"past": DynamicCache(config=e.model.config), "inputs": torch.tensor([prompt]),
-              "gen": torch.Generator().manual_seed(seed), "times": [], "drain": [], "ids": []} for v, e in engines.items()}
-    with torch.inference_mode():
-        for step in range(tokens):
-            for v in variants if step % 2 == 0 else variants[::-1]:
-                e, s = engines[v], st[v]
-                t0 = time.perf_counter()
-                logits = e.model(input_ids=s["inputs"], past_key_values=s["past"], use_cache=True, logits_to_keep=1).logits[0, -1]
-                probs = torch.softmax(logits.float(), dim=-1)  # temperature 1, as Engine.generate samples
-                nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=s["gen"]))
-                t1 = time.perf_counter()
-                drain(e)
-                t2 = time.perf_counter()
-                if step > 0:  # step 0 is the prefill (TTFT)
-                    s["times"].append(t2 - t0)
-                    s["drain"].append(t2 - t1)
-                s["ids"].append(nxt)
-                s["inputs"] = torch.tensor([[nxt]])
+    st = step_in_turn(engines, prompt, tokens, seed)
     base = variants[0]
     out = {"budget": budget, "tokens": tokens, "variants": list(variants),
            "same_tokens": all(st[v]["ids"] == st[base]["ids"] for v in variants),
@@ -229,6 +211,40 @@ def run_paired(ckpt: str, budget: str, tokens: int, warmup: int, seed: int = 0,
     for e in engines.values():
         e.close()
     return out
+
+
+def step_in_turn(engines: dict, prompt: list[int], tokens: int, seed: int = 0) -> dict[str, dict]:
+    """Decode `tokens` sampled steps (temperature 1, as Engine.generate samples) with every engine,
+    one step each in turn, the order alternating every step. A step is charged the time to let its
+    own reads still in flight finish (wrong guesses), so no engine's I/O spills into another's step.
+    Per engine: "times" and "drain" (seconds, step 0, the prefill, left out), "ids", and "first":
+    its stats after step 0."""
+    import torch
+
+    from expertcache.decoding import Decoding
+
+    st = {v: {"decoding": Decoding(e.model), "inputs": list(prompt), "gen": torch.Generator().manual_seed(seed),
+              "times": [], "drain": [], "ids": [], "first": None} for v, e in engines.items()}
+    order = list(engines)
+    with torch.inference_mode():
+        for step in range(tokens):
+            for v in order if step % 2 == 0 else order[::-1]:
+                e, s = engines[v], st[v]
+                t0 = time.perf_counter()
+                logits = s["decoding"].feed(s["inputs"])[-1]
+                probs = torch.softmax(logits.float(), dim=-1)
+                nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=s["gen"]))
+                t1 = time.perf_counter()
+                drain(e)
+                t2 = time.perf_counter()
+                if step > 0:
+                    s["times"].append(t2 - t0)
+                    s["drain"].append(t2 - t1)
+                else:
+                    s["first"] = dict(e.stats())
+                s["ids"].append(nxt)
+                s["inputs"] = [nxt]
+    return st
 
 
 def _spawn(args: list[str], timeout: float = 1800) -> dict:

@@ -117,15 +117,14 @@ def checkpoints(root: Path | None) -> dict[str, Path]:
 
 
 def paired(ckpts: dict[str, str], budget: str, tokens: int, warmup: int = 8) -> dict:
-    """One engine per variant at `budget` (bytes, or "100%" of each one's experts), stepped in turn."""
+    """One engine per variant at `budget` (bytes, or "100%" of each one's experts), stepped in turn
+    (decode.step_in_turn), each sampling its own tokens."""
     import torch
 
     torch.set_num_threads(1)
     import expertcache
-    from decode import COUNTERS, drain
+    from decode import COUNTERS, drain, step_in_turn
     from helpers.synthetic import CkptSpec, prompt_ids
-
-    from expertcache.decoding import Decoding
 
     spec = CkptSpec(**json.loads((Path(ckpts["bf16"]) / "spec.json").read_text()))
     prompt = prompt_ids(spec)
@@ -135,28 +134,12 @@ def paired(ckpts: dict[str, str], budget: str, tokens: int, warmup: int = 8) -> 
         e.generate(prompt_ids(spec, 8, seed=99), max_new_tokens=warmup, stop_at_eos=False, greedy=False, seed=1)
         drain(e)
         e.reset_stats()
-    st = {v: {"d": Decoding(e.model), "next": list(prompt), "gen": torch.Generator().manual_seed(0), "times": []}
-          for v, e in engines.items()}
-    first = {}
-    with torch.inference_mode():
-        for step in range(tokens):
-            for v in list(engines) if step % 2 == 0 else list(engines)[::-1]:
-                e, s = engines[v], st[v]
-                t0 = time.perf_counter()
-                logits = s["d"].feed(s["next"])[-1]
-                probs = torch.softmax(logits.float(), dim=-1)
-                nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=s["gen"]))
-                drain(e)  # a step pays for its own reads in flight
-                if step > 0:
-                    s["times"].append(time.perf_counter() - t0)
-                else:
-                    first[v] = dict(e.stats())
-                s["next"] = [nxt]
+    st = step_in_turn(engines, prompt, tokens)
     base = next(iter(engines))
     out = {"budget": budget, "tokens": tokens, "variants": {}}
     for v, e in engines.items():
         s = e.stats()
-        dec = {k: s[k] - first[v][k] for k in COUNTERS}
+        dec = {k: s[k] - st[v]["first"][k] for k in COUNTERS}
         n = len(st[v]["times"])
         out["variants"][v] = {
             "tpot_ms": 1e3 * statistics.median(st[v]["times"]),
