@@ -212,6 +212,10 @@ def _read_all(refs: dict[str, TensorRef]) -> dict[str, torch.Tensor]:
                     f.seek(ref.offset)
                     if f.readinto(memoryview(buf)) != ref.nbytes:
                         raise _fail(path, f"truncated while reading {name!r}")
+                    if ref.nbytes and hasattr(os, "posix_fadvise"):
+                        # the tensor now lives in process memory: drop its file pages, which would
+                        # otherwise sit in the page cache (charged to a memory limit) for nothing
+                        os.posix_fadvise(f.fileno(), ref.offset, ref.nbytes, os.POSIX_FADV_DONTNEED)
                     t = torch.frombuffer(buf, dtype=ref.dtype) if ref.nbytes else torch.empty(0, dtype=ref.dtype)
                     out[name] = t.reshape(ref.shape)
         except OSError as e:

@@ -166,12 +166,22 @@ class ExpertStore:
 
 
 class SlotArena:
-    """All expert slots in one anonymous, page-aligned mapping, allocated once."""
+    """All expert slots in one private anonymous, page-aligned mapping, allocated once.
+
+    Private, not Python's default shared anonymous mapping: shared anonymous memory is shmem, which
+    a memory cgroup counts as page cache and /proc as file-mapped; private memory is plain process
+    memory (RSS), and transparent huge pages may back it (fewer TLB misses in expert matmuls).
+    """
 
     def __init__(self, n_slots: int, slot_bytes: int) -> None:
         self.n_slots = n_slots
         self.stride = _round_up(slot_bytes)
-        self._map = mmap.mmap(-1, max(self.stride * n_slots, ALIGN))
+        self._map = mmap.mmap(-1, max(self.stride * n_slots, ALIGN), flags=mmap.MAP_PRIVATE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # kernels without THP refuse the advice; the arena works the same
+                pass
         self._view = memoryview(self._map)
         self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (slot, plan.views) -> part tensors
