@@ -3,6 +3,7 @@
 RSS at expert budgets of 25%, 50% and 100%, with prefetch "none" vs "next-gate".
 
     python benchmarks/decode.py [--out results/decode] [--tokens N] [--rounds R] [--no-paired] [--quick]
+    python benchmarks/decode.py --memory-limit peak[+SIZE]|SIZE [--budgets 25,50]   (limited vs unlimited)
 
 The checkpoint
 --------------
@@ -65,6 +66,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoint's builder lives with the tests
+sys.path.append(str(REPO))  # this checkout's engine unless PYTHONPATH names another copy
 
 from helpers.synthetic import CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids  # noqa: E402
 
@@ -247,19 +249,45 @@ def step_in_turn(engines: dict, prompt: list[int], tokens: int, seed: int = 0) -
     return st
 
 
-def _spawn(args: list[str], timeout: float = 1800) -> dict:
+def _spawn(args: list[str], timeout: float = 1800, cgroup_limit: int | None = None) -> dict:
+    """Run a worker; with `cgroup_limit` (bytes, 0 = no limit) inside a memory cgroup of its own
+    whose figures (peak usage with page cache, failcnt, OOM kills) come back as "cgroup"."""
     # a PYTHONPATH given by the caller comes first (to benchmark another copy of the engine)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, __file__, *args]
+    if cgroup_limit is None:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        figures = None
+    else:
+        from expertcache.memlimit import MemoryCgroup
+
+        with MemoryCgroup(cgroup_limit or 1 << 50) as cg:
+            proc = cg.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+            p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            figures = cg.figures()
+            if not cgroup_limit:
+                figures["limit_bytes"] = None
     if p.returncode != 0:
+        if figures and figures["oom_kills"]:
+            return {"oom_killed": True, "cgroup": figures}
         raise RuntimeError(f"worker {args} failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if figures is not None:
+        out["cgroup"] = figures
+    return out
 
 
-def spawn_config(ckpt: Path, budget: str, prefetch: str, tokens: int, warmup: int, **kw) -> dict:
+def spawn_config(ckpt: Path, budget: str, prefetch: str, tokens: int, warmup: int, *, cgroup_limit: int | None = None,
+                 **kw) -> dict:
     job = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens, "warmup": warmup, **kw}
-    return _spawn(["--worker", json.dumps(job)])
+    return _spawn(["--worker", json.dumps(job)], cgroup_limit=cgroup_limit)
 
 
 def spawn_paired(ckpt: Path, budget: str, tokens: int, warmup: int) -> dict:
@@ -351,6 +379,81 @@ def markdown(rep: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------
+# under a memory limit (--memory-limit)
+# ------------------------------------------------------------------------------------------------
+def parse_limit(text: str) -> tuple[bool, int]:
+    """"peak", "peak+64MiB" or a size: (relative to the unlimited run's peak?, bytes)."""
+    from expertcache.config import parse_budget
+
+    rel = text.startswith("peak")
+    rest = text[4:].lstrip("+") if rel else text
+    return rel, parse_budget(rest, 0) if rest else 0
+
+
+def run_limited(ckpt: Path, budgets: list[str], prefetches: tuple[str, ...], tokens: int, warmup: int, rounds: int,
+                limit: str) -> dict:
+    """Each configuration in a memory cgroup without a limit and with one (`limit`: a size, or
+    "peak[+SIZE]": the unlimited run's cgroup peak, RSS + page cache, plus SIZE), in turn, the
+    order alternating by round; the limited/unlimited TPOT ratio is taken per round."""
+    rel, extra = parse_limit(limit)
+    res: dict[str, dict] = {}
+    for rnd in range(rounds):
+        for b in budgets:
+            for pf in prefetches:
+                key = f"{b} {pf}"
+                ent = res.setdefault(key, {"budget": b, "prefetch": pf, "limit_bytes": None, "unlimited": [], "limited": []})
+                for mode in ("unlimited", "limited") if rnd % 2 == 0 or ent["limit_bytes"] is None else ("limited", "unlimited"):
+                    if mode == "limited" and ent["limit_bytes"] is None:
+                        ent["limit_bytes"] = (ent["unlimited"][0]["cgroup"]["peak_bytes"] if rel else 0) + extra
+                    r = spawn_config(ckpt, b, pf, tokens, warmup,
+                                     cgroup_limit=0 if mode == "unlimited" else ent["limit_bytes"])
+                    ent[mode].append(r)
+                    cg = r["cgroup"]
+                    what = "OOM-killed" if r.get("oom_killed") else (
+                        f"TPOT {r['tpot_ms']:.1f} ms, stall {r['decode_stall_seconds']:.2f} s, VmHWM {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+                    print(f"round {rnd} {key:>14} {mode:>9}: {what}, cgroup peak {cg['peak_bytes'] / 2**20:.0f} MiB, "
+                          f"failcnt {cg['failcnt']}", flush=True)
+    for ent in res.values():
+        ok = [(l, u) for l, u in zip(ent["limited"], ent["unlimited"]) if not l.get("oom_killed")]
+        ratios = [l["tpot_ms"] / u["tpot_ms"] for l, u in ok]
+        ent["tpot_ratio_per_round"] = ratios
+        ent["tpot_ratio"] = statistics.median(ratios) if ratios else None
+        ent["oom_killed"] = sum(bool(l.get("oom_killed")) for l in ent["limited"])
+        for mode in ("unlimited", "limited"):
+            runs = [r for r in ent[mode] if not r.get("oom_killed")]
+            ent[mode + "_summary"] = {
+                "tpot_ms": _median(r["tpot_ms"] for r in runs), "stall_seconds": _median(r["decode_stall_seconds"] for r in runs),
+                "vmhwm_bytes": _median(r["peak_rss_bytes"] for r in runs),
+                "cgroup_peak_bytes": _median(r["cgroup"]["peak_bytes"] for r in ent[mode]),
+                "failcnt": _median(r["cgroup"]["failcnt"] for r in ent[mode]),
+                "pgmajfault": _median(r["cgroup"]["pgmajfault"] for r in ent[mode])}
+    return {"limit": limit, "tokens": tokens, "rounds": rounds, "warmup": warmup, "configs": res,
+            "target": {"max_ratio": 1.15, "met": all(e["tpot_ratio"] is not None and e["tpot_ratio"] <= 1.15 and not e["oom_killed"]
+                                                       for e in res.values())}}
+
+
+def limited_markdown(rep: dict, ckpt: str) -> str:
+    mib = lambda x: "-" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
+    lines = [
+        f"Decode under a memory limit: {ckpt}; limit {rep['limit']} (cgroup v1/v2 memory limit, page cache counted); "
+        f"{rep['tokens']} decode tokens, {rep['rounds']} round(s) alternating limited/unlimited; 1 torch thread, io=O_DIRECT.",
+        "",
+        "| budget | prefetch | limit (MiB) | TPOT unlimited (ms) | TPOT limited (ms) | limited / unlimited (median per round) | stall unlimited / limited (s) | cgroup peak unlimited / limited (MiB) | VmHWM (MiB) | failcnt limited | OOM |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in rep["configs"].values():
+        u, l = e["unlimited_summary"], e["limited_summary"]
+        f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+        lines.append(
+            f"| {e['budget']} | {e['prefetch']} | {mib(e['limit_bytes'])} | {f(u['tpot_ms'], '.1f')} | {f(l['tpot_ms'], '.1f')} | "
+            f"{f(e['tpot_ratio'], '.3f')} ({', '.join(f'{x:.2f}' for x in e['tpot_ratio_per_round'])}) | "
+            f"{f(u['stall_seconds'], '.2f')} / {f(l['stall_seconds'], '.2f')} | {mib(u['cgroup_peak_bytes'])} / {mib(l['cgroup_peak_bytes'])} | "
+            f"{mib(u['vmhwm_bytes'])} | {f(l['failcnt'], '.0f')} | {e['oom_killed']} |")
+    lines += ["", f"Target: limited TPOT <= 1.15 x unlimited for every row: {'MET' if rep['target']['met'] else 'MISSED'}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "results" / "decode"), help="output directory (decode.json, decode.md)")
@@ -361,6 +464,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-root", default=None, help="where the checkpoint is cached (default $EXPERTCACHE_BENCH_DIR or results/ckpt)")
     ap.add_argument("--no-paired", action="store_true", help="skip the paired (interleaved, one-process) TPOT comparison")
     ap.add_argument("--quick", action="store_true", help="32 tokens, 1 round")
+    ap.add_argument("--memory-limit", default=None,
+                    help="instead of the main table, run each configuration in a memory cgroup without and with this limit "
+                         "(a size, or peak[+SIZE]: the unlimited run's peak usage with page cache, plus SIZE) and compare")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--paired-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -380,6 +486,22 @@ def main(argv=None) -> int:
     ckpt = build_checkpoint(args.ckpt_root, spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    if args.memory_limit:
+        from expertcache.memlimit import available
+
+        why = available()
+        if why is not None:
+            print(f"decode.py: --memory-limit needs a writable memory cgroup: {why}", file=sys.stderr)
+            return 2
+        spawn_config(ckpt, "50%", "none", min(tokens, 16), warmup)  # warm-up (discarded)
+        rep = run_limited(ckpt, budgets, ("none", "next-gate"), tokens, warmup, rounds, args.memory_limit)
+        rep["checkpoint"], rep["machine"] = str(ckpt), {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+        (out / "decode-limit.json").write_text(json.dumps(rep, indent=1))
+        md = limited_markdown(rep, str(ckpt))
+        (out / "decode-limit.md").write_text(md)
+        print(md)
+        return 0
 
     print("warm-up configuration (discarded) ...", flush=True)
     engine_file = spawn_config(ckpt, "50%", "none", min(tokens, 16), warmup)["engine"]

@@ -6,6 +6,9 @@ tests/helpers/synthetic.py's, built once under $EXPERTCACHE_BENCH_DIR or <tmp>/e
 (skipped when the disk is too full). Checked: peak RSS <= dense bytes + expert budget + 450 MB,
 prefetch none and next-gate; bytes read == the loads made, once no read is in flight. The empty
 engine's overhead is measured and printed (pytest -rP); docs/memory.md keeps the figures.
+Under a memory limit (memlimit.MemoryCgroup, page cache counted; skipped where no cgroup is
+writable): at dense + budget + the empty engine's cgroup peak + 64 MiB, no OOM, no more than
+1.15x the unlimited runs' stall, and the unlimited runs themselves stay within that sum.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from helpers.synthetic import CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids
+
+from expertcache import memlimit
 
 REPO = Path(__file__).resolve().parents[2]
 OVERHEAD = 450 * 10**6  # bytes allowed above dense + budget
@@ -43,7 +48,7 @@ for ent in list(eng.cache.core.entries.values()):
         ent.load.event.wait()
 s = eng.stats()
 for k in ("lookups", "hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_cancelled", "bytes_read",
-          "budget_bytes", "expert_bytes", "cache_slots", "io", "tpot_seconds"):
+          "stall_seconds", "budget_bytes", "expert_bytes", "cache_slots", "io", "tpot_seconds"):
     out[k] = s[k]
 out["dense_bytes"] = eng.checkpoint.dense_bytes
 out["arena_bytes"] = eng.cache.arena.nbytes
@@ -62,12 +67,13 @@ def big_checkpoint() -> Path:
         pytest.skip(f"not enough disk space for the 1.1 GB benchmark checkpoint: {e}")
 
 
-def _start(ckpt: Path, budget, prefetch: str, tokens: int) -> subprocess.Popen:
+def _start(ckpt: Path, budget, prefetch: str, tokens: int, cgroup: memlimit.MemoryCgroup | None = None) -> subprocess.Popen:
     args = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens,
             "prompt": prompt_ids(CkptSpec(), 16)}
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    popen = cgroup.popen if cgroup is not None else subprocess.Popen
+    return popen([sys.executable, "-c", WORKER, json.dumps(args)], env=env, cwd=REPO,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _result(p: subprocess.Popen) -> dict:
@@ -148,3 +154,53 @@ def test_peak_rss_is_the_child_process_own():
     child = int(out.stdout.strip())
     del ballast
     assert 0 < child < 500 * MiB, f"child reports {child / MiB:.0f} MiB: the parent's peak leaked into it"
+
+
+ROUNDS = 3
+
+
+def _in_cgroup(ckpt: Path, limit: int, budget, tokens: int) -> dict:
+    with memlimit.MemoryCgroup(limit or 1 << 50) as cg:
+        p = _start(ckpt, budget, "none", tokens, cgroup=cg)
+        try:
+            out, err = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        fig = cg.figures()
+    if p.returncode != 0:
+        return {"failed": err[-2000:], "cgroup": fig}
+    return {**json.loads(out.strip().splitlines()[-1]), "cgroup": fig}
+
+
+def test_runs_inside_a_memory_limit_of_dense_plus_budget_plus_overhead(big_checkpoint):
+    """In a cgroup whose limit counts the page cache, set to dense + expert budget + the empty
+    engine's measured overhead + 64 MiB, the engine neither OOMs nor stalls more than 1.15x the
+    same run without a limit (medians over interleaved rounds; 10% budget, no prefetch: every
+    stall is a demand read, so reads that the limit slowed would show)."""
+    why = memlimit.available()
+    if why is not None:
+        pytest.skip(f"no writable memory cgroup: {why}")
+    empty = _in_cgroup(big_checkpoint, 0, 2 * CkptSpec().expert_bytes, 0)
+    assert "failed" not in empty, empty
+    overhead = empty["cgroup"]["peak_bytes"] - empty["dense_bytes"]  # imports, model, threads (its slots were never touched)
+    budget = int(0.10 * CkptSpec().total_expert_bytes)  # what "10%" means to the engine
+    limit = empty["dense_bytes"] + budget + overhead + 64 * MiB
+    runs: dict[str, list[dict]] = {"unlimited": [], "limited": []}
+    for rnd in range(ROUNDS):
+        for mode in ("unlimited", "limited") if rnd % 2 == 0 else ("limited", "unlimited"):
+            runs[mode].append(_in_cgroup(big_checkpoint, limit if mode == "limited" else 0, "10%", TOKENS))
+    for r in runs["limited"]:
+        assert "failed" not in r and r["cgroup"]["oom_kills"] == 0, f"OOM or failure at a {limit / MiB:.0f} MiB limit: {r}"
+        assert r["cgroup"]["peak_bytes"] <= limit
+    for r in runs["unlimited"]:  # without a limit too, experts charge nothing beyond their budget (no page cache)
+        assert r["cgroup"]["peak_bytes"] <= limit, (
+            f"unlimited run's cgroup peak {r['cgroup']['peak_bytes'] / MiB:.0f} MiB (page cache "
+            f"{r['cgroup']['cache_bytes'] / MiB:.0f} MiB at exit) > dense + budget + overhead + 64 MiB = {limit / MiB:.0f} MiB")
+    stall = {m: sorted(r["stall_seconds"] for r in rs)[ROUNDS // 2] for m, rs in runs.items()}
+    print(f"\nlimit {limit / MiB:.0f} MiB = dense {empty['dense_bytes'] / MiB:.0f} + budget {budget / MiB:.0f} + overhead "
+          f"{overhead / MiB:.0f} (empty engine's cgroup peak) + 64 MiB; stall median unlimited {stall['unlimited']:.2f} s, "
+          f"limited {stall['limited']:.2f} s; cgroup peak limited "
+          f"{max(r['cgroup']['peak_bytes'] for r in runs['limited']) / MiB:.0f} MiB, failcnt "
+          f"{[r['cgroup']['failcnt'] for r in runs['limited']]}")
+    assert stall["limited"] <= 1.15 * stall["unlimited"], stall
