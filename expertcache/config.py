@@ -25,6 +25,8 @@ ROUTING_PHASES = ("prefill", "decode", "both")
 THREADS_ENV = "EXPERTCACHE_THREADS"
 CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
 DEMO_DIR = Path(__file__).parent / "demo"
+RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
+RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)
 
 
 def demo_model_dir() -> Path:
@@ -62,6 +64,15 @@ def parse_budget(budget: str | int | float, total_expert_bytes: int) -> int:
     return nbytes
 
 
+def parse_size(value: str | int, what: str) -> int:
+    """"2GiB", "512MB", "123456" or 123456 as a positive byte count; `what` names it in the error."""
+    m = _BUDGET_RE.match(str(value)) if not isinstance(value, bool) else None
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise BudgetError(f"cannot read {what} {value!r} as a size: use e.g. 2GiB, 512MB or a byte count")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def option(default, why: str, **cli):
     """A config field: its default, its one-line why (also the CLI's help), and how the CLI offers
     it (flag=..., type=..., choices=..., group=..., cli=False to leave it out)."""
@@ -74,6 +85,11 @@ class EngineConfig:
 
     model: str | None = option(None, "checkpoint directory (default: the bundled demo model)")
     expert_budget: str | int = option("50%", "memory for experts: 50%, 512MiB, 2GB or a byte count", type=str)
+    memory_limit: str | None = option(None, "total memory for the engine, instead of an expert budget: auto (what this process's "
+                                            "cgroup, else the machine, leaves free) or a size (2GiB); experts get what the runtime, "
+                                            "the dense weights and the reserve leave", type=str)
+    memory_reserve: str | None = option(None, "with --memory-limit, memory kept free of experts for the KV cache and activations "
+                                              f"(default: the KV cache of {RESERVE_CONTEXT} tokens + {RESERVE_WORKSPACE >> 20} MiB)", type=str)
     cache_policy: str = option("lfu", "eviction policy: lru, lfu, lfru, layer, layerlfu, random, or belady "
                                       "(the offline optimum, for measurement); lfru falls to 0% hits below one token cycle, as a global LRU")
     prefetch: str = option("next-gate", "predictor for speculative loads: none, next-gate, default-vector, estimator, learned, history")

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,16 +23,18 @@ from . import experts
 from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
-from .config import DEMO_DIR, EngineConfig, demo_model_dir, parse_budget  # noqa: F401  (DEMO_DIR re-exported)
+from .config import (DEMO_DIR, RESERVE_CONTEXT, RESERVE_WORKSPACE, EngineConfig, demo_model_dir,  # noqa: F401  (DEMO_DIR re-exported)
+                     parse_budget, parse_size)
 from .decoding import Decoding
-from .errors import CheckpointError, ExpertCacheError
+from .errors import BudgetError, CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
 from .policies import EvictionPolicy, make_policy
 from .quant import NATIVE, QuantLinear, kernel_for
 from .predictors import NoPredictor, make_predictor
 from .routing import RoutingPolicy, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
-from .store import ExpertStore
+from .memlimit import MemoryPlan, plan
+from .store import ExpertStore, _round_up
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,20 @@ def _kept_in_float32(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     return any(re.search(re.escape(p).replace(r"\*", ".*"), name) for p in patterns)
+
+
+def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes over all layers (keys and values of each attention layer;
+    MLA's per-head key and value widths where the family has them). An estimate for sizing."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(c, "num_attention_heads", 1) or 1
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or getattr(c, "hidden_size", 0) // heads
+    if getattr(c, "qk_nope_head_dim", None) is not None:  # MLA: transformers caches per-head keys and values
+        per_layer = heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    else:
+        per_layer = 2 * kv_heads * head_dim
+    return per_layer * getattr(c, "num_hidden_layers", 1) * dtype.itemsize
 
 
 def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
@@ -108,6 +124,9 @@ class Engine:
         self.checkpoint = ckpt = Checkpoint.open(model_dir)
         dtype = _dtype(config.dtype) if config.dtype else ckpt.dtype
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
+        limit = None if config.memory_limit in (None, "auto") else parse_size(config.memory_limit, "memory limit")
+        reserve = (parse_size(config.memory_reserve, "memory reserve") if config.memory_reserve is not None
+                   else RESERVE_CONTEXT * _kv_bytes_per_token(ckpt.config, dtype) + RESERVE_WORKSPACE)
         try:
             policy, partitioned = make_policy(config.cache_policy)
         except ValueError as e:
@@ -116,13 +135,24 @@ class Engine:
         # which kernels compute quantized experts is decided (and expertcache's built) here, not in a reader thread
         prepare = ckpt.quant.prepare if ckpt.quant is not None and ckpt.quant.repacks else None
         self.store = ExpertStore(ckpt.experts, io=config.io)
-        self.cache = ExpertCache(
-            store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
-            policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
-            stats=self.stats_, prepare=prepare,
-        )  # fmt: skip
+        self.memory_plan: MemoryPlan | None = None
         try:
             self.model = _build_model(ckpt, dtype)
+            if config.memory_limit is not None:  # the dense part is in memory: what is left is the experts'
+                self.memory_plan = plan(limit, reserve)
+                self.budget_bytes = self._budget_within(self.memory_plan)
+            self.cache = ExpertCache(
+                store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
+                policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
+                stats=self.stats_, prepare=prepare,
+            )  # fmt: skip
+        except ValueError as e:
+            self.store.close()
+            raise ExpertCacheError(str(e)) from None
+        except BaseException:
+            self.store.close()
+            raise
+        try:
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
                                           num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant)
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
@@ -138,6 +168,21 @@ class Engine:
         self.generation_config = getattr(self.model, "generation_config", None)
         self.load_seconds = time.perf_counter() - t0
         self._timing: dict[str, float | int | None] = {"ttft_seconds": None, "tpot_seconds": None, "tokens": 0}
+
+    def _budget_within(self, mp: MemoryPlan) -> int:
+        """The expert budget a memory plan leaves, in whole slots (a slot is an expert rounded up
+        to the read alignment), or a one-line error saying what the limit lacks."""
+        ckpt = self.checkpoint
+        slots = min(max(mp.budget_bytes, 0) // _round_up(self.store.slot_bytes), ckpt.num_experts * len(ckpt.sparse_layers))
+        if slots < ckpt.top_k:
+            need = mp.in_use_bytes + mp.reserve_bytes + ckpt.top_k * _round_up(self.store.slot_bytes)
+            raise BudgetError(
+                f"memory limit {mp.limit_bytes / 2**20:.0f} MiB ({mp.source}) is too small: {mp.in_use_bytes / 2**20:.0f} MiB "
+                f"are in use (runtime and dense weights) and {mp.reserve_bytes / 2**20:.0f} MiB are reserved (KV cache, "
+                f"activations); the experts need at least {ckpt.top_k} slots: give at least {need / 2**20:.0f} MiB "
+                "or a smaller --memory-reserve")
+        log.info("%s: %d expert slots", mp.describe(), slots)
+        return slots * ckpt.expert_bytes
 
     def _routing(self, model_dir: Path) -> RoutingPolicy:
         c, ckpt = self.config, self.checkpoint
@@ -253,6 +298,7 @@ class Engine:
         s["peak_rss_bytes"] = peak_rss_bytes()
         s["rss_bytes"] = current_rss_bytes()
         s["budget_bytes"] = self.budget_bytes
+        s["memory_plan"] = None if self.memory_plan is None else asdict(self.memory_plan)
         s["expert_bytes"] = self.checkpoint.expert_bytes
         s["cache_slots"] = self.cache.capacity
         s["max_slots_used"] = self.cache.core.max_occupancy

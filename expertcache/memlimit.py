@@ -1,8 +1,9 @@
 """Memory limits: read the limit this process runs under, and run a process under a limit of our own.
 
-`limit_bytes()` is what `--memory-limit auto` sizes the expert budget from: the tightest cgroup
-memory limit above this process (v1 `memory.limit_in_bytes` or v2 `memory.max`), else the
-machine's MemAvailable. `MemoryCgroup` makes a child cgroup under this process's own, with a limit
+`plan()` splits a total memory limit into what is in use, a reserve and the expert budget, for
+`--memory-limit`; with `auto` the limit is the tightest constraint over this process (`free_bytes`:
+each cgroup above it, v1 `memory.limit_in_bytes` or v2 `memory.max`, less its usage; the machine's
+MemAvailable). `MemoryCgroup` makes a child cgroup under this process's own, with a limit
 that counts the page cache, starts processes inside it (they are moved in before exec, so every
 page they touch is charged there) and reports its peak usage (RSS + page cache), failcnt and OOM
 kills; benchmarks and tests use it to measure under a real limit. Torch-free.
@@ -14,6 +15,7 @@ import itertools
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -57,24 +59,67 @@ def _read(path: Path, default: str | None = None) -> str:
         return default
 
 
-def limit_bytes() -> int:
-    """The memory this process may use: the tightest cgroup limit over its cgroup and its
-    ancestors, or MemAvailable when none is set (or cgroups cannot be read)."""
-    limits = []
+def free_bytes() -> tuple[int, int, str]:
+    """(limit, free now, where the limit comes from) under the tightest constraint on this process:
+    each cgroup over it with a limit (free = limit - its usage, page cache included, every process
+    in it counted) and the machine (MemAvailable)."""
+    best = (_meminfo("MemTotal"), _meminfo("MemAvailable"), "MemAvailable")
     try:
         version, d = _own_memory_cgroup()
-        name = "memory.limit_in_bytes" if version == "v1" else "memory.max"
-        while True:
-            v = _read(d / name, "max")
-            if v != "max" and int(v) < _UNLIMITED:
-                limits.append(int(v))
-            if d.parent == d or not (d.parent / name).exists():
-                break
-            d = d.parent
-    except (CgroupUnavailable, ValueError):
-        pass
-    avail = _meminfo("MemAvailable")
-    return min(limits) if limits else avail
+    except CgroupUnavailable:
+        return best
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == "v1" else ("memory.max", "memory.current")
+    while (d / names[0]).exists():
+        try:
+            lim, use = _read(d / names[0]), int(_read(d / names[1]))
+        except (OSError, ValueError):
+            break
+        if lim != "max" and int(lim) < _UNLIMITED and int(lim) - use < best[1]:
+            best = (int(lim), int(lim) - use, f"cgroup {d}")
+        if d.parent == d:
+            break
+        d = d.parent
+    return best
+
+
+def own_bytes() -> int:
+    """This process's resident memory now (shared library pages included: conservative)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a total memory limit splits, decided once the model's dense part is in memory."""
+
+    limit_bytes: int  # the limit: stated, or the tightest cgroup's, or the machine's
+    source: str  # "stated", "cgroup <dir>" or "MemAvailable"
+    in_use_bytes: int  # what already counts against it: the runtime, the dense weights (other processes in the cgroup too)
+    reserve_bytes: int  # kept free of experts: KV cache and activations
+    budget_bytes: int  # what is left for experts
+
+    def describe(self) -> str:
+        used = "this process: runtime and dense weights" if self.source == "stated" else "everything under the limit"
+        return (f"memory limit {_mib(self.limit_bytes)} ({self.source}) = in use {_mib(self.in_use_bytes)} ({used}) + "
+                f"reserve {_mib(self.reserve_bytes)} (KV cache, activations) + experts {_mib(self.budget_bytes)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def plan(limit: int | None, reserve: int) -> MemoryPlan:
+    """Split `limit` bytes of this process (None: whatever the tightest constraint leaves free,
+    `free_bytes`) into what is in use now, `reserve`, and the expert budget (may be <= 0: the
+    caller says what is missing)."""
+    if limit is None:
+        total, free, source = free_bytes()
+        in_use = total - free
+    else:
+        total, source, in_use = limit, "stated", own_bytes()
+    return MemoryPlan(total, source, in_use, reserve, total - in_use - reserve)
 
 
 def _meminfo(key: str) -> int:

@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 # options whose value may start with '-' ("--expert-budget -5GB"): bound as --opt=value before
 # argparse sees them, so the value reaches its own validation instead of reading as an option
-_DASH_VALUE_OPTIONS = ("--expert-budget", "--prompt-ids")
+_DASH_VALUE_OPTIONS = ("--expert-budget", "--memory-limit", "--memory-reserve", "--prompt-ids")
 
 
 def _bind_dash_values(argv: list[str]) -> list[str]:

@@ -446,6 +446,33 @@ def test_budget_below_minimum_gives_minimum_in_bytes(capsys, model, budget):
     assert f"{MIN_BUDGET} bytes" in line  # 2 experts x 6144 bytes, computed by hand
 
 
+@pytest.mark.parametrize(
+    "argv_limit, words",
+    [
+        (["--memory-limit", "lots"], "cannot read memory limit 'lots' as a size"),
+        (["--memory-limit", "0"], "cannot read memory limit"),
+        (["--memory-limit", "1MiB"], "memory limit 1 MiB (stated) is too small"),
+        (["--memory-limit", "auto", "--memory-reserve", "-1GB"], "cannot read memory reserve"),
+        (["--memory-limit", "auto", "--memory-reserve", "1TiB"], "give at least"),
+    ],
+    ids=["lots", "zero", "too-small", "negative-reserve", "reserve-over-memory"],
+)
+def test_bad_memory_limit(capsys, model, argv_limit, words):
+    line = cli_error(capsys, generate_args(model, *argv_limit), model)
+    assert words in line, line
+
+
+def test_memory_limit_sizes_the_expert_budget(capsys, model):
+    """--memory-limit auto replaces --expert-budget: the plan's leftover, in whole slots, at most every expert."""
+    rc, out, err = run_cli(capsys, generate_args(model, "--memory-limit", "auto"))
+    assert rc == 0, err
+    s = json.loads(out)["stats"]
+    plan = s["memory_plan"]
+    assert plan["in_use_bytes"] + plan["reserve_bytes"] + plan["budget_bytes"] == plan["limit_bytes"]
+    assert s["budget_bytes"] % s["expert_bytes"] == 0 and s["budget_bytes"] <= plan["budget_bytes"]
+    assert s["cache_slots"] == s["budget_bytes"] // s["expert_bytes"]
+
+
 def test_budget_at_minimum_runs(capsys, model):
     rc, out, err = run_cli(capsys, generate_args(model, "--expert-budget", str(MIN_BUDGET)))
     assert rc == 0, err

@@ -25,17 +25,27 @@ def _run(cg: memlimit.MemoryCgroup, code: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-def test_limit_bytes_is_a_positive_size_no_larger_than_the_machine():
-    total = memlimit._meminfo("MemTotal")
-    assert 0 < memlimit.limit_bytes() <= max(total, memlimit._meminfo("MemAvailable"))
+def test_free_bytes_is_within_the_machine():
+    limit, free, source = memlimit.free_bytes()
+    assert 0 < free <= limit <= max(memlimit._meminfo("MemTotal"), limit) and source
 
 
 @needs_cgroup
-def test_a_child_sees_its_cgroup_limit_as_its_own():
+def test_a_child_sees_its_cgroup_limit_and_usage():
     with memlimit.MemoryCgroup(300 * MiB) as cg:
-        r = _run(cg, "from expertcache import memlimit; print(memlimit.limit_bytes())")
+        r = _run(cg, "from expertcache import memlimit; b = bytearray(50 * 2**20); b[::4096] = b'1' * (len(b) // 4096)\n"
+                     "print(*memlimit.free_bytes()[:2])")
         assert r.returncode == 0, r.stderr
-        assert int(r.stdout) == 300 * MiB
+        limit, free = map(int, r.stdout.split())
+        assert limit == 300 * MiB
+        assert free <= 250 * MiB, "the child's own 50 MiB is not counted as used"
+
+
+def test_plan_splits_a_stated_limit_into_use_reserve_and_budget():
+    p = memlimit.plan(4 << 30, reserve=100 * MiB)
+    assert p.source == "stated" and 0 < p.in_use_bytes <= memlimit.own_bytes() + 64 * MiB
+    assert p.in_use_bytes + p.reserve_bytes + p.budget_bytes == 4 << 30
+    assert "reserve 100 MiB" in p.describe()
 
 
 @needs_cgroup

@@ -37,7 +37,8 @@ import torch
 torch.set_num_threads(1)
 import transformers  # the engine imports it anyway: part of the measured overhead
 import expertcache, expertcache.stats
-eng = expertcache.load(args["ckpt"], expert_budget=args["budget"], prefetch=args["prefetch"], io="direct", num_threads=1)
+eng = expertcache.load(args["ckpt"], expert_budget=args["budget"], memory_limit=args.get("memory_limit"),
+                       prefetch=args["prefetch"], io="direct", num_threads=1)
 out = {"load_seconds": time.perf_counter() - t0, "tokens": 0}
 if args["tokens"]:
     res = eng.generate(args["prompt"], max_new_tokens=args["tokens"], stop_at_eos=False, greedy=False, seed=0)
@@ -67,9 +68,10 @@ def big_checkpoint() -> Path:
         pytest.skip(f"not enough disk space for the 1.1 GB benchmark checkpoint: {e}")
 
 
-def _start(ckpt: Path, budget, prefetch: str, tokens: int, cgroup: memlimit.MemoryCgroup | None = None) -> subprocess.Popen:
+def _start(ckpt: Path, budget, prefetch: str, tokens: int, cgroup: memlimit.MemoryCgroup | None = None,
+           memory_limit: str | None = None) -> subprocess.Popen:
     args = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens,
-            "prompt": prompt_ids(CkptSpec(), 16)}
+            "prompt": prompt_ids(CkptSpec(), 16), "memory_limit": memory_limit}
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
     popen = cgroup.popen if cgroup is not None else subprocess.Popen
     return popen([sys.executable, "-c", WORKER, json.dumps(args)], env=env, cwd=REPO,
@@ -159,9 +161,9 @@ def test_peak_rss_is_the_child_process_own():
 ROUNDS = 3
 
 
-def _in_cgroup(ckpt: Path, limit: int, budget, tokens: int) -> dict:
+def _in_cgroup(ckpt: Path, limit: int, budget, tokens: int, **kw) -> dict:
     with memlimit.MemoryCgroup(limit or 1 << 50) as cg:
-        p = _start(ckpt, budget, "none", tokens, cgroup=cg)
+        p = _start(ckpt, budget, "none", tokens, cgroup=cg, **kw)
         try:
             out, err = p.communicate(timeout=900)
         except subprocess.TimeoutExpired:
@@ -204,3 +206,18 @@ def test_runs_inside_a_memory_limit_of_dense_plus_budget_plus_overhead(big_check
           f"{max(r['cgroup']['peak_bytes'] for r in runs['limited']) / MiB:.0f} MiB, failcnt "
           f"{[r['cgroup']['failcnt'] for r in runs['limited']]}")
     assert stall["limited"] <= 1.15 * stall["unlimited"], stall
+
+
+def test_memory_limit_auto_fits_the_engine_in_its_cgroup(big_checkpoint):
+    """memory_limit="auto" inside a 640 MiB cgroup: the engine sizes its expert budget from what the
+    cgroup leaves (more than the minimum, less than all experts) and decodes without an OOM."""
+    why = memlimit.available()
+    if why is not None:
+        pytest.skip(f"no writable memory cgroup: {why}")
+    limit = 640 * MiB
+    r = _in_cgroup(big_checkpoint, limit, "100%", TOKENS, memory_limit="auto")
+    assert "failed" not in r and r["cgroup"]["oom_kills"] == 0, r
+    assert r["tokens"] == TOKENS
+    assert 2 * CkptSpec().expert_bytes <= r["budget_bytes"] < CkptSpec().total_expert_bytes
+    print(f"\nauto in a {limit / MiB:.0f} MiB cgroup: budget {r['budget_bytes'] / MiB:.0f} MiB ({r['cache_slots']} slots), "
+          f"cgroup peak {r['cgroup']['peak_bytes'] / MiB:.0f} MiB, failcnt {r['cgroup']['failcnt']}")
