@@ -1,0 +1,61 @@
+"""The benchmarks' report logic (the benchmarks themselves run by hand, not timed here):
+benchmarks/peers.py's table cells and limits, benchmarks/decode.py's --memory-limit parsing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+MiB = 2**20
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return _load("peers")
+
+
+def test_peer_cells_give_median_spread_and_failures(peers):
+    ok = lambda t: {"status": "ok", "tpot_ms": t}  # noqa: E731
+    assert peers._cell([], "tpot_ms") == "-"
+    assert peers._cell([ok(30.0)], "tpot_ms") == "30.0"
+    assert peers._cell([ok(30.0), ok(50.0), ok(34.0)], "tpot_ms") == "34.0 (30.0-50.0)"
+    assert peers._cell([{"status": "oom"}, {"status": "oom"}], "tpot_ms") == "OOM"
+    assert peers._cell([{"status": "timeout"}, {"status": "oom"}], "tpot_ms") == "OOM/TIMEOUT"
+    assert peers._cell([ok(30.0), {"status": "timeout"}], "tpot_ms") == "30.0 +1 timeout"
+
+
+def test_peer_limits_are_fractions_of_the_bf16_gguf_plus_the_runtime(peers, tmp_path):
+    f = tmp_path / "bf16.gguf"
+    f.write_bytes(b"\0" * 1000)
+    lims = peers.limits(["none", "60", "35"], {"bf16": f})
+    assert lims == {"none": None, "60%": 600 + peers.LLAMA_RUNTIME, "35%": 350 + peers.LLAMA_RUNTIME}
+
+
+def test_peer_markdown_has_a_row_per_tool_and_a_column_per_limit(peers):
+    rep = {"checkpoint": "ck", "gguf_bf16_bytes": 1000 * MiB, "tokens": 8, "rounds": 1,
+           "limits": {"none": None, "60%": 700 * MiB}, "tools": ["a", "b"],
+           "results": {"a @ none": [{"status": "ok", "tpot_ms": 10.0, "ttft_ms": 900.0, "cgroup_peak_bytes": 800 * MiB}],
+                       "b @ 60%": [{"status": "oom", "cgroup_peak_bytes": 700 * MiB}]}}
+    md = peers.markdown(rep)
+    assert "| a | 10.0 | - |" in md and "| b | - | OOM |" in md
+    assert "| a | 900.0 | - |" in md  # TTFT table
+    assert "| a | 800 | - |" in md  # peak memory table (MiB)
+
+
+def test_decode_memory_limit_parses_peak_and_sizes():
+    decode = _load("decode")
+    assert decode.parse_limit("peak") == (True, 0)
+    assert decode.parse_limit("peak+64MiB") == (True, 64 * MiB)
+    assert decode.parse_limit("900MiB") == (False, 900 * MiB)
