@@ -9,7 +9,7 @@ Set-up (everything under results/peers/, gitignored; never part of the default i
 - llama-cpp-python 0.3.36 built from its sdist (`pip download --no-binary :all: --no-deps
   llama-cpp-python==0.3.36`, then `pip install --no-deps --target results/peers/site SDIST`:
   ~7-10 min on 2 cores, GGML_NATIVE so AVX2/FMA; `--sdist FILE` reuses a downloaded one), with
-  sentencepiece and accelerate installed beside it (`--no-deps`: torch, numpy, safetensors are the
+  sentencepiece, accelerate and diskcache installed beside it (`--no-deps`: torch, numpy, safetensors are the
   environment's own).
 - The checkpoint as llama.cpp reads it: llama.cpp's own `vendor/llama.cpp/convert_hf_to_gguf.py`
   (from the same sdist, with its gguf-py) on a folder of links to the checkpoint's files plus a
@@ -30,8 +30,10 @@ the first 4. A run killed by the cgroup's OOM killer or over 10 minutes is recor
 Limits: none, and fractions of the bf16 GGUF's size plus llama.cpp's measured runtime (~90 MiB),
 where llama.cpp's bf16 file does not fit. Tools:
 - expertcache (bf16, and int8 / int4-g64 copies made by `expertcache quantize` when present):
-  `memory_limit="auto"` (the engine sizes its expert budget from the cgroup), prefetch none and
-  next-gate (the default); no limit: every expert resident;
+  `memory_limit="auto"` (the engine sizes its expert budget from the cgroup; `memory_reserve`
+  64 MiB), prefetch none and next-gate (the default); no limit: every expert resident; where the
+  limit leaves less than one layer's top-k experts beside the runtime, "TOO SMALL"; and bf16 with
+  `half_matmul="float32"` (opt-in: prefill products through float32, rounding unlike transformers');
 - llama.cpp bf16, q8_0, q4_0 through mmap (its default), n_batch 512;
 - accelerate's big-model inference as transformers users reach it (`from_pretrained(device_map=
   "auto", max_memory={"cpu": limit - 450 MiB}, offload_folder=...)`: what does not fit is offloaded
@@ -68,6 +70,7 @@ PROMPT_TOKENS = 512
 SKIP_STEPS = 4  # decode steps left out of the median (the first ones page in what the prompt did not)
 TIMEOUT = 600
 MiB = 2**20
+RESERVE = "64MiB"  # expertcache's --memory-reserve here: the KV cache of ~550 tokens is ~4 MiB, the rest is a prefill's activations
 LLAMA_RUNTIME = 90 * MiB  # llama.cpp's own memory beside its weights (n_ctx 1024), measured: see docs
 
 
@@ -99,14 +102,15 @@ def install(sdist: str | None) -> Path:
         env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
                    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF")
         _sh([sys.executable, "-m", "pip", "install", "--no-deps", "--target", SITE, sdist], env=env)
-    if not (SITE / "sentencepiece").is_dir() or not (SITE / "accelerate").is_dir():
-        _sh([sys.executable, "-m", "pip", "install", "--no-deps", "--target", SITE, "sentencepiece", "accelerate"])
-    if not (src / "convert_hf_to_gguf.py").is_file():
+    extra = [m for m in ("sentencepiece", "accelerate", "diskcache") if not (SITE / m).is_dir()]
+    if extra:  # diskcache: llama_cpp imports it
+        _sh([sys.executable, "-m", "pip", "install", "--no-deps", "--target", SITE, *extra])
+    if not (src / "conversion").is_dir():
         sdist = sdist or str(next((ROOT / "dl").glob("llama_cpp_python-*.tar.gz")))
         with tarfile.open(sdist) as tf:
             prefix = tf.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             members = [m for m in tf.getmembers() if m.name.startswith(prefix) and
-                       (m.name.startswith(prefix + "gguf-py/") or m.name == prefix + "convert_hf_to_gguf.py")]
+                       (m.name.startswith((prefix + "gguf-py/", prefix + "conversion/")) or m.name == prefix + "convert_hf_to_gguf.py")]
             for m in members:
                 m.name = m.name[len(prefix):]
             tf.extractall(src, members=members, filter="data")
@@ -123,8 +127,12 @@ def convert(ckpt: Path, src: Path) -> dict[str, Path]:
     hf = ROOT / "hf" / ckpt.name  # the checkpoint's files linked, plus a tokenizer: nothing written into it
     hf.mkdir(parents=True, exist_ok=True)
     for f in ckpt.iterdir():
-        if not (hf / f.name).exists():
+        if f.name != "config.json" and not (hf / f.name).exists():
             (hf / f.name).symlink_to(f.resolve())
+    cfg = json.loads((ckpt / "config.json").read_text())  # the converter picks its class by "architectures"
+    cfg.setdefault("architectures", [{"mixtral": "MixtralForCausalLM"}.get(cfg["model_type"], cfg["model_type"])])
+    (hf / "config.json").unlink(missing_ok=True)
+    (hf / "config.json").write_text(json.dumps(cfg, indent=1))
     if not (hf / "tokenizer.model").is_file():
         vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
         text = sorted((_data_dir() / CORPUS).glob("*"))
@@ -177,7 +185,8 @@ def worker(job: dict) -> dict:
         from expertcache.decoding import Decoding
 
         eng = expertcache.load(job["model"], expert_budget="100%", memory_limit="auto" if job["limited"] else None,
-                               prefetch=job["prefetch"], io="direct", num_threads=1)
+                               memory_reserve=RESERVE, prefetch=job["prefetch"], io="direct", num_threads=1,
+                               half_matmul=job.get("half_matmul", "exact"))
         dec = Decoding(eng.model)
         with torch.inference_mode():
             out = _timed_feed(dec.feed, prompt, forced)
@@ -234,7 +243,7 @@ def run_one(job: dict, limit: int | None, files: list[Path]) -> dict:
         p = cg.popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = p.communicate(timeout=TIMEOUT)
-            status = "ok" if p.returncode == 0 else ("oom" if cg.oom_kills else "failed")
+            status = "ok" if p.returncode == 0 else ("oom" if cg.oom_kills else "too small" if "is too small" in err else "failed")
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
@@ -244,7 +253,7 @@ def run_one(job: dict, limit: int | None, files: list[Path]) -> dict:
            "failcnt": fig["failcnt"]}
     if status == "ok":
         res.update(json.loads(out.strip().splitlines()[-1]))
-    elif status == "failed":
+    elif status in ("failed", "too small"):
         res["error"] = err.strip().splitlines()[-1][-300:] if err.strip() else f"exit {p.returncode}"
     return res
 
@@ -261,6 +270,8 @@ def tools(ckpt: Path, ggufs: dict[str, Path], quick: bool) -> dict[str, dict]:
             continue
         for pf in ("none", "next-gate") if not quick else ("next-gate",):
             out[f"expertcache {prec} {pf}"] = {"job": {"tool": "expertcache", "model": str(d), "prefetch": pf}, "files": [d]}
+    out["expertcache bf16 next-gate, half_matmul=float32"] = {
+        "job": {"tool": "expertcache", "model": str(ckpt), "prefetch": "next-gate", "half_matmul": "float32"}, "files": [ckpt]}
     for q, f in ggufs.items():
         out[f"llama.cpp {q} mmap"] = {"job": {"tool": "llama.cpp", "model": str(f)}, "files": [f]}
     if not quick:

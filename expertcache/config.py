@@ -21,10 +21,12 @@ _UNITS = {
 _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 
 IO_MODES = ("direct", "buffered")
+HALF_MATMUL = ("exact", "float32")
 ROUTING_PHASES = ("prefill", "decode", "both")
 THREADS_ENV = "EXPERTCACHE_THREADS"
 CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
 DEMO_DIR = Path(__file__).parent / "demo"
+UPCAST_ROWS = 8  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
 RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)
 
@@ -97,6 +99,10 @@ class EngineConfig:
     prefetch_max: int | None = option(None, "most experts prefetched per target layer in a decode step (bounds wasted bytes); "
                                             "default: the predictor's whole guess", type=int)
     predictor: str | None = option(None, "predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
+    half_matmul: str = option("exact", "bf16/fp16 matmuls of 8+ rows (prefill): exact (torch's kernel, as transformers computes) or "
+                                       "float32 (converted and multiplied in float32: several times faster prefill on CPUs without a "
+                                       "native half GEMM; rounds differently from transformers, within the dtype's precision)",
+                              choices=HALF_MATMUL)
     io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
     io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")
     num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)
@@ -113,6 +119,8 @@ class EngineConfig:
                                             choices=ROUTING_PHASES, group="routing")
 
     def __post_init__(self) -> None:
+        if self.half_matmul not in HALF_MATMUL:
+            raise ExpertCacheError(f"unknown half_matmul {self.half_matmul!r}: choose one of {', '.join(HALF_MATMUL)}")
         if self.io not in IO_MODES:
             raise ExpertCacheError(f"unknown io {self.io!r}: choose one of {', '.join(IO_MODES)}")
         for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):

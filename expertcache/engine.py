@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import experts
+from . import experts, gemm
 from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
@@ -153,8 +153,11 @@ class Engine:
             self.store.close()
             raise
         try:
+            upcast = config.half_matmul == "float32"
+            if upcast:  # half-precision matmuls of several rows through float32 where the CPU has no half GEMM
+                gemm.upcast_dense(self.model)
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
-                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant)
+                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant, upcast=upcast)
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"

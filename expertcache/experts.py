@@ -14,10 +14,9 @@ from collections.abc import Callable
 from contextlib import closing
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import mxfp4
+from . import gemm, mxfp4
 from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
 from .ids import Prediction
@@ -58,16 +57,17 @@ def _default_gate(cls: type) -> bool:
     return getattr(cls, "_apply_gate", None) is _default_apply_gate
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    y = x @ w if transposed else F.linear(x, w)
+def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None, upcast: bool) -> torch.Tensor:
+    y = gemm.matmul(x, w, upcast=upcast) if transposed else gemm.linear(x, w, upcast=upcast)
     return y if bias is None else y + bias
 
 
 def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int,
-                  quant: QuantExperts | None = None) -> torch.Tensor:
+                  quant: QuantExperts | None = None, upcast: bool = False) -> torch.Tensor:
     """One expert of `module` on its tokens x [n, H] -> [n, H]: the module's own math (gating,
     biases, layout) on weights read from the cache; `quant`: (gate, up, down) are quantized
-    (packed, scale) pairs, computed on by quant's kernels."""
+    (packed, scale) pairs, computed on by quant's kernels; `upcast`: half-precision products of
+    several rows through float32 (gemm.py)."""
     t, bias = module.is_transposed, module.has_bias
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
@@ -89,15 +89,15 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
         if _default_gate(type(module)):
-            h = module.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [n, I]
+            h = module.act_fn(gemm.linear(x, gate, upcast=upcast)) * gemm.linear(x, up, upcast=upcast)  # [n, I]
         else:
-            h = module._apply_gate(torch.cat([F.linear(x, gate), F.linear(x, up)], dim=-1))
+            h = module._apply_gate(torch.cat([gemm.linear(x, gate, upcast=upcast), gemm.linear(x, up, upcast=upcast)], dim=-1))
     else:
         w, down = parts
         name = "gate_up_proj_bias" if module.has_gate else "up_proj_bias"
-        h = _linear(x, w, t, getattr(module, name)[expert] if bias else None)  # [n, 2I] or [n, I]
+        h = _linear(x, w, t, getattr(module, name)[expert] if bias else None, upcast)  # [n, 2I] or [n, I]
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)  # [n, I]
-    y = _linear(h, down, t, module.down_proj_bias[expert] if bias else None)  # [n, H]
+    y = _linear(h, down, t, module.down_proj_bias[expert] if bias else None, upcast)  # [n, H]
     return module.post_expert_norm(y) if module.has_post_expert_norm else y
 
 
@@ -112,9 +112,10 @@ class ExpertsRuntime:
     the observers, and what the router hooks captured. The engine builds and owns it."""
 
     def __init__(self, *, cache: ExpertCache, routing: RoutingPolicy, predictor: Predictor, num_experts: int, top_k: int,
-                 quant: QuantExperts | None = None) -> None:
+                 quant: QuantExperts | None = None, upcast: bool = False) -> None:
         self.cache = cache
         self.quant = quant
+        self.upcast = upcast  # half-precision expert products of several rows through float32 (gemm.py)
         self.routing = routing
         self.predictor = predictor
         self.num_experts, self.top_k = num_experts, top_k
@@ -205,10 +206,10 @@ class ExpertsRuntime:
             for e, parts in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
                     s = single.index(e)
-                    contrib[0, s] = expert_output(module, x, parts, e, self.quant)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
+                    contrib[0, s] = expert_output(module, x, parts, e, self.quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
                     tok, slot = torch.nonzero(ids == e, as_tuple=True)
-                    contrib[tok, slot] = expert_output(module, x[tok], parts, e, self.quant) * weights[tok, slot, None]
+                    contrib[tok, slot] = expert_output(module, x[tok], parts, e, self.quant, self.upcast) * weights[tok, slot, None]
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
     def forward_rows(self, module: nn.Module, layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -230,7 +231,7 @@ class ExpertsRuntime:
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
             for e, parts in ready:
                 mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
-                out[mine] = expert_output(module, rows[mine], parts, e, self.quant)
+                out[mine] = expert_output(module, rows[mine], parts, e, self.quant, self.upcast)
         return out
 
     def _guess(self, layer: int, x: torch.Tensor, logits: torch.Tensor | None) -> Prediction:
@@ -251,7 +252,7 @@ class ExpertsRuntime:
         module = self._modules[layer]
         with closing(self.cache.stream(layer, [expert])) as ready:
             for e, parts in ready:
-                return expert_output(module, x, parts, e, self.quant)
+                return expert_output(module, x, parts, e, self.quant, self.upcast)
         raise RuntimeError(f"expert {(layer, expert)} was not streamed")
 
     def unbind(self) -> None:
