@@ -331,9 +331,10 @@ def plot(rep: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot", flush=True)
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     none_x = max(v for v in rep["limits"].values() if v) * 1.25 / MiB
-    for name in rep["tools"]:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(rep["tools"]):
         xs, ys = [], []
         for l, v in rep["limits"].items():
             runs = [r for r in rep["results"].get(f"{name} @ {l}", []) if r["status"] == "ok"]
@@ -341,12 +342,15 @@ def plot(rep: dict, path: Path) -> None:
                 xs.append(none_x if v is None else v / MiB)
                 ys.append(statistics.median(r["tpot_ms"] for r in runs))
         if xs:
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("memory limit (MiB; rightmost: no limit)")
-    ax.set_ylabel("TPOT (ms, log)")
+            style = "-" if name.startswith("expertcache") else "--" if name.startswith("llama.cpp") else ":"
+            ax.plot(xs, ys, style, marker="o", color=colors[i % len(colors)], label=name)
+    ticks = [v / MiB for v in rep["limits"].values() if v] + [none_x]
+    ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks[:-1]] + ["no limit"])
+    ax.set_xlabel("memory limit (MiB, page cache counted)")
+    ax.set_ylabel("TPOT (ms, log scale)")
     ax.set_yscale("log")
-    ax.set_title("Decode time per token against the memory limit")
-    ax.legend(fontsize=7)
+    ax.set_title("Decode TPOT against the memory limit (no point: does not start)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -361,10 +365,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="decode steps per run (default 32; 16 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="1 round, 16 tokens, next-gate only, no accelerate")
+    ap.add_argument("--report-only", action="store_true", help="write peers.md and peers.png again from --out's peers.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    out = Path(args.out)
+    if args.report_only:  # tables and plot again from peers.json
+        rep = json.loads((out / "peers.json").read_text())
+        (out / "peers.md").write_text(markdown(rep))
+        plot(rep, out / "peers.png")
+        print(markdown(rep))
         return 0
     from expertcache.memlimit import available
 
@@ -389,7 +401,6 @@ def main(argv=None) -> int:
     rep = {"checkpoint": str(ckpt), "gguf_bf16_bytes": ggufs["bf16"].stat().st_size, "tokens": tokens, "rounds": rounds,
            "limits": lims, "tools": list(ts), "results": {}, "when": time.strftime("%Y-%m-%d %H:%M"),
            "machine": {"cpus": os.cpu_count()}}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     order = [(n, l) for l in lims for n in ts]
     for rnd in range(rounds):
