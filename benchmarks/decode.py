@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoint's builder lives with the tests
 sys.path.append(str(REPO))  # this checkout's engine unless PYTHONPATH names another copy
 
-from helpers.synthetic import CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids  # noqa: E402
+from helpers.synthetic import FINE_SPEC, CkptSpec, DiskSpaceError, build_checkpoint, prompt_ids  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,8 +85,26 @@ def drain(engine) -> None:
             ent.load.event.wait()
 
 
+def force_routing(eng, trace_path: str) -> None:
+    """Make `eng` route as the real trace did (expertcache.sim.forced; mapping documented there)."""
+    from expertcache.sim.forced import TraceRouting
+    from expertcache.sim.trace import read_route_csv
+
+    ck = eng.checkpoint
+    eng.runtime.routing = TraceRouting(read_route_csv(trace_path), layers=list(ck.sparse_layers), num_experts=ck.num_experts,
+                                       top_k=ck.top_k, rule=ck.family.weight_rule(ck.config))
+
+
+def default_trace() -> str:
+    data = Path(os.environ.get("EXPERTCACHE_DATA") or REPO.parent / "shared")
+    path = data / "traces" / "qwen3-30b-a3b" / "route.csv"
+    if not path.is_file():
+        sys.exit(f"decode.py: --routing-trace real needs {path} (set EXPERTCACHE_DATA)")
+    return str(path)
+
+
 def run_config(ckpt: str, budget: str, prefetch: str, tokens: int, warmup: int, seed: int = 0,
-               prompt: list[int] | None = None, profile: str | None = None) -> dict:
+               prompt: list[int] | None = None, profile: str | None = None, routing_trace: str | None = None) -> dict:
     """Load, warm up, decode `tokens` tokens, report decode-phase figures and peak RSS."""
     import torch
 
@@ -95,6 +113,8 @@ def run_config(ckpt: str, budget: str, prefetch: str, tokens: int, warmup: int, 
     from expertcache.stats import peak_rss_bytes
 
     eng = expertcache.load(ckpt, expert_budget=budget, prefetch=prefetch, io="direct", num_threads=1)
+    if routing_trace:
+        force_routing(eng, routing_trace)
     spec = CkptSpec(**{k: v for k, v in json.loads((Path(ckpt) / "spec.json").read_text()).items()})
     prompt = prompt or prompt_ids(spec)
     if warmup:
@@ -176,7 +196,7 @@ def run_config(ckpt: str, budget: str, prefetch: str, tokens: int, warmup: int, 
 
 def run_paired(ckpt: str, budget: str, tokens: int, warmup: int, seed: int = 0,
                variants: tuple[str, ...] = ("none", "next-gate"), prompt: list[int] | None = None,
-               setup=None) -> dict:
+               setup=None, routing_trace: str | None = None) -> dict:
     """One engine per prefetch variant in one process, all decoding the same tokens, one step each
     in turn (order alternating every step). The machine's load drifts over seconds, so a step of
     each variant, a fraction of a second apart, sees the same load: the TPOT ratio of paired steps
@@ -194,6 +214,8 @@ def run_paired(ckpt: str, budget: str, tokens: int, warmup: int, seed: int = 0,
     for v in variants:
         prefetch = v.split(":")[0]  # "next-gate:label" = next-gate with a setup hook
         engines[v] = eng = expertcache.load(ckpt, expert_budget=budget, prefetch=prefetch, io="direct", num_threads=1)
+        if routing_trace:
+            force_routing(eng, routing_trace)
         if setup is not None:
             setup(v, eng)
         if warmup:
@@ -290,8 +312,8 @@ def spawn_config(ckpt: Path, budget: str, prefetch: str, tokens: int, warmup: in
     return _spawn(["--worker", json.dumps(job)], cgroup_limit=cgroup_limit)
 
 
-def spawn_paired(ckpt: Path, budget: str, tokens: int, warmup: int) -> dict:
-    job = {"ckpt": str(ckpt), "budget": budget, "tokens": tokens, "warmup": warmup}
+def spawn_paired(ckpt: Path, budget: str, tokens: int, warmup: int, **kw) -> dict:
+    job = {"ckpt": str(ckpt), "budget": budget, "tokens": tokens, "warmup": warmup, **kw}
     return _spawn(["--paired-worker", json.dumps(job)])
 
 
@@ -464,6 +486,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-root", default=None, help="where the checkpoint is cached (default $EXPERTCACHE_BENCH_DIR or results/ckpt)")
     ap.add_argument("--no-paired", action="store_true", help="skip the paired (interleaved, one-process) TPOT comparison")
     ap.add_argument("--quick", action="store_true", help="32 tokens, 1 round")
+    ap.add_argument("--fine", action="store_true", help="the Qwen3-MoE-shaped checkpoint of many small experts "
+                                                         "(24 layers x 64 experts of 3 MiB, top-8; 4.8 GB) instead of the 1 GB one")
+    ap.add_argument("--routing-trace", default=None, help="force the routing of a recorded trace: a route.csv, or `real` "
+                                                          "for ../shared/traces/qwen3-30b-a3b (mapping: expertcache/sim/forced.py)")
     ap.add_argument("--memory-limit", default=None,
                     help="instead of the main table, run each configuration in a memory cgroup without and with this limit "
                          "(a size, or peak[+SIZE]: the unlimited run's peak usage with page cache, plus SIZE) and compare")
@@ -482,8 +508,10 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     warmup = 8 if args.warmup is None else args.warmup
     budgets = [f"{b.strip()}%" for b in args.budgets.split(",")]
-    spec = CkptSpec()
+    spec = FINE_SPEC if args.fine else CkptSpec()
     ckpt = build_checkpoint(args.ckpt_root, spec)
+    trace = (default_trace() if args.routing_trace == "real" else args.routing_trace) or None
+    kw = {"routing_trace": trace} if trace else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -511,7 +539,7 @@ def main(argv=None) -> int:
         order = ("none", "next-gate") if rnd % 2 == 0 else ("next-gate", "none")
         for b in budgets:
             for pf in order:
-                r = spawn_config(ckpt, b, pf, tokens, warmup)
+                r = spawn_config(ckpt, b, pf, tokens, warmup, **kw)
                 runs.setdefault((b, pf), []).append(r)
                 print(f"round {rnd} {b:>4} {pf:>9}: TPOT {r['tpot_ms']:.1f} ms, hit {r['hit_rate']:.3f}, "
                       f"stall {r['stall_share']:.2f}, CPU/token {r['main_cpu_ms_per_token']:.0f} ms, "
@@ -520,7 +548,7 @@ def main(argv=None) -> int:
     paired = {}
     if not args.no_paired:
         for b in budgets:
-            paired[b] = pr = spawn_paired(ckpt, b, tokens, warmup)
+            paired[b] = pr = spawn_paired(ckpt, b, tokens, warmup, **kw)
             print(f"paired {b:>4}: TPOT none {pr['tpot_ms']['none']:.1f} ms, next-gate {pr['tpot_ms']['next-gate']:.1f} ms, "
                   f"ratio {pr['ratio_vs_none']['next-gate']:.3f}, same tokens {pr['same_tokens']}", flush=True)
     rows = []

@@ -19,8 +19,16 @@ DEFAULT_CKPT_ROOT = REPO / "results" / "ckpt"
 BUILD_VERSION = 1  # bump when the builder changes what it writes
 
 
+# per family: router name, an expert's tensor prefix, its (gate, up, down) names, attention q/k norms
+LAYOUTS = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), False),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), True),
+}
+
+
 @dataclass(frozen=True)
 class CkptSpec:
+    family: str = "mixtral"  # a key of LAYOUTS: "qwen3_moe" for many small experts (FINE_SPEC)
     hidden: int = 1024
     intermediate: int = 2816
     layers: int = 8
@@ -39,8 +47,11 @@ class CkptSpec:
     version: int = BUILD_VERSION
 
     def key(self) -> str:
-        h = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"mixtral-h{self.hidden}-i{self.intermediate}-l{self.layers}-e{self.experts}-k{self.top_k}-v{self.vocab}-{h}"
+        fields = asdict(self)
+        if self.family == "mixtral":  # the first spec had no family: its checkpoints keep their names
+            del fields["family"]
+        h = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.family.replace('_', '')}-h{self.hidden}-i{self.intermediate}-l{self.layers}-e{self.experts}-k{self.top_k}-v{self.vocab}-{h}"
 
     @property
     def expert_bytes(self) -> int:
@@ -57,7 +68,7 @@ class CkptSpec:
     @property
     def dense_bytes(self) -> int:
         h, kv = self.hidden, self.kv_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * kv * h + self.experts * h + 2 * h
+        per_layer = 2 * h * h + 2 * kv * h + self.experts * h + 2 * h + (2 * self.head_dim if LAYOUTS[self.family][3] else 0)
         return 2 * (2 * self.vocab * h + h + self.layers * per_layer)
 
 
@@ -65,7 +76,22 @@ class DiskSpaceError(OSError):
     """Not enough free disk space to build the checkpoint."""
 
 
+# Many small experts, Qwen3-MoE-shaped (4.8 GB of bf16 experts): per-expert and per-layer overheads
+# multiply here as in Qwen3-30B-A3B (48 layers x top-8 of 128)
+FINE_SPEC = CkptSpec(family="qwen3_moe", intermediate=512, layers=24, experts=64, top_k=8)
+
+
 def _config(spec: CkptSpec):
+    if spec.family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
+            moe_intermediate_size=spec.intermediate, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, num_experts=spec.experts,
+            num_experts_per_tok=spec.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16",
+        )  # fmt: skip
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -137,10 +163,14 @@ def build_checkpoint(root: str | os.PathLike | None = None, spec: CkptSpec = Ckp
         "lm_head.weight": randn(spec.vocab, H, std=spec.init_std).to(bf16),
     }
     token_part = popularity = None
+    router_name, expert_prefix, (gate, up, down), qk_norm = LAYOUTS[spec.family]
     for layer in range(L):
         p = f"model.layers.{layer}."
         dense[p + "input_layernorm.weight"] = torch.ones(H, dtype=bf16)
         dense[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=bf16)
+        if qk_norm:
+            dense[p + "self_attn.q_norm.weight"] = torch.ones(spec.head_dim, dtype=bf16)
+            dense[p + "self_attn.k_norm.weight"] = torch.ones(spec.head_dim, dtype=bf16)
         for name, shape in (("q_proj", (H, H)), ("k_proj", (kv, H)), ("v_proj", (kv, H)), ("o_proj", (H, H))):
             dense[p + f"self_attn.{name}.weight"] = randn(*shape, std=spec.init_std).to(bf16)
         # router: token-dependent part + popularity along c, AR(1) across layers
@@ -150,13 +180,13 @@ def build_checkpoint(root: str | os.PathLike | None = None, spec: CkptSpec = Ckp
         token_part = t_new if token_part is None else rho * token_part + fresh_w * t_new
         popularity = p_new if popularity is None else rho * popularity + fresh_w * p_new
         router = token_part + (popularity / along_c)[:, None] * c_hat[None, :]
-        dense[p + "block_sparse_moe.gate.weight"] = router.to(bf16)
+        dense[p + router_name + ".weight"] = router.to(bf16)
         experts = {}
         for e in range(E):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            experts[q + "w1.weight"] = randn(I, H, std=spec.init_std).to(bf16)
-            experts[q + "w3.weight"] = randn(I, H, std=spec.init_std).to(bf16)
-            experts[q + "w2.weight"] = randn(H, I, std=spec.init_std).to(bf16)
+            q = p + expert_prefix.format(e=e)
+            experts[q + gate + ".weight"] = randn(I, H, std=spec.init_std).to(bf16)
+            experts[q + up + ".weight"] = randn(I, H, std=spec.init_std).to(bf16)
+            experts[q + down + ".weight"] = randn(H, I, std=spec.init_std).to(bf16)
         fname = f"model-layer{layer:02d}.safetensors"
         _write(tmp / fname, experts)
         weight_map.update({k: fname for k in experts})
