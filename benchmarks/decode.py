@@ -4,6 +4,7 @@ RSS at expert budgets of 25%, 50% and 100%, with prefetch "none" vs "next-gate".
 
     python benchmarks/decode.py [--out results/decode] [--tokens N] [--rounds R] [--no-paired] [--quick]
     python benchmarks/decode.py --memory-limit peak[+SIZE]|SIZE [--budgets 25,50]   (limited vs unlimited)
+    python benchmarks/decode.py --fine [--routing-trace real]   (many small experts; a real trace's routing)
 
 The checkpoint
 --------------
@@ -29,6 +30,13 @@ a trained model's structure (documented in CkptSpec):
 The workload: a fixed 32-token prompt, then sampled decoding (temperature 1, fixed seed) so the
 token stream does not collapse into a greedy loop of a random model; exact routing means every
 configuration decodes the very same tokens.
+
+`--fine` takes FINE_SPEC instead: Qwen3-MoE-shaped, 24 layers x 64 experts of 3 MiB (intermediate
+512), top-8, 4.8 GB of bf16 experts, built the same way (~20 s). `--routing-trace real` forces the
+routing of ../shared/traces/qwen3-30b-a3b/route.csv (Qwen3-30B-A3B, 48 layers x 128 experts,
+top-6) onto it, mapped as expertcache/sim/forced.py documents (layer i of 24 <- trace layer 2i,
+expert e <- e // 2, slots left take the model's own best): hits and reads see real locality; the
+predictors, which read the model's routers, guess blind (next-gate precision ~0.3).
 
 The measurement
 ---------------

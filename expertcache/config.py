@@ -26,6 +26,8 @@ ROUTING_PHASES = ("prefill", "decode", "both")
 THREADS_ENV = "EXPERTCACHE_THREADS"
 CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
 DEMO_DIR = Path(__file__).parent / "demo"
+PRECISION_WARMUP = 32  # a target layer's issued guesses before its precision gates anything
+PRECISION_PROBE = 8  # one in this many gated decode calls still guesses, so the precision stays measured
 UPCAST_ROWS = 8  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
 RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)
@@ -98,6 +100,10 @@ class EngineConfig:
     prefetch_depth: int = option(1, "sparse layers ahead the predictor guesses")
     prefetch_max: int | None = option(None, "most experts prefetched per target layer in a decode step (bounds wasted bytes); "
                                             "default: the predictor's whole guess", type=int)
+    prefetch_min_precision: float = option(0.5, "decode guesses stop for layers whose measured prefetch precision "
+                                                 f"(used / issued, after {PRECISION_WARMUP} issued) is below this, but for one "
+                                                 f"call in {PRECISION_PROBE}: a blind predictor costs compute and reads for "
+                                                 "nothing; 0 never stops", type=float)
     predictor: str | None = option(None, "predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
     half_matmul: str = option("exact", "bf16/fp16 matmuls of 8+ rows (prefill): exact (torch's kernel, as transformers computes) or "
                                        "float32 (converted and multiplied in float32: several times faster prefill on CPUs without a "
@@ -133,6 +139,8 @@ class EngineConfig:
             raise ExpertCacheError(f"device {self.device!r} is not supported: expertcache computes on the cpu for now")
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
             raise ExpertCacheError(f"model must be a directory path, got {type(self.model).__name__}")
+        if not 0 <= self.prefetch_min_precision <= 1:
+            raise ExpertCacheError(f"prefetch_min_precision must be within [0, 1], got {self.prefetch_min_precision}")
         if self.cache_lambda < 0:
             raise ExpertCacheError(f"cache_lambda must be >= 0, got {self.cache_lambda}")
         if self.routing_applies_to not in (None, *ROUTING_PHASES):

@@ -161,6 +161,7 @@ class Engine:
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"
+            self.runtime.min_precision, self.runtime.prefetch_depth = config.prefetch_min_precision, config.prefetch_depth
         except ValueError as e:
             self.cache.close()
             raise ExpertCacheError(str(e)) from None

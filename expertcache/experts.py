@@ -19,6 +19,7 @@ from torch import nn
 from . import gemm, mxfp4
 from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
+from .config import PRECISION_PROBE, PRECISION_WARMUP
 from .ids import Prediction
 from .predictors.base import Predictor, rank
 from .quant import QuantExperts
@@ -122,6 +123,11 @@ class ExpertsRuntime:
         self.observers: list[RouteObserver] = []
         self.guess_observers: list[GuessObserver] = []
         self.prefetch_enabled = True
+        self.min_precision = 0.0  # decode guesses for layers whose precision is below this are skipped (gated)
+        self.prefetch_depth = 1  # sparse layers ahead the predictor guesses (which layers a call's guesses target)
+        self._gated_calls = 0
+        self._sparse: list[int] = []  # sparse layers in order (bind)
+        self._order: dict[int, int] = {}
         self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
         self.phase = "prefill"  # of the running forward: "decode" when it feeds one position
         self._logits: dict[int, torch.Tensor] = {}  # layer -> router logits of its running call
@@ -141,6 +147,8 @@ class ExpertsRuntime:
             router = getattr(model.get_submodule(site.block), family.router, None)
             if router is not None:
                 self._hooks.append(router.register_forward_hook(self._capture(layer, family.router_logits)))
+        self._sparse = sorted(sites)
+        self._order = {l: i for i, l in enumerate(self._sparse)}
         first = next(iter(sites.values()))
         decoder_layers = model.get_submodule(first.decoder_layer.rsplit(".", 1)[0])
         router = getattr(model.get_submodule(first.block), family.router, None)
@@ -201,7 +209,7 @@ class ExpertsRuntime:
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
-        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled else None
+        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._gated(layer) else None
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
             for e, parts in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
@@ -233,6 +241,24 @@ class ExpertsRuntime:
                 mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
                 out[mine] = expert_output(module, rows[mine], parts, e, self.quant, self.upcast)
         return out
+
+    def _gated(self, layer: int) -> bool:
+        """Whether a decode call at `layer` skips guessing: every layer it guesses for has issued
+        PRECISION_WARMUP guesses or more at a precision (used / issued) below min_precision. One
+        gated call in PRECISION_PROBE guesses anyway, so a layer whose guesses improve reopens."""
+        if self.phase != "decode" or self.min_precision <= 0:
+            return False
+        order = self._order
+        i = order.get(layer)
+        if i is None:
+            return False
+        stats = self.cache.core.stats
+        for target in self._sparse[i + 1 : i + 1 + self.prefetch_depth]:
+            ls = stats.layers.get(target)
+            if ls is None or ls.prefetch_issued < PRECISION_WARMUP or ls.prefetch_used >= self.min_precision * ls.prefetch_issued:
+                return False
+        self._gated_calls += 1
+        return self._gated_calls % PRECISION_PROBE != 0
 
     def _guess(self, layer: int, x: torch.Tensor, logits: torch.Tensor | None) -> Prediction:
         guesses = self.predictor.predict(layer, x, logits)

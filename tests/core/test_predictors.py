@@ -17,6 +17,7 @@ from torch import nn
 
 import expertcache
 from expertcache.checkpoint import Checkpoint
+from expertcache.errors import ExpertCacheError
 from expertcache.cli import main
 from expertcache.policies import POLICIES
 from expertcache.predictors import (
@@ -154,6 +155,45 @@ def test_prefetch_max_caps_decode_guesses_and_stays_exact(model_dir, ref):
     capped = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1, prefetch_max=1)
     full = _run_exact(model_dir, ref, prefetch="next-gate", budget="50%", depth=1)
     assert capped["prefetch_issued"] < full["prefetch_issued"]
+
+
+def test_decode_guesses_stop_for_layers_whose_precision_is_low_but_for_probes(model_dir):
+    """The precision gate: a decode call skips guessing when every layer it guesses for (the next
+    prefetch_depth sparse layers) has issued PRECISION_WARMUP guesses at a precision below
+    prefetch_min_precision; one gated call in PRECISION_PROBE guesses anyway. Prefill, a good
+    layer, too few guesses or min_precision 0 never gate."""
+    from expertcache.config import PRECISION_PROBE, PRECISION_WARMUP
+
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", prefetch_depth=2, io="buffered",
+                          prefetch_min_precision=0.5) as eng:
+        rt, stats = eng.runtime, eng.cache.core.stats
+        first, t1, t2 = eng.checkpoint.sparse_layers[:3]
+
+        def precision(layer, issued, used):
+            ls = stats.layer(layer)
+            ls.prefetch_issued, ls.prefetch_used = issued, used
+
+        rt.phase = "decode"
+        precision(t1, 100, 10)
+        precision(t2, 100, 49)
+        gated = [rt._gated(first) for _ in range(2 * PRECISION_PROBE)]
+        assert gated.count(False) == 2 and not gated[PRECISION_PROBE - 1], gated  # only the probes guess
+        precision(t2, 100, 50)  # one target good enough: guess
+        assert not rt._gated(first)
+        precision(t2, PRECISION_WARMUP - 1, 0)  # too few to judge
+        assert not rt._gated(first)
+        precision(t2, 100, 0)
+        rt.phase = "prefill"
+        assert not rt._gated(first)
+        rt.phase, rt.min_precision = "decode", 0.0
+        assert not rt._gated(first)
+        rt.min_precision = 0.5
+        assert rt._gated(first) or rt._gated(first)
+
+
+def test_prefetch_min_precision_is_a_fraction():
+    with pytest.raises(ExpertCacheError, match="prefetch_min_precision must be within"):
+        expertcache.EngineConfig(prefetch_min_precision=1.5)
 
 
 # --- each predictor on a hand-made case ------------------------------------------------------------
