@@ -12,11 +12,14 @@ Set-up (everything under results/peers/, gitignored; never part of the default i
   sentencepiece, accelerate and diskcache installed beside it (`--no-deps`: torch, numpy, safetensors are the
   environment's own).
 - The checkpoint as llama.cpp reads it: llama.cpp's own `vendor/llama.cpp/convert_hf_to_gguf.py`
-  (from the same sdist, with its gguf-py) on a folder of links to the checkpoint's files plus a
-  SentencePiece tokenizer (unigram, the checkpoint's vocabulary size, trained on
-  ../shared/corpus/tinystories: the converter needs a tokenizer, the benchmark feeds token ids),
-  written as bf16 and q8_0 (`--outtype`), then q4_0 by llama.cpp's own quantizer
-  (`llama_model_quantize`) from the bf16 file. The checkpoint itself is only read.
+  (from the same sdist, with its conversion/ package and gguf-py) on a folder of links to the
+  checkpoint's files plus a tokenizer of the checkpoint's vocabulary size trained on
+  ../shared/corpus/tinystories (the converter needs one; the benchmark feeds token ids): for the
+  Mixtral-shaped checkpoint a SentencePiece unigram model; for the Qwen3-MoE-shaped one (`--fine`)
+  a byte-level BPE tokenizer.json, whose new pre-tokenizer the converter is told to call "qwen2"
+  (it names the regex llama.cpp would split text with; no text is split here). Written as bf16 and
+  q8_0 (`--outtype`), then q4_0 by llama.cpp's own quantizer (`llama_model_quantize`) from the
+  bf16 file. The checkpoint itself is only read.
 
 The measurement
 ---------------
@@ -60,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoint's builder lives with the tests
 sys.path.append(str(REPO))  # this checkout's engine unless PYTHONPATH names another copy
 
-from helpers.synthetic import CkptSpec, build_checkpoint, prompt_ids  # noqa: E402
+from helpers.synthetic import FINE_SPEC, CkptSpec, build_checkpoint, prompt_ids  # noqa: E402
 
 ROOT = REPO / "results" / "peers"
 SITE = ROOT / "site"
@@ -130,20 +133,35 @@ def convert(ckpt: Path, src: Path) -> dict[str, Path]:
         if f.name != "config.json" and not (hf / f.name).exists():
             (hf / f.name).symlink_to(f.resolve())
     cfg = json.loads((ckpt / "config.json").read_text())  # the converter picks its class by "architectures"
-    cfg.setdefault("architectures", [{"mixtral": "MixtralForCausalLM"}.get(cfg["model_type"], cfg["model_type"])])
+    cfg.setdefault("architectures", [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[cfg["model_type"]]])
     (hf / "config.json").unlink(missing_ok=True)
     (hf / "config.json").write_text(json.dumps(cfg, indent=1))
-    if not (hf / "tokenizer.model").is_file():
-        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-        text = sorted((_data_dir() / CORPUS).glob("*"))
-        code = (f"import sentencepiece as spm; spm.SentencePieceTrainer.train(input={','.join(map(str, text))!r}, "
-                f"model_prefix={str(hf / 'tokenizer')!r}, vocab_size={vocab}, model_type='unigram', "
-                "input_sentence_size=200000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)")
+    text = sorted((_data_dir() / CORPUS).glob("*"))
+    bpe = cfg["model_type"] == "qwen3_moe"  # the converter reads Qwen's vocabulary as a BPE tokenizer.json
+    if not (hf / ("tokenizer.json" if bpe else "tokenizer.model")).is_file():
+        if bpe:
+            code = ("import sys; from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers; "
+                    "from transformers import PreTrainedTokenizerFast; "
+                    "t = Tokenizer(models.BPE()); t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False); "
+                    "t.decoder = decoders.ByteLevel(); "
+                    f"t.train({list(map(str, text))!r}, trainers.BpeTrainer(vocab_size={cfg['vocab_size']}, "
+                    "special_tokens=['<unk>', '<s>', '</s>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())); "
+                    f"PreTrainedTokenizerFast(tokenizer_object=t, bos_token='<s>', eos_token='</s>').save_pretrained({str(hf)!r})")
+        else:
+            code = (f"import sentencepiece as spm; spm.SentencePieceTrainer.train(input={','.join(map(str, text))!r}, "
+                    f"model_prefix={str(hf / 'tokenizer')!r}, vocab_size={cfg['vocab_size']}, model_type='unigram', "
+                    "input_sentence_size=200000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)")
         _sh([sys.executable, "-c", code], env=_env())
-    env = _env(extra=[src / "gguf-py"])
+    env = _env(extra=[src / "gguf-py", src])
+    # a BPE vocabulary's pre-tokenizer is recognised by hashing how it tokenizes a test text; this one
+    # is new to llama.cpp, so it is named "qwen2" (the regex llama.cpp would split *text* with: the
+    # benchmark feeds token ids, so it never does)
+    convert_py = ("import runpy, sys; import conversion.base as b; "
+                  + ("b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'; " if bpe else "")
+                  + "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     for q in ("bf16", "q8_0"):
         if not files[q].is_file():
-            _sh([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", q, "--outfile", files[q]], env=env)
+            _sh([sys.executable, "-c", convert_py, src / "convert_hf_to_gguf.py", hf, "--outtype", q, "--outfile", files[q]], env=env)
     if not files["q4_0"].is_file():
         code = ("import llama_cpp as L, sys; p = L.llama_model_quantize_default_params(); p.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_0; "
                 "p.nthread = 2; sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
@@ -364,6 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tools", default=None, help="comma-separated substrings of tool names to keep")
     ap.add_argument("--tokens", type=int, default=None, help="decode steps per run (default 32; 16 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; 1 with --quick)")
+    ap.add_argument("--fine", action="store_true", help="the fine-grained Qwen3-MoE-shaped checkpoint (decode.py --fine) instead of the 1 GB one")
     ap.add_argument("--quick", action="store_true", help="1 round, 16 tokens, next-gate only, no accelerate")
     ap.add_argument("--report-only", action="store_true", help="write peers.md and peers.png again from --out's peers.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -384,7 +403,7 @@ def main(argv=None) -> int:
     if why is not None:
         print(f"peers.py: the runs need a writable memory cgroup: {why}", file=sys.stderr)
         return 2
-    spec = CkptSpec()
+    spec = FINE_SPEC if args.fine else CkptSpec()
     ckpt = build_checkpoint(None, spec)
     src = install(args.sdist)
     ggufs = convert(ckpt, src)
