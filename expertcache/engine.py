@@ -28,12 +28,12 @@ from .config import (DEMO_DIR, RESERVE_CONTEXT, RESERVE_WORKSPACE, EngineConfig,
 from .decoding import Decoding
 from .errors import BudgetError, CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
+from .memlimit import MemoryPlan, plan
 from .policies import EvictionPolicy, make_policy
 from .quant import NATIVE, QuantLinear, kernel_for
 from .predictors import NoPredictor, make_predictor
 from .routing import RoutingPolicy, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
-from .memlimit import MemoryPlan, plan
 from .store import ExpertStore, _round_up
 
 log = logging.getLogger(__name__)
