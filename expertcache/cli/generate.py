@@ -34,6 +34,8 @@ def summary(stats: dict) -> str:
         f"({stats['hits']}/{stats['lookups']}) | read {fmt_bytes(stats['bytes_read'])} | "
         f"stall {stats['stall_seconds']:.2f} s | prefetch used {stats['prefetch_used']}/{stats['prefetch_issued']} | "
         f"peak RSS {fmt_bytes(stats['peak_rss_bytes'])}"
+        + (f" | experts {fmt_bytes(stats['budget_bytes'])} of a {fmt_bytes(plan['limit_bytes'])} limit"
+           if (plan := stats.get("memory_plan")) else "")
     )
 
 

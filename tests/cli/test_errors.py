@@ -14,6 +14,7 @@ that damages it works on its own copy.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import struct
@@ -471,6 +472,13 @@ def test_memory_limit_sizes_the_expert_budget(capsys, model):
     assert plan["in_use_bytes"] + plan["reserve_bytes"] + plan["budget_bytes"] == plan["limit_bytes"]
     assert s["budget_bytes"] % s["expert_bytes"] == 0 and s["budget_bytes"] <= plan["budget_bytes"]
     assert s["cache_slots"] == s["budget_bytes"] // s["expert_bytes"]
+
+
+def test_memory_limit_is_in_the_summary_line(capsys, model):
+    args = [a for a in generate_args(model, "--memory-limit", "auto") if a != "--json"]
+    rc, out, err = run_cli(capsys, args)
+    assert rc == 0, err
+    assert re.search(r"\| experts [0-9.]+ \w+ of a [0-9.]+ \w+ limit", out + err), out + err
 
 
 def test_budget_at_minimum_runs(capsys, model):
