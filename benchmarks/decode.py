@@ -279,31 +279,23 @@ def step_in_turn(engines: dict, prompt: list[int], tokens: int, seed: int = 0) -
     return st
 
 
-def _spawn(args: list[str], timeout: float = 1800, cgroup_limit: int | None = None) -> dict:
-    """Run a worker; with `cgroup_limit` (bytes, 0 = no limit) inside a memory cgroup of its own
-    whose figures (peak usage with page cache, failcnt, OOM kills) come back as "cgroup"."""
+def _spawn(args: list[str], timeout: float = 1800, *, cgroup: bool = False, limit: int | None = None) -> dict:
+    """Run a worker; with `cgroup`, inside a memory cgroup of its own with `limit` bytes (None: no
+    limit), whose figures (peak usage with page cache, failcnt, OOM kills) come back as "cgroup"."""
     # a PYTHONPATH given by the caller comes first (to benchmark another copy of the engine)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
+    run = dict(env=env, capture_output=True, text=True, timeout=timeout)
     cmd = [sys.executable, __file__, *args]
-    if cgroup_limit is None:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        figures = None
-    else:
+    figures = None
+    if cgroup:
         from expertcache.memlimit import MemoryCgroup
 
-        with MemoryCgroup(cgroup_limit or 1 << 50) as cg:
-            proc = cg.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise
-            p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        with MemoryCgroup(limit) as cg:
+            p = cg.run(cmd, **run)
             figures = cg.figures()
-            if not cgroup_limit:
-                figures["limit_bytes"] = None
+    else:
+        p = subprocess.run(cmd, **run)
     if p.returncode != 0:
         if figures and figures["oom_kills"]:
             return {"oom_killed": True, "cgroup": figures}
@@ -314,10 +306,10 @@ def _spawn(args: list[str], timeout: float = 1800, cgroup_limit: int | None = No
     return out
 
 
-def spawn_config(ckpt: Path, budget: str, prefetch: str, tokens: int, warmup: int, *, cgroup_limit: int | None = None,
-                 **kw) -> dict:
+def spawn_config(ckpt: Path, budget: str, prefetch: str, tokens: int, warmup: int, *, cgroup: bool = False,
+                 limit: int | None = None, **kw) -> dict:
     job = {"ckpt": str(ckpt), "budget": budget, "prefetch": prefetch, "tokens": tokens, "warmup": warmup, **kw}
-    return _spawn(["--worker", json.dumps(job)], cgroup_limit=cgroup_limit)
+    return _spawn(["--worker", json.dumps(job)], cgroup=cgroup, limit=limit)
 
 
 def spawn_paired(ckpt: Path, budget: str, tokens: int, warmup: int, **kw) -> dict:
@@ -414,11 +406,11 @@ def markdown(rep: Report) -> str:
 # ------------------------------------------------------------------------------------------------
 def parse_limit(text: str) -> tuple[bool, int]:
     """"peak", "peak+64MiB" or a size: (relative to the unlimited run's peak?, bytes)."""
-    from expertcache.config import parse_budget
+    from expertcache.config import parse_size
 
     rel = text.startswith("peak")
     rest = text[4:].lstrip("+") if rel else text
-    return rel, parse_budget(rest, 0) if rest else 0
+    return rel, parse_size(rest, "memory limit") if rest else 0
 
 
 def run_limited(ckpt: Path, budgets: list[str], prefetches: tuple[str, ...], tokens: int, warmup: int, rounds: int,
@@ -436,8 +428,8 @@ def run_limited(ckpt: Path, budgets: list[str], prefetches: tuple[str, ...], tok
                 for mode in ("unlimited", "limited") if rnd % 2 == 0 or ent["limit_bytes"] is None else ("limited", "unlimited"):
                     if mode == "limited" and ent["limit_bytes"] is None:
                         ent["limit_bytes"] = (ent["unlimited"][0]["cgroup"]["peak_bytes"] if rel else 0) + extra
-                    r = spawn_config(ckpt, b, pf, tokens, warmup,
-                                     cgroup_limit=0 if mode == "unlimited" else ent["limit_bytes"])
+                    r = spawn_config(ckpt, b, pf, tokens, warmup, cgroup=True,
+                                     limit=None if mode == "unlimited" else ent["limit_bytes"])
                     ent[mode].append(r)
                     cg = r["cgroup"]
                     what = "OOM-killed" if r.get("oom_killed") else (

@@ -187,8 +187,7 @@ def _timed_feed(feed, prompt: list[int], forced: list[int]) -> dict:
         t = time.perf_counter()
         feed([tok])
         steps.append(time.perf_counter() - t)
-    return {"ttft_ms": 1e3 * ttft, "steps_ms": [1e3 * s for s in steps],
-            "tpot_ms": 1e3 * statistics.median(steps[SKIP_STEPS:] or steps)}
+    return {"ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * statistics.median(steps[SKIP_STEPS:] or steps)}
 
 
 def worker(job: dict) -> dict:
@@ -257,15 +256,13 @@ def run_one(job: dict, limit: int | None, files: list[Path]) -> dict:
     _drop_cache(files)
     cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
     t0 = time.perf_counter()
-    with MemoryCgroup(limit or 1 << 50) as cg:
-        p = cg.popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with MemoryCgroup(limit) as cg:
         try:
-            out, err = p.communicate(timeout=TIMEOUT)
+            p = cg.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+            out, err = p.stdout, p.stderr
             status = "ok" if p.returncode == 0 else ("oom" if cg.oom_kills else "too small" if "is too small" in err else "failed")
         except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            status = "timeout"
+            out, err, status = "", "", "timeout"
         fig = cg.figures()
     res = {"status": status, "wall_s": time.perf_counter() - t0, "cgroup_peak_bytes": fig["peak_bytes"],
            "failcnt": fig["failcnt"]}
@@ -428,7 +425,7 @@ def main(argv=None) -> int:
             if job["tool"] == "accelerate" and lims[lim] is not None:
                 job["cpu_bytes"] = max(lims[lim] - 450 * MiB, 64 * MiB)  # what the limit leaves beside torch and transformers
             r = run_one(job, lims[lim], ts[name]["files"])
-            rep["results"].setdefault(f"{name} @ {lim}", []).append({k: v for k, v in r.items() if k != "steps_ms"})
+            rep["results"].setdefault(f"{name} @ {lim}", []).append(r)
             what = (f"TPOT {r['tpot_ms']:.1f} ms, TTFT {r['ttft_ms']:.0f} ms" if r["status"] == "ok" else r["status"].upper()
                     + (f" ({r.get('error')})" if r.get("error") else ""))
             print(f"round {rnd} {name:>28} @ {lim:>4}: {what}, cgroup peak {r['cgroup_peak_bytes'] / MiB:.0f} MiB, "

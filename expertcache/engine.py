@@ -182,7 +182,7 @@ class Engine:
             need = mp.in_use_bytes + mp.reserve_bytes + ckpt.top_k * _round_up(self.store.slot_bytes)
             raise BudgetError(
                 f"memory limit {mp.limit_bytes / 2**20:.0f} MiB ({mp.source}) is too small: {mp.in_use_bytes / 2**20:.0f} MiB "
-                f"are in use (runtime and dense weights) and {mp.reserve_bytes / 2**20:.0f} MiB are reserved (KV cache, "
+                f"are in use ({mp.in_use_by}) and {mp.reserve_bytes / 2**20:.0f} MiB are reserved (KV cache, "
                 f"activations); the experts need at least {ckpt.top_k} slots: give at least {need / 2**20:.0f} MiB "
                 "or a smaller --memory-reserve")
         log.info("%s: %d expert slots", mp.describe(), slots)

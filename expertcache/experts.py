@@ -248,8 +248,7 @@ class ExpertsRuntime:
         gated call in PRECISION_PROBE guesses anyway, so a layer whose guesses improve reopens."""
         if self.phase != "decode" or self.min_precision <= 0:
             return False
-        order = self._order
-        i = order.get(layer)
+        i = self._order.get(layer)
         if i is None:
             return False
         stats = self.cache.core.stats

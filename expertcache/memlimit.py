@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .stats import current_rss_bytes
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 1 << 60  # v1 reports "no limit" as a page-rounded 2^63 - 1
 _serial = itertools.count()
@@ -82,14 +84,6 @@ def free_bytes() -> tuple[int, int, str]:
     return best
 
 
-def own_bytes() -> int:
-    """This process's resident memory now (shared library pages included: conservative)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a total memory limit splits, decided once the model's dense part is in memory."""
@@ -100,9 +94,12 @@ class MemoryPlan:
     reserve_bytes: int  # kept free of experts: KV cache and activations
     budget_bytes: int  # what is left for experts
 
+    @property
+    def in_use_by(self) -> str:
+        return "this process: runtime and dense weights" if self.source == "stated" else "everything under the limit"
+
     def describe(self) -> str:
-        used = "this process: runtime and dense weights" if self.source == "stated" else "everything under the limit"
-        return (f"memory limit {_mib(self.limit_bytes)} ({self.source}) = in use {_mib(self.in_use_bytes)} ({used}) + "
+        return (f"memory limit {_mib(self.limit_bytes)} ({self.source}) = in use {_mib(self.in_use_bytes)} ({self.in_use_by}) + "
                 f"reserve {_mib(self.reserve_bytes)} (KV cache, activations) + experts {_mib(self.budget_bytes)}")
 
 
@@ -118,7 +115,7 @@ def plan(limit: int | None, reserve: int) -> MemoryPlan:
         total, free, source = free_bytes()
         in_use = total - free
     else:
-        total, source, in_use = limit, "stated", own_bytes()
+        total, source, in_use = limit, "stated", current_rss_bytes()  # shared library pages included: conservative
     return MemoryPlan(total, source, in_use, reserve, total - in_use - reserve)
 
 
@@ -130,30 +127,27 @@ def _meminfo(key: str) -> int:
 
 
 class MemoryCgroup:
-    """A child memory cgroup with `limit` bytes (page cache counted), removed by `close()`.
+    """A child memory cgroup with a limit of `limit` bytes (page cache counted; None: no limit, to
+    measure), removed by `close()`.
 
         with MemoryCgroup(900 << 20) as cg:
-            proc = cg.popen([sys.executable, "bench.py"])
-            ...
+            done = cg.run([sys.executable, "bench.py"], capture_output=True, timeout=600)
             cg.peak_bytes, cg.failcnt, cg.oom_kills
     """
 
-    def __init__(self, limit: int, *, name: str | None = None) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.version, parent = _own_memory_cgroup()
-        self.path = parent / (name or f"expertcache-{os.getpid()}-{next(_serial)}")
+        self.path = parent / f"expertcache-{os.getpid()}-{next(_serial)}"
         try:
             self.path.mkdir()
-        except FileExistsError:
-            pass
         except OSError as e:
             raise CgroupUnavailable(f"cannot create a cgroup under {parent} ({e.strerror})") from None
-        self.limit = int(limit)
+        self.limit = limit
+        self._procs = str(self.path / "cgroup.procs")  # made here: the child that writes it only forked
         try:
-            if self.version == "v1":
-                # without swap the memsw limit changes nothing; the plain one counts RSS + page cache
-                self._write("memory.limit_in_bytes", self.limit)
-            else:
-                self._write("memory.max", self.limit)
+            if limit is not None:  # v1's plain limit counts RSS + page cache (without swap, memsw adds nothing)
+                self._write("memory.limit_in_bytes" if self.version == "v1" else "memory.max", limit)
+            if self.version == "v2":
                 self._write("memory.swap.max", 0, missing_ok=True)
         except OSError as e:
             self.close()
@@ -172,42 +166,28 @@ class MemoryCgroup:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def enter(self, pid: int = 0) -> None:
-        """Move process `pid` (0: the caller) into the cgroup. Pages it touched before stay charged
-        where they were; `popen` moves a child before exec, so all of its pages count here."""
-        (self.path / "cgroup.procs").write_text(str(pid or os.getpid()))
+    def _move_here(self) -> None:  # in the child, between fork and exec: plain system calls only
+        fd = os.open(self._procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
     def popen(self, args, **kw) -> subprocess.Popen:
-        """subprocess.Popen, the child moved into the cgroup before it execs."""
-        procs = str(self.path / "cgroup.procs")
+        """subprocess.Popen, the child moved into the cgroup before it execs (every page it touches counts here)."""
+        return subprocess.Popen(args, preexec_fn=self._move_here, **kw)
 
-        def move() -> None:
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-
-        return subprocess.Popen(args, preexec_fn=move, **kw)
+    def run(self, args, **kw) -> subprocess.CompletedProcess:
+        """subprocess.run (timeout kills and raises as there), the child moved in before it execs."""
+        return subprocess.run(args, preexec_fn=self._move_here, **kw)
 
     # ---- figures ---------------------------------------------------------------------------
     @property
-    def usage_bytes(self) -> int:
-        return int(_read(self.path / ("memory.usage_in_bytes" if self.version == "v1" else "memory.current")))
-
-    @property
     def peak_bytes(self) -> int:
-        """Peak usage (RSS + page cache + kernel memory charged here) since creation or reset_peak()."""
+        """Peak usage (RSS + page cache + kernel memory charged here) since creation."""
         if self.version == "v1":
             return int(_read(self.path / "memory.max_usage_in_bytes"))
         return int(_read(self.path / "memory.peak", "0"))
-
-    def reset_peak(self) -> None:
-        if self.version == "v1":
-            self._write("memory.max_usage_in_bytes", 0)
-            self._write("memory.failcnt", 0)
-        else:
-            self._write("memory.peak", 0, missing_ok=True)
 
     @property
     def failcnt(self) -> int:
@@ -269,7 +249,7 @@ class MemoryCgroup:
 def available() -> str | None:
     """None when a MemoryCgroup can be made here, else the reason it cannot (for a test's skip)."""
     try:
-        MemoryCgroup(_UNLIMITED >> 4).close()
+        MemoryCgroup(None).close()
     except CgroupUnavailable as e:
         return str(e)
     return None

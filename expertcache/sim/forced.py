@@ -30,7 +30,7 @@ class TraceRouting:
     def __init__(self, trace: Trace, *, layers: list[int], num_experts: int, top_k: int, rule: WeightRule) -> None:
         src = trace.shape
         self.layers = list(layers)
-        self.top_k, self.rule = top_k, rule
+        self.rule = rule
         src_layer = {l: src.sparse_layers[i * len(src.sparse_layers) // len(self.layers)] for i, l in enumerate(self.layers)}
         tokens: dict[tuple[int, int], dict[int, list[int]]] = {}  # (turn, step) -> trace layer -> experts
         for r in trace.routes:
