@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {  # command -> module of this package
     "train-predictor": "train_predictor",
     "eval-predictors": "eval_predictors",
     "quantize": "quantize",
+    "serve": "serve",
 }
 SUMMARIES = {  # shown by `expertcache --help` without importing the command modules
     "generate": "generate text through the offloaded engine",
@@ -41,6 +42,7 @@ SUMMARIES = {  # shown by `expertcache --help` without importing the command mod
     "train-predictor": "fit a predictor file (learned, estimator, default-vector) from a trace or calibration text",
     "eval-predictors": "precision and recall of every predictor on held-out text",
     "quantize": "write a copy of a checkpoint with int8 or int4 experts (compressed-tensors pack-quantized)",
+    "serve": "an OpenAI-compatible HTTP server with continuous, expert-aware batching",
 }
 
 

@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXPERTS_IMPLS = ("grouped_mm", "eager", "batched_mm")  # transformers' experts implementations to train with
+# the demo tokenizer's chat template (the server's too for a tokenizer without one): role-prefixed
+# turns, then the assistant's prefix. The demo model saw no dialogue in training: a chat turn is
+# a text to continue.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 

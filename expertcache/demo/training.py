@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ExpertCacheError
 from . import corpus
-from .settings import EXPERTS_IMPLS, RESUME_OVERRIDES, DemoTrainingSettings
+from .settings import CHAT_TEMPLATE, EXPERTS_IMPLS, RESUME_OVERRIDES, DemoTrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def train_tokenizer(texts: list[list[str]], vocab_size: int, out: Path):
     tok.train_from_iterator((d for docs in texts for d in docs), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
     fast.model_max_length = 1024
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 

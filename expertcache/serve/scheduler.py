@@ -1,0 +1,90 @@
+"""Which waiting request joins the batch next.
+
+FCFS: the oldest. Expert-aware (after Read-ME's expert-aware batching): the request whose
+predicted experts overlap most with the experts that are resident or that the running batch
+uses, so the batch touches fewer distinct experts and shares more loads. Its prediction is a
+lookahead table learned online from the engine's own routing: for each token id, the experts
+each sparse layer chose the last time that token was fed. A waiting request's footprint is the
+union of the table's entries for the last WINDOW tokens of its prompt, the tokens whose routing
+its first decode steps resemble most. No request waits forever: one passed over `max_skips`
+times, or waiting longer than `max_wait` seconds, goes first (oldest first among those).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+WINDOW = 16  # prompt tokens whose routing predicts a waiting request's footprint
+MAX_SKIPS = 8  # admissions that may pass a request over before it goes first
+MAX_WAIT = 30.0  # seconds a request may wait before it goes first
+
+
+class FCFS:
+    name = "fcfs"
+
+    def pick(self, waiting: deque, batcher) -> object:
+        return waiting[0]
+
+    def attach(self, batcher) -> None:
+        pass
+
+
+class ExpertAware:
+    name = "expert-aware"
+
+    def __init__(self, *, window: int = WINDOW, max_skips: int = MAX_SKIPS, max_wait: float = MAX_WAIT) -> None:
+        self.window, self.max_skips, self.max_wait = window, max_skips, max_wait
+        self.table: dict[int, dict[int, tuple[int, ...]]] = {}  # token -> layer -> experts it routed to
+        self.recent: dict[int, set[int]] = {}  # layer -> experts the running batch used at its last step
+        self.batcher = None
+
+    def attach(self, batcher) -> None:
+        """Learn from every routing decision of the batcher's engine."""
+        self.batcher = batcher
+        batcher.engine.runtime.observers.append(self._observe)
+
+    def _observe(self, layer: int, x: torch.Tensor, logits, weights, ids: torch.Tensor) -> None:
+        feeding = getattr(self.batcher, "feeding", None)
+        if feeding is None or len(feeding) != ids.shape[0]:
+            return
+        rows = ids.tolist()
+        for token, experts in zip(feeding, rows):
+            self.table.setdefault(token, {})[layer] = tuple(e for e in experts if e >= 0)
+        if self.batcher.feeding_decode:
+            self.recent[layer] = {e for row in rows for e in row if e >= 0}
+
+    def footprint(self, prompt: list[int]) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        for token in prompt[-self.window :]:
+            for layer, experts in self.table.get(token, {}).items():
+                out.setdefault(layer, set()).update(experts)
+        return out
+
+    def score(self, req, holding) -> float:
+        """The share of req's predicted (layer, expert) pairs that are resident or in use (0..1)."""
+        total = hot = 0
+        for layer, experts in self.footprint(req.prompt).items():
+            warm = holding(layer) | self.recent.get(layer, set())
+            total += len(experts)
+            hot += len(experts & warm)
+        return hot / total if total else 0.0
+
+    def pick(self, waiting: deque, batcher) -> object:
+        now = time.perf_counter()
+        overdue = [r for r in waiting if r.skipped >= self.max_skips or now - r.submitted >= self.max_wait]
+        if overdue:
+            return min(overdue, key=lambda r: r.submitted)
+        holding = batcher.engine.cache.holding
+        best = max(waiting, key=lambda r: (self.score(r, holding), -r.submitted))
+        return best
+
+
+def make_scheduler(name: str):
+    if name == "fcfs":
+        return FCFS()
+    if name == "expert-aware":
+        return ExpertAware()
+    raise ValueError(f"unknown batching {name!r}: use fcfs or expert-aware")

@@ -1,0 +1,184 @@
+"""Continuous batching (serve/batcher.py) in process: a request's greedy tokens are the same alone
+and in a batch, whoever joins or leaves around it; padding loads nothing; rows and their KV cache
+go when requests end or are cancelled; the queue is bounded; expert-aware admission never starves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expertcache
+from expertcache.serve.batcher import Batcher, QueueFull, Request, batchable
+from expertcache.serve.scheduler import ExpertAware, FCFS, make_scheduler
+from helpers.checkpoints import prompt_ids
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT_LENGTHS = (5, 17, 9, 30, 3, 12)
+
+
+def run_all(b: Batcher, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if b.idle():
+            return
+        b.turn()
+    raise AssertionError("the batcher did not finish")
+
+
+def request(prompt, max_tokens, **kw) -> Request:
+    return Request(prompt=list(prompt), max_tokens=max_tokens, emit=lambda token, finish: None, **kw)
+
+
+@pytest.mark.parametrize("family,budget", [("mixtral", "100%"), ("mixtral", "25%"), ("qwen3_moe", "50%")])
+def test_batched_greedy_tokens_equal_each_request_alone(checkpoint, family, budget):
+    """Six requests with prompts of different lengths, joining in three waves (so rows join a
+    running batch, prefill in chunks beside decoding rows, and leave at different lengths):
+    each one's tokens equal Engine.generate's for its prompt alone (float32: the batched
+    kernels' rounding stays far below any greedy margin here)."""
+    model_dir = checkpoint(family, num_experts=8 if family == "mixtral" else 16, top_k=2 if family == "mixtral" else 3)
+    prompts = [prompt_ids(n, seed=n) for n in PROMPT_LENGTHS]
+    max_tokens = [12, 6, 15, 9, 20, 4]
+    with expertcache.load(model_dir, expert_budget=budget, io="buffered", dtype="float32") as eng:
+        alone = [eng.generate(p, max_new_tokens=m, stop_at_eos=False).token_ids for p, m in zip(prompts, max_tokens)]
+        b = Batcher(eng, max_batch=4, prefill_chunk=4)
+        b.eos = set()
+        reqs = [request(p, m) for p, m in zip(prompts, max_tokens)]
+        for r in reqs[:2]:
+            b.submit(r)
+        b.turn()
+        b.turn()
+        for r in reqs[2:4]:
+            b.submit(r)
+        b.turn()
+        for r in reqs[4:]:
+            b.submit(r)
+        steps = []
+        b.on_step = steps.append
+        run_all(b)
+    assert [r.out for r in reqs] == alone
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert max(s["batch"] for s in steps) == 4  # the batch did fill
+    assert any(s["prefill_tokens"] and s["batch"] > 1 for s in steps)  # prompts went in beside decoding rows
+    assert b.past is None and b.mask is None and not b.rows  # every row and its cache gone
+
+
+def test_a_lone_request_is_fed_as_generate_feeds_it(checkpoint):
+    """bfloat16, where batched kernels round differently: a request alone takes generate's own
+    forwards (the prompt whole, then a token at a time), so its tokens match bit for bit."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16)
+    prompt = prompt_ids(23, seed=7)
+    with expertcache.load(model_dir, expert_budget="50%", io="buffered") as eng:
+        want = eng.generate(prompt, max_new_tokens=16, stop_at_eos=False).token_ids
+        b = Batcher(eng, max_batch=4, prefill_chunk=4)
+        b.eos = set()
+        r = request(prompt, 16)
+        b.submit(r)
+        steps = []
+        b.on_step = steps.append
+        run_all(b)
+    assert r.out == want
+    assert steps[0]["prefill_tokens"] == 23  # whole, not in chunks of 4: nothing else was running
+
+
+def test_padding_routes_to_no_expert(checkpoint):
+    """A turn with a 9-token prompt chunk beside a decoding row has 8 padding positions in that
+    row: the experts see them as dropped slots (-1) and only the real tokens' experts load."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    seen = []
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered", prefetch="none") as eng:
+        b = Batcher(eng, max_batch=2, prefill_chunk=64)
+        b.submit(request(prompt_ids(4, seed=1), 8))
+        b.turn()  # row 0 prefilled alone
+        b.submit(request(prompt_ids(9, seed=2), 8))
+        with eng.observe(on_route=lambda layer, x, logits, w, ids: seen.append(ids.clone())):
+            b.turn()  # row 0 decodes one token, row 1 feeds 9: a [2, 9] forward
+    ids = seen[0]
+    assert ids.shape[0] == 18
+    assert (ids[:8] == -1).all()  # row 0's padding
+    assert (ids[8:] >= 0).all()
+
+
+def test_cancel_frees_the_row_and_its_cache(checkpoint):
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    ended = {}
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        b = Batcher(eng, max_batch=4)
+        b.eos = set()
+        reqs = [Request(prompt=prompt_ids(6 + i, seed=i), max_tokens=50, emit=lambda t, f, i=i: ended.__setitem__(i, f) if f else None)
+                for i in range(3)]
+        for r in reqs:
+            b.submit(r)
+        for _ in range(6):
+            b.turn()
+        assert len(b.rows) == 3
+        kv_three = b.kv_bytes()
+        b.cancel(reqs[1])
+        b.turn()
+        assert reqs[1] not in b.rows and ended[1] == "cancelled"
+        assert b.mask.shape[0] == 2 and all(layer.keys.shape[0] == 2 for layer in b.past.layers)
+        assert b.kv_bytes() < kv_three
+        for r in (reqs[0], reqs[2]):
+            b.cancel(r)
+        b.turn()
+    assert b.past is None and b.kv_bytes() == 0 and ended == {0: "cancelled", 1: "cancelled", 2: "cancelled"}
+
+
+def test_queue_is_bounded_and_kv_budget_holds_back_admission(checkpoint):
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        b = Batcher(eng, max_batch=4, max_queue=2)
+        b.submit(request([1, 2, 3], 4))
+        b.submit(request([1, 2, 3], 4))
+        with pytest.raises(QueueFull):
+            b.submit(request([1, 2, 3], 4))
+        # room for one request of 3 + 60 tokens and not two: the second waits for the first to end
+        b2 = Batcher(eng, max_batch=4, kv_budget_bytes=int(1.5 * 63 * b.kv_per_token))
+        b2.eos = set()
+        first, second = request([1, 2, 3], 60), request([4, 5, 6], 60)
+        b2.submit(first)
+        b2.submit(second)
+        most = 0
+        while not b2.idle():
+            b2.turn()
+            most = max(most, len(b2.rows))
+            assert b2.kv_bytes() <= b2.kv_budget_bytes
+    assert most == 1 and len(first.out) == len(second.out) == 60
+
+
+def test_expert_aware_admission_prefers_resident_experts_and_never_starves(checkpoint):
+    """One request's tokens are known to the lookahead table and its experts resident; an older
+    request's are unknown. Expert-aware admission takes the known ones first, until the old one
+    has been passed over max_skips times; FCFS keeps arrival order."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    warm = prompt_ids(8, seed=3)
+    cold = [t for t in prompt_ids(8, seed=100) if t not in warm]
+    orders = {}
+    for scheduler in (ExpertAware(max_skips=2, max_wait=1e9), FCFS()):
+        with expertcache.load(model_dir, expert_budget="25%", io="buffered", prefetch="none") as eng:
+            b = Batcher(eng, max_batch=1, scheduler=scheduler)
+            b.submit(request(warm, 2))
+            run_all(b)  # the table learns warm's tokens; its experts are resident
+            if isinstance(scheduler, ExpertAware):
+                assert scheduler.score(request(warm, 1), eng.cache.holding) > 0
+                assert scheduler.score(request(cold, 1), eng.cache.holding) == 0
+            reqs = {"old": request(cold, 1), "w1": request(warm, 1), "w2": request(warm, 1), "w3": request(warm, 1)}
+            for r in reqs.values():
+                b.submit(r)
+            run_all(b)
+            orders[scheduler.name] = sorted(reqs, key=lambda k: reqs[k].first_token)
+    assert orders == {"expert-aware": ["w1", "w2", "old", "w3"], "fcfs": ["old", "w1", "w2", "w3"]}
+
+
+def test_schedulers_by_name():
+    assert isinstance(make_scheduler("fcfs"), FCFS) and isinstance(make_scheduler("expert-aware"), ExpertAware)
+    with pytest.raises(ValueError, match="fcfs or expert-aware"):
+        make_scheduler("random")
+
+
+def test_caches_that_cannot_be_padded_run_one_request_at_a_time(checkpoint):
+    with expertcache.load(checkpoint("mixtral", num_experts=8, top_k=2), expert_budget="100%", io="buffered") as eng:
+        assert batchable(eng)
+    model_dir = checkpoint("minimax", num_experts=8, top_k=2, expert_intermediate=32, num_layers=4,
+                           layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        assert not batchable(eng)
