@@ -130,7 +130,7 @@ class ExpertsRuntime:
         self._order: dict[int, int] = {}
         self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
         self.phase = "prefill"  # of the running forward: "decode" when it feeds one position
-        self.token_mask: torch.Tensor | None = None  # [T] bool: False rows are padding, routed nowhere (batching)
+        self.token_mask: torch.Tensor | None = None  # [T] bool: False rows are padding, routed nowhere (batched prompts)
         self._logits: dict[int, torch.Tensor] = {}  # layer -> router logits of its running call
         self._router_input: dict[int, torch.Tensor] = {}  # layer -> the router's input (scaled-rows experts)
         self._modules: dict[int, nn.Module] = {}
@@ -202,7 +202,7 @@ class ExpertsRuntime:
         if self.phase in self.routing.applies_to:
             weights, ids = self.routing.select(layer, logits, weights, ids)  # dropped slots: id -1
         if self.token_mask is not None and self.token_mask.shape[0] == ids.shape[0]:
-            ids = ids.masked_fill(~self.token_mask[:, None], -1)  # padding rows compute nothing, load nothing
+            ids = ids.masked_fill(~self.token_mask[:, None], -1)  # padding computes nothing, loads nothing
         for observe in self.observers:
             observe(layer, x, logits, weights, ids)
         needed = [e for e in torch.unique(ids).tolist() if e >= 0]  # sorted distinct experts

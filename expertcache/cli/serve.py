@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.scheduler import make_scheduler
 
     _Server = _server_class()
+    sys.setswitchinterval(float(os.environ.get("EC_SWITCH", "0.005")))
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     kv_budget = parse_size(args.kv_budget, "--kv-budget") if args.kv_budget is not None else None

@@ -299,7 +299,7 @@ class Stream:
 
     def _text(self) -> str:
         tok = self.server.engine.tokenizer
-        return tok.decode(self.tokens) if tok is not None else ""
+        return tok.decode(self.tokens) if tok is not None else " ".join(map(str, self.tokens))  # no tokenizer: the ids
 
     async def _next(self) -> tuple[int | None, str | None]:
         left = self.deadline - time.monotonic()

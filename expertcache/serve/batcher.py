@@ -3,29 +3,35 @@
 One worker thread owns the engine. Each turn of its loop:
   1. drops cancelled requests (their batch row and KV cache go at once);
   2. admits waiting requests while the batch has room and the KV budget covers them, in the
-     order the scheduler chooses (scheduler.py: FCFS or expert-aware); an admitted request is a
-     new row of the batch with nothing in its cache yet;
-  3. runs ONE forward for the whole batch: [B, C] tokens, where a decoding row feeds its last
-     token and a row whose prompt is still going in feeds its next chunk. While any row decodes,
-     the prompts get `prefill_chunk` tokens a turn between them (oldest first), so running
-     streams keep their pace; with no row decoding a prompt goes in whole, as Engine.generate
-     feeds it. Each row's tokens sit at the right of its C columns, padding at the left; padding
-     is masked out of attention (the 2-D attention mask) and routed to no expert (the runtime's
-     token mask), and every row has its own positions. The MoE layers compute each expert once
-     for all the batch's tokens routed to it: a batch shares its loads;
-  4. gives every row whose prompt is in its next token (the last column's logits), ends the rows
-     that are done, and compacts the KV cache when padding exceeds a quarter of it (each row's
-     real positions moved right, rows left-padded to the longest).
+     order the scheduler chooses (scheduler.py: FCFS or expert-aware);
+  3. runs ONE decode forward for every running request: [B, 1] tokens over a shared KV cache
+     whose rows are left-padded to a common length, with per-row positions and an attention mask
+     over the padding. The MoE layers compute each expert once for all the rows routed to it: a
+     batch shares its loads;
+  4. feeds admitted prompts, oldest first, within a budget of `prefill_chunk` prompt tokens a turn
+     while rows decode (so running streams keep their pace; none decoding: whole prompts, up to
+     GROUP_TOKENS together). Fresh prompts that fit whole go in together in one forward, left-
+     padded, the padding masked out of attention and routed to no expert (the runtime's token
+     mask), so they share their loads; a longer prompt goes in alone over several turns, with its
+     own cache. A prompt alone goes in as Engine.generate feeds it. When a prompt is in, its
+     first token is picked and its cache joins the batch as a new row (the shorter side padded on
+     the left). Rows that end leave; padding columns no row needs any more are dropped.
+
+Why prompts are not fed in the decode forward itself: a [B, C] forward pads every decoding row to
+the chunk's width, and on a CPU the dense layers pay for every padded position (measured on the
+demo model: a 16-row forward with one 128-token chunk took 500 ms against 50 ms for the decode
+step and 120 ms for the chunk alone). Loads are still shared: a prompt's forward needs most
+experts and leaves them resident for the decode step that follows.
 
 Exactness: a request alone takes the same forwards as Engine.generate (same tokens, bit for bit).
-In a batch its rows go through batched kernels and masked attention over padding: its logits
-agree with the lone run within the kernels' rounding (float32: ~1e-5 relative; bfloat16: a few
-units in the last place), so greedy tokens agree unless two candidates tie within that rounding
-(tests/serve/test_batcher.py measures both).
+In a batch its rows go through batched kernels and attention masked over padding: its
+logits agree with the lone run within the kernels' rounding (float32: ~1e-5 relative; bfloat16:
+a few units in the last place), so greedy tokens agree unless two candidates tie within that
+rounding (tests/serve/test_batcher.py).
 
-KV memory: a batch of B rows compacted to S positions holds B * S * kv_bytes_per_token. A request
-is admitted only when the batch, with it, stays within `kv_budget_bytes` at the longest it can
-grow to (every row at the longest prompt + max_tokens among them); one request alone always runs.
+KV memory: a batch of B rows padded to S positions holds B * S * kv_bytes_per_token. A request is
+admitted only when the batch, with it, stays within `kv_budget_bytes` at the longest it can grow
+to (every row at the longest prompt + max_tokens among them); one request alone always runs.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding import Decoding
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens fed per turn while other requests decode
+GROUP_TOKENS = 2048  # with no row decoding, whole prompts fed together in one forward, up to this many tokens
 
 
 class QueueFull(Exception):
@@ -71,6 +79,7 @@ class Request:
     cancelled: bool = False
     skipped: int = 0  # admissions that passed it over (the scheduler's starvation bound)
     generator: torch.Generator | None = None
+    decoding: Decoding | None = None  # its own cache while its prompt goes in
     fed: int = 0  # prompt tokens fed so far
 
     @property
@@ -102,6 +111,7 @@ class Batcher:
         self.eos = _eos_ids(engine.generation_config, self.model.config)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.waiting: deque[Request] = deque()
+        self.admitting: deque[Request] = deque()  # admitted, prompt going in (oldest first)
         self.rows: list[Request] = []  # the running batch, a row each
         self.past = None  # the batch's KV cache (transformers DynamicCache)
         self.mask: torch.Tensor | None = None  # [B, S] 1 = a real position, 0 = left padding
@@ -142,12 +152,12 @@ class Batcher:
             self._thread.join(timeout)
 
     def depth(self) -> dict[str, int]:
-        return {"waiting": len(self.waiting), "running": len(self.rows),
-                "prefilling": sum(r.fed < len(r.prompt) for r in self.rows)}
+        return {"waiting": len(self.waiting), "running": len(self.rows) + len(self.admitting),
+                "prefilling": len(self.admitting)}
 
     def kv_bytes(self) -> int:
-        """KV cache bytes the batch holds now (padding included)."""
-        return (0 if self.mask is None else self.mask.numel()) * self.kv_per_token
+        """KV cache bytes the batch and the prompts going in hold now (padding included)."""
+        return ((0 if self.mask is None else self.mask.numel()) + sum(r.fed for r in self.admitting)) * self.kv_per_token
 
     # --- the worker ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -155,7 +165,7 @@ class Batcher:
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not self._stop and not (self.waiting or self.rows):
+                        while not self._stop and self.idle():
                             self._cond.wait()
                         if self._stop:
                             break
@@ -167,29 +177,32 @@ class Batcher:
             reason = "cancelled" if self.error is None else f"error: {self.error}"
             with self._cond:
                 self._stop = True
-                everyone = [*self.waiting, *self.rows]
+                everyone = [*self.waiting, *self.admitting, *self.rows]
                 self.waiting.clear()
+                self.admitting.clear()
             self.rows, self.past, self.mask = [], None, None
             for r in everyone:
                 if r.finish_reason is None:
                     self._finish(r, reason)
 
     def idle(self) -> bool:
-        return not (self.waiting or self.rows)
+        return not (self.waiting or self.admitting or self.rows)
 
     def turn(self) -> None:
         """One turn of the loop (tests call it directly)."""
         self._drop_cancelled()
         self._admit()
-        if not self.rows:
-            return
         t0 = time.perf_counter()
-        batch, prefill = self._step()
-        if self.on_step is not None:
+        batch = len(self.rows)
+        if self.rows:
+            self._decode_step()
+        prefill = self._prefill() if self.admitting else 0
+        if self.on_step is not None and (batch or prefill):
             self.on_step({"batch": batch, "prefill_tokens": prefill, "seconds": time.perf_counter() - t0})
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason, r.finished = reason, time.perf_counter()
+        r.decoding = None
         try:
             r.emit(None, reason)
         except Exception:  # a consumer that went away must not stop the batch
@@ -197,9 +210,9 @@ class Batcher:
 
     def _drop_cancelled(self) -> None:
         with self._cond:
-            gone = [r for r in self.waiting if r.cancelled]
+            gone = [r for r in (*self.waiting, *self.admitting) if r.cancelled]
             for r in gone:
-                self.waiting.remove(r)
+                (self.waiting if r in self.waiting else self.admitting).remove(r)
         for r in gone:
             self._finish(r, "cancelled")
         if any(r.cancelled for r in self.rows):
@@ -209,15 +222,16 @@ class Batcher:
             self._keep_rows([i for i, r in enumerate(self.rows) if not r.cancelled])
 
     def _kv_fits(self, extra: Request) -> bool:
-        if self.kv_budget_bytes is None or not self.rows:
+        held = [*self.rows, *self.admitting]
+        if self.kv_budget_bytes is None or not held:
             return True  # one request alone always runs
-        group = [*self.rows, extra]
+        group = [*held, extra]
         worst = len(group) * max(len(r.prompt) + r.max_tokens for r in group) * self.kv_per_token
         return worst <= self.kv_budget_bytes
 
     def _admit(self) -> None:
         with self._cond:
-            while self.waiting and len(self.rows) < self.max_batch:
+            while self.waiting and len(self.rows) + len(self.admitting) < self.max_batch:
                 r = self.scheduler.pick(self.waiting, self)
                 if not self._kv_fits(r):
                     break
@@ -226,7 +240,8 @@ class Batcher:
                     other.skipped += 1 if other.submitted < r.submitted else 0
                 if r.seed is not None:
                     r.generator = torch.Generator().manual_seed(r.seed)
-                self._add_row(r)
+                r.decoding = Decoding(self.model)
+                self.admitting.append(r)
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
         return _pick(logits, greedy=r.greedy, temperature=r.temperature, top_p=r.top_p, generator=r.generator)
@@ -245,108 +260,115 @@ class Batcher:
             self._finish(r, "cancelled")
         return r.finish_reason is not None
 
-    # --- one forward for the batch --------------------------------------------------------------
-    def _inputs(self) -> tuple[list[list[int]], list[int]]:
-        """Each row's tokens this turn and the position of its first."""
-        budget = self.prefill_chunk if any(r.fed == len(r.prompt) for r in self.rows) else None
-        tokens, starts = [], []
-        for r in self.rows:
-            if r.fed < len(r.prompt):
-                n = len(r.prompt) - r.fed if budget is None else min(len(r.prompt) - r.fed, budget)
-                if budget is not None:
-                    budget -= n
-                tokens.append(r.prompt[r.fed : r.fed + n])
-                starts.append(r.fed)
-            else:
-                tokens.append([r.out[-1]])
-                starts.append(len(r.prompt) + len(r.out) - 1)
-        return tokens, starts
+    # --- prompts ---------------------------------------------------------------------------------
+    def _prefill(self) -> int:
+        """Feed admitted prompts, oldest first, within this turn's prompt-token budget; returns the
+        tokens fed. Fresh prompts that fit the budget whole go in together, one padded forward
+        (their loads shared); a prompt longer than what is left goes in alone, in chunks."""
+        budget = self.prefill_chunk if self.rows else None  # none decoding: prompts go in whole
+        group, total = [], 0
+        for r in self.admitting:
+            if r.fed or (budget is not None and total + len(r.prompt) > budget) or (budget is None and group and total + len(r.prompt) > GROUP_TOKENS):
+                break
+            group.append(r)
+            total += len(r.prompt)
+        if len(group) > 1:
+            self._prefill_group(group)
+            return total
+        r = self.admitting[0]
+        left = len(r.prompt) - r.fed
+        n = left if budget is None else min(left, budget)
+        self.feeding, self.feeding_decode = r.prompt[r.fed : r.fed + n], False
+        try:
+            logits = r.decoding.feed(self.feeding)[-1]
+        finally:
+            self.feeding = None
+        r.fed += n
+        if r.fed == len(r.prompt):
+            with self._cond:
+                self.admitting.popleft()
+            if not self._emit(r, self._pick(r, logits)):
+                self._merge(r.decoding.past, torch.ones((1, len(r.prompt)), dtype=torch.long), [r])
+            r.decoding = None
+        return n
 
-    def _step(self) -> tuple[int, int]:
-        rows = self.rows
-        tokens, starts = self._inputs()
-        width = max(len(t) for t in tokens)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        new = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (t, p) in enumerate(zip(tokens, starts)):
-            n = len(t)
-            if n:
-                ids[i, width - n :] = torch.tensor(t)
-                pos[i, width - n :] = torch.arange(p, p + n)
-                new[i, width - n :] = 1
-        mask = torch.cat([self.mask, new], dim=1) if self.mask is not None else new
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Several whole prompts in one forward: left-padded to the longest, padding masked out of
+        attention and routed to no expert; the rows still going join the batch."""
+        width = max(len(r.prompt) for r in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        pos = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, r in enumerate(group):
+            n = len(r.prompt)
+            ids[i, width - n :], pos[i, width - n :], mask[i, width - n :] = torch.tensor(r.prompt), torch.arange(n), 1
         runtime = self.engine.runtime
-        self.feeding = [tok if real else -1 for tok, real in zip(ids.flatten().tolist(), new.flatten().tolist())]
-        self.feeding_decode = width == 1
-        runtime.token_mask = new.flatten().bool() if not bool(new.all()) else None
+        self.feeding = [t if m else -1 for t, m in zip(ids.flatten().tolist(), mask.flatten().tolist())]
+        self.feeding_decode = False
+        runtime.token_mask = mask.flatten().bool()
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        finally:
+            self.feeding, runtime.token_mask = None, None
+        with self._cond:
+            for r in group:
+                self.admitting.remove(r)
+        keep = []
+        for i, r in enumerate(group):
+            r.fed, r.decoding = len(r.prompt), None
+            if not self._emit(r, self._pick(r, out.logits[i, -1])):
+                keep.append(i)
+        if keep:
+            past, index = out.past_key_values, torch.tensor(keep)
+            mask = mask[index]
+            first = int(mask.any(dim=0).long().argmax())
+            for layer in past.layers:
+                layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+            self._merge(past, mask[:, first:], [group[i] for i in keep])
+
+    # --- the batch --------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        rows = self.rows
+        ids = torch.tensor([[r.out[-1]] for r in rows])
+        pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
+        mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        self.feeding, self.feeding_decode = [r.out[-1] for r in rows], True
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
                              use_cache=True, logits_to_keep=1)
         finally:
-            self.feeding, runtime.token_mask = None, None
+            self.feeding = None
         self.past, self.mask = out.past_key_values, mask
-        logits = out.logits[:, -1]  # [B, V]: each row's last real token
-        done = []
-        prefill = 0
-        for i, (r, t) in enumerate(zip(rows, tokens)):
-            if r.fed < len(r.prompt):
-                r.fed += len(t)
-                prefill += len(t)
-                if r.fed < len(r.prompt):
-                    continue
-            if self._emit(r, self._pick(r, logits[i])):
-                done.append(i)
-        if done:
-            self._keep_rows([i for i in range(len(rows)) if i not in done])
-        elif self.mask is not None and 4 * int(self.mask.sum()) < 3 * self.mask.numel():
-            self._compact()
-        return len(rows), prefill
+        logits = out.logits[:, -1]  # [B, V]
+        done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]
+        if any(done):
+            self._keep_rows([i for i, d in enumerate(done) if not d])
 
-    # --- the batch's cache ----------------------------------------------------------------------
-    def _add_row(self, r: Request) -> None:
-        """A new row with nothing cached: padding the width of the batch's cache."""
-        self.rows.append(r)
+    def _merge(self, past, mask: torch.Tensor, rows: list[Request]) -> None:
+        """Add rows (their cache `past` and mask [n, S]) to the batch, the shorter side padded on the left."""
         if self.past is None:
+            self.past, self.mask, self.rows = past, mask, list(rows)
             return
-        for layer in self.past.layers:
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((1, *layer.keys.shape[1:]))])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros((1, *layer.values.shape[1:]))])
-        self.mask = torch.cat([self.mask, self.mask.new_zeros((1, self.mask.shape[1]))])
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.past.layers, past.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self.rows.extend(rows)
 
     def _keep_rows(self, keep: list[int]) -> None:
-        """Keep the rows `keep`, then compact."""
+        """Keep the rows `keep`; drop the padding columns no remaining row needs."""
         if not keep:
             self.rows, self.past, self.mask = [], None, None
             return
         self.rows = [self.rows[i] for i in keep]
-        if self.past is None:
-            return
         index = torch.tensor(keep)
+        mask = self.mask[index]
+        first = int(mask.any(dim=0).long().argmax())  # columns left of this are padding in every row
         for layer in self.past.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        self.mask = self.mask[index]
-        self._compact()
-
-    def _compact(self) -> None:
-        """Move each row's cached positions to the right end, in order, and drop the columns no
-        row needs: rows left-padded to the longest."""
-        mask = self.mask
-        real = mask.sum(dim=1)  # [B]
-        width = int(real.max())
-        if width == 0:  # rows admitted, nothing fed yet
-            self.past, self.mask = None, None
-            return
-        if width == mask.shape[1]:
-            return
-        # source column of each target column: a row's real columns in order, right-aligned
-        order = torch.argsort(mask, dim=1, stable=True)[:, -width:]  # [B, width]: pads first, then real, in order
-        self.mask = torch.gather(mask, 1, order)
-        for layer in self.past.layers:
-            b, h, _, d = layer.keys.shape
-            index = order[:, None, :, None].expand(b, h, width, d)
-            layer.keys = torch.gather(layer.keys, 2, index)
-            layer.values = torch.gather(layer.values, 2, index)
+            layer.keys = layer.keys[index, :, first:].contiguous()
+            layer.values = layer.values[index, :, first:].contiguous()
+        self.mask = mask[:, first:].contiguous()
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -80,22 +80,42 @@ def test_a_lone_request_is_fed_as_generate_feeds_it(checkpoint):
     assert steps[0]["prefill_tokens"] == 23  # whole, not in chunks of 4: nothing else was running
 
 
-def test_padding_routes_to_no_expert(checkpoint):
-    """A turn with a 9-token prompt chunk beside a decoding row has 8 padding positions in that
-    row: the experts see them as dropped slots (-1) and only the real tokens' experts load."""
+def test_a_decode_step_looks_each_expert_up_once_for_the_whole_batch(checkpoint):
+    """Four rows decode in one [4, 1] forward: each layer looks up each distinct expert its rows
+    chose once (the rows share its load), fewer lookups than four one-row steps make."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered", prefetch="none") as eng:
+        b = Batcher(eng, max_batch=4)
+        b.eos = set()
+        for i in range(4):
+            b.submit(request(prompt_ids(5 + i, seed=i), 8))
+        while len(b.rows) < 4:
+            b.turn()
+        seen = []
+        eng.reset_stats()
+        with eng.observe(on_route=lambda layer, x, logits, w, ids: seen.append(ids.clone())):
+            b.turn()  # one decode step, nothing to prefill
+    assert all(ids.shape == (4, 2) for ids in seen)
+    distinct = sum(len(set(ids.flatten().tolist())) for ids in seen)
+    assert eng.stats()["lookups"] == distinct < 4 * 2 * len(seen)
+
+
+def test_prompts_that_arrive_together_go_in_one_forward_and_padding_routes_nowhere(checkpoint):
+    """Three prompts of 4, 9 and 6 tokens admitted together with nothing decoding: one [3, 9]
+    forward, whose padding positions are dropped slots (-1) for the experts."""
     model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
     seen = []
     with expertcache.load(model_dir, expert_budget="100%", io="buffered", prefetch="none") as eng:
-        b = Batcher(eng, max_batch=2, prefill_chunk=64)
-        b.submit(request(prompt_ids(4, seed=1), 8))
-        b.turn()  # row 0 prefilled alone
-        b.submit(request(prompt_ids(9, seed=2), 8))
+        b = Batcher(eng, max_batch=4)
+        b.eos = set()
+        for n in (4, 9, 6):
+            b.submit(request(prompt_ids(n, seed=n), 8))
         with eng.observe(on_route=lambda layer, x, logits, w, ids: seen.append(ids.clone())):
-            b.turn()  # row 0 decodes one token, row 1 feeds 9: a [2, 9] forward
-    ids = seen[0]
-    assert ids.shape[0] == 18
-    assert (ids[:8] == -1).all()  # row 0's padding
-    assert (ids[8:] >= 0).all()
+            b.turn()
+        assert len(b.rows) == 3 and b.mask.tolist() == [[0] * 5 + [1] * 4, [1] * 9, [0] * 3 + [1] * 6]
+    ids = seen[0].reshape(3, 9, 2)
+    assert (ids[0, :5] == -1).all() and (ids[2, :3] == -1).all()
+    assert (ids[0, 5:] >= 0).all() and (ids[1] >= 0).all() and (ids[2, 3:] >= 0).all()
 
 
 def test_cancel_frees_the_row_and_its_cache(checkpoint):
