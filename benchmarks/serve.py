@@ -193,6 +193,9 @@ def measure(server: Server, prompts: list[list], clients: int, requests: int, to
         "bytes_per_token": read / generated if generated else None,
         "mean_step_s": (after["expertcache_step_seconds_sum"] - before["expertcache_step_seconds_sum"])
                        / max(1.0, after["expertcache_step_seconds_count"] - before["expertcache_step_seconds_count"]),
+        "lookups_per_step": (after["expertcache_cache_hits_total"] + after["expertcache_cache_misses_total"]
+                             - before["expertcache_cache_hits_total"] - before["expertcache_cache_misses_total"])
+                            / max(1.0, after["expertcache_step_seconds_count"] - before["expertcache_step_seconds_count"]),
         "busy_share": (after["expertcache_step_seconds_sum"] - before["expertcache_step_seconds_sum"]) / wall,
         "mean_batch": (after["expertcache_batch_size_sum"] - before["expertcache_batch_size_sum"])
                       / max(1.0, after["expertcache_batch_size_count"] - before["expertcache_batch_size_count"]),

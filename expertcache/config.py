@@ -105,7 +105,7 @@ class EngineConfig:
                                                  f"call in {PRECISION_PROBE}: a blind predictor costs compute and reads for "
                                                  "nothing; 0 never stops", type=float)
     predictor: str | None = option(None, "predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
-    half_matmul: str = option("exact", "bf16/fp16 matmuls of 8+ rows (prefill): exact (torch's kernel, as transformers computes) or "
+    half_matmul: str = option("exact", "bf16/fp16 matmuls of 2+ rows (prefill, batched decoding): exact (torch's kernel, as transformers computes) or "
                                        "float32 (converted and multiplied in float32: several times faster prefill on CPUs without a "
                                        "native half GEMM; rounds differently from transformers, within the dtype's precision)",
                               choices=HALF_MATMUL)

@@ -231,6 +231,8 @@ class Batcher:
 
     def _admit(self) -> None:
         with self._cond:
+            if not self.waiting or not self.scheduler.ready(self):
+                return
             while self.waiting and len(self.rows) + len(self.admitting) < self.max_batch:
                 r = self.scheduler.pick(self.waiting, self)
                 if not self._kv_fits(r):

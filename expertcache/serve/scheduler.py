@@ -8,6 +8,11 @@ each sparse layer chose the last time that token was fed. A waiting request's fo
 union of the table's entries for the last WINDOW tokens of its prompt, the tokens whose routing
 its first decode steps resemble most. No request waits forever: one passed over `max_skips`
 times, or waiting longer than `max_wait` seconds, goes first (oldest first among those).
+
+Expert-aware admission also waits, while rows run, until `group` rows are free (a quarter of the
+batch) or one has been free `max_hold` seconds: the prompts admitted together go in as one
+forward, one sweep over the experts instead of one per prompt (at a small budget each prompt's
+forward loads most experts). FCFS admits whenever a row is free.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import torch
 WINDOW = 16  # prompt tokens whose routing predicts a waiting request's footprint
 MAX_SKIPS = 8  # admissions that may pass a request over before it goes first
 MAX_WAIT = 30.0  # seconds a request may wait before it goes first
+MAX_HOLD = 2.0  # seconds admission may wait for a group of free rows
 
 
 class FCFS:
     name = "fcfs"
+
+    def ready(self, batcher) -> bool:
+        """Whether to admit waiting requests this turn (FCFS: whenever the batch has room)."""
+        return True
 
     def pick(self, waiting: deque, batcher) -> object:
         return waiting[0]
@@ -35,8 +45,11 @@ class FCFS:
 class ExpertAware:
     name = "expert-aware"
 
-    def __init__(self, *, window: int = WINDOW, max_skips: int = MAX_SKIPS, max_wait: float = MAX_WAIT) -> None:
+    def __init__(self, *, window: int = WINDOW, max_skips: int = MAX_SKIPS, max_wait: float = MAX_WAIT,
+                 group: int | None = None, max_hold: float = MAX_HOLD) -> None:
         self.window, self.max_skips, self.max_wait = window, max_skips, max_wait
+        self.group, self.max_hold = group, max_hold
+        self._held: float | None = None  # since when a free row waits for a group
         self.table: dict[int, dict[int, tuple[int, ...]]] = {}  # token -> layer -> experts it routed to
         self.recent: dict[int, set[int]] = {}  # layer -> experts the running batch used at its last step
         self.batcher = None
@@ -71,6 +84,23 @@ class ExpertAware:
             total += len(experts)
             hot += len(experts & warm)
         return hot / total if total else 0.0
+
+    def ready(self, batcher) -> bool:
+        """Admit when the batch is empty, when `group` rows are free (their prompts then go in
+        together, one sweep over the experts instead of one each), or when a free row has waited
+        max_hold seconds for the others."""
+        free = batcher.max_batch - len(batcher.rows) - len(batcher.admitting)
+        if free <= 0:
+            self._held = None
+            return False
+        now = time.perf_counter()
+        if self._held is None:
+            self._held = now
+        group = self.group if self.group is not None else max(1, batcher.max_batch // 4)
+        if not batcher.rows or free >= min(group, len(batcher.waiting)) or now - self._held >= self.max_hold:
+            self._held = None
+            return True
+        return False
 
     def pick(self, waiting: deque, batcher) -> object:
         now = time.perf_counter()

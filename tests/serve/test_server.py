@@ -214,10 +214,20 @@ def _kv_bytes(server: Running) -> int:
     return int(next(l for l in text.splitlines() if l.startswith("expertcache_kv_cache_bytes ")).split()[1])
 
 
+def _rss(server: Running) -> int:
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+
 def test_a_disconnect_mid_stream_frees_the_slot(server):
-    assert _stream_then_hang_up(server.port, 64) >= 3
+    server.client().completions.create(model="m", prompt=PROMPT, max_tokens=64, temperature=0)  # the same work, to the end
     _settled(server)
+    before = _rss(server)
+    for _ in range(3):
+        assert _stream_then_hang_up(server.port, 64) >= 3
+        _settled(server)
     assert _kv_bytes(server) == 0
+    assert _rss(server) < before + (16 << 20)  # memory back to its level (allocator slack aside)
     _, text = server.http("GET", "/metrics")
     assert 'expertcache_finished_total{reason="disconnected"}' in text
     c = server.client().completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0)
