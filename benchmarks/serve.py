@@ -210,22 +210,36 @@ def _ms(v) -> str:
 
 
 def markdown(rep: dict) -> str:
-    lines = [f"Server benchmark (`python benchmarks/serve.py`): max batch {rep['max_batch']}, {rep['tokens']} tokens per "
-             f"request, {rep['requests']} requests per client, {rep['cpus']} CPUs, 1 thread. Times in ms; MB/token = expert "
-             "bytes read per generated token.", ""]
+    modes = ("fcfs", "expert-aware")
+    lines = [f"Server benchmark (`python benchmarks/serve.py{' --server-flags ' + repr(rep['server_flags']) if rep.get('server_flags') else ''}`): "
+             f"max batch {rep['max_batch']}, {rep['tokens']} tokens per request, {rep['requests']} requests per client "
+             f"(streamed), {rep['cpus']} CPUs, 1 thread, O_DIRECT reads. Each cell: FCFS / expert-aware. tokens/s: aggregate; "
+             "x1: over one client's (same batching); TTFT and TPOT in ms; MB/tok: expert bytes read per generated token; "
+             "GB/s: the rate those bytes were read at (MB/tok x tokens/s: the disk's share of the differences).", ""]
     for model, budgets in rep["results"].items():
         lines += [f"**{model}**", "",
-                  "| budget | batching | clients | tokens/s | x 1 client | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | MB/token | mean batch |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for budget, modes in budgets.items():
-            for mode, per_clients in modes.items():
-                one = per_clients.get("1", {}).get("tokens_per_s")
-                for c, r in per_clients.items():
-                    bpt = r["bytes_per_token"]
-                    lines.append(f"| {budget} | {mode} | {c} | {r['tokens_per_s']:.1f} | "
-                                 f"{(r['tokens_per_s'] / one) if one else float('nan'):.2f} | {_ms(r['ttft_p50_s'])} | "
-                                 f"{_ms(r['ttft_p99_s'])} | {_ms(r['tpot_p50_s'])} | {_ms(r['tpot_p99_s'])} | "
-                                 f"{'-' if bpt is None else f'{bpt / 1e6:.1f}'} | {r['mean_batch']:.1f} |")
+                  "| budget | clients | tokens/s | x1 | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | MB/tok | GB/s | mean batch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for budget, per_mode in budgets.items():
+            clients = sorted({c for m in per_mode.values() for c in m}, key=int)
+            for c in clients:
+                rs = [per_mode.get(m, {}).get(c) for m in modes]
+
+                def cell(fmt, rs=rs):
+                    return " / ".join("-" if r is None else fmt(r) for r in rs)
+
+                def x1(r, m):
+                    one = per_mode.get(m, {}).get("1")
+                    return f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}" if one else "-"
+
+                lines.append("| " + " | ".join([
+                    budget, c, cell(lambda r: f"{r['tokens_per_s']:.1f}"),
+                    " / ".join("-" if r is None else x1(r, m) for r, m in zip(rs, modes)),
+                    cell(lambda r: _ms(r["ttft_p50_s"])), cell(lambda r: _ms(r["ttft_p99_s"])),
+                    cell(lambda r: _ms(r["tpot_p50_s"])), cell(lambda r: _ms(r["tpot_p99_s"])),
+                    cell(lambda r: "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token'] / 1e6:.1f}"),
+                    cell(lambda r: "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token'] * r['tokens_per_s'] / 1e9:.2f}"),
+                    cell(lambda r: f"{r['mean_batch']:.1f}")]) + " |")
         lines.append("")
     lines += ["Targets:", ""]
     for t in rep["targets"]:

@@ -152,20 +152,17 @@ class Server:
         return await self._guard("/v1/models", request, listing)
 
     async def completions(self, request: HTTPRequest) -> Response:
-        async def handle(request):
-            body = await self._body(request)
-            prompt = self._completion_prompt(body)
-            return await self._generate(request, body, prompt, chat=False)
-
-        return await self._guard("/v1/completions", request, handle)
+        return await self._generation("/v1/completions", request, self._completion_prompt, chat=False)
 
     async def chat(self, request: HTTPRequest) -> Response:
+        return await self._generation("/v1/chat/completions", request, self._chat_prompt, chat=True)
+
+    async def _generation(self, endpoint: str, request: HTTPRequest, prompt_of, *, chat: bool) -> Response:
         async def handle(request):
             body = await self._body(request)
-            prompt = self._chat_prompt(body)
-            return await self._generate(request, body, prompt, chat=True)
+            return await self._generate(request, body, prompt_of(body), chat=chat)
 
-        return await self._guard("/v1/chat/completions", request, handle)
+        return await self._guard(endpoint, request, handle)
 
     # --- requests -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:

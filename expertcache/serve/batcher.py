@@ -1,37 +1,13 @@
 """Continuous batching: requests join and leave one running batch at token boundaries.
 
-One worker thread owns the engine. Each turn of its loop:
-  1. drops cancelled requests (their batch row and KV cache go at once);
-  2. admits waiting requests while the batch has room and the KV budget covers them, in the
-     order the scheduler chooses (scheduler.py: FCFS or expert-aware);
-  3. runs ONE decode forward for every running request: [B, 1] tokens over a shared KV cache
-     whose rows are left-padded to a common length, with per-row positions and an attention mask
-     over the padding. The MoE layers compute each expert once for all the rows routed to it: a
-     batch shares its loads;
-  4. feeds admitted prompts, oldest first, within a budget of `prefill_chunk` prompt tokens a turn
-     while rows decode (so running streams keep their pace; none decoding: whole prompts, up to
-     GROUP_TOKENS together). Fresh prompts that fit whole go in together in one forward, left-
-     padded, the padding masked out of attention and routed to no expert (the runtime's token
-     mask), so they share their loads; a longer prompt goes in alone over several turns, with its
-     own cache. A prompt alone goes in as Engine.generate feeds it. When a prompt is in, its
-     first token is picked and its cache joins the batch as a new row (the shorter side padded on
-     the left). Rows that end leave; padding columns no row needs any more are dropped.
-
-Why prompts are not fed in the decode forward itself: a [B, C] forward pads every decoding row to
-the chunk's width, and on a CPU the dense layers pay for every padded position (measured on the
-demo model: a 16-row forward with one 128-token chunk took 500 ms against 50 ms for the decode
-step and 120 ms for the chunk alone). Loads are still shared: a prompt's forward needs most
-experts and leaves them resident for the decode step that follows.
-
-Exactness: a request alone takes the same forwards as Engine.generate (same tokens, bit for bit).
-In a batch its rows go through batched kernels and attention masked over padding: its
-logits agree with the lone run within the kernels' rounding (float32: ~1e-5 relative; bfloat16:
-a few units in the last place), so greedy tokens agree unless two candidates tie within that
-rounding (tests/serve/test_batcher.py).
-
-KV memory: a batch of B rows padded to S positions holds B * S * kv_bytes_per_token. A request is
-admitted only when the batch, with it, stays within `kv_budget_bytes` at the longest it can grow
-to (every row at the longest prompt + max_tokens among them); one request alone always runs.
+One worker thread owns the engine. Each turn: drop cancelled requests, admit waiting ones (the
+scheduler's order, within the KV budget), run ONE decode forward for every running row ([B, 1]
+over a KV cache whose rows are left-padded, per-row positions, an attention mask over the
+padding: each expert is computed and loaded once for all its rows), then feed admitted prompts
+(fresh ones that fit together in one padded forward, padding routed to no expert; a long one
+alone, in chunks of the turn's budget while rows decode) and join them to the batch. A request
+alone takes Engine.generate's own forwards; in a batch its logits agree within the batched
+kernels' rounding. docs/ARCHITECTURE.md ("Serving") has the design and its measurements.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
-"""Which waiting request joins the batch next.
+"""Which waiting request joins the batch next: FCFS, or expert-aware (after Read-ME).
 
-FCFS: the oldest. Expert-aware (after Read-ME's expert-aware batching): the request whose
-predicted experts overlap most with the experts that are resident or that the running batch
-uses, so the batch touches fewer distinct experts and shares more loads. Its prediction is a
-lookahead table learned online from the engine's own routing: for each token id, the experts
-each sparse layer chose the last time that token was fed. A waiting request's footprint is the
-union of the table's entries for the last WINDOW tokens of its prompt, the tokens whose routing
-its first decode steps resemble most. No request waits forever: one passed over `max_skips`
-times, or waiting longer than `max_wait` seconds, goes first (oldest first among those).
-
-Expert-aware admission also waits, while rows run, until `group` rows are free (a quarter of the
-batch) or one has been free `max_hold` seconds: the prompts admitted together go in as one
-forward, one sweep over the experts instead of one per prompt (at a small budget each prompt's
-forward loads most experts). FCFS admits whenever a row is free.
+Expert-aware admission waits, while rows run, until a quarter of the batch is free (or a free row
+has waited MAX_HOLD s), so the prompts admitted together go in as one forward: one pass over the
+experts instead of one per prompt. Among the waiting it prefers those whose predicted experts
+(a lookahead table of each token id's last routing, over the prompt's last WINDOW tokens) are
+resident or in use. A request passed over MAX_SKIPS times or waiting MAX_WAIT s goes first.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The benchmarks' report logic (the benchmarks themselves run by hand, not timed here):
-benchmarks/peers.py's table cells and limits, benchmarks/decode.py's --memory-limit parsing."""
+benchmarks/peers.py's table cells and limits, benchmarks/decode.py's --memory-limit parsing,
+benchmarks/serve.py's targets and table."""
 
 from __future__ import annotations
 
@@ -59,3 +60,27 @@ def test_decode_memory_limit_parses_peak_and_sizes():
     assert decode.parse_limit("peak") == (True, 0)
     assert decode.parse_limit("peak+64MiB") == (True, 64 * MiB)
     assert decode.parse_limit("900MiB") == (False, 900 * MiB)
+
+
+def _serve_result(tps: float, bpt: float, ttft99: float) -> dict:
+    return {"tokens_per_s": tps, "bytes_per_token": bpt, "ttft_p50_s": ttft99 / 2, "ttft_p99_s": ttft99, "tpot_p50_s": 0.05,
+            "tpot_p99_s": 0.06, "mean_batch": 3.0}
+
+
+def test_serve_targets_judge_throughput_scaling_and_expert_aware_gains():
+    serve = _load("serve")
+    rep = {"max_batch": 16, "tokens": 32, "requests": 2, "cpus": 2, "server_flags": "", "results": {"m": {"50%": {
+        "fcfs": {"1": _serve_result(10, 100e6, 1), "16": _serve_result(45, 30e6, 2), "32": _serve_result(40, 30e6, 4)},
+        "expert-aware": {"1": _serve_result(10, 100e6, 1), "16": _serve_result(45, 30e6, 2), "32": _serve_result(41, 23e6, 7)}}}}}
+    targets = serve.targets(rep)
+    assert [t["met"] for t in targets] == [True, False]  # 4.5x scaling; 23% fewer bytes but p99 TTFT 1.75x
+    assert "4.50x" in targets[0]["value"] and "23% fewer" in targets[1]["value"]
+    rep["targets"] = targets
+    md = serve.markdown(rep)
+    assert "| 50% | 32 | 40.0 / 41.0 | 4.00 / 4.10 |" in md and "(NOT met)" in md
+
+
+def test_serve_percentiles():
+    serve = _load("serve")
+    assert serve.percentile([], 0.5) is None
+    assert serve.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and serve.percentile([5.0], 0.99) == 5.0
