@@ -1,14 +1,13 @@
 """Half-precision matmuls on CPUs without a native bf16/fp16 GEMM.
 
 Where oneDNN has no bf16 (fp16) kernel for the CPU (no AVX512-BF16 or AMX: every AVX2 machine),
-torch multiplies bf16 matrices with a generic loop at a few GFLOP/s; the same product converted to
-float32, multiplied by the float32 GEMM and rounded back runs several times faster once a few
-rows share the weight (a prefill), and slower for one or two rows (a decode step: converting the
-weight costs more than the product). Both accumulate in float32 and round once to the half type,
-so the result differs from the generic loop only in summation order, within the dtype's rounding,
-but it does differ from transformers' own model: opt-in (EngineConfig.half_matmul="float32").
-`linear(upcast=True)` picks the path by rows; `upcast_dense` installs it on a model's dense
-nn.Linear modules. docs/ARCHITECTURE.md has the measurements.
+torch multiplies bf16 matrices with a generic loop whose cost grows with the rows. Opt-in
+(EngineConfig.half_matmul="float32"), products accumulate in float32 and round once: up to
+KERNEL_ROWS rows in expertcache's kernel (kernels/qmm.cpp, the weight widened as it is read; a
+decode step, a batch), more rows converted to float32 for torch's float32 GEMM (a prefill). The
+results differ from torch's loop only in summation order, within the dtype's rounding, but they
+differ from transformers' own model, hence opt-in. `linear(upcast=True)` picks the path by rows;
+`upcast_dense` installs it on a model's dense nn.Linear modules. docs/ARCHITECTURE.md measures.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UPCAST_ROWS
+from .config import KERNEL_ROWS, UPCAST_ROWS
 
 
 @functools.cache
@@ -38,9 +37,23 @@ def _upcast(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype == w.dtype and x.numel() >= UPCAST_ROWS * x.shape[-1] and slow_half(x.dtype)
 
 
+def _kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether expertcache's own kernel takes this product: a slow half type, up to KERNEL_ROWS
+    rows, the weight's rows contiguous, and the kernel built (kernels/qmm.cpp: hmm)."""
+    if x.dtype != w.dtype or w.dim() != 2 or w.stride(-1) != 1 or x.numel() > KERNEL_ROWS * x.shape[-1] or not slow_half(x.dtype):
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, upcast: bool = False) -> torch.Tensor:
-    """F.linear(x, w, bias); with `upcast`, through float32 when x has UPCAST_ROWS rows or more of a
-    slow half type."""
+    """F.linear(x, w, bias); with `upcast`, a slow half type's product accumulated in float32 and
+    rounded once: by expertcache's kernel up to KERNEL_ROWS rows (the weight widened as it is
+    read), else through float32 from UPCAST_ROWS rows (converted, then the float32 GEMM)."""
+    if upcast and _kernel(x, w):
+        y = torch.ops.expertcache.hmm(x.reshape(-1, x.shape[-1]).float(), [w]).reshape(*x.shape[:-1], w.shape[0])
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     if upcast and _upcast(x, w):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, w, bias)

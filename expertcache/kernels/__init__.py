@@ -32,12 +32,12 @@ def _build() -> bool:
 
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-        if " avx2" not in flags or " fma" not in flags:
+        if " avx2" not in flags or " fma" not in flags or " f16c" not in flags:
             return False
         if not _built_before("expertcache_qmm"):
             log.warning("building expertcache's int8/int4 CPU kernels (once, about 15 s; torch's extension cache keeps them)")
         load(name="expertcache_qmm", sources=[str(Path(__file__).with_name("qmm.cpp"))],
-             extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], is_python_module=False, verbose=False)
         return hasattr(torch.ops.expertcache, "qmm")
     except Exception as e:  # no compiler, no ninja, a read-only cache: torch's kernels do the work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -3,6 +3,7 @@
 // u the stored unsigned value (int8: one byte; int4: two to a byte, the even element in the low
 // nibble), offset 2^(bits-1), or, asymmetric, the stored zero point of (n, g), read from the
 // zero points' packed words as stored. AVX2 + FMA, float32 accumulation; rows split over torch's threads.
+// hmm: the same for bf16/fp16 weights (widened on load), the path of half_matmul="float32" (gemm.py).
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -167,7 +168,96 @@ void rows(const uint8_t* packed, int64_t rb, const float* scale, const uint8_t* 
   }
 }
 
+// ---- half-precision weights (bf16 or fp16) times float32 rows -----------------------------------
+// Eight weights widened to float32: bf16 is the high half of a float32; fp16 through F16C.
+template <bool F16>
+inline __m256 load_half8(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (F16) return _mm256_cvtph_ps(v);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float half_scalar(uint16_t h, bool f16) {
+  if (f16) return _cvtsh_ss(h);
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// y[t * ystride] = sum_k x[t * K + k] * w[k] for NT tokens: the row is read once for all of them;
+// two accumulators per token, summed at the end.
+template <bool F16, int NT>
+inline void half_row(const uint16_t* w, const float* x, int64_t K, float* y, int64_t ystride) {
+  __m256 a0[NT], a1[NT];
+  for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = load_half8<F16>(w + k), w1 = load_half8<F16>(w + k + 8);
+    for (int t = 0; t < NT; ++t) {
+      a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w0, a0[t]);
+      a1[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k + 8), w1, a1[t]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 w0 = load_half8<F16>(w + k);
+    for (int t = 0; t < NT; ++t) a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w0, a0[t]);
+  }
+  for (int t = 0; t < NT; ++t) {
+    float s = hsum(_mm256_add_ps(a0[t], a1[t]));
+    for (int64_t j = k; j < K; ++j) s += x[t * K + j] * half_scalar(w[j], F16);
+    y[t * ystride] = s;
+  }
+}
+
+template <bool F16>
+void half_rows(const uint16_t* w, int64_t ws, const float* x, int64_t T, int64_t K, float* y, int64_t N, int64_t col0,
+               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + (n - col0) * ws;
+    int64_t t = 0;
+    for (; t + TB <= T; t += TB) half_row<F16, TB>(row, x + t * K, K, y + t * N + n, N);
+    switch (T - t) {
+      case 3: half_row<F16, 3>(row, x + t * K, K, y + t * N + n, N); break;
+      case 2: half_row<F16, 2>(row, x + t * K, K, y + t * N + n, N); break;
+      case 1: half_row<F16, 1>(row, x + t * K, K, y + t * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
+
+// x [T, K] (any float dtype); w[i] [N_i, K] bfloat16 or float16, rows contiguous -> [T, sum N_i] in
+// x's dtype: x times each weight transposed, side by side, accumulated in float32 and rounded once.
+at::Tensor hmm(const at::Tensor& x, at::TensorList w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float [T, K]");
+  TORCH_CHECK(!w.empty(), "at least one weight");
+  const int64_t T = x.size(0), K = x.size(1);
+  const auto dtype = w[0].scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "weights: bfloat16 or float16");
+  std::vector<int64_t> first{0};
+  for (const auto& wi : w) {
+    TORCH_CHECK(wi.dim() == 2 && wi.size(1) == K && wi.stride(1) == 1 && wi.scalar_type() == dtype,
+                "weights: [N, K] of one half dtype, rows contiguous");
+    first.push_back(first.back() + wi.size(0));
+  }
+  const int64_t N = first.back();
+  at::Tensor xin = x.to(at::kFloat).contiguous();
+  auto y = at::empty({T, N}, xin.options());
+  const float* xp = xin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < w.size(); ++i) {
+      const int64_t a = std::max(n0, first[i]), b = std::min(n1, first[i + 1]);
+      if (a >= b) continue;
+      const auto* p = reinterpret_cast<const uint16_t*>(w[i].data_ptr());
+      if (dtype == at::kHalf) half_rows<true>(p, w[i].stride(0), xp, T, K, yp, N, first[i], a, b);
+      else half_rows<false>(p, w[i].stride(0), xp, T, K, yp, N, first[i], a, b);
+    }
+  });
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
 
 // x [T, K] (any float dtype); packed[i] [N_i, row bytes] uint8; scale[i] [N_i, G] (any float dtype);
 // group: inputs per scale. -> [T, sum N_i] in x's dtype: the products side by side (gate and up in
@@ -220,4 +310,5 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
 
 TORCH_LIBRARY(expertcache, m) {
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
+  m.def("hmm(Tensor x, Tensor[] w) -> Tensor", hmm);
 }

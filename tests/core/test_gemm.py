@@ -1,8 +1,8 @@
 """half_matmul="float32": half-precision products of several rows through float32 (gemm.py).
 
-Off by default (exact: torch's own kernel, as transformers computes). On, a product of UPCAST_ROWS
-rows or more is float32-accumulated and rounded once, as torch's kernel does, in another summation
-order: close to the reference within bf16 rounding, never used for a decode step's single row.
+Off by default (exact: torch's own kernel, as transformers computes). On, a product is
+float32-accumulated and rounded once, as torch's kernel does, in another summation order (few
+rows: expertcache's kernel; many: the float32 GEMM): close to the reference within bf16 rounding.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import expertcache
-from expertcache import gemm
-from expertcache.config import UPCAST_ROWS
+from expertcache import gemm, kernels
+from expertcache.config import KERNEL_ROWS
 from expertcache.errors import ExpertCacheError
 
 from helpers.compare import PROMPT
@@ -30,18 +30,27 @@ def test_float32_is_never_upcast():
 
 
 @slow
-def test_one_row_keeps_torch_s_kernel_and_many_rows_round_once_from_float32():
+def test_few_rows_take_the_kernel_many_rows_round_once_from_float32():
+    """Up to KERNEL_ROWS rows: expertcache's kernel (float32 accumulation, one rounding: within a
+    bf16 unit of the exact float32 product); more rows: the float32 GEMM on converted operands,
+    bit for bit; upcast off: torch's own kernel."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 64, generator=g).bfloat16()
+    w = torch.randn(96, 320, generator=g).bfloat16()
     b = torch.randn(96, generator=g).bfloat16()
-    few = torch.randn(UPCAST_ROWS - 1, 64, generator=g).bfloat16()
-    assert torch.equal(gemm.linear(few, w, b, upcast=True), F.linear(few, w, b))  # a decode step: untouched
-    many = torch.randn(3, UPCAST_ROWS, 64, generator=g).bfloat16()  # rows counted over leading dims
+    for rows in (1, 3, KERNEL_ROWS):
+        x = torch.randn(rows, 320, generator=g).bfloat16()
+        got = gemm.linear(x, w, b, upcast=True)
+        exact = F.linear(x.float(), w.float(), b.float())
+        ulp = exact.abs().clamp(min=2**-126).log2().floor().exp2() * 2**-7  # one bf16 unit at each value
+        assert got.dtype == torch.bfloat16 and ((got.float() - exact).abs() <= ulp).all()
+        if kernels.available():
+            assert torch.equal(got, (torch.ops.expertcache.hmm(x.float(), [w]) + b.float()).bfloat16())
+    many = torch.randn(3, KERNEL_ROWS, 320, generator=g).bfloat16()  # rows counted over leading dims
     got = gemm.linear(many, w, b, upcast=True)
-    want = F.linear(many.float(), w.float(), b.float()).bfloat16()  # the exact float32 product, rounded once
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(got, F.linear(many.float(), w.float(), b.float()).bfloat16())  # the float32 product, rounded once
     assert torch.equal(gemm.matmul(many, w.t().contiguous(), upcast=True), (many.float() @ w.float().t()).bfloat16())
     assert torch.equal(gemm.linear(many, w, b), F.linear(many, w, b))  # upcast off: torch's kernel
+    assert torch.equal(gemm.linear(many[0, :1], w, b), F.linear(many[0, :1], w, b))
 
 
 @slow
