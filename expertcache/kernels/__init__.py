@@ -1,5 +1,6 @@
-"""expertcache's own CPU kernels (qmm.cpp: int8/int4 weight-only products on pack-quantized bytes),
-compiled with torch's extension builder on first use and cached (~15 s once per torch version).
+"""expertcache's own CPU kernels (qmm.cpp: int8/int4 weight-only products on pack-quantized bytes;
+bf16/fp16 weights times float32 rows for half_matmul="float32"), compiled with torch's extension
+builder on first use and cached (~15 s once per torch version).
 
 Where no compiler is at hand, or EXPERTCACHE_KERNELS=torch, `available()` is False and quant.py
 uses torch's CPU kernels instead: the same results, slower per expert.
@@ -35,7 +36,7 @@ def _build() -> bool:
         if " avx2" not in flags or " fma" not in flags or " f16c" not in flags:
             return False
         if not _built_before("expertcache_qmm"):
-            log.warning("building expertcache's int8/int4 CPU kernels (once, about 15 s; torch's extension cache keeps them)")
+            log.warning("building expertcache's CPU kernels (once, about 15 s; torch's extension cache keeps them)")
         load(name="expertcache_qmm", sources=[str(Path(__file__).with_name("qmm.cpp"))],
              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], is_python_module=False, verbose=False)
         return hasattr(torch.ops.expertcache, "qmm")
