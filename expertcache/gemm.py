@@ -42,6 +42,11 @@ def _kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
     rows, the weight's rows contiguous, and the kernel built (kernels/qmm.cpp: hmm)."""
     if x.dtype != w.dtype or w.dim() != 2 or w.stride(-1) != 1 or x.numel() > KERNEL_ROWS * x.shape[-1] or not slow_half(x.dtype):
         return False
+    return _kernel_built()
+
+
+@functools.cache
+def _kernel_built() -> bool:
     from . import kernels
 
     return kernels.available()
@@ -52,8 +57,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     rounded once: by expertcache's kernel up to KERNEL_ROWS rows (the weight widened as it is
     read), else through float32 from UPCAST_ROWS rows (converted, then the float32 GEMM)."""
     if upcast and _kernel(x, w):
-        y = torch.ops.expertcache.hmm(x.reshape(-1, x.shape[-1]).float(), [w]).reshape(*x.shape[:-1], w.shape[0])
-        return (y if bias is None else y + bias.float()).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        if bias is None:  # the kernel rounds its float32 sums once, to x's dtype
+            return torch.ops.expertcache.hmm(rows, [w]).reshape(*x.shape[:-1], w.shape[0])
+        y = torch.ops.expertcache.hmm(rows.float(), [w]).reshape(*x.shape[:-1], w.shape[0])
+        return (y + bias.float()).to(x.dtype)
     if upcast and _upcast(x, w):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, w, bias)
