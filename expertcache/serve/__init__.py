@@ -1,0 +1,2 @@
+"""expertcache serve: continuous batching (batcher), admission order (scheduler), the HTTP API
+(app) and its metrics."""

@@ -104,7 +104,8 @@ class Batcher:
         with self._cond:
             if self._stop:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.max_batch - len(self.rows) - len(self.admitting))  # rows the next turn fills
+            if len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue {self.max_queue})")
             self.waiting.append(req)
             self._cond.notify()
@@ -133,7 +134,10 @@ class Batcher:
 
     def kv_bytes(self) -> int:
         """KV cache bytes the batch and the prompts going in hold now (padding included)."""
-        return ((0 if self.mask is None else self.mask.numel()) + sum(r.fed for r in self.admitting)) * self.kv_per_token
+        with self._cond:  # the worker changes `admitting` under this lock
+            fed = sum(r.fed for r in self.admitting)
+        mask = self.mask
+        return ((0 if mask is None else mask.numel()) + fed) * self.kv_per_token
 
     # --- the worker ----------------------------------------------------------------------------
     def _loop(self) -> None:

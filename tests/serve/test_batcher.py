@@ -146,11 +146,18 @@ def test_cancel_frees_the_row_and_its_cache(checkpoint):
 def test_queue_is_bounded_and_kv_budget_holds_back_admission(checkpoint):
     model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
     with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
-        b = Batcher(eng, max_batch=4, max_queue=2)
-        b.submit(request([1, 2, 3], 4))
-        b.submit(request([1, 2, 3], 4))
+        b = Batcher(eng, max_batch=2, max_queue=2)
+        for _ in range(4):  # two for the empty batch's rows, two to wait
+            b.submit(request([1, 2, 3], 4))
         with pytest.raises(QueueFull):
             b.submit(request([1, 2, 3], 4))
+        b.turn()  # two admitted: the two waiting fill the queue
+        with pytest.raises(QueueFull):
+            b.submit(request([1, 2, 3], 4))
+        none_wait = Batcher(eng, max_batch=1, max_queue=0)  # --max-queue 0: a free row still takes one
+        none_wait.submit(request([1, 2, 3], 4))
+        with pytest.raises(QueueFull):
+            none_wait.submit(request([1, 2, 3], 4))
         # room for one request of 3 + 60 tokens and not two: the second waits for the first to end
         b2 = Batcher(eng, max_batch=4, kv_budget_bytes=int(1.5 * 63 * b.kv_per_token))
         b2.eos = set()
