@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoint's builder lives with the tests
 sys.path.append(str(REPO))
 
-from helpers.synthetic import CkptSpec, build_checkpoint  # noqa: E402
+from helpers.synthetic import FINE_SPEC, CkptSpec, build_checkpoint  # noqa: E402
 
 PROMPT_TOKENS = 32
 SOURCES = ("tinystories/tinystories_valid_cased.txt", "wikitext2/wiki.test.raw", "public_domain")
@@ -300,7 +300,8 @@ def plot(rep: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="demo,1gb", help="demo and/or 1gb (default both)")
+    ap.add_argument("--models", default="demo,1gb", help="demo, 1gb and/or fine (the 4.8 GB checkpoint of 64 experts "
+                                                         "top-8 a layer; default demo,1gb)")
     ap.add_argument("--budgets", default="25,50", help="comma-separated percentages (default 25,50)")
     ap.add_argument("--clients", default="1,4,16,32", help="concurrent clients (default 1,4,16,32)")
     ap.add_argument("--batching", default="fcfs,expert-aware", help="admission orders to compare")
@@ -329,8 +330,10 @@ def main(argv=None) -> int:
                 path, prompts = None, demo_prompts()
             elif model == "1gb":
                 path, prompts = str(build_checkpoint(args.ckpt_root, CkptSpec())), id_prompts(CkptSpec().vocab)
+            elif model == "fine":  # decode.py --fine's: 24 layers x 64 experts of 3 MiB, top-8
+                path, prompts = str(build_checkpoint(args.ckpt_root, FINE_SPEC)), id_prompts(FINE_SPEC.vocab)
             else:
-                raise SystemExit(f"serve.py: unknown model {model!r}: demo or 1gb")
+                raise SystemExit(f"serve.py: unknown model {model!r}: demo, 1gb or fine")
             for b in args.budgets.split(","):
                 budget = f"{b.strip()}%"
                 for c in clients:
