@@ -280,6 +280,33 @@ class Server:
         return await stream.whole(http)
 
 
+class Detokenizer:
+    """The text of a growing list of tokens, decoding only what came since the last complete
+    character (after the tokens before it, as context: a tokenizer may drop a leading space at
+    the start of what it decodes), so a long stream costs linear time, not quadratic. Without a
+    tokenizer, the ids space-separated."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.stable = ""  # the text of tokens[:read]
+        self.prefix = self.read = 0  # tokens[prefix:read] are the context decoded again each time
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, tokens))
+        before = self.tokenizer.decode(tokens[self.prefix : self.read])
+        now = self.tokenizer.decode(tokens[self.prefix :])
+        new = now[len(before) :] if now.startswith(before) else None
+        if new is None:  # the context decodes differently with what follows: the whole text, decoded again
+            self.stable, self.prefix, self.read = self.tokenizer.decode(tokens), len(tokens), len(tokens)
+            return self.stable
+        if new and not new.endswith("\ufffd"):  # complete characters: they stay as they are
+            self.stable += new
+            self.prefix, self.read = self.read, len(tokens)
+            return self.stable
+        return self.stable + new
+
+
 class Stream:
     """One request's tokens as they come: text with stop sequences held back, then OpenAI's shapes."""
 
@@ -289,14 +316,14 @@ class Stream:
         self.created = int(time.time())
         self.deadline = time.monotonic() + server.limits.request_timeout
         self.tokens: list[int] = []  # generated, without the end-of-text token
+        self.text = Detokenizer(server.engine.tokenizer)
         self.count = 0  # tokens generated (usage)
         self.sent = 0  # characters of the text given out so far
         self.finish: str | None = None
         self._done = False
 
     def _text(self) -> str:
-        tok = self.server.engine.tokenizer
-        return tok.decode(self.tokens) if tok is not None else " ".join(map(str, self.tokens))  # no tokenizer: the ids
+        return self.text.decode(self.tokens)
 
     async def _next(self) -> tuple[int | None, str | None]:
         left = self.deadline - time.monotonic()

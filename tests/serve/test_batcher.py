@@ -209,3 +209,23 @@ def test_caches_that_cannot_be_padded_run_one_request_at_a_time(checkpoint):
                            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
     with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
         assert not batchable(eng)
+
+
+def test_incremental_detokenizing_equals_decoding_the_whole():
+    """The server's text of a stream, decoded a token at a time, is the tokenizer's decode of all
+    its tokens at every step (up to a character still incomplete), on text with multi-byte
+    characters and spaces."""
+    from transformers import AutoTokenizer
+
+    from expertcache.config import DEMO_DIR
+    from expertcache.serve.app import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(DEMO_DIR))
+    ids = tok.encode("Once upon a time, Zoë saw a café — naïve, über-cool ☃ snowmen. «Bonjour!» 東京 and then  two  spaces.")
+    ids += [ids[5], ids[9]] + tok.encode("ünïcödé ✓") * 3
+    d = Detokenizer(tok)
+    for n in range(1, len(ids) + 1):
+        got, want = d.decode(ids[:n]), tok.decode(ids[:n])
+        assert got.rstrip("\ufffd") == want.rstrip("\ufffd"), n
+    assert d.decode(ids) == tok.decode(ids)
+    assert Detokenizer(None).decode([3, 1, 4]) == "3 1 4"
