@@ -99,15 +99,14 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ExpertCacheError("expertcache serve needs starlette and uvicorn: pip install -e . installs them") from None
-    from ..config import RESERVE_WORKSPACE, parse_size
-    from ..engine import Engine, _kv_bytes_per_token
+    from ..config import RESERVE_CONTEXT, RESERVE_WORKSPACE, parse_size
+    from ..engine import Engine
     from ..serve.app import Limits, Server
     from ..serve.batcher import Batcher, batchable
     from ..serve.metrics import Metrics
     from ..serve.scheduler import make_scheduler
 
     _Server = _server_class()
-    sys.setswitchinterval(float(os.environ.get("EC_SWITCH", "0.005")))
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     kv_budget = parse_size(args.kv_budget, "--kv-budget") if args.kv_budget is not None else None
@@ -120,10 +119,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"expertcache: warning: listening on {args.host} without --api-key: anyone who reaches this "
                   "address can use the model", file=sys.stderr)
         with Engine(engine_config(args, **fixed)) as engine:
-            if kv_budget is None:
-                from ..config import RESERVE_CONTEXT
-
-                kv_budget = RESERVE_CONTEXT * _kv_bytes_per_token(engine.checkpoint.config, next(engine.model.parameters()).dtype)
             max_batch = args.max_batch
             if max_batch > 1 and not batchable(engine):
                 print("expertcache: warning: this model's cache (sliding window or linear attention) cannot be "
@@ -132,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             metrics = Metrics()
             batcher = Batcher(engine, max_batch=max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                               kv_budget_bytes=kv_budget, scheduler=make_scheduler(args.batching), on_step=metrics.on_step)
+            if kv_budget is None:  # as much as --memory-limit's default reserve keeps for the KV cache
+                batcher.kv_budget_bytes = kv_budget = RESERVE_CONTEXT * batcher.kv_per_token
             model_id = args.model_id or (engine.checkpoint.model_dir.name if args.model is not None else "expertcache-demo")
             limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                             max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)

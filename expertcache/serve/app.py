@@ -73,7 +73,7 @@ class Server:
             self.limits.max_prompt_tokens = (context - 1) if context else 1 << 20
         self.context = context
         tok = engine.tokenizer
-        self.chat_template = getattr(tok, "chat_template", None) or FALLBACK_CHAT_TEMPLATE if tok is not None else None
+        self.chat_template = (getattr(tok, "chat_template", None) or FALLBACK_CHAT_TEMPLATE) if tok is not None else None
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
@@ -239,8 +239,7 @@ class Server:
             max_tokens = min(max_tokens, self.context - len(prompt))
         temperature = number("temperature", 1.0, 0.0, 2.0)
         top_p = number("top_p", 1.0, 0.0, 1.0, lo_open=True)
-        n = number("n", 1, 1, 1, whole=True)
-        del n
+        number("n", 1, 1, 1, whole=True)  # one choice per request
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise _bad(f"seed must be a whole number, got {seed!r}", "seed")
@@ -250,7 +249,7 @@ class Server:
             raise _bad(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
         for name in ("echo", "logprobs", "best_of", "suffix", "tools", "functions", "logit_bias"):
             v = body.get(name)
-            if v not in (None, False, 1 if name == "best_of" else None, {}, []):
+            if v not in (None, False, {}, []) and not (name == "best_of" and v == 1):
                 raise _bad(f"{name} is not supported by this server", name)
         if body.get("stream") not in (None, True, False):
             raise _bad("stream must be true or false", "stream")
@@ -274,7 +273,8 @@ class Server:
             raise APIError(429, f"the server is busy: {e}; retry later", type_="rate_limit_error", code="queue_full") from None
         stream = Stream(self, req, events, p["stop"], chat=chat)
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return StreamingResponse(stream.sse(include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await stream.whole(http)
@@ -325,6 +325,17 @@ class Stream:
     def _text(self) -> str:
         return self.text.decode(self.tokens)
 
+    def _end(self, finish: str) -> None:
+        """The stream is over with `finish` (stop, length, cancelled, error: ...), counted once."""
+        self.finish, self._done = finish, True
+        self.server.metrics.done(self.req, finish)
+
+    def _abandon(self) -> None:
+        """The client went away: free its row, count it as disconnected."""
+        self.server.batcher.cancel(self.req)
+        if not self._done:
+            self._end("disconnected")
+
     async def _next(self) -> tuple[int | None, str | None]:
         left = self.deadline - time.monotonic()
         try:
@@ -350,8 +361,7 @@ class Stream:
                         if at > self.sent:
                             yield text[self.sent : at]
                         self.sent = at
-                        self.finish = "stop"
-                        self._done = True
+                        self._end("stop")
                         return
                 safe = len(text) - max((len(s) - 1 for s in self.stop), default=0)  # may yet begin a stop sequence
                 while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete character
@@ -365,9 +375,7 @@ class Stream:
                 if finish in ("stop", "length") and len(text) > self.sent:
                     yield text[self.sent :]
                     self.sent = len(text)
-                self.finish = finish
-                self._done = True
-                self.server.metrics.done(self.req)
+                self._end(finish)
                 return
 
     def usage(self) -> dict:
@@ -408,8 +416,7 @@ class Stream:
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free its row
             if not self._done:
-                self.server.batcher.cancel(self.req)
-                self.server.metrics.done(self.req, "disconnected")
+                self._abandon()
 
     async def whole(self, http: HTTPRequest) -> Response:
         pieces: list[str] = []
@@ -421,9 +428,7 @@ class Stream:
                 await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():  # the client went away
                     nxt.cancel()
-                    self.server.batcher.cancel(self.req)
-                    self.server.metrics.done(self.req, "disconnected")
-                    self._done = True
+                    self._abandon()
                     return Response(status_code=499)
                 try:
                     pieces.append(nxt.result())
@@ -432,7 +437,7 @@ class Stream:
         finally:
             watcher.cancel()
             if not self._done:
-                self.server.batcher.cancel(self.req)
+                self._abandon()
         if self.finish == "cancelled":
             raise APIError(503, "the request was cancelled (the server is shutting down)", type_="server_error")
         reason = self._reason()

@@ -46,7 +46,6 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    stop_ids: frozenset[int] = frozenset()
     out: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -96,7 +95,6 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.feeding: list[int] | None = None  # the token ids of the running forward, a row each (observers)
-        self.feeding_decode = False
         self.scheduler.attach(self)
 
     # --- from other threads --------------------------------------------------------------------
@@ -234,7 +232,7 @@ class Batcher:
         if r.first_token is None:
             r.first_token = time.perf_counter()
         r.emit(token, None)
-        if token in self.eos or token in r.stop_ids:
+        if token in self.eos:
             self._finish(r, "stop")
         elif len(r.out) >= r.max_tokens or (self.context is not None and len(r.prompt) + len(r.out) >= self.context):
             self._finish(r, "length")
@@ -260,7 +258,7 @@ class Batcher:
         r = self.admitting[0]
         left = len(r.prompt) - r.fed
         n = left if budget is None else min(left, budget)
-        self.feeding, self.feeding_decode = r.prompt[r.fed : r.fed + n], False
+        self.feeding = r.prompt[r.fed : r.fed + n]
         try:
             logits = r.decoding.feed(self.feeding)[-1]
         finally:
@@ -286,7 +284,6 @@ class Batcher:
             ids[i, width - n :], pos[i, width - n :], mask[i, width - n :] = torch.tensor(r.prompt), torch.arange(n), 1
         runtime = self.engine.runtime
         self.feeding = [t if m else -1 for t, m in zip(ids.flatten().tolist(), mask.flatten().tolist())]
-        self.feeding_decode = False
         runtime.token_mask = mask.flatten().bool()
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -301,12 +298,8 @@ class Batcher:
             if not self._emit(r, self._pick(r, out.logits[i, -1])):
                 keep.append(i)
         if keep:
-            past, index = out.past_key_values, torch.tensor(keep)
-            mask = mask[index]
-            first = int(mask.any(dim=0).long().argmax())
-            for layer in past.layers:
-                layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
-            self._merge(past, mask[:, first:], [group[i] for i in keep])
+            past = out.past_key_values
+            self._merge(past, _select_rows(past, mask, keep), [group[i] for i in keep])
 
     # --- the batch --------------------------------------------------------------------------------
     def _decode_step(self) -> None:
@@ -314,7 +307,7 @@ class Batcher:
         ids = torch.tensor([[r.out[-1]] for r in rows])
         pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
         mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        self.feeding, self.feeding_decode = [r.out[-1] for r in rows], True
+        self.feeding = [r.out[-1] for r in rows]
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
                              use_cache=True, logits_to_keep=1)
@@ -344,13 +337,19 @@ class Batcher:
             self.rows, self.past, self.mask = [], None, None
             return
         self.rows = [self.rows[i] for i in keep]
-        index = torch.tensor(keep)
-        mask = self.mask[index]
-        first = int(mask.any(dim=0).long().argmax())  # columns left of this are padding in every row
-        for layer in self.past.layers:
-            layer.keys = layer.keys[index, :, first:].contiguous()
-            layer.values = layer.values[index, :, first:].contiguous()
-        self.mask = mask[:, first:].contiguous()
+        self.mask = _select_rows(self.past, self.mask, keep)
+
+
+def _select_rows(past, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep rows `keep` of a cache and its mask [B, S], in place for the cache, without the
+    columns left of the first that any kept row uses (padding in every row); returns the mask."""
+    index = torch.tensor(keep)
+    mask = mask[index]
+    first = int(mask.any(dim=0).long().argmax())
+    for layer in past.layers:
+        layer.keys = layer.keys[index, :, first:].contiguous()
+        layer.values = layer.values[index, :, first:].contiguous()
+    return mask[:, first:].contiguous()
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

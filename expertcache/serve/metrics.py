@@ -56,7 +56,7 @@ class Metrics:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
 
     def done(self, req, reason: str | None = None) -> None:
-        reason = reason or req.finish_reason or "unknown"
+        reason = (reason or req.finish_reason or "unknown").split(":")[0]  # "error: ..." -> "error" (a label)
         with self._lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
             self.prompt_tokens += len(req.prompt)
@@ -108,7 +108,7 @@ class Metrics:
                                  ("stall_seconds", "counter", "seconds the forward waited for expert loads")):
             v = engine_stats.get(key)
             if v is not None:
-                name = f"expertcache_cache_{key}" + ("_total" if not key.endswith("seconds") else "_total")
+                name = f"expertcache_cache_{key}_total"
                 metric(name, kind, help_, [f"{name} {v}"])
         metric("expertcache_kv_cache_bytes", "gauge", "KV cache bytes the batch holds", [f"expertcache_kv_cache_bytes {depth.get('kv_bytes', 0)}"])
         return "\n".join(lines) + "\n"

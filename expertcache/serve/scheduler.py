@@ -57,8 +57,9 @@ class ExpertAware:
             return
         rows = ids.tolist()
         for token, experts in zip(feeding, rows):
-            self.table.setdefault(token, {})[layer] = tuple(e for e in experts if e >= 0)
-        if self.batcher.feeding_decode:
+            if token >= 0:  # -1: padding
+                self.table.setdefault(token, {})[layer] = tuple(e for e in experts if e >= 0)
+        if self.batcher.engine.runtime.phase == "decode":  # the running batch's step
             self.recent[layer] = {e for row in rows for e in row if e >= 0}
 
     def footprint(self, prompt: list[int]) -> dict[int, set[int]]:
@@ -100,8 +101,7 @@ class ExpertAware:
         if overdue:
             return min(overdue, key=lambda r: r.submitted)
         holding = batcher.engine.cache.holding
-        best = max(waiting, key=lambda r: (self.score(r, holding), -r.submitted))
-        return best
+        return max(waiting, key=lambda r: (self.score(r, holding), -r.submitted))
 
 
 def make_scheduler(name: str):

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -135,9 +134,17 @@ def test_sampling_parameters(server):
     assert a.choices[0].text == b.choices[0].text  # seeded: repeatable
     greedy = client.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
     stop = greedy.strip().split()[2]
+    stopped = _finished(server, "stop")
     c = client.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
     assert c.choices[0].finish_reason == "stop" and stop not in c.choices[0].text
     assert greedy.startswith(c.choices[0].text)
+    assert _finished(server, "stop") == stopped + 1  # a stop sequence's end is counted in /metrics
+
+
+def _finished(server: Running, reason: str) -> int:
+    _, text = server.http("GET", "/metrics")
+    line = f'expertcache_finished_total{{reason="{reason}"}} '
+    return next((int(l.split()[-1]) for l in text.splitlines() if l.startswith(line)), 0)
 
 
 def test_api_key_is_enforced(server):
@@ -293,7 +300,6 @@ def test_a_full_queue_answers_429_at_once():
 
 def test_sigterm_drains_a_running_stream():
     s = start("--drain-seconds", "30")
-    got = []
     stream = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0, timeout=60).completions.create(
         model="m", prompt=PROMPT, max_tokens=40, temperature=0, stream=True)
     first = next(iter(stream))
@@ -304,7 +310,7 @@ def test_sigterm_drains_a_running_stream():
     assert got[-1].choices[0].finish_reason in ("length", "stop")
 
 
-def test_a_taken_port_is_one_line(tmp_path):
+def test_a_taken_port_is_one_line():
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
