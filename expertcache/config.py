@@ -28,7 +28,7 @@ CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default
 DEMO_DIR = Path(__file__).parent / "demo"
 PRECISION_WARMUP = 32  # a target layer's issued guesses before its precision gates anything
 PRECISION_PROBE = 8  # one in this many gated decode calls still guesses, so the precision stays measured
-KERNEL_ROWS = 8  # rows up to which a bf16/fp16 product takes expertcache's kernel under half_matmul="float32" (gemm.py)
+KERNEL_ROWS = 16  # rows up to which a bf16/fp16 product stays in expertcache's exact kernel under half_matmul="float32" (gemm.py)
 UPCAST_ROWS = 2  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
 RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)

@@ -154,8 +154,7 @@ class Engine:
             raise
         try:
             upcast = config.half_matmul == "float32"
-            if upcast:  # half-precision matmuls of several rows through float32 where the CPU has no half GEMM
-                gemm.upcast_dense(self.model)
+            gemm.install_dense(self.model, upcast=upcast)  # half-precision products through the exact kernel (or float32)
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
                                           num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant, upcast=upcast)
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)

@@ -1,24 +1,27 @@
 """Half-precision matmuls on CPUs without a native bf16/fp16 GEMM.
 
 Where oneDNN has no bf16 (fp16) kernel for the CPU (no AVX512-BF16 or AMX: every AVX2 machine),
-torch multiplies bf16 matrices with a generic loop whose cost grows with the rows. Opt-in
-(EngineConfig.half_matmul="float32"), products accumulate in float32 and round once: up to
-KERNEL_ROWS rows in expertcache's kernel (kernels/qmm.cpp, the weight widened as it is read; a
-decode step, a batch), more rows converted to float32 for torch's float32 GEMM (a prefill). The
-results differ from torch's loop only in summation order, within the dtype's rounding, but they
-differ from transformers' own model, hence opt-in. `linear(upcast=True)` picks the path by rows;
-`upcast_dense` installs it on a model's dense nn.Linear modules. docs/ARCHITECTURE.md measures.
+torch multiplies half matrices one float32 dot product per output, in a fixed order. expertcache's
+kernel (kernels/qmm.cpp: emm) adds the same products in the same order, bit for bit, ~3x faster:
+the default for expert and dense products (`exact_kernel` checks it on this machine first). Opt-in
+(EngineConfig.half_matmul="float32"), products of more than KERNEL_ROWS rows are converted to
+float32 for torch's float32 GEMM (a prefill: ~2x faster again, but another summation order, so not
+equal to transformers' model). `linear(upcast=...)` picks the path; `install_dense` gives a
+model's dense nn.Linear modules the same. docs/ARCHITECTURE.md measures.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import KERNEL_ROWS, UPCAST_ROWS
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -37,33 +40,43 @@ def _upcast(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype == w.dtype and x.numel() >= UPCAST_ROWS * x.shape[-1] and slow_half(x.dtype)
 
 
-def _kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether expertcache's own kernel takes this product: a slow half type, up to KERNEL_ROWS
-    rows, the weight's rows contiguous, and the kernel built (kernels/qmm.cpp: hmm)."""
-    if x.dtype != w.dtype or w.dim() != 2 or w.stride(-1) != 1 or x.numel() > KERNEL_ROWS * x.shape[-1] or not slow_half(x.dtype):
-        return False
-    return _kernel_built()
-
-
 @functools.cache
-def _kernel_built() -> bool:
+def exact_kernel(dtype: torch.dtype) -> bool:
+    """Whether expertcache's emm gives torch's own bits for `dtype` products here: a slow half type,
+    torch running its AVX2 code (the order emm mirrors), the kernel built, and random products
+    (one and several rows, with and without bias, inputs not a multiple of 64) equal bit for bit."""
+    if not slow_half(dtype) or torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return False
     from . import kernels
 
-    return kernels.available()
+    if not kernels.available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    for rows, k, n in ((1, 256, 40), (3, 200, 33), (20, 1030, 17)):
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        for bias in (None, b):
+            if not torch.equal(torch.ops.expertcache.emm(x, [w], bias).view(torch.int16), F.linear(x, w, bias).view(torch.int16)):
+                log.warning("expertcache's exact %s kernel differs from torch's on this machine; using torch's", dtype)
+                return False
+    return True
+
+
+def _emm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether emm takes this product (no autograd: it is for inference)."""
+    return (x.dtype == w.dtype and w.dim() == 2 and w.stride(-1) == 1 and not (x.requires_grad or w.requires_grad)
+            and exact_kernel(x.dtype))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, upcast: bool = False) -> torch.Tensor:
-    """F.linear(x, w, bias); with `upcast`, a slow half type's product accumulated in float32 and
-    rounded once: by expertcache's kernel up to KERNEL_ROWS rows (the weight widened as it is
-    read), else through float32 from UPCAST_ROWS rows (converted, then the float32 GEMM)."""
-    if upcast and _kernel(x, w):
-        rows = x.reshape(-1, x.shape[-1])
-        if bias is None:  # the kernel rounds its float32 sums once, to x's dtype
-            return torch.ops.expertcache.hmm(rows, [w]).reshape(*x.shape[:-1], w.shape[0])
-        y = torch.ops.expertcache.hmm(rows.float(), [w]).reshape(*x.shape[:-1], w.shape[0])
-        return (y + bias.float()).to(x.dtype)
-    if upcast and _upcast(x, w):
+    """F.linear(x, w, bias), bit for bit, through expertcache's kernel where it is exact (a slow
+    half type); with `upcast`, more than KERNEL_ROWS rows instead through float32 (converted, then
+    the float32 GEMM, rounded once)."""
+    if upcast and _upcast(x, w) and (x.numel() > KERNEL_ROWS * x.shape[-1] or not _emm(x, w)):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    if _emm(x, w) and (bias is None or bias.dtype == x.dtype):
+        y = torch.ops.expertcache.emm(x.reshape(-1, x.shape[-1]), [w], bias)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, bias)
 
 
@@ -75,15 +88,22 @@ def matmul(x: torch.Tensor, w: torch.Tensor, *, upcast: bool = False) -> torch.T
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def _forward_upcast(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias, upcast=True)
 
 
-def upcast_dense(model: nn.Module) -> int:
-    """Give every plain nn.Linear of `model` whose weight is a slow half type the row-aware path;
-    returns how many. Subclasses (quantized linears) keep their own forward."""
+def install_dense(model: nn.Module, *, upcast: bool = False) -> int:
+    """Give every plain nn.Linear of `model` whose weight is a slow half type `linear`'s paths (the
+    exact kernel; with `upcast`, float32 for many rows); returns how many. Subclasses (quantized
+    linears) keep their own forward. Nothing is installed where neither path applies."""
+    if not upcast and not exact_kernel(torch.bfloat16) and not exact_kernel(torch.float16):
+        return 0
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear and m.weight is not None and slow_half(m.weight.dtype):
-            m.forward = _forward.__get__(m)
+            m.forward = (_forward_upcast if upcast else _forward).__get__(m)
             n += 1
     return n

@@ -1,9 +1,9 @@
 """expertcache's own CPU kernels (qmm.cpp: int8/int4 weight-only products on pack-quantized bytes;
-bf16/fp16 weights times float32 rows for half_matmul="float32"), compiled with torch's extension
+bf16/fp16 products bit for bit as torch computes them, faster), compiled with torch's extension
 builder on first use and cached (~15 s once per torch version).
 
-Where no compiler is at hand, or EXPERTCACHE_KERNELS=torch, `available()` is False and quant.py
-uses torch's CPU kernels instead: the same results, slower per expert.
+Where no compiler is at hand, or EXPERTCACHE_KERNELS=torch, `available()` is False: quant.py
+uses torch's CPU kernels instead and gemm.py torch's F.linear: the same results, slower.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 // u the stored unsigned value (int8: one byte; int4: two to a byte, the even element in the low
 // nibble), offset 2^(bits-1), or, asymmetric, the stored zero point of (n, g), read from the
 // zero points' packed words as stored. AVX2 + FMA, float32 accumulation; rows split over torch's threads.
-// hmm: the same for bf16/fp16 weights (widened on load), the path of half_matmul="float32" (gemm.py).
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
+// emm: bf16/fp16 products bit for bit as torch's own CPU kernel computes them, faster (gemm.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -185,78 +185,126 @@ inline float half_scalar(uint16_t h, bool f16) {
   return f;
 }
 
-// y[t * ystride] = sum_k x[t * K + k] * w[k] for NT tokens: the row is read once for all of them;
-// two accumulators per token, summed at the end.
-template <bool F16, int NT>
-inline void half_row(const uint16_t* w, const float* x, int64_t K, float* y, int64_t ystride) {
-  __m256 a0[NT], a1[NT];
-  for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = load_half8<F16>(w + k), w1 = load_half8<F16>(w + k + 8);
-    for (int t = 0; t < NT; ++t) {
-      a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w0, a0[t]);
-      a1[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k + 8), w1, a1[t]);
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 w0 = load_half8<F16>(w + k);
-    for (int t = 0; t < NT; ++t) a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w0, a0[t]);
-  }
-  for (int t = 0; t < NT; ++t) {
-    float s = hsum(_mm256_add_ps(a0[t], a1[t]));
-    for (int64_t j = k; j < K; ++j) s += x[t * K + j] * half_scalar(w[j], F16);
-    y[t * ystride] = s;
-  }
+// ---- exact half-precision products: torch's own order on AVX2 --------------------------------------
+// torch multiplies bf16/fp16 matrices on CPUs without a native half GEMM one dot product per output
+// (aten's dot_with_fp32_arith): 8 float32 accumulators of 8 lanes, lane l of accumulator r summing
+// inputs 64c + 8r + l over blocks c in turn; the 8 accumulators added pairwise (r and r+4, r and r+2,
+// r and r+1), the lanes as its vec_reduce_all (l and l^4, l^2, l^1); then a remainder of 16-input
+// steps in one accumulator, then single inputs. A product of two half values is exact in float32, so
+// the same additions in the same order give the same bits: emm reproduces them, faster (the weight
+// read once per row for a block of tokens; x widened once). The bf16 weights are widened by
+// unpacking 16 at a time, which puts inputs 0-3 and 8-11 in one register and 4-7, 12-15 in the
+// other: x is stored in that order too, and the lanes are put back before the reduction.
+inline float torch_lanes(__m256 v) {  // vec_reduce_all<float> on AVX2: l + l^4, + l^2, + l^1
+  v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+  return _mm256_cvtss_f32(v);
 }
 
+// w: one weight row; xp: x widened, the first K64 inputs in the unpack order (bf16) or as they are
+// (fp16); xs: x widened as it is (the remainder). Returns torch's float32 sum.
 template <bool F16>
-void half_rows(const uint16_t* w, int64_t ws, const float* x, int64_t T, int64_t K, float* y, int64_t N, int64_t col0,
-               int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* row = w + (n - col0) * ws;
-    int64_t t = 0;
-    for (; t + TB <= T; t += TB) half_row<F16, TB>(row, x + t * K, K, y + t * N + n, N);
-    switch (T - t) {
-      case 3: half_row<F16, 3>(row, x + t * K, K, y + t * N + n, N); break;
-      case 2: half_row<F16, 2>(row, x + t * K, K, y + t * N + n, N); break;
-      case 1: half_row<F16, 1>(row, x + t * K, K, y + t * N + n, N); break;
-      default: break;
+inline float exact_dot(const uint16_t* w, const float* xp, const float* xs, int64_t K) {
+  const int64_t K64 = K & ~int64_t(63);
+  __m256 s[8];
+  for (int r = 0; r < 8; ++r) s[r] = _mm256_setzero_ps();
+  if constexpr (F16) {
+    for (int64_t k = 0; k < K64; k += 64)
+      for (int r = 0; r < 8; ++r) s[r] = _mm256_fmadd_ps(load_half8<true>(w + k + 8 * r), _mm256_loadu_ps(xp + k + 8 * r), s[r]);
+  } else {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K64; k += 64) {
+      for (int q = 0; q < 4; ++q) {  // s[2q]: inputs {0-3, 8-11} of these 16, s[2q+1]: {4-7, 12-15}
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * q));
+        s[2 * q] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_loadu_ps(xp + k + 16 * q), s[2 * q]);
+        s[2 * q + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), _mm256_loadu_ps(xp + k + 16 * q + 8), s[2 * q + 1]);
+      }
+    }
+    for (int q = 0; q < 4; ++q) {  // torch's registers: inputs 0-7 and 8-15 of each 16
+      const __m256 a = s[2 * q], b = s[2 * q + 1];
+      s[2 * q] = _mm256_permute2f128_ps(a, b, 0x20);
+      s[2 * q + 1] = _mm256_permute2f128_ps(a, b, 0x31);
+    }
+  }
+  for (int r = 0; r < 4; ++r) s[r] = _mm256_add_ps(s[r], s[r + 4]);
+  for (int r = 0; r < 2; ++r) s[r] = _mm256_add_ps(s[r], s[r + 2]);
+  float sum = torch_lanes(_mm256_add_ps(s[0], s[1]));
+  const int64_t K16 = K & ~int64_t(15);
+  __m256 t = _mm256_setzero_ps();
+  for (int64_t k = K64; k < K16; k += 16) {
+    t = _mm256_fmadd_ps(load_half8<F16>(w + k), _mm256_loadu_ps(xs + k), t);
+    t = _mm256_fmadd_ps(load_half8<F16>(w + k + 8), _mm256_loadu_ps(xs + k + 8), t);
+  }
+  sum += torch_lanes(t);
+  for (int64_t k = K16; k < K; ++k) sum += half_scalar(w[k], F16) * xs[k];
+  return sum;
+}
+
+constexpr int64_t EXACT_TOKENS = 16;  // tokens per pass over a block of rows (their x stays in L2)
+
+template <bool F16>
+void exact_rows(const uint16_t* w, int64_t ws, const float* xp, const float* xs, int64_t T, int64_t K,
+                const float* bias, uint16_t* y, int64_t N, int64_t col0, int64_t n0, int64_t n1) {
+  for (int64_t t0 = 0; t0 < T; t0 += EXACT_TOKENS) {
+    const int64_t t1 = std::min(T, t0 + EXACT_TOKENS);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* row = w + (n - col0) * ws;
+      for (int64_t t = t0; t < t1; ++t) {
+        float v = exact_dot<F16>(row, xp + t * K, xs + t * K, K);
+        if (bias != nullptr) v = bias[n] + v;
+        if constexpr (F16) y[t * N + n] = c10::Half(v).x;
+        else y[t * N + n] = c10::BFloat16(v).x;
+      }
     }
   }
 }
 
 }  // namespace
 
-// x [T, K] (any float dtype); w[i] [N_i, K] bfloat16 or float16, rows contiguous -> [T, sum N_i] in
-// x's dtype: x times each weight transposed, side by side, accumulated in float32 and rounded once.
-at::Tensor hmm(const at::Tensor& x, at::TensorList w) {
-  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float [T, K]");
+// x [T, K] bfloat16 or float16; w[i] [N_i, K] of x's dtype, rows contiguous; bias: none or [sum N_i]
+// -> [T, sum N_i] in x's dtype, bit for bit what torch's F.linear gives on an AVX2 CPU without a
+// native half GEMM (see exact_dot), faster.
+at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "x: [T, K]");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "x: bfloat16 or float16");
   TORCH_CHECK(!w.empty(), "at least one weight");
   const int64_t T = x.size(0), K = x.size(1);
-  const auto dtype = w[0].scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "weights: bfloat16 or float16");
   std::vector<int64_t> first{0};
   for (const auto& wi : w) {
     TORCH_CHECK(wi.dim() == 2 && wi.size(1) == K && wi.stride(1) == 1 && wi.scalar_type() == dtype,
-                "weights: [N, K] of one half dtype, rows contiguous");
+                "weights: [N, K] of x's dtype, rows contiguous");
     first.push_back(first.back() + wi.size(0));
   }
   const int64_t N = first.back();
-  at::Tensor xin = x.to(at::kFloat).contiguous();
-  auto y = at::empty({T, N}, xin.options());
-  const float* xp = xin.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: [N]");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor xs = x.to(at::kFloat).contiguous();  // x widened, as it is
+  at::Tensor xk = xs;  // and with its first K64 inputs in the order exact_dot reads them
+  const int64_t K64 = K & ~int64_t(63);
+  if (dtype == at::kBFloat16 && K64 > 0) {  // per 16 inputs: 0-3, 8-11, 4-7, 12-15 (the unpack order)
+    xk = xs.clone();
+    xk.narrow(1, 0, K64).copy_(xs.narrow(1, 0, K64).reshape({T, K64 / 16, 2, 2, 4}).transpose(2, 3).reshape({T, K64}));
+  }
+  auto y = at::empty({T, N}, x.options());
+  const float* xkp = xk.data_ptr<float>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < w.size(); ++i) {
-      const int64_t a = std::max(n0, first[i]), b = std::min(n1, first[i + 1]);
-      if (a >= b) continue;
+      const int64_t a = std::max(n0, first[i]), c = std::min(n1, first[i + 1]);
+      if (a >= c) continue;
       const auto* p = reinterpret_cast<const uint16_t*>(w[i].data_ptr());
-      if (dtype == at::kHalf) half_rows<true>(p, w[i].stride(0), xp, T, K, yp, N, first[i], a, b);
-      else half_rows<false>(p, w[i].stride(0), xp, T, K, yp, N, first[i], a, b);
+      if (dtype == at::kHalf) exact_rows<true>(p, w[i].stride(0), xkp, xsp, T, K, bp, yp, N, first[i], a, c);
+      else exact_rows<false>(p, w[i].stride(0), xkp, xsp, T, K, bp, yp, N, first[i], a, c);
     }
   });
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  return y;
 }
 
 // x [T, K] (any float dtype); packed[i] [N_i, row bytes] uint8; scale[i] [N_i, G] (any float dtype);
@@ -310,5 +358,5 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
 
 TORCH_LIBRARY(expertcache, m) {
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
-  m.def("hmm(Tensor x, Tensor[] w) -> Tensor", hmm);
+  m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
 }
