@@ -74,7 +74,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     the float32 GEMM, rounded once)."""
     if upcast and _upcast(x, w) and (x.numel() > KERNEL_ROWS * x.shape[-1] or not _emm(x, w)):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
-    if _emm(x, w) and (bias is None or bias.dtype == x.dtype):
+    if _emm(x, w) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
         y = torch.ops.expertcache.emm(x.reshape(-1, x.shape[-1]), [w], bias)
         return y.reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, bias)

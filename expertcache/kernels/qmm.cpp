@@ -245,14 +245,14 @@ constexpr int64_t EXACT_TOKENS = 16;  // tokens per pass over a block of rows (t
 
 template <bool F16>
 void exact_rows(const uint16_t* w, int64_t ws, const float* xp, const float* xs, int64_t T, int64_t K,
-                const float* bias, uint16_t* y, int64_t N, int64_t col0, int64_t n0, int64_t n1) {
+                const uint16_t* bias, uint16_t* y, int64_t N, int64_t col0, int64_t n0, int64_t n1) {
   for (int64_t t0 = 0; t0 < T; t0 += EXACT_TOKENS) {
     const int64_t t1 = std::min(T, t0 + EXACT_TOKENS);
     for (int64_t n = n0; n < n1; ++n) {
       const uint16_t* row = w + (n - col0) * ws;
       for (int64_t t = t0; t < t1; ++t) {
         float v = exact_dot<F16>(row, xp + t * K, xs + t * K, K);
-        if (bias != nullptr) v = bias[n] + v;
+        if (bias != nullptr) v = half_scalar(bias[n], F16) + v;
         if constexpr (F16) y[t * N + n] = c10::Half(v).x;
         else y[t * N + n] = c10::BFloat16(v).x;
       }
@@ -278,29 +278,45 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
     first.push_back(first.back() + wi.size(0));
   }
   const int64_t N = first.back();
-  at::Tensor b;
+  const uint16_t* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: [N]");
-    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == dtype && bias->stride(0) == 1,
+                "bias: [N] of x's dtype, contiguous");
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr());
   }
-  at::Tensor xs = x.to(at::kFloat).contiguous();  // x widened, as it is
-  at::Tensor xk = xs;  // and with its first K64 inputs in the order exact_dot reads them
+  const bool f16 = dtype == at::kHalf;
+  // x widened once: xs as it is (the remainder), xk with each 16 of the first K64 inputs in the order
+  // exact_dot reads them (bf16: 0-3, 8-11, 4-7, 12-15, the unpack order; fp16: as they are)
   const int64_t K64 = K & ~int64_t(63);
-  if (dtype == at::kBFloat16 && K64 > 0) {  // per 16 inputs: 0-3, 8-11, 4-7, 12-15 (the unpack order)
-    xk = xs.clone();
-    xk.narrow(1, 0, K64).copy_(xs.narrow(1, 0, K64).reshape({T, K64 / 16, 2, 2, 4}).transpose(2, 3).reshape({T, K64}));
+  std::vector<float> xs(T * K), xk(T * K);
+  for (int64_t t = 0; t < T; ++t) {
+    const auto* row = reinterpret_cast<const uint16_t*>(x.data_ptr()) + t * x.stride(0);
+    const int64_t cs = x.stride(1);
+    float* s = xs.data() + t * K;
+    float* d = xk.data() + t * K;
+    for (int64_t k = 0; k < K; ++k) s[k] = half_scalar(row[k * cs], f16);
+    if (f16) {
+      std::memcpy(d, s, K * sizeof(float));
+      continue;
+    }
+    for (int64_t k = 0; k < K64; k += 16) {
+      std::memcpy(d + k, s + k, 4 * sizeof(float));
+      std::memcpy(d + k + 4, s + k + 8, 4 * sizeof(float));
+      std::memcpy(d + k + 8, s + k + 4, 4 * sizeof(float));
+      std::memcpy(d + k + 12, s + k + 12, 4 * sizeof(float));
+    }
+    std::memcpy(d + K64, s + K64, (K - K64) * sizeof(float));
   }
-  auto y = at::empty({T, N}, x.options());
-  const float* xkp = xk.data_ptr<float>();
-  const float* xsp = xs.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  auto y = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const float* xkp = xk.data();
+  const float* xsp = xs.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < w.size(); ++i) {
       const int64_t a = std::max(n0, first[i]), c = std::min(n1, first[i + 1]);
       if (a >= c) continue;
       const auto* p = reinterpret_cast<const uint16_t*>(w[i].data_ptr());
-      if (dtype == at::kHalf) exact_rows<true>(p, w[i].stride(0), xkp, xsp, T, K, bp, yp, N, first[i], a, c);
+      if (f16) exact_rows<true>(p, w[i].stride(0), xkp, xsp, T, K, bp, yp, N, first[i], a, c);
       else exact_rows<false>(p, w[i].stride(0), xkp, xsp, T, K, bp, yp, N, first[i], a, c);
     }
   });
