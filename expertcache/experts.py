@@ -89,10 +89,8 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
         return own(x, parts)
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
-        if _default_gate(type(module)):
-            h = module.act_fn(gemm.linear(x, gate, upcast=upcast)) * gemm.linear(x, up, upcast=upcast)  # [n, I]
-        else:
-            h = module._apply_gate(torch.cat([gemm.linear(x, gate, upcast=upcast), gemm.linear(x, up, upcast=upcast)], dim=-1))
+        g, u = gemm.linear_pair(x, gate, up, upcast=upcast)  # [n, I] each
+        h = module.act_fn(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
     else:
         w, down = parts
         name = "gate_up_proj_bias" if module.has_gate else "up_proj_bias"

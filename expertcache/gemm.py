@@ -80,6 +80,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     return F.linear(x, w, bias)
 
 
+def linear_pair(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(x, a), linear(x, b)), the same bits, in one kernel call where it takes both (an
+    expert's gate and up: x is widened once)."""
+    k = x.shape[-1]
+    if (a.shape == b.shape and _emm(x, a) and _emm(x, b)
+            and not (upcast and x.numel() > KERNEL_ROWS * k)):
+        y = torch.ops.expertcache.emm(x.reshape(-1, k), [a, b]).reshape(*x.shape[:-1], 2 * a.shape[0])
+        return y.chunk(2, dim=-1)
+    return linear(x, a, upcast=upcast), linear(x, b, upcast=upcast)
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
     """x @ w ([.., in] @ [in, out]), as `linear`."""
     if upcast and _upcast(x, w):

@@ -159,3 +159,14 @@ def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint):
             got = eng.model(ids).logits
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+@exact
+def test_linear_pair_is_two_linears():
+    g = torch.Generator().manual_seed(2)
+    x, a, b = (torch.randn(*s, generator=g).bfloat16() for s in ((3, 128), (40, 128), (40, 128)))
+    ya, yb = gemm.linear_pair(x, a, b)
+    assert torch.equal(ya, F.linear(x, a)) and torch.equal(yb, F.linear(x, b))
+    many = torch.randn(KERNEL_ROWS + 1, 128, generator=g).bfloat16()
+    ya, yb = gemm.linear_pair(many, a, b, upcast=True)  # beyond KERNEL_ROWS: float32, each alone
+    assert torch.equal(ya, F.linear(many.float(), a.float()).bfloat16())
