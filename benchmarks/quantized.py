@@ -5,7 +5,7 @@ the demo model; bf16 against int8 (one scale per row) and int4 (groups of 64), s
     python benchmarks/quantized.py [--out results/quantized] [--tokens N] [--skip-quality] [--quick]
 
 - kernels: one expert of the 1 GB checkpoint's shape (hidden 1024, intermediate 2816: gate, up and
-  down) on 1 and 8 tokens, torch's bf16 F.linear against the int8 and int4 kernels expertcache
+  down) on 1 and 8 tokens, bf16 (expertcache's exact kernel, and torch's F.linear) against the int8 and int4 kernels expertcache
   calls on the stored bytes (median of repeats, 1 thread); effective GB/s is the expert's stored
   bytes over the time; and the one-off repack a load pays (quant.QuantExperts.prepare).
 - speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB bf16),
@@ -48,6 +48,7 @@ def kernels(experts: int = 12, repeats: int = 9) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from expertcache import gemm
     from expertcache import kernels as ec_kernels
     from expertcache.qformat import Scheme
     from expertcache.quant import QuantExperts, quantize
@@ -88,8 +89,13 @@ def kernels(experts: int = 12, repeats: int = 9) -> dict:
     for n in (1, 8):
         x = torch.randn(n, h, dtype=torch.bfloat16)
         xi = torch.randn(n, i, dtype=torch.bfloat16)
-        t = med(lambda: [(F.linear(x, e[0]), F.linear(x, e[1]), F.linear(xi, e[2])) for e in bf], experts)
-        out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9, "kernels": ["F.linear"]}
+        t = med(lambda: [(gemm.linear_pair(x, e[0], e[1]), gemm.linear(xi, e[2])) for e in bf], experts)
+        ours = ["expertcache exact"] if gemm.exact_kernel(torch.bfloat16) else ["F.linear"]
+        out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9, "kernels": ours}
+        if ours != ["F.linear"]:  # torch's own loop, the same bits
+            t = med(lambda: [(F.linear(x, e[0]), F.linear(x, e[1]), F.linear(xi, e[2])) for e in bf], experts)
+            out[f"bf16 torch_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9, "kernels": ["F.linear"],
+                                       "vs_bf16": t / (out[f"bf16_n{n}"]["ms"] / 1e3)}
         for name, (q, copies, prep, nbytes) in packed.items():
             t = med(lambda: [(q.gate_up(x, c), q.linear(xi, c, 2)) for c in copies], experts)
             out[f"{name}_n{n}"] = {"ms": 1e3 * t, "bytes": nbytes, "gb_s": nbytes / t / 1e9, "kernels": list(q.kernels),
