@@ -1,6 +1,7 @@
 """expertcache's own CPU kernels (qmm.cpp: int8/int4 weight-only products on pack-quantized bytes;
 bf16/fp16 products bit for bit as torch computes them, faster), compiled with torch's extension
-builder on first use and cached (~15 s once per torch version).
+builder on first use into expertcache's cache folder (~15 s once per source and torch version), then
+loaded as built.
 
 Where no compiler is at hand, or EXPERTCACHE_KERNELS=torch, `available()` is False: quant.py
 uses torch's CPU kernels instead and gemm.py torch's F.linear: the same results, slower.
@@ -9,14 +10,35 @@ uses torch's CPU kernels instead and gemm.py torch's F.linear: the same results,
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
+
+
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+
+
+def _name() -> str:
+    """The build's name: the source, the flags, torch's and Python's versions hashed, so two
+    checkouts or versions never rebuild over each other."""
+    import torch
+
+    key = Path(__file__).with_name("qmm.cpp").read_bytes() + " ".join([*CFLAGS, torch.__version__, sys.version]).encode()
+    return f"expertcache_qmm_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def build_dir(name: str) -> Path:
+    """Where a build lives: $EXPERTCACHE_KERNEL_DIR, else expertcache's folder in the user's cache."""
+    root = os.environ.get("EXPERTCACHE_KERNEL_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expertcache" / "kernels"
+    return Path(root) / name
 
 
 @functools.cache
@@ -29,31 +51,42 @@ def _build() -> bool:
         log.info("expertcache kernels are x86-64 AVX2; using torch's kernels on %s", platform.machine())
         return False
     try:
-        from torch.utils.cpp_extension import load
-
         with open("/proc/cpuinfo") as f:
             flags = f.read()
         if " avx2" not in flags or " fma" not in flags or " f16c" not in flags:
             return False
-        if not _built_before("expertcache_qmm"):
-            log.warning("building expertcache's CPU kernels (once, about 15 s; torch's extension cache keeps them)")
-        load(name="expertcache_qmm", sources=[str(Path(__file__).with_name("qmm.cpp"))],
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], is_python_module=False, verbose=False)
+        name = _name()
+        where = build_dir(name)
+        built = where / f"{name}.so"
+        if built.exists():  # built before: loaded as it is (no compiler, no extension machinery)
+            torch.ops.load_library(str(built))
+            return hasattr(torch.ops.expertcache, "qmm")
+        from torch.utils.cpp_extension import load
+
+        log.warning("building expertcache's CPU kernels into %s (once, about 15 s)", where)
+        where.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(where / "lock")
+        load(name=name, sources=[str(Path(__file__).with_name("qmm.cpp"))], extra_cflags=CFLAGS,
+             build_directory=str(where), is_python_module=False, verbose=False)
         return hasattr(torch.ops.expertcache, "qmm")
     except Exception as e:  # no compiler, no ninja, a read-only cache: torch's kernels do the work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("expertcache's CPU kernels did not build (%s); using torch's int8/int4 kernels", first[:200])
+        log.warning("expertcache's CPU kernels did not build (%s); using torch's kernels", first[:200])
         return False
 
 
-def _built_before(name: str) -> bool:
-    """Whether torch's extension cache holds a build of `name` (it rebuilds if the source changed)."""
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's builder waits, without end, for another build's lock file to go; a build killed
+    midway leaves it. A lock older than STALE_LOCK_S (a build takes ~15 s) is removed."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale kernel-build lock %s (a build was interrupted)", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
-        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
-    except Exception:
-        return False
+
+STALE_LOCK_S = 300
 
 
 def available() -> bool:

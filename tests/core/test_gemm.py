@@ -170,3 +170,24 @@ def test_linear_pair_is_two_linears():
     many = torch.randn(KERNEL_ROWS + 1, 128, generator=g).bfloat16()
     ya, yb = gemm.linear_pair(many, a, b, upcast=True)  # beyond KERNEL_ROWS: float32, each alone
     assert torch.equal(ya, F.linear(many.float(), a.float()).bfloat16())
+
+
+def test_kernel_builds_are_named_by_their_source_and_load_as_built(tmp_path, monkeypatch):
+    """A build's name hashes the source, flags and versions (two checkouts never rebuild over each
+    other); a stale lock left by a killed build is removed rather than waited on forever."""
+    import os
+    import time
+
+    name = kernels._name()
+    assert name.startswith("expertcache_qmm_") and name == kernels._name()
+    monkeypatch.setenv("EXPERTCACHE_KERNEL_DIR", str(tmp_path))
+    assert kernels.build_dir(name) == tmp_path / name
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._clear_stale_lock(lock)
+    assert lock.exists()  # fresh: another build may hold it
+    old = time.time() - kernels.STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock(lock)
+    assert not lock.exists()
+    kernels._clear_stale_lock(lock)  # none: nothing to do
