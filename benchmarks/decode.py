@@ -510,6 +510,9 @@ def main(argv=None) -> int:
     budgets = [f"{b.strip()}%" for b in args.budgets.split(",")]
     spec = FINE_SPEC if args.fine else CkptSpec()
     ckpt = build_checkpoint(args.ckpt_root, spec)
+    from expertcache import kernels
+
+    kernels.available()  # built here once, not inside a worker's memory cgroup or timed run
     trace = (default_trace() if args.routing_trace == "real" else args.routing_trace) or None
     kw = {"routing_trace": trace} if trace else {}
     out = Path(args.out)

@@ -418,6 +418,10 @@ def main(argv=None) -> int:
            "limits": lims, "tools": list(ts), "results": {}, "when": time.strftime("%Y-%m-%d %H:%M"),
            "machine": {"cpus": os.cpu_count()}}
     out.mkdir(parents=True, exist_ok=True)
+    if any(t["job"]["tool"] == "expertcache" for t in ts.values()):  # built here once, not by a worker in its cgroup
+        from expertcache import kernels
+
+        kernels.available()
     order = [(n, l) for l in lims for n in ts]
     for rnd in range(rounds):
         for name, lim in order if rnd % 2 == 0 else order[::-1]:

@@ -109,12 +109,13 @@ def _forward_upcast(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def install_dense(model: nn.Module, *, upcast: bool = False) -> int:
     """Give every plain nn.Linear of `model` whose weight is a slow half type `linear`'s paths (the
     exact kernel; with `upcast`, float32 for many rows); returns how many. Subclasses (quantized
-    linears) keep their own forward. Nothing is installed where neither path applies."""
-    if not upcast and not exact_kernel(torch.bfloat16) and not exact_kernel(torch.float16):
-        return 0
+    linears) keep their own forward. The kernel is built and checked here, at load, not in the
+    middle of a first forward; nothing is installed where neither path applies."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight is not None and slow_half(m.weight.dtype)]
+    exact = {dtype: exact_kernel(dtype) for dtype in {m.weight.dtype for m in linears}}
     n = 0
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight is not None and slow_half(m.weight.dtype):
+    for m in linears:
+        if upcast or exact[m.weight.dtype]:
             m.forward = (_forward_upcast if upcast else _forward).__get__(m)
             n += 1
     return n
