@@ -211,14 +211,20 @@ class ExpertsRuntime:
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
         guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._gated(layer) else None
+        if single is None:  # (token, slot) pairs grouped by expert, in token order, once for the call
+            k = ids.shape[1]
+            pairs = torch.argsort(ids.flatten(), stable=True)  # flat index token * k + slot
+            ends = torch.bincount(ids.flatten() + 1, minlength=self.num_experts + 1).cumsum(0).tolist()  # slot -1 first
+            flat_w, flat_c = weights.reshape(-1, 1), contrib.view(-1, contrib.shape[-1])
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
             for e, parts in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
                     s = single.index(e)
                     contrib[0, s] = expert_output(module, x, parts, e, self.quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
-                    tok, slot = torch.nonzero(ids == e, as_tuple=True)
-                    contrib[tok, slot] = expert_output(module, x[tok], parts, e, self.quant, self.upcast) * weights[tok, slot, None]
+                    mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
+                    y = expert_output(module, x.index_select(0, mine // k), parts, e, self.quant, self.upcast)
+                    flat_c.index_copy_(0, mine, (y * flat_w.index_select(0, mine)).to(flat_c.dtype))
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
     def forward_rows(self, module: nn.Module, layer: int, rows: torch.Tensor) -> torch.Tensor:

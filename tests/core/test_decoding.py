@@ -38,3 +38,25 @@ def test_decode_perplexity_runs_on_a_model_with_a_cache_of_its_own(checkpoint):
         ppl, scored, _ = decode_perplexity(eng.model, ids, window=16)
         want, n = perplexity(eng.model, ids, window=17, stride=16)
     assert scored == n and ppl == pytest.approx(want, rel=1e-4)
+
+
+def test_sampling_draws_from_the_tempered_nucleus():
+    """Engine sampling (inverse CDF, one uniform a token): frequencies match softmax(logits / T)
+    within sampling error, a token outside the top_p nucleus is never drawn, the same seed gives
+    the same draws, and greedy takes the argmax."""
+    from expertcache.engine import _pick
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).bfloat16()
+    want = torch.softmax(logits.float() / 0.8, dim=-1)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([_pick(logits, greedy=False, temperature=0.8, top_p=1.0, generator=g) for _ in range(n)]), minlength=5)
+    sigma = (want * (1 - want) / n).sqrt()
+    assert ((counts / n - want).abs() <= 5 * sigma + 1e-4).all(), (counts / n, want)
+    top = [_pick(logits, greedy=False, temperature=1.0, top_p=0.7, generator=g) for _ in range(2000)]
+    assert set(top) == {0, 1}  # p = 0.64, 0.24, 0.09, ...: the nucleus of 0.7 is the first two
+    ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = [_pick(logits, greedy=False, temperature=1.0, top_p=1.0, generator=ga) for _ in range(20)]
+    b = [_pick(logits, greedy=False, temperature=1.0, top_p=1.0, generator=gb) for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+    assert _pick(logits, greedy=True, temperature=1.0, top_p=1.0, generator=None) == 0
