@@ -253,13 +253,18 @@ class ExpertsRuntime:
         """Whether a decode call at `layer` skips guessing: every layer it guesses for has issued
         PRECISION_WARMUP guesses or more at a precision (used / issued) below min_precision. One
         gated call in PRECISION_PROBE guesses anyway, so a layer whose guesses improve reopens."""
-        if self.phase != "decode" or self.min_precision <= 0:
-            return False
         i = self._order.get(layer)
         if i is None:
             return False
+        return self.low_precision(self._sparse[i + 1 : i + 1 + self.prefetch_depth])
+
+    def low_precision(self, targets: list[int]) -> bool:
+        """Whether, in a decode step, guesses for `targets` are skipped (see _gated); also the
+        first layer's lead guesses, which its own precision gates."""
+        if self.phase != "decode" or self.min_precision <= 0:
+            return False
         stats = self.cache.core.stats
-        for target in self._sparse[i + 1 : i + 1 + self.prefetch_depth]:
+        for target in targets:
             ls = stats.layers.get(target)
             if ls is None or ls.prefetch_issued < PRECISION_WARMUP or ls.prefetch_used >= self.min_precision * ls.prefetch_issued:
                 return False
@@ -319,6 +324,8 @@ class FirstLayerPrefetch:
         if tokens > 1 and all_experts_likely(tokens, rt.num_experts, rt.top_k):
             experts = list(range(rt.num_experts))
         elif self.router is not None and self.norm is not None:
+            if rt.low_precision([self.layer]):  # its guesses have been wrong (the precision gate)
+                return
             experts = self._guess(hidden, tokens)
         else:
             return

@@ -191,6 +191,33 @@ def test_decode_guesses_stop_for_layers_whose_precision_is_low_but_for_probes(mo
         assert rt._gated(first) or rt._gated(first)
 
 
+def test_the_first_layers_lead_guesses_stop_when_its_precision_is_low(model_dir):
+    """The lead guess for the first sparse layer (made from the token's embedding as the step
+    starts) obeys the same gate, on that layer's own precision: blind leads stop but for probes."""
+    from expertcache.config import PRECISION_PROBE
+
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered",
+                          prefetch_min_precision=0.5) as eng:
+        rt, stats = eng.runtime, eng.cache.core.stats
+        first = eng.checkpoint.sparse_layers[0]
+        leads = []
+        rt.lead = lambda layer, experts: leads.append(layer)
+        hidden = torch.randn(1, 1, eng.model.config.hidden_size, dtype=eng.model.dtype)
+        rt.phase = "decode"
+        rt._lead(hidden)
+        assert leads == [first]  # no record yet: it guesses
+        ls = stats.layer(first)
+        ls.prefetch_issued, ls.prefetch_used = 100, 10
+        leads.clear()
+        for _ in range(2 * PRECISION_PROBE):
+            rt._lead(hidden)
+        assert len(leads) == 2  # the probes only
+        ls.prefetch_used = 60
+        leads.clear()
+        rt._lead(hidden)
+        assert leads == [first]
+
+
 def test_prefetch_min_precision_is_a_fraction():
     with pytest.raises(ExpertCacheError, match="prefetch_min_precision must be within"):
         expertcache.EngineConfig(prefetch_min_precision=1.5)
@@ -437,7 +464,8 @@ def test_first_layer_guess_is_remembered_per_token_input():
             calls.append(x.shape[0])
             return (x[:, :4] * 10,)  # logits: expert e scores feature e
 
-    runtime = types.SimpleNamespace(num_experts=4, top_k=2, lead=lambda layer, experts: requested.append([(layer, e) for e in experts]))
+    runtime = types.SimpleNamespace(num_experts=4, top_k=2, lead=lambda layer, experts: requested.append([(layer, e) for e in experts]),
+                                    low_precision=lambda targets: False)
     hook = FirstLayerPrefetch(runtime, 0, router=Router(), norm=torch.nn.Identity())
     a = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]], dtype=torch.bfloat16)
     b = torch.tensor([[[5.0, 0.0, 1.0, 2.0]]], dtype=torch.bfloat16)
