@@ -92,6 +92,8 @@ class CacheCore:
         self.entries: dict[ExpertId, Entry] = {}
         self.free = list(range(capacity - 1, -1, -1))
         self.per_layer: Counter = Counter()
+        self.unready: set[ExpertId] = set()  # entries whose load may be in flight (may hold some that are ready: checked on use)
+        self.guesses: set[ExpertId] = set()  # entries loaded on a guess and not used yet (speculative)
         self.now = -1  # index of the running wave: tick() before each, so the first is 0 (Belady's future)
         self.sweep: int | None = None  # the running layer while its call is a sweep (see route)
         self.sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
@@ -133,15 +135,22 @@ class CacheCore:
 
     def preempt(self, layer: int, needed: Iterable[int]) -> None:
         """The layer's router has run: its speculative entries it does not need are wrong guesses;
-        cancel those still queued and mark the rest first to go."""
+        cancel those still queued and mark the rest first to go. (Only entries still loading and
+        guesses are looked at, not every resident expert.)"""
         needed = set(needed)
         self.route(layer, needed)
-        for eid, ent in list(self.entries.items()):
-            if not ent.ready and ent.pins == 0 and ent.load is not None and self._finished(ent):
+        for eid in list(self.unready):
+            ent = self.entries.get(eid)
+            if ent is None or ent.ready:
+                self.unready.discard(eid)
+            elif ent.pins == 0 and ent.load is not None and self._finished(ent):
                 self._settle(eid, ent)  # a finished load is evictable now (nothing else settles a wrong guess)
-                if eid not in self.entries:
-                    continue
-            if eid[0] != layer or not ent.speculative or eid[1] in needed or ent.wasted:
+        for eid in sorted(e for e in self.guesses if e[0] == layer and e[1] not in needed):
+            ent = self.entries.get(eid)
+            if ent is None or not ent.speculative:
+                self.guesses.discard(eid)
+                continue
+            if ent.wasted:
                 continue
             ent.wasted = True
             self.stats.count(layer, "prefetch_wasted")
@@ -177,12 +186,14 @@ class CacheCore:
         now, as a demand load does at its miss (a wrong guess never skews the policy's counts)."""
         layer = eid[0]
         ent.speculative = False
+        self.guesses.discard(eid)
         if ent.wasted:  # a guess written off for an earlier token, used now after all
             ent.wasted = False
             self.stats.count(layer, "prefetch_wasted", -1)
         self.stats.count(layer, "prefetch_used")
         if not ent.ready and self._finished(ent) and self.reader.error(ent.load) is None:
             ent.ready = True  # arrived in time
+            self.unready.discard(eid)
         if not ent.ready:
             self.stats.count(layer, "prefetch_late")
             self.reader.promote(ent.load)
@@ -372,6 +383,9 @@ class CacheCore:
     def add(self, eid: ExpertId, *, speculative: bool) -> Entry:
         ent = Entry(slot=self.free.pop(), speculative=speculative)
         self.entries[eid] = ent
+        self.unready.add(eid)
+        if speculative:
+            self.guesses.add(eid)
         self.per_layer[eid[0]] += 1
         if not speculative:  # a guess joins the policy at its first use (acquire)
             self.policy.insert(eid, self.now)
@@ -380,6 +394,8 @@ class CacheCore:
 
     def remove(self, eid: ExpertId) -> Entry:
         ent = self.entries.pop(eid)
+        self.unready.discard(eid)
+        self.guesses.discard(eid)
         self.per_layer[eid[0]] -= 1
         self.policy.remove(eid)
         self.free.append(ent.slot)
@@ -436,6 +452,7 @@ class CacheCore:
                 self.remove(eid)
             return
         ent.ready = True
+        self.unready.discard(eid)
 
     def _reclaim(self, incoming: ExpertId) -> None:
         """Make room for a demand load, cancelling or waiting for speculative loads if need be."""
