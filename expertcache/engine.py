@@ -309,6 +309,8 @@ class Engine:
         s["cache_policy"] = self.config.cache_policy
         s["prefetch"] = self.config.prefetch
         s["routing"] = self.config.routing
+        s["half_matmul"] = self.config.half_matmul
+        s["half_kernel"] = gemm.kernel_name(self.model.dtype)  # which code computes bf16/fp16 products
         s["load_seconds"] = self.load_seconds
         s["layers"] = layers
         return s

@@ -62,6 +62,17 @@ def exact_kernel(dtype: torch.dtype) -> bool:
     return True
 
 
+def kernel_name(dtype: torch.dtype) -> str:
+    """Which code multiplies `dtype` matrices here (engine stats): "expertcache-exact" (emm),
+    "torch-onednn" (a CPU with a native half GEMM), "torch" (torch's loop: no kernel built, or it
+    failed its check), or "n/a" (not a half type)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "n/a"
+    if not slow_half(dtype):
+        return "torch-onednn"
+    return "expertcache-exact" if exact_kernel(dtype) else "torch"
+
+
 def _emm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether emm takes this product (no autograd: it is for inference)."""
     return (x.dtype == w.dtype and w.dim() == 2 and w.stride(-1) == 1 and not (x.requires_grad or w.requires_grad)

@@ -26,6 +26,7 @@ slow = pytest.mark.skipif(not gemm.slow_half(torch.bfloat16), reason="this CPU h
 
 def test_float32_is_never_upcast():
     assert not gemm.slow_half(torch.float32)
+    assert gemm.kernel_name(torch.float32) == "n/a"
     x, w = torch.randn(64, 32), torch.randn(16, 32)
     assert torch.equal(gemm.linear(x, w, upcast=True), F.linear(x, w))
 
@@ -155,6 +156,7 @@ def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint):
     with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered") as eng:
         patched = [m for m in eng.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
         assert patched, "no dense Linear took the kernel"
+        assert eng.stats()["half_kernel"] == "expertcache-exact" and eng.stats()["half_matmul"] == "exact"
         with torch.no_grad():
             got = eng.model(ids).logits
     assert got.dtype == torch.bfloat16
