@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import closing
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import gemm, mxfp4
@@ -51,6 +52,31 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 
 
 @functools.cache
+def _own_math(cls: type) -> bool:
+    """Whether an experts class computes an expert from its parts itself (expert_from_parts)."""
+    return callable(getattr(cls, "expert_from_parts", None))
+
+
+def _plain_act(act: nn.Module):
+    """F.silu where the module is exactly a SiLU (torch's, not in place, or transformers'), with no
+    hooks: the same op without a module call; None otherwise."""
+    if act._forward_hooks or act._forward_pre_hooks:
+        return None
+    if type(act) is nn.SiLU:
+        return None if act.inplace else F.silu
+    return F.silu if _transformers_silu(type(act)) else None
+
+
+@functools.cache
+def _transformers_silu(cls: type) -> bool:
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return False
+    return cls is SiLUActivation
+
+
+@functools.cache
 def _default_gate(cls: type) -> bool:
     """Whether an experts class gates as transformers' default does: act(gate) * up."""
     from transformers.integrations.moe import _default_apply_gate
@@ -84,11 +110,16 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
         parts = tuple(p.t().contiguous() for p in parts) if t else parts  # the module's own layout
     elif parts[0].dtype != x.dtype:  # EngineConfig.dtype overrides the checkpoint's: cast on use, as
         parts = tuple(p.to(x.dtype) for p in parts)  # transformers casts at load (the cache keeps the saved bytes)
-    own = getattr(module, "expert_from_parts", None)  # a stand-in's own math on its parts as saved (DBRX)
-    if own is not None:
-        return own(x, parts)
+    if _own_math(type(module)):  # a stand-in's own math on its parts as saved (DBRX)
+        return module.expert_from_parts(x, parts)
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
+        if not (t or bias or upcast or module.has_post_expert_norm) and x.dim() == 2 and _default_gate(type(module)):
+            act = _plain_act(module.act_fn)
+            if act is not None and gate.shape == up.shape and gemm._emm(x, gate) and gemm._emm(x, up) and gemm._emm(x, down):
+                # the path below, without its per-call checks: the same kernels on the same values
+                gu, i = torch.ops.expertcache.emm(x, [gate, up]), gate.shape[0]
+                return torch.ops.expertcache.emm(act(gu[:, :i]) * gu[:, i:], [down])
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)  # [n, I] each
         h = module.act_fn(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
     else:

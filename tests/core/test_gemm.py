@@ -142,11 +142,18 @@ def test_half_matmul_float32_stays_within_bf16_rounding_of_transformers(checkpoi
 
 @exact
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint):
+def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint, monkeypatch):
     """The default path on a bf16 checkpoint: every dense Linear and expert product through the
-    exact kernel (qwen2_moe's attention has biases), at a budget under pressure, and the prompt's
-    logits are transformers' bits, not only close to them."""
+    exact kernel (qwen2_moe's attention has biases; experts.expert_output's direct path for plain
+    SiLU experts taken), at a budget under pressure, and the prompt's logits are transformers'
+    bits, not only close to them."""
     from transformers import AutoModelForCausalLM
+
+    from expertcache import experts
+
+    direct = []
+    plain = experts._plain_act
+    monkeypatch.setattr(experts, "_plain_act", lambda act: (r := plain(act), direct.append(r is not None))[0])
 
     model_dir = checkpoint(family, num_experts=8, top_k=2, dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
@@ -161,6 +168,7 @@ def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint):
             got = eng.model(ids).logits
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+    assert direct and all(direct), "an expert missed the direct path"
 
 
 @exact
