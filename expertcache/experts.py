@@ -114,14 +114,8 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
         return module.expert_from_parts(x, parts)
     if len(parts) == 3:  # one tensor each on disk: (gate, up, down)
         gate, up, down = parts
-        if not (t or bias or upcast or module.has_post_expert_norm) and x.dim() == 2 and _default_gate(type(module)):
-            act = _plain_act(module.act_fn)
-            if act is not None and gate.shape == up.shape and gemm._emm(x, gate) and gemm._emm(x, up) and gemm._emm(x, down):
-                # the path below, without its per-call checks: the same kernels on the same values
-                gu, i = torch.ops.expertcache.emm(x, [gate, up]), gate.shape[0]
-                return torch.ops.expertcache.emm(act(gu[:, :i]) * gu[:, i:], [down])
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)  # [n, I] each
-        h = module.act_fn(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
+        h = (_plain_act(module.act_fn) or module.act_fn)(g) * u if _default_gate(type(module)) else module._apply_gate(torch.cat([g, u], dim=-1))
     else:
         w, down = parts
         name = "gate_up_proj_bias" if module.has_gate else "up_proj_bias"

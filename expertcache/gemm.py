@@ -86,6 +86,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     if upcast and _upcast(x, w) and (x.numel() > KERNEL_ROWS * x.shape[-1] or not _emm(x, w)):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
     if _emm(x, w) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+        if x.dim() == 2:  # an expert's rows: no reshapes (this is a decode step's hot path)
+            return torch.ops.expertcache.emm(x, [w], bias)
         y = torch.ops.expertcache.emm(x.reshape(-1, x.shape[-1]), [w], bias)
         return y.reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, bias)
@@ -97,8 +99,12 @@ def linear_pair(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, upcast: bo
     k = x.shape[-1]
     if (a.shape == b.shape and _emm(x, a) and _emm(x, b)
             and not (upcast and x.numel() > KERNEL_ROWS * k)):
-        y = torch.ops.expertcache.emm(x.reshape(-1, k), [a, b]).reshape(*x.shape[:-1], 2 * a.shape[0])
-        return y.chunk(2, dim=-1)
+        n = a.shape[0]
+        if x.dim() == 2:
+            y = torch.ops.expertcache.emm(x, [a, b])
+            return y[:, :n], y[:, n:]
+        y = torch.ops.expertcache.emm(x.reshape(-1, k), [a, b]).reshape(*x.shape[:-1], 2 * n)
+        return y[..., :n], y[..., n:]
     return linear(x, a, upcast=upcast), linear(x, b, upcast=upcast)
 
 

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
+SOURCE = Path(__file__).with_name("qmm.cpp")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+STALE_LOCK_S = 300  # a build lock older than this was left by a killed build (a build takes ~15 s)
 
 
 def _name() -> str:
@@ -31,7 +33,7 @@ def _name() -> str:
     checkouts or versions never rebuild over each other."""
     import torch
 
-    key = Path(__file__).with_name("qmm.cpp").read_bytes() + " ".join([*CFLAGS, torch.__version__, sys.version]).encode()
+    key = SOURCE.read_bytes() + " ".join([*CFLAGS, torch.__version__, sys.version]).encode()
     return f"expertcache_qmm_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -66,7 +68,7 @@ def _build() -> bool:
         log.warning("building expertcache's CPU kernels into %s (once, about 15 s)", where)
         where.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(where / "lock")
-        load(name=name, sources=[str(Path(__file__).with_name("qmm.cpp"))], extra_cflags=CFLAGS,
+        load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
              build_directory=str(where), is_python_module=False, verbose=False)
         return hasattr(torch.ops.expertcache, "qmm")
     except Exception as e:  # no compiler, no ninja, a read-only cache: torch's kernels do the work
@@ -77,7 +79,7 @@ def _build() -> bool:
 
 def _clear_stale_lock(lock: Path) -> None:
     """torch's builder waits, without end, for another build's lock file to go; a build killed
-    midway leaves it. A lock older than STALE_LOCK_S (a build takes ~15 s) is removed."""
+    midway leaves it. A lock older than STALE_LOCK_S is removed."""
     try:
         if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             log.warning("removing a stale kernel-build lock %s (a build was interrupted)", lock)
@@ -85,8 +87,6 @@ def _clear_stale_lock(lock: Path) -> None:
     except FileNotFoundError:
         pass
 
-
-STALE_LOCK_S = 300
 
 
 def available() -> bool:

@@ -168,8 +168,7 @@ void rows(const uint8_t* packed, int64_t rb, const float* scale, const uint8_t* 
   }
 }
 
-// ---- half-precision weights (bf16 or fp16) times float32 rows -----------------------------------
-// Eight weights widened to float32: bf16 is the high half of a float32; fp16 through F16C.
+// ---- half-precision values widened to float32: bf16 is the high half of a float32; fp16 through F16C
 template <bool F16>
 inline __m256 load_half8(const uint16_t* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -285,20 +284,17 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
     bp = reinterpret_cast<const uint16_t*>(bias->data_ptr());
   }
   const bool f16 = dtype == at::kHalf;
-  // x widened once: xs as it is (the remainder), xk with each 16 of the first K64 inputs in the order
-  // exact_dot reads them (bf16: 0-3, 8-11, 4-7, 12-15, the unpack order; fp16: as they are)
+  // x widened once: xs as it is; bf16 also xk, each 16 of the first K64 inputs in the order
+  // exact_dot reads them (0-3, 8-11, 4-7, 12-15: the unpack order); fp16 reads xs throughout
   const int64_t K64 = K & ~int64_t(63);
-  std::vector<float> xs(T * K), xk(T * K);
+  std::vector<float> xs(T * K), xk(f16 ? 0 : T * K);
   for (int64_t t = 0; t < T; ++t) {
     const auto* row = reinterpret_cast<const uint16_t*>(x.data_ptr()) + t * x.stride(0);
     const int64_t cs = x.stride(1);
     float* s = xs.data() + t * K;
-    float* d = xk.data() + t * K;
     for (int64_t k = 0; k < K; ++k) s[k] = half_scalar(row[k * cs], f16);
-    if (f16) {
-      std::memcpy(d, s, K * sizeof(float));
-      continue;
-    }
+    if (f16) continue;
+    float* d = xk.data() + t * K;
     for (int64_t k = 0; k < K64; k += 16) {
       std::memcpy(d + k, s + k, 4 * sizeof(float));
       std::memcpy(d + k + 4, s + k + 8, 4 * sizeof(float));
@@ -309,8 +305,8 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
   }
   auto y = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const float* xkp = xk.data();
   const float* xsp = xs.data();
+  const float* xkp = f16 ? xsp : xk.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < w.size(); ++i) {
       const int64_t a = std::max(n0, first[i]), c = std::min(n1, first[i + 1]);

@@ -144,9 +144,9 @@ def test_half_matmul_float32_stays_within_bf16_rounding_of_transformers(checkpoi
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint, monkeypatch):
     """The default path on a bf16 checkpoint: every dense Linear and expert product through the
-    exact kernel (qwen2_moe's attention has biases; experts.expert_output's direct path for plain
-    SiLU experts taken), at a budget under pressure, and the prompt's logits are transformers'
-    bits, not only close to them."""
+    exact kernel (qwen2_moe's attention has biases; the experts' SiLU as F.silu, without its
+    module call), at a budget under pressure, and the prompt's logits are transformers' bits, not
+    only close to them."""
     from transformers import AutoModelForCausalLM
 
     from expertcache import experts
@@ -168,7 +168,7 @@ def test_engine_bf16_logits_equal_transformers_bit_for_bit(family, checkpoint, m
             got = eng.model(ids).logits
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
-    assert direct and all(direct), "an expert missed the direct path"
+    assert direct and all(direct), "an expert's activation was not taken as F.silu"
 
 
 @exact
