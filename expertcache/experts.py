@@ -206,8 +206,17 @@ class ExpertsRuntime:
         if hidden is None or hidden.dim() != 3:
             return
         self.phase = "decode" if hidden.shape[1] == 1 else "prefill"
-        if self.prefetch_enabled:
+        if not self.prefetch_enabled:
+            return
+        start = getattr(self.predictor, "start", None)
+        if start is None:
             self._lead(hidden)
+            return
+        guesses = start(hidden)  # a pre-gate: every sparse layer's guess before the first one runs
+        self.predictions.update(guesses)
+        first = dict(guesses).get(self._sparse[0])
+        if first and not self.low_precision([self._sparse[0]]):
+            self.lead(self._sparse[0], first)
 
     # --- one call ------------------------------------------------------------------------------
     def forward(self, module: nn.Module, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -11,4 +11,4 @@ DROPPED = -1  # id of a routing slot a lossy routing policy dropped (its weight 
 DEMAND, PREFETCH = 0, 1  # load priorities: lower is served first
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"  # a load's states
 
-TRAINED_KINDS = ("default-vector", "estimator", "learned")  # predictors fitted into a file by train-predictor
+TRAINED_KINDS = ("default-vector", "estimator", "learned", "pregate")  # predictors fitted into a file by train-predictor

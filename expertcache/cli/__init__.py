@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {  # command -> module of this package
     "eval-predictors": "eval_predictors",
     "quantize": "quantize",
     "serve": "serve",
+    "refactor": "refactor",
 }
 SUMMARIES = {  # shown by `expertcache --help` without importing the command modules
     "generate": "generate text through the offloaded engine",
@@ -43,6 +44,7 @@ SUMMARIES = {  # shown by `expertcache --help` without importing the command mod
     "eval-predictors": "precision and recall of every predictor on held-out text",
     "quantize": "write a copy of a checkpoint with int8 or int4 experts (compressed-tensors pack-quantized)",
     "serve": "an OpenAI-compatible HTTP server with continuous, expert-aware batching",
+    "refactor": "split a dense Llama/Mistral/Qwen2 checkpoint into an MoE checkpoint (Read-ME), with a distillation fine-tune",
 }
 
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..demo.settings import EXPERTS_IMPLS, DemoTrainingSettings
+from ..demo.settings import EXPERTS_IMPLS, FAMILIES, DemoTrainingSettings
 from ..errors import ExpertCacheError
 
 D = DemoTrainingSettings  # every default is the settings' own
@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=int, default=D.batch_size)
 
     m = parser.add_argument_group("model")
+    m.add_argument("--family", default=D.family, choices=FAMILIES,
+                   help="mixtral: the demo MoE; llama: a dense model (the parent `expertcache refactor` splits)")
+    m.add_argument("--tokenizer", type=Path, default=D.tokenizer, help="reuse this tokenizer folder instead of training one")
     m.add_argument("--vocab-size", type=int, default=D.vocab_size)
     m.add_argument("--hidden", type=int, default=D.hidden)
     m.add_argument("--layers", type=int, default=D.layers)
-    m.add_argument("--intermediate", type=int, default=D.intermediate, help="per-expert FFN width")
+    m.add_argument("--intermediate", type=int, default=D.intermediate, help="FFN width: per expert (mixtral), whole FFN (llama)")
     m.add_argument("--experts", type=int, default=D.experts)
     m.add_argument("--top-k", type=int, default=D.top_k)
     m.add_argument("--heads", type=int, default=D.heads)

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     pct = lambda v: "   -" if v is None else f"{100 * v:4.0f}"  # noqa: E731
     for r in report.results:
         per_layer = " ".join(pct(v) for v in r["per_layer_recall"])
-        print(f"{r['predictor']:<16}{r['depth']:>6}{pct(r['precision']):>10}%{pct(r['recall']):>8}%  {per_layer}")
+        depth = "all" if r["depth"] == 0 else r["depth"]
+        print(f"{r['predictor']:<16}{depth:>6}{pct(r['precision']):>10}%{pct(r['recall']):>8}%  {per_layer}")
     for s in report.skipped:
         print(f"skipped {s['predictor']}{' depth ' + str(s['depth']) if 'depth' in s else ''}: {s['reason']}")
     return 0

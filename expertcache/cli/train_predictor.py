@@ -1,5 +1,5 @@
-"""expertcache train-predictor: fit a predictor file (learned, estimator, default-vector) from a
-trace or calibration text, and write it."""
+"""expertcache train-predictor: fit a predictor file (learned, estimator, default-vector, pregate)
+from a trace or calibration text, and write it."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                               window=args.window, depths=depths, settings=settings, progress=progress)  # fmt: skip
     with written(out, "--out") as tmp:
         art.save(tmp)
-    print(f"wrote {out}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or 'chained'}{_validation(art)}")
+    print(f"wrote {out}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or ('every layer at once' if art.kind == 'pregate' else 'chained')}{_validation(art)}")
     return 0
 
 
@@ -62,4 +62,6 @@ def _validation(art) -> str:
     if not v:
         return ""
     mean = lambda key: sum(r[key] for r in v) / len(v)  # noqa: E731
+    if art.kind == "pregate":
+        return f"; validation recall, every layer from the embeddings: {mean('val_recall'):.3f}"
     return f"; validation recall {mean('val_recall'):.3f} (next-gate {mean('val_recall_next_gate'):.3f})"

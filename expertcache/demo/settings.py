@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXPERTS_IMPLS = ("grouped_mm", "eager", "batched_mm")  # transformers' experts implementations to train with
+FAMILIES = ("mixtral", "llama")  # what train-demo trains: the demo MoE, or a dense parent for `refactor`
 # the demo tokenizer's chat template (the server's too for a tokenizer without one): role-prefixed
 # turns, then the assistant's prefix. The demo model saw no dialogue in training: a chat turn is
 # a text to continue.
@@ -40,10 +41,12 @@ class DemoTrainingSettings:
     seq_len: int = 256
     batch_size: int = 8
     # model
+    family: str = "mixtral"  # "mixtral" (the demo MoE) or "llama" (a dense model: Read-ME's parent)
+    tokenizer: Path | None = None  # reuse this tokenizer folder (e.g. the demo's) instead of training one
     vocab_size: int = 8192
     hidden: int = 256
     layers: int = 6
-    intermediate: int = 512  # per-expert FFN width
+    intermediate: int = 512  # FFN width: per expert (mixtral), of the whole FFN (llama)
     experts: int = 8
     top_k: int = 2
     heads: int = 8
@@ -65,6 +68,7 @@ class DemoTrainingSettings:
         out["out_dir"] = str(self.out_dir)
         out["export_to"] = None if self.export_to is None else str(self.export_to)
         out["train_text"] = None if self.train_text is None else [str(t) for t in self.train_text]
+        out["tokenizer"] = None if self.tokenizer is None else str(self.tokenizer)
         return out
 
     @classmethod
@@ -78,6 +82,8 @@ class DemoTrainingSettings:
             kw["export_to"] = Path(kw["export_to"])
         if kw.get("train_text") is not None:
             kw["train_text"] = tuple(Path(t) for t in kw["train_text"])
+        if kw.get("tokenizer") is not None:
+            kw["tokenizer"] = Path(kw["tokenizer"])
         return cls(**kw)
 
 

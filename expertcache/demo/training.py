@@ -1,4 +1,5 @@
-"""Train and export the bundled demo model: a small Mixtral-family MoE trained on CPU.
+"""Train and export the bundled demo model: a small Mixtral-family MoE trained on CPU (or, with
+family "llama", a dense model of the same recipe: the parent `expertcache refactor` splits).
 
 Owns the training recipe (tokenizer, data mixture, model shape, AdamW + warmup/cosine schedule,
 router load-balancing loss), resumable checkpoints, the in-run evaluation (last-word multiple
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import ExpertCacheError
 from . import corpus
-from .settings import CHAT_TEMPLATE, EXPERTS_IMPLS, RESUME_OVERRIDES, DemoTrainingSettings
+from .settings import CHAT_TEMPLATE, EXPERTS_IMPLS, FAMILIES, RESUME_OVERRIDES, DemoTrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +149,24 @@ def sample_batch(sources: list[Source], step: int, seed: int, batch: int, seq_le
 
 
 def make_config(settings: DemoTrainingSettings, tokenizer):
-    from transformers import MixtralConfig
+    from transformers import LlamaConfig, MixtralConfig
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
+    if settings.family == "llama":
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=settings.hidden,
+            intermediate_size=settings.intermediate,
+            num_hidden_layers=settings.layers,
+            num_attention_heads=settings.heads,
+            num_key_value_heads=settings.kv_heads,
+            max_position_embeddings=1024,
+            rope_theta=10000.0,
+            tie_word_embeddings=settings.tie_embeddings,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=None,
+        )
     cfg = MixtralConfig(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden,
@@ -172,7 +188,13 @@ def make_config(settings: DemoTrainingSettings, tokenizer):
     return cfg
 
 
+def is_moe(model) -> bool:
+    return getattr(model.config, "num_local_experts", None) is not None
+
+
 def set_experts_impl(model, impl: str) -> None:
+    if not is_moe(model):
+        return
     model.config._experts_implementation = impl
     for module in model.modules():
         if hasattr(module, "config") and module.config is not model.config:
@@ -184,7 +206,8 @@ def param_counts(model) -> dict[str, float]:
     cfg = model.config
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = total - experts + experts * cfg.num_experts_per_tok / cfg.num_local_experts
+    share = cfg.num_experts_per_tok / cfg.num_local_experts if is_moe(model) else 1.0
+    active = total - experts + experts * share
     return {"total": total, "experts": experts, "experts_share": experts / total, "active": active}
 
 
@@ -251,19 +274,23 @@ def heldout_ids(tokenizer, max_tokens: int = 8192) -> torch.Tensor | None:
 
 @torch.no_grad()
 def heldout_stats(model, ids: torch.Tensor, seq_len: int) -> tuple[float, list[list[float]]]:
-    """Held-out loss and, per layer, each expert's share of routed (token, slot) pairs."""
+    """Held-out loss and, per layer, each expert's share of routed (token, slot) pairs (none: dense)."""
     n = (len(ids) - 1) // seq_len
     x = ids[: n * seq_len + 1]
     inputs, labels = x[:-1].view(n, seq_len), x[1:].reshape(n, seq_len)
     losses, counts = [], None
     for i in range(0, n, 8):
-        out = model(input_ids=inputs[i : i + 8], output_router_logits=True)
+        out = model(input_ids=inputs[i : i + 8], **({"output_router_logits": True} if is_moe(model) else {}))
         losses.append(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), labels[i : i + 8].flatten()))
+        if not is_moe(model):
+            continue
         k, e = model.config.num_experts_per_tok, model.config.num_local_experts
         layer_counts = torch.stack(
             [torch.bincount(r.topk(k, dim=-1).indices.flatten(), minlength=e) for r in out.router_logits]
         )
         counts = layer_counts if counts is None else counts + layer_counts
+    if counts is None:
+        return float(torch.stack(losses).mean()), []
     shares = (counts.float() / counts.sum(dim=1, keepdim=True)).tolist()
     return float(torch.stack(losses).mean()), shares
 
@@ -289,10 +316,11 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> 
 
 def export(ckpt: Path, out: Path) -> None:
     """Write the shipped files (bf16 safetensors, config, generation config, tokenizer) to ``out``."""
-    from transformers import AutoTokenizer, GenerationConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    model = MixtralForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16)
-    model.config.output_router_logits = False
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16)
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     eos = tokenizer.convert_tokens_to_ids(EOS)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
@@ -331,6 +359,10 @@ def prepare(settings: DemoTrainingSettings, run_dir: Path):
     """Tokenizer and token streams of the run (built once, reused on resume)."""
     tok_dir, cache = run_dir / "tokenizer", run_dir / "tokens.pt"
     texts = None
+    if settings.tokenizer is not None and not (tok_dir / "tokenizer.json").exists():
+        if not (Path(settings.tokenizer) / "tokenizer.json").exists():
+            raise ExpertCacheError(f"--tokenizer {settings.tokenizer}: no tokenizer.json there")
+        load_tokenizer(Path(settings.tokenizer)).save_pretrained(tok_dir)
     if not (tok_dir / "tokenizer.json").exists():
         texts = training_texts(settings)
         logger.info("training tokenizer (vocab %d) on %d sources", settings.vocab_size, len(texts))
@@ -356,9 +388,11 @@ def evaluate(model, tokenizer, items, held, seq_len: int) -> dict:
         result["mc_items"] = len(items)
     if held is not None:
         loss, shares = heldout_stats(model, held, seq_len)
-        flat = [s for layer in shares for s in layer]
-        result.update(heldout_loss=loss, expert_share_min=min(flat), expert_share_max=max(flat))
-        result["expert_share_min_max_per_layer"] = [(round(min(x), 3), round(max(x), 3)) for x in shares]
+        result["heldout_loss"] = loss
+        if shares:
+            flat = [s for layer in shares for s in layer]
+            result.update(expert_share_min=min(flat), expert_share_max=max(flat))
+            result["expert_share_min_max_per_layer"] = [(round(min(x), 3), round(max(x), 3)) for x in shares]
     model.train()
     return result
 
@@ -368,6 +402,8 @@ def train_demo(settings: DemoTrainingSettings) -> DemoTrainingResult:
     checkpointing every save_every_min minutes and at the end; torch's thread count is restored after."""
     if settings.max_steps is None and settings.end_at is None and not settings.resume:
         raise ExpertCacheError("give --max-steps or --end-at")
+    if settings.family not in FAMILIES:
+        raise ExpertCacheError(f"unknown family {settings.family!r}: choose one of {', '.join(FAMILIES)}")
     if settings.experts_impl not in EXPERTS_IMPLS:
         raise ExpertCacheError(f"unknown experts implementation {settings.experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
     threads = torch.get_num_threads()
@@ -379,7 +415,7 @@ def train_demo(settings: DemoTrainingSettings) -> DemoTrainingResult:
 
 def _train(settings: DemoTrainingSettings) -> DemoTrainingResult:
     from tqdm import tqdm
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -396,14 +432,14 @@ def _train(settings: DemoTrainingSettings) -> DemoTrainingResult:
     s = settings
     tokenizer, sources = prepare(s, run_dir)
     if resuming:
-        model = MixtralForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
         model.config.pad_token_id = None  # runs started before this fix had pad = eos = padding_idx
         model.model.embed_tokens.padding_idx = None
         optimizer = make_optimizer(model, s)
         optimizer.load_state_dict(state.pop("optimizer"))
         logger.info("resumed at step %d (%d tokens seen)", state["step"], state["tokens_seen"])
     else:
-        model = MixtralForCausalLM(make_config(s, tokenizer))
+        model = AutoModelForCausalLM.from_config(make_config(s, tokenizer))
         optimizer = make_optimizer(model, s)
         now = time.time()
         end = parse_end_at(s.end_at, now) if s.end_at else None
@@ -451,9 +487,10 @@ def _train(settings: DemoTrainingSettings) -> DemoTrainingResult:
         batch = sample_batch(sources, step, s.seed, s.batch_size, s.seq_len)
         t0 = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
-            out = model(input_ids=batch[:, :-1], output_router_logits=True)
+            out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if is_moe(model) else {}))
             lm_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            aux_loss = balance_loss(out.router_logits, model.config.num_local_experts, model.config.num_experts_per_tok)
+            aux_loss = (balance_loss(out.router_logits, model.config.num_local_experts, model.config.num_experts_per_tok)
+                        if is_moe(model) else torch.zeros(()))  # fmt: skip
             loss = lm_loss + s.aux_coef * aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

@@ -1,8 +1,8 @@
 """Predictors: which experts later layers will need, guessed while the current layer runs (only
 speed depends on them, never exactness). Registered by name in PREDICTORS: none, next-gate
-(AdapMoE), estimator, default-vector (speculating experts), learned (ProMoE), history;
-docs/techniques.md describes each. default-vector, estimator and learned read a file from
-`expertcache train-predictor`.
+(AdapMoE), estimator, default-vector (speculating experts), learned (ProMoE), history, pregate
+(Read-ME); docs/techniques.md describes each. default-vector, estimator, learned and pregate read
+a file from `expertcache train-predictor`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from .default_vector import DefaultVectorPredictor
 from .gate import EstimatorPredictor, NextGatePredictor, NoPredictor
 from .history import HistoryPredictor
 from .learned import ExpertMLP, LearnedPredictor
+from .pregate import PregateNet, PregatePredictor
 
 __all__ = [
     "Artefact", "CappedPredictor", "DefaultVectorPredictor", "EstimatorPredictor", "ExpertMLP", "HistoryPredictor",
     "LearnedPredictor", "Lookahead", "NextGatePredictor", "NoPredictor", "PREDICTORS", "Prediction", "Predictor",
+    "PregateNet", "PregatePredictor",
     "default_path", "make_predictor", "rank",
 ]
 
@@ -77,6 +79,14 @@ def _default_vector(**kw) -> DefaultVectorPredictor:
     )
 
 
+def _pregate(**kw) -> PregatePredictor:
+    art = _artefact("pregate", kw)
+    layers, num_experts, hidden = _shape(kw["routers"])
+    net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0])
+    net.load_state_dict(art.tensors)
+    return PregatePredictor(net, layers, top_k=kw["top_k"], depth=kw["depth"])
+
+
 PREDICTORS: dict[str, Callable[..., Predictor]] = {
     "none": lambda **kw: NoPredictor(),
     "next-gate": lambda **kw: NextGatePredictor(routers=kw["routers"], top_k=kw["top_k"], depth=kw["depth"]),
@@ -84,6 +94,7 @@ PREDICTORS: dict[str, Callable[..., Predictor]] = {
     "estimator": _estimator,
     "learned": _learned,
     "history": lambda **kw: HistoryPredictor(layers=sorted(kw["routers"]), top_k=kw["top_k"], depth=kw["depth"]),
+    "pregate": _pregate,
 }
 
 

@@ -67,6 +67,11 @@ class CappedPredictor:
             return guesses
         return [(target, experts[: self.max_per_layer]) for target, experts in guesses]
 
+    def __getattr__(self, name: str):  # the inner predictor's optional hooks (start, reset), as they are
+        if name in ("start", "reset", "guesses"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
     def observe(self, layer: int, x, logits, weights, ids) -> None:
         observe = getattr(self.inner, "observe", None)
         if observe is not None:

@@ -6,6 +6,7 @@ experts) is compared with the set the layer then really routes to: precision = |
 |guess|, recall = |guess & routed| / |routed|, summed over (token, target layer) pairs. Layers no
 predictor can see (the first d sparse layers at distance d) have no figure. The cache plays no
 part: this measures the guesses; `prefetch_metrics` reads an engine run's prefetch counters.
+A pre-gate also guesses every layer at once before the first one runs: its row at depth 0 ("all").
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ class _Scorer:
     def __call__(self, layer: int, x, logits, weights, ids) -> None:
         if x.shape[0] != 1:
             raise ExpertCacheError("eval-predictors feeds one token per forward")
-        if layer == self.layers[0]:
-            self.pending.clear()
         true = {int(e) for e in ids[0].tolist() if e >= 0}
         for name, d, guess in self.pending.pop(layer, []):
             key = (name, d, layer)
@@ -61,10 +60,15 @@ class _Scorer:
                 if d in self.depths:
                     self.pending[target].append((name, d, experts[: self.top_k]))
 
+    def start(self, name: str, guesses) -> None:
+        """A pre-gate's guesses for every layer, made before the first one (depth 0)."""
+        for target, experts in guesses:
+            self.pending[target].append((name, 0, experts[: self.top_k]))
+
     def results(self, names: list[str], depths: list[int], available: set[tuple[str, int]]) -> list[dict]:
         out = []
         for name in names:
-            for d in depths:
+            for d in [0, *depths]:
                 if (name, d) not in available:
                     continue
                 keys = [(name, d, t) for t in self.layers]
@@ -152,9 +156,19 @@ def evaluate(
         for watch in watchers:
             watch(layer, x, logits, weights, ids)
 
+    starters = {name: p.start for name, p in predictors.items() if getattr(p, "start", None) is not None}
+
+    def on_input(module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        scorer.pending.clear()  # a new forward: guesses for the last one's layers are void
+        for name, start in starters.items():
+            scorer.start(name, start(hidden))
+
     fed = 0
     segments = [doc[i : i + max_doc_tokens] for doc in documents for i in range(0, len(doc), max_doc_tokens)]
     with ExitStack() as stack:
+        first = engine.model.get_submodule(ckpt.sites[ckpt.sparse_layers[0]].decoder_layer.rsplit(".", 1)[0])[0]
+        stack.callback(first.register_forward_pre_hook(on_input, with_kwargs=True).remove)
         stack.enter_context(engine.prefetch_paused())
         stack.enter_context(engine.observe(on_route=on_route))
         bar = stack.enter_context(tqdm(total=max_tokens, unit="tok", desc="eval-predictors", disable=not progress))
@@ -222,6 +236,7 @@ def eval_predictors(
             if close is not None:
                 close()
     available = {(n, d) for n, r in reach.items() for d in depths if d <= r}
+    available |= {(n, 0) for n, p in predictors.items() if getattr(p, "start", None) is not None}
     return PredictorEval(
         model=str(engine.checkpoint.model_dir),
         text=str(text),

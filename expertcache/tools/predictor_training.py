@@ -8,6 +8,8 @@ token's routing and MoE input at layer l+d), d = 1..depth in sparse layers.
     estimator       A, b per (l, d) by ridge least squares: x[l+d] ~ x[l] A + b
     default-vector  per expert, its mean output over the calibration tokens routed to it (plus the
                     mean shared-expert contribution), computed through the engine's cache
+    pregate         one PregateNet over the token embeddings (the first decoder layer's input) to
+                    every sparse layer's router distribution; trained from text (a trace has no embeddings)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import ExpertCacheError
 from ..ids import TRAINED_KINDS
 from ..predictors.artefact import Artefact
 from ..predictors.learned import DEFAULT_ACTIVATION, ExpertMLP
+from ..predictors.pregate import DEFAULT_WINDOW, PregateNet
 from .settings import TrainSettings
 from ..sim.recorder import Recorder
 from ..sim.trace import Trace
@@ -91,6 +94,101 @@ def record_calibration(engine, documents: list[list[int]], *, max_tokens: int, w
     if done == 0:
         raise ExpertCacheError("the calibration text gave no tokens")
     return rec.trace
+
+
+@torch.inference_mode()
+def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, window: int, progress: bool = True):
+    """Run token documents through the engine in forwards of at most `window` tokens and record,
+    per forward, the first decoder layer's input [T, H] and every sparse layer's router logits
+    [T, E] and routed ids [T, k]. Returns (inputs per forward, {layer: logits}, {layer: ids})."""
+    from tqdm.auto import tqdm
+
+    ckpt = engine.checkpoint
+    layers = list(ckpt.sparse_layers)
+    first = engine.model.get_submodule(ckpt.sites[layers[0]].decoder_layer.rsplit(".", 1)[0])[0]
+    inputs: list[torch.Tensor] = []
+    logits: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    ids: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+
+    def on_input(module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        inputs.append(hidden[0].detach().float().clone())
+
+    def on_route(layer, x, lg, weights, routed) -> None:
+        logits[layer].append(lg.detach().float().clone())
+        ids[layer].append(routed.detach().clone())
+
+    bar = tqdm(total=max_tokens, unit="tok", desc="calibration", disable=not progress)
+    done = 0
+    hook = first.register_forward_pre_hook(on_input, with_kwargs=True)
+    try:
+        with engine.observe(on_route=on_route):
+            for doc in documents:
+                for start in range(0, len(doc), window):
+                    chunk = doc[start : start + window][: max_tokens - done]
+                    if len(chunk) < 2:
+                        continue
+                    engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                    if done >= max_tokens:
+                        break
+                if done >= max_tokens:
+                    break
+    finally:
+        hook.remove()
+        bar.close()
+    if done == 0:
+        raise ExpertCacheError("the calibration text gave no tokens")
+    return inputs, {l: torch.cat(v) for l, v in logits.items()}, {l: torch.cat(v) for l, v in ids.items()}
+
+
+def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], top_k: int,
+                settings: TrainSettings = TrainSettings(), *, window: int = DEFAULT_WINDOW,
+                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train a PregateNet towards every layer's router distribution (the targets of `learned`);
+    the best mean validation recall is kept. Returns (tensors, report)."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(logits)
+    num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width)
+    feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
+    targets = torch.stack([_targets(LayerData(feats, ids[l], ids[l].float(), logits[l]), num_experts, settings.hard_weight)
+                           for l in layers], dim=1)  # [N, L, E]  # fmt: skip
+    n = len(feats)
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
+    val, train = perm[:n_val], (perm[n_val:] if n > n_val else perm)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+
+    def val_recall() -> list[float]:
+        with torch.no_grad():
+            s = net(feats[val])
+            return [recall_at_k(s[:, i], ids[l][val], top_k) for i, l in enumerate(layers)] if n_val else [0.0] * len(layers)
+
+    best = val_recall()
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    bar = tqdm(total=settings.steps, unit="step", desc="train pregate", disable=not progress)
+    for step in range(1, settings.steps + 1):
+        batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
+        logp = net(feats[batch]).log_softmax(dim=-1)  # [B, L, E]
+        loss = -(targets[batch] * logp).sum(dim=-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == settings.steps:
+            r = val_recall()
+            if sum(r) > sum(best):
+                best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{sum(r) / len(r):.3f}")
+    bar.close()
+    report = {f"l{l}": {"val_recall": round(r, 4), "tokens": n} for l, r in zip(layers, best)}
+    log.info("pregate: validation recall per layer %s", [round(r, 3) for r in best])
+    return best_state, report
 
 
 # --- fitting -------------------------------------------------------------------------------------
@@ -233,6 +331,8 @@ def check_inputs(kind: str, *, max_tokens: int, window: int, settings: TrainSett
 
 
 def _check_depths(kind: str, layers: list[int], depths: list[int]) -> None:
+    if kind == "pregate":  # one net for every layer: no distances to fit
+        return
     if len(layers) < 2 and kind != "default-vector":
         raise ExpertCacheError("the model has one sparse layer: there is no later layer to predict")
     if not depths or any(d < 1 or d >= len(layers) for d in depths):
@@ -299,6 +399,9 @@ def train_predictor(
         raise ExpertCacheError("give a trace or a calibration text, not both")
     check_inputs(kind, max_tokens=max_tokens, window=window, settings=settings)
     _check_depths(kind, list(engine.checkpoint.sparse_layers), depths)
+    if kind == "pregate":
+        return _train_pregate(engine, text, max_tokens=max_tokens, window=window, settings=settings,
+                              progress=progress, trace_given=trace is not None)  # fmt: skip
     if isinstance(trace, Trace):
         source = "trace"
     elif trace is not None:
@@ -310,6 +413,24 @@ def train_predictor(
     art = fit(kind, engine, trace, depths=depths, settings=settings, progress=progress)
     art.meta["source"] = source
     return art
+
+
+def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: TrainSettings, progress: bool,
+                   trace_given: bool) -> Artefact:
+    if trace_given:
+        raise ExpertCacheError("pregate trains from calibration text (--text): a trace holds no token embeddings")
+    ckpt = engine.checkpoint
+    docs = text_documents(engine, text, max_tokens)
+    inputs, logits, ids = record_pregate(engine, docs, max_tokens=max_tokens, window=window, progress=progress)
+    tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, progress=progress)
+    routers = engine.routers()
+    num_experts, hidden = routers[ckpt.sparse_layers[0]].shape
+    return Artefact(
+        kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=int(num_experts),
+        hidden_size=int(hidden), top_k=ckpt.top_k, depths=[], tensors=tensors,
+        meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "validation": report,
+              "settings": asdict(settings), "source": str(text) if text is not None else "tinystories-train"},
+    )  # fmt: skip
 
 
 def text_documents(engine, path: str | Path | None, max_tokens: int | None = None) -> list[list[int]]:

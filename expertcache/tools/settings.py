@@ -10,7 +10,7 @@ TRADEOFF_POLICIES = ("exact", "adaptive-gating", "cache-aware", "cache-aware-max
 DROPS = (0.1, 0.2, 0.3)  # tradeoff, adaptive gating: target shares of activations dropped
 LAMBDAS = (0.1, 0.2, 0.4, 0.8)  # tradeoff, cache-aware: bias toward resident experts
 RANKS = (3, 4)  # tradeoff, cache-aware-max-rank: how far down the ranking a resident expert may come from
-DEFAULT_PREDICTORS = ("next-gate", "default-vector", "estimator", "learned", "history")  # eval-predictors
+DEFAULT_PREDICTORS = ("next-gate", "default-vector", "estimator", "learned", "history", "pregate")  # eval-predictors
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from expertcache.predictors import (
     HistoryPredictor,
     LearnedPredictor,
     NextGatePredictor,
+    PregateNet,
+    PregatePredictor,
     default_path,
     make_predictor,
     rank,
@@ -43,7 +45,8 @@ from helpers.reference import reference_outputs
 
 PROMPT = prompt_ids(40)
 NEW_TOKENS = 16
-TRAINED = ("default-vector", "estimator", "learned")
+TRAINED = ("default-vector", "estimator", "learned", "pregate")
+FROM_TRACE = ("default-vector", "estimator", "learned")  # pregate trains from text (a trace has no embeddings)
 POLICY_NAMES = sorted(p for p in POLICIES if p != "belady")  # belady needs a recorded trace
 WORDS = [f"w{i}" for i in range(125)]  # ids 3..127: the tiny vocabulary, special ids 0-2 left out
 
@@ -69,10 +72,18 @@ def model_dir(tmp_path_factory):
     with expertcache.load(d, expert_budget="100%", prefetch="none", io="buffered") as eng:
         docs = [prompt_ids(64, seed=s) for s in range(4)]
         trace = record_calibration(eng, docs, max_tokens=256, window=64, progress=False)
-        for kind in TRAINED:
+        for kind in FROM_TRACE:
             art = train_predictor(eng, kind, trace=trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False)
             art.save(default_path(d, kind))
+        text = _word_text(tmp_path_factory.mktemp("text") / "cal.txt", 256)
+        train_predictor(eng, "pregate", text=text, settings=TrainSettings(steps=10), progress=False).save(default_path(d, "pregate"))
     return d
+
+
+def _word_text(path, n: int, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    path.write_text(" ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=g).tolist()))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +147,13 @@ def glm4(tmp_path_factory):
     a family new to the experts seam, with its own trained predictor files."""
     d = make_checkpoint(tmp_path_factory.mktemp("glm4") / "m", "glm4_moe", num_experts=8, top_k=2, num_layers=4,
                         n_group=2, topk_group=1)
+    _add_tokenizer(d)
     with expertcache.load(d, expert_budget="100%", prefetch="none", io="buffered") as eng:
         trace = record_calibration(eng, [prompt_ids(64, seed=s) for s in range(4)], max_tokens=256, window=64, progress=False)
-        for kind in TRAINED:
+        for kind in FROM_TRACE:
             train_predictor(eng, kind, trace=trace, depths=[1, 2], settings=TrainSettings(steps=10), progress=False).save(default_path(d, kind))
+        text = _word_text(tmp_path_factory.mktemp("text") / "cal.txt", 256)
+        train_predictor(eng, "pregate", text=text, settings=TrainSettings(steps=10), progress=False).save(default_path(d, "pregate"))
     return d, reference_outputs(d, PROMPT, NEW_TOKENS)
 
 
@@ -519,7 +533,11 @@ def test_eval_predictors_json(model_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["tokens"] == 30 and report["skipped"] == []
     rows = {(r["predictor"], r["depth"]): r for r in report["results"]}
-    assert set(rows) == {(p, d) for p in ("next-gate", "default-vector", "estimator", "learned", "history") for d in (1, 2)}
+    assert set(rows) == {(p, d) for p in ("next-gate", "default-vector", "estimator", "learned", "history", "pregate")
+                         for d in (1, 2)} | {("pregate", 0)}  # fmt: skip
+    every = rows.pop(("pregate", 0))  # the pre-gate's guesses of every layer, before the first one
+    assert every["pairs"] == 30 * 4 and all(v is not None for v in every["per_layer_recall"])
+    assert every["per_layer_recall"][2:] == rows[("pregate", 2)]["per_layer_recall"][2:]  # the same guesses
     for (name, d), r in rows.items():
         assert set(r) >= {"predictor", "depth", "precision", "recall", "per_layer_recall"}
         assert len(r["per_layer_recall"]) == 4
@@ -569,3 +587,53 @@ def test_prefetch_benchmark_report_structure():
     assert "at 0.75 x none (target <= 0.8: met); all experts resident: 0.70 x none" in md
     assert "Per round, best / none: 0.60, 0.75, 1.00; all resident / none: 0.80, 0.70, 0.60; none's stall per token (ms): 12.5, 12.5, 12.5." in md
     assert "Prefill at 50% with pipelining: 0.75 x none (target <= 0.8: met); all experts resident: 0.60 x none" in md
+
+
+# --- pregate (Read-ME) -----------------------------------------------------------------------------
+def test_pregate_window_continues_across_decode_steps():
+    """A prompt's features in one call equal the same tokens fed one by one (each step continuing
+    the window of the step before), and a new prompt starts a fresh window."""
+    net = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8)
+    emb = torch.randn(1, 7, 16)
+    whole, _ = net.features(emb)
+    history, rows = None, []
+    for t in range(7):
+        f, history = net.features(emb[:, t : t + 1], history)
+        rows.append(f)
+    torch.testing.assert_close(torch.cat(rows), whole)
+    assert whole[0, 16:].abs().sum() == 0  # the first token has nothing before it
+    pred = PregatePredictor(net, [0, 1, 2, 3], top_k=2, depth=2)
+    pred.start(emb[:, :3])
+    one = pred.start(emb[:, 3:4])  # a decode step continues that window
+    torch.testing.assert_close(pred.scores(emb[:, 4:5]), net(whole[4:5]))
+    assert [l for l, _ in one] == [0, 1, 2, 3] and all(len(g) == 2 for _, g in one)
+    assert pred.predict(1, None, None) == [(2, pred.guesses[2]), (3, pred.guesses[3])]
+
+
+def test_pregate_guesses_every_layer_before_the_first_one_runs(model_dir):
+    events = []
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="pregate", io="buffered") as eng:
+        with eng.observe(on_route=lambda layer, *a: events.append(("route", layer)),
+                         on_guess=lambda layer, g: events.append(("guess", layer))):  # fmt: skip
+            eng.generate(PROMPT[:5], max_new_tokens=3, stop_at_eos=False)
+        assert set(eng.runtime.predictions) == {0, 1, 2, 3}  # every layer's guess, from the embeddings
+    starts = [i for i, e in enumerate(events) if e == ("route", 0)]
+    ends = [i for i, e in enumerate(events) if e == ("route", 3)]
+    assert len(starts) == len(ends) == 3
+    for end, start in zip(ends, starts[1:]):  # each decode step: the first layer's guess between forwards
+        assert ("guess", 0) in events[end + 1 : start]
+
+
+def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, capsys):
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        with Recorder(eng, logits=True, hidden_states=True) as rec:
+            eng.generate(PROMPT, max_new_tokens=2, stop_at_eos=False)
+        path = rec.trace.save(tmp_path / "t.npz")
+    rc = main(["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--trace", str(path), "--out", str(tmp_path / "p.pt")])
+    assert rc == 1 and "--text" in capsys.readouterr().err
+    text = _word_text(tmp_path / "cal.txt", 300, seed=3)
+    rc = main(["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--text", str(text), "--max-tokens", "300",
+               "--steps", "30", "--out", str(tmp_path / "p.pt"), "--no-progress"])  # fmt: skip
+    assert rc == 0 and "every layer at once" in capsys.readouterr().out
+    art = Artefact.load(tmp_path / "p.pt")
+    assert art.kind == "pregate" and art.meta["window"] == 4 and set(art.meta["validation"]) == {"l0", "l1", "l2", "l3"}

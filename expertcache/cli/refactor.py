@@ -1,0 +1,61 @@
+"""expertcache refactor: split a dense Llama/Mistral/Qwen2-family checkpoint into an MoE (Read-ME)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from ..tools.refactor_settings import RefactorSettings
+
+D = RefactorSettings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dense", type=Path, help="dense checkpoint directory (Llama, Mistral or Qwen2 family, with its tokenizer)")
+    p.add_argument("--experts", type=int, default=D.experts, help=f"experts per layer (default {D.experts})")
+    p.add_argument("--top-k", type=int, default=D.top_k, help=f"experts per token (default {D.top_k})")
+    p.add_argument("--shared-fraction", type=float, default=D.shared_fraction,
+                   help="share of each FFN's neurons kept as an always-on shared expert (default 0: Mixtral; "
+                        "above 0: Qwen2-MoE)")
+    p.add_argument("--calibration", type=Path, nargs="+", required=True, metavar="TEXT",
+                   help="text file(s) the dense model's FFN activations are recorded on")
+    p.add_argument("--calibration-tokens", type=int, default=D.calibration_tokens,
+                   help=f"tokens recorded (default {D.calibration_tokens})")
+    p.add_argument("--finetune-tokens", type=int, default=D.finetune_tokens,
+                   help="tokens of distillation fine-tune from the dense model (default 0: none)")
+    p.add_argument("--finetune-text", type=Path, nargs="+", default=None, metavar="TEXT",
+                   help="fine-tune on these files (default: the calibration text)")
+    p.add_argument("--lr", type=float, default=D.lr, help=f"fine-tune peak learning rate (default {D.lr})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--seq-len", type=int, default=D.seq_len)
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--threads", type=int, default=D.threads, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished fine-tune in OUT")
+    p.add_argument("--out", type=Path, required=True, help="new directory for the MoE checkpoint (the source is only read)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tools.refactor import refactor
+
+    settings = RefactorSettings(
+        experts=args.experts, top_k=args.top_k, shared_fraction=args.shared_fraction, calibration=tuple(args.calibration),
+        calibration_tokens=args.calibration_tokens, finetune_tokens=args.finetune_tokens,
+        finetune_text=tuple(args.finetune_text) if args.finetune_text else None, lr=args.lr, batch_size=args.batch_size,
+        seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume,
+    )  # fmt: skip
+    r = refactor(args.dense, args.out, settings, progress=not args.json)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+        return 0
+    shared = f" + a shared expert of {r.shared_width}" if r.shared_width else ""
+    print(f"wrote {r.out_dir}: {r.model_type}, {r.experts} experts of {r.expert_width} neurons{shared}, top-{r.top_k}; "
+          f"{r.params['active'] / 1e6:.2f}M of {r.params['total'] / 1e6:.2f}M parameters active per token")
+    print("router recall per layer: " + " ".join(f"{x:.2f}" for x in r.router_recall))
+    print("FFN error per layer before fine-tuning: " + " ".join(f"{x:.2f}" for x in r.ffn_error))
+    if r.finetune_tokens:
+        print(f"fine-tuned on {r.finetune_tokens} tokens: KL(dense || MoE) {r.finetune_kl:.4f} at the end")
+    print(f"{r.seconds:.0f} s")
+    return 0

@@ -1,0 +1,84 @@
+"""pregate (Read-ME): one small network over the token sequence, run before the first decoder
+layer, that scores every sparse layer's experts for a token at once, so the whole token's experts
+can be requested before its first layer computes. Its input is the first decoder layer's input
+(the token embeddings) of the last `window` tokens, each RMS-normalised; its output one [E] score
+vector per sparse layer. Trained by distillation from the model's own routers
+(`expertcache train-predictor --kind pregate`); like every predictor, it only decides what loads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Lookahead, Prediction, rank
+
+DEFAULT_WINDOW = 4  # tokens the pre-gate sees: this one and the 3 before it
+DEFAULT_WIDTH = 256
+
+
+class PregateNet(nn.Module):
+    """scores [N, L, E] = skip(current token) + fc2(relu(fc1(window of tokens)))."""
+
+    def __init__(self, hidden: int, window: int, layers: int, experts: int, width: int = DEFAULT_WIDTH) -> None:
+        super().__init__()
+        self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
+        self.skip = nn.Linear(hidden, layers * experts)
+        self.fc1 = nn.Linear(window * hidden, width)
+        self.fc2 = nn.Linear(width, layers * experts)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def features(self, emb: torch.Tensor, history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb [B, T, H] (the first decoder layer's input), history [B, window-1, H] of normalised
+        earlier tokens or None (zeros) -> (features [B*T, window*H] newest first, the new history)."""
+        b, t, h = emb.shape
+        x = emb.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = self.window
+        if history is None or history.shape[0] != b:
+            history = x.new_zeros(b, w - 1, h)
+        padded = torch.cat([history, x], dim=1)  # [B, w-1+T, H]
+        parts = [padded[:, w - 1 - j : w - 1 - j + t] for j in range(w)]  # offset j tokens back
+        return torch.cat(parts, dim=-1).reshape(b * t, w * h), padded[:, padded.shape[1] - (w - 1) :]
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(feats)))
+        return out.view(-1, self.layers, self.experts)
+
+
+class PregatePredictor:
+    """At each forward's start (`start`, called by the engine before the first decoder layer) it
+    scores every sparse layer for the call's tokens; `predict` then hands out those guesses for the
+    layers `depth` ahead, as the other predictors do. A one-token call continues the window of
+    the call before it (a decode step); a longer call starts a new one."""
+
+    name = "pregate"
+
+    def __init__(self, net: PregateNet, layers: list[int], top_k: int, depth: int = 1) -> None:
+        self.net = net.eval()
+        self.layers = sorted(layers)
+        self._ahead = Lookahead(self.layers, depth)
+        self._top_k = top_k
+        self._history: torch.Tensor | None = None
+        self.guesses: dict[int, list[int]] = {}
+
+    def reset(self) -> None:
+        self._history, self.guesses = None, {}
+
+    @torch.no_grad()
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B*T, L, E] for the call's tokens; moves the window on."""
+        history = self._history if hidden.shape[1] == 1 else None
+        feats, self._history = self.net.features(hidden, history)
+        return self.net(feats)
+
+    def start(self, hidden: torch.Tensor) -> Prediction:
+        """Every sparse layer's guess for the call whose first decoder layer receives `hidden`."""
+        s = self.scores(hidden)
+        self.guesses = {l: rank(s[:, i], self._top_k) for i, l in enumerate(self.layers)}
+        return list(self.guesses.items())
+
+    def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:
+        return [(t, self.guesses[t]) for _, t in self._ahead.targets(layer) if t in self.guesses]
