@@ -97,7 +97,8 @@ class EngineConfig:
                                               f"(default: the KV cache of {RESERVE_CONTEXT} tokens + {RESERVE_WORKSPACE >> 20} MiB)", type=str)
     cache_policy: str = option("lfu", "eviction policy: lru, lfu, lfru, layer, layerlfu, random, or belady "
                                       "(the offline optimum, for measurement); lfru falls to 0% hits below one token cycle, as a global LRU")
-    prefetch: str = option("next-gate", "predictor for speculative loads: none, next-gate, default-vector, estimator, learned, history")
+    prefetch: str = option("next-gate", "predictor for speculative loads: none, next-gate, default-vector, estimator, learned, history, "
+                                           "pregate")
     prefetch_depth: int = option(1, "sparse layers ahead the predictor guesses")
     prefetch_max: int | None = option(None, "most experts prefetched per target layer in a decode step (bounds wasted bytes); "
                                             "default: the predictor's whole guess", type=int)
@@ -115,7 +116,8 @@ class EngineConfig:
     num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)
     dtype: str | None = option(None, "compute dtype override, e.g. float32 or bfloat16 (default: as saved)")
     device: str = option("cpu", "compute device; only cpu for now (GPU compute is a planned seam: docs/ARCHITECTURE.md)", cli=False)
-    routing: str = option("exact", "routing policy: exact, adaptive-gating, cache-aware, cache-aware-max-rank, speculative; "
+    routing: str = option("exact", "routing policy: exact, adaptive-gating, cache-aware, cache-aware-max-rank, speculative, "
+                                   "pregate (with --prefetch pregate); "
                                    "all but exact trade measured quality for speed", group="routing")
     calibration: str | None = option(None, f"adaptive-gating thresholds from `expertcache calibrate` (default: MODEL/{CALIBRATION_FILE})",
                                      group="routing", aliases=("--routing-config",))

@@ -189,11 +189,14 @@ class Engine:
 
     def _routing(self, model_dir: Path) -> RoutingPolicy:
         c, ckpt = self.config, self.checkpoint
+        if c.routing == "pregate" and c.prefetch != "pregate":
+            raise ValueError("routing 'pregate' routes by the pre-gate's choices: give --prefetch pregate too")
         return make_routing(
             c.routing, rule=ckpt.family.weight_rule(ckpt.config), top_k=ckpt.top_k, layers=ckpt.sparse_layers,
             model_dir=model_dir, calibration=c.calibration,
             resident=self.cache.holding,  # read when a layer routes
             predicted=lambda layer: self.runtime.predictions.get(layer, []),
+            pregated=lambda layer: getattr(self.runtime.predictor, "routes", {}).get(layer),
             cache_lambda=c.cache_lambda, cache_protect_top=c.cache_protect_top, cache_max_rank=c.cache_max_rank,
             applies_to=c.routing_applies_to,
         )  # fmt: skip

@@ -206,14 +206,23 @@ class ExpertsRuntime:
         if hidden is None or hidden.dim() != 3:
             return
         self.phase = "decode" if hidden.shape[1] == 1 else "prefill"
-        if not self.prefetch_enabled:
-            return
         start = getattr(self.predictor, "start", None)
+        routed_ahead = getattr(self.routing, "needs_start", False) and self.phase in self.routing.applies_to
         if start is None:
-            self._lead(hidden)
+            if self.prefetch_enabled:
+                self._lead(hidden)
+            return
+        if not (self.prefetch_enabled or routed_ahead):
             return
         guesses = start(hidden)  # a pre-gate: every sparse layer's guess before the first one runs
         self.predictions.update(guesses)
+        if not self.prefetch_enabled:
+            return
+        if routed_ahead:  # the guesses are the routing: the whole step's experts, requested in layer order
+            for notify in self.guess_observers:
+                notify(self._sparse[0], guesses)
+            self.cache.core.prefetch([(l, e) for l, experts in guesses for e in experts])
+            return
         first = dict(guesses).get(self._sparse[0])
         if first and not self.low_precision([self._sparse[0]]):
             self.lead(self._sparse[0], first)

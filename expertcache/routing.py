@@ -2,7 +2,7 @@
 
 Exact routing (the default) keeps the model's own choice. The lossy policies are opt-in, named and
 measured (`expertcache tradeoff`): adaptive gating (AdapMoE), cache-aware routing (cache-conditional
-experts) and speculative routing. A dropped slot is id -1 with weight 0; mixing weights follow the
+experts), speculative routing and routing by a pre-gate (Read-ME). A dropped slot is id -1 with weight 0; mixing weights follow the
 family's WeightRule over the chosen set, so a policy that changes nothing is exact bit for bit;
 `applies_to` names the phases ("prefill", "decode") a policy runs in.
 """
@@ -28,6 +28,7 @@ APPLIES_TO = {"prefill": ("prefill",), "decode": ("decode",), "both": PHASES}
 
 Resident = Callable[[int], set[int]]  # layer -> experts holding a cache slot, ready or loading (an acquire would hit)
 Predicted = Callable[[int], list[int]]  # layer -> latest predicted experts for it, most likely first
+Pregated = Callable[[int], "torch.Tensor | None"]  # layer -> [T, k] each token's experts by the pre-gate (None: none)
 
 
 class RoutingPolicy(Protocol):
@@ -260,6 +261,32 @@ class SpeculativeRouting:
         return self.rule.mix(logits, chosen), chosen
 
 
+class PregateRouting:
+    """Read-ME: every layer routes each token to the experts the pre-gate chose for it before the
+    first layer ran (prefetch pregate), so a step's whole routing is known, and requested, ahead.
+    Weights: the layer's router softmax over the chosen set. Exact only for a model whose routers
+    the pre-gate matches; otherwise lossy like every policy here, and measured the same way."""
+
+    name = "pregate"
+    exact = False
+    needs_start = True  # the engine runs the pre-gate at each forward's start even with prefetch paused
+
+    def __init__(self, *, pregated: Pregated, rule: WeightRule, applies_to: str | None = None) -> None:
+        self.pregated = pregated
+        self.rule = rule
+        self.applies_to = _phases(applies_to, "both")
+
+    def select(self, layer, logits, weights, ids):
+        chosen = self.pregated(layer)
+        if chosen is None or chosen.shape != ids.shape:
+            return weights, ids
+        z = logits.float()
+        chosen = chosen.gather(1, z.gather(1, chosen).argsort(dim=-1, descending=True, stable=True))  # router order
+        if torch.equal(chosen, ids):
+            return weights, ids
+        return self.rule.mix(logits, chosen), chosen
+
+
 def _adaptive(**kw) -> AdaptiveGating:
     path = kw.get("calibration") or (Path(kw["model_dir"]) / CALIBRATION_FILE if kw.get("model_dir") else None)
     if path is None:
@@ -294,12 +321,13 @@ ROUTINGS: dict[str, Callable[..., RoutingPolicy]] = {
     "cache-aware-max-rank": _cache_max_rank,
     "speculative": lambda **kw: SpeculativeRouting(resident=kw["resident"], predicted=kw["predicted"],
                                                    rule=kw["rule"], applies_to=kw.get("applies_to")),
+    "pregate": lambda **kw: PregateRouting(pregated=kw["pregated"], rule=kw["rule"], applies_to=kw.get("applies_to")),
 }
 
 
 def make_routing(name: str, **kwargs) -> RoutingPolicy:
     """Build a routing policy by name. Keywords (each policy takes what it needs): rule (WeightRule),
-    top_k, layers, resident, predicted, calibration, model_dir, cache_lambda, cache_protect_top,
+    top_k, layers, resident, predicted, pregated, calibration, model_dir, cache_lambda, cache_protect_top,
     cache_max_rank, applies_to ("prefill" | "decode" | "both"; None = the policy's default)."""
     if name not in ROUTINGS:
         raise ValueError(f"unknown routing {name!r}: choose one of {', '.join(ROUTINGS)}")

@@ -63,9 +63,10 @@ class PregatePredictor:
         self._top_k = top_k
         self._history: torch.Tensor | None = None
         self.guesses: dict[int, list[int]] = {}
+        self.routes: dict[int, torch.Tensor] = {}  # layer -> [T, k] each token's top-k (routing by the pre-gate)
 
     def reset(self) -> None:
-        self._history, self.guesses = None, {}
+        self._history, self.guesses, self.routes = None, {}, {}
 
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,8 @@ class PregatePredictor:
         """Every sparse layer's guess for the call whose first decoder layer receives `hidden`."""
         s = self.scores(hidden)
         self.guesses = {l: rank(s[:, i], self._top_k) for i, l in enumerate(self.layers)}
+        top = s.topk(self._top_k, dim=-1).indices  # [T, L, k]
+        self.routes = {l: top[:, i] for i, l in enumerate(self.layers)}
         return list(self.guesses.items())
 
     def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:

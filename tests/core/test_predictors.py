@@ -637,3 +637,41 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
     assert rc == 0 and "every layer at once" in capsys.readouterr().out
     art = Artefact.load(tmp_path / "p.pt")
     assert art.kind == "pregate" and art.meta["window"] == 4 and set(art.meta["validation"]) == {"l0", "l1", "l2", "l3"}
+
+
+def test_routing_by_the_pregate_uses_its_choices_and_requests_the_step_ahead(model_dir):
+    """--routing pregate: each layer runs the experts the pre-gate chose per token before the first
+    layer (weights: the router's softmax over them), and the whole step's experts were requested
+    before its first layer; without --prefetch pregate it is refused."""
+    routed, requested = [], []
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="pregate", routing="pregate", io="buffered") as eng:
+        pred = eng.runtime.predictor
+
+        def on_route(layer, x, logits, weights, ids):
+            routed.append((layer, ids.clone(), pred.routes[layer].clone()))
+
+        with eng.observe(on_route=on_route, on_guess=lambda layer, g: requested.append([t for t, _ in g])):
+            eng.generate(PROMPT[:6], max_new_tokens=4, stop_at_eos=False)
+    assert len(routed) == 4 * 4
+    for layer, ids, pregated in routed:
+        assert [set(r) for r in ids.tolist()] == [set(r) for r in pregated.tolist()]
+    assert [0, 1, 2, 3] in requested  # a step's every layer, requested at once
+    with pytest.raises(ExpertCacheError, match="--prefetch pregate"):
+        expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", routing="pregate")
+
+
+def test_pregate_routing_orders_by_the_router_and_mixes_its_softmax():
+    from expertcache.routing import PregateRouting, WeightRule
+
+    rule = WeightRule(renormalize=True, in_logits_dtype=False)
+    chosen = torch.tensor([[3, 1], [0, 2]])
+    policy = PregateRouting(pregated=lambda layer: chosen, rule=rule)
+    logits = torch.tensor([[0.0, 2.0, 0.5, 1.0], [3.0, 0.0, 1.0, 5.0]])
+    ids0 = logits.topk(2).indices
+    w, ids = policy.select(0, logits, rule.mix(logits, ids0), ids0)
+    assert ids.tolist() == [[1, 3], [0, 2]]  # router order inside the pre-gate's set
+    torch.testing.assert_close(w, rule.mix(logits, ids))
+    same = PregateRouting(pregated=lambda layer: ids0, rule=rule)
+    w0 = rule.mix(logits, ids0)
+    assert same.select(0, logits, w0, ids0)[0] is w0  # agreeing with the router: the model's own weights
+    assert PregateRouting(pregated=lambda layer: None, rule=rule).select(0, logits, w0, ids0)[1] is ids0
