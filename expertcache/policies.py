@@ -203,6 +203,60 @@ class BeladyPolicy:
         return _heap_victim(self._heap, self._live, allowed)
 
 
+class LookaheadPolicy:
+    """Read-ME's pre-gate replayed: the routing of the next `window` batches is known (a pre-gate
+    gives a token's every layer before the first runs; a queued prompt's ahead of its turn), the
+    rest is not. An entry with no use inside the window goes first, the least used (LFU, the
+    older on ties); if every entry has one, the furthest next use goes (Belady inside the window).
+    window = 0 is LFU; a window past the stream's end is Belady."""
+
+    name = "lookahead"
+
+    def __init__(self, future: Sequence[Iterable[ExpertId]], window: int) -> None:
+        self.window = window
+        self._uses: dict[ExpertId, list[int]] = {}
+        for t, batch in enumerate(future):
+            for e in batch:
+                times = self._uses.setdefault(e, [])
+                if not times or times[-1] != t:
+                    times.append(t)
+        self._count: dict[ExpertId, int] = {}  # touches over the run, kept after eviction (as LFUPolicy)
+        self._last: dict[ExpertId, int] = {}  # touch stamp: ties go to the entry touched longest ago
+        self._live: set[ExpertId] = set()
+        self._clock = 0
+
+    def insert(self, eid: ExpertId, now: int) -> None:
+        self._live.add(eid)
+        self.access(eid, now)
+
+    def access(self, eid: ExpertId, now: int) -> None:
+        self._count[eid] = self._count.get(eid, 0) + 1
+        self._clock += 1
+        self._last[eid] = self._clock
+
+    def remove(self, eid: ExpertId) -> None:
+        self._live.discard(eid)
+
+    def victim(self, allowed: Allowed, now: int) -> ExpertId | None:
+        best, best_key = None, None
+        for e in self._live:
+            if not allowed(e):
+                continue
+            uses = self._uses.get(e)
+            i = bisect_right(uses, now) if uses else 0
+            nxt = uses[i] if uses and i < len(uses) else math.inf
+            key = (0, self._count[e], self._last[e], e) if nxt > now + self.window else (1, -nxt, 0, e)
+            if best_key is None or key < best_key:
+                best, best_key = e, key
+        return best
+
+
+def lookahead_window(name: str) -> int | None:
+    """Tokens of lookahead a policy name "lookahead-N" asks for (None: not a lookahead name)."""
+    head, _, n = name.partition("-")
+    return int(n) if head == "lookahead" and n.isdigit() else None
+
+
 class UnknownFuture:
     """Belady's place before its future is given (sim/belady.py installs one): any use is an error."""
 

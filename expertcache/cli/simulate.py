@@ -8,7 +8,7 @@ import sys
 
 from ..config import parse_budget
 from ..errors import ExpertCacheError
-from ..policies import POLICIES
+from ..policies import POLICIES, lookahead_window
 from ..sim.hardware import HARDWARE_NAMES
 from ..sim.simulate import ALLOCATIONS, DEFAULT_POLICIES, MODES, plot, simulate
 from ..sim.trace import Trace
@@ -18,7 +18,8 @@ from .flags import fmt_bytes
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="trace file: an expertcache .npz or a reference route.csv")
     p.add_argument("--budget", required=True, help="expert budget(s), comma-separated: 10%%, 2GiB, 250MiB or bytes")
-    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES), help=f"cache policies, comma-separated (default {','.join(DEFAULT_POLICIES)})")
+    p.add_argument("--policy", default=",".join(DEFAULT_POLICIES), help=f"cache policies, comma-separated (default {','.join(DEFAULT_POLICIES)}); lookahead-N "
+                        "replays a pre-gate (the next N tokens' routing known to eviction)")
     p.add_argument("--mode", default="reference", choices=MODES, help="reference (byte budget, evict after each call) or engine (the engine's slots)")
     p.add_argument("--allocation", default="equal", choices=ALLOCATIONS, help="per-layer shares of partitioned policies: equal, or AdapMoE's dp")
     p.add_argument("--hardware", default="nvme4", help=f"cost model: {', '.join(HARDWARE_NAMES)} (default nvme4)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise ExpertCacheError(f"--precision: {e}") from None
     policies = _split(args.policy)
     for name in policies:
-        if name not in POLICIES:
+        if name not in POLICIES and lookahead_window(name) is None:
             raise ExpertCacheError(f"unknown cache policy {name!r}: choose one of {', '.join(POLICIES)}")
     budgets = [parse_budget(b, trace.shape.total_expert_bytes) for b in _split(args.budget)]
     if not budgets or not policies:

@@ -1,7 +1,8 @@
 """Trace-driven cache simulator: a routing trace replayed, then priced on a hardware profile.
 
 "reference" mode is the shared Qwen3 trace's own accounting (docs/techniques.md): byte budgets,
-eviction after each call. "engine" mode drives the engine's own CacheCore through a Reader that
+eviction after each call. "lookahead-N" replays a pre-gate (Read-ME): the next N tokens' routing known to eviction.
+"engine" mode drives the engine's own CacheCore through a Reader that
 lands loads at once, so an engine run's trace replays to its exact hits and misses; with
 `prefetch=True` the recorded guesses replay too, timed on a ClockedReader (clock.py).
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BudgetError, ExpertCacheError
 from ..ids import ExpertId
-from ..policies import POLICIES, make_policy
+from ..policies import POLICIES, LookaheadPolicy, lookahead_window, make_policy
 from ..stats import Stats
 from .clock import ClockedReader, InstantReader
 from .hardware import Hardware
@@ -104,7 +105,9 @@ class Replay:
             self.decode_loads.append((misses, nbytes))
 
 
-def _policy(name: str, future: Sequence | None, seed: int):
+def _policy(name: str, future: Sequence | None, seed: int, window: int = 0):
+    if lookahead_window(name) is not None:
+        return LookaheadPolicy(future, window), False
     try:
         return make_policy(name, future=future, seed=seed)
     except ValueError as e:
@@ -114,14 +117,15 @@ def _policy(name: str, future: Sequence | None, seed: int):
 # --- reference accounting -------------------------------------------------------------------------
 def _replay_reference(stream: Stream, name: str, budget: int, allocation: str, seed: int) -> Replay:
     """The reference accounting: lookups, then eviction after the batch down to the budget."""
-    future = [s.lookups for s in stream.steps] if name == "belady" else None
-    partitioned = POLICIES[name][1]
+    tokens = lookahead_window(name)
+    future = [s.lookups for s in stream.steps] if name == "belady" or tokens is not None else None
+    partitioned = tokens is None and POLICIES[name][1]
     eb = stream.expert_bytes
     if partitioned:
         limits = layer_budgets(stream, budget, allocation)
         pools = {l: _policy(name, future, seed)[0] for l in stream.layers}
-    else:
-        pool = _policy(name, future, seed)[0]
+    else:  # lookahead-N: the next N tokens' layer calls are known (a call is one step of the stream)
+        pool = _policy(name, future, seed, window=(tokens or 0) * len(stream.layers))[0]
         pools = {l: pool for l in stream.layers}
         limits = None
     used = {l: 0 for l in stream.layers} if partitioned else {None: 0}
@@ -329,8 +333,12 @@ def replay(
     """Replay `trace` through cache policy `policy` under `budget_bytes`. `prefetch` (engine mode)
     also replays the trace's recorded predictor guesses, timed on `hardware`."""
     stream = trace if isinstance(trace, Stream) else Stream(trace)
-    if policy not in POLICIES:
-        raise ExpertCacheError(f"unknown cache policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if lookahead_window(policy) is not None:
+        if mode != "reference" or prefetch:
+            raise ExpertCacheError(f"{policy}: lookahead (pre-gate) replays run in reference mode, without prefetch")
+    elif policy not in POLICIES:
+        raise ExpertCacheError(f"unknown cache policy {policy!r}: choose one of {', '.join(POLICIES)} "
+                               "(or lookahead-N: the routing of the next N tokens known, as a pre-gate gives it)")
     if budget_bytes <= 0:
         raise BudgetError(f"budget {budget_bytes} must be positive")
     if allocation not in ALLOCATIONS:

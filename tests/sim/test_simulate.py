@@ -306,3 +306,26 @@ def test_repeated_prompts_hit_and_engine_replay_follows_the_sweep_rule(tiny, tmp
     trace = Trace.load(rec.trace.save(tmp_path / "prompts.npz"))
     r = replay(trace, policy, budget_bytes, mode="engine")
     assert (r.lookups, r.hits, r.misses, r.bytes_read) == (stats["lookups"], stats["hits"], stats["misses"], stats["bytes_read"])
+
+
+# --- pre-gate lookahead (Read-ME) ------------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3), experts=st.integers(3, 8), decode=st.integers(4, 16),
+       budget_slots=st.floats(2.0, 12.0))
+def test_lookahead_lies_between_lfu_and_belady(seed, layers, experts, decode, budget_slots):
+    """lookahead-0 evicts as LFU does, a window past the stream's end as Belady does, and no
+    window misses less than Belady."""
+    trace = _random_trace(np.random.default_rng(seed), layers=layers, experts=experts, k=2, prompt=2, decode=decode)
+    stream = Stream(trace)
+    budget = int(budget_slots * 1000)
+    best = replay(stream, "belady", budget).misses
+    assert replay(stream, "lookahead-0", budget).misses == replay(stream, "lfu", budget).misses
+    assert replay(stream, f"lookahead-{decode + 4}", budget).misses == best
+    for n in (1, 2, 4):
+        assert replay(stream, f"lookahead-{n}", budget).misses >= best
+
+
+def test_lookahead_is_refused_in_engine_mode(tmp_path):
+    trace = _random_trace(np.random.default_rng(0), layers=2, experts=4, k=2, prompt=2, decode=3)
+    with pytest.raises(expertcache.ExpertCacheError, match="reference mode"):
+        replay(Stream(trace), "lookahead-2", 4000, mode="engine")

@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Read-ME end to end: a dense model -> `expertcache refactor` -> fine-tune -> pre-gate -> a budget.
+
+    python benchmarks/refactor.py [--dense DIR] [--out results/refactor] [--finetune-tokens N] [--quick]
+
+1. The dense parent: DIR (default: the export of results/readme/dense/ckpt, trained by
+   `expertcache train-demo --family llama --tokenizer expertcache/demo --intermediate 2048 ...`,
+   the demo's recipe, data and tokenizer with a dense FFN of 2,048).
+2. `expertcache refactor` into 8 experts, top-2, on TinyStories train text: once without fine-tune
+   (moe-init) and once with a distillation fine-tune of N tokens (moe-ft). Each step is skipped when
+   its output exists (a killed fine-tune resumes with --resume).
+3. Quality, same run and same token ids: perplexity on TinyStories validation (first 10k tokens,
+   window 256, stride 128), last-word multiple-choice accuracy (500 items) and active parameters per
+   token for the dense model, moe-init, moe-ft, moe-ft routed by its pre-gate, and the demo MoE.
+4. Predictors on moe-ft, trained on TinyStories train (20k tokens): learned (depth 1) and pregate;
+   `eval-predictors` recall on 2,000 held-out tokens: next-gate and learned at depth 1, the pre-gate
+   for every layer at once.
+5. Speed: moe-ft at a 50% expert budget, one engine per variant in one process, decode steps in
+   turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
+   and routing by the pre-gate; TPOT medians, hit rates, bytes read.
+Writes OUT/refactor.json and OUT/refactor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+VALID = "tinystories/tinystories_valid_cased.txt"
+TRAIN = "tinystories/tinystories_train_cased.txt"
+MC = "eval/tinystories_valid_lastword_mc.jsonl"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def corpus(rel: str) -> Path:
+    from expertcache.demo.corpus import corpus_path
+
+    return corpus_path(rel)
+
+
+def dense_parent(arg: str | None, out: Path) -> Path:
+    if arg:
+        return Path(arg)
+    target = out / "dense"
+    if not (target / "model.safetensors").exists():
+        from expertcache.demo.training import export
+
+        export(REPO / "results/readme/dense/ckpt", target)
+    return target
+
+
+def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path) -> dict[str, Path]:
+    from expertcache.tools.refactor import STATE_DIR, refactor
+    from expertcache.tools.refactor_settings import RefactorSettings
+
+    dirs = {"moe-init": out / "moe-init", "moe-ft": out / "moe-ft"}
+    for name, tokens in (("moe-init", 0), ("moe-ft", finetune_tokens)):
+        d = dirs[name]
+        unfinished = (d / STATE_DIR).exists()
+        if (d / "refactor.json").exists() and not unfinished:
+            continue
+        log(f"refactor -> {d} (fine-tune {tokens} tokens)")
+        s = RefactorSettings(experts=8, top_k=2, calibration=(calibration,), finetune_tokens=tokens, resume=unfinished,
+                             threads=2, save_every_min=5.0)  # fmt: skip
+        refactor(dense, d, s, progress=True)
+    return dirs
+
+
+def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items: list[dict]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import expertcache
+    from expertcache.tools.quality import choice_scores, perplexity
+
+    out = {}
+    for name, (path, opts) in models.items():
+        log(f"quality: {name}")
+        t0 = time.time()
+        if opts.get("dense"):
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+            tok = AutoTokenizer.from_pretrained(str(path))
+            total = sum(p.numel() for p in model.parameters())
+            params = {"total": total, "active": total}
+            close = lambda: None  # noqa: E731
+        else:
+            eng = expertcache.load(path, expert_budget="100%", io="buffered", **{k: v for k, v in opts.items() if k != "dense"})
+            model, tok = eng.model, eng.tokenizer
+            cfg = model.config
+            e = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+            dense_params = sum(p.numel() for p in model.parameters())  # the engine's model holds no expert weights
+            expert_params = _expert_params(path)
+            params = {"total": dense_params + expert_params, "active": dense_params + expert_params * cfg.num_experts_per_tok // e}
+            close = eng.close
+        with torch.inference_mode():
+            ppl, scored = perplexity(model, valid_ids, window=256, stride=128)
+            correct = 0
+            for item in mc_items:
+                scores = choice_scores(model, tok, item["context"], item["choices"])
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        close()
+        out[name] = {"perplexity": ppl, "tokens": scored, "mc_accuracy": correct / len(mc_items), "mc_items": len(mc_items),
+                     "params_total": params["total"], "params_active": params["active"], "seconds": time.time() - t0}
+        log(f"  {out[name]}")
+    return out
+
+
+def _expert_params(path: Path) -> int:
+    from expertcache.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(path)
+    return len(ck.experts) * ck.expert_bytes // 2  # bf16: two bytes a parameter
+
+
+def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict:
+    import expertcache
+    from expertcache.predictors.artefact import default_path
+    from expertcache.tools.predictor_eval import eval_predictors
+    from expertcache.tools.predictor_training import train_predictor
+    from expertcache.tools.settings import TrainSettings
+
+    files = {}
+    with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        for kind, steps in (("learned", 1000), ("pregate", 3000)):
+            path = out / f"predictor-{kind}.pt"
+            if not path.exists():
+                log(f"train {kind}")
+                art = train_predictor(eng, kind, text=cal, max_tokens=20000, depths=[1], settings=TrainSettings(steps=steps),
+                                      progress=False)  # fmt: skip
+                art.save(path)
+                art.save(default_path(moe, kind))
+            files[kind] = str(path)
+        log("eval-predictors")
+        rep = eval_predictors(eng, held, names=["next-gate", "learned", "pregate"], depths=[1], max_tokens=tokens,
+                              files=files, progress=False)  # fmt: skip
+    return {"files": files, "results": rep.results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
+
+
+def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -> dict:
+    import torch
+
+    import expertcache
+    from decode import drain, step_in_turn
+
+    torch.set_num_threads(1)
+    variants = {
+        "all-resident": dict(expert_budget="100%", prefetch="none"),
+        "none": dict(expert_budget=budget, prefetch="none"),
+        "next-gate": dict(expert_budget=budget, prefetch="next-gate"),
+        "learned": dict(expert_budget=budget, prefetch="learned"),
+        "pregate": dict(expert_budget=budget, prefetch="pregate"),
+        "pregate-routing": dict(expert_budget=budget, prefetch="pregate", routing="pregate"),
+    }
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(rounds):
+        engines = {v: expertcache.load(moe, io="direct", num_threads=1, **kw) for v, kw in variants.items()}
+        for e in engines.values():
+            e.generate(prompt[:8], max_new_tokens=8, stop_at_eos=False)
+            drain(e)
+            e.reset_stats()
+        st = step_in_turn(engines, prompt, tokens, seed=r)
+        for v, e in engines.items():
+            s = e.stats()
+            runs[v].append({"tpot_ms": 1e3 * statistics.median(st[v]["times"]), "hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
+                            "bytes_read_per_token": s["bytes_read"] / tokens, "stall_s": s.get("stall_seconds", 0.0),
+                            "prefetch_issued": s["prefetch_issued"], "prefetch_used": s["prefetch_used"],
+                            "ids": st[v]["ids"]})  # fmt: skip
+            e.close()
+        log(f"speed round {r}: " + ", ".join(f"{v} {runs[v][-1]['tpot_ms']:.2f}" for v in variants))
+    base = "all-resident"
+    out = {}
+    for v, rs in runs.items():
+        out[v] = {k: statistics.median(x[k] for x in rs) for k in ("tpot_ms", "hit_rate", "bytes_read_per_token", "stall_s",
+                                                                    "prefetch_issued", "prefetch_used")}  # fmt: skip
+        out[v]["vs_all_resident"] = statistics.median(x["tpot_ms"] / y["tpot_ms"] for x, y in zip(rs, runs[base]))
+        out[v]["same_tokens_as_exact"] = all(x["ids"] == y["ids"] for x, y in zip(rs, runs[base]))
+    return {"budget": budget, "tokens": tokens, "rounds": rounds, "variants": out}
+
+
+def markdown(rep: dict) -> str:
+    q = rep["quality"]
+    lines = ["## Quality (TinyStories validation perplexity, last-word accuracy; same token ids)", "",
+             "| model | perplexity | last-word acc. | params | active / token |", "|---|---:|---:|---:|---:|"]
+    for name, r in q.items():
+        lines.append(f"| {name} | {r['perplexity']:.2f} | {100 * r['mc_accuracy']:.1f}% | {r['params_total'] / 1e6:.2f} M | "
+                     f"{r['params_active'] / 1e6:.2f} M |")
+    if "dense" in q and "moe-ft" in q:
+        lines += ["", f"moe-ft perplexity / dense: {q['moe-ft']['perplexity'] / q['dense']['perplexity']:.3f}"]
+    p = rep.get("predictors")
+    if p:
+        lines += ["", f"## Predictor recall on moe-ft ({p['tokens']} held-out tokens, per sparse layer)", "",
+                  "| predictor | depth | recall | per layer |", "|---|---|---:|---|"]
+        for r in p["results"]:
+            per = " ".join("-" if v is None else f"{100 * v:.0f}" for v in r["per_layer_recall"])
+            lines.append(f"| {r['predictor']} | {'all layers at once' if r['depth'] == 0 else r['depth']} | "
+                         f"{100 * r['recall']:.1f}% | {per} |")
+    s = rep.get("speed")
+    if s:
+        lines += ["", f"## Decode on moe-ft at a {s['budget']} expert budget ({s['tokens']} steps x {s['rounds']} rounds, lockstep)", "",
+                  "| variant | TPOT ms | vs all resident | hit rate | KB read / token | same tokens |", "|---|---:|---:|---:|---:|---|"]
+        for v, r in s["variants"].items():
+            lines.append(f"| {v} | {r['tpot_ms']:.2f} | {r['vs_all_resident']:.3f} | {100 * r['hit_rate']:.1f}% | "
+                         f"{r['bytes_read_per_token'] / 1e3:.0f} | {'yes' if r['same_tokens_as_exact'] else 'no (lossy)'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--dense", default=None)
+    ap.add_argument("--out", default=str(REPO / "results/refactor"))
+    ap.add_argument("--finetune-tokens", type=int, default=1_000_000)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps per speed round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", default="50%")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: quality, predictors, speed")
+    ap.add_argument("--quick", action="store_true", help="small figures to check the script runs")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    report_path = out / "refactor.json"
+    rep = json.loads(report_path.read_text()) if report_path.exists() else {}
+
+    from expertcache.engine import encode_text
+    from expertcache.tools.quality import read_mc
+    from transformers import AutoTokenizer
+
+    cal = out / "calibration.txt"
+    if not cal.exists():
+        cal.write_text(corpus(TRAIN).read_text(encoding="utf-8")[:8_000_000], encoding="utf-8")
+    dense = dense_parent(args.dense, out)
+    ft = 20_000 if args.quick else args.finetune_tokens
+    dirs = refactored(dense, out, ft, cal)
+    rep["refactor"] = {n: json.loads((d / "refactor.json").read_text())["result"] for n, d in dirs.items()}
+    tok = AutoTokenizer.from_pretrained(str(dense))
+    valid_ids = encode_text(tok, corpus(VALID).read_text(encoding="utf-8")[:200_000])[: 2000 if args.quick else 10_000]
+    if "predictors" not in skip:
+        held = out / "heldout.txt"
+        held.write_text(corpus(VALID).read_text(encoding="utf-8")[-300_000:], encoding="utf-8")
+        rep["predictors"] = predictors(dirs["moe-ft"], out, cal, held, 300 if args.quick else 2000)
+    if "quality" not in skip:
+        items = read_mc(corpus(MC), 50 if args.quick else 500)
+        models = {"dense": (dense, {"dense": True}), "moe-init": (dirs["moe-init"], {"prefetch": "none"}),
+                  "moe-ft": (dirs["moe-ft"], {"prefetch": "none"}),
+                  "moe-ft, pre-gate routing": (dirs["moe-ft"], {"prefetch": "pregate", "routing": "pregate"}),
+                  "demo MoE": (REPO / "expertcache/demo", {"prefetch": "none"})}  # fmt: skip
+        rep["quality"] = quality(models, valid_ids, items)
+    if "speed" not in skip:
+        rep["speed"] = speed(dirs["moe-ft"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds)
+    report_path.write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "refactor.md").write_text(markdown(rep))
+    print(markdown(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
