@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of distillation fine-tune from the dense model (default 0: none)")
     p.add_argument("--finetune-text", type=Path, nargs="+", default=None, metavar="TEXT",
                    help="fine-tune on these files (default: the calibration text)")
+    p.add_argument("--pregate", action="store_true",
+                   help="train a pre-gate jointly in the fine-tune, routing the MoE while it trains (Read-ME); saved as "
+                        "OUT/predictor-pregate.pt for --prefetch pregate --routing pregate")
     p.add_argument("--lr", type=float, default=D.lr, help=f"fine-tune peak learning rate (default {D.lr})")
     p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--seq-len", type=int, default=D.seq_len)
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         experts=args.experts, top_k=args.top_k, shared_fraction=args.shared_fraction, calibration=tuple(args.calibration),
         calibration_tokens=args.calibration_tokens, finetune_tokens=args.finetune_tokens,
         finetune_text=tuple(args.finetune_text) if args.finetune_text else None, lr=args.lr, batch_size=args.batch_size,
-        seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume,
+        seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume, pregate=args.pregate,
     )  # fmt: skip
     r = refactor(args.dense, args.out, settings, progress=not args.json)
     if args.json:
@@ -57,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print("FFN error per layer before fine-tuning: " + " ".join(f"{x:.2f}" for x in r.ffn_error))
     if r.finetune_tokens:
         print(f"fine-tuned on {r.finetune_tokens} tokens: KL(dense || MoE) {r.finetune_kl:.4f} at the end")
+    if r.pregate_agreement:
+        print("pre-gate agreement with each router's top-k: " + " ".join(f"{x:.2f}" for x in r.pregate_agreement))
     print(f"{r.seconds:.0f} s")
     return 0

@@ -82,7 +82,8 @@ def _default_vector(**kw) -> DefaultVectorPredictor:
 def _pregate(**kw) -> PregatePredictor:
     art = _artefact("pregate", kw)
     layers, num_experts, hidden = _shape(kw["routers"])
-    net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0])
+    net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0],
+                     decays=tuple(art.meta.get("decays", ())))
     net.load_state_dict(art.tensors)
     return PregatePredictor(net, layers, top_k=kw["top_k"], depth=kw["depth"])
 

@@ -1,7 +1,8 @@
 """pregate (Read-ME): one small network over the token sequence, run before the first decoder
 layer, that scores every sparse layer's experts for a token at once, so the whole token's experts
 can be requested before its first layer computes. Its input is the first decoder layer's input
-(the token embeddings) of the last `window` tokens, each RMS-normalised; its output one [E] score
+(the token embeddings), each RMS-normalised: the last `window` tokens', and exponential moving
+averages of all earlier ones (`decays`: the context beyond the window); its output one [E] score
 vector per sparse layer. Trained by distillation from the model's own routers
 (`expertcache train-predictor --kind pregate`); like every predictor, it only decides what loads.
 """
@@ -15,33 +16,48 @@ from torch import nn
 from .base import Lookahead, Prediction, rank
 
 DEFAULT_WINDOW = 4  # tokens the pre-gate sees: this one and the 3 before it
+DEFAULT_DECAYS = (0.8, 0.95)  # moving averages of the normalised embeddings: the context beyond the window
 DEFAULT_WIDTH = 256
+
+State = tuple[torch.Tensor, torch.Tensor]  # (window history [B, window-1, H], moving averages [B, D, H])
 
 
 class PregateNet(nn.Module):
     """scores [N, L, E] = skip(current token) + fc2(relu(fc1(window of tokens)))."""
 
-    def __init__(self, hidden: int, window: int, layers: int, experts: int, width: int = DEFAULT_WIDTH) -> None:
+    def __init__(self, hidden: int, window: int, layers: int, experts: int, width: int = DEFAULT_WIDTH,
+                 decays: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
+        self.decays = tuple(float(d) for d in decays)
         self.skip = nn.Linear(hidden, layers * experts)
-        self.fc1 = nn.Linear(window * hidden, width)
+        self.fc1 = nn.Linear((window + len(self.decays)) * hidden, width)
         self.fc2 = nn.Linear(width, layers * experts)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def features(self, emb: torch.Tensor, history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """emb [B, T, H] (the first decoder layer's input), history [B, window-1, H] of normalised
-        earlier tokens or None (zeros) -> (features [B*T, window*H] newest first, the new history)."""
+    def features(self, emb: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """emb [B, T, H] (the first decoder layer's input) and the state the call before left
+        (None: a new sequence) -> (features [B*T, (window + D) * H], newest token first, then the
+        moving averages; the new state)."""
         b, t, h = emb.shape
         x = emb.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        w = self.window
-        if history is None or history.shape[0] != b:
-            history = x.new_zeros(b, w - 1, h)
+        w, nd = self.window, len(self.decays)
+        if state is None or state[0].shape[0] != b:
+            state = (x.new_zeros(b, w - 1, h), x.new_zeros(b, nd, h))
+        history, avg = state
         padded = torch.cat([history, x], dim=1)  # [B, w-1+T, H]
         parts = [padded[:, w - 1 - j : w - 1 - j + t] for j in range(w)]  # offset j tokens back
-        return torch.cat(parts, dim=-1).reshape(b * t, w * h), padded[:, padded.shape[1] - (w - 1) :]
+        if nd:
+            d = torch.tensor(self.decays).view(1, nd, 1)
+            avgs = []
+            for i in range(t):  # avg_i = d * avg_(i-1) + (1 - d) * x_i, for each decay
+                avg = d * avg + (1 - d) * x[:, i : i + 1]
+                avgs.append(avg)
+            parts.append(torch.stack(avgs, dim=1).reshape(b, t, nd * h))  # [B, T, D*H]
+        feats = torch.cat(parts, dim=-1).reshape(b * t, -1)
+        return feats, (padded[:, padded.shape[1] - (w - 1) :], avg)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(feats)))
@@ -61,18 +77,18 @@ class PregatePredictor:
         self.layers = sorted(layers)
         self._ahead = Lookahead(self.layers, depth)
         self._top_k = top_k
-        self._history: torch.Tensor | None = None
+        self._state: State | None = None
         self.guesses: dict[int, list[int]] = {}
         self.routes: dict[int, torch.Tensor] = {}  # layer -> [T, k] each token's top-k (routing by the pre-gate)
 
     def reset(self) -> None:
-        self._history, self.guesses, self.routes = None, {}, {}
+        self._state, self.guesses, self.routes = None, {}, {}
 
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B*T, L, E] for the call's tokens; moves the window on."""
-        history = self._history if hidden.shape[1] == 1 else None
-        feats, self._history = self.net.features(hidden, history)
+        state = self._state if hidden.shape[1] == 1 else None
+        feats, self._state = self.net.features(hidden, state)
         return self.net(feats)
 
     def start(self, hidden: torch.Tensor) -> Prediction:

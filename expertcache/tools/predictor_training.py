@@ -25,7 +25,7 @@ from ..errors import ExpertCacheError
 from ..ids import TRAINED_KINDS
 from ..predictors.artefact import Artefact
 from ..predictors.learned import DEFAULT_ACTIVATION, ExpertMLP
-from ..predictors.pregate import DEFAULT_WINDOW, PregateNet
+from ..predictors.pregate import DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet
 from .settings import TrainSettings
 from ..sim.recorder import Recorder
 from ..sim.trace import Trace
@@ -145,7 +145,7 @@ def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, windo
 
 def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], top_k: int,
                 settings: TrainSettings = TrainSettings(), *, window: int = DEFAULT_WINDOW,
-                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                decays: tuple[float, ...] = DEFAULT_DECAYS, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train a PregateNet towards every layer's router distribution (the targets of `learned`);
     the best mean validation recall is kept. Returns (tensors, report)."""
     from tqdm.auto import tqdm
@@ -154,7 +154,7 @@ def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids
     num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width)
+    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays)
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
     targets = torch.stack([_targets(LayerData(feats, ids[l], ids[l].float(), logits[l]), num_experts, settings.hard_weight)
                            for l in layers], dim=1)  # [N, L, E]  # fmt: skip
@@ -428,7 +428,7 @@ def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: Trai
     return Artefact(
         kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=int(num_experts),
         hidden_size=int(hidden), top_k=ckpt.top_k, depths=[], tensors=tensors,
-        meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "validation": report,
+        meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "validation": report,
               "settings": asdict(settings), "source": str(text) if text is not None else "tinystories-train"},
     )  # fmt: skip
 

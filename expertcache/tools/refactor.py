@@ -1,4 +1,4 @@
-"""expertcache refactor (Read-ME, REFERENCES.md section 3): a dense Llama/Mistral/Qwen2-family
+"""expertcache refactor (Read-ME, arXiv 2410.19123): a dense Llama/Mistral/Qwen2-family
 checkpoint becomes an MoE checkpoint that transformers loads as saved.
 
 Each layer's FFN neurons are recorded on calibration text (|activation| x |down column|, their
@@ -49,6 +49,7 @@ class RefactorResult:
     ffn_error: list[float]  # per layer: ||MoE FFN - dense FFN|| / ||dense FFN|| on held-out rows, before fine-tuning
     finetune_tokens: int = 0
     finetune_kl: float | None = None  # mean KL(dense || MoE) over the last fine-tune steps
+    pregate_agreement: list[float] | None = None  # per layer: the joint pre-gate's top-k against the router's, at the end
     seconds: float = 0.0
     params: dict = field(default_factory=dict)
 
@@ -143,14 +144,13 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, iters: int, seed: int
     groups' capacity, then moves each centroid to its members' mean. Groups come back sorted."""
     n = features.shape[0]
     size = n // clusters
-    f = F.normalize(features.double(), dim=1)
+    f = F.normalize(features.float(), dim=1).contiguous()
     g = torch.Generator().manual_seed(seed)
     centroids = f[torch.randperm(n, generator=g)[:clusters]].clone()
-    assign = torch.full((n,), -1, dtype=torch.long)
+    assign: list[int] = []
     for _ in range(iters):
-        sims = f @ centroids.T  # [N, C]
-        order = torch.argsort(sims.flatten(), descending=True).tolist()
-        new = torch.full((n,), -1, dtype=torch.long)
+        order = torch.argsort((f @ centroids.T).flatten(), descending=True).tolist()  # (row, cluster) pairs, best first
+        new = [-1] * n
         room = [size] * clusters
         left = n
         for flat in order:
@@ -162,11 +162,12 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, iters: int, seed: int
             left -= 1
             if left == 0:
                 break
-        if torch.equal(new, assign):
+        if new == assign:
             break
         assign = new
-        centroids = F.normalize(torch.stack([f[assign == c].mean(0) for c in range(clusters)]), dim=1)
-    groups = [sorted((assign == c).nonzero().flatten().tolist()) for c in range(clusters)]
+        onehot = F.one_hot(torch.tensor(assign), clusters).float().T  # [C, N]
+        centroids = F.normalize(onehot @ f, dim=1)
+    groups = [[i for i, c in enumerate(assign) if c == k] for k in range(clusters)]
     return sorted(groups, key=lambda grp: grp[0])
 
 
@@ -347,6 +348,48 @@ def param_counts(model) -> dict:
 # ----------------------------------------------------------------------------- fine-tune
 
 
+class PregateRouters:
+    """While fine-tuning with a pre-gate: every layer's router sends each token to the experts the
+    pre-gate chose for it (`chosen` [N, L, k]), weighted by the router's own softmax over them,
+    renormalised: what `--routing pregate` computes at inference. Restores the routers on exit."""
+
+    def __init__(self, model) -> None:
+        self.routers = [layer.mlp.gate for layer in model.model.layers]
+        self.chosen: torch.Tensor | None = None
+
+    def __enter__(self) -> "PregateRouters":
+        for i, router in enumerate(self.routers):
+            router.forward = self._forward(i, router)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for router in self.routers:
+            router.__dict__.pop("forward", None)
+
+    def _forward(self, i: int, router):
+        def forward(hidden_states: torch.Tensor):
+            h = hidden_states.reshape(-1, router.weight.shape[1])
+            logits = F.linear(h, router.weight)
+            probs = torch.softmax(logits.float(), dim=-1)
+            ids = self.chosen[:, i]
+            w = probs.gather(1, ids)
+            return logits, w / w.sum(dim=-1, keepdim=True), ids
+
+        return forward
+
+
+def pregate_artefact(net, model, out: Path, tokens: int, agreement: list[float]):
+    from ..predictors.artefact import Artefact
+
+    cfg = model.config
+    e = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    return Artefact(kind="pregate", model=str(out), sparse_layers=list(range(cfg.num_hidden_layers)), num_experts=int(e),
+                    hidden_size=int(cfg.hidden_size), top_k=int(cfg.num_experts_per_tok), depths=[],
+                    tensors={k: v.detach().clone() for k, v in net.state_dict().items()},
+                    meta={"tokens": tokens, "window": net.window, "decays": list(net.decays), "joint": True,
+                          "validation": {f"l{i}": {"val_recall": round(a, 4)} for i, a in enumerate(agreement)}})  # fmt: skip
+
+
 def balance(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
     from ..demo.training import balance_loss
 
@@ -356,24 +399,39 @@ def balance(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
 def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_dir: Path, progress: bool) -> dict:
     """Distil the dense model into the MoE: KL(teacher || student) on every position plus the
     per-layer balance loss; AdamW, 5% warmup then cosine to 10%; state saved every save_every_min
-    minutes to `state_dir` (resumed from there). Returns {"tokens", "kl"}."""
+    minutes to `state_dir` (resumed from there). With s.pregate a PregateNet is trained alongside
+    and routes the MoE (PregateRouters): it learns the routers' top-k, each router is pulled toward
+    its choice (align_coef). Returns {"tokens", "kl"} and, with a pre-gate, "pregate" (the net)
+    and "agreement" (per layer, the pre-gate's top-k against the router's over the last 10% of steps)."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    from ..demo.training import sample_batch, Source
+    from ..demo.training import Source, sample_batch
+    from ..predictors.pregate import DEFAULT_DECAYS, DEFAULT_WIDTH, DEFAULT_WINDOW, PregateNet
 
     per_step = s.batch_size * s.seq_len
     steps = max(1, math.ceil(s.finetune_tokens / per_step))
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, kls = 0, []
+    cfg = student.config
+    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    k, layers = cfg.num_experts_per_tok, cfg.num_hidden_layers
+    groups = [{"params": list(student.parameters()), "lr": s.lr}]
+    net = None
+    if s.pregate:
+        torch.manual_seed(s.seed)
+        net = PregateNet(cfg.hidden_size, DEFAULT_WINDOW, layers, num_experts, width=DEFAULT_WIDTH, decays=DEFAULT_DECAYS)
+        groups.append({"params": list(net.parameters()), "lr": s.pregate_lr})
+    opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, kls, agree = 0, [], []
     if (state_dir / "trainer_state.pt").is_file():
         saved = torch.load(state_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
         student.load_state_dict(saved["model"])
+        if net is not None:
+            net.load_state_dict(saved["pregate"])
         opt.load_state_dict(saved["optimizer"])
-        step, kls = saved["step"], saved["kls"]
+        step, kls, agree = saved["step"], saved["kls"], saved.get("agree", [])
         log.info("fine-tune resumed at step %d of %d", step, steps)
     sources = [Source("calibration", stream.to(torch.int32), 1.0)]
-    cfg = student.config
-    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
     warm = max(1, steps // 20)
     student.train()
     last_save = time.time()
@@ -383,36 +441,60 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
 
     def checkpoint() -> None:
         tmp = state_dir / "trainer_state.pt.tmp"
-        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "kls": kls}, tmp)
+        body = {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "kls": kls, "agree": agree}
+        if net is not None:
+            body["pregate"] = net.state_dict()
+        torch.save(body, tmp)
         tmp.replace(state_dir / "trainer_state.pt")
 
-    while step < steps:
-        frac = step / steps
-        lr = s.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = sample_batch(sources, step, s.seed + 1, s.batch_size, s.seq_len)[:, :-1]
-        with torch.no_grad():
-            t_logp = F.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
-        out = student(input_ids=batch, output_router_logits=True)
-        s_logp = F.log_softmax(out.logits.float(), dim=-1)
-        kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-        loss = kl + s.aux_coef * balance(out.router_logits, num_experts, cfg.num_experts_per_tok)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        kls.append(kl.item())
-        bar.update(1)
-        bar.set_postfix(kl=f"{kl.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-        if time.time() - last_save >= s.save_every_min * 60:
-            checkpoint()
-            last_save = time.time()
+    routers = PregateRouters(student) if net is not None else nullcontext()
+    with routers:
+        while step < steps:
+            frac = step / steps
+            factor = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g, base in zip(opt.param_groups, (s.lr, s.pregate_lr)):
+                g["lr"] = base * factor
+            batch = sample_batch(sources, step, s.seed + 1, s.batch_size, s.seq_len)[:, :-1]
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
+            if net is not None:
+                scores = net(net.features(student.get_input_embeddings()(batch).detach())[0])  # [N, L, E]
+                routers.chosen = scores.detach().topk(k, dim=-1).indices
+            out = student(input_ids=batch, output_router_logits=True)
+            s_logp = F.log_softmax(out.logits.float(), dim=-1)
+            kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = kl + s.aux_coef * balance(out.router_logits, num_experts, k)
+            if net is not None:
+                r_logits = torch.stack([r.float() for r in out.router_logits], dim=1)  # [N, L, E]
+                r_top = r_logits.detach().topk(k, dim=-1).indices
+                hard = torch.zeros_like(r_logits).scatter_(-1, r_top, 1.0 / k)  # the routers' own top-k
+                pg = -(hard * F.log_softmax(scores, dim=-1)).sum(-1).mean()
+                mine = torch.zeros_like(r_logits).scatter_(-1, routers.chosen, 1.0 / k)
+                align = -(mine * F.log_softmax(r_logits, dim=-1)).sum(-1).mean()
+                aux = balance(tuple(scores[:, i] for i in range(layers)), num_experts, k)
+                loss = loss + pg + s.align_coef * align + s.aux_coef * aux
+                if step >= steps - max(1, steps // 10):
+                    agree.append([float((routers.chosen[:, i, :, None] == r_top[:, i, None, :]).any(-1).float().mean())
+                                  for i in range(layers)])  # fmt: skip
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            kls.append(kl.item())
+            bar.update(1)
+            bar.set_postfix(kl=f"{kl.item():.3f}", lr=f"{s.lr * factor:.2e}", refresh=False)
+            if time.time() - last_save >= s.save_every_min * 60:
+                checkpoint()
+                last_save = time.time()
     bar.close()
     student.eval()
     tail = kls[-max(1, len(kls) // 10) :]
-    return {"tokens": steps * per_step, "kl": sum(tail) / len(tail)}
+    result = {"tokens": steps * per_step, "kl": sum(tail) / len(tail)}
+    if net is not None:
+        result["pregate"] = net.eval()
+        result["agreement"] = [sum(a[i] for a in agree) / max(1, len(agree)) for i in range(layers)]
+    return result
 
 
 # ----------------------------------------------------------------------------- the command
@@ -428,6 +510,8 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
         raise ExpertCacheError(f"--experts {s.experts} --top-k {s.top_k}: need 2 <= experts and 1 <= top-k <= experts")
     if not 0.0 <= s.shared_fraction < 1.0:
         raise ExpertCacheError(f"--shared-fraction {s.shared_fraction}: give a share in [0, 1)")
+    if s.pregate and s.finetune_tokens <= 0:
+        raise ExpertCacheError("--pregate trains the pre-gate in the fine-tune: give --finetune-tokens too")
     if not s.calibration:
         raise ExpertCacheError("give --calibration TEXT (a text file the dense model's activations are recorded on)")
     if out.resolve() == dense_dir.resolve():
@@ -470,6 +554,9 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
             ft_stream = stream if not s.finetune_text else token_stream(tokenizer, ft_docs)
             ft = finetune(moe, dense, ft_stream, s, state_dir, progress)
             result.finetune_tokens, result.finetune_kl = ft["tokens"], round(ft["kl"], 4)
+            if "pregate" in ft:
+                result.pregate_agreement = [round(a, 4) for a in ft["agreement"]]
+                pregate_artefact(ft["pregate"], moe, out, ft["tokens"], ft["agreement"]).save(out / "predictor-pregate.pt")
             result.seconds = time.perf_counter() - t0
             info["result"] = asdict(result)
             save(moe, tokenizer, out, src_dtype, info)

@@ -22,6 +22,9 @@ class RefactorSettings:
     lr: float = 5e-4
     batch_size: int = 8
     aux_coef: float = 0.01  # per-layer load-balancing loss while fine-tuning
+    pregate: bool = False  # fine-tune routing by a pre-gate trained jointly (Read-ME), saved as predictor-pregate.pt
+    pregate_lr: float = 1e-3
+    align_coef: float = 0.1  # pulls each router's logits toward the pre-gate's choice (native routing agrees)
     seed: int = 0
     threads: int = 2
     save_every_min: float = 10.0

@@ -593,15 +593,19 @@ def test_prefetch_benchmark_report_structure():
 def test_pregate_window_continues_across_decode_steps():
     """A prompt's features in one call equal the same tokens fed one by one (each step continuing
     the window of the step before), and a new prompt starts a fresh window."""
-    net = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8)
+    net = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8, decays=(0.5, 0.9))
     emb = torch.randn(1, 7, 16)
     whole, _ = net.features(emb)
-    history, rows = None, []
+    assert whole.shape == (7, (3 + 2) * 16)
+    state, rows = None, []
     for t in range(7):
-        f, history = net.features(emb[:, t : t + 1], history)
+        f, state = net.features(emb[:, t : t + 1], state)
         rows.append(f)
     torch.testing.assert_close(torch.cat(rows), whole)
-    assert whole[0, 16:].abs().sum() == 0  # the first token has nothing before it
+    assert whole[0, 16:48].abs().sum() == 0  # the first token has nothing before it in the window
+    x = emb[0] * torch.rsqrt(emb[0].pow(2).mean(-1, keepdim=True) + 1e-6)
+    avg = sum(0.1 * 0.9 ** (6 - i) * x[i] for i in range(7))  # the slow moving average at the last token
+    torch.testing.assert_close(whole[6, 64:], avg)
     pred = PregatePredictor(net, [0, 1, 2, 3], top_k=2, depth=2)
     pred.start(emb[:, :3])
     one = pred.start(emb[:, 3:4])  # a decode step continues that window
@@ -636,7 +640,7 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
                "--steps", "30", "--out", str(tmp_path / "p.pt"), "--no-progress"])  # fmt: skip
     assert rc == 0 and "every layer at once" in capsys.readouterr().out
     art = Artefact.load(tmp_path / "p.pt")
-    assert art.kind == "pregate" and art.meta["window"] == 4 and set(art.meta["validation"]) == {"l0", "l1", "l2", "l3"}
+    assert art.kind == "pregate" and art.meta["window"] == 4 and art.meta["decays"] == [0.8, 0.95] and set(art.meta["validation"]) == {"l0", "l1", "l2", "l3"}
 
 
 def test_routing_by_the_pregate_uses_its_choices_and_requests_the_step_ahead(model_dir):

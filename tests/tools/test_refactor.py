@@ -159,3 +159,33 @@ def test_bad_input_is_one_line_and_the_source_is_untouched(dense, tmp_path, caps
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path):
+    """--pregate: the pre-gate trained in the fine-tune is saved beside the model; the engine with
+    --prefetch pregate --routing pregate computes what the fine-tune's forward computed (the saved
+    MoE routed by that pre-gate), at a 50% budget, and the pre-gate agrees with the routers."""
+    from transformers import AutoModelForCausalLM
+
+    import expertcache
+    from expertcache.predictors import Artefact
+    from expertcache.predictors.pregate import PregateNet
+
+    src, text = dense
+    r = refactor(src, tmp_path / "moe", _settings(text, finetune_tokens=16 * 2 * 64, batch_size=2, pregate=True), progress=False)
+    assert len(r.pregate_agreement) == 2 and all(0.0 <= a <= 1.0 for a in r.pregate_agreement)
+    art = Artefact.load(tmp_path / "moe" / "predictor-pregate.pt")
+    assert art.kind == "pregate" and art.meta["joint"]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
+    net = PregateNet(32, art.meta["window"], 2, 4, width=art.tensors["fc1.weight"].shape[0], decays=tuple(art.meta["decays"]))
+    net.load_state_dict(art.tensors)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad(), rf.PregateRouters(model) as routers:
+        routers.chosen = net(net.features(model.get_input_embeddings()(ids))[0]).topk(2, dim=-1).indices
+        want = model(ids).logits[0]
+    native = model(ids).logits[0]  # the routers restored: transformers' own routing
+    assert not torch.allclose(native, want)  # the pre-gate's routing is not the routers' on this untrained model
+    with expertcache.load(tmp_path / "moe", expert_budget="50%", prefetch="pregate", routing="pregate", io="buffered") as eng:
+        with torch.no_grad():
+            got = eng.model(input_ids=ids).logits[0]
+    torch.testing.assert_close(got, want)
