@@ -6,18 +6,22 @@
 1. The dense parent: DIR (default: the export of results/readme/dense/ckpt, trained by
    `expertcache train-demo --family llama --tokenizer expertcache/demo --intermediate 2048 ...`,
    the demo's recipe, data and tokenizer with a dense FFN of 2,048).
-2. `expertcache refactor` into 8 experts, top-2, on TinyStories train text: once without fine-tune
-   (moe-init) and once with a distillation fine-tune of N tokens (moe-ft). Each step is skipped when
-   its output exists (a killed fine-tune resumes with --resume).
+2. `expertcache refactor` into 8 experts, top-2, on TinyStories train text: without fine-tune
+   (moe-init), with a distillation fine-tune of N tokens (moe-ft), and with the same fine-tune
+   training a pre-gate jointly that routes the model while it trains (moe-pg, `--pregate`). Each is
+   skipped when its output exists (a killed fine-tune resumes with --resume; run them side by side
+   with the CLI to use both cores).
 3. Quality, same run and same token ids: perplexity on TinyStories validation (first 10k tokens,
    window 256, stride 128), last-word multiple-choice accuracy (500 items) and active parameters per
-   token for the dense model, moe-init, moe-ft, moe-ft routed by its pre-gate, and the demo MoE.
-4. Predictors on moe-ft, trained on TinyStories train (20k tokens): learned (depth 1) and pregate;
-   `eval-predictors` recall on 2,000 held-out tokens: next-gate and learned at depth 1, the pre-gate
-   for every layer at once.
-5. Speed: moe-ft at a 50% expert budget, one engine per variant in one process, decode steps in
+   token: the dense model, moe-init, moe-ft, moe-pg with its own routers and routed by its pre-gate,
+   and the demo MoE.
+4. Predictors on moe-pg, trained on TinyStories train (20k tokens): learned (depth 1) and, for
+   comparison, a pre-gate distilled after the fact (pregate-distilled); `eval-predictors` recall
+   against the model's routers on 2,000 held-out tokens: next-gate and learned at depth 1, the
+   pre-gates for every layer at once.
+5. Speed: moe-pg at a 50% expert budget, one engine per variant in one process, decode steps in
    turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
-   and routing by the pre-gate; TPOT medians, hit rates, bytes read.
+   and routing by the pre-gate (how it was trained); TPOT medians, hit rates, bytes read.
 Writes OUT/refactor.json and OUT/refactor.md.
 """
 
@@ -64,15 +68,15 @@ def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path) 
     from expertcache.tools.refactor import STATE_DIR, refactor
     from expertcache.tools.refactor_settings import RefactorSettings
 
-    dirs = {"moe-init": out / "moe-init", "moe-ft": out / "moe-ft"}
-    for name, tokens in (("moe-init", 0), ("moe-ft", finetune_tokens)):
+    dirs = {"moe-init": out / "moe-init", "moe-ft": out / "moe-ft", "moe-pg": out / "moe-pg"}
+    for name, tokens in (("moe-init", 0), ("moe-ft", finetune_tokens), ("moe-pg", finetune_tokens)):
         d = dirs[name]
         unfinished = (d / STATE_DIR).exists()
         if (d / "refactor.json").exists() and not unfinished:
             continue
         log(f"refactor -> {d} (fine-tune {tokens} tokens)")
         s = RefactorSettings(experts=8, top_k=2, calibration=(calibration,), finetune_tokens=tokens, resume=unfinished,
-                             threads=2, save_every_min=5.0)  # fmt: skip
+                             threads=2, save_every_min=5.0, pregate=name == "moe-pg")  # fmt: skip
         refactor(dense, d, s, progress=True)
     return dirs
 
@@ -130,21 +134,25 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
     from expertcache.tools.predictor_training import train_predictor
     from expertcache.tools.settings import TrainSettings
 
-    files = {}
+    files = {"pregate": str(default_path(moe, "pregate"))}  # the joint pre-gate, beside the model
+    results = []
     with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
-        for kind, steps in (("learned", 1000), ("pregate", 3000)):
-            path = out / f"predictor-{kind}.pt"
+        for kind, steps, name in (("learned", 1000, "learned"), ("pregate", 3000, "pregate-distilled")):
+            path = out / f"predictor-{name}.pt"
             if not path.exists():
-                log(f"train {kind}")
-                art = train_predictor(eng, kind, text=cal, max_tokens=20000, depths=[1], settings=TrainSettings(steps=steps),
-                                      progress=False)  # fmt: skip
+                log(f"train {name}")
+                art = train_predictor(eng, kind, text=cal, max_tokens=20000, depths=[1],
+                                      settings=TrainSettings(steps=steps, width=256 if kind == "pregate" else 128), progress=False)
                 art.save(path)
-                art.save(default_path(moe, kind))
-            files[kind] = str(path)
+                if kind == "learned":
+                    art.save(default_path(moe, kind))
+            files[name] = str(path)
         log("eval-predictors")
-        rep = eval_predictors(eng, held, names=["next-gate", "learned", "pregate"], depths=[1], max_tokens=tokens,
-                              files=files, progress=False)  # fmt: skip
-    return {"files": files, "results": rep.results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
+        for label, names, given in (("", ["next-gate", "learned", "pregate"], {k: files[k] for k in ("learned", "pregate")}),
+                                    ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]})):  # fmt: skip
+            rep = eval_predictors(eng, held, names=names, depths=[1], max_tokens=tokens, files=given, progress=False)
+            results += [dict(r, predictor=r["predictor"] + label) for r in rep.results]
+    return {"files": files, "results": results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
 
 
 def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -> dict:
@@ -195,11 +203,16 @@ def markdown(rep: dict) -> str:
     for name, r in q.items():
         lines.append(f"| {name} | {r['perplexity']:.2f} | {100 * r['mc_accuracy']:.1f}% | {r['params_total'] / 1e6:.2f} M | "
                      f"{r['params_active'] / 1e6:.2f} M |")
-    if "dense" in q and "moe-ft" in q:
-        lines += ["", f"moe-ft perplexity / dense: {q['moe-ft']['perplexity'] / q['dense']['perplexity']:.3f}"]
+    if "dense" in q:
+        lines += [""] + [f"{n} perplexity / dense: {q[n]['perplexity'] / q['dense']['perplexity']:.3f}"
+                         for n in q if n.startswith("moe")]  # fmt: skip
+    ag = rep.get("refactor", {}).get("moe-pg", {}).get("pregate_agreement")
+    if ag:
+        lines += ["", "moe-pg's pre-gate against its routers' top-k at the end of the fine-tune, per layer: "
+                  + " ".join(f"{100 * a:.0f}%" for a in ag)]
     p = rep.get("predictors")
     if p:
-        lines += ["", f"## Predictor recall on moe-ft ({p['tokens']} held-out tokens, per sparse layer)", "",
+        lines += ["", f"## Predictor recall on moe-pg ({p['tokens']} held-out tokens, per sparse layer)", "",
                   "| predictor | depth | recall | per layer |", "|---|---|---:|---|"]
         for r in p["results"]:
             per = " ".join("-" if v is None else f"{100 * v:.0f}" for v in r["per_layer_recall"])
@@ -207,7 +220,7 @@ def markdown(rep: dict) -> str:
                          f"{100 * r['recall']:.1f}% | {per} |")
     s = rep.get("speed")
     if s:
-        lines += ["", f"## Decode on moe-ft at a {s['budget']} expert budget ({s['tokens']} steps x {s['rounds']} rounds, lockstep)", "",
+        lines += ["", f"## Decode on moe-pg at a {s['budget']} expert budget ({s['tokens']} steps x {s['rounds']} rounds, lockstep)", "",
                   "| variant | TPOT ms | vs all resident | hit rate | KB read / token | same tokens |", "|---|---:|---:|---:|---:|---|"]
         for v, r in s["variants"].items():
             lines.append(f"| {v} | {r['tpot_ms']:.2f} | {r['vs_all_resident']:.3f} | {100 * r['hit_rate']:.1f}% | "
@@ -248,16 +261,17 @@ def main(argv=None) -> int:
     if "predictors" not in skip:
         held = out / "heldout.txt"
         held.write_text(corpus(VALID).read_text(encoding="utf-8")[-300_000:], encoding="utf-8")
-        rep["predictors"] = predictors(dirs["moe-ft"], out, cal, held, 300 if args.quick else 2000)
+        rep["predictors"] = predictors(dirs["moe-pg"], out, cal, held, 300 if args.quick else 2000)
     if "quality" not in skip:
         items = read_mc(corpus(MC), 50 if args.quick else 500)
         models = {"dense": (dense, {"dense": True}), "moe-init": (dirs["moe-init"], {"prefetch": "none"}),
                   "moe-ft": (dirs["moe-ft"], {"prefetch": "none"}),
-                  "moe-ft, pre-gate routing": (dirs["moe-ft"], {"prefetch": "pregate", "routing": "pregate"}),
+                  "moe-pg, its routers": (dirs["moe-pg"], {"prefetch": "none"}),
+                  "moe-pg, routed by its pre-gate": (dirs["moe-pg"], {"prefetch": "pregate", "routing": "pregate"}),
                   "demo MoE": (REPO / "expertcache/demo", {"prefetch": "none"})}  # fmt: skip
         rep["quality"] = quality(models, valid_ids, items)
     if "speed" not in skip:
-        rep["speed"] = speed(dirs["moe-ft"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds)
+        rep["speed"] = speed(dirs["moe-pg"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds)
     report_path.write_text(json.dumps(rep, indent=2) + "\n")
     (out / "refactor.md").write_text(markdown(rep))
     print(markdown(rep))

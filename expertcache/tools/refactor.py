@@ -378,6 +378,32 @@ class PregateRouters:
         return forward
 
 
+def warm_pregate(model, stream: torch.Tensor, s: RefactorSettings, progress: bool) -> dict[str, torch.Tensor]:
+    """A pre-gate distilled from the MoE's own routers on calibration windows (as train-predictor
+    --kind pregate fits one): the joint fine-tune starts from it, so its first steps route sensibly."""
+    from ..predictors.pregate import DEFAULT_WIDTH
+    from .predictor_training import fit_pregate
+    from .settings import TrainSettings
+
+    cfg = model.config
+    batch = windows(stream, s.seq_len, s.calibration_tokens, s.seed + 2)
+    inputs, logits = [], {i: [] for i in range(cfg.num_hidden_layers)}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for rows in batch.split(8):
+            out = model(input_ids=rows, output_router_logits=True)
+            inputs += list(model.get_input_embeddings()(rows).float())
+            for i, lg in enumerate(out.router_logits):
+                logits[i].append(lg.float())
+    model.train(was_training)
+    logits = {i: torch.cat(v) for i, v in logits.items()}
+    ids = {i: v.topk(cfg.num_experts_per_tok, dim=-1).indices for i, v in logits.items()}
+    state, _ = fit_pregate(inputs, logits, ids, cfg.num_experts_per_tok, TrainSettings(steps=2000, width=DEFAULT_WIDTH),
+                           progress=progress)  # fmt: skip
+    return state
+
+
 def pregate_artefact(net, model, out: Path, tokens: int, agreement: list[float]):
     from ..predictors.artefact import Artefact
 
@@ -423,7 +449,10 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
         groups.append({"params": list(net.parameters()), "lr": s.pregate_lr})
     opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, kls, agree = 0, [], []
-    if (state_dir / "trainer_state.pt").is_file():
+    resuming = (state_dir / "trainer_state.pt").is_file()
+    if net is not None and not resuming:  # start from the routers' choices, not at random
+        net.load_state_dict(warm_pregate(student, stream, s, progress))
+    if resuming:
         saved = torch.load(state_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
         student.load_state_dict(saved["model"])
         if net is not None:
