@@ -32,23 +32,35 @@ def _tokenizer(directory) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]").save_pretrained(directory)
 
 
+def _dense_model(root, family: str = "llama"):
+    """A tiny random dense model of `family` (2 layers, FFN 96 wide) with a word tokenizer."""
+    import transformers
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)  # fmt: skip
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+    if family == "qwen2":  # random attention biases (Qwen2's q/k/v have them), so a dropped bias would show
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(root / family)
+    _tokenizer(root / family)
+    return root / family
+
+
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    """A tiny random Llama (2 layers, FFN 96 wide) with a word tokenizer, and a calibration text."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A tiny random Llama and a calibration text."""
     root = tmp_path_factory.mktemp("refactor")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(root / "dense")
-    _tokenizer(root / "dense")
     g = torch.Generator().manual_seed(5)
     text = root / "cal.txt"
     docs = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (200,), generator=g).tolist()) for _ in range(6)]
     text.write_text("\n<|endoftext|>\n".join(docs))
-    return root / "dense", text
+    return _dense_model(root), text
 
 
 def _settings(text, **kw) -> RefactorSettings:
@@ -56,13 +68,17 @@ def _settings(text, **kw) -> RefactorSettings:
     return RefactorSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize("shared,family", [(0.0, "mixtral"), (0.25, "qwen2_moe")])
-def test_every_expert_and_a_zero_router_give_the_dense_model(dense, tmp_path, shared, family):
+@pytest.mark.parametrize("source,shared,family", [("llama", 0.0, "mixtral"), ("llama", 0.25, "qwen2_moe"),
+                                                  ("mistral", 0.0, "mixtral"), ("qwen2", 0.0, "qwen2_moe")])
+def test_every_expert_and_a_zero_router_give_the_dense_model(dense, tmp_path, source, shared, family):
     """k = E with equal weights 1/E (a zero router) and down projections scaled by k: each token sums
-    every neuron once, so the MoE computes the dense FFN (to float rounding). Wrong slicing fails."""
+    every neuron once, so the MoE computes the dense FFN (to float rounding). Wrong slicing fails.
+    A Qwen2 parent keeps its attention biases (Qwen2-MoE), a Llama or Mistral one becomes Mixtral."""
     from transformers import AutoModelForCausalLM
 
     src, text = dense
+    if source != "llama":
+        src = _dense_model(tmp_path, source)
     r = refactor(src, tmp_path / "moe", _settings(text, top_k=4, shared_fraction=shared, logit_scale=0.0), progress=False)
     assert r.model_type == family
     moe = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32)
