@@ -419,8 +419,17 @@ def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: Trai
                    trace_given: bool) -> Artefact:
     if trace_given:
         raise ExpertCacheError("pregate trains from calibration text (--text): a trace holds no token embeddings")
+    art = train_pregate(engine, text_documents(engine, text, max_tokens), max_tokens=max_tokens, window=window,
+                        settings=settings, progress=progress)  # fmt: skip
+    art.meta["source"] = str(text) if text is not None else "tinystories-train"
+    return art
+
+
+def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000, window: int = 256,
+                  settings: TrainSettings = TrainSettings(), progress: bool = True) -> Artefact:
+    """A pregate predictor file for the engine's model, fitted on token `documents` run through it."""
     ckpt = engine.checkpoint
-    docs = text_documents(engine, text, max_tokens)
+    docs = documents
     inputs, logits, ids = record_pregate(engine, docs, max_tokens=max_tokens, window=window, progress=progress)
     tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, progress=progress)
     routers = engine.routers()
@@ -429,7 +438,7 @@ def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: Trai
         kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=int(num_experts),
         hidden_size=int(hidden), top_k=ckpt.top_k, depths=[], tensors=tensors,
         meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "validation": report,
-              "settings": asdict(settings), "source": str(text) if text is not None else "tinystories-train"},
+              "settings": asdict(settings)},
     )  # fmt: skip
 
 

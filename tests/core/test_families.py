@@ -19,7 +19,7 @@ from expertcache.ids import TRAINED_KINDS
 from expertcache.sim.hardware import PRESETS
 from expertcache.sim.recorder import Recorder
 from expertcache.sim.simulate import replay
-from expertcache.tools.predictor_training import TrainSettings, record_calibration, train_predictor
+from expertcache.tools.predictor_training import TrainSettings, record_calibration, train_predictor, train_pregate
 
 PROMPT = prompt_ids(24)
 TOKENS = 12
@@ -77,7 +77,10 @@ def test_every_predictor_keeps_the_outputs_exact(family, checkpoint, reference, 
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
         trace = record_calibration(eng, [prompt_ids(48, seed=s) for s in range(3)], max_tokens=144, window=48, progress=False)
         for kind in TRAINED_KINDS:
-            art = train_predictor(eng, kind, trace=trace, depths=[1], settings=TrainSettings(steps=5), progress=False)
+            if kind == "pregate":  # from token documents: a trace holds no embeddings
+                art = train_pregate(eng, [prompt_ids(48, seed=s) for s in range(3)], settings=TrainSettings(steps=5), progress=False)
+            else:
+                art = train_predictor(eng, kind, trace=trace, depths=[1], settings=TrainSettings(steps=5), progress=False)
             files[kind] = str(art.save(tmp_path / f"{kind}.pt"))
     for name in sorted(PREDICTORS):
         stats = _exact(model_dir, ref, expert_budget=_slots(model_dir, 3), prefetch=name, predictor=files.get(name), io="direct")
