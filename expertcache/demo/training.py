@@ -149,43 +149,21 @@ def sample_batch(sources: list[Source], step: int, seed: int, batch: int, seq_le
 
 
 def make_config(settings: DemoTrainingSettings, tokenizer):
+    """The model's config: Mixtral (the demo MoE) or, with family "llama", the same shape dense."""
     from transformers import LlamaConfig, MixtralConfig
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    if settings.family == "llama":
-        return LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=settings.hidden,
-            intermediate_size=settings.intermediate,
-            num_hidden_layers=settings.layers,
-            num_attention_heads=settings.heads,
-            num_key_value_heads=settings.kv_heads,
-            max_position_embeddings=1024,
-            rope_theta=10000.0,
-            tie_word_embeddings=settings.tie_embeddings,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=None,
-        )
-    cfg = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=settings.hidden,
-        intermediate_size=settings.intermediate,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads,
-        num_key_value_heads=settings.kv_heads,
-        num_local_experts=settings.experts,
-        num_experts_per_tok=settings.top_k,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        output_router_logits=True,
-        router_aux_loss_coef=settings.aux_coef,
-        tie_word_embeddings=settings.tie_embeddings,
-        bos_token_id=eos,
-        eos_token_id=eos,
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden, intermediate_size=settings.intermediate,
+        num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=settings.tie_embeddings,
+        bos_token_id=eos, eos_token_id=eos,
         pad_token_id=None,  # pad = eos lives in generation_config; as padding_idx it would freeze EOS at zero
-    )
-    return cfg
+    )  # fmt: skip
+    if settings.family == "llama":
+        return LlamaConfig(**common)
+    return MixtralConfig(num_local_experts=settings.experts, num_experts_per_tok=settings.top_k, output_router_logits=True,
+                         router_aux_loss_coef=settings.aux_coef, **common)  # fmt: skip
 
 
 def is_moe(model) -> bool:

@@ -68,6 +68,21 @@ def layer_data(trace: Trace, layers: list[int]) -> dict[int, LayerData]:
     return out
 
 
+def calibration_chunks(documents: list[list[int]], *, max_tokens: int, window: int):
+    """The forwards a calibration pass makes: each document in pieces of at most `window` tokens
+    (pieces under 2 tokens skipped), `max_tokens` in all."""
+    done = 0
+    for doc in documents:
+        for start in range(0, len(doc), window):
+            chunk = doc[start : start + window][: max_tokens - done]
+            if len(chunk) < 2:
+                continue
+            yield chunk
+            done += len(chunk)
+            if done >= max_tokens:
+                return
+
+
 @torch.inference_mode()
 def record_calibration(engine, documents: list[list[int]], *, max_tokens: int, window: int, progress: bool = True) -> Trace:
     """Run token documents through the engine (prefill windows of at most `window` tokens, no KV
@@ -77,19 +92,11 @@ def record_calibration(engine, documents: list[list[int]], *, max_tokens: int, w
     bar = tqdm(total=max_tokens, unit="tok", desc="calibration", disable=not progress)
     done = 0
     with Recorder(engine, logits=True, hidden_states=True) as rec:
-        for doc in documents:
-            for start in range(0, len(doc), window):
-                chunk = doc[start : start + window][: max_tokens - done]
-                if len(chunk) < 2:
-                    continue
-                rec.new_turn()
-                engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
-                done += len(chunk)
-                bar.update(len(chunk))
-                if done >= max_tokens:
-                    break
-            if done >= max_tokens:
-                break
+        for chunk in calibration_chunks(documents, max_tokens=max_tokens, window=window):
+            rec.new_turn()
+            engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
+            done += len(chunk)
+            bar.update(len(chunk))
     bar.close()
     if done == 0:
         raise ExpertCacheError("the calibration text gave no tokens")
@@ -123,18 +130,10 @@ def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, windo
     hook = first.register_forward_pre_hook(on_input, with_kwargs=True)
     try:
         with engine.observe(on_route=on_route):
-            for doc in documents:
-                for start in range(0, len(doc), window):
-                    chunk = doc[start : start + window][: max_tokens - done]
-                    if len(chunk) < 2:
-                        continue
-                    engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-                    if done >= max_tokens:
-                        break
-                if done >= max_tokens:
-                    break
+            for chunk in calibration_chunks(documents, max_tokens=max_tokens, window=window):
+                engine.model(input_ids=torch.tensor([chunk]), use_cache=False, logits_to_keep=1)
+                done += len(chunk)
+                bar.update(len(chunk))
     finally:
         hook.remove()
         bar.close()

@@ -38,6 +38,25 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     )
 
 
+def test_dense_family_trains_resumes_and_exports_with_a_given_tokenizer(tmp_path: Path) -> None:
+    """--family llama: a dense parent for `expertcache refactor`, reusing another run's tokenizer."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    assert train_demo_cli.run(_args(tmp_path, "--max-steps", "2")) == 0  # an MoE run: its tokenizer is reused
+    tok_dir = tmp_path / "run" / "tokenizer"
+    args = _args(tmp_path, "--max-steps", "2", "--family", "llama", "--tokenizer", str(tok_dir))
+    args.out_dir = tmp_path / "dense"
+    assert train_demo_cli.run(args) == 0
+    args.max_steps, args.resume = 3, True
+    assert train_demo_cli.run(args) == 0
+    ckpt = tmp_path / "dense" / "ckpt"
+    assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == 3
+    train.export(ckpt, tmp_path / "out")
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.config.intermediate_size == 64 and not any(".experts." in n for n, _ in model.named_parameters())
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab() == AutoTokenizer.from_pretrained(str(tok_dir)).get_vocab()
+
+
 def test_train_resume_and_export(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, MixtralForCausalLM
 
