@@ -3,8 +3,9 @@
 Expert-aware admission waits, while rows run, until a quarter of the batch is free (or a free row
 has waited MAX_HOLD s), so the prompts admitted together go in as one forward: one pass over the
 experts instead of one per prompt. Among the waiting it prefers those whose predicted experts
-(a lookahead table of each token id's last routing, over the prompt's last WINDOW tokens) are
-resident or in use. A request passed over MAX_SKIPS times or waiting MAX_WAIT s goes first.
+(the model's pre-gate over the prompt's last WINDOW tokens when the engine runs one, else a
+lookahead table of each token id's last routing) are resident or in use. A request passed over
+MAX_SKIPS times or waiting MAX_WAIT s goes first.
 """
 
 from __future__ import annotations
@@ -63,11 +64,29 @@ class ExpertAware:
             self.recent[layer] = {e for row in rows for e in row if e >= 0}
 
     def footprint(self, prompt: list[int]) -> dict[int, set[int]]:
+        """{layer: experts} the prompt's last `window` tokens will route to, as far as known ahead."""
+        net = getattr(self.batcher.engine.runtime.predictor, "net", None) if self.batcher is not None else None
+        if net is not None:
+            return self._pregated(net, tuple(prompt[-self.window :]))
         out: dict[int, set[int]] = {}
         for token in prompt[-self.window :]:
             for layer, experts in self.table.get(token, {}).items():
                 out.setdefault(layer, set()).update(experts)
         return out
+
+    def _pregated(self, net, tokens: tuple[int, ...]) -> dict[int, set[int]]:
+        """The pre-gate's routing of `tokens` (every layer, before any of them runs), remembered per prompt tail."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if tokens not in memo:
+            engine = self.batcher.engine
+            layers, k = engine.runtime.predictor.layers, engine.checkpoint.top_k
+            with torch.no_grad():
+                emb = engine.model.get_input_embeddings()(torch.tensor([tokens]))
+                top = net(net.features(emb)[0]).topk(k, dim=-1).indices  # [T, L, k]
+            if len(memo) > 4096:
+                memo.clear()
+            memo[tokens] = {l: set(top[:, i].flatten().tolist()) for i, l in enumerate(layers)}
+        return memo[tokens]
 
     def score(self, req, holding) -> float:
         """The share of req's predicted (layer, expert) pairs that are resident or in use (0..1)."""

@@ -679,3 +679,22 @@ def test_pregate_routing_orders_by_the_router_and_mixes_its_softmax():
     w0 = rule.mix(logits, ids0)
     assert same.select(0, logits, w0, ids0)[0] is w0  # agreeing with the router: the model's own weights
     assert PregateRouting(pregated=lambda layer: None, rule=rule).select(0, logits, w0, ids0)[1] is ids0
+
+
+def test_expert_aware_scheduler_reads_a_waiting_prompts_routing_from_the_pregate(model_dir):
+    """With a pre-gate, a queued request's footprint is the pre-gate's routing of its prompt tail,
+    known before it runs (not a table of what its token ids routed to last time); also behind
+    --prefetch-max (the capped predictor passes the pre-gate through)."""
+    from expertcache.serve.scheduler import ExpertAware
+
+    prompt = PROMPT[:20]
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="pregate", prefetch_max=1, io="buffered") as eng:
+        sched = ExpertAware()
+        sched.batcher = types.SimpleNamespace(engine=eng)
+        got = sched.footprint(prompt)
+        pred = eng.runtime.predictor
+        pred.reset()
+        with torch.no_grad():
+            pred.start(eng.model.get_input_embeddings()(torch.tensor([prompt[-16:]])))
+        assert got == {l: set(r.flatten().tolist()) for l, r in pred.routes.items()}
+        assert sched.table == {}  # nothing learned from routing: the pre-gate knew
