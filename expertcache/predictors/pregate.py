@@ -94,9 +94,12 @@ class PregatePredictor:
     def start(self, hidden: torch.Tensor) -> Prediction:
         """Every sparse layer's guess for the call whose first decoder layer receives `hidden`."""
         s = self.scores(hidden)
-        self.guesses = {l: rank(s[:, i], self._top_k) for i, l in enumerate(self.layers)}
-        top = s.topk(self._top_k, dim=-1).indices  # [T, L, k]
+        top = s.topk(self._top_k, dim=-1).indices  # [T, L, k], best first
         self.routes = {l: top[:, i] for i, l in enumerate(self.layers)}
+        if s.shape[0] == 1:  # a decode step: each layer's own top-k (rank's answer for one token, in one op)
+            self.guesses = dict(zip(self.layers, top[0].tolist()))
+        else:
+            self.guesses = {l: rank(s[:, i], self._top_k) for i, l in enumerate(self.layers)}
         return list(self.guesses.items())
 
     def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:
