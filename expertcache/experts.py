@@ -158,6 +158,7 @@ class ExpertsRuntime:
         self._router_input: dict[int, torch.Tensor] = {}  # layer -> the router's input (scaled-rows experts)
         self._modules: dict[int, nn.Module] = {}
         self._lead: FirstLayerPrefetch | None = None
+        self._step_requested = False  # this forward's whole routing was requested at its start (routing by a pre-gate)
         self._hooks: list = []
         self._lock = threading.Lock()  # one forward at a time (threads share the cache, its pins and this state)
         self._owner: int | None = None  # the thread whose forward holds it
@@ -206,6 +207,7 @@ class ExpertsRuntime:
         if hidden is None or hidden.dim() != 3:
             return
         self.phase = "decode" if hidden.shape[1] == 1 else "prefill"
+        self._step_requested = False
         start = getattr(self.predictor, "start", None)
         routed_ahead = getattr(self.routing, "needs_start", False) and self.phase in self.routing.applies_to
         if start is None:
@@ -221,7 +223,10 @@ class ExpertsRuntime:
         if routed_ahead:  # the guesses are the routing: the whole step's experts, requested in layer order
             for notify in self.guess_observers:
                 notify(self._sparse[0], guesses)
-            self.cache.core.prefetch([(l, e) for l, experts in guesses for e in experts])
+            eids = [(l, e) for l, experts in guesses for e in experts]
+            core = self.cache.core
+            core.prefetch(eids)
+            self._step_requested = all(e in core.entries for e in eids)  # all held or loading: the layers ask nothing more
             return
         first = dict(guesses).get(self._sparse[0])
         if first and not self.low_precision([self._sparse[0]]):
@@ -253,7 +258,7 @@ class ExpertsRuntime:
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
-        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._gated(layer) else None
+        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._step_requested and not self._gated(layer) else None
         if single is None:  # (token, slot) pairs grouped by expert, in token order, once for the call
             k = ids.shape[1]
             pairs = torch.argsort(ids.flatten(), stable=True)  # flat index token * k + slot
