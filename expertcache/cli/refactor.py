@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pregate", action="store_true",
                    help="train a pre-gate jointly in the fine-tune, routing the MoE while it trains (Read-ME); saved as "
                         "OUT/predictor-pregate.pt for --prefetch pregate --routing pregate")
+    p.add_argument("--align-coef", type=float, default=D.align_coef,
+                   help=f"with --pregate: how hard each router is pulled toward the pre-gate's choice (default {D.align_coef})")
     p.add_argument("--lr", type=float, default=D.lr, help=f"fine-tune peak learning rate (default {D.lr})")
     p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--seq-len", type=int, default=D.seq_len)
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_tokens=args.calibration_tokens, finetune_tokens=args.finetune_tokens,
         finetune_text=tuple(args.finetune_text) if args.finetune_text else None, lr=args.lr, batch_size=args.batch_size,
         seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume, pregate=args.pregate,
+        align_coef=args.align_coef,
     )  # fmt: skip
     r = refactor(args.dense, args.out, settings, progress=not args.json)
     if args.json:
