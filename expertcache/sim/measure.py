@@ -70,7 +70,8 @@ def _measure(engine, reads: int, steps: int) -> Hardware:
     miss = _measure_miss(engine, steps)
     if miss is not None:  # a demand miss as the engine pays it: its wait, and the compute it adds
         wait, read_cpu = miss
-        latency = max(wait - engine.checkpoint.expert_bytes / bandwidth, 0.0)
+        # never below the device's own latency: under load the wait can measure less than its transfer
+        latency = max(wait - engine.checkpoint.expert_bytes / bandwidth, latency)
     desc = f"measured on this machine: {engine.store.io_effective} reads of {engine.checkpoint.model_dir}"
     return Hardware("measured", desc, bandwidth, latency, compute, read_cpu)
 
