@@ -10,7 +10,8 @@
    (moe-init), with a distillation fine-tune of N tokens (moe-ft), and with the same fine-tune
    training a pre-gate jointly that routes the model while it trains (moe-pg, `--pregate`). Each is
    skipped when its output exists (a killed fine-tune resumes with --resume; run them side by side
-   with the CLI to use both cores).
+   with the CLI to use both cores). --align-coef sets moe-pg's (README: 0.1 at 50 %, 1.0 at 25 %;
+   use a new --out for each).
 3. Quality, same run and same token ids: perplexity on TinyStories validation (first 10k tokens,
    window 256, stride 128), last-word multiple-choice accuracy (500 items) and active parameters per
    token: the dense model, moe-init, moe-ft, moe-pg with its own routers and routed by its pre-gate,
@@ -64,7 +65,7 @@ def dense_parent(arg: str | None, out: Path) -> Path:
     return target
 
 
-def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path) -> dict[str, Path]:
+def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path, align_coef: float) -> dict[str, Path]:
     from expertcache.tools.refactor import STATE_DIR, refactor
     from expertcache.tools.refactor_settings import RefactorSettings
 
@@ -76,7 +77,7 @@ def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path) 
             continue
         log(f"refactor -> {d} (fine-tune {tokens} tokens)")
         s = RefactorSettings(experts=8, top_k=2, calibration=(calibration,), finetune_tokens=tokens, resume=unfinished,
-                             threads=2, save_every_min=5.0, pregate=name == "moe-pg")  # fmt: skip
+                             threads=2, save_every_min=5.0, pregate=name == "moe-pg", align_coef=align_coef)  # fmt: skip
         refactor(dense, d, s, progress=True)
     return dirs
 
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per speed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", default="50%")
+    ap.add_argument("--align-coef", type=float, default=None, help="moe-pg's --align-coef (default: refactor's own)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: quality, predictors, speed")
     ap.add_argument("--quick", action="store_true", help="small figures to check the script runs")
     args = ap.parse_args(argv)
@@ -257,7 +259,9 @@ def main(argv=None) -> int:
         cal.write_text(corpus(TRAIN).read_text(encoding="utf-8")[:8_000_000], encoding="utf-8")
     dense = dense_parent(args.dense, out)
     ft = 20_000 if args.quick else args.finetune_tokens
-    dirs = refactored(dense, out, ft, cal)
+    from expertcache.tools.refactor_settings import RefactorSettings
+
+    dirs = refactored(dense, out, ft, cal, RefactorSettings.align_coef if args.align_coef is None else args.align_coef)
     rep["refactor"] = {n: json.loads((d / "refactor.json").read_text())["result"] for n, d in dirs.items()}
     tok = AutoTokenizer.from_pretrained(str(dense))
     valid_ids = encode_text(tok, corpus(VALID).read_text(encoding="utf-8")[:200_000])[: 2000 if args.quick else 10_000]
