@@ -168,22 +168,9 @@ def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids
             s = net(feats[val])
             return [recall_at_k(s[:, i], ids[l][val], top_k) for i, l in enumerate(layers)] if n_val else [0.0] * len(layers)
 
-    best = val_recall()
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
     bar = tqdm(total=settings.steps, unit="step", desc="train pregate", disable=not progress)
-    for step in range(1, settings.steps + 1):
-        batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
-        logp = net(feats[batch]).log_softmax(dim=-1)  # [B, L, E]
-        loss = -(targets[batch] * logp).sum(dim=-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        if step % settings.eval_every == 0 or step == settings.steps:
-            r = val_recall()
-            if sum(r) > sum(best):
-                best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{sum(r) / len(r):.3f}")
+    _, best, best_state = _distil(net, opt, feats, targets, train, settings, gen, val_recall, bar,
+                                  lambda loss, r: dict(loss=f"{loss:.3f}", val=f"{sum(r) / len(r):.3f}"))  # fmt: skip
     bar.close()
     report = {f"l{l}": {"val_recall": round(r, 4), "tokens": n} for l, r in zip(layers, best)}
     log.info("pregate: validation recall per layer %s", [round(r, 3) for r in best])
@@ -214,6 +201,30 @@ def _targets(ld: LayerData, num_experts: int, hard_weight: float) -> torch.Tenso
     if ld.logits is None:
         return hard
     return hard_weight * hard + (1 - hard_weight) * ld.logits.softmax(dim=-1)
+
+
+def _distil(net, opt, x: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, settings: TrainSettings, gen,
+            score, bar, postfix) -> tuple:
+    """Cross-entropy of net(x) against the target distributions on random batches of the rows
+    `train`; every eval_every steps `score()` (a recall, or one per layer: summed) picks the best
+    state. Returns (the score at the start, the best score, the best state)."""
+    total = lambda r: sum(r) if isinstance(r, list) else r  # noqa: E731
+    start = best = score()
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    for step in range(1, settings.steps + 1):
+        batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
+        logp = net(x[batch]).log_softmax(dim=-1)  # [B, (L,) E]
+        loss = -(targets[batch] * logp).sum(dim=-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == settings.steps:
+            r = score()
+            if total(r) > total(best):
+                best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
+            bar.set_postfix(**postfix(loss.item(), r))
+    return start, best, best_state
 
 
 def recall_at_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> float:
@@ -264,21 +275,8 @@ def fit_learned(
             with torch.no_grad():
                 return recall_at_k(net(x_all[val]), ids_all[val], top_k) if n_val else 0.0
 
-        start = best = val_recall()
-        best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        for step in range(1, settings.steps + 1):
-            batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
-            logp = net(x_all[batch]).log_softmax(dim=-1)  # [B, E]
-            loss = -(y_all[batch] * logp).sum(dim=-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            if step % settings.eval_every == 0 or step == settings.steps:
-                r = val_recall()
-                if r > best:
-                    best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
-                bar.set_postfix(d=d, layer=src, loss=f"{loss.item():.3f}", val=f"{r:.3f}")
+        start, best, best_state = _distil(net, opt, x_all, y_all, train, settings, gen, val_recall, bar,
+                                          lambda loss, r: dict(d=d, layer=src, loss=f"{loss:.3f}", val=f"{r:.3f}"))  # fmt: skip
         for k, v in best_state.items():
             tensors[f"d{d}.l{src}.{k}"] = v
         report[f"d{d}.l{src}"] = {"val_recall_next_gate": round(start, 4), "val_recall": round(best, 4), "pairs": n}
