@@ -30,6 +30,7 @@ class PregateNet(nn.Module):
         super().__init__()
         self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
         self.decays = tuple(float(d) for d in decays)
+        self._decay_tensor = torch.tensor(self.decays).view(1, len(self.decays), 1)
         self.skip = nn.Linear(hidden, layers * experts)
         self.fc1 = nn.Linear((window + len(self.decays)) * hidden, width)
         self.fc2 = nn.Linear(width, layers * experts)
@@ -50,7 +51,7 @@ class PregateNet(nn.Module):
         padded = torch.cat([history, x], dim=1)  # [B, w-1+T, H]
         parts = [padded[:, w - 1 - j : w - 1 - j + t] for j in range(w)]  # offset j tokens back
         if nd:
-            d = torch.tensor(self.decays).view(1, nd, 1)
+            d = self._decay_tensor
             avgs = []
             for i in range(t):  # avg_i = d * avg_(i-1) + (1 - d) * x_i, for each decay
                 avg = d * avg + (1 - d) * x[:, i : i + 1]
