@@ -28,6 +28,7 @@ from ..errors import ExpertCacheError
 from .calibration import calibration_record, measure_sensitivity, read_ids, write_calibration
 from .quality import ActivationCounter, choice_sequences, read_mc
 from .settings import DROPS, LAMBDAS, RANKS
+from .settings import TRADEOFF_OPTIONAL
 from .settings import TRADEOFF_POLICIES as POLICIES
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,10 @@ def settings(policies: list[str], *, drops: list[float], lambdas: list[float], r
                     for j in protect_tops for r in ranks]
         elif p == "speculative":
             out.append(Setting(p))
+        elif p == "pregate":  # routed by the model's pre-gate, which then also prefetches
+            out.append(Setting(p, overrides=(("prefetch", "pregate"),)))
         elif p != "exact":
-            raise ExpertCacheError(f"unknown policy {p!r} in --policies: choose from {', '.join(POLICIES)}")
+            raise ExpertCacheError(f"unknown policy {p!r} in --policies: choose from {', '.join(POLICIES + TRADEOFF_OPTIONAL)}")
     return out
 
 
@@ -294,9 +297,9 @@ def tradeoff(base_config: EngineConfig, *, text: Path, out_dir: Path, mc: Path |
     of `text` after the scored ones); its threshold files are written to `out_dir`."""
     if window < 2:
         raise ExpertCacheError(f"--window must be at least 2, got {window}")
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in POLICIES + TRADEOFF_OPTIONAL]
     if unknown:
-        raise ExpertCacheError(f"unknown policy {unknown[0]!r} in --policies: choose from {', '.join(POLICIES)}")
+        raise ExpertCacheError(f"unknown policy {unknown[0]!r} in --policies: choose from {', '.join(POLICIES + TRADEOFF_OPTIONAL)}")
     with Engine(replace(base_config, routing="exact", expert_budget="100%")) as engine:  # tokenizer and a cheap load check
         all_ids = read_ids(engine, text, None)
         calib_ids = (read_ids(engine, calibration_text, calibration_tokens) if calibration_text

@@ -322,3 +322,20 @@ def test_decode_mode_scores_equal_the_prefill_scores_of_quality(tok_model):
     assert scored == ref_scored == 44 and len(times) == 44
     assert ppl == pytest.approx(ref, rel=1e-5)
     assert dec == pytest.approx(pre, rel=1e-5)
+
+
+def test_tradeoff_sweeps_routing_by_the_pregate_when_named(tok_model, text_file, tmp_path, capsys):
+    """--policies exact,pregate: the pre-gate-routed setting (its file beside the model) is measured
+    like every lossy policy; by default it is not swept (most models have no pre-gate)."""
+    assert main(["train-predictor", "--kind", "pregate", "--model", str(tok_model), "--text", str(text_file),
+                 "--max-tokens", "160", "--steps", "20", "--next-to-model", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "the cat sat on the", "choices": ["mat", "dog"], "label": 0}) + "\n")
+    argv = ["tradeoff", "--model", str(tok_model), "--text", str(text_file), "--mc", str(mc), "--out", str(tmp_path / "t"),
+            "--max-tokens", "30", "--window", "20", "--expert-budget", "50%", "--policies", "exact,pregate", "--json"]
+    assert main(argv) == 0
+    rows = {r["policy"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"exact", "pregate"}
+    assert rows["pregate"]["tokens"] == rows["exact"]["tokens"] == 29
+    assert rows["pregate"]["experts_per_token"] == pytest.approx(4)  # top-2 of 2 layers: routing changed, not dropped
