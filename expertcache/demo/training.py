@@ -184,7 +184,8 @@ def param_counts(model) -> dict[str, float]:
     cfg = model.config
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    share = cfg.num_experts_per_tok / cfg.num_local_experts if is_moe(model) else 1.0
+    num_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)  # Mixtral / Qwen2-MoE
+    share = cfg.num_experts_per_tok / num_experts if num_experts else 1.0
     active = total - experts + experts * share
     return {"total": total, "experts": experts, "experts_share": experts / total, "active": active}
 

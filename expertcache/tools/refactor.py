@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..demo.training import param_counts
 from ..errors import ExpertCacheError
 from .refactor_settings import RefactorSettings
 
@@ -80,14 +81,14 @@ def load_dense(path: Path):
 
 
 def read_texts(paths: tuple[Path, ...]) -> list[str]:
-    from ..demo.corpus import SEPARATOR
+    """The documents of text files (split on "<|endoftext|>" lines where they have them)."""
+    from ..demo.corpus import split_documents
 
     docs: list[str] = []
     for p in paths:
         if not Path(p).is_file():
             raise ExpertCacheError(f"calibration text {p}: no such file")
-        text = Path(p).read_text(encoding="utf-8", errors="replace")
-        docs += [d.strip() for d in text.split(f"\n{SEPARATOR}\n") if d.strip()] if SEPARATOR in text else [text]
+        docs += split_documents(Path(p).read_text(encoding="utf-8", errors="replace"))
     if not docs:
         raise ExpertCacheError("the calibration text is empty")
     return docs
@@ -316,17 +317,19 @@ def build_moe(dense, splits: list[LayerSplit], s: RefactorSettings):
 
 
 def save(model, tokenizer, out: Path, dtype: torch.dtype, info: dict) -> None:
-    """Write the checkpoint files into `out` (atomically per file set: a temporary folder renamed in)."""
+    """Write the checkpoint files into `out` in `dtype` (a temporary folder, then moved in). The
+    model's weights are rounded to `dtype` in place and kept in float32 after, so a fine-tune
+    continues from exactly the weights written."""
     from transformers import GenerationConfig
 
     tmp = out / ".writing"
     shutil.rmtree(tmp, ignore_errors=True)
-    copy = model.to(dtype)
+    model.to(dtype)  # save_pretrained records the dtype of the model's own parameters
     try:
         eos = tokenizer.eos_token_id
-        copy.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos,
-                                                  pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
-        copy.save_pretrained(tmp, safe_serialization=True)
+        pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=pad)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         for f in tmp.iterdir():
@@ -334,15 +337,6 @@ def save(model, tokenizer, out: Path, dtype: torch.dtype, info: dict) -> None:
         tmp.rmdir()
     finally:
         model.float()
-
-
-def param_counts(model) -> dict:
-    cfg = model.config
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    e = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    active = total - experts + (experts * cfg.num_experts_per_tok / e if e else 0)
-    return {"total": total, "experts": experts, "active": int(active)}
 
 
 # ----------------------------------------------------------------------------- fine-tune
@@ -416,12 +410,6 @@ def pregate_artefact(net, model, out: Path, tokens: int, agreement: list[float])
                           "validation": {f"l{i}": {"val_recall": round(a, 4)} for i, a in enumerate(agreement)}})  # fmt: skip
 
 
-def balance(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
-    from ..demo.training import balance_loss
-
-    return balance_loss(router_logits, num_experts, top_k)
-
-
 def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_dir: Path, progress: bool) -> dict:
     """Distil the dense model into the MoE: KL(teacher || student) on every position plus the
     per-layer balance loss; AdamW, 5% warmup then cosine to 10%; state saved every save_every_min
@@ -433,7 +421,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
 
     from tqdm import tqdm
 
-    from ..demo.training import Source, sample_batch
+    from ..demo.training import Source, balance_loss, sample_batch
     from ..predictors.pregate import DEFAULT_DECAYS, DEFAULT_WIDTH, DEFAULT_WINDOW, PregateNet
 
     per_step = s.batch_size * s.seq_len
@@ -492,7 +480,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
             out = student(input_ids=batch, output_router_logits=True)
             s_logp = F.log_softmax(out.logits.float(), dim=-1)
             kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-            loss = kl + s.aux_coef * balance(out.router_logits, num_experts, k)
+            loss = kl + s.aux_coef * balance_loss(out.router_logits, num_experts, k)
             if net is not None:
                 r_logits = torch.stack([r.float() for r in out.router_logits], dim=1)  # [N, L, E]
                 r_top = r_logits.detach().topk(k, dim=-1).indices
@@ -500,7 +488,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
                 pg = -(hard * F.log_softmax(scores, dim=-1)).sum(-1).mean()
                 mine = torch.zeros_like(r_logits).scatter_(-1, routers.chosen, 1.0 / k)
                 align = -(mine * F.log_softmax(r_logits, dim=-1)).sum(-1).mean()
-                aux = balance(tuple(scores[:, i] for i in range(layers)), num_experts, k)
+                aux = balance_loss(tuple(scores[:, i] for i in range(layers)), num_experts, k)
                 loss = loss + pg + s.align_coef * align + s.aux_coef * aux
                 if step >= steps - max(1, steps // 10):
                     agree.append([float((routers.chosen[:, i, :, None] == r_top[:, i, None, :]).any(-1).float().mean())
@@ -552,10 +540,10 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
     torch.set_num_threads(s.threads)
     try:
         docs = read_texts(s.calibration)
+        ft_docs = read_texts(s.finetune_text) if s.finetune_text and s.finetune_tokens > 0 else None
         dense, tokenizer = load_dense(dense_dir)
         routed_neurons(dense.config.intermediate_size, s)  # refuse an uneven split before any work
-        dtype = dense.config.dtype if isinstance(getattr(dense.config, "dtype", None), torch.dtype) else torch.float32
-        src_dtype = _saved_dtype(dense_dir) or dtype
+        src_dtype = _saved_dtype(dense_dir)
         stream = token_stream(tokenizer, docs)
         batch = windows(stream, s.seq_len, s.calibration_tokens, s.seed)
         xs, acts = record(dense, batch, progress)
@@ -569,7 +557,7 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
             out_dir=str(out), model_type=moe.config.model_type, experts=s.experts, top_k=s.top_k,
             expert_width=len(splits[0].experts[0]), shared_width=len(splits[0].shared), calibration_tokens=batch.numel(),
             router_recall=[round(sp.recall, 4) for sp in splits], ffn_error=[round(sp.error, 4) for sp in splits],
-            params=param_counts(moe),
+            params={k: int(v) for k, v in param_counts(moe).items() if k != "experts_share"},
         )  # fmt: skip
         info = {"source": str(dense_dir), "settings": _plain(asdict(s)), "result": asdict(result),
                 "experts": [{"shared": sp.shared, "experts": sp.experts} for sp in splits]}  # fmt: skip
@@ -579,31 +567,32 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
         if s.finetune_tokens > 0:
             state_dir = out / STATE_DIR
             state_dir.mkdir(exist_ok=True)
-            ft_docs = read_texts(s.finetune_text) if s.finetune_text else docs
-            ft_stream = stream if not s.finetune_text else token_stream(tokenizer, ft_docs)
+            ft_stream = token_stream(tokenizer, ft_docs) if ft_docs else stream
             ft = finetune(moe, dense, ft_stream, s, state_dir, progress)
             result.finetune_tokens, result.finetune_kl = ft["tokens"], round(ft["kl"], 4)
             if "pregate" in ft:
                 result.pregate_agreement = [round(a, 4) for a in ft["agreement"]]
                 pregate_artefact(ft["pregate"], moe, out, ft["tokens"], ft["agreement"]).save(out / "predictor-pregate.pt")
-            result.seconds = time.perf_counter() - t0
-            info["result"] = asdict(result)
-            save(moe, tokenizer, out, src_dtype, info)
-            shutil.rmtree(state_dir, ignore_errors=True)
         result.seconds = time.perf_counter() - t0
         info["result"] = asdict(result)
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if s.finetune_tokens > 0:
+            save(moe, tokenizer, out, src_dtype, info)
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        else:
+            (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return result
     finally:
         torch.set_num_threads(threads)
 
 
-def _saved_dtype(path: Path) -> torch.dtype | None:
+def _saved_dtype(path: Path) -> torch.dtype:
+    """The dtype the dense checkpoint was saved in (config.json), float32 where it says none."""
     try:
-        name = json.loads((path / "config.json").read_text()).get("dtype") or json.loads((path / "config.json").read_text()).get("torch_dtype")
+        cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    return getattr(torch, name, None) if isinstance(name, str) else None
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
 
 
 def _plain(d: dict) -> dict:
