@@ -158,6 +158,26 @@ class RandomPolicy:
         return self._rng.choice(candidates) if candidates else None
 
 
+def use_times(future: Sequence[Iterable[ExpertId]]) -> dict[ExpertId, list[int]]:
+    """Each expert's batch indices in an access stream, ascending (a repeat inside a batch once)."""
+    uses: dict[ExpertId, list[int]] = {}
+    for t, batch in enumerate(future):
+        for e in batch:
+            times = uses.get(e)
+            if times is None:
+                uses[e] = [t]
+            elif times[-1] != t:
+                times.append(t)
+    return uses
+
+
+def next_use(uses: dict[ExpertId, list[int]], eid: ExpertId, now: int) -> float:
+    """The first batch after `now` that uses `eid` (inf: none)."""
+    times = uses.get(eid)
+    i = bisect_right(times, now) if times else 0
+    return times[i] if times and i < len(times) else math.inf
+
+
 class BeladyPolicy:
     """Furthest next use (Belady's MIN): the offline optimum for a known access sequence.
 
@@ -168,24 +188,13 @@ class BeladyPolicy:
     name = "belady"
 
     def __init__(self, future: Sequence[Iterable[ExpertId]]) -> None:
-        self._uses: dict[ExpertId, list[int]] = {}  # eid -> batch indices that use it, ascending
-        uses = self._uses
-        for t, batch in enumerate(future):
-            for e in batch:
-                times = uses.get(e)
-                if times is None:
-                    uses[e] = [t]
-                elif times[-1] != t:  # a repeat inside the batch
-                    times.append(t)
+        self._uses = use_times(future)  # eid -> batch indices that use it, ascending
         self._live: dict[ExpertId, tuple[float, int, ExpertId]] = {}  # resident -> (-next use, insert seq, eid)
         self._heap: list[tuple[float, int, ExpertId]] = []  # live items and stale ones
         self._seq = 0
 
     def _schedule(self, eid: ExpertId, now: int, seq: int) -> None:
-        uses = self._uses.get(eid)
-        i = bisect_right(uses, now) if uses else 0
-        nxt = uses[i] if uses and i < len(uses) else math.inf
-        _heap_push(self._heap, self._live, eid, (-nxt, seq))
+        _heap_push(self._heap, self._live, eid, (-next_use(self._uses, eid, now), seq))
 
     def insert(self, eid: ExpertId, now: int) -> None:
         self._seq += 1
@@ -214,12 +223,7 @@ class LookaheadPolicy:
 
     def __init__(self, future: Sequence[Iterable[ExpertId]], window: int) -> None:
         self.window = window
-        self._uses: dict[ExpertId, list[int]] = {}
-        for t, batch in enumerate(future):
-            for e in batch:
-                times = self._uses.setdefault(e, [])
-                if not times or times[-1] != t:
-                    times.append(t)
+        self._uses = use_times(future)
         self._count: dict[ExpertId, int] = {}  # touches over the run, kept after eviction (as LFUPolicy)
         self._last: dict[ExpertId, int] = {}  # touch stamp: ties go to the entry touched longest ago
         self._live: set[ExpertId] = set()
@@ -242,9 +246,7 @@ class LookaheadPolicy:
         for e in self._live:
             if not allowed(e):
                 continue
-            uses = self._uses.get(e)
-            i = bisect_right(uses, now) if uses else 0
-            nxt = uses[i] if uses and i < len(uses) else math.inf
+            nxt = next_use(self._uses, e, now)
             key = (0, self._count[e], self._last[e], e) if nxt > now + self.window else (1, -nxt, 0, e)
             if best_key is None or key < best_key:
                 best, best_key = e, key

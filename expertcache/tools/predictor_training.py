@@ -155,8 +155,7 @@ def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids
     gen = torch.Generator().manual_seed(settings.seed)
     net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays)
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
-    targets = torch.stack([_targets(LayerData(feats, ids[l], ids[l].float(), logits[l]), num_experts, settings.hard_weight)
-                           for l in layers], dim=1)  # [N, L, E]  # fmt: skip
+    targets = torch.stack([_targets(ids[l], logits[l], num_experts, settings.hard_weight) for l in layers], dim=1)  # [N, L, E]
     n = len(feats)
     perm = torch.randperm(n, generator=gen)
     n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
@@ -193,14 +192,15 @@ def fit_estimator(data: dict[int, LayerData], layers: list[int], depths: list[in
     return tensors
 
 
-def _targets(ld: LayerData, num_experts: int, hard_weight: float) -> torch.Tensor:
-    """[N, E] distribution: `hard_weight` spread over the routed experts, the rest the router's softmax."""
-    valid = ld.ids >= 0
-    hard = torch.zeros(len(ld.ids), num_experts).scatter_add_(1, ld.ids.clamp(min=0), valid.float())
+def _targets(ids: torch.Tensor, logits: torch.Tensor | None, num_experts: int, hard_weight: float) -> torch.Tensor:
+    """[N, E] distribution: `hard_weight` spread over the routed experts `ids` [N, k], the rest the
+    router's softmax of `logits` [N, E] (None: all on the routed set)."""
+    valid = ids >= 0
+    hard = torch.zeros(len(ids), num_experts).scatter_add_(1, ids.clamp(min=0), valid.float())
     hard = hard / hard.sum(dim=1, keepdim=True).clamp(min=1)
-    if ld.logits is None:
+    if logits is None:
         return hard
-    return hard_weight * hard + (1 - hard_weight) * ld.logits.softmax(dim=-1)
+    return hard_weight * hard + (1 - hard_weight) * logits.softmax(dim=-1)
 
 
 def _distil(net, opt, x: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, settings: TrainSettings, gen,
@@ -256,7 +256,7 @@ def fit_learned(
         torch.manual_seed(settings.seed + 1000 * d + src)
         x_all = data[src].hidden
         ids_all = data[tgt].ids
-        y_all = _targets(data[tgt], routers[tgt].shape[0], settings.hard_weight)
+        y_all = _targets(data[tgt].ids, data[tgt].logits, routers[tgt].shape[0], settings.hard_weight)
         n = len(x_all)
         perm = torch.randperm(n, generator=gen)
         n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
@@ -426,14 +426,11 @@ def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000
                   settings: TrainSettings = TrainSettings(), progress: bool = True) -> Artefact:
     """A pregate predictor file for the engine's model, fitted on token `documents` run through it."""
     ckpt = engine.checkpoint
-    docs = documents
-    inputs, logits, ids = record_pregate(engine, docs, max_tokens=max_tokens, window=window, progress=progress)
+    inputs, logits, ids = record_pregate(engine, documents, max_tokens=max_tokens, window=window, progress=progress)
     tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, progress=progress)
-    routers = engine.routers()
-    num_experts, hidden = routers[ckpt.sparse_layers[0]].shape
     return Artefact(
-        kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=int(num_experts),
-        hidden_size=int(hidden), top_k=ckpt.top_k, depths=[], tensors=tensors,
+        kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
+        hidden_size=inputs[0].shape[-1], top_k=ckpt.top_k, depths=[], tensors=tensors,
         meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "validation": report,
               "settings": asdict(settings)},
     )  # fmt: skip
