@@ -67,8 +67,8 @@ class CappedPredictor:
             return guesses
         return [(target, experts[: self.max_per_layer]) for target, experts in guesses]
 
-    def __getattr__(self, name: str):  # a pre-gate's hooks and state (start, reset, routes, net, ...), as they are
-        if name in ("start", "reset", "guesses", "routes", "net", "layers"):
+    def __getattr__(self, name: str):  # a pre-gate's hooks and state, as they are
+        if name in ("start", "reset", "routes", "routes_of"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 

@@ -92,6 +92,13 @@ class PregatePredictor:
         feats, self._state = self.net.features(hidden, state)
         return self.net(feats)
 
+    @torch.no_grad()
+    def routes_of(self, emb: torch.Tensor) -> dict[int, set[int]]:
+        """{layer: experts} the tokens of `emb` [1, T, H] (a new sequence) route to, by the pre-gate,
+        without touching the running window: a queued prompt's footprint."""
+        top = self.net(self.net.features(emb)[0]).topk(self._top_k, dim=-1).indices  # [T, L, k]
+        return {l: set(top[:, i].flatten().tolist()) for i, l in enumerate(self.layers)}
+
     def start(self, hidden: torch.Tensor) -> Prediction:
         """Every sparse layer's guess for the call whose first decoder layer receives `hidden`."""
         s = self.scores(hidden)

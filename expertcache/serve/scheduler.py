@@ -45,6 +45,7 @@ class ExpertAware:
         self._held: float | None = None  # since when a free row waits for a group
         self.table: dict[int, dict[int, tuple[int, ...]]] = {}  # token -> layer -> experts it routed to
         self.recent: dict[int, set[int]] = {}  # layer -> experts the running batch used at its last step
+        self._pregated: dict[tuple[int, ...], dict[int, set[int]]] = {}  # prompt tail -> the pre-gate's routing of it
         self.batcher = None
 
     def attach(self, batcher) -> None:
@@ -65,28 +66,21 @@ class ExpertAware:
 
     def footprint(self, prompt: list[int]) -> dict[int, set[int]]:
         """{layer: experts} the prompt's last `window` tokens will route to, as far as known ahead."""
-        net = getattr(self.batcher.engine.runtime.predictor, "net", None) if self.batcher is not None else None
-        if net is not None:
-            return self._pregated(net, tuple(prompt[-self.window :]))
+        tail = tuple(prompt[-self.window :])
+        engine = self.batcher.engine if self.batcher is not None else None
+        routes_of = getattr(engine.runtime.predictor, "routes_of", None) if engine is not None else None
+        if routes_of is not None:  # a pre-gate: the routing itself, before the request runs
+            if tail not in self._pregated:
+                if len(self._pregated) > 4096:
+                    self._pregated.clear()
+                with torch.no_grad():
+                    self._pregated[tail] = routes_of(engine.model.get_input_embeddings()(torch.tensor([tail])))
+            return self._pregated[tail]
         out: dict[int, set[int]] = {}
-        for token in prompt[-self.window :]:
+        for token in tail:
             for layer, experts in self.table.get(token, {}).items():
                 out.setdefault(layer, set()).update(experts)
         return out
-
-    def _pregated(self, net, tokens: tuple[int, ...]) -> dict[int, set[int]]:
-        """The pre-gate's routing of `tokens` (every layer, before any of them runs), remembered per prompt tail."""
-        memo = self.__dict__.setdefault("_memo", {})
-        if tokens not in memo:
-            engine = self.batcher.engine
-            layers, k = engine.runtime.predictor.layers, engine.checkpoint.top_k
-            with torch.no_grad():
-                emb = engine.model.get_input_embeddings()(torch.tensor([tokens]))
-                top = net(net.features(emb)[0]).topk(k, dim=-1).indices  # [T, L, k]
-            if len(memo) > 4096:
-                memo.clear()
-            memo[tokens] = {l: set(top[:, i].flatten().tolist()) for i, l in enumerate(layers)}
-        return memo[tokens]
 
     def score(self, req, holding) -> float:
         """The share of req's predicted (layer, expert) pairs that are resident or in use (0..1)."""
