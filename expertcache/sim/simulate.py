@@ -1,10 +1,10 @@
 """Trace-driven cache simulator: a routing trace replayed, then priced on a hardware profile.
 
 "reference" mode is the shared Qwen3 trace's own accounting (docs/techniques.md): byte budgets,
-eviction after each call. "lookahead-N" replays a pre-gate (Read-ME): the next N tokens' routing known to eviction.
-"engine" mode drives the engine's own CacheCore through a Reader that
-lands loads at once, so an engine run's trace replays to its exact hits and misses; with
-`prefetch=True` the recorded guesses replay too, timed on a ClockedReader (clock.py).
+eviction after each call; there policy "lookahead-N" replays a pre-gate (Read-ME): the next N
+tokens' routing known to eviction. "engine" mode drives the engine's own CacheCore through a
+Reader that lands loads at once, so an engine run's trace replays to its exact hits and misses;
+with `prefetch=True` the recorded guesses replay too, timed on a ClockedReader (clock.py).
 """
 
 from __future__ import annotations
