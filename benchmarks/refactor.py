@@ -83,6 +83,8 @@ def refactored(dense: Path, out: Path, finetune_tokens: int, calibration: Path, 
 
 
 def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items: list[dict]) -> dict:
+    from contextlib import nullcontext
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +113,15 @@ def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items
             expert_params = _expert_params(path)
             params = {"total": dense_params + expert_params, "active": dense_params + expert_params * cfg.num_experts_per_tok // e}
             close = eng.close
-        with torch.inference_mode():
+        counts: dict[int, torch.Tensor] = {}
+
+        def on_route(layer, x, logits, weights, ids, counts=counts, e=getattr(model.config, "num_local_experts", None)
+                     or getattr(model.config, "num_experts", 1)):  # who gets the tokens: a collapsed layer shows here
+            c = torch.bincount(ids.flatten(), minlength=e).float()
+            counts[layer] = counts[layer] + c if layer in counts else c
+
+        watch = eng.observe(on_route=on_route) if not opts.get("dense") else nullcontext()
+        with torch.inference_mode(), watch:
             ppl, scored = perplexity(model, valid_ids, window=256, stride=128)
             correct = 0
             for item in mc_items:
@@ -119,7 +129,8 @@ def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items
                 correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
         close()
         out[name] = {"perplexity": ppl, "tokens": scored, "mc_accuracy": correct / len(mc_items), "mc_items": len(mc_items),
-                     "params_total": params["total"], "params_active": params["active"], "seconds": time.time() - t0}
+                     "params_total": params["total"], "params_active": params["active"], "seconds": time.time() - t0,
+                     "busiest_share": [float(c.max() / c.sum()) for _, c in sorted(counts.items())]}
         log(f"  {out[name]}")
     return out
 
@@ -203,10 +214,14 @@ def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -
 def markdown(rep: dict) -> str:
     q = rep["quality"]
     lines = ["## Quality (TinyStories validation perplexity, last-word accuracy; same token ids)", "",
-             "| model | perplexity | last-word acc. | params | active / token |", "|---|---:|---:|---:|---:|"]
+             "| model | perplexity | last-word acc. | params | active / token | busiest expert, worst layer |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, r in q.items():
+        busy = f"{100 * max(r['busiest_share']):.0f}%" if r.get("busiest_share") else "-"
         lines.append(f"| {name} | {r['perplexity']:.2f} | {100 * r['mc_accuracy']:.1f}% | {r['params_total'] / 1e6:.2f} M | "
-                     f"{r['params_active'] / 1e6:.2f} M |")
+                     f"{r['params_active'] / 1e6:.2f} M | {busy} |")
+    lines += ["", "(busiest expert: its share of a layer's dispatches on the validation text; 1/E = 12.5% is even, "
+              "50% means the layer sends every token to the same 2 of 8 experts)"]
     if "dense" in q:
         lines += [""] + [f"{n} perplexity / dense: {q[n]['perplexity'] / q['dense']['perplexity']:.3f}"
                          for n in q if n.startswith("moe")]  # fmt: skip

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "OUT/predictor-pregate.pt for --prefetch pregate --routing pregate")
     p.add_argument("--align-coef", type=float, default=D.align_coef,
                    help=f"with --pregate: how hard each router is pulled toward the pre-gate's choice (default {D.align_coef})")
+    p.add_argument("--pregate-balance", type=float, default=D.pregate_balance,
+                   help=f"with --pregate: weight of the load balance of the pre-gate's dispatch, which keeps a layer from "
+                        f"collapsing onto a few experts (default {D.pregate_balance})")
     p.add_argument("--lr", type=float, default=D.lr, help=f"fine-tune peak learning rate (default {D.lr})")
     p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--seq-len", type=int, default=D.seq_len)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_tokens=args.calibration_tokens, finetune_tokens=args.finetune_tokens,
         finetune_text=tuple(args.finetune_text) if args.finetune_text else None, lr=args.lr, batch_size=args.batch_size,
         seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume, pregate=args.pregate,
-        align_coef=args.align_coef,
+        align_coef=args.align_coef, pregate_balance=args.pregate_balance,
     )  # fmt: skip
     r = refactor(args.dense, args.out, settings, progress=not args.json)
     if args.json:
@@ -63,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     print("FFN error per layer before fine-tuning: " + " ".join(f"{x:.2f}" for x in r.ffn_error))
     if r.finetune_tokens:
         print(f"fine-tuned on {r.finetune_tokens} tokens: KL(dense || MoE) {r.finetune_kl:.4f} at the end")
+    if r.max_expert_share:
+        print(f"busiest expert's share of each layer's dispatches (even: {1 / r.experts:.3f}): "
+              + " ".join(f"{x:.3f}" for x in r.max_expert_share))
     if r.pregate_agreement:
         print("pre-gate agreement with each router's top-k: " + " ".join(f"{x:.2f}" for x in r.pregate_agreement))
     print(f"{r.seconds:.0f} s")

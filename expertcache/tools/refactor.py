@@ -50,6 +50,7 @@ class RefactorResult:
     ffn_error: list[float]  # per layer: ||MoE FFN - dense FFN|| / ||dense FFN|| on held-out rows, before fine-tuning
     finetune_tokens: int = 0
     finetune_kl: float | None = None  # mean KL(dense || MoE) over the last fine-tune steps
+    max_expert_share: list[float] | None = None  # per layer: the busiest expert's share of dispatches (1/E even, 1/k collapsed)
     pregate_agreement: list[float] | None = None  # per layer: the joint pre-gate's top-k against the router's, at the end
     seconds: float = 0.0
     params: dict = field(default_factory=dict)
@@ -342,6 +343,25 @@ def save(model, tokenizer, out: Path, dtype: torch.dtype, info: dict) -> None:
 # ----------------------------------------------------------------------------- fine-tune
 
 
+def dispatch_balance(chosen: torch.Tensor, logits: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-style balance of the routing that actually happens: the share of tokens dispatched to
+    each expert (`chosen` [N, L, k], not differentiable) times the mean softmax mass `logits`
+    [N, L, E] puts on it, per layer, averaged: k for an even spread, E when a layer sends every token
+    to the same k experts.
+
+    Without it a jointly trained pre-gate and the routers pulled toward it agree most cheaply by
+    collapsing each layer onto a few experts (easy to predict, 2 of 8 experts used in a layer):
+    the balance loss on each router's own top-k does not see the dispatch, and at 0.01 it is too weak."""
+    share = F.one_hot(chosen, num_experts).float().mean(0)  # [L, k, E]
+    mass = torch.softmax(logits.float(), dim=-1).mean(0)  # [L, E]
+    return num_experts * (share * mass[:, None, :]).sum((-1, -2)).mean()
+
+
+def expert_shares(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, E]: each expert's share of a layer's dispatched (token, slot) pairs; 1/E when even."""
+    return F.one_hot(chosen, num_experts).float().mean((0, 2))
+
+
 class PregateRouters:
     """While fine-tuning with a pre-gate: every layer's router sends each token to the experts the
     pre-gate chose for it (`chosen` [N, L, k]), weighted by the router's own softmax over them,
@@ -436,7 +456,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
         net = PregateNet(cfg.hidden_size, DEFAULT_WINDOW, layers, num_experts, width=DEFAULT_WIDTH, decays=DEFAULT_DECAYS)
         groups.append({"params": list(net.parameters()), "lr": s.pregate_lr})
     opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, kls, agree = 0, [], []
+    step, kls, agree, shares = 0, [], [], []
     resuming = (state_dir / "trainer_state.pt").is_file()
     if net is not None and not resuming:  # start from the routers' choices, not at random
         net.load_state_dict(warm_pregate(student, stream, s, progress))
@@ -446,7 +466,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
         if net is not None:
             net.load_state_dict(saved["pregate"])
         opt.load_state_dict(saved["optimizer"])
-        step, kls, agree = saved["step"], saved["kls"], saved.get("agree", [])
+        step, kls, agree, shares = saved["step"], saved["kls"], saved.get("agree", []), saved.get("shares", [])
         log.info("fine-tune resumed at step %d of %d", step, steps)
     sources = [Source("calibration", stream.to(torch.int32), 1.0)]
     warm = max(1, steps // 20)
@@ -458,7 +478,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
 
     def checkpoint() -> None:
         tmp = state_dir / "trainer_state.pt.tmp"
-        body = {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "kls": kls, "agree": agree}
+        body = {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step, "kls": kls, "agree": agree, "shares": shares}
         if net is not None:
             body["pregate"] = net.state_dict()
         torch.save(body, tmp)
@@ -488,11 +508,15 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
                 pg = -(hard * F.log_softmax(scores, dim=-1)).sum(-1).mean()
                 mine = torch.zeros_like(r_logits).scatter_(-1, routers.chosen, 1.0 / k)
                 align = -(mine * F.log_softmax(r_logits, dim=-1)).sum(-1).mean()
-                aux = balance_loss(tuple(scores[:, i] for i in range(layers)), num_experts, k)
-                loss = loss + pg + s.align_coef * align + s.aux_coef * aux
+                spread = dispatch_balance(routers.chosen, scores, num_experts) + dispatch_balance(routers.chosen, r_logits, num_experts)
+                loss = loss + pg + s.align_coef * align + s.pregate_balance * spread
                 if step >= steps - max(1, steps // 10):
                     agree.append([float((routers.chosen[:, i, :, None] == r_top[:, i, None, :]).any(-1).float().mean())
                                   for i in range(layers)])  # fmt: skip
+
+            if step >= steps - max(1, steps // 10):  # who gets the tokens, over the last 10% of steps
+                dispatched = routers.chosen if net is not None else torch.stack(out.router_logits, 1).topk(k, dim=-1).indices
+                shares.append(expert_shares(dispatched, num_experts))
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             opt.step()
@@ -507,10 +531,11 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
     bar.close()
     student.eval()
     tail = kls[-max(1, len(kls) // 10) :]
-    result = {"tokens": steps * per_step, "kl": sum(tail) / len(tail)}
+    result = {"tokens": steps * per_step, "kl": sum(tail) / len(tail), "max_share": torch.stack(shares).mean(0).amax(-1).tolist()}
     if net is not None:
         result["pregate"] = net.eval()
         result["agreement"] = [sum(a[i] for a in agree) / max(1, len(agree)) for i in range(layers)]
+
     return result
 
 
@@ -570,6 +595,7 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
             ft_stream = token_stream(tokenizer, ft_docs) if ft_docs else stream
             ft = finetune(moe, dense, ft_stream, s, state_dir, progress)
             result.finetune_tokens, result.finetune_kl = ft["tokens"], round(ft["kl"], 4)
+            result.max_expert_share = [round(x, 4) for x in ft["max_share"]]
             if "pregate" in ft:
                 result.pregate_agreement = [round(a, 4) for a in ft["agreement"]]
                 pregate_artefact(ft["pregate"], moe, out, ft["tokens"], ft["agreement"]).save(out / "predictor-pregate.pt")

@@ -24,8 +24,9 @@ class RefactorSettings:
     aux_coef: float = 0.01  # per-layer load-balancing loss while fine-tuning
     pregate: bool = False  # fine-tune routing by a pre-gate trained jointly (Read-ME), saved as predictor-pregate.pt
     pregate_lr: float = 1e-3
-    align_coef: float = 1.0  # pulls each router's logits toward the pre-gate's choice (native routing agrees): 0.1 gave
-    #   +2.0 % perplexity and the pre-gate 95.6 % of the routers' choices, 1.0 +3.3 % and 97.9 % (README)
+    align_coef: float = 1.0  # pulls each router's logits toward the pre-gate's choice, so its own routing agrees
+    pregate_balance: float = 1.0  # balance of the dispatch the pre-gate makes (refactor.dispatch_balance): keeps a
+    #   layer from collapsing onto a few experts (README: the figures for 0, 0.1 and 1.0)
     seed: int = 0
     threads: int = 2
     save_every_min: float = 10.0

@@ -205,3 +205,23 @@ def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path):
         with torch.no_grad():
             got = eng.model(input_ids=ids).logits[0]
     torch.testing.assert_close(got, want)
+
+
+def test_dispatch_balance_and_shares_tell_an_even_layer_from_a_collapsed_one():
+    """The joint fine-tune's balance term is k for a layer that spreads its tokens evenly and E for
+    one that sends every token to the same k experts; the reported share of the busiest expert is
+    1/E and 1/k. Its gradient reaches the logits (it can pull a collapsing layer apart)."""
+    n, e, k = 64, 8, 2
+    even = torch.stack([torch.arange(n) % e, (torch.arange(n) + 1) % e], dim=-1)[:, None, :]  # [N, 1 layer, k]
+    collapsed = torch.tensor([[0, 1]]).expand(n, 1, k)
+    flat = torch.zeros(n, 1, e, requires_grad=True)
+    assert rf.dispatch_balance(even, flat, e).item() == pytest.approx(k)
+    peaked = torch.full((n, 1, e), -30.0)
+    peaked[..., :2] = 0.0
+    assert rf.dispatch_balance(collapsed, peaked, e).item() == pytest.approx(e, rel=1e-4)
+    assert rf.expert_shares(even, e).max().item() == pytest.approx(1 / e)
+    assert rf.expert_shares(collapsed, e).max().item() == pytest.approx(1 / k)
+    rf.dispatch_balance(collapsed, flat, e).backward()
+    g = flat.grad[0, 0]
+    assert (g[:2] > 0).all() and (g[2:] < 0).all()  # descending moves mass off the overused experts
+
