@@ -212,16 +212,17 @@ def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -
 
 
 def markdown(rep: dict) -> str:
-    q = rep["quality"]
-    lines = ["## Quality (TinyStories validation perplexity, last-word accuracy; same token ids)", "",
+    q = rep.get("quality", {})
+    lines = [] if not q else ["## Quality (TinyStories validation perplexity, last-word accuracy; same token ids)", "",
              "| model | perplexity | last-word acc. | params | active / token | busiest expert, worst layer |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, r in q.items():
         busy = f"{100 * max(r['busiest_share']):.0f}%" if r.get("busiest_share") else "-"
         lines.append(f"| {name} | {r['perplexity']:.2f} | {100 * r['mc_accuracy']:.1f}% | {r['params_total'] / 1e6:.2f} M | "
                      f"{r['params_active'] / 1e6:.2f} M | {busy} |")
-    lines += ["", "(busiest expert: its share of a layer's dispatches on the validation text; 1/E = 12.5% is even, "
-              "50% means the layer sends every token to the same 2 of 8 experts)"]
+    if q:
+        lines += ["", "(busiest expert: its share of a layer's dispatches on the validation text; 1/E = 12.5% is even, "
+                  "50% means the layer sends every token to the same 2 of 8 experts)"]
     if "dense" in q:
         lines += [""] + [f"{n} perplexity / dense: {q[n]['perplexity'] / q['dense']['perplexity']:.3f}"
                          for n in q if n.startswith("moe")]  # fmt: skip
