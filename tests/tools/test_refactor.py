@@ -190,6 +190,7 @@ def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path):
     src, text = dense
     r = refactor(src, tmp_path / "moe", _settings(text, finetune_tokens=16 * 2 * 64, batch_size=2, pregate=True), progress=False)
     assert len(r.pregate_agreement) == 2 and all(0.0 <= a <= 1.0 for a in r.pregate_agreement)
+    assert len(r.max_expert_share) == 2 and all(1 / 4 <= x <= 1 / 2 for x in r.max_expert_share)  # 4 experts, top-2
     art = Artefact.load(tmp_path / "moe" / "predictor-pregate.pt")
     assert art.kind == "pregate" and art.meta["joint"]
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
