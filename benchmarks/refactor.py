@@ -89,7 +89,7 @@ def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import expertcache
-    from expertcache.tools.quality import choice_scores, perplexity
+    from expertcache.tools.quality import ActivationCounter, choice_scores, perplexity
 
     out = {}
     for name, (path, opts) in models.items():
@@ -113,14 +113,8 @@ def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items
             expert_params = _expert_params(path)
             params = {"total": dense_params + expert_params, "active": dense_params + expert_params * cfg.num_experts_per_tok // e}
             close = eng.close
-        counts: dict[int, torch.Tensor] = {}
-
-        def on_route(layer, x, logits, weights, ids, counts=counts, e=getattr(model.config, "num_local_experts", None)
-                     or getattr(model.config, "num_experts", 1)):  # who gets the tokens: a collapsed layer shows here
-            c = torch.bincount(ids.flatten(), minlength=e).float()
-            counts[layer] = counts[layer] + c if layer in counts else c
-
-        watch = eng.observe(on_route=on_route) if not opts.get("dense") else nullcontext()
+        counter = ActivationCounter()  # who gets the tokens: a collapsed layer shows here
+        watch = eng.observe(on_route=counter) if not opts.get("dense") else nullcontext()
         with torch.inference_mode(), watch:
             ppl, scored = perplexity(model, valid_ids, window=256, stride=128)
             correct = 0
@@ -130,7 +124,7 @@ def quality(models: dict[str, tuple[Path, dict]], valid_ids: list[int], mc_items
         close()
         out[name] = {"perplexity": ppl, "tokens": scored, "mc_accuracy": correct / len(mc_items), "mc_items": len(mc_items),
                      "params_total": params["total"], "params_active": params["active"], "seconds": time.time() - t0,
-                     "busiest_share": [float(c.max() / c.sum()) for _, c in sorted(counts.items())]}
+                     "busiest_share": counter.busiest_share()}
         log(f"  {out[name]}")
     return out
 

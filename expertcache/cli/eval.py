@@ -38,4 +38,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"accuracy {100 * result.accuracy:.1f}% over {result.items} items")
     print(f"experts/token {result.experts_per_token:.2f} | misses/token {result.misses_per_token:.3f} | "
           f"bytes read/token {result.bytes_read_per_token / 1e6:.2f} MB")
+    busy = result.busiest_expert_share
+    if busy:
+        print(f"busiest expert's share of a layer's activations: {100 * min(busy):.1f}-{100 * max(busy):.1f}% over the "
+              f"sparse layers ({100 / engine.checkpoint.num_experts:.1f}% is even)")
     return 0

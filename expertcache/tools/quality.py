@@ -33,22 +33,36 @@ class EvalResult:
     forwarded_tokens: int
     window: int | None = None
     stride: int | None = None
+    busiest_expert_share: list[float] | None = None  # per sparse layer: the busiest expert's share of its activations
 
 
 class ActivationCounter:
-    """An engine observer counting forwarded tokens and routed (token, expert) activations."""
+    """An engine observer counting forwarded tokens, routed (token, expert) activations and, per
+    layer, each expert's share of them (a layer that collapsed onto a few experts shows here)."""
 
     def __init__(self) -> None:
         self.activations = 0
         self.tokens_by_layer: dict[int, int] = {}
+        self.per_expert: dict[int, torch.Tensor] = {}  # layer -> activations of each expert
 
     def __call__(self, layer, x, logits, weights, ids) -> None:
-        self.activations += int((ids >= 0).sum())
+        routed = ids[ids >= 0]
+        self.activations += routed.numel()
         self.tokens_by_layer[layer] = self.tokens_by_layer.get(layer, 0) + ids.shape[0]
+        c = torch.bincount(routed.flatten())
+        mine = self.per_expert.get(layer)
+        if mine is not None and len(mine) < len(c):
+            mine = torch.cat([mine, mine.new_zeros(len(c) - len(mine))])
+        self.per_expert[layer] = c if mine is None else mine.index_add_(0, torch.arange(len(c)), c)
 
     @property
     def tokens(self) -> int:
         return max(self.tokens_by_layer.values(), default=0)
+
+    def busiest_share(self) -> list[float]:
+        """Per sparse layer (in order): the busiest expert's share of the layer's activations
+        (1/E when even, 1/k when every token goes to the same k experts)."""
+        return [float(c.max() / c.sum()) for _, c in sorted(self.per_expert.items()) if c.sum() > 0]
 
 
 def _token_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -184,4 +198,5 @@ def evaluate(engine, *, text: Path | None = None, mc: Path | None = None, window
         experts_per_token=counter.activations / fwd, misses_per_token=s["misses"] / fwd,
         bytes_read_per_token=s["bytes_read"] / fwd, forwarded_tokens=counter.tokens,
         window=window if text is not None else None, stride=stride if text is not None else None,
+        busiest_expert_share=[round(x, 4) for x in counter.busiest_share()],
     )

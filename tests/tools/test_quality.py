@@ -82,6 +82,21 @@ def test_eval_cli_json(model_dir, tmp_path, capsys):
     for key in ("perplexity", "tokens", "accuracy", "experts_per_token", "misses_per_token", "bytes_read_per_token"):
         assert key in out
     assert out["accuracy"] is None and out["perplexity"] > 1 and out["tokens"] == 4 * len(WORDS) - 1
+    assert len(out["busiest_expert_share"]) == 2 and all(1 / 4 <= x <= 1 / 2 for x in out["busiest_expert_share"])
+
+
+def test_activation_counter_measures_each_layers_busiest_expert():
+    """The share eval reports: 1/E for a layer that spreads its tokens, 1/k for one that sends every
+    token to the same k experts; slots routing dropped (id -1) are not activations."""
+    from expertcache.tools.quality import ActivationCounter
+
+    c = ActivationCounter()
+    spread = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])
+    c(0, None, None, None, spread)
+    c(1, None, None, None, torch.tensor([[1, 2], [1, 2], [1, -1], [2, 1]]))
+    c(1, None, None, None, torch.tensor([[2, 1]]))
+    assert c.busiest_share() == pytest.approx([1 / 4, 5 / 9])  # layer 1: expert 1 five of nine activations
+    assert c.activations == 8 + 7 + 2 and c.tokens == 5  # layer 1 saw five tokens
 
 
 class _MergingTokenizer:
