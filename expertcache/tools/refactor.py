@@ -435,7 +435,9 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
     per-layer balance loss; AdamW, 5% warmup then cosine to 10%; state saved every save_every_min
     minutes to `state_dir` (resumed from there). With s.pregate a PregateNet is trained alongside
     and routes the MoE (PregateRouters): it learns the routers' top-k, each router is pulled toward
-    its choice (align_coef). Returns {"tokens", "kl"} and, with a pre-gate, "pregate" (the net)
+    its choice (align_coef), and what it dispatches is balanced (pregate_balance, dispatch_balance).
+    Returns {"tokens", "kl", "max_share" (per layer, the busiest expert's share of the dispatches
+    over the last 10% of steps)} and, with a pre-gate, "pregate" (the net)
     and "agreement" (per layer, the pre-gate's top-k against the router's over the last 10% of steps)."""
     from contextlib import nullcontext
 
@@ -513,7 +515,6 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
                 if step >= steps - max(1, steps // 10):
                     agree.append([float((routers.chosen[:, i, :, None] == r_top[:, i, None, :]).any(-1).float().mean())
                                   for i in range(layers)])  # fmt: skip
-
             if step >= steps - max(1, steps // 10):  # who gets the tokens, over the last 10% of steps
                 dispatched = routers.chosen if net is not None else torch.stack(out.router_logits, 1).topk(k, dim=-1).indices
                 shares.append(expert_shares(dispatched, num_experts))
@@ -531,11 +532,10 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
     bar.close()
     student.eval()
     tail = kls[-max(1, len(kls) // 10) :]
-    result = {"tokens": steps * per_step, "kl": sum(tail) / len(tail), "max_share": torch.stack(shares).mean(0).amax(-1).tolist()}
+    result = {"tokens": steps * per_step, "kl": sum(tail) / len(tail), "max_share": torch.stack(shares).mean(0).amax(-1).tolist() if shares else []}
     if net is not None:
         result["pregate"] = net.eval()
         result["agreement"] = [sum(a[i] for a in agree) / max(1, len(agree)) for i in range(layers)]
-
     return result
 
 
