@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
+COLLAPSING = 2.5  # the busiest expert's share over an even one (1/E) above which the CLI warns
+
+
 def run(args: argparse.Namespace) -> int:
     from ..tools.refactor import refactor
 
@@ -69,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
     if r.max_expert_share:
         print(f"busiest expert's share of each layer's dispatches (even: {1 / r.experts:.3f}): "
               + " ".join(f"{x:.3f}" for x in r.max_expert_share))
+        crowded = [i for i, x in enumerate(r.max_expert_share) if x > COLLAPSING / r.experts]
+        if crowded:
+            fix = "raise --pregate-balance" if args.pregate else "fine-tune longer or on more varied text"
+            which = f"layers {', '.join(map(str, crowded))} send" if len(crowded) > 1 else f"layer {crowded[0]} sends"
+            print(f"warning: {which} {COLLAPSING:g}x an even share or more to one expert: "
+                  f"their routing is collapsing onto a few experts ({fix})")
     if r.pregate_agreement:
         print("pre-gate agreement with each router's top-k: " + " ".join(f"{x:.2f}" for x in r.pregate_agreement))
     print(f"{r.seconds:.0f} s")

@@ -226,3 +226,22 @@ def test_dispatch_balance_and_shares_tell_an_even_layer_from_a_collapsed_one():
     g = flat.grad[0, 0]
     assert (g[:2] > 0).all() and (g[2:] < 0).all()  # descending moves mass off the overused experts
 
+
+
+def test_the_cli_warns_when_a_layer_collapses(monkeypatch, tmp_path, capsys):
+    """A layer whose busiest expert takes 2.5x an even share or more is named, with what to do."""
+    def fake(dense, out, settings, progress):
+        return rf.RefactorResult(out_dir=str(out), model_type="mixtral", experts=8, top_k=2, expert_width=8, shared_width=0,
+                                 calibration_tokens=64, router_recall=[0.8, 0.8], ffn_error=[0.4, 0.4], finetune_tokens=64,
+                                 finetune_kl=0.1, max_expert_share=[0.15, 0.5], params={"active": 1, "total": 2})  # fmt: skip
+
+    monkeypatch.setattr(rf, "refactor", fake)
+    argv = ["refactor", str(tmp_path / "dense"), "--experts", "8", "--top-k", "2", "--calibration", str(tmp_path / "c.txt"),
+            "--finetune-tokens", "64", "--pregate", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warning: layer 1 sends 2.5x" in out and "--pregate-balance" in out
+    fake_even = lambda *a, **k: rf.RefactorResult(**{**fake(*a, **k).__dict__, "max_expert_share": [0.15, 0.2]})  # noqa: E731
+    monkeypatch.setattr(rf, "refactor", fake_even)
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().out
