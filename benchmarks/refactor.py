@@ -10,8 +10,7 @@
    (moe-init), with a distillation fine-tune of N tokens (moe-ft), and with the same fine-tune
    training a pre-gate jointly that routes the model while it trains (moe-pg, `--pregate`). Each is
    skipped when its output exists (a killed fine-tune resumes with --resume; run them side by side
-   with the CLI to use both cores). --align-coef sets moe-pg's (README: 0.1 at 50 %, 1.0 at 25 %;
-   use a new --out for each).
+   with the CLI to use both cores). --align-coef sets moe-pg's (use a new --out for each value).
 3. Quality, same run and same token ids: perplexity on TinyStories validation (first 10k tokens,
    window 256, stride 128), last-word multiple-choice accuracy (500 items) and active parameters per
    token: the dense model, moe-init, moe-ft, moe-pg with its own routers and routed by its pre-gate,

@@ -49,11 +49,11 @@ class ActivationCounter:
         routed = ids[ids >= 0]
         self.activations += routed.numel()
         self.tokens_by_layer[layer] = self.tokens_by_layer.get(layer, 0) + ids.shape[0]
-        c = torch.bincount(routed.flatten())
         mine = self.per_expert.get(layer)
-        if mine is not None and len(mine) < len(c):
-            mine = torch.cat([mine, mine.new_zeros(len(c) - len(mine))])
-        self.per_expert[layer] = c if mine is None else mine.index_add_(0, torch.arange(len(c)), c)
+        c = torch.bincount(routed.flatten(), minlength=0 if mine is None else len(mine))  # as long as mine, or longer
+        if mine is not None:
+            c[: len(mine)] += mine
+        self.per_expert[layer] = c
 
     @property
     def tokens(self) -> int:

@@ -500,6 +500,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
                 scores = net(net.features(student.get_input_embeddings()(batch).detach())[0])  # [N, L, E]
                 routers.chosen = scores.detach().topk(k, dim=-1).indices
             out = student(input_ids=batch, output_router_logits=True)
+            in_tail = step >= steps - max(1, steps // 10)  # the last 10% of steps: agreement and shares recorded
             s_logp = F.log_softmax(out.logits.float(), dim=-1)
             kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
             loss = kl + s.aux_coef * balance_loss(out.router_logits, num_experts, k)
@@ -512,10 +513,10 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
                 align = -(mine * F.log_softmax(r_logits, dim=-1)).sum(-1).mean()
                 spread = dispatch_balance(routers.chosen, scores, num_experts) + dispatch_balance(routers.chosen, r_logits, num_experts)
                 loss = loss + pg + s.align_coef * align + s.pregate_balance * spread
-                if step >= steps - max(1, steps // 10):
+                if in_tail:
                     agree.append([float((routers.chosen[:, i, :, None] == r_top[:, i, None, :]).any(-1).float().mean())
                                   for i in range(layers)])  # fmt: skip
-            if step >= steps - max(1, steps // 10):  # who gets the tokens, over the last 10% of steps
+            if in_tail:  # who gets the tokens
                 dispatched = routers.chosen if net is not None else torch.stack(out.router_logits, 1).topk(k, dim=-1).indices
                 shares.append(expert_shares(dispatched, num_experts))
             loss.backward()

@@ -26,7 +26,7 @@ class RefactorSettings:
     pregate_lr: float = 1e-3
     align_coef: float = 1.0  # pulls each router's logits toward the pre-gate's choice, so its own routing agrees
     pregate_balance: float = 1.0  # balance of the dispatch the pre-gate makes (refactor.dispatch_balance): keeps a
-    #   layer from collapsing onto a few experts (README: the figures for 0, 0.1 and 1.0)
+    #   layer from collapsing onto a few experts (README: the figures at 0.1, 0.3 and 1.0)
     seed: int = 0
     threads: int = 2
     save_every_min: float = 10.0

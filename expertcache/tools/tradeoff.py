@@ -27,8 +27,7 @@ from ..engine import Engine, demo_model_dir
 from ..errors import ExpertCacheError
 from .calibration import calibration_record, measure_sensitivity, read_ids, write_calibration
 from .quality import ActivationCounter, choice_sequences, read_mc
-from .settings import DROPS, LAMBDAS, RANKS
-from .settings import TRADEOFF_OPTIONAL
+from .settings import DROPS, LAMBDAS, RANKS, TRADEOFF_OPTIONAL
 from .settings import TRADEOFF_POLICIES as POLICIES
 
 log = logging.getLogger(__name__)

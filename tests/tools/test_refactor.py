@@ -5,6 +5,7 @@ line and leaves the source untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -241,7 +242,7 @@ def test_the_cli_warns_when_a_layer_collapses(monkeypatch, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "warning: layer 1 sends 2.5x" in out and "--pregate-balance" in out
-    fake_even = lambda *a, **k: rf.RefactorResult(**{**fake(*a, **k).__dict__, "max_expert_share": [0.15, 0.2]})  # noqa: E731
+    fake_even = lambda *a, **k: dataclasses.replace(fake(*a, **k), max_expert_share=[0.15, 0.2])  # noqa: E731
     monkeypatch.setattr(rf, "refactor", fake_even)
     assert main(argv) == 0
     assert "warning" not in capsys.readouterr().out
