@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "OUT/predictor-pregate.pt for --prefetch pregate --routing pregate")
     p.add_argument("--align-coef", type=float, default=D.align_coef,
                    help=f"with --pregate: how hard each router is pulled toward the pre-gate's choice (default {D.align_coef})")
+    p.add_argument("--pregate-attn", type=int, default=D.pregate_attn, metavar="W",
+                   help=f"with --pregate: width of the pre-gate's causal attention over the context, a multiple of 4 "
+                        f"(0: the last tokens and moving averages only; default {D.pregate_attn})")
     p.add_argument("--pregate-balance", type=float, default=D.pregate_balance,
                    help=f"with --pregate: weight of the load balance of the pre-gate's dispatch, which keeps a layer from "
                         f"collapsing onto a few experts (default {D.pregate_balance})")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_tokens=args.calibration_tokens, finetune_tokens=args.finetune_tokens,
         finetune_text=tuple(args.finetune_text) if args.finetune_text else None, lr=args.lr, batch_size=args.batch_size,
         seq_len=args.seq_len, seed=args.seed, threads=args.threads, resume=args.resume, pregate=args.pregate,
-        align_coef=args.align_coef, pregate_balance=args.pregate_balance,
+        align_coef=args.align_coef, pregate_balance=args.pregate_balance, pregate_attn=args.pregate_attn,
     )  # fmt: skip
     r = refactor(args.dense, args.out, settings, progress=not args.json)
     if args.json:

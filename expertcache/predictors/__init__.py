@@ -83,7 +83,8 @@ def _pregate(**kw) -> PregatePredictor:
     art = _artefact("pregate", kw)
     layers, num_experts, hidden = _shape(kw["routers"])
     net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0],
-                     decays=tuple(art.meta.get("decays", ())))
+                     decays=tuple(art.meta.get("decays", ())), attn=int(art.meta.get("attn", 0)),
+                     heads=int(art.meta.get("heads", 4)))
     net.load_state_dict(art.tensors)
     return PregatePredictor(net, layers, top_k=kw["top_k"], depth=kw["depth"])
 

@@ -2,8 +2,10 @@
 layer, that scores every sparse layer's experts for a token at once, so the whole token's experts
 can be requested before its first layer computes. Its input is the first decoder layer's input
 (the token embeddings), each RMS-normalised: the last `window` tokens', and exponential moving
-averages of all earlier ones (`decays`: the context beyond the window); its output one [E] score
-vector per sparse layer. Trained by distillation from the model's own routers
+averages of all earlier ones (`decays`: the context beyond the window), and optionally (`attn`) a
+causal attention over the normalised embeddings of the last ATTN_SPAN tokens, with ALiBi's
+per-head recency bias (no position table: a decode step's scores equal the whole sequence's); its
+output one [E] score vector per sparse layer. Trained by distillation from the model's own routers
 (`expertcache train-predictor --kind pregate`); like every predictor, it only decides what loads.
 """
 
@@ -18,21 +20,36 @@ from .base import Lookahead, Prediction, rank
 DEFAULT_WINDOW = 4  # tokens the pre-gate sees: this one and the 3 before it
 DEFAULT_DECAYS = (0.8, 0.95)  # moving averages of the normalised embeddings: the context beyond the window
 DEFAULT_WIDTH = 256
+ATTN_SPAN = 512  # tokens a causal-attention pre-gate looks back over (this one included)
 
 State = tuple[torch.Tensor, torch.Tensor]  # (window history [B, window-1, H], moving averages [B, D, H])
+# what a running sequence carries between calls: the window state and the attention's (keys, values) or None
+RunState = tuple[torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def normalise(emb: torch.Tensor) -> torch.Tensor:
+    x = emb.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 class PregateNet(nn.Module):
-    """scores [N, L, E] = skip(current token) + fc2(relu(fc1(window of tokens)))."""
+    """scores [N, L, E] = skip(current token) + fc2(relu(fc1([window of tokens, attention])))."""
 
     def __init__(self, hidden: int, window: int, layers: int, experts: int, width: int = DEFAULT_WIDTH,
-                 decays: tuple[float, ...] = ()) -> None:
+                 decays: tuple[float, ...] = (), attn: int = 0, heads: int = 4) -> None:
         super().__init__()
         self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
         self.decays = tuple(float(d) for d in decays)
         self._decay_tensor = torch.tensor(self.decays).view(1, len(self.decays), 1)
+        self.attn, self.heads = attn, (heads if attn else 0)
+        if attn:
+            if attn % heads:
+                raise ValueError(f"attention width {attn} is not a multiple of {heads} heads")
+            self.qkv = nn.Linear(hidden, 3 * attn, bias=False)
+            # ALiBi: head i's score falls by slope_i per token of distance; from sharp (1/4) to near flat
+            self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
         self.skip = nn.Linear(hidden, layers * experts)
-        self.fc1 = nn.Linear((window + len(self.decays)) * hidden, width)
+        self.fc1 = nn.Linear((window + len(self.decays)) * hidden + attn, width)
         self.fc2 = nn.Linear(width, layers * experts)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
@@ -42,8 +59,7 @@ class PregateNet(nn.Module):
         (None: a new sequence) -> (features [B*T, (window + D) * H], newest token first, then the
         moving averages; the new state)."""
         b, t, h = emb.shape
-        x = emb.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = normalise(emb)
         w, nd = self.window, len(self.decays)
         if state is None or state[0].shape[0] != b:
             state = (x.new_zeros(b, w - 1, h), x.new_zeros(b, nd, h))
@@ -60,9 +76,37 @@ class PregateNet(nn.Module):
         feats = torch.cat(parts, dim=-1).reshape(b * t, -1)
         return feats, (padded[:, padded.shape[1] - (w - 1) :], avg)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(feats)))
+    def context(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Causal attention of the normalised tokens `x` [B, T, H] over themselves and the cached
+        (keys, values) of earlier calls -> ([B*T, attn], the new cache: the last ATTN_SPAN - 1 tokens')."""
+        b, t, _ = x.shape
+        h, dh = self.heads, self.attn // self.heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, T, dh]
+        if kv is not None:
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        p = k.shape[2]
+        dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
+        bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, T, dh]
+        keep = ATTN_SPAN - 1
+        return out.transpose(1, 2).reshape(b * t, self.attn), (k[:, :, -keep:], v[:, :, -keep:])
+
+    def forward(self, feats: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores from `features` rows and, for an attention pre-gate, their `context` rows."""
+        inner = feats if ctx is None else torch.cat([feats, ctx], dim=-1)
+        out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(inner)))
         return out.view(-1, self.layers, self.experts)
+
+    def score(self, emb: torch.Tensor, state: RunState | None = None) -> tuple[torch.Tensor, RunState]:
+        """emb [B, T, H] and the state the call before left (None, or another batch size: a new
+        sequence) -> (scores [B*T, L, E], the new state)."""
+        if state is not None and state[0].shape[0] != emb.shape[0]:
+            state = None
+        feats, (history, avg) = self.features(emb, None if state is None else state[:2])
+        if not self.attn:
+            return self(feats), (history, avg, None)
+        ctx, kv = self.context(normalise(emb), None if state is None else state[2])
+        return self(feats, ctx), (history, avg, kv)
 
 
 class PregatePredictor:
@@ -78,7 +122,7 @@ class PregatePredictor:
         self.layers = sorted(layers)
         self._ahead = Lookahead(self.layers, depth)
         self._top_k = top_k
-        self._state: State | None = None
+        self._state: RunState | None = None
         self.guesses: dict[int, list[int]] = {}
         self.routes: dict[int, torch.Tensor] = {}  # layer -> [T, k] each token's top-k (routing by the pre-gate)
 
@@ -88,15 +132,14 @@ class PregatePredictor:
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B*T, L, E] for the call's tokens; moves the window on."""
-        state = self._state if hidden.shape[1] == 1 else None
-        feats, self._state = self.net.features(hidden, state)
-        return self.net(feats)
+        s, self._state = self.net.score(hidden, self._state if hidden.shape[1] == 1 else None)
+        return s
 
     @torch.no_grad()
     def routes_of(self, emb: torch.Tensor) -> dict[int, set[int]]:
         """{layer: experts} the tokens of `emb` [1, T, H] (a new sequence) route to, by the pre-gate,
         without touching the running window: a queued prompt's footprint."""
-        top = self.net(self.net.features(emb)[0]).topk(self._top_k, dim=-1).indices  # [T, L, k]
+        top = self.net.score(emb)[0].topk(self._top_k, dim=-1).indices  # [T, L, k]
         return {l: set(top[:, i].flatten().tolist()) for i, l in enumerate(self.layers)}
 
     def start(self, hidden: torch.Tensor) -> Prediction:

@@ -144,36 +144,82 @@ def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, windo
 
 def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], top_k: int,
                 settings: TrainSettings = TrainSettings(), *, window: int = DEFAULT_WINDOW,
-                decays: tuple[float, ...] = DEFAULT_DECAYS, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                decays: tuple[float, ...] = DEFAULT_DECAYS, attn: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train a PregateNet towards every layer's router distribution (the targets of `learned`);
-    the best mean validation recall is kept. Returns (tensors, report)."""
+    the best mean validation recall is kept. Without attention the rows are independent (random
+    token batches, random validation tokens); with it (`attn` > 0) a batch is whole forwards, and so
+    is the validation split. Returns (tensors, report)."""
     from tqdm.auto import tqdm
 
     layers = sorted(logits)
     num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays)
+    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=attn)
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
     targets = torch.stack([_targets(ids[l], logits[l], num_experts, settings.hard_weight) for l in layers], dim=1)  # [N, L, E]
     n = len(feats)
-    perm = torch.randperm(n, generator=gen)
-    n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
-    val, train = perm[:n_val], (perm[n_val:] if n > n_val else perm)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
-
-    def val_recall() -> list[float]:
-        with torch.no_grad():
-            s = net(feats[val])
-            return [recall_at_k(s[:, i], ids[l][val], top_k) for i, l in enumerate(layers)] if n_val else [0.0] * len(layers)
-
     bar = tqdm(total=settings.steps, unit="step", desc="train pregate", disable=not progress)
-    _, best, best_state = _distil(net, opt, feats, targets, train, settings, gen, val_recall, bar,
-                                  lambda loss, r: dict(loss=f"{loss:.3f}", val=f"{sum(r) / len(r):.3f}"))  # fmt: skip
+    postfix = lambda loss, r: dict(loss=f"{loss:.3f}", val=f"{sum(r) / len(r):.3f}")  # noqa: E731
+    if attn:
+        best, best_state = _fit_pregate_sequences(net, opt, inputs, feats, targets, ids, layers, top_k, settings, gen, bar, postfix)
+    else:
+        perm = torch.randperm(n, generator=gen)
+        n_val = max(1, int(n * settings.val_fraction)) if n > 1 else 0
+        val, train = perm[:n_val], (perm[n_val:] if n > n_val else perm)
+
+        def val_recall() -> list[float]:
+            with torch.no_grad():
+                s = net(feats[val])
+                return [recall_at_k(s[:, i], ids[l][val], top_k) for i, l in enumerate(layers)] if n_val else [0.0] * len(layers)
+
+        _, best, best_state = _distil(net, opt, feats, targets, train, settings, gen, val_recall, bar, postfix)
     bar.close()
     report = {f"l{l}": {"val_recall": round(r, 4), "tokens": n} for l, r in zip(layers, best)}
     log.info("pregate: validation recall per layer %s", [round(r, 3) for r in best])
     return best_state, report
+
+
+def _fit_pregate_sequences(net, opt, inputs, feats, targets, ids, layers, top_k, settings: TrainSettings, gen, bar, postfix):
+    """fit_pregate's loop for an attention pre-gate: batches of whole forwards (at least
+    settings.batch rows), the validation split by forward too. Returns (best recall, best state)."""
+    from ..predictors.pregate import normalise
+
+    starts = np.cumsum([0] + [len(x) for x in inputs])
+    rows = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+    xs = [normalise(x[None]) for x in inputs]
+    perm = torch.randperm(len(inputs), generator=gen).tolist()
+    n_val = max(1, int(len(inputs) * settings.val_fraction)) if len(inputs) > 1 else 0
+    val, train = perm[:n_val], (perm[n_val:] if len(perm) > n_val else perm)
+    per_batch = max(1, round(settings.batch / (len(feats) / len(inputs))))
+
+    def scores(seqs):
+        return torch.cat([net(feats[rows[i]], net.context(xs[i])[0]) for i in seqs])
+
+    def val_recall() -> list[float]:
+        if not n_val:
+            return [0.0] * len(layers)
+        with torch.no_grad():
+            s = scores(val)
+        return [recall_at_k(s[:, j], torch.cat([ids[l][rows[i]] for i in val]), top_k) for j, l in enumerate(layers)]
+
+    best = val_recall()
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    for step in range(1, settings.steps + 1):
+        seqs = [train[int(i)] for i in torch.randint(len(train), (per_batch,), generator=gen)]
+        logp = scores(seqs).log_softmax(dim=-1)
+        loss = -(torch.cat([targets[rows[i]] for i in seqs]) * logp).sum(dim=-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == settings.steps:
+            r = val_recall()
+            if sum(r) > sum(best):
+                best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
+            bar.set_postfix(**postfix(loss.item(), r))
+    return best, best_state
 
 
 # --- fitting -------------------------------------------------------------------------------------

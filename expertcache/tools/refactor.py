@@ -414,7 +414,7 @@ def warm_pregate(model, stream: torch.Tensor, s: RefactorSettings, progress: boo
     logits = {i: torch.cat(v) for i, v in logits.items()}
     ids = {i: v.topk(cfg.num_experts_per_tok, dim=-1).indices for i, v in logits.items()}
     state, _ = fit_pregate(inputs, logits, ids, cfg.num_experts_per_tok, TrainSettings(steps=2000, width=DEFAULT_WIDTH),
-                           progress=progress)  # fmt: skip
+                           attn=s.pregate_attn, progress=progress)  # fmt: skip
     return state
 
 
@@ -426,7 +426,7 @@ def pregate_artefact(net, model, out: Path, tokens: int, agreement: list[float])
     return Artefact(kind="pregate", model=str(out), sparse_layers=list(range(cfg.num_hidden_layers)), num_experts=int(e),
                     hidden_size=int(cfg.hidden_size), top_k=int(cfg.num_experts_per_tok), depths=[],
                     tensors={k: v.detach().clone() for k, v in net.state_dict().items()},
-                    meta={"tokens": tokens, "window": net.window, "decays": list(net.decays), "joint": True,
+                    meta={"tokens": tokens, "window": net.window, "decays": list(net.decays), "attn": net.attn, "heads": net.heads, "joint": True,
                           "validation": {f"l{i}": {"val_recall": round(a, 4)} for i, a in enumerate(agreement)}})  # fmt: skip
 
 
@@ -455,7 +455,8 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
     net = None
     if s.pregate:
         torch.manual_seed(s.seed)
-        net = PregateNet(cfg.hidden_size, DEFAULT_WINDOW, layers, num_experts, width=DEFAULT_WIDTH, decays=DEFAULT_DECAYS)
+        net = PregateNet(cfg.hidden_size, DEFAULT_WINDOW, layers, num_experts, width=DEFAULT_WIDTH, decays=DEFAULT_DECAYS,
+                         attn=s.pregate_attn)
         groups.append({"params": list(net.parameters()), "lr": s.pregate_lr})
     opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, kls, agree, shares = 0, [], [], []
@@ -497,7 +498,7 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
             with torch.no_grad():
                 t_logp = F.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
             if net is not None:
-                scores = net(net.features(student.get_input_embeddings()(batch).detach())[0])  # [N, L, E]
+                scores = net.score(student.get_input_embeddings()(batch).detach())[0]  # [N, L, E]
                 routers.chosen = scores.detach().topk(k, dim=-1).indices
             out = student(input_ids=batch, output_router_logits=True)
             in_tail = step >= steps - max(1, steps // 10)  # the last 10% of steps: agreement and shares recorded
@@ -553,6 +554,8 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
         raise ExpertCacheError(f"--experts {s.experts} --top-k {s.top_k}: need 2 <= experts and 1 <= top-k <= experts")
     if not 0.0 <= s.shared_fraction < 1.0:
         raise ExpertCacheError(f"--shared-fraction {s.shared_fraction}: give a share in [0, 1)")
+    if s.pregate_attn < 0 or s.pregate_attn % 4:
+        raise ExpertCacheError(f"--pregate-attn {s.pregate_attn}: give 0 (no attention) or a positive multiple of 4 (its heads)")
     if s.pregate and s.finetune_tokens <= 0:
         raise ExpertCacheError("--pregate trains the pre-gate in the fine-tune: give --finetune-tokens too")
     if not s.calibration:

@@ -27,6 +27,7 @@ class RefactorSettings:
     align_coef: float = 1.0  # pulls each router's logits toward the pre-gate's choice, so its own routing agrees
     pregate_balance: float = 1.0  # balance of the dispatch the pre-gate makes (refactor.dispatch_balance): keeps a
     #   layer from collapsing onto a few experts (README: the figures at 0.1, 0.3 and 1.0)
+    pregate_attn: int = 0  # width of the pre-gate's causal attention over the context (0: window and moving averages only)
     seed: int = 0
     threads: int = 2
     save_every_min: float = 10.0

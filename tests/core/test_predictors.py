@@ -614,6 +614,48 @@ def test_pregate_window_continues_across_decode_steps():
     assert pred.predict(1, None, None) == [(2, pred.guesses[2]), (3, pred.guesses[3])]
 
 
+def test_attention_pregate_decode_steps_score_as_the_whole_sequence():
+    """With causal attention, scoring a prompt in one call equals feeding it in pieces (a prompt,
+    then one-token decode steps) whose key/value cache carries on; attention sees no later token;
+    a span-limited cache scores as the full sequence would; and the attention changes the scores."""
+    from expertcache.predictors import pregate as pg
+
+    torch.manual_seed(0)
+    net = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8, decays=(0.9,), attn=8, heads=2)
+    torch.nn.init.normal_(net.fc2.weight)
+    emb = torch.randn(1, 9, 16)
+    whole, _ = net.score(emb)
+    s, state = net.score(emb[:, :4])
+    rows = [s]
+    for t in range(4, 9):
+        s, state = net.score(emb[:, t : t + 1], state)
+        rows.append(s)
+    torch.testing.assert_close(torch.cat(rows), whole)
+    changed = emb.clone()
+    changed[:, 6:] += 1.0
+    torch.testing.assert_close(net.score(changed)[0][:6], whole[:6])  # causal
+    assert not torch.allclose(net.score(changed)[0][6:], whole[6:])
+    bare = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8, decays=(0.9,))
+    bare.load_state_dict({k: (v[:, : bare.fc1.in_features] if k == "fc1.weight" else v)
+                          for k, v in net.state_dict().items() if not k.startswith("qkv")})
+    assert not torch.allclose(bare.score(emb)[0], whole)
+    old = pg.ATTN_SPAN
+    try:
+        pg.ATTN_SPAN = 3  # a cache that keeps 2 tokens: step by step equals the whole sequence's masked attention
+        whole3, _ = net.score(emb)
+        state, rows = None, []
+        for t in range(9):
+            s, state = net.score(emb[:, t : t + 1], state)
+            rows.append(s)
+            assert state[2][0].shape[2] <= 2
+        torch.testing.assert_close(torch.cat(rows), whole3)
+        assert not torch.allclose(whole3, whole)
+    finally:
+        pg.ATTN_SPAN = old
+    with pytest.raises(ValueError, match="multiple of 4 heads"):
+        PregateNet(hidden=16, window=3, layers=4, experts=8, attn=6)
+
+
 def test_pregate_guesses_every_layer_before_the_first_one_runs(model_dir):
     events = []
     with expertcache.load(model_dir, expert_budget="50%", prefetch="pregate", io="buffered") as eng:

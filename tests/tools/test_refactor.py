@@ -168,6 +168,8 @@ def test_bad_input_is_one_line_and_the_source_is_untouched(dense, tmp_path, caps
         ([str(src), "--calibration", str(text), "--out", str(src)], "new directory"),
         ([str(checkpoint("mixtral")), "--calibration", str(text), "--out", str(tmp_path / "c")], "not a dense family"),
         ([str(src), "--calibration", str(text), "--top-k", "9", "--out", str(tmp_path / "d")], "top-k"),
+        ([str(src), "--calibration", str(text), "--finetune-tokens", "64", "--pregate", "--pregate-attn", "6",
+          "--out", str(tmp_path / "e")], "multiple of 4"),
     ]
     for argv, message in cases:
         assert main(["refactor", *argv]) == 1
@@ -178,10 +180,12 @@ def test_bad_input_is_one_line_and_the_source_is_untouched(dense, tmp_path, caps
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path):
-    """--pregate: the pre-gate trained in the fine-tune is saved beside the model; the engine with
-    --prefetch pregate --routing pregate computes what the fine-tune's forward computed (the saved
-    MoE routed by that pre-gate), at a 50% budget, and the pre-gate agrees with the routers."""
+@pytest.mark.parametrize("attn", [0, 8])
+def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path, attn):
+    """--pregate: the pre-gate trained in the fine-tune (with or without causal attention) is saved
+    beside the model; the engine with --prefetch pregate --routing pregate computes what the
+    fine-tune's forward computed (the saved MoE routed by that pre-gate), at a 50% budget, and the
+    pre-gate agrees with the routers."""
     from transformers import AutoModelForCausalLM
 
     import expertcache
@@ -189,17 +193,18 @@ def test_joint_pregate_routes_the_model_as_the_engine_does(dense, tmp_path):
     from expertcache.predictors.pregate import PregateNet
 
     src, text = dense
-    r = refactor(src, tmp_path / "moe", _settings(text, finetune_tokens=16 * 2 * 64, batch_size=2, pregate=True), progress=False)
+    r = refactor(src, tmp_path / "moe", _settings(text, finetune_tokens=16 * 2 * 64, batch_size=2, pregate=True, pregate_attn=attn), progress=False)
     assert len(r.pregate_agreement) == 2 and all(0.0 <= a <= 1.0 for a in r.pregate_agreement)
     assert len(r.max_expert_share) == 2 and all(1 / 4 <= x <= 1 / 2 for x in r.max_expert_share)  # 4 experts, top-2
     art = Artefact.load(tmp_path / "moe" / "predictor-pregate.pt")
-    assert art.kind == "pregate" and art.meta["joint"]
+    assert art.kind == "pregate" and art.meta["joint"] and art.meta["attn"] == attn
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
-    net = PregateNet(32, art.meta["window"], 2, 4, width=art.tensors["fc1.weight"].shape[0], decays=tuple(art.meta["decays"]))
+    net = PregateNet(32, art.meta["window"], 2, 4, width=art.tensors["fc1.weight"].shape[0], decays=tuple(art.meta["decays"]),
+                     attn=attn)
     net.load_state_dict(art.tensors)
     ids = torch.tensor([PROMPT])
     with torch.no_grad(), rf.PregateRouters(model) as routers:
-        routers.chosen = net(net.features(model.get_input_embeddings()(ids))[0]).topk(2, dim=-1).indices
+        routers.chosen = net.score(model.get_input_embeddings()(ids))[0].topk(2, dim=-1).indices
         want = model(ids).logits[0]
     native = model(ids).logits[0]  # the routers restored: transformers' own routing
     assert not torch.allclose(native, want)  # the pre-gate's routing is not the routers' on this untrained model
