@@ -68,7 +68,7 @@ class CappedPredictor:
         return [(target, experts[: self.max_per_layer]) for target, experts in guesses]
 
     def __getattr__(self, name: str):  # a pre-gate's hooks and state, as they are
-        if name in ("start", "reset", "routes", "routes_of"):
+        if name in ("start", "reset", "routes", "routes_of", "bind", "forget", "streams"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 

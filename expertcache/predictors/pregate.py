@@ -76,9 +76,10 @@ class PregateNet(nn.Module):
         feats = torch.cat(parts, dim=-1).reshape(b * t, -1)
         return feats, (padded[:, padded.shape[1] - (w - 1) :], avg)
 
-    def context(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def context(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pad: torch.Tensor | None = None):
         """Causal attention of the normalised tokens `x` [B, T, H] over themselves and the cached
-        (keys, values) of earlier calls -> ([B*T, attn], the new cache: the last ATTN_SPAN - 1 tokens')."""
+        (keys, values) of earlier calls (`pad` [B, P]: True where a row's cache is left padding)
+        -> ([B*T, attn], the new cache: the last ATTN_SPAN - 1 positions')."""
         b, t, _ = x.shape
         h, dh = self.heads, self.attn // self.heads
         q, k, v = self.qkv(x).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, T, dh]
@@ -87,6 +88,9 @@ class PregateNet(nn.Module):
         p = k.shape[2]
         dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
         bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
+        if pad is not None:  # [B, h, T, P]: no row attends to its padding
+            pad = torch.cat([pad, pad.new_zeros(b, t)], dim=1)
+            bias = bias.unsqueeze(0).masked_fill(pad[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, T, dh]
         keep = ATTN_SPAN - 1
         return out.transpose(1, 2).reshape(b * t, self.attn), (k[:, :, -keep:], v[:, :, -keep:])
@@ -97,15 +101,15 @@ class PregateNet(nn.Module):
         out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(inner)))
         return out.view(-1, self.layers, self.experts)
 
-    def score(self, emb: torch.Tensor, state: RunState | None = None) -> tuple[torch.Tensor, RunState]:
+    def score(self, emb: torch.Tensor, state: RunState | None = None, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, RunState]:
         """emb [B, T, H] and the state the call before left (None, or another batch size: a new
-        sequence) -> (scores [B*T, L, E], the new state)."""
+        sequence; `pad` as in `context`) -> (scores [B*T, L, E], the new state)."""
         if state is not None and state[0].shape[0] != emb.shape[0]:
             state = None
         feats, (history, avg) = self.features(emb, None if state is None else state[:2])
         if not self.attn:
             return self(feats), (history, avg, None)
-        ctx, kv = self.context(normalise(emb), None if state is None else state[2])
+        ctx, kv = self.context(normalise(emb), None if state is None else state[2], pad)
         return self(feats, ctx), (history, avg, kv)
 
 
@@ -113,7 +117,9 @@ class PregatePredictor:
     """At each forward's start (`start`, called by the engine before the first decoder layer) it
     scores every sparse layer for the call's tokens; `predict` then hands out those guesses for the
     layers `depth` ahead, as the other predictors do. A one-token call continues the window of
-    the call before it (a decode step); a longer call starts a new one."""
+    the call before it (a decode step); a longer call starts a new one. A server batching several
+    sequences `bind`s each call's rows to them instead: each keeps its own context (`streams`)
+    across prompt chunks and decode steps, whoever else is in the batch, until it is `forget`-ed."""
 
     name = "pregate"
 
@@ -125,14 +131,54 @@ class PregatePredictor:
         self._state: RunState | None = None
         self.guesses: dict[int, list[int]] = {}
         self.routes: dict[int, torch.Tensor] = {}  # layer -> [T, k] each token's top-k (routing by the pre-gate)
+        self.streams: dict[object, RunState] = {}  # a bound sequence's context
+        self._keys: list | None = None
+        self._mask: torch.Tensor | None = None
 
     def reset(self) -> None:
         self._state, self.guesses, self.routes = None, {}, {}
 
+    def bind(self, keys: list | None, mask: torch.Tensor | None = None) -> None:
+        """The next calls' rows continue the sequences `keys` (one per row; `mask` [B, T]: the real
+        tokens of left-padded prompts); None: back to one sequence, as generate runs."""
+        self._keys, self._mask = keys, mask
+
+    def forget(self, key) -> None:
+        self.streams.pop(key, None)
+
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B*T, L, E] for the call's tokens; moves the window on."""
-        s, self._state = self.net.score(hidden, self._state if hidden.shape[1] == 1 else None)
+        if self._keys is None:
+            s, self._state = self.net.score(hidden, self._state if hidden.shape[1] == 1 else None)
+            return s
+        if len(self._keys) != hidden.shape[0]:
+            raise RuntimeError(f"the pre-gate was bound to {len(self._keys)} sequences, the call has {hidden.shape[0]} rows")
+        if hidden.shape[1] == 1 and len(self._keys) > 1 and all(k in self.streams for k in self._keys):
+            return self._decode_rows(hidden)
+        b, t, _ = hidden.shape
+        out = hidden.new_zeros(b, t, len(self.layers), self.net.experts, dtype=torch.float32)
+        for i, key in enumerate(self._keys):  # a prompt (chunk) per row, its padding left out
+            real = slice(None) if self._mask is None else self._mask[i].bool()
+            out[i, real], self.streams[key] = self.net.score(hidden[i : i + 1, real], self.streams.get(key))
+        return out.view(b * t, len(self.layers), self.net.experts)
+
+    def _decode_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One decode step of several bound sequences in one call: their attention caches, of
+        different lengths, left-padded to the longest and the padding masked."""
+        states = [self.streams[k] for k in self._keys]
+        history, avg = torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
+        kv, pad, lengths = None, None, [0] * len(states)
+        if self.net.attn:
+            lengths = [s[2][0].shape[2] for s in states]
+            width = max(lengths)
+            kv = tuple(torch.cat([F.pad(s[2][j], (0, 0, width - n, 0)) for s, n in zip(states, lengths)]) for j in (0, 1))
+            pad = torch.arange(width)[None, :] < torch.tensor([width - n for n in lengths])[:, None]
+        s, (history, avg, kv) = self.net.score(hidden, (history, avg, kv), pad)
+        keep = ATTN_SPAN - 1
+        for i, (key, n) in enumerate(zip(self._keys, lengths)):
+            own = None if kv is None else tuple(c[i : i + 1, :, c.shape[2] - min(n + 1, keep) :] for c in kv)
+            self.streams[key] = (history[i : i + 1], avg[i : i + 1], own)
         return s
 
     @torch.no_grad()
@@ -150,7 +196,8 @@ class PregatePredictor:
         if s.shape[0] == 1:  # a decode step: each layer's own top-k (rank's answer for one token, in one op)
             self.guesses = dict(zip(self.layers, top[0].tolist()))
         else:
-            self.guesses = {l: rank(s[:, i], self._top_k) for i, l in enumerate(self.layers)}
+            real = s if self._mask is None or self._mask.numel() != s.shape[0] else s[self._mask.flatten().bool()]  # no padding
+            self.guesses = {l: rank(real[:, i], self._top_k) for i, l in enumerate(self.layers)}
         return list(self.guesses.items())
 
     def predict(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> Prediction:

@@ -178,9 +178,19 @@ class Batcher:
         if self.on_step is not None and (batch or prefill):
             self.on_step({"batch": batch, "prefill_tokens": prefill, "seconds": time.perf_counter() - t0})
 
+    def _bind(self, rows: list[Request] | None, mask: torch.Tensor | None = None) -> None:
+        """Tell a pre-gate (Read-ME) which request each row of the next forward continues, so each
+        keeps its own context; other predictors have none to keep."""
+        bind = getattr(self.engine.runtime.predictor, "bind", None)
+        if bind is not None:
+            bind(rows, mask)
+
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason, r.finished = reason, time.perf_counter()
         r.decoding = None
+        forget = getattr(self.engine.runtime.predictor, "forget", None)
+        if forget is not None:
+            forget(r)
         try:
             r.emit(None, reason)
         except Exception:  # a consumer that went away must not stop the batch
@@ -259,10 +269,12 @@ class Batcher:
         left = len(r.prompt) - r.fed
         n = left if budget is None else min(left, budget)
         self.feeding = r.prompt[r.fed : r.fed + n]
+        self._bind([r])
         try:
             logits = r.decoding.feed(self.feeding)[-1]
         finally:
             self.feeding = None
+            self._bind(None)
         r.fed += n
         if r.fed == len(r.prompt):
             with self._cond:
@@ -285,10 +297,12 @@ class Batcher:
         runtime = self.engine.runtime
         self.feeding = [t if m else -1 for t, m in zip(ids.flatten().tolist(), mask.flatten().tolist())]
         runtime.token_mask = mask.flatten().bool()
+        self._bind(group, mask)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         finally:
             self.feeding, runtime.token_mask = None, None
+            self._bind(None)
         with self._cond:
             for r in group:
                 self.admitting.remove(r)
@@ -308,11 +322,13 @@ class Batcher:
         pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
         mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         self.feeding = [r.out[-1] for r in rows]
+        self._bind(rows)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
                              use_cache=True, logits_to_keep=1)
         finally:
             self.feeding = None
+            self._bind(None)
         self.past, self.mask = out.past_key_values, mask
         logits = out.logits[:, -1]  # [B, V]
         done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]

@@ -260,3 +260,47 @@ def test_bfloat16_batched_logits_stay_within_the_dtypes_rounding_of_each_request
                     scale = want.abs().max()
                     worst = max(worst, float((got - want).abs().max() / scale))
     assert worst < 2**-5  # measured here: 0.0075 (two units of bf16's 2^-8 at the largest logit)
+
+
+@pytest.mark.parametrize("attn", [0, 8])
+def test_pregate_routing_in_a_batch_equals_each_request_alone(checkpoint, tmp_path, attn):
+    """A model routed by its pre-gate (Read-ME): the pre-gate's context (its window, moving
+    averages and attention cache) is each request's own, carried across prompt chunks and decode
+    steps whoever joins or leaves the batch, and padding is no part of it: each request's tokens
+    equal generate's alone."""
+    from expertcache.checkpoint import Checkpoint
+    from expertcache.predictors import Artefact
+    from expertcache.predictors.pregate import DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet
+
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    ck = Checkpoint.open(model_dir)
+    layers = list(ck.sparse_layers)
+    torch.manual_seed(attn)
+    hidden = ck.config.hidden_size
+    net = PregateNet(hidden, DEFAULT_WINDOW, len(layers), ck.num_experts, width=16, decays=DEFAULT_DECAYS, attn=attn)
+    torch.nn.init.normal_(net.fc2.weight, std=3.0)  # the context decides the routing, not only the token
+    path = Artefact(kind="pregate", model=str(model_dir), sparse_layers=layers, num_experts=ck.num_experts,
+                    hidden_size=hidden, top_k=ck.top_k, depths=[], tensors=net.state_dict(),
+                    meta={"window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "attn": attn, "heads": 4}).save(tmp_path / "pg.pt")
+    prompts = [prompt_ids(n, seed=n) for n in PROMPT_LENGTHS]
+    max_tokens = [12, 6, 15, 9, 20, 4]
+    with expertcache.load(model_dir, expert_budget="50%", io="buffered", dtype="float32", prefetch="pregate",
+                          routing="pregate", predictor=str(path)) as eng:
+        alone = [eng.generate(p, max_new_tokens=m, stop_at_eos=False).token_ids for p, m in zip(prompts, max_tokens)]
+        with expertcache.load(model_dir, expert_budget="50%", io="buffered", dtype="float32") as own:
+            assert alone != [own.generate(p, max_new_tokens=m, stop_at_eos=False).token_ids for p, m in zip(prompts, max_tokens)]
+        b = Batcher(eng, max_batch=4, prefill_chunk=4)
+        b.eos = set()
+        reqs = [request(p, m) for p, m in zip(prompts, max_tokens)]
+        for r in reqs[:3]:  # three prompts together: one padded forward
+            b.submit(r)
+        b.turn()
+        b.turn()
+        for r in reqs[3:5]:
+            b.submit(r)
+        b.turn()
+        b.submit(reqs[5])
+        run_all(b)
+        left = getattr(eng.runtime.predictor, "streams", None)
+    assert [r.out for r in reqs] == alone
+    assert left == {}  # every request's pre-gate context gone with it
