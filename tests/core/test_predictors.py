@@ -706,6 +706,45 @@ def test_routing_by_the_pregate_uses_its_choices_and_requests_the_step_ahead(mod
         expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", routing="pregate")
 
 
+def _strong_pregate(model_dir, path, attn=0):
+    """A random pre-gate whose context decides its routing (fc2 not near zero), saved at `path`."""
+    from expertcache.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(model_dir)
+    layers, hidden = list(ck.sparse_layers), ck.config.hidden_size
+    torch.manual_seed(1)
+    net = PregateNet(hidden, 4, len(layers), ck.num_experts, width=16, decays=(0.8, 0.95), attn=attn)
+    torch.nn.init.normal_(net.fc2.weight, std=3.0)
+    return Artefact(kind="pregate", model=str(model_dir), sparse_layers=layers, num_experts=ck.num_experts, hidden_size=hidden,
+                    top_k=ck.top_k, depths=[], tensors=net.state_dict(),
+                    meta={"window": 4, "decays": [0.8, 0.95], "attn": attn, "heads": 4}).save(path)  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", [0, 8])
+def test_a_new_sequence_starts_the_pregate_afresh_even_from_one_token(model_dir, tmp_path, attn):
+    """Routing by the pre-gate: a one-token prompt is a new sequence (position 0), not a decode
+    step of the one before: its routing is the same after another generate as in a fresh engine."""
+    path = _strong_pregate(model_dir, tmp_path / "pg.pt", attn)
+    kw = dict(expert_budget="100%", prefetch="pregate", routing="pregate", io="buffered", predictor=str(path))
+
+    def first_routes(eng, prompt):
+        seen = {}
+        with eng.observe(on_route=lambda layer, x, lg, w, ids: seen.setdefault(layer, ids.tolist())):
+            out = eng.generate(prompt, max_new_tokens=4, stop_at_eos=False).token_ids
+        return seen, out
+
+    with expertcache.load(model_dir, **kw) as eng:
+        fresh = first_routes(eng, PROMPT[7:8])
+    with expertcache.load(model_dir, **kw) as eng:
+        eng.generate(PROMPT[:7], max_new_tokens=5, stop_at_eos=False)
+        after = first_routes(eng, PROMPT[7:8])
+        continued = eng.runtime.predictor.scores(eng.model.get_input_embeddings()(torch.tensor([PROMPT[8:9]])))
+    assert after == fresh
+    with expertcache.load(model_dir, **kw) as eng:  # the check can fail: a continued context scores differently
+        alone = eng.runtime.predictor.scores(eng.model.get_input_embeddings()(torch.tensor([PROMPT[8:9]])))
+    assert not torch.allclose(continued, alone)
+
+
 def test_pregate_routing_orders_by_the_router_and_mixes_its_softmax():
     from expertcache.routing import PregateRouting, WeightRule
 
