@@ -48,6 +48,8 @@ class PregateNet(nn.Module):
             self.qkv = nn.Linear(hidden, 3 * attn, bias=False)
             # ALiBi: head i's score falls by slope_i per token of distance; from sharp (1/4) to near flat
             self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
+            # a decode step's bias over the last p positions: recency[..., -p:] (distances span-1 .. 0)
+            self.register_buffer("recency", -self.slopes.view(heads, 1, 1) * torch.arange(ATTN_SPAN - 1, -1, -1.0), persistent=False)
         self.skip = nn.Linear(hidden, layers * experts)
         self.fc1 = nn.Linear((window + len(self.decays)) * hidden + attn, width)
         self.fc2 = nn.Linear(width, layers * experts)
@@ -86,8 +88,11 @@ class PregateNet(nn.Module):
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
         p = k.shape[2]
-        dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
-        bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
+        if t == 1 and p <= ATTN_SPAN:  # a decode step: the precomputed recency bias
+            bias = self.recency[..., ATTN_SPAN - p :]
+        else:
+            dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
+            bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
         if pad is not None:  # [B, h, T, P]: no row attends to its padding
             pad = torch.cat([pad, pad.new_zeros(b, t)], dim=1)
             bias = bias.unsqueeze(0).masked_fill(pad[:, None, None, :], float("-inf"))
