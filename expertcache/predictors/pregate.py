@@ -88,8 +88,9 @@ class PregateNet(nn.Module):
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
         p = k.shape[2]
-        if t == 1 and p <= ATTN_SPAN:  # a decode step: the precomputed recency bias
-            bias = self.recency[..., ATTN_SPAN - p :]
+        span = min(ATTN_SPAN, self.recency.shape[-1])
+        if t == 1 and p <= span:  # a decode step: the precomputed recency bias
+            bias = self.recency[..., self.recency.shape[-1] - p :]
         else:
             dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
             bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
