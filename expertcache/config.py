@@ -107,9 +107,10 @@ class EngineConfig:
                                                  f"call in {PRECISION_PROBE}: a blind predictor costs compute and reads for "
                                                  "nothing; 0 never stops", type=float)
     predictor: str | None = option(None, "predictor file from `expertcache train-predictor` (default: MODEL/predictor-<kind>.pt)")
-    half_matmul: str = option("exact", "bf16/fp16 matmuls of 2+ rows (prefill, batched decoding): exact (torch's kernel, as transformers computes) or "
-                                       "float32 (converted and multiplied in float32: several times faster prefill on CPUs without a "
-                                       "native half GEMM; rounds differently from transformers, within the dtype's precision)",
+    half_matmul: str = option("exact", "bf16/fp16 matmuls of 2+ rows (prefill, batched decoding) and attention: exact (torch's kernels, as "
+                                       "transformers computes) or float32 (converted and multiplied in float32: several times faster "
+                                       "prefill, and decode attention over a long context, on CPUs without a native half GEMM; rounds "
+                                       "differently from transformers, within the dtype's precision)",
                               choices=HALF_MATMUL)
     io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
     io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")

@@ -155,6 +155,8 @@ class Engine:
         try:
             upcast = config.half_matmul == "float32"
             gemm.install_dense(self.model, upcast=upcast)  # half-precision products through the exact kernel (or float32)
+            if upcast:
+                gemm.install_attention(self.model)
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
                                           num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant, upcast=upcast)
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)

@@ -7,7 +7,10 @@ the default for expert and dense products (`exact_kernel` checks it on this mach
 (EngineConfig.half_matmul="float32"), products of more than KERNEL_ROWS rows are converted to
 float32 for torch's float32 GEMM (a prefill: ~2x faster again, but another summation order, so not
 equal to transformers' model). `linear(upcast=...)` picks the path; `install_dense` gives a
-model's dense nn.Linear modules the same. docs/ARCHITECTURE.md measures.
+model's dense nn.Linear modules the same, and with upcast `install_attention` runs its attention
+(torch's sdpa) on float32 copies of the half query, keys and values: torch's CPU flash attention
+in bf16 is several times slower than in float32 where the CPU has no bf16 GEMM, and a decode
+step's attention over a long context was a fifth of its time. docs/ARCHITECTURE.md measures.
 """
 
 from __future__ import annotations
@@ -136,3 +139,35 @@ def install_dense(model: nn.Module, *, upcast: bool = False) -> int:
             m.forward = (_forward_upcast if upcast else _forward).__get__(m)
             n += 1
     return n
+
+
+FLOAT32_ATTENTION = "expertcache_sdpa_float32"
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention on float32 copies of slow-half inputs; the output in their dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if slow_half(dtype):
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return out.to(dtype), weights
+
+
+def install_attention(model: nn.Module) -> bool:
+    """Run a model's sdpa attention in float32 where its half dtype is slow on this CPU (upcast
+    only: another rounding than transformers'); other attention implementations are kept.
+    Returns whether it was installed."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    params = next(model.parameters(), None)
+    if params is None or not slow_half(params.dtype) or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
+    AttentionMaskInterface.register(FLOAT32_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(FLOAT32_ATTENTION)
+    return model.config._attn_implementation == FLOAT32_ATTENTION
