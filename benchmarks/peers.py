@@ -347,7 +347,8 @@ def plot(rep: dict, path: Path) -> None:
         print("matplotlib missing: no plot", flush=True)
         return
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    none_x = max(v for v in rep["limits"].values() if v) * 1.25 / MiB
+    limited = [v for v in rep["limits"].values() if v]
+    none_x = max(limited) * 1.25 / MiB if limited else 1.0  # --limits none alone: one column
     colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(rep["tools"]):
         xs, ys = [], []
