@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "experts are resident (bounded wait) (default fcfs)")
     s.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens fed per step while other requests decode (default 128)")
+    s.add_argument("--prefill-wait", type=float, default=0.0, metavar="MS",
+                   help="while requests decode, how long a new prompt may wait for others to go in with it in one "
+                        "forward (one pass over their experts instead of one each): throughput for time to first "
+                        "token (default 0: at once)")
     s.add_argument("--kv-budget", default=None,
                    help="KV cache memory for the batch, e.g. 256MB (default: 4096 tokens' worth; with --memory-limit "
                         "it is kept out of the experts' share)")
@@ -56,6 +60,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ExpertCacheError("--max-prompt-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         raise ExpertCacheError(f"--port must be in 0..65535, got {args.port}")
+    if not args.prefill_wait >= 0:
+        raise ExpertCacheError("--prefill-wait must be at least 0 (milliseconds)")
     if not args.request_timeout > 0 or args.drain_seconds < 0:
         raise ExpertCacheError("--request-timeout must be positive and --drain-seconds at least 0")
 
@@ -126,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
                 max_batch = 1
             metrics = Metrics()
             batcher = Batcher(engine, max_batch=max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                              kv_budget_bytes=kv_budget, scheduler=make_scheduler(args.batching), on_step=metrics.on_step)
+                              kv_budget_bytes=kv_budget, scheduler=make_scheduler(args.batching), on_step=metrics.on_step,
+                              prefill_wait=args.prefill_wait / 1000)
             if kv_budget is None:  # as much as --memory-limit's default reserve keeps for the KV cache
                 batcher.kv_budget_bytes = kv_budget = RESERVE_CONTEXT * batcher.kv_per_token
             model_id = args.model_id or (engine.checkpoint.model_dir.name if args.model is not None else "expertcache-demo")

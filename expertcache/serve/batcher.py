@@ -56,6 +56,7 @@ class Request:
     generator: torch.Generator | None = None
     decoding: Decoding | None = None  # its own cache while its prompt goes in
     fed: int = 0  # prompt tokens fed so far
+    admitted: float | None = None  # when it left the waiting queue
 
     @property
     def greedy(self) -> bool:
@@ -69,16 +70,18 @@ class Batcher:
     """The running batch and the waiting queue; `start()` runs the loop in a worker thread."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 kv_budget_bytes: int | None = None, scheduler=None, on_step: Callable[[dict], None] | None = None) -> None:
+                 kv_budget_bytes: int | None = None, scheduler=None, on_step: Callable[[dict], None] | None = None,
+                 prefill_wait: float = 0.0) -> None:
         from .scheduler import FCFS
 
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be at least 1, max_queue at least 0")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or prefill_wait < 0:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, max_queue and prefill_wait at least 0")
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_wait = prefill_wait  # seconds a fresh prompt may wait for others while rows decode
         self.kv_per_token = _kv_bytes_per_token(engine.checkpoint.config, next(self.model.parameters()).dtype)
         self.kv_budget_bytes = kv_budget_bytes
         self.scheduler = scheduler or FCFS()
@@ -174,7 +177,7 @@ class Batcher:
         batch = len(self.rows)
         if self.rows:
             self._decode_step()
-        prefill = self._prefill() if self.admitting else 0
+        prefill = self._prefill() if self.admitting and self._prefill_due() else 0
         if self.on_step is not None and (batch or prefill):
             self.on_step({"batch": batch, "prefill_tokens": prefill, "seconds": time.perf_counter() - t0})
 
@@ -231,6 +234,7 @@ class Batcher:
                 if r.seed is not None:
                     r.generator = torch.Generator().manual_seed(r.seed)
                 r.decoding = Decoding(self.model)
+                r.admitted = time.perf_counter()
                 self.admitting.append(r)
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
@@ -251,6 +255,20 @@ class Batcher:
         return r.finish_reason is not None
 
     # --- prompts ---------------------------------------------------------------------------------
+    def _prefill_due(self) -> bool:
+        """Whether admitted prompts go in this turn. While rows decode, a fresh prompt waits up to
+        prefill_wait for others, so several share one forward (one pass over their experts,
+        not one each); it goes at once when nothing decodes, when a turn's worth of prompt
+        tokens is waiting, when no one else can join the batch, or when it is part-fed."""
+        if not self.rows or self.prefill_wait <= 0:
+            return True
+        head = self.admitting[0]
+        if head.fed or len(self.rows) + len(self.admitting) >= self.max_batch:
+            return True
+        if sum(len(r.prompt) for r in self.admitting) >= self.prefill_chunk:
+            return True
+        return time.perf_counter() - head.admitted >= self.prefill_wait
+
     def _prefill(self) -> int:
         """Feed admitted prompts, oldest first, within this turn's prompt-token budget; returns the
         tokens fed. Fresh prompts that fit the budget whole go in together, one padded forward

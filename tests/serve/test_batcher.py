@@ -4,6 +4,8 @@ go when requests end or are cancelled; the queue is bounded; expert-aware admiss
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -304,3 +306,47 @@ def test_pregate_routing_in_a_batch_equals_each_request_alone(checkpoint, tmp_pa
         left = getattr(eng.runtime.predictor, "streams", None)
     assert [r.out for r in reqs] == alone
     assert left == {}  # every request's pre-gate context gone with it
+
+
+def test_prefill_wait_holds_a_prompt_for_others_while_rows_decode(checkpoint):
+    """--prefill-wait: while a row decodes, a fresh prompt waits (up to the wait) for others, and
+    prompts that together fill a turn's prompt budget go in at once, in one forward; with nothing
+    decoding a prompt goes in at once; the tokens are still each request's alone."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    prompts = [prompt_ids(n, seed=n) for n in (6, 5, 7, 4)]
+    with expertcache.load(model_dir, expert_budget="50%", io="buffered", dtype="float32") as eng:
+        alone = [eng.generate(p, max_new_tokens=8, stop_at_eos=False).token_ids for p in prompts]
+        with pytest.raises(ValueError, match="prefill_wait"):
+            Batcher(eng, prefill_wait=-1)
+        b = Batcher(eng, max_batch=4, prefill_chunk=16, prefill_wait=60.0)
+        b.eos = set()
+        steps = []
+        b.on_step = steps.append
+        reqs = [request(p, 8) for p in prompts]
+        b.submit(reqs[0])
+        b.turn()  # nothing decoding: in at once
+        assert steps[-1]["prefill_tokens"] == 6 and b.rows == [reqs[0]]
+        b.submit(reqs[1])
+        b.turn()
+        b.turn()
+        assert [s["prefill_tokens"] for s in steps[-2:]] == [0, 0] and reqs[1].fed == 0  # held while a row decodes
+        b.submit(reqs[2])
+        b.turn()
+        assert steps[-1]["prefill_tokens"] == 0  # 12 prompt tokens: under the turn's 16
+        b.submit(reqs[3])
+        b.turn()
+        assert steps[-1]["prefill_tokens"] == 5 + 7 + 4  # 16: the three in one forward
+        run_all(b)
+        b.prefill_wait = 0.2  # a lone prompt beside a decoding row goes in once its wait is over
+        first, late = request(prompts[0], 8), request(prompts[1], 8)
+        b.submit(first)
+        b.turn()
+        b.submit(late)
+        b.turn()
+        assert late.fed == 0
+        time.sleep(0.25)
+        b.turn()
+        assert late.fed == len(prompts[1])
+        run_all(b)
+    assert [r.out for r in reqs] == alone
+    assert first.out == alone[0] and late.out == alone[1]

@@ -318,3 +318,10 @@ def test_a_taken_port_is_one_line():
         out = subprocess.run([sys.executable, "-m", "expertcache", "serve", "--port", str(port)], capture_output=True, text=True,
                              timeout=120)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "cannot listen" in out.stderr
+
+
+@pytest.mark.parametrize("flags,message", [(["--prefill-wait", "-5"], "--prefill-wait"), (["--max-batch", "0"], "--max-batch")])
+def test_bad_flags_are_one_line(flags, message):
+    out = subprocess.run([sys.executable, "-m", "expertcache", "serve", "--port", "0", *flags], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
