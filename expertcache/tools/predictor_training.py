@@ -174,7 +174,7 @@ def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids
                 s = net(feats[val])
                 return [recall_at_k(s[:, i], ids[l][val], top_k) for i, l in enumerate(layers)] if n_val else [0.0] * len(layers)
 
-        _, best, best_state = _distil(net, opt, feats, targets, train, settings, gen, val_recall, bar, postfix)
+        _, best, best_state = _distil(opt, net, _rows(net, feats, targets, train, settings.batch, gen), settings, val_recall, bar, postfix)
     bar.close()
     report = {f"l{l}": {"val_recall": round(r, 4), "tokens": n} for l, r in zip(layers, best)}
     log.info("pregate: validation recall per layer %s", [round(r, 3) for r in best])
@@ -204,21 +204,11 @@ def _fit_pregate_sequences(net, opt, inputs, feats, targets, ids, layers, top_k,
             s = scores(val)
         return [recall_at_k(s[:, j], torch.cat([ids[l][rows[i]] for i in val]), top_k) for j, l in enumerate(layers)]
 
-    best = val_recall()
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    for step in range(1, settings.steps + 1):
+    def draw():
         seqs = [train[int(i)] for i in torch.randint(len(train), (per_batch,), generator=gen)]
-        logp = scores(seqs).log_softmax(dim=-1)
-        loss = -(torch.cat([targets[rows[i]] for i in seqs]) * logp).sum(dim=-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        if step % settings.eval_every == 0 or step == settings.steps:
-            r = val_recall()
-            if sum(r) > sum(best):
-                best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
-            bar.set_postfix(**postfix(loss.item(), r))
+        return scores(seqs).log_softmax(dim=-1), torch.cat([targets[rows[i]] for i in seqs])
+
+    _, best, best_state = _distil(opt, net, draw, settings, val_recall, bar, postfix)
     return best, best_state
 
 
@@ -249,18 +239,17 @@ def _targets(ids: torch.Tensor, logits: torch.Tensor | None, num_experts: int, h
     return hard_weight * hard + (1 - hard_weight) * logits.softmax(dim=-1)
 
 
-def _distil(net, opt, x: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, settings: TrainSettings, gen,
-            score, bar, postfix) -> tuple:
-    """Cross-entropy of net(x) against the target distributions on random batches of the rows
-    `train`; every eval_every steps `score()` (a recall, or one per layer: summed) picks the best
-    state. Returns (the score at the start, the best score, the best state)."""
+def _distil(opt, net, draw, settings: TrainSettings, score, bar, postfix) -> tuple:
+    """Cross-entropy of the log-probabilities against the target distributions that `draw()`
+    gives for a random batch, for settings.steps Adam steps; every eval_every steps `score()` (a
+    recall, or one per layer: summed) picks the best state of `net`. Returns (the score at the
+    start, the best score, the best state)."""
     total = lambda r: sum(r) if isinstance(r, list) else r  # noqa: E731
     start = best = score()
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
     for step in range(1, settings.steps + 1):
-        batch = train[torch.randint(len(train), (min(settings.batch, len(train)),), generator=gen)]
-        logp = net(x[batch]).log_softmax(dim=-1)  # [B, (L,) E]
-        loss = -(targets[batch] * logp).sum(dim=-1).mean()
+        logp, targets = draw()  # [B, (L,) E] each
+        loss = -(targets * logp).sum(dim=-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -271,6 +260,16 @@ def _distil(net, opt, x: torch.Tensor, targets: torch.Tensor, train: torch.Tenso
                 best, best_state = r, {k: v.clone() for k, v in net.state_dict().items()}
             bar.set_postfix(**postfix(loss.item(), r))
     return start, best, best_state
+
+
+def _rows(net, x: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, batch: int, gen):
+    """draw() for _distil: a random batch of the rows `train` of x and targets."""
+
+    def draw():
+        rows = train[torch.randint(len(train), (min(batch, len(train)),), generator=gen)]
+        return net(x[rows]).log_softmax(dim=-1), targets[rows]
+
+    return draw
 
 
 def recall_at_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> float:
@@ -321,7 +320,7 @@ def fit_learned(
             with torch.no_grad():
                 return recall_at_k(net(x_all[val]), ids_all[val], top_k) if n_val else 0.0
 
-        start, best, best_state = _distil(net, opt, x_all, y_all, train, settings, gen, val_recall, bar,
+        start, best, best_state = _distil(opt, net, _rows(net, x_all, y_all, train, settings.batch, gen), settings, val_recall, bar,
                                           lambda loss, r: dict(d=d, layer=src, loss=f"{loss:.3f}", val=f"{r:.3f}"))  # fmt: skip
         for k, v in best_state.items():
             tensors[f"d{d}.l{src}.{k}"] = v
