@@ -123,7 +123,8 @@ class PregatePredictor:
     """At each forward's start (`start`, called by the engine before the first decoder layer) it
     scores every sparse layer for the call's tokens; `predict` then hands out those guesses for the
     layers `depth` ahead, as the other predictors do. A one-token call continues the window of
-    the call before it (a decode step); a longer call starts a new one. A server batching several
+    the call before it (a decode step); a longer call starts a new one, and so does any call at
+    position 0 (the engine calls `reset` there: a one-token prompt). A server batching several
     sequences `bind`s each call's rows to them instead: each keeps its own context (`streams`)
     across prompt chunks and decode steps, whoever else is in the batch, until it is `forget`-ed."""
 
