@@ -7,10 +7,8 @@ the default for expert and dense products (`exact_kernel` checks it on this mach
 (EngineConfig.half_matmul="float32"), products of more than KERNEL_ROWS rows are converted to
 float32 for torch's float32 GEMM (a prefill: ~2x faster again, but another summation order, so not
 equal to transformers' model). `linear(upcast=...)` picks the path; `install_dense` gives a
-model's dense nn.Linear modules the same, and with upcast `install_attention` runs its attention
-(torch's sdpa) on float32 copies of the half query, keys and values: torch's CPU flash attention
-in bf16 is several times slower than in float32 where the CPU has no bf16 GEMM, and a decode
-step's attention over a long context was a fifth of its time. docs/ARCHITECTURE.md measures.
+model's dense nn.Linear modules the same; with upcast, `install_attention` runs its sdpa
+attention on float32 copies (bf16 flash attention is ~7x slower here). docs/ARCHITECTURE.md measures.
 """
 
 from __future__ import annotations
