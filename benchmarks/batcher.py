@@ -6,7 +6,8 @@ throughput goes.
                                  [--requests 4] [--tokens 32] [--stagger 2] [--out results/batcher]
 
 Each of N clients sends `--requests` requests of `--tokens` greedy tokens, one after the other (a
-new one as soon as its last ends); client i starts `--stagger` steps after client i-1, so they run
+new one as soon as its last ends), on benchmarks/serve.py's prompts (~40-word passages of the
+shared corpus, chosen per client and request as serve.py chooses them); client i starts `--stagger` steps after client i-1, so they run
 out of step as real clients do (0: all start and end together, their prompts going in as one
 forward). Per (clients, --prefill-wait in ms): tokens/s, x1 (over one client's at the same wait),
 turns, how many of them fed a prompt and what those cost, mean batch. Writes OUT/batcher.json and
@@ -24,22 +25,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-WORDS = ["girl", "boy", "dog", "cat", "bird", "fish", "tree", "car", "ball", "cake", "hat", "sun", "moon", "star", "frog", "duck"]
 
-
-def run(engine, prompts: list[list[int]], clients: int, wait_ms: float, requests: int, tokens: int, stagger: int) -> dict:
+def run(engine, prompts: list[list[list[int]]], clients: int, wait_ms: float, requests: int, tokens: int, stagger: int) -> dict:
     from expertcache.serve.batcher import Batcher, Request
 
     b = Batcher(engine, max_batch=16, prefill_chunk=128, prefill_wait=wait_ms / 1000)
     b.eos = set()
-    left, done, steps = {i: requests for i in range(clients)}, [], []
+    sent, done, steps = {i: 0 for i in range(clients)}, [], []
     b.on_step = steps.append
 
     def submit(i: int) -> None:
-        if left[i]:
-            left[i] -= 1
-            b.submit(Request(prompt=prompts[i % len(prompts)], max_tokens=tokens,
+        if sent[i] < requests:
+            src = prompts[i % len(prompts)]  # serve.py's choice: a source per client, a passage per request
+            prompt = src[(i // len(prompts) + sent[i] * 7) % len(src)]
+            sent[i] += 1
+            b.submit(Request(prompt=prompt, max_tokens=tokens,
                              emit=lambda t, finish, i=i: finish is not None and done.append(i)))  # fmt: skip
 
     started, turns = 0, 0
@@ -97,8 +99,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rep = {"model": args.model, "budget": args.budget, "requests": args.requests, "tokens": args.tokens, "stagger": args.stagger, "runs": []}
     with expertcache.load(args.model, expert_budget=args.budget) as eng:
-        prompts = [eng.tokenizer.encode(f"Once upon a time, there was a little {w} named Tim. He liked to play with his friends "
-                                        "in the park every day") for w in WORDS]  # fmt: skip
+        from serve import demo_prompts
+
+        prompts = [[eng.tokenizer.encode(text) for text in source] for source in demo_prompts()]
         run(eng, prompts, 2, 0, 1, 4, 0)  # warm-up
         for wait in (float(w) for w in args.waits.split(",")):
             for clients in (int(c) for c in args.clients.split(",")):
