@@ -67,7 +67,7 @@ def run(engine, prompts: list[list[list[int]]], clients: int, wait_ms: float, re
 def markdown(rep: dict) -> str:
     base = {r["wait_ms"]: r["tokens_per_s"] for r in rep["runs"] if r["clients"] == 1}
     lines = [f"Batcher alone (`python benchmarks/batcher.py`): {Path(rep['model']).name}, budget {rep['budget']}, {rep['requests']} requests "
-             f"of {rep['tokens']} tokens per client, clients {rep['stagger']} steps apart, 1 thread.", "",
+             f"of {rep['tokens']} tokens per client, clients {rep['stagger']} steps apart, half_matmul {rep.get('half_matmul', 'exact')}, 1 thread.", "",
              "| clients | --prefill-wait ms | tokens/s | x1 | turns | turns with a prompt | ms, a turn with a prompt | ms, a decode turn | mean batch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rep["runs"]:
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--stagger", type=int, default=2, help="steps between one client's start and the next's")
+    ap.add_argument("--half-matmul", default="exact", choices=("exact", "float32"), help="the engine's half_matmul")
     ap.add_argument("--out", default=str(REPO / "results" / "batcher"))
     args = ap.parse_args(argv)
 
@@ -97,8 +98,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = {"model": args.model, "budget": args.budget, "requests": args.requests, "tokens": args.tokens, "stagger": args.stagger, "runs": []}
-    with expertcache.load(args.model, expert_budget=args.budget) as eng:
+    rep = {"model": args.model, "budget": args.budget, "requests": args.requests, "tokens": args.tokens, "stagger": args.stagger,
+           "half_matmul": args.half_matmul, "runs": []}
+    with expertcache.load(args.model, expert_budget=args.budget, half_matmul=args.half_matmul) as eng:
         from serve import demo_prompts
 
         prompts = [[eng.tokenizer.encode(text) for text in source] for source in demo_prompts()]
