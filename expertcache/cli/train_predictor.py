@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=t.steps, help=f"learned: optimiser steps per net (default {t.steps})")
     p.add_argument("--width", type=int, default=t.width, help=f"learned: hidden units per net (default {t.width})")
     p.add_argument("--seed", type=int, default=t.seed, help=f"learned: seed (default {t.seed})")
+    p.add_argument("--attn", type=int, default=t.attn, metavar="W",
+                   help=f"pregate: width of a causal attention over the context, a multiple of 4 (default {t.attn}: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.predictor_training import check_inputs, train_predictor
 
     depths = parse_depths(args.depth, expand=True)
-    settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed, attn=args.attn)
     check_inputs(args.kind, max_tokens=args.max_tokens, window=args.window, settings=settings)
     model_dir = Path(args.model) if args.model is not None else demo_model_dir()
     if args.next_to_model:

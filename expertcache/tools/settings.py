@@ -28,3 +28,4 @@ class TrainSettings:
     val_fraction: float = 0.1  # pairs held out to pick the best checkpoint
     eval_every: int = 50  # steps between validation checks
     seed: int = 0
+    attn: int = 0  # pregate: width of its causal attention over the context (0: none; README measures it)

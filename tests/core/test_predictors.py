@@ -683,6 +683,19 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
     assert rc == 0 and "every layer at once" in capsys.readouterr().out
     art = Artefact.load(tmp_path / "p.pt")
     assert art.kind == "pregate" and art.meta["window"] == 4 and art.meta["decays"] == [0.8, 0.95] and set(art.meta["validation"]) == {"l0", "l1", "l2", "l3"}
+    assert art.meta["attn"] == 0
+    base = ["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--text", str(text), "--max-tokens", "300",
+            "--steps", "30", "--no-progress"]  # fmt: skip
+    assert main([*base, "--attn", "8", "--out", str(tmp_path / "a.pt")]) == 0  # with causal attention: trained on whole forwards
+    capsys.readouterr()
+    art = Artefact.load(tmp_path / "a.pt")
+    assert art.meta["attn"] == 8 and art.tensors["qkv.weight"].shape[0] == 3 * 8
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="pregate", io="buffered", predictor=str(tmp_path / "a.pt")) as eng:
+        assert len(eng.generate(PROMPT[:6], max_new_tokens=3, stop_at_eos=False).token_ids) == 3
+        assert eng.runtime.predictor.net.attn == 8
+    assert main([*base, "--attn", "6", "--out", str(tmp_path / "b.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "multiple of 4" in err and err.count("\n") == 1
 
 
 def test_routing_by_the_pregate_uses_its_choices_and_requests_the_step_ahead(model_dir):
