@@ -18,7 +18,8 @@
 4. Predictors on moe-pg, trained on TinyStories train (20k tokens): learned (depth 1) and, for
    comparison, a pre-gate distilled after the fact (pregate-distilled); `eval-predictors` recall
    against the model's routers on 2,000 held-out tokens: next-gate and learned at depth 1, the
-   pre-gates for every layer at once.
+   pre-gates for every layer at once; then the same against the routing the model runs with when
+   its pre-gate routes it (`--routed-by-pregate`), the learned predictor fitted to that routing.
 5. Speed: moe-pg at a 50% expert budget, one engine per variant in one process, decode steps in
    turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
    and routing by the pre-gate (how it was trained); TPOT medians, hit rates, bytes read.
@@ -159,7 +160,20 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
         for label, names, given in (("", ["next-gate", "learned", "pregate"], {k: files[k] for k in ("learned", "pregate")}),
                                     ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]})):  # fmt: skip
             rep = eval_predictors(eng, held, names=names, depths=[1], max_tokens=tokens, files=given, progress=False)
-            results += [dict(r, predictor=r["predictor"] + label) for r in rep.results]
+            results += [dict(r, predictor=r["predictor"] + label, truth="its routers") for r in rep.results]
+    # the routing the model runs with when its pre-gate routes it (how --pregate trained it): a learned
+    # predictor fitted to that routing, scored against it with the others
+    with expertcache.load(moe, expert_budget="100%", prefetch="pregate", routing="pregate", io="buffered") as eng:
+        path = out / "predictor-learned-routed.pt"
+        if not path.exists():
+            log("train learned on the routing by the pre-gate")
+            train_predictor(eng, "learned", text=cal, max_tokens=20000, depths=[1], settings=TrainSettings(steps=1000, width=128),
+                            progress=False).save(path)  # fmt: skip
+        files["learned-routed"] = str(path)
+        log("eval-predictors, routed by the pre-gate")
+        rep = eval_predictors(eng, held, names=["next-gate", "learned", "pregate"], depths=[1], max_tokens=tokens,
+                              files={"learned": str(path), "pregate": files["pregate"]}, progress=False)  # fmt: skip
+        results += [dict(r, truth="routing by the pre-gate") for r in rep.results]
     return {"files": files, "results": results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
 
 
@@ -226,11 +240,11 @@ def markdown(rep: dict) -> str:
     p = rep.get("predictors")
     if p:
         lines += ["", f"## Predictor recall on moe-pg ({p['tokens']} held-out tokens, per sparse layer)", "",
-                  "| predictor | depth | recall | per layer |", "|---|---|---:|---|"]
+                  "| predictor | depth | recall of | recall | per layer |", "|---|---|---|---:|---|"]
         for r in p["results"]:
             per = " ".join("-" if v is None else f"{100 * v:.0f}" for v in r["per_layer_recall"])
             lines.append(f"| {r['predictor']} | {'all layers at once' if r['depth'] == 0 else r['depth']} | "
-                         f"{100 * r['recall']:.1f}% | {per} |")
+                         f"{r.get('truth', 'its routers')} | {100 * r['recall']:.1f}% | {per} |")
     s = rep.get("speed")
     if s:
         lines += ["", f"## Decode on moe-pg at a {s['budget']} expert budget ({s['tokens']} steps x {s['rounds']} rounds, lockstep)", "",

@@ -13,6 +13,9 @@ from .flags import add_engine_arguments, engine_config, parse_depths
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, only=("model", "expert_budget", "num_threads"), expert_budget="100%")
+    p.add_argument("--routed-by-pregate", action="store_true",
+                   help="run the model routed by its pre-gate (--routing pregate): recall is then of the routing it runs "
+                        "with, not of its own routers")
     p.add_argument("--text", required=True, help="held-out text (documents split on <|endoftext|> lines)")
     p.add_argument("--depth", default="1", help="distances to score, e.g. 1,2 (default 1)")
     p.add_argument("--max-tokens", type=int, default=1000, help="tokens to feed (default 1000)")
@@ -36,13 +39,15 @@ def run(args: argparse.Namespace) -> int:
             raise ExpertCacheError(f"--predictor-file takes KIND=PATH with KIND one of {', '.join(TRAINED_KINDS)}, got {item!r}")
         files[kind] = path
     check_inputs(names, files, depths=depths, max_tokens=args.max_tokens, text=args.text)
-    with Engine(engine_config(args, prefetch="none", io="buffered")) as engine:
+    routed = dict(prefetch="pregate", routing="pregate", predictor=files.get("pregate")) if args.routed_by_pregate else {}
+    with Engine(engine_config(args, **{"prefetch": "none", "io": "buffered", **routed})) as engine:
         report = eval_predictors(engine, args.text, names=names, depths=depths, max_tokens=args.max_tokens, files=files,
                                  progress=not args.no_progress)  # fmt: skip
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
-    print(f"{report.tokens} tokens of {args.text}; recall per target layer (sparse layers {report.sparse_layers})")
+    truth = "the routing by the pre-gate" if args.routed_by_pregate else "the routers"
+    print(f"{report.tokens} tokens of {args.text}; recall of {truth} per target layer (sparse layers {report.sparse_layers})")
     print(f"{'predictor':<16}{'depth':>6}{'precision':>11}{'recall':>9}  per-layer recall")
     pct = lambda v: "   -" if v is None else f"{100 * v:4.0f}"  # noqa: E731
     for r in report.results:

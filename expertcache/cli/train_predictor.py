@@ -16,6 +16,8 @@ from .flags import add_engine_arguments, engine_config, output_path, parse_depth
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, only=("model", "expert_budget", "num_threads"), expert_budget="100%")
     p.add_argument("--kind", default="learned", choices=TRAINED_KINDS, help="predictor to fit (default learned)")
+    p.add_argument("--routed-by-pregate", action="store_true",
+                   help="run the model routed by its pre-gate (--routing pregate) and fit the routing it runs with")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="trace recorded with `expertcache trace --hidden-states`")
     src.add_argument("--text", default=None, help="calibration text run through the model here (default: TinyStories train)")
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = output_path(args.out, "--out")
     progress = not args.no_progress
-    with Engine(engine_config(args, model=str(model_dir), prefetch="none", io="buffered")) as engine:
+    routed = dict(prefetch="pregate", routing="pregate") if args.routed_by_pregate else dict(prefetch="none")
+    with Engine(engine_config(args, model=str(model_dir), io="buffered", **routed)) as engine:
         art = train_predictor(engine, args.kind, trace=args.trace, text=args.text, max_tokens=args.max_tokens,
                               window=args.window, depths=depths, settings=settings, progress=progress)  # fmt: skip
     with written(out, "--out") as tmp:

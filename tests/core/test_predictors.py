@@ -524,6 +524,27 @@ def test_train_predictor_refuses_a_trace_without_hidden_states(model_dir, tmp_pa
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_recall_of_the_routing_by_the_pregate_is_the_pregates_own(model_dir, tmp_path, capsys):
+    """--routed-by-pregate: eval-predictors scores against the routing the model runs with when
+    the pre-gate routes it: the pre-gate's own guesses are all right (100 %), where against the
+    routers they are not; train-predictor fits the same routing."""
+    text = tmp_path / "heldout.txt"
+    g = torch.Generator().manual_seed(7)
+    text.write_text(" ".join(WORDS[i] for i in torch.randint(len(WORDS), (60,), generator=g).tolist()))
+    path = _strong_pregate(model_dir, tmp_path / "pg.pt")
+    base = ["eval-predictors", "--model", str(model_dir), "--text", str(text), "--predictors", "next-gate,pregate",
+            "--predictor-file", f"pregate={path}", "--max-tokens", "30", "--json", "--no-progress"]  # fmt: skip
+    recall = {}
+    for flag in ([], ["--routed-by-pregate"]):
+        assert main([*base, *flag]) == 0
+        rows = {(r["predictor"], r["depth"]): r["recall"] for r in json.loads(capsys.readouterr().out)["results"]}
+        recall[bool(flag)] = rows[("pregate", 0)]
+    assert recall[True] == 1.0 and recall[False] < 1.0
+    rc = main(["train-predictor", "--kind", "learned", "--model", str(model_dir), "--text", str(text), "--max-tokens", "60",
+               "--steps", "5", "--routed-by-pregate", "--out", str(tmp_path / "l.pt"), "--no-progress"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "l.pt").exists()
+
+
 def test_eval_predictors_json(model_dir, tmp_path, capsys):
     text = tmp_path / "heldout.txt"
     g = torch.Generator().manual_seed(7)
