@@ -18,7 +18,8 @@
 4. Predictors on moe-pg, trained on TinyStories train (20k tokens): learned (depth 1) and, for
    comparison, a pre-gate distilled after the fact (pregate-distilled); `eval-predictors` recall
    against the model's routers on 2,000 held-out tokens: next-gate and learned at depth 1, the
-   pre-gates for every layer at once; then the same against the routing the model runs with when
+   pre-gates for every layer at once, fed in segments of the fine-tune's window (256: where the
+   model was trained) and of twice it; then the same against the routing the model runs with when
    its pre-gate routes it (`--routed-by-pregate`), the learned predictor fitted to that routing.
 5. Speed: moe-pg at a 50% expert budget, one engine per variant in one process, decode steps in
    turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
@@ -157,10 +158,12 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
                     art.save(default_path(moe, kind))
             files[name] = str(path)
         log("eval-predictors")
-        for label, names, given in (("", ["next-gate", "learned", "pregate"], {k: files[k] for k in ("learned", "pregate")}),
-                                    ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]})):  # fmt: skip
-            rep = eval_predictors(eng, held, names=names, depths=[1], max_tokens=tokens, files=given, progress=False)
-            results += [dict(r, predictor=r["predictor"] + label, truth="its routers") for r in rep.results]
+        trained = json.loads((moe / "refactor.json").read_text())["settings"]["seq_len"]  # the windows it was trained on
+        for segment in (trained, 2 * trained):  # within its training length, and half the tokens beyond it
+            for label, names, given in (("", ["next-gate", "learned", "pregate"], {k: files[k] for k in ("learned", "pregate")}),
+                                        ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]})):  # fmt: skip
+                rep = eval_predictors(eng, held, names=names, depths=[1], max_tokens=tokens, files=given, segment=segment, progress=False)
+                results += [dict(r, predictor=r["predictor"] + label, truth="its routers", segment=segment) for r in rep.results]
     # the routing the model runs with when its pre-gate routes it (how --pregate trained it): a learned
     # predictor fitted to that routing, scored against it with the others
     with expertcache.load(moe, expert_budget="100%", prefetch="pregate", routing="pregate", io="buffered") as eng:
@@ -172,8 +175,8 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
         files["learned-routed"] = str(path)
         log("eval-predictors, routed by the pre-gate")
         rep = eval_predictors(eng, held, names=["next-gate", "learned", "pregate"], depths=[1], max_tokens=tokens,
-                              files={"learned": str(path), "pregate": files["pregate"]}, progress=False)  # fmt: skip
-        results += [dict(r, truth="routing by the pre-gate") for r in rep.results]
+                              files={"learned": str(path), "pregate": files["pregate"]}, segment=trained, progress=False)  # fmt: skip
+        results += [dict(r, truth="routing by the pre-gate", segment=trained) for r in rep.results]
     return {"files": files, "results": results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
 
 
@@ -240,11 +243,12 @@ def markdown(rep: dict) -> str:
     p = rep.get("predictors")
     if p:
         lines += ["", f"## Predictor recall on moe-pg ({p['tokens']} held-out tokens, per sparse layer)", "",
-                  "| predictor | depth | recall of | recall | per layer |", "|---|---|---|---:|---|"]
+                  "| predictor | depth | recall of | segments (tokens from a fresh cache) | recall | per layer |",
+                  "|---|---|---|---:|---:|---|"]
         for r in p["results"]:
             per = " ".join("-" if v is None else f"{100 * v:.0f}" for v in r["per_layer_recall"])
             lines.append(f"| {r['predictor']} | {'all layers at once' if r['depth'] == 0 else r['depth']} | "
-                         f"{r.get('truth', 'its routers')} | {100 * r['recall']:.1f}% | {per} |")
+                         f"{r.get('truth', 'its routers')} | {r.get('segment', 512)} | {100 * r['recall']:.1f}% | {per} |")
     s = rep.get("speed")
     if s:
         lines += ["", f"## Decode on moe-pg at a {s['budget']} expert budget ({s['tokens']} steps x {s['rounds']} rounds, lockstep)", "",

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="held-out text (documents split on <|endoftext|> lines)")
     p.add_argument("--depth", default="1", help="distances to score, e.g. 1,2 (default 1)")
     p.add_argument("--max-tokens", type=int, default=1000, help="tokens to feed (default 1000)")
+    p.add_argument("--segment", type=int, default=512,
+                   help="tokens fed from one fresh cache at most (default 512; a model trained on shorter windows "
+                        "routes later positions out of its training: give its training length)")
     p.add_argument("--predictors", default=",".join(DEFAULT_PREDICTORS), help=f"comma-separated (default {','.join(DEFAULT_PREDICTORS)})")
     p.add_argument("--predictor-file", action="append", default=[], metavar="KIND=PATH",
                    help="file for a trained predictor (default MODEL/predictor-<kind>.pt); repeatable")  # fmt: skip
@@ -38,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
         if not sep or kind not in TRAINED_KINDS:
             raise ExpertCacheError(f"--predictor-file takes KIND=PATH with KIND one of {', '.join(TRAINED_KINDS)}, got {item!r}")
         files[kind] = path
-    check_inputs(names, files, depths=depths, max_tokens=args.max_tokens, text=args.text)
+    check_inputs(names, files, depths=depths, max_tokens=args.max_tokens, text=args.text, segment=args.segment)
     routed = dict(prefetch="pregate", routing="pregate", predictor=files.get("pregate")) if args.routed_by_pregate else {}
     with Engine(engine_config(args, **{"prefetch": "none", "io": "buffered", **routed})) as engine:
         report = eval_predictors(engine, args.text, names=names, depths=depths, max_tokens=args.max_tokens, files=files,
-                                 progress=not args.no_progress)  # fmt: skip
+                                 segment=args.segment, progress=not args.no_progress)  # fmt: skip
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0

@@ -89,12 +89,13 @@ class _Scorer:
         return out
 
 
-def check_inputs(names: list[str], files: dict[str, str], *, depths: list[int], max_tokens: int, text: str | Path) -> None:
+def check_inputs(names: list[str], files: dict[str, str], *, depths: list[int], max_tokens: int, text: str | Path,
+                 segment: int = 512) -> None:
     """Refuse inputs eval_predictors cannot use, before any engine is loaded."""
     if not depths or min(depths) < 1:
         raise ExpertCacheError(f"--depth values must be at least 1, got {depths}")
-    if max_tokens < 1:
-        raise ExpertCacheError("--max-tokens must be at least 1")
+    if max_tokens < 1 or segment < 1:
+        raise ExpertCacheError("--max-tokens and --segment must be at least 1")
     unknown = [n for n in names if n not in PREDICTORS]
     if unknown:
         raise ExpertCacheError(f"unknown predictor {unknown[0]!r}: choose from {', '.join(PREDICTORS)}")
@@ -213,14 +214,17 @@ def eval_predictors(
     depths: list[int] = (1,),
     max_tokens: int = 1000,
     files: dict[str, str] | None = None,
+    segment: int = 512,
     progress: bool = True,
 ) -> PredictorEval:
     """Score every predictor in `names` at each distance in `depths` on the first `max_tokens`
-    tokens of the text file `text` (documents split on <|endoftext|> lines). `files`: {kind: path}
-    of trained predictor files (default: MODEL/predictor-<kind>.pt). A predictor that cannot be
-    built, or whose file does not reach a distance, is reported as skipped."""
+    tokens of the text file `text` (documents split on <|endoftext|> lines, fed in segments of at
+    most `segment` tokens, each from a fresh cache: a model trained on shorter windows routes
+    positions beyond them out of its training). `files`: {kind: path} of trained predictor files
+    (default: MODEL/predictor-<kind>.pt). A predictor that cannot be built, or whose file does not
+    reach a distance, is reported as skipped."""
     names, depths, files = list(names), sorted(set(depths)), dict(files or {})
-    check_inputs(names, files, depths=depths, max_tokens=max_tokens, text=text)
+    check_inputs(names, files, depths=depths, max_tokens=max_tokens, text=text, segment=segment)
     max_depth = len(engine.checkpoint.sparse_layers) - 1
     if max(depths) > max_depth:
         raise ExpertCacheError(f"--depth {max(depths)} is beyond this model's {max_depth + 1} sparse layers")
@@ -229,7 +233,8 @@ def eval_predictors(
         for name, d in reach.items():
             skipped += [{"predictor": name, "depth": x, "reason": "its file has no maps this far"} for x in depths if x > d]
         docs = text_documents(engine, text, max_tokens)
-        scorer, fed = evaluate(engine, docs, predictors, depths=depths, max_tokens=max_tokens, progress=progress)
+        scorer, fed = evaluate(engine, docs, predictors, depths=depths, max_tokens=max_tokens, max_doc_tokens=segment,
+                               progress=progress)
     finally:
         for p in predictors.values():
             close = getattr(p, "close", None)

@@ -545,6 +545,25 @@ def test_recall_of_the_routing_by_the_pregate_is_the_pregates_own(model_dir, tmp
     assert rc == 0 and (tmp_path / "l.pt").exists()
 
 
+def test_eval_predictors_segments_restart_the_cache(model_dir, tmp_path, capsys, monkeypatch):
+    """--segment N: the text goes in pieces of at most N tokens, each from a fresh cache (a model
+    trained on short windows is scored where it was trained); 0 is refused in one line."""
+    from expertcache.decoding import Decoding
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(80)))
+    fresh = []
+    real = Decoding.__init__
+    monkeypatch.setattr(Decoding, "__init__", lambda self, model: (fresh.append(1), real(self, model))[1])
+    base = ["eval-predictors", "--model", str(model_dir), "--text", str(text), "--predictors", "next-gate", "--max-tokens", "40",
+            "--json", "--no-progress"]  # fmt: skip
+    assert main([*base, "--segment", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 40 and len(fresh) == 3  # 16 + 16 + 8
+    assert main([*base, "--segment", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--segment" in err and err.count("\n") == 1
+
+
 def test_eval_predictors_json(model_dir, tmp_path, capsys):
     text = tmp_path / "heldout.txt"
     g = torch.Generator().manual_seed(7)
