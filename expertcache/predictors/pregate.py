@@ -41,6 +41,7 @@ class PregateNet(nn.Module):
         self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
         self.decays = tuple(float(d) for d in decays)
         self._decay_tensor = torch.tensor(self.decays).view(1, len(self.decays), 1)
+        self._keep = 1 - self._decay_tensor  # the new token's share of each moving average
         self.attn, self.heads = attn, (heads if attn else 0)
         if attn:
             if attn % heads:
@@ -63,6 +64,13 @@ class PregateNet(nn.Module):
         b, t, h = emb.shape
         x = normalise(emb)
         w, nd = self.window, len(self.decays)
+        if t == 1 and state is not None and state[0].shape[0] == b:  # a decode step: the same values in fewer ops
+            history, avg = state
+            parts = [x.reshape(b, h), history.flip(1).reshape(b, (w - 1) * h)]  # this token, then the window newest first
+            if nd:
+                avg = self._decay_tensor * avg + self._keep * x
+                parts.append(avg.reshape(b, nd * h))
+            return torch.cat(parts, dim=-1), (torch.cat([history[:, 1:], x], dim=1) if w > 1 else history, avg)
         if state is None or state[0].shape[0] != b:
             state = (x.new_zeros(b, w - 1, h), x.new_zeros(b, nd, h))
         history, avg = state
@@ -72,7 +80,7 @@ class PregateNet(nn.Module):
             d = self._decay_tensor
             avgs = []
             for i in range(t):  # avg_i = d * avg_(i-1) + (1 - d) * x_i, for each decay
-                avg = d * avg + (1 - d) * x[:, i : i + 1]
+                avg = d * avg + self._keep * x[:, i : i + 1]
                 avgs.append(avg)
             parts.append(torch.stack(avgs, dim=1).reshape(b, t, nd * h))  # [B, T, D*H]
         feats = torch.cat(parts, dim=-1).reshape(b * t, -1)
@@ -104,7 +112,8 @@ class PregateNet(nn.Module):
     def forward(self, feats: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """Scores from `features` rows and, for an attention pre-gate, their `context` rows."""
         inner = feats if ctx is None else torch.cat([feats, ctx], dim=-1)
-        out = self.skip(feats[:, : self.hidden]) + self.fc2(F.relu(self.fc1(inner)))
+        hidden = F.relu(F.linear(inner, self.fc1.weight, self.fc1.bias))  # the layers' own products, without module calls
+        out = F.linear(feats[:, : self.hidden], self.skip.weight, self.skip.bias) + F.linear(hidden, self.fc2.weight, self.fc2.bias)
         return out.view(-1, self.layers, self.experts)
 
     def score(self, emb: torch.Tensor, state: RunState | None = None, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, RunState]:
