@@ -208,7 +208,7 @@ class PregatePredictor:
         """Every sparse layer's guess for the call whose first decoder layer receives `hidden`."""
         s = self.scores(hidden)
         top = s.topk(self._top_k, dim=-1).indices  # [T, L, k], best first
-        self.routes = {l: top[:, i] for i, l in enumerate(self.layers)}
+        self.routes = dict(zip(self.layers, top.unbind(1)))  # layer -> [T, k], views in one op
         if s.shape[0] == 1:  # a decode step: each layer's own top-k (rank's answer for one token, in one op)
             self.guesses = dict(zip(self.layers, top[0].tolist()))
         else:
