@@ -216,11 +216,12 @@ class ExpertsRuntime:
             return
         if not (self.prefetch_enabled or routed_ahead):
             return
-        position = kwargs.get("position_ids")
-        position = kwargs.get("cache_position") if position is None else position
-        reset = getattr(self.predictor, "reset", None)
-        if reset is not None and position is not None and position.numel() and bool((position[..., 0] == 0).all()):
-            reset()  # a new sequence, even of one token: no context from the one before
+        if hidden.shape[1] == 1:  # one token: a decode step, or a one-token prompt (position 0), a new sequence whose
+            position = kwargs.get("position_ids")  # pre-gate context must not continue the last one (longer calls start afresh)
+            position = kwargs.get("cache_position") if position is None else position
+            reset = getattr(self.predictor, "reset", None)
+            if reset is not None and position is not None and position.numel() == 1 and int(position.reshape(())) == 0:
+                reset()
         guesses = start(hidden)  # a pre-gate: every sparse layer's guess before the first one runs
         self.predictions.update(guesses)
         if not self.prefetch_enabled:
