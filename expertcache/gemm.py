@@ -167,5 +167,5 @@ def install_attention(model: nn.Module) -> bool:
         return False
     AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
     AttentionMaskInterface.register(FLOAT32_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.set_attn_implementation(FLOAT32_ATTENTION)
+    model.set_attn_implementation({"": FLOAT32_ATTENTION})  # the model's own config (DBRX's attn_config is no sub-model)
     return model.config._attn_implementation == FLOAT32_ATTENTION

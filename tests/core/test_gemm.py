@@ -225,3 +225,20 @@ def test_kernel_builds_are_named_by_their_source_and_load_as_built(tmp_path, mon
     kernels._clear_stale_lock(lock)
     assert not lock.exists()
     kernels._clear_stale_lock(lock)  # none: nothing to do
+
+
+@slow
+def test_float32_attention_reaches_a_family_with_attention_sub_configs(checkpoint):
+    """DBRX keeps its attention settings in a sub-config that is no sub-model: the float32
+    attention is set on the model itself (not pushed into the sub-configs) and runs."""
+    model_dir = checkpoint("dbrx", dtype=torch.bfloat16)
+    seen = []
+    real = F.scaled_dot_product_attention
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="none", io="buffered", half_matmul="float32") as eng:
+        F.scaled_dot_product_attention = lambda q, *a, **k: (seen.append(q.dtype), real(q, *a, **k))[1]
+        try:
+            eng.generate(PROMPT[:8], max_new_tokens=2, stop_at_eos=False)
+        finally:
+            F.scaled_dot_product_attention = real
+        assert eng.model.config._attn_implementation == "expertcache_sdpa_float32"
+    assert seen and set(seen) == {torch.float32}
