@@ -16,7 +16,7 @@ from .default_vector import DefaultVectorPredictor
 from .gate import EstimatorPredictor, NextGatePredictor, NoPredictor
 from .history import HistoryPredictor
 from .learned import ExpertMLP, LearnedPredictor
-from .pregate import PregateNet, PregatePredictor
+from .pregate import ATTN_HEADS, PregateNet, PregatePredictor
 
 __all__ = [
     "Artefact", "CappedPredictor", "DefaultVectorPredictor", "EstimatorPredictor", "ExpertMLP", "HistoryPredictor",
@@ -84,7 +84,7 @@ def _pregate(**kw) -> PregatePredictor:
     layers, num_experts, hidden = _shape(kw["routers"])
     net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0],
                      decays=tuple(art.meta.get("decays", ())), attn=int(art.meta.get("attn", 0)),
-                     heads=int(art.meta.get("heads", 4)))
+                     heads=int(art.meta.get("heads") or ATTN_HEADS))
     net.load_state_dict(art.tensors)
     return PregatePredictor(net, layers, top_k=kw["top_k"], depth=kw["depth"])
 

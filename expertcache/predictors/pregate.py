@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ExpertCacheError
 from .base import Lookahead, Prediction, rank
 
 DEFAULT_WINDOW = 4  # tokens the pre-gate sees: this one and the 3 before it
 DEFAULT_DECAYS = (0.8, 0.95)  # moving averages of the normalised embeddings: the context beyond the window
 DEFAULT_WIDTH = 256
 ATTN_SPAN = 512  # tokens a causal-attention pre-gate looks back over (this one included)
+ATTN_HEADS = 4
 
 State = tuple[torch.Tensor, torch.Tensor]  # (window history [B, window-1, H], moving averages [B, D, H])
 # what a running sequence carries between calls: the window state and the attention's (keys, values) or None
@@ -32,17 +34,23 @@ def normalise(emb: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+def check_attn(width: int, flag: str) -> None:
+    """Refuse an attention width the pre-gate cannot split into its heads, in the flag's words."""
+    if width < 0 or width % ATTN_HEADS:
+        raise ExpertCacheError(f"{flag} {width}: give 0 (no attention) or a positive multiple of {ATTN_HEADS} (its heads)")
+
+
 class PregateNet(nn.Module):
     """scores [N, L, E] = skip(current token) + fc2(relu(fc1([window of tokens, attention])))."""
 
     def __init__(self, hidden: int, window: int, layers: int, experts: int, width: int = DEFAULT_WIDTH,
-                 decays: tuple[float, ...] = (), attn: int = 0, heads: int = 4) -> None:
+                 decays: tuple[float, ...] = (), attn: int = 0, heads: int = ATTN_HEADS, span: int = ATTN_SPAN) -> None:
         super().__init__()
         self.hidden, self.window, self.layers, self.experts = hidden, window, layers, experts
         self.decays = tuple(float(d) for d in decays)
         self._decay_tensor = torch.tensor(self.decays).view(1, len(self.decays), 1)
         self._keep = 1 - self._decay_tensor  # the new token's share of each moving average
-        self.attn, self.heads = attn, (heads if attn else 0)
+        self.attn, self.heads, self.span = attn, (heads if attn else 0), span
         if attn:
             if attn % heads:
                 raise ValueError(f"attention width {attn} is not a multiple of {heads} heads")
@@ -50,7 +58,7 @@ class PregateNet(nn.Module):
             # ALiBi: head i's score falls by slope_i per token of distance; from sharp (1/4) to near flat
             self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
             # a decode step's bias over the last p positions: recency[..., -p:] (distances span-1 .. 0)
-            self.register_buffer("recency", -self.slopes.view(heads, 1, 1) * torch.arange(ATTN_SPAN - 1, -1, -1.0), persistent=False)
+            self.register_buffer("recency", -self.slopes.view(heads, 1, 1) * torch.arange(span - 1, -1, -1.0), persistent=False)
         self.skip = nn.Linear(hidden, layers * experts)
         self.fc1 = nn.Linear((window + len(self.decays)) * hidden + attn, width)
         self.fc2 = nn.Linear(width, layers * experts)
@@ -61,8 +69,10 @@ class PregateNet(nn.Module):
         """emb [B, T, H] (the first decoder layer's input) and the state the call before left
         (None: a new sequence) -> (features [B*T, (window + D) * H], newest token first, then the
         moving averages; the new state)."""
-        b, t, h = emb.shape
-        x = normalise(emb)
+        return self._features(normalise(emb), state)
+
+    def _features(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        b, t, h = x.shape
         w, nd = self.window, len(self.decays)
         if t == 1 and state is not None and state[0].shape[0] == b:  # a decode step: the same values in fewer ops
             history, avg = state
@@ -89,24 +99,23 @@ class PregateNet(nn.Module):
     def context(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pad: torch.Tensor | None = None):
         """Causal attention of the normalised tokens `x` [B, T, H] over themselves and the cached
         (keys, values) of earlier calls (`pad` [B, P]: True where a row's cache is left padding)
-        -> ([B*T, attn], the new cache: the last ATTN_SPAN - 1 positions')."""
+        -> ([B*T, attn], the new cache: the last span - 1 positions')."""
         b, t, _ = x.shape
         h, dh = self.heads, self.attn // self.heads
         q, k, v = self.qkv(x).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, T, dh]
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
         p = k.shape[2]
-        span = min(ATTN_SPAN, self.recency.shape[-1])
-        if t == 1 and p <= span:  # a decode step: the precomputed recency bias
-            bias = self.recency[..., self.recency.shape[-1] - p :]
+        if t == 1 and p <= self.span:  # a decode step: the precomputed recency bias
+            bias = self.recency[..., self.span - p :]
         else:
             dist = (torch.arange(p - t, p).view(t, 1) - torch.arange(p).view(1, p)).float()  # [T, P] query - key position
-            bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= ATTN_SPAN), float("-inf"))
+            bias = (-self.slopes.view(h, 1, 1) * dist).masked_fill((dist < 0) | (dist >= self.span), float("-inf"))
         if pad is not None:  # [B, h, T, P]: no row attends to its padding
             pad = torch.cat([pad, pad.new_zeros(b, t)], dim=1)
             bias = bias.unsqueeze(0).masked_fill(pad[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, T, dh]
-        keep = ATTN_SPAN - 1
+        keep = self.span - 1
         return out.transpose(1, 2).reshape(b * t, self.attn), (k[:, :, -keep:], v[:, :, -keep:])
 
     def forward(self, feats: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,10 +130,11 @@ class PregateNet(nn.Module):
         sequence; `pad` as in `context`) -> (scores [B*T, L, E], the new state)."""
         if state is not None and state[0].shape[0] != emb.shape[0]:
             state = None
-        feats, (history, avg) = self.features(emb, None if state is None else state[:2])
+        x = normalise(emb)
+        feats, (history, avg) = self._features(x, None if state is None else state[:2])
         if not self.attn:
             return self(feats), (history, avg, None)
-        ctx, kv = self.context(normalise(emb), None if state is None else state[2], pad)
+        ctx, kv = self.context(x, None if state is None else state[2], pad)
         return self(feats, ctx), (history, avg, kv)
 
 
@@ -191,7 +201,7 @@ class PregatePredictor:
             kv = tuple(torch.cat([F.pad(s[2][j], (0, 0, width - n, 0)) for s, n in zip(states, lengths)]) for j in (0, 1))
             pad = torch.arange(width)[None, :] < torch.tensor([width - n for n in lengths])[:, None]
         s, (history, avg, kv) = self.net.score(hidden, (history, avg, kv), pad)
-        keep = ATTN_SPAN - 1
+        keep = self.net.span - 1
         for i, (key, n) in enumerate(zip(self._keys, lengths)):
             own = None if kv is None else tuple(c[i : i + 1, :, c.shape[2] - min(n + 1, keep) :] for c in kv)
             self.streams[key] = (history[i : i + 1], avg[i : i + 1], own)

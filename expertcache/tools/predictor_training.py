@@ -25,7 +25,7 @@ from ..errors import ExpertCacheError
 from ..ids import TRAINED_KINDS
 from ..predictors.artefact import Artefact
 from ..predictors.learned import DEFAULT_ACTIVATION, ExpertMLP
-from ..predictors.pregate import DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet
+from ..predictors.pregate import ATTN_HEADS, DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet, check_attn
 from .settings import TrainSettings
 from ..sim.recorder import Recorder
 from ..sim.trace import Trace
@@ -144,26 +144,25 @@ def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, windo
 
 def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], top_k: int,
                 settings: TrainSettings = TrainSettings(), *, window: int = DEFAULT_WINDOW,
-                decays: tuple[float, ...] = DEFAULT_DECAYS, attn: int | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                decays: tuple[float, ...] = DEFAULT_DECAYS, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train a PregateNet towards every layer's router distribution (the targets of `learned`);
     the best mean validation recall is kept. Without attention the rows are independent (random
-    token batches, random validation tokens); with it (`attn` > 0; None: settings.attn) a batch is
-    whole forwards, and so is the validation split. Returns (tensors, report)."""
+    token batches, random validation tokens); with it (settings.attn > 0) a batch is whole
+    forwards, and so is the validation split. Returns (tensors, report)."""
     from tqdm.auto import tqdm
 
     layers = sorted(logits)
     num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
-    attn = settings.attn if attn is None else attn
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=attn)
+    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=settings.attn)
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
     targets = torch.stack([_targets(ids[l], logits[l], num_experts, settings.hard_weight) for l in layers], dim=1)  # [N, L, E]
     n = len(feats)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     bar = tqdm(total=settings.steps, unit="step", desc="train pregate", disable=not progress)
     postfix = lambda loss, r: dict(loss=f"{loss:.3f}", val=f"{sum(r) / len(r):.3f}")  # noqa: E731
-    if attn:
+    if settings.attn:
         best, best_state = _fit_pregate_sequences(net, opt, inputs, feats, targets, ids, layers, top_k, settings, gen, bar, postfix)
     else:
         perm = torch.randperm(n, generator=gen)
@@ -371,8 +370,7 @@ def check_inputs(kind: str, *, max_tokens: int, window: int, settings: TrainSett
         raise ExpertCacheError(f"unknown predictor kind {kind!r}: choose one of {', '.join(TRAINED_KINDS)}")
     if max_tokens < 2 or window < 2 or settings.steps < 1 or settings.width < 1:
         raise ExpertCacheError("--max-tokens and --window must be at least 2, --steps and --width at least 1")
-    if settings.attn < 0 or settings.attn % 4:
-        raise ExpertCacheError(f"--attn {settings.attn}: give 0 (no attention) or a positive multiple of 4 (its heads)")
+    check_attn(settings.attn, "--attn")
 
 
 def _check_depths(kind: str, layers: list[int], depths: list[int]) -> None:
@@ -480,7 +478,7 @@ def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000
         kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
         hidden_size=inputs[0].shape[-1], top_k=ckpt.top_k, depths=[], tensors=tensors,
         meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "attn": settings.attn,
-              "heads": 4 if settings.attn else 0, "validation": report,
+              "heads": ATTN_HEADS if settings.attn else 0, "validation": report,
               "settings": asdict(settings)},
     )  # fmt: skip
 

@@ -413,8 +413,8 @@ def warm_pregate(model, stream: torch.Tensor, s: RefactorSettings, progress: boo
     model.train(was_training)
     logits = {i: torch.cat(v) for i, v in logits.items()}
     ids = {i: v.topk(cfg.num_experts_per_tok, dim=-1).indices for i, v in logits.items()}
-    state, _ = fit_pregate(inputs, logits, ids, cfg.num_experts_per_tok, TrainSettings(steps=2000, width=DEFAULT_WIDTH),
-                           attn=s.pregate_attn, progress=progress)  # fmt: skip
+    state, _ = fit_pregate(inputs, logits, ids, cfg.num_experts_per_tok,
+                           TrainSettings(steps=2000, width=DEFAULT_WIDTH, attn=s.pregate_attn), progress=progress)  # fmt: skip
     return state
 
 
@@ -547,6 +547,8 @@ def finetune(student, teacher, stream: torch.Tensor, s: RefactorSettings, state_
 def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSettings, *, progress: bool = True) -> RefactorResult:
     """Split DENSE into an MoE written to OUT (see the module docstring); OUT must be new or empty
     (or hold this refactor's unfinished fine-tune, with settings.resume)."""
+    from ..predictors.pregate import check_attn
+
     s = settings
     t0 = time.perf_counter()
     dense_dir, out = Path(dense_dir), Path(out_dir)
@@ -554,8 +556,7 @@ def refactor(dense_dir: str | Path, out_dir: str | Path, settings: RefactorSetti
         raise ExpertCacheError(f"--experts {s.experts} --top-k {s.top_k}: need 2 <= experts and 1 <= top-k <= experts")
     if not 0.0 <= s.shared_fraction < 1.0:
         raise ExpertCacheError(f"--shared-fraction {s.shared_fraction}: give a share in [0, 1)")
-    if s.pregate_attn < 0 or s.pregate_attn % 4:
-        raise ExpertCacheError(f"--pregate-attn {s.pregate_attn}: give 0 (no attention) or a positive multiple of 4 (its heads)")
+    check_attn(s.pregate_attn, "--pregate-attn")
     if s.pregate and s.finetune_tokens <= 0:
         raise ExpertCacheError("--pregate trains the pre-gate in the fine-tune: give --finetune-tokens too")
     if not s.calibration:

@@ -658,8 +658,6 @@ def test_attention_pregate_decode_steps_score_as_the_whole_sequence():
     """With causal attention, scoring a prompt in one call equals feeding it in pieces (a prompt,
     then one-token decode steps) whose key/value cache carries on; attention sees no later token;
     a span-limited cache scores as the full sequence would; and the attention changes the scores."""
-    from expertcache.predictors import pregate as pg
-
     torch.manual_seed(0)
     net = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8, decays=(0.9,), attn=8, heads=2)
     torch.nn.init.normal_(net.fc2.weight)
@@ -679,19 +677,16 @@ def test_attention_pregate_decode_steps_score_as_the_whole_sequence():
     bare.load_state_dict({k: (v[:, : bare.fc1.in_features] if k == "fc1.weight" else v)
                           for k, v in net.state_dict().items() if not k.startswith("qkv")})
     assert not torch.allclose(bare.score(emb)[0], whole)
-    old = pg.ATTN_SPAN
-    try:
-        pg.ATTN_SPAN = 3  # a cache that keeps 2 tokens: step by step equals the whole sequence's masked attention
-        whole3, _ = net.score(emb)
-        state, rows = None, []
-        for t in range(9):
-            s, state = net.score(emb[:, t : t + 1], state)
-            rows.append(s)
-            assert state[2][0].shape[2] <= 2
-        torch.testing.assert_close(torch.cat(rows), whole3)
-        assert not torch.allclose(whole3, whole)
-    finally:
-        pg.ATTN_SPAN = old
+    short = PregateNet(hidden=16, window=3, layers=4, experts=8, width=8, decays=(0.9,), attn=8, heads=2, span=3)
+    short.load_state_dict(net.state_dict())  # a cache that keeps 2 tokens: step by step equals the whole sequence's masked attention
+    whole3, _ = short.score(emb)
+    state, rows = None, []
+    for t in range(9):
+        s, state = short.score(emb[:, t : t + 1], state)
+        rows.append(s)
+        assert state[2][0].shape[2] <= 2
+    torch.testing.assert_close(torch.cat(rows), whole3)
+    assert not torch.allclose(whole3, whole)
     with pytest.raises(ValueError, match="multiple of 4 heads"):
         PregateNet(hidden=16, window=3, layers=4, experts=8, attn=6)
 
@@ -796,6 +791,7 @@ def test_a_new_sequence_starts_the_pregate_afresh_even_from_one_token(model_dir,
     with expertcache.load(model_dir, **kw) as eng:  # the check can fail: a continued context scores differently
         alone = eng.runtime.predictor.scores(eng.model.get_input_embeddings()(torch.tensor([PROMPT[8:9]])))
     assert not torch.allclose(continued, alone)
+
 
 
 def test_pregate_routing_orders_by_the_router_and_mixes_its_softmax():
