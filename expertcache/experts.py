@@ -57,6 +57,17 @@ def _own_math(cls: type) -> bool:
     return callable(getattr(cls, "expert_from_parts", None))
 
 
+def _starts_sequence(hidden: torch.Tensor, kwargs: dict) -> bool:
+    """Whether the forward whose first decoder layer gets `hidden` begins a sequence: its first
+    position is 0 (a prompt, of any length); a later one continues it (a decode step, a prompt's
+    next chunk). Without positions, a call of several tokens is taken for a prompt."""
+    position = kwargs.get("position_ids")
+    position = kwargs.get("cache_position") if position is None else position
+    if position is None or not position.numel():
+        return hidden.shape[1] > 1
+    return int(position.reshape(-1)[0]) == 0
+
+
 def _plain_act(act: nn.Module):
     """F.silu where the module is exactly a SiLU (torch's, not in place, or transformers'), with no
     hooks: the same op without a module call; None otherwise."""
@@ -216,12 +227,9 @@ class ExpertsRuntime:
             return
         if not (self.prefetch_enabled or routed_ahead):
             return
-        if hidden.shape[1] == 1:  # one token: a decode step, or a one-token prompt (position 0), a new sequence whose
-            position = kwargs.get("position_ids")  # pre-gate context must not continue the last one (longer calls start afresh)
-            position = kwargs.get("cache_position") if position is None else position
-            reset = getattr(self.predictor, "reset", None)
-            if reset is not None and position is not None and position.numel() == 1 and int(position.reshape(())) == 0:
-                reset()
+        reset = getattr(self.predictor, "reset", None)
+        if reset is not None and _starts_sequence(hidden, kwargs):
+            reset()  # a pre-gate's context is the sequence's: a new one (even of one token) continues nothing
         guesses = start(hidden)  # a pre-gate: every sparse layer's guess before the first one runs
         self.predictions.update(guesses)
         if not self.prefetch_enabled:

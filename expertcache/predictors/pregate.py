@@ -141,9 +141,9 @@ class PregateNet(nn.Module):
 class PregatePredictor:
     """At each forward's start (`start`, called by the engine before the first decoder layer) it
     scores every sparse layer for the call's tokens; `predict` then hands out those guesses for the
-    layers `depth` ahead, as the other predictors do. A one-token call continues the window of
-    the call before it (a decode step); a longer call starts a new one, and so does any call at
-    position 0 (the engine calls `reset` there: a one-token prompt). A server batching several
+    layers `depth` ahead, as the other predictors do. A call continues the context of the one
+    before it (a decode step, a prompt's next chunk) until `reset`, which the engine calls at every
+    forward that begins a sequence (its first position 0). A server batching several
     sequences `bind`s each call's rows to them instead: each keeps its own context (`streams`)
     across prompt chunks and decode steps, whoever else is in the batch, until it is `forget`-ed."""
 
@@ -176,7 +176,7 @@ class PregatePredictor:
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B*T, L, E] for the call's tokens; moves the window on."""
         if self._keys is None:
-            s, self._state = self.net.score(hidden, self._state if hidden.shape[1] == 1 else None)
+            s, self._state = self.net.score(hidden, self._state)
             return s
         if len(self._keys) != hidden.shape[0]:
             raise RuntimeError(f"the pre-gate was bound to {len(self._keys)} sequences, the call has {hidden.shape[0]} rows")

@@ -17,6 +17,7 @@ from torch import nn
 
 import expertcache
 from expertcache.checkpoint import Checkpoint
+from expertcache.decoding import Decoding
 from expertcache.errors import ExpertCacheError
 from expertcache.cli import main
 from expertcache.policies import POLICIES
@@ -548,8 +549,6 @@ def test_recall_of_the_routing_by_the_pregate_is_the_pregates_own(model_dir, tmp
 def test_eval_predictors_segments_restart_the_cache(model_dir, tmp_path, capsys, monkeypatch):
     """--segment N: the text goes in pieces of at most N tokens, each from a fresh cache (a model
     trained on short windows is scored where it was trained); 0 is refused in one line."""
-    from expertcache.decoding import Decoding
-
     text = tmp_path / "heldout.txt"
     text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(80)))
     fresh = []
@@ -771,7 +770,8 @@ def _strong_pregate(model_dir, path, attn=0):
 @pytest.mark.parametrize("attn", [0, 8])
 def test_a_new_sequence_starts_the_pregate_afresh_even_from_one_token(model_dir, tmp_path, attn):
     """Routing by the pre-gate: a one-token prompt is a new sequence (position 0), not a decode
-    step of the one before: its routing is the same after another generate as in a fresh engine."""
+    step of the one before: its routing is the same after another generate as in a fresh engine;
+    and a prompt fed in two chunks routes as fed in one (the second chunk continues, position 5)."""
     path = _strong_pregate(model_dir, tmp_path / "pg.pt", attn)
     kw = dict(expert_budget="100%", prefetch="pregate", routing="pregate", io="buffered", predictor=str(path))
 
@@ -792,6 +792,16 @@ def test_a_new_sequence_starts_the_pregate_afresh_even_from_one_token(model_dir,
         alone = eng.runtime.predictor.scores(eng.model.get_input_embeddings()(torch.tensor([PROMPT[8:9]])))
     assert not torch.allclose(continued, alone)
 
+    def routes(eng, *pieces):  # each layer's routing of every token, fed in these pieces of one sequence
+        seen = {}
+        with eng.observe(on_route=lambda layer, x, lg, w, ids: seen.setdefault(layer, []).extend(ids.tolist())):
+            d = Decoding(eng.model)
+            for piece in pieces:
+                d.feed(piece)
+        return seen
+
+    with expertcache.load(model_dir, **kw) as eng:  # a prompt's next chunk continues its context, as one call would
+        assert routes(eng, PROMPT[:5], PROMPT[5:12]) == routes(eng, PROMPT[:12])
 
 
 def test_pregate_routing_orders_by_the_router_and_mixes_its_softmax():
