@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def run(engine, prompts: list[list[list[int]]], clients: int, wait_ms: float, requests: int, tokens: int, stagger: int) -> dict:
     from expertcache.serve.batcher import Batcher, Request
+    from serve import client_prompt
 
     b = Batcher(engine, max_batch=16, prefill_chunk=128, prefill_wait=wait_ms / 1000)
     b.eos = set()
@@ -38,8 +39,7 @@ def run(engine, prompts: list[list[list[int]]], clients: int, wait_ms: float, re
 
     def submit(i: int) -> None:
         if sent[i] < requests:
-            src = prompts[i % len(prompts)]  # serve.py's choice: a source per client, a passage per request
-            prompt = src[(i // len(prompts) + sent[i] * 7) % len(src)]
+            prompt = client_prompt(prompts, i, sent[i])  # as serve.py's clients choose them
             sent[i] += 1
             b.submit(Request(prompt=prompt, max_tokens=tokens,
                              emit=lambda t, finish, i=i: finish is not None and done.append(i)))  # fmt: skip

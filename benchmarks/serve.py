@@ -155,6 +155,12 @@ def stream_completion(port: int, body: dict) -> tuple[list[float], int | None]:
     return times, usage
 
 
+def client_prompt(prompts: list[list], client: int, k: int):
+    """Client `client`'s `k`-th prompt: a source per client (in turn), a passage per request."""
+    src = prompts[client % len(prompts)]
+    return src[(client // len(prompts) + k * 7) % len(src)]
+
+
 def measure(server: Server, prompts: list[list], clients: int, requests: int, tokens: int, time_limit: float) -> dict:
     stream_completion(server.port, {"prompt": prompts[0][0], "max_tokens": 4, "temperature": 0})  # warm-up
     before = server.metrics()
@@ -163,11 +169,10 @@ def measure(server: Server, prompts: list[list], clients: int, requests: int, to
 
     def one_client(c: int) -> list[dict]:
         out = []
-        src = prompts[c % len(prompts)]
         for k in range(requests):
             if time.perf_counter() > stop_at:
                 break
-            prompt = src[(c // len(prompts) + k * 7) % len(src)]
+            prompt = client_prompt(prompts, c, k)
             ts = time.perf_counter()
             times, usage = stream_completion(server.port, {"prompt": prompt, "max_tokens": tokens, "temperature": 0.8,
                                                            "seed": 1000 * c + k})
