@@ -241,4 +241,5 @@ def test_float32_attention_reaches_a_family_with_attention_sub_configs(checkpoin
         finally:
             F.scaled_dot_product_attention = real
         assert eng.model.config._attn_implementation == "expertcache_sdpa_float32"
+        assert getattr(eng.model.config.attn_config, "_attn_implementation", None) != "expertcache_sdpa_float32"
     assert seen and set(seen) == {torch.float32}
