@@ -280,7 +280,7 @@ class PregateRouting:
         chosen = self.pregated(layer)
         if chosen is None or chosen.shape != ids.shape:
             return weights, ids
-        if ids.shape[0] == 1 and sorted(chosen[0].tolist()) == sorted(ids[0].tolist()):
+        if ids.shape[0] == 1 and sorted(chosen.tolist()[0]) == sorted(ids.tolist()[0]):
             return weights, ids  # a decode step the router agrees with (the usual case): nothing to re-mix
         z = logits.float()
         chosen = chosen.gather(1, z.gather(1, chosen).argsort(dim=-1, descending=True, stable=True))  # router order

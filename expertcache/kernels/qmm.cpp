@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <cstring>
 #include <vector>
 #include <immintrin.h>
@@ -259,7 +261,102 @@ void exact_rows(const uint16_t* w, int64_t ws, const float* xp, const float* xs,
   }
 }
 
+
+// float32 dot product of two contiguous vectors, four accumulators (the FMA chain's latency)
+inline float dot_f32(const float* w, const float* x, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+
+// y[b, n] = act(dot(w[n], x[b]) + bias[n]) for B rows of x (stride xs), outputs split over torch's threads
+void linear_rows(const float* w, const float* bias, const float* x, int64_t xs, int64_t B, int64_t K, int64_t N,
+                 float* y, bool relu) {
+  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < B; ++b) {  // the row stays in L1 for every sequence
+        const float v = dot_f32(w + n * K, x + b * xs, K) + bias[n];
+        y[b * N + n] = relu ? std::max(v, 0.0f) : v;
+      }
+  });
+}
+
 }  // namespace
+
+// One decode step of PregateNet (predictors/pregate.py) for B sequences, fused: normalise each
+// token's embedding, move the window and the moving averages on, and score every layer's experts
+// in float32 (the network's own math; sums in another order than torch's, so equal to its path
+// within float32 rounding). emb [B, H] any float; history [B, W-1, H] float32, oldest first;
+// avg [B, D, H] float32; decays [D] float32; ctx: none, or [B, A] the attention pre-gate's context
+// rows (the last inputs of fc1). -> (scores [B, L*E], the new history, the new averages).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pregate_step(
+    const at::Tensor& emb, const at::Tensor& history, const at::Tensor& avg, const at::Tensor& decays,
+    const at::Tensor& fc1_w, const at::Tensor& fc1_b, const at::Tensor& fc2_w, const at::Tensor& fc2_b,
+    const at::Tensor& skip_w, const at::Tensor& skip_b, const std::optional<at::Tensor>& ctx) {
+  TORCH_CHECK(emb.dim() == 2 && emb.is_floating_point(), "emb: float [B, H]");
+  const int64_t B = emb.size(0), H = emb.size(1);
+  TORCH_CHECK(history.dim() == 3 && history.size(0) == B && history.size(2) == H && history.scalar_type() == at::kFloat,
+              "history: float32 [B, window-1, H]");
+  TORCH_CHECK(avg.dim() == 3 && avg.size(0) == B && avg.size(2) == H && avg.scalar_type() == at::kFloat,
+              "avg: float32 [B, decays, H]");
+  const int64_t Wm = history.size(1), D = avg.size(1);
+  TORCH_CHECK(decays.dim() == 1 && decays.size(0) == D && decays.scalar_type() == at::kFloat, "decays: float32 [D]");
+  const bool has_ctx = ctx.has_value() && ctx->defined();
+  const int64_t A = has_ctx ? ctx->size(1) : 0;
+  if (has_ctx) TORCH_CHECK(ctx->dim() == 2 && ctx->size(0) == B && ctx->scalar_type() == at::kFloat, "ctx: float32 [B, A]");
+  const int64_t F = (1 + Wm + D) * H + A, Hd = fc1_w.size(0), LE = fc2_w.size(0);
+  auto dense = [](const at::Tensor& t, int64_t r, int64_t c) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == (c ? 2 : 1) && t.size(0) == r &&
+           (c == 0 || t.size(1) == c);
+  };
+  TORCH_CHECK(dense(fc1_w, Hd, F) && dense(fc1_b, Hd, 0) && dense(fc2_w, LE, Hd) && dense(fc2_b, LE, 0) &&
+              dense(skip_w, LE, H) && dense(skip_b, LE, 0), "weights: contiguous float32 of the network's shapes");
+  const at::Tensor e = emb.to(at::kFloat).contiguous(), h = history.contiguous(), a = avg.contiguous();
+  const at::Tensor c = has_ctx ? ctx->contiguous() : at::Tensor();
+  auto new_history = at::empty({B, Wm, H}, h.options()), new_avg = at::empty({B, D, H}, a.options());
+  std::vector<float> feats(B * F), hidden(B * Hd);
+  const float* dp = decays.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = e.data_ptr<float>() + b * H;
+    float* f = feats.data() + b * F;
+    float ss = 0.0f;
+    for (int64_t k = 0; k < H; ++k) ss += x[k] * x[k];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + 1e-6f);
+    for (int64_t k = 0; k < H; ++k) f[k] = x[k] * r;  // this token, normalised
+    const float* hb = h.data_ptr<float>() + b * Wm * H;
+    for (int64_t j = 0; j < Wm; ++j) std::memcpy(f + (1 + j) * H, hb + (Wm - 1 - j) * H, H * sizeof(float));  // newest first
+    float* nh = new_history.data_ptr<float>() + b * Wm * H;
+    if (Wm) {
+      std::memcpy(nh, hb + H, (Wm - 1) * H * sizeof(float));
+      std::memcpy(nh + (Wm - 1) * H, f, H * sizeof(float));
+    }
+    const float* ab = a.data_ptr<float>() + b * D * H;
+    float* na = new_avg.data_ptr<float>() + b * D * H;
+    for (int64_t d = 0; d < D; ++d) {
+      const float dec = dp[d], keep = 1.0f - dp[d];
+      for (int64_t k = 0; k < H; ++k) na[d * H + k] = dec * ab[d * H + k] + keep * f[k];
+    }
+    std::memcpy(f + (1 + Wm) * H, na, D * H * sizeof(float));
+    if (A) std::memcpy(f + (1 + Wm + D) * H, c.data_ptr<float>() + b * A, A * sizeof(float));
+  }
+  linear_rows(fc1_w.data_ptr<float>(), fc1_b.data_ptr<float>(), feats.data(), F, B, F, Hd, hidden.data(), true);
+  auto scores = at::empty({B, LE}, e.options());
+  std::vector<float> skip(B * LE);
+  linear_rows(skip_w.data_ptr<float>(), skip_b.data_ptr<float>(), feats.data(), F, B, H, LE, skip.data(), false);
+  float* sp = scores.data_ptr<float>();
+  linear_rows(fc2_w.data_ptr<float>(), fc2_b.data_ptr<float>(), hidden.data(), Hd, B, Hd, LE, sp, false);
+  for (int64_t i = 0; i < B * LE; ++i) sp[i] = skip[i] + sp[i];
+  return {scores, new_history, new_avg};
+}
 
 // x [T, K] bfloat16 or float16; w[i] [N_i, K] of x's dtype, rows contiguous; bias: none or [sum N_i]
 // -> [T, sum N_i] in x's dtype, bit for bit what torch's F.linear gives on an AVX2 CPU without a
@@ -371,4 +468,6 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
 TORCH_LIBRARY(expertcache, m) {
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
+  m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "
+        "Tensor fc2_b, Tensor skip_w, Tensor skip_b, Tensor? ctx=None) -> (Tensor, Tensor, Tensor)", pregate_step);
 }

@@ -51,6 +51,7 @@ class PregateNet(nn.Module):
         self._decay_tensor = torch.tensor(self.decays).view(1, len(self.decays), 1)
         self._keep = 1 - self._decay_tensor  # the new token's share of each moving average
         self.attn, self.heads, self.span = attn, (heads if attn else 0), span
+        self._native: bool | None = None  # whether the fused decode step is at hand (_fused)
         if attn:
             if attn % heads:
                 raise ValueError(f"attention width {attn} is not a multiple of {heads} heads")
@@ -130,12 +131,35 @@ class PregateNet(nn.Module):
         sequence; `pad` as in `context`) -> (scores [B*T, L, E], the new state)."""
         if state is not None and state[0].shape[0] != emb.shape[0]:
             state = None
+        if emb.shape[1] == 1 and state is not None and self._fused():  # a decode step: one native call
+            return self._fused_step(emb, state, pad)
         x = normalise(emb)
         feats, (history, avg) = self._features(x, None if state is None else state[:2])
         if not self.attn:
             return self(feats), (history, avg, None)
         ctx, kv = self.context(x, None if state is None else state[2], pad)
         return self(feats, ctx), (history, avg, kv)
+
+    def _fused(self) -> bool:
+        """Whether a decode step runs as one native call (kernels.pregate_step): the kernels are
+        built, the weights are float32 on the CPU and no gradient is wanted through them."""
+        if self._native is None:
+            from .. import kernels
+
+            self._native = kernels.available() and hasattr(torch.ops.expertcache, "pregate_step")
+        return (self._native and not (torch.is_grad_enabled() and self.fc1.weight.requires_grad)
+                and self.fc1.weight.dtype == torch.float32 and self.fc1.weight.device.type == "cpu")
+
+    def _fused_step(self, emb: torch.Tensor, state: RunState, pad: torch.Tensor | None) -> tuple[torch.Tensor, RunState]:
+        b = emb.shape[0]
+        kv = None
+        ctx = None
+        if self.attn:
+            ctx, kv = self.context(normalise(emb), state[2], pad)
+        s, history, avg = torch.ops.expertcache.pregate_step(
+            emb.reshape(b, self.hidden), state[0], state[1], self._decay_tensor.view(-1), self.fc1.weight, self.fc1.bias,
+            self.fc2.weight, self.fc2.bias, self.skip.weight, self.skip.bias, ctx)  # fmt: skip
+        return s.view(b, self.layers, self.experts), (history, avg, kv)
 
 
 class PregatePredictor:
@@ -220,7 +244,7 @@ class PregatePredictor:
         top = s.topk(self._top_k, dim=-1).indices  # [T, L, k], best first
         self.routes = dict(zip(self.layers, top.unbind(1)))  # layer -> [T, k], views in one op
         if s.shape[0] == 1:  # a decode step: each layer's own top-k (rank's answer for one token, in one op)
-            self.guesses = dict(zip(self.layers, top[0].tolist()))
+            self.guesses = dict(zip(self.layers, top.tolist()[0]))
         else:
             real = s if self._mask is None or self._mask.numel() != s.shape[0] else s[self._mask.flatten().bool()]  # no padding
             self.guesses = {l: rank(real[:, i], self._top_k) for i, l in enumerate(self.layers)}

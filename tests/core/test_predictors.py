@@ -12,6 +12,7 @@ import json
 import types
 
 import pytest
+from unittest import mock
 import torch
 from torch import nn
 
@@ -688,6 +689,48 @@ def test_attention_pregate_decode_steps_score_as_the_whole_sequence():
     assert not torch.allclose(whole3, whole)
     with pytest.raises(ValueError, match="multiple of 4 heads"):
         PregateNet(hidden=16, window=3, layers=4, experts=8, attn=6)
+
+
+@pytest.mark.parametrize("attn, decays, window, rows", [(0, (0.5, 0.9), 3, 1), (0, (), 1, 3), (8, (0.9,), 2, 2)])
+def test_fused_pregate_decode_step_scores_as_torch(attn, decays, window, rows):
+    """A decode step runs as one native call (kernels.pregate_step) where the kernels are built, and
+    scores (and leaves the window, averages and attention cache) as the network's torch ops do,
+    within float32 rounding; several sequences at once as each alone; never where gradients flow."""
+    from expertcache import kernels
+
+    if not kernels.available():
+        pytest.skip("expertcache's CPU kernels are not built here (no compiler, or EXPERTCACHE_KERNELS=torch)")
+    torch.manual_seed(0)
+    net = PregateNet(hidden=40, window=window, layers=3, experts=8, width=24, decays=decays, attn=attn, heads=2 if attn else 4)
+    torch.nn.init.normal_(net.fc2.weight)
+    emb = torch.randn(rows, 9, 40, dtype=torch.bfloat16)
+
+    def run(x):  # the first 4 tokens as a prompt, then one decode step each
+        s, state = net.score(x[:, :4])
+        out = [s.view(x.shape[0], 4, 3, 8)]
+        for t in range(4, 9):
+            s, state = net.score(x[:, t : t + 1], state)
+            out.append(s.view(x.shape[0], 1, 3, 8))
+        return torch.cat(out, 1), state
+
+    calls = []
+    step = torch.ops.expertcache.pregate_step
+    with mock.patch.object(torch.ops.expertcache, "pregate_step", lambda *a: calls.append(1) or step(*a)):
+        with torch.no_grad():
+            fused, state = run(emb)
+            assert len(calls) == 5  # the prompt through torch, each decode step fused
+            alone, _ = run(emb[-1:])
+            net._native = False
+            ref, ref_state = run(emb)
+        assert len(calls) == 10
+        torch.testing.assert_close(fused, ref)
+        torch.testing.assert_close(alone, fused[-1:])
+        for got, want in zip(state, ref_state):
+            if got is not None:
+                torch.testing.assert_close(got, want)
+        net._native = None
+        s, _ = net.score(emb[:, 4:5], state)  # gradients wanted (training): torch's ops
+        assert s.requires_grad and len(calls) == 10
 
 
 def test_pregate_guesses_every_layer_before_the_first_one_runs(model_dir):
