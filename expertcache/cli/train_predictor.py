@@ -28,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", default=None, help="predictor file to write (load it with --predictor PATH)")
     out.add_argument("--next-to-model", action="store_true", help="write MODEL/predictor-<kind>.pt, found without --predictor")
     t = TrainSettings  # every default is the settings' own
-    p.add_argument("--steps", type=int, default=t.steps, help=f"learned: optimiser steps per net (default {t.steps})")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"optimiser steps per net (default {t.steps})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"Adam learning rate (learned: of its MLP part; default {t.lr})")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="pregate: train on from this pre-gate file, its shape kept (e.g. MODEL/predictor-pregate.pt, "
+                        "the one refactor trained with the model; the file itself is left alone)")
     p.add_argument("--width", type=int, default=t.width, help=f"learned: hidden units per net (default {t.width})")
     p.add_argument("--seed", type=int, default=t.seed, help=f"learned: seed (default {t.seed})")
     p.add_argument("--attn", type=int, default=t.attn, metavar="W",
@@ -42,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.predictor_training import check_inputs, train_predictor
 
     depths = parse_depths(args.depth, expand=True)
-    settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed, attn=args.attn)
-    check_inputs(args.kind, max_tokens=args.max_tokens, window=args.window, settings=settings)
+    settings = TrainSettings(steps=args.steps, width=args.width, seed=args.seed, attn=args.attn, lr=args.lr)
+    check_inputs(args.kind, max_tokens=args.max_tokens, window=args.window, settings=settings, init=args.init)
     model_dir = Path(args.model) if args.model is not None else demo_model_dir()
     if args.next_to_model:
         out = default_path(model_dir, args.kind)
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     routed = dict(prefetch="pregate", routing="pregate") if args.routed_by_pregate else dict(prefetch="none")
     with Engine(engine_config(args, model=str(model_dir), io="buffered", **routed)) as engine:
         art = train_predictor(engine, args.kind, trace=args.trace, text=args.text, max_tokens=args.max_tokens,
-                              window=args.window, depths=depths, settings=settings, progress=progress)  # fmt: skip
+                              window=args.window, depths=depths, settings=settings, init=args.init, progress=progress)  # fmt: skip
     with written(out, "--out") as tmp:
         art.save(tmp)
     print(f"wrote {out}: {args.kind} predictor, {art.meta['tokens']} tokens, distances {art.depths or ('every layer at once' if art.kind == 'pregate' else 'chained')}{_validation(art)}")

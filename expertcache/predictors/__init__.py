@@ -16,7 +16,7 @@ from .default_vector import DefaultVectorPredictor
 from .gate import EstimatorPredictor, NextGatePredictor, NoPredictor
 from .history import HistoryPredictor
 from .learned import ExpertMLP, LearnedPredictor
-from .pregate import ATTN_HEADS, PregateNet, PregatePredictor
+from .pregate import PregateNet, PregatePredictor, net_of
 
 __all__ = [
     "Artefact", "CappedPredictor", "DefaultVectorPredictor", "EstimatorPredictor", "ExpertMLP", "HistoryPredictor",
@@ -81,12 +81,7 @@ def _default_vector(**kw) -> DefaultVectorPredictor:
 
 def _pregate(**kw) -> PregatePredictor:
     art = _artefact("pregate", kw)
-    layers, num_experts, hidden = _shape(kw["routers"])
-    net = PregateNet(hidden, int(art.meta["window"]), len(layers), num_experts, width=art.tensors["fc1.weight"].shape[0],
-                     decays=tuple(art.meta.get("decays", ())), attn=int(art.meta.get("attn", 0)),
-                     heads=int(art.meta.get("heads") or ATTN_HEADS))
-    net.load_state_dict(art.tensors)
-    return PregatePredictor(net, layers, top_k=kw["top_k"], depth=kw["depth"])
+    return PregatePredictor(net_of(art), sorted(kw["routers"]), top_k=kw["top_k"], depth=kw["depth"])
 
 
 PREDICTORS: dict[str, Callable[..., Predictor]] = {

@@ -162,6 +162,14 @@ class PregateNet(nn.Module):
         return s.view(b, self.layers, self.experts), (history, avg, kv)
 
 
+def net_of(art) -> PregateNet:
+    """The network a pregate predictor file (predictors.artefact.Artefact) holds, its weights loaded."""
+    net = PregateNet(art.hidden_size, int(art.meta["window"]), len(art.sparse_layers), art.num_experts,
+                     width=art.tensors["fc1.weight"].shape[0], decays=tuple(art.meta.get("decays", ())),
+                     attn=int(art.meta.get("attn", 0)), heads=int(art.meta.get("heads") or ATTN_HEADS))  # fmt: skip
+    net.load_state_dict(art.tensors)
+    return net
+
 class PregatePredictor:
     """At each forward's start (`start`, called by the engine before the first decoder layer) it
     scores every sparse layer for the call's tokens; `predict` then hands out those guesses for the

@@ -15,7 +15,7 @@ token's routing and MoE input at layer l+d), d = 1..depth in sparse layers.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..errors import ExpertCacheError
 from ..ids import TRAINED_KINDS
 from ..predictors.artefact import Artefact
 from ..predictors.learned import DEFAULT_ACTIVATION, ExpertMLP
-from ..predictors.pregate import ATTN_HEADS, DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet, check_attn
+from ..predictors.pregate import ATTN_HEADS, DEFAULT_DECAYS, DEFAULT_WINDOW, PregateNet, check_attn, net_of
 from .settings import TrainSettings
 from ..sim.recorder import Recorder
 from ..sim.trace import Trace
@@ -144,18 +144,26 @@ def record_pregate(engine, documents: list[list[int]], *, max_tokens: int, windo
 
 def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], top_k: int,
                 settings: TrainSettings = TrainSettings(), *, window: int = DEFAULT_WINDOW,
-                decays: tuple[float, ...] = DEFAULT_DECAYS, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                decays: tuple[float, ...] = DEFAULT_DECAYS, init: PregateNet | None = None,
+                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train a PregateNet towards every layer's router distribution (the targets of `learned`);
-    the best mean validation recall is kept. Without attention the rows are independent (random
-    token batches, random validation tokens); with it (settings.attn > 0) a batch is whole
-    forwards, and so is the validation split. Returns (tensors, report)."""
+    the best mean validation recall is kept (`init`, when given, is where training starts, and
+    what is kept unless a step beats it). Without attention the rows are independent (random
+    token batches, random validation tokens); with it a batch is whole forwards, and so is the
+    validation split. Returns (tensors, report)."""
     from tqdm.auto import tqdm
 
     layers = sorted(logits)
     num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=settings.attn)
+    if init is None:
+        net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=settings.attn)
+    else:  # its own shape: window, averages, widths
+        net = init.train()
+        for p in net.parameters():
+            p.requires_grad_(True)
+        settings = replace(settings, attn=net.attn)
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
     targets = torch.stack([_targets(ids[l], logits[l], num_experts, settings.hard_weight) for l in layers], dim=1)  # [N, L, E]
     n = len(feats)
@@ -364,13 +372,20 @@ def fit_default_vectors(engine, data: dict[int, LayerData], layers: list[int], *
     return tensors
 
 
-def check_inputs(kind: str, *, max_tokens: int, window: int, settings: TrainSettings) -> None:
+def check_inputs(kind: str, *, max_tokens: int, window: int, settings: TrainSettings, init: str | Path | None = None) -> None:
     """Refuse inputs train_predictor cannot use, before any engine is loaded."""
     if kind not in TRAINED_KINDS:
         raise ExpertCacheError(f"unknown predictor kind {kind!r}: choose one of {', '.join(TRAINED_KINDS)}")
     if max_tokens < 2 or window < 2 or settings.steps < 1 or settings.width < 1:
         raise ExpertCacheError("--max-tokens and --window must be at least 2, --steps and --width at least 1")
+    if not settings.lr > 0:
+        raise ExpertCacheError(f"--lr {settings.lr}: give a positive learning rate")
     check_attn(settings.attn, "--attn")
+    if init is not None:
+        if kind != "pregate":
+            raise ExpertCacheError(f"--init trains on from a pre-gate file: it goes with --kind pregate, not {kind}")
+        if not Path(init).is_file():
+            raise ExpertCacheError(f"--init {init}: no such file")
 
 
 def _check_depths(kind: str, layers: list[int], depths: list[int]) -> None:
@@ -431,20 +446,23 @@ def train_predictor(
     window: int = 256,
     depths: list[int] = (1,),
     settings: TrainSettings = TrainSettings(),
+    init: str | Path | None = None,
     progress: bool = True,
 ) -> Artefact:
     """A predictor file of `kind` for the engine's model, not yet saved (Artefact.save). Its input:
     `trace` (a Trace or a trace file recorded with hidden states), else the first `max_tokens`
     tokens of the text file `text` (None: TinyStories train), run through the engine in forward
-    passes of at most `window` tokens. meta["source"] names the input."""
+    passes of at most `window` tokens. meta["source"] names the input. `init` (pregate only): a
+    pregate file to train on from."""
     depths = list(depths)
     if trace is not None and text is not None:
         raise ExpertCacheError("give a trace or a calibration text, not both")
-    check_inputs(kind, max_tokens=max_tokens, window=window, settings=settings)
+    check_inputs(kind, max_tokens=max_tokens, window=window, settings=settings, init=init)
     _check_depths(kind, list(engine.checkpoint.sparse_layers), depths)
     if kind == "pregate":
-        return _train_pregate(engine, text, max_tokens=max_tokens, window=window, settings=settings,
+        return _train_pregate(engine, text, max_tokens=max_tokens, window=window, settings=settings, init=init,
                               progress=progress, trace_given=trace is not None)  # fmt: skip
+
     if isinstance(trace, Trace):
         source = "trace"
     elif trace is not None:
@@ -458,28 +476,39 @@ def train_predictor(
     return art
 
 
-def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: TrainSettings, progress: bool,
+def _train_pregate(engine, text, *, max_tokens: int, window: int, settings: TrainSettings, init, progress: bool,
                    trace_given: bool) -> Artefact:
     if trace_given:
         raise ExpertCacheError("pregate trains from calibration text (--text): a trace holds no token embeddings")
     art = train_pregate(engine, text_documents(engine, text, max_tokens), max_tokens=max_tokens, window=window,
-                        settings=settings, progress=progress)  # fmt: skip
+                        settings=settings, init=init, progress=progress)  # fmt: skip
     art.meta["source"] = str(text) if text is not None else "tinystories-train"
     return art
 
 
 def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000, window: int = 256,
-                  settings: TrainSettings = TrainSettings(), progress: bool = True) -> Artefact:
-    """A pregate predictor file for the engine's model, fitted on token `documents` run through it."""
+                  settings: TrainSettings = TrainSettings(), init: str | Path | None = None, progress: bool = True) -> Artefact:
+    """A pregate predictor file for the engine's model, fitted on token `documents` run through it;
+    `init`: a pregate file for this model to train on from (e.g. the pre-gate `refactor` trained
+    jointly with the model), its shape kept."""
     ckpt = engine.checkpoint
+    start = None
+    if init is not None:
+        art = Artefact.load(init)
+        router = engine.routers()[ckpt.sparse_layers[0]]  # [E, H]
+        art.check(kind="pregate", sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
+                  hidden_size=router.shape[1], depth=0, path=Path(init))  # fmt: skip
+        start = net_of(art)
     inputs, logits, ids = record_pregate(engine, documents, max_tokens=max_tokens, window=window, progress=progress)
-    tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, progress=progress)
+    tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, init=start, progress=progress)
+    attn = start.attn if start is not None else settings.attn
+    meta = {"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "attn": attn,
+            "heads": ATTN_HEADS if attn else 0, "validation": report, "settings": asdict(settings)}
+    if start is not None:
+        meta.update(window=start.window, decays=list(start.decays), heads=start.heads, init=str(init))
     return Artefact(
         kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
-        hidden_size=inputs[0].shape[-1], top_k=ckpt.top_k, depths=[], tensors=tensors,
-        meta={"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "attn": settings.attn,
-              "heads": ATTN_HEADS if settings.attn else 0, "validation": report,
-              "settings": asdict(settings)},
+        hidden_size=inputs[0].shape[-1], top_k=ckpt.top_k, depths=[], tensors=tensors, meta=meta,
     )  # fmt: skip
 
 

@@ -775,6 +775,39 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
     assert "multiple of 4" in err and err.count("\n") == 1
 
 
+def test_pregate_trains_on_from_a_given_file(model_dir, tmp_path, capsys):
+    """--init: training starts from the file's network (its shape kept, whatever --attn says), the
+    best of the start and each step is kept, the file itself is left alone; refused for other
+    kinds, missing files and files for another model, each in one line."""
+    text = _word_text(tmp_path / "cal.txt", 300, seed=3)
+    base = ["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--text", str(text), "--max-tokens", "300",
+            "--no-progress"]  # fmt: skip
+    assert main([*base, "--steps", "30", "--attn", "8", "--out", str(tmp_path / "a.pt")]) == 0
+    first = Artefact.load(tmp_path / "a.pt")
+    before = (tmp_path / "a.pt").read_bytes()
+    assert main([*base, "--steps", "1", "--lr", "1e-9", "--init", str(tmp_path / "a.pt"), "--out", str(tmp_path / "b.pt")]) == 0
+    capsys.readouterr()
+    on = Artefact.load(tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == before
+    assert on.meta["attn"] == 8 and on.meta["init"] == str(tmp_path / "a.pt") and set(on.tensors) == set(first.tensors)
+    for k, v in first.tensors.items():  # a step at a negligible rate: the same network (not a fresh one)
+        torch.testing.assert_close(on.tensors[k], v, atol=1e-6, rtol=0)
+    for args, words in [(["--kind", "learned"], "--kind pregate"), (["--init", str(tmp_path / "none.pt")], "no such file"),
+                        (["--lr", "0"], "positive learning rate")]:  # fmt: skip
+        capsys.readouterr()
+        rc = main([*base, "--init", str(tmp_path / "a.pt"), *args, "--out", str(tmp_path / "d.pt")])  # the last of a flag counts
+        err = capsys.readouterr().err
+        assert rc == 1 and words in err and err.count("\n") == 1, err
+    other = first.tensors.copy()
+    Artefact(kind="pregate", model="x", sparse_layers=[0, 1], num_experts=first.num_experts, hidden_size=first.hidden_size,
+             top_k=first.top_k, depths=[], tensors=other, meta=dict(first.meta)).save(tmp_path / "other.pt")
+    capsys.readouterr()
+    assert main([*base, "--init", str(tmp_path / "other.pt"), "--out", str(tmp_path / "d.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "another model" in err and err.count("\n") == 1
+    assert not (tmp_path / "d.pt").exists()
+
+
 def test_routing_by_the_pregate_uses_its_choices_and_requests_the_step_ahead(model_dir):
     """--routing pregate: each layer runs the experts the pre-gate chose per token before the first
     layer (weights: the router's softmax over them), and the whole step's experts were requested
