@@ -13,10 +13,13 @@
    with the CLI to use both cores). --align-coef sets moe-pg's (use a new --out for each value).
 3. Quality, same run and same token ids: perplexity on TinyStories validation (first 10k tokens,
    window 256, stride 128), last-word multiple-choice accuracy (500 items) and active parameters per
-   token: the dense model, moe-init, moe-ft, moe-pg with its own routers and routed by its pre-gate,
-   and the demo MoE.
+   token: the dense model, moe-init, moe-ft, moe-pg with its own routers and routed by its pre-gate
+   (the joint one and the polished one), and the demo MoE.
 4. Predictors on moe-pg, trained on TinyStories train (20k tokens): learned (depth 1) and, for
-   comparison, a pre-gate distilled after the fact (pregate-distilled); `eval-predictors` recall
+   comparison, a pre-gate distilled after the fact (pregate-distilled); the joint pre-gate trained
+   on, the model frozen, on 300k tokens (pregate-polished: `train-predictor --kind pregate --init
+   MODEL/predictor-pregate.pt --max-tokens 300000 --steps 8000 --lr 3e-4`), and a learned
+   predictor given the same 300k tokens (learned-300k); `eval-predictors` recall
    against the model's routers on 2,000 held-out tokens: next-gate and learned at depth 1, the
    pre-gates for every layer at once, fed in segments of the fine-tune's window (256: where the
    model was trained) and of twice it; then the same against the routing the model runs with when
@@ -24,7 +27,8 @@
 5. Speed: moe-pg at a 50% expert budget, one engine per variant in one process, decode steps in
    turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
    and routing by the pre-gate (how it was trained), also at 100% (the same routing with every
-   expert resident: what the budget itself costs); TPOT medians, hit rates, bytes read.
+   expert resident: what the budget itself costs); the pre-gate variants use the polished pre-gate;
+   TPOT medians, hit rates, bytes read.
 Writes OUT/refactor.json and OUT/refactor.md.
 """
 
@@ -44,6 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 VALID = "tinystories/tinystories_valid_cased.txt"
 TRAIN = "tinystories/tinystories_train_cased.txt"
 MC = "eval/tinystories_valid_lastword_mc.jsonl"
+POLISH_TOKENS = 300_000  # calibration tokens the joint pre-gate is trained on with (pregate-polished)
 
 
 def log(msg: str) -> None:
@@ -138,7 +143,22 @@ def _expert_params(path: Path) -> int:
     return len(ck.experts) * ck.expert_bytes // 2  # bf16: two bytes a parameter
 
 
-def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict:
+def polish(eng, moe: Path, out: Path, cal: Path, quick: bool) -> Path:
+    """The joint pre-gate trained on, the model frozen (`train-predictor --init`): OUT/predictor-pregate-polished.pt."""
+    from expertcache.predictors.artefact import default_path
+    from expertcache.tools.predictor_training import train_predictor
+    from expertcache.tools.settings import TrainSettings
+
+    path = out / "predictor-pregate-polished.pt"
+    if not path.exists():
+        log(f"train the joint pre-gate on, {POLISH_TOKENS} tokens")
+        settings = TrainSettings(steps=20 if quick else 8000, width=256, lr=3e-4)
+        train_predictor(eng, "pregate", text=cal, max_tokens=2000 if quick else POLISH_TOKENS, settings=settings,
+                        init=default_path(moe, "pregate"), progress=False).save(path)  # fmt: skip
+    return path
+
+
+def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int, quick: bool = False) -> dict:
     import expertcache
     from expertcache.predictors.artefact import default_path
     from expertcache.tools.predictor_eval import eval_predictors
@@ -148,21 +168,27 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
     files = {"pregate": str(default_path(moe, "pregate"))}  # the joint pre-gate, beside the model
     results = []
     with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
-        for kind, steps, name in (("learned", 1000, "learned"), ("pregate", 3000, "pregate-distilled")):
+        big = 2000 if quick else POLISH_TOKENS
+        for kind, steps, name, tokens, init in (("learned", 1000, "learned", 20000, None),
+                                                ("pregate", 3000, "pregate-distilled", 20000, None),
+                                                ("learned", 4000, "learned-300k", big, None)):  # fmt: skip
             path = out / f"predictor-{name}.pt"
             if not path.exists():
                 log(f"train {name}")
-                art = train_predictor(eng, kind, text=cal, max_tokens=20000, depths=[1],
-                                      settings=TrainSettings(steps=steps, width=256 if kind == "pregate" else 128), progress=False)
+                settings = TrainSettings(steps=20 if quick else steps, width=256 if kind == "pregate" else 128)
+                art = train_predictor(eng, kind, text=cal, max_tokens=tokens, depths=[1], settings=settings, init=init, progress=False)
                 art.save(path)
-                if kind == "learned":
+                if name == "learned":
                     art.save(default_path(moe, kind))
             files[name] = str(path)
+        files["pregate-polished"] = str(polish(eng, moe, out, cal, quick))
         log("eval-predictors")
         trained = json.loads((moe / "refactor.json").read_text())["settings"]["seq_len"]  # the windows it was trained on
         for segment in (trained, 2 * trained):  # within its training length, and half the tokens beyond it
             for label, names, given in (("", ["next-gate", "learned", "pregate"], {k: files[k] for k in ("learned", "pregate")}),
-                                        ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]})):  # fmt: skip
+                                        ("-distilled", ["pregate"], {"pregate": files["pregate-distilled"]}),
+                                        ("-polished", ["pregate"], {"pregate": files["pregate-polished"]}),
+                                        ("-300k", ["learned"], {"learned": files["learned-300k"]})):  # fmt: skip
                 rep = eval_predictors(eng, held, names=names, depths=[1], max_tokens=tokens, files=given, segment=segment, progress=False)
                 results += [dict(r, predictor=r["predictor"] + label, truth="its routers", segment=segment) for r in rep.results]
     # the routing the model runs with when its pre-gate routes it (how --pregate trained it): a learned
@@ -181,7 +207,7 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int) -> dict
     return {"files": files, "results": results, "tokens": rep.tokens, "sparse_layers": rep.sparse_layers}
 
 
-def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -> dict:
+def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int, pregate: Path | None = None) -> dict:
     import torch
 
     import expertcache
@@ -197,6 +223,10 @@ def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -
         "pregate-routing": dict(expert_budget=budget, prefetch="pregate", routing="pregate"),
         "pregate-routing, all resident": dict(expert_budget="100%", prefetch="pregate", routing="pregate"),
     }
+    if pregate is not None:  # a pre-gate file other than the one beside the model
+        for kw in variants.values():
+            if kw.get("prefetch") == "pregate":
+                kw["predictor"] = str(pregate)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(rounds):
         engines = {v: expertcache.load(moe, io="direct", num_threads=1, **kw) for v, kw in variants.items()}
@@ -223,7 +253,8 @@ def speed(moe: Path, prompt: list[int], tokens: int, budget: str, rounds: int) -
             out[v]["vs_routed_all_resident"] = statistics.median(
                 x["tpot_ms"] / y["tpot_ms"] for x, y in zip(rs, runs["pregate-routing, all resident"]))
         out[v]["same_tokens_as_exact"] = all(x["ids"] == y["ids"] for x, y in zip(rs, runs[base]))
-    return {"budget": budget, "tokens": tokens, "rounds": rounds, "variants": out}
+    return {"budget": budget, "tokens": tokens, "rounds": rounds, "variants": out,
+            "pregate_file": str(pregate) if pregate is not None else "beside the model"}
 
 
 def markdown(rep: dict) -> str:
@@ -263,7 +294,8 @@ def markdown(rep: dict) -> str:
             routed = f"{r['vs_routed_all_resident']:.3f}" if "vs_routed_all_resident" in r else "-"
             lines.append(f"| {v} | {r['tpot_ms']:.2f} | {r['vs_all_resident']:.3f} | {routed} | {100 * r['hit_rate']:.1f}% | "
                          f"{r['bytes_read_per_token'] / 1e3:.0f} | {'yes' if r['same_tokens_as_exact'] else 'no (lossy)'} |")
-        lines += ["", "(all resident: the model's own routing, no prefetch; routed by the pre-gate, its scores cost every step)"]
+        lines += ["", "(all resident: the model's own routing, no prefetch; routed by the pre-gate, its scores cost every step; "
+                  f"the pre-gate: {Path(s.get('pregate_file', 'beside the model')).name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -300,20 +332,27 @@ def main(argv=None) -> int:
     rep["refactor"] = {n: json.loads((d / "refactor.json").read_text())["result"] for n, d in dirs.items()}
     tok = AutoTokenizer.from_pretrained(str(dense))
     valid_ids = encode_text(tok, corpus(VALID).read_text(encoding="utf-8")[:200_000])[: 2000 if args.quick else 10_000]
+    import expertcache
+
+    with expertcache.load(dirs["moe-pg"], expert_budget="100%", prefetch="none", io="buffered") as eng:
+        polished = polish(eng, dirs["moe-pg"], out, cal, args.quick)
     if "predictors" not in skip:
         held = out / "heldout.txt"
         held.write_text(corpus(VALID).read_text(encoding="utf-8")[-300_000:], encoding="utf-8")
-        rep["predictors"] = predictors(dirs["moe-pg"], out, cal, held, 300 if args.quick else 2000)
+        rep["predictors"] = predictors(dirs["moe-pg"], out, cal, held, 300 if args.quick else 2000, args.quick)
     if "quality" not in skip:
         items = read_mc(corpus(MC), 50 if args.quick else 500)
         models = {"dense": (dense, {"dense": True}), "moe-init": (dirs["moe-init"], {"prefetch": "none"}),
                   "moe-ft": (dirs["moe-ft"], {"prefetch": "none"}),
                   "moe-pg, its routers": (dirs["moe-pg"], {"prefetch": "none"}),
                   "moe-pg, routed by its pre-gate": (dirs["moe-pg"], {"prefetch": "pregate", "routing": "pregate"}),
+                  "moe-pg, routed by its polished pre-gate": (dirs["moe-pg"], {"prefetch": "pregate", "routing": "pregate",
+                                                                               "predictor": str(polished)}),
                   "demo MoE": (REPO / "expertcache/demo", {"prefetch": "none"})}  # fmt: skip
         rep["quality"] = quality(models, valid_ids, items)
     if "speed" not in skip:
-        rep["speed"] = speed(dirs["moe-pg"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds)
+        rep["speed"] = speed(dirs["moe-pg"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds,
+                             pregate=polished)
     report_path.write_text(json.dumps(rep, indent=2) + "\n")
     (out / "refactor.md").write_text(markdown(rep))
     print(markdown(rep))

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=t.lr, help=f"Adam learning rate (learned: of its MLP part; default {t.lr})")
     p.add_argument("--init", default=None, metavar="FILE",
                    help="pregate: train on from this pre-gate file, its shape kept (e.g. MODEL/predictor-pregate.pt, "
-                        "the one refactor trained with the model; the file itself is left alone)")
+                        "the one refactor trained with the model); only read, unless --next-to-model names the same file")
     p.add_argument("--width", type=int, default=t.width, help=f"learned: hidden units per net (default {t.width})")
     p.add_argument("--seed", type=int, default=t.seed, help=f"learned: seed (default {t.seed})")
     p.add_argument("--attn", type=int, default=t.attn, metavar="W",
