@@ -5,14 +5,15 @@
 // zero points' packed words as stored. AVX2 + FMA, float32 accumulation; rows split over torch's threads.
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
 // emm: bf16/fp16 products bit for bit as torch's own CPU kernel computes them, faster (gemm.py).
+// pregate_step: a pre-gate's decode step (predictors/pregate.py) in one call, float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <cstring>
+#include <tuple>
 #include <vector>
 #include <immintrin.h>
 
@@ -260,7 +261,6 @@ void exact_rows(const uint16_t* w, int64_t ws, const float* xp, const float* xs,
     }
   }
 }
-
 
 // float32 dot product of two contiguous vectors, four accumulators (the FMA chain's latency)
 inline float dot_f32(const float* w, const float* x, int64_t K) {

@@ -152,10 +152,7 @@ class PregateNet(nn.Module):
 
     def _fused_step(self, emb: torch.Tensor, state: RunState, pad: torch.Tensor | None) -> tuple[torch.Tensor, RunState]:
         b = emb.shape[0]
-        kv = None
-        ctx = None
-        if self.attn:
-            ctx, kv = self.context(normalise(emb), state[2], pad)
+        ctx, kv = self.context(normalise(emb), state[2], pad) if self.attn else (None, None)
         s, history, avg = torch.ops.expertcache.pregate_step(
             emb.reshape(b, self.hidden), state[0], state[1], self._decay_tensor.view(-1), self.fc1.weight, self.fc1.bias,
             self.fc2.weight, self.fc2.bias, self.skip.weight, self.skip.bias, ctx)  # fmt: skip
@@ -169,6 +166,7 @@ def net_of(art) -> PregateNet:
                      attn=int(art.meta.get("attn", 0)), heads=int(art.meta.get("heads") or ATTN_HEADS))  # fmt: skip
     net.load_state_dict(art.tensors)
     return net
+
 
 class PregatePredictor:
     """At each forward's start (`start`, called by the engine before the first decoder layer) it

@@ -462,7 +462,6 @@ def train_predictor(
     if kind == "pregate":
         return _train_pregate(engine, text, max_tokens=max_tokens, window=window, settings=settings, init=init,
                               progress=progress, trace_given=trace is not None)  # fmt: skip
-
     if isinstance(trace, Trace):
         source = "trace"
     elif trace is not None:
