@@ -169,14 +169,13 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int, quick: 
     results = []
     with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
         big = 2000 if quick else POLISH_TOKENS
-        for kind, steps, name, tokens, init in (("learned", 1000, "learned", 20000, None),
-                                                ("pregate", 3000, "pregate-distilled", 20000, None),
-                                                ("learned", 4000, "learned-300k", big, None)):  # fmt: skip
+        for kind, steps, name, train_tokens in (("learned", 1000, "learned", 20000), ("pregate", 3000, "pregate-distilled", 20000),
+                                                ("learned", 4000, "learned-300k", big)):  # fmt: skip
             path = out / f"predictor-{name}.pt"
             if not path.exists():
                 log(f"train {name}")
                 settings = TrainSettings(steps=20 if quick else steps, width=256 if kind == "pregate" else 128)
-                art = train_predictor(eng, kind, text=cal, max_tokens=tokens, depths=[1], settings=settings, init=init, progress=False)
+                art = train_predictor(eng, kind, text=cal, max_tokens=train_tokens, depths=[1], settings=settings, progress=False)
                 art.save(path)
                 if name == "learned":
                     art.save(default_path(moe, kind))
