@@ -151,10 +151,11 @@ def polish(eng, moe: Path, out: Path, cal: Path, quick: bool) -> Path:
 
     path = out / "predictor-pregate-polished.pt"
     if not path.exists():
-        log(f"train the joint pre-gate on, {POLISH_TOKENS} tokens")
+        tokens = 2000 if quick else POLISH_TOKENS
+        log(f"train the joint pre-gate on, {tokens} tokens")
         settings = TrainSettings(steps=20 if quick else 8000, width=256, lr=3e-4)
-        train_predictor(eng, "pregate", text=cal, max_tokens=2000 if quick else POLISH_TOKENS, settings=settings,
-                        init=default_path(moe, "pregate"), progress=False).save(path)  # fmt: skip
+        train_predictor(eng, "pregate", text=cal, max_tokens=tokens, settings=settings, init=default_path(moe, "pregate"),
+                        progress=False).save(path)  # fmt: skip
     return path
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import types
+from unittest import mock
 
 import pytest
-from unittest import mock
 import torch
 from torch import nn
 
@@ -776,9 +776,9 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
 
 
 def test_pregate_trains_on_from_a_given_file(model_dir, tmp_path, capsys):
-    """--init: training starts from the file's network (its shape kept, whatever --attn says), the
-    best of the start and each step is kept, the file itself is left alone; refused for other
-    kinds, missing files and files for another model, each in one line."""
+    """--init: training starts from the file's network (its shape kept: no --attn needed), the file
+    itself is left alone; refused for other kinds, missing files, a zero rate and files for another
+    model, each in one line, writing nothing."""
     text = _word_text(tmp_path / "cal.txt", 300, seed=3)
     base = ["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--text", str(text), "--max-tokens", "300",
             "--no-progress"]  # fmt: skip
