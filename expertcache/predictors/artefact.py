@@ -6,6 +6,7 @@ default place is beside the model, MODEL/predictor-{kind}.pt.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,13 @@ class Artefact:
             raise ExpertCacheError(f"predictor file {path} not found")
         try:
             body = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file, truncated, or holding code
-            raise ExpertCacheError(f"{path} is not a readable predictor file: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        except pickle.UnpicklingError:  # not a torch file, or one holding objects (code) beyond tensors
+            raise ExpertCacheError(f"{path} is not a readable predictor file: not a torch file of tensors (expertcache loads "
+                                   "no code from predictor files); rerun expertcache train-predictor to make one") from None
+        except Exception as e:  # truncated, damaged, unreadable
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise ExpertCacheError(f"{path} is not a readable predictor file ({first[:120]}): truncated or damaged? "
+                                   "rerun expertcache train-predictor") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ExpertCacheError(f"{path} is not an expertcache predictor file")
         if body.get("version") != VERSION:

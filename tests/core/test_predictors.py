@@ -348,6 +348,29 @@ def test_predictor_file_for_another_depth_is_refused(model_dir, tmp_path):
         expertcache.load(model_dir, prefetch="estimator", prefetch_depth=2, predictor=str(path))
 
 
+def test_a_damaged_predictor_file_says_so_in_one_line(tmp_path):
+    """A file that is no torch file, one cut short, and one holding code (never run): each a
+    one-line error naming the file and what to do, without torch's advice to load it unsafely."""
+    import os
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo ran > " + str(tmp_path / "ran"),))
+
+    (tmp_path / "text.pt").write_text("not a predictor\n")
+    torch.save({"format": "x", "t": torch.ones(3)}, tmp_path / "cut.pt")
+    whole = (tmp_path / "cut.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    torch.save({"format": Code()}, tmp_path / "code.pt")
+    for name, words in (("text.pt", "not a torch file of tensors"), ("cut.pt", "truncated or damaged"),
+                        ("code.pt", "loads no code")):  # fmt: skip
+        with pytest.raises(expertcache.ExpertCacheError) as err:
+            Artefact.load(tmp_path / name)
+        msg = str(err.value)
+        assert name in msg and words in msg and "train-predictor" in msg and "\n" not in msg and "weights_only" not in msg
+    assert not (tmp_path / "ran").exists()
+
+
 # --- scheduling ------------------------------------------------------------------------------------
 def test_wrong_guess_never_evicts_an_expert_of_the_layers_it_looks_over(model_dir):
     """4 slots: (1,0) and (3,0) resident, layer 0 running with (0,0), (0,1) pinned. A guess for
