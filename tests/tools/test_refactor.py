@@ -250,4 +250,11 @@ def test_the_cli_warns_when_a_layer_collapses(monkeypatch, tmp_path, capsys):
     fake_even = lambda *a, **k: dataclasses.replace(fake(*a, **k), max_expert_share=[0.15, 0.2])  # noqa: E731
     monkeypatch.setattr(rf, "refactor", fake_even)
     assert main(argv) == 0
-    assert "warning" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning" not in out and "--init" not in out  # no pre-gate agreement reported: no pre-gate to train on
+    with_pregate = lambda *a, **k: dataclasses.replace(fake_even(*a, **k), pregate_agreement=[0.99, 0.98])  # noqa: E731
+    monkeypatch.setattr(rf, "refactor", with_pregate)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    hint = next(line for line in out.splitlines() if "--init" in line)
+    assert f"--model {tmp_path / 'out'} --kind pregate --init {tmp_path / 'out' / 'predictor-pregate.pt'}" in hint
