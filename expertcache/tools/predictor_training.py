@@ -498,6 +498,10 @@ def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000
         art.check(kind="pregate", sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
                   hidden_size=router.shape[1], depth=0, path=Path(init))  # fmt: skip
         start = net_of(art)
+        width = start.fc1.out_features
+        if settings.attn not in (0, start.attn) or settings.width not in (TrainSettings.width, width):
+            raise ExpertCacheError(f"--init {init} is a pre-gate {width} wide with attention {start.attn or 'none'}: "
+                                   "training on keeps its shape, so leave out --width and --attn (or give its own)")
     inputs, logits, ids = record_pregate(engine, documents, max_tokens=max_tokens, window=window, progress=progress)
     tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, init=start, progress=progress)
     attn = start.attn if start is not None else settings.attn

@@ -800,8 +800,8 @@ def test_pregate_is_trained_from_text_not_from_a_trace(model_dir, tmp_path, caps
 
 def test_pregate_trains_on_from_a_given_file(model_dir, tmp_path, capsys):
     """--init: training starts from the file's network (its shape kept: no --attn needed), the file
-    itself is left alone; refused for other kinds, missing files, a zero rate and files for another
-    model, each in one line, writing nothing."""
+    itself is left alone; refused for other kinds, missing files, a zero rate, another shape asked
+    for and files for another model, each in one line, writing nothing."""
     text = _word_text(tmp_path / "cal.txt", 300, seed=3)
     base = ["train-predictor", "--kind", "pregate", "--model", str(model_dir), "--text", str(text), "--max-tokens", "300",
             "--no-progress"]  # fmt: skip
@@ -816,7 +816,8 @@ def test_pregate_trains_on_from_a_given_file(model_dir, tmp_path, capsys):
     for k, v in first.tensors.items():  # a step at a negligible rate: the same network (not a fresh one)
         torch.testing.assert_close(on.tensors[k], v, atol=1e-6, rtol=0)
     for args, words in [(["--kind", "learned"], "--kind pregate"), (["--init", str(tmp_path / "none.pt")], "no such file"),
-                        (["--lr", "0"], "positive learning rate")]:  # fmt: skip
+                        (["--lr", "0"], "positive learning rate"), (["--attn", "16"], "keeps its shape"),
+                        (["--width", "64"], "keeps its shape")]:  # fmt: skip
         capsys.readouterr()
         rc = main([*base, "--init", str(tmp_path / "a.pt"), *args, "--out", str(tmp_path / "d.pt")])  # the last of a flag counts
         err = capsys.readouterr().err
