@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Read-ME end to end: a dense model -> `expertcache refactor` -> fine-tune -> pre-gate -> a budget.
 
-    python benchmarks/refactor.py [--dense DIR] [--out results/refactor] [--finetune-tokens N] [--quick]
+    python benchmarks/refactor.py [--dense DIR] [--out results/refactor] [--finetune-tokens N] [--speed-runs N] [--quick]
 
 1. The dense parent: DIR (default: the export of results/readme/dense/ckpt, trained by
    `expertcache train-demo --family llama --tokenizer expertcache/demo --intermediate 2048 ...`,
@@ -28,7 +28,7 @@
    turn (benchmarks/decode.py's lockstep): 100% resident, prefetch none, next-gate, learned, pregate,
    and routing by the pre-gate (how it was trained), also at 100% (the same routing with every
    expert resident: what the budget itself costs); the pre-gate variants use the polished pre-gate;
-   TPOT medians, hit rates, bytes read.
+   TPOT medians, hit rates, bytes read; --speed-runs N repeats it and lists every run's ratios.
 Writes OUT/refactor.json and OUT/refactor.md.
 """
 
@@ -296,6 +296,13 @@ def markdown(rep: dict) -> str:
                          f"{r['bytes_read_per_token'] / 1e3:.0f} | {'yes' if r['same_tokens_as_exact'] else 'no (lossy)'} |")
         lines += ["", "(all resident: the model's own routing, no prefetch; routed by the pre-gate, its scores cost every step; "
                   f"the pre-gate: {Path(s.get('pregate_file', 'beside the model')).name})"]
+        runs = s.get("runs", [])
+        if len(runs) > 1:  # the table is the last run; each variant's ratio to all resident in every run
+            lines += ["", f"{len(runs)} runs, each variant / all resident (the table shows the last):", ""]
+            for v in runs[0]:
+                xs = [r[v] for r in runs]
+                lines.append(f"- {v}: median {statistics.median(xs):.3f}, range {min(xs):.3f}-{max(xs):.3f} "
+                             f"({', '.join(f'{x:.3f}' for x in xs)})")
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per speed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", default="50%")
+    ap.add_argument("--speed-runs", type=int, default=1, help="repeat the speed step; the markdown gives every run's ratios")
     ap.add_argument("--align-coef", type=float, default=None, help="moe-pg's --align-coef (default: refactor's own)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: quality, predictors, speed")
     ap.add_argument("--quick", action="store_true", help="small figures to check the script runs")
@@ -351,8 +359,12 @@ def main(argv=None) -> int:
                   "demo MoE": (REPO / "expertcache/demo", {"prefetch": "none"})}  # fmt: skip
         rep["quality"] = quality(models, valid_ids, items)
     if "speed" not in skip:
-        rep["speed"] = speed(dirs["moe-pg"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget, 1 if args.quick else args.rounds,
-                             pregate=polished)
+        runs = []
+        for i in range(1 if args.quick else args.speed_runs):  # runs minutes apart: the machine's load drifts between them
+            runs.append(speed(dirs["moe-pg"], valid_ids[:32], 16 if args.quick else args.tokens, args.budget,
+                              1 if args.quick else args.rounds, pregate=polished))
+            log(f"speed run {i}: routed {runs[-1]['variants']['pregate-routing']['vs_all_resident']:.3f}x all resident")
+        rep["speed"] = dict(runs[-1], runs=[{v: r["vs_all_resident"] for v, r in run["variants"].items()} for run in runs])
     report_path.write_text(json.dumps(rep, indent=2) + "\n")
     (out / "refactor.md").write_text(markdown(rep))
     print(markdown(rep))
