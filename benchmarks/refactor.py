@@ -143,8 +143,9 @@ def _expert_params(path: Path) -> int:
     return len(ck.experts) * ck.expert_bytes // 2  # bf16: two bytes a parameter
 
 
-def polish(eng, moe: Path, out: Path, cal: Path, quick: bool) -> Path:
+def polish(moe: Path, out: Path, cal: Path, quick: bool) -> Path:
     """The joint pre-gate trained on, the model frozen (`train-predictor --init`): OUT/predictor-pregate-polished.pt."""
+    import expertcache
     from expertcache.predictors.artefact import default_path
     from expertcache.tools.predictor_training import train_predictor
     from expertcache.tools.settings import TrainSettings
@@ -154,19 +155,20 @@ def polish(eng, moe: Path, out: Path, cal: Path, quick: bool) -> Path:
         tokens = 2000 if quick else POLISH_TOKENS
         log(f"train the joint pre-gate on, {tokens} tokens")
         settings = TrainSettings(steps=20 if quick else 8000, width=256, lr=3e-4)
-        train_predictor(eng, "pregate", text=cal, max_tokens=tokens, settings=settings, init=default_path(moe, "pregate"),
-                        progress=False).save(path)  # fmt: skip
+        with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
+            train_predictor(eng, "pregate", text=cal, max_tokens=tokens, settings=settings, init=default_path(moe, "pregate"),
+                            progress=False).save(path)  # fmt: skip
     return path
 
 
-def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int, quick: bool = False) -> dict:
+def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int, polished: Path, quick: bool = False) -> dict:
     import expertcache
     from expertcache.predictors.artefact import default_path
     from expertcache.tools.predictor_eval import eval_predictors
     from expertcache.tools.predictor_training import train_predictor
     from expertcache.tools.settings import TrainSettings
 
-    files = {"pregate": str(default_path(moe, "pregate"))}  # the joint pre-gate, beside the model
+    files = {"pregate": str(default_path(moe, "pregate")), "pregate-polished": str(polished)}  # the joint one beside the model
     results = []
     with expertcache.load(moe, expert_budget="100%", prefetch="none", io="buffered") as eng:
         big = 2000 if quick else POLISH_TOKENS
@@ -181,7 +183,6 @@ def predictors(moe: Path, out: Path, cal: Path, held: Path, tokens: int, quick: 
                 if name == "learned":
                     art.save(default_path(moe, kind))
             files[name] = str(path)
-        files["pregate-polished"] = str(polish(eng, moe, out, cal, quick))
         log("eval-predictors")
         trained = json.loads((moe / "refactor.json").read_text())["settings"]["seq_len"]  # the windows it was trained on
         for segment in (trained, 2 * trained):  # within its training length, and half the tokens beyond it
@@ -340,14 +341,11 @@ def main(argv=None) -> int:
     rep["refactor"] = {n: json.loads((d / "refactor.json").read_text())["result"] for n, d in dirs.items()}
     tok = AutoTokenizer.from_pretrained(str(dense))
     valid_ids = encode_text(tok, corpus(VALID).read_text(encoding="utf-8")[:200_000])[: 2000 if args.quick else 10_000]
-    import expertcache
-
-    with expertcache.load(dirs["moe-pg"], expert_budget="100%", prefetch="none", io="buffered") as eng:
-        polished = polish(eng, dirs["moe-pg"], out, cal, args.quick)
+    polished = polish(dirs["moe-pg"], out, cal, args.quick)
     if "predictors" not in skip:
         held = out / "heldout.txt"
         held.write_text(corpus(VALID).read_text(encoding="utf-8")[-300_000:], encoding="utf-8")
-        rep["predictors"] = predictors(dirs["moe-pg"], out, cal, held, 300 if args.quick else 2000, args.quick)
+        rep["predictors"] = predictors(dirs["moe-pg"], out, cal, held, 300 if args.quick else 2000, polished, args.quick)
     if "quality" not in skip:
         items = read_mc(corpus(MC), 50 if args.quick else 500)
         models = {"dense": (dense, {"dense": True}), "moe-init": (dirs["moe-init"], {"prefetch": "none"}),

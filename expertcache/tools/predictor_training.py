@@ -157,20 +157,15 @@ def fit_pregate(inputs: list[torch.Tensor], logits: dict[int, torch.Tensor], ids
     num_experts, hidden = logits[layers[0]].shape[1], inputs[0].shape[-1]
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    if init is None:
-        net = PregateNet(hidden, window, len(layers), num_experts, width=settings.width, decays=decays, attn=settings.attn)
-    else:  # its own shape: window, averages, widths
-        net = init.train()
-        for p in net.parameters():
-            p.requires_grad_(True)
-        settings = replace(settings, attn=net.attn)
+    net = init.train() if init is not None else PregateNet(hidden, window, len(layers), num_experts, width=settings.width,
+                                                           decays=decays, attn=settings.attn)  # fmt: skip
     feats = torch.cat([net.features(x[None])[0] for x in inputs])  # [N, window*H], a window per forward
     targets = torch.stack([_targets(ids[l], logits[l], num_experts, settings.hard_weight) for l in layers], dim=1)  # [N, L, E]
     n = len(feats)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     bar = tqdm(total=settings.steps, unit="step", desc="train pregate", disable=not progress)
     postfix = lambda loss, r: dict(loss=f"{loss:.3f}", val=f"{sum(r) / len(r):.3f}")  # noqa: E731
-    if settings.attn:
+    if net.attn:
         best, best_state = _fit_pregate_sequences(net, opt, inputs, feats, targets, ids, layers, top_k, settings, gen, bar, postfix)
     else:
         perm = torch.randperm(n, generator=gen)
@@ -502,13 +497,15 @@ def train_pregate(engine, documents: list[list[int]], *, max_tokens: int = 20000
         if settings.attn not in (0, start.attn) or settings.width not in (TrainSettings.width, width):
             raise ExpertCacheError(f"--init {init} is a pre-gate {width} wide with attention {start.attn or 'none'}: "
                                    "training on keeps its shape, so leave out --width and --attn (or give its own)")
+        settings = replace(settings, attn=start.attn, width=width)  # the file's shape, as the file records
+    net_window, decays, heads = ((start.window, start.decays, start.heads) if start is not None
+                                 else (DEFAULT_WINDOW, DEFAULT_DECAYS, ATTN_HEADS if settings.attn else 0))
     inputs, logits, ids = record_pregate(engine, documents, max_tokens=max_tokens, window=window, progress=progress)
     tensors, report = fit_pregate(inputs, logits, ids, ckpt.top_k, settings, init=start, progress=progress)
-    attn = start.attn if start is not None else settings.attn
-    meta = {"tokens": sum(len(x) for x in inputs), "window": DEFAULT_WINDOW, "decays": list(DEFAULT_DECAYS), "attn": attn,
-            "heads": ATTN_HEADS if attn else 0, "validation": report, "settings": asdict(settings)}
-    if start is not None:
-        meta.update(window=start.window, decays=list(start.decays), heads=start.heads, init=str(init))
+    meta = {"tokens": sum(len(x) for x in inputs), "window": net_window, "decays": list(decays), "attn": settings.attn,
+            "heads": heads, "validation": report, "settings": asdict(settings)}
+    if init is not None:
+        meta["init"] = str(init)
     return Artefact(
         kind="pregate", model=str(ckpt.model_dir), sparse_layers=list(ckpt.sparse_layers), num_experts=ckpt.num_experts,
         hidden_size=inputs[0].shape[-1], top_k=ckpt.top_k, depths=[], tensors=tensors, meta=meta,
