@@ -122,11 +122,10 @@ def kernel_for(scheme: Scheme, shape: tuple[int, int], *, native: bool | None = 
 
 
 def _int4_tiles(u: torch.Tensor) -> torch.Tensor:
-    """Unsigned 4-bit values [out, in] (out a multiple of 32) -> torch's CPU int4 layout [out, in/2]:
-    per block of 32 rows, for each input k, 16 bytes holding rows j (low nibble) and j + 16 (high)."""
-    out, inner = u.shape
-    v = u.view(out // 32, 2, 16, inner)
-    return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).reshape(out, inner // 2)
+    """Unsigned 4-bit values [out, in] (out a multiple of 32) -> torch's CPU int4 layout [out, in/2],
+    packed by torch's own op: the layout follows the CPU torch runs on (AVX2 and AVX-512 builds of
+    _weight_int4pack_mm_for_cpu read different tiles), so it is never written here by hand."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 2)
 
 
 @dataclass(frozen=True)
