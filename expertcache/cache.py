@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from .errors import BudgetError, ExpertLoadError
-from .ids import CANCELLED, DEMAND, DONE, FAILED, PREFETCH, ExpertId, Prediction
+from .ids import CANCELLED, DEMAND, DONE, FAILED, PREFETCH, UPGRADE, ExpertId, Prediction
 from .loader import Loader
 from .policies import EvictionPolicy
 from .stats import Stats
@@ -33,7 +33,8 @@ class Reader(Protocol):
     """What moves expert bytes into slots. A load is an opaque handle; its state is one of
     loader.QUEUED, RUNNING, DONE, FAILED, CANCELLED."""
 
-    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list: ...  # (expert, slot) -> loads
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int, copy: int = 0) -> list: ...  # (expert, slot) -> loads;
+    # copy=1 (passed only then): read the miss copy's experts (a Reader of a cache without one never sees it)
 
     def promote(self, load) -> None: ...  # a speculative load is needed now: demand priority
 
@@ -56,6 +57,10 @@ class Entry:
     speculative: bool = False  # loaded on a guess and not used yet
     wasted: bool = False  # its layer ran without needing it
     pins: int = 0
+    low: bool = False  # holds the miss copy's expert (smaller, lossy), not the model's own
+    low_uses: int = 0  # calls that have needed it while it held the miss copy's expert
+    nbytes: int = 0  # bytes of its latest load (what a cancel takes back from bytes_read)
+    upgrade_from: object | None = None  # while the full copy is read over the miss copy's: that copy's (finished) load
 
 
 def capacity_for(budget_bytes: int, expert_bytes: int, top_k: int, num_experts: int) -> int:
@@ -80,12 +85,15 @@ class CacheCore:
 
     def __init__(self, *, capacity: int, policy: EvictionPolicy, reader: Reader, stats: Stats,
                  expert_bytes: dict[int, int], layers: list[int] = (), experts_per_layer: int = 0,
-                 quotas: dict[int, int] | None = None) -> None:
+                 quotas: dict[int, int] | None = None, low_bytes: dict[int, int] | None = None) -> None:
         self.capacity = capacity
         self.policy = policy
         self.reader = reader
         self.stats = stats
         self.expert_bytes = expert_bytes  # layer -> bytes of one expert
+        self.low_bytes = low_bytes  # layer -> bytes of one expert of the miss copy (None: there is none)
+        self.miss_low = False  # demand misses load the miss copy (set per forward: decode steps; see Mixed precision)
+        self.upgrade_after = 2  # calls on a miss copy's expert after which its full copy is read (0: never)
         self.quotas = quotas  # per-layer slot shares of a partitioned policy
         self.layers = sorted(layers)  # sparse layers in forward order; [] = no sweep rule
         self.experts_per_layer = experts_per_layer
@@ -123,6 +131,8 @@ class CacheCore:
                     ready = [e for e in pending if self.ready(e)] or [min(pending, key=self.arrival_key)]
                     for eid in ready:
                         self.wait(eid)
+                        if self.entries[eid].low:
+                            self.stats.count(layer, "low_uses")  # computed on the miss copy's expert
                         yield eid
                         pending.remove(eid)
             finally:
@@ -132,6 +142,8 @@ class CacheCore:
             # now its own experts are done (used furthest ahead), they make room for the rest
             self.end_call()
             self.request(layer, requested, after=True)
+        if self.low_bytes is not None:
+            self.upgrade([(layer, e) for e in needed])
 
     def preempt(self, layer: int, needed: Iterable[int]) -> None:
         """The layer's router has run: its speculative entries it does not need are wrong guesses;
@@ -171,6 +183,8 @@ class CacheCore:
             elif ent.speculative:
                 self._first_use(eid, ent)
             else:
+                if ent.upgrade_from is not None:
+                    self._need_upgrading(eid, ent)
                 self.policy.access(eid, self.now)
             ent.pins += 1
             out.append(eid)
@@ -178,6 +192,14 @@ class CacheCore:
             stats.lookups += len(out)
             stats.hits += len(out) - len(missed)
             stats.misses += len(missed)
+        if self.miss_low and missed:  # the miss copy's smaller experts now, the full ones later (upgrade)
+            for _, ent in missed:
+                ent.low = True
+            self.stats.count(layer, "low_loads", len(missed))
+        for eid in out:
+            ent = self.entries[eid]
+            if ent.low:
+                ent.low_uses += 1
         self._submit(missed, DEMAND)  # the layer's demand loads queued together, in the order computed
         return out
 
@@ -206,6 +228,43 @@ class CacheCore:
                 ent.pins -= 1
                 if ent.pins == 0 and ent.load is not None and self.reader.error(ent.load) is not None:
                     self.remove(eid)
+
+    # --- mixed precision: a miss copy's experts, upgraded when the link is idle ---------------------
+    def upgrade(self, eids: Iterable[ExpertId]) -> None:
+        """Read the full copy of each of `eids` that holds the miss copy's expert, unused now and
+        needed by `upgrade_after` calls or more (2, the default: an expert used again, which the
+        cache is likely to keep; an expert evicted after one use never costs its full read), over
+        it, at the lowest priority (after every demand load and guess: when the link is idle).
+        Until it lands the entry is loading: a call that needs it first cancels the read if no byte
+        is read yet (the small copy is still whole) or waits for it (_need_upgrading)."""
+        if self.upgrade_after <= 0:
+            return
+        todo = []
+        for eid in eids:
+            ent = self.entries.get(eid)
+            if (ent is None or not ent.low or not ent.ready or ent.pins or ent.upgrade_from is not None
+                    or ent.low_uses < self.upgrade_after):
+                continue
+            ent.upgrade_from, ent.ready = ent.load, False
+            self.unready.add(eid)
+            todo.append((eid, ent))
+        if todo:
+            self._submit(todo, UPGRADE)
+            for eid, _ in todo:
+                self.stats.count(eid[0], "upgrades")
+
+    def _need_upgrading(self, eid: ExpertId, ent: Entry) -> None:
+        """A call needs an expert whose full copy is being read over its miss copy's."""
+        if self._finished(ent):
+            self._settle(eid, ent)
+        elif self._cancel(eid, ent, count=False):  # not a byte read: the miss copy's expert is whole
+            self.stats.count(eid[0], "upgrades", -1)
+            self.stats.count(eid[0], "upgrades_cancelled")
+            ent.load, ent.upgrade_from, ent.ready = ent.upgrade_from, None, True
+            ent.nbytes = self.low_bytes[eid[0]]
+            self.unready.discard(eid)
+        else:
+            self.reader.promote(ent.load)  # partly read: the full copy it is, now
 
     def ready(self, eid: ExpertId) -> bool:
         ent = self.entries[eid]
@@ -422,12 +481,17 @@ class CacheCore:
 
     # --- loads -------------------------------------------------------------------------------
     def _submit(self, new: list[tuple[ExpertId, Entry]], priority: int) -> None:
-        if not new:
-            return
-        loads = self.reader.submit_many([(eid, ent.slot) for eid, ent in new], priority)
-        for (eid, ent), load in zip(new, loads):
-            ent.load = load
-            self.stats.bytes_read += self.expert_bytes[eid[0]]
+        """Hand loads to the reader; an entry marked `low` (not upgrading) reads the miss copy."""
+        for copy in (0, 1):
+            mine = [(eid, ent) for eid, ent in new if (ent.low and ent.upgrade_from is None) == bool(copy)]
+            if not mine:
+                continue
+            sizes = self.low_bytes if copy else self.expert_bytes
+            pairs = [(eid, ent.slot) for eid, ent in mine]
+            loads = self.reader.submit_many(pairs, priority, copy) if copy else self.reader.submit_many(pairs, priority)
+            for (eid, ent), load in zip(mine, loads):
+                ent.load, ent.nbytes = load, sizes[eid[0]]
+                self.stats.bytes_read += ent.nbytes
 
     def _finished(self, ent: Entry) -> bool:
         return self.reader.state(ent.load) in FINISHED
@@ -435,7 +499,7 @@ class CacheCore:
     def _cancel(self, eid: ExpertId, ent: Entry, *, count: bool = True) -> bool:
         if not self.reader.cancel(ent.load):
             return False
-        self.stats.bytes_read -= self.expert_bytes[eid[0]]
+        self.stats.bytes_read -= ent.nbytes
         if count:
             self.stats.count(eid[0], "prefetch_cancelled")
         return True
@@ -451,6 +515,8 @@ class CacheCore:
             if ent.pins == 0 and self.entries.get(eid) is ent:
                 self.remove(eid)
             return
+        if ent.upgrade_from is not None:  # the full copy has landed over the miss copy's
+            ent.low, ent.upgrade_from = False, None
         ent.ready = True
         self.unready.discard(eid)
 
@@ -475,38 +541,55 @@ class CacheCore:
 
 
 class ExpertCache:
-    """Expert slots in memory, filled from the checkpoint by the Loader, under a byte budget."""
+    """Expert slots in memory, filled from the checkpoint by the Loader, under a byte budget.
+
+    `low_store` (a miss copy: the same model's experts quantized smaller, `--miss-copy`) gives
+    decode misses a smaller read (CacheCore.miss_low) and upgrades them later; every slot holds
+    either copy, so the budget buys the same slots with it as without."""
 
     def __init__(self, *, store: ExpertStore, budget_bytes: int, expert_bytes: int, top_k: int,
                  policy: EvictionPolicy, partitioned: bool, layers: list[int], io_threads: int, stats: Stats,
-                 prepare: Callable[[tuple[torch.Tensor, ...]], None] | None = None) -> None:
+                 prepare: Callable[[tuple[torch.Tensor, ...]], None] | None = None, quant=None,
+                 low_store: ExpertStore | None = None, low_quant=None, low_expert_bytes: int = 0) -> None:
         capacity = capacity_for(budget_bytes, expert_bytes, top_k, store.num_experts)
         self.budget_bytes = budget_bytes
-        self.store = store
-        self.arena = SlotArena(capacity, store.slot_bytes)
-        self.loader = Loader(store, self.arena, threads=io_threads, prepare=prepare)
+        self.store, self.low_store = store, low_store
+        self.quant, self.low_quant = quant, low_quant  # how each copy's experts compute (None: as saved)
+        copies = ()
+        if low_store is not None:
+            copies = ((low_store, low_quant.prepare if low_quant is not None and low_quant.repacks else None),)
+        self.arena = SlotArena(capacity, max(s.slot_bytes for s in (store, low_store) if s is not None))
+        self.loader = Loader(store, self.arena, threads=io_threads, prepare=prepare, copies=copies)
+        low_bytes = None if low_store is None else {l: low_expert_bytes for l in layers}
         self.core = CacheCore(
             capacity=capacity, policy=policy, reader=self.loader, stats=stats,
             expert_bytes={l: expert_bytes for l in layers}, layers=layers,
             experts_per_layer=store.num_experts // max(len(layers), 1),
-            quotas=equal_quotas(capacity, sorted(layers)) if partitioned else None,
+            quotas=equal_quotas(capacity, sorted(layers)) if partitioned else None, low_bytes=low_bytes,
         )  # fmt: skip
 
     @property
     def capacity(self) -> int:
         return self.core.capacity
 
-    def stream(self, layer: int, needed: list[int],
-               guesses: Callable[[], Prediction] | None = None) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
-        """One layer call (CacheCore.stream): yields (expert, its part tensors), soonest ready first."""
+    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None
+               ) -> Iterator[tuple[int, tuple[torch.Tensor, ...], object]]:
+        """One layer call (CacheCore.stream): yields (expert, its part tensors, how they compute:
+        a QuantExperts or None), soonest ready first."""
         with closing(self.core.stream(layer, needed, guesses)) as ready:
             for eid in ready:
-                yield eid[1], self.arena.tensors(self.core.entries[eid].slot, self.store.plan(eid))
+                yield (eid[1], *self._view(eid))
+
+    def _view(self, eid: ExpertId) -> tuple[tuple[torch.Tensor, ...], object]:
+        ent = self.core.entries[eid]
+        if ent.low:
+            return self.arena.tensors(ent.slot, self.low_store.plan(eid)), self.low_quant
+        return self.arena.tensors(ent.slot, self.store.plan(eid)), self.quant
 
     def weights(self, eid: ExpertId) -> tuple[torch.Tensor, ...]:
         """The part tensors of an expert holding a slot (views of it), once its load is over."""
         self.core.wait(eid)
-        return self.arena.tensors(self.core.entries[eid].slot, self.store.plan(eid))
+        return self._view(eid)[0]
 
     def holding(self, layer: int) -> set[int]:
         """Experts of `layer` holding a slot, ready or loading: an acquire now would count them as hits."""
@@ -518,3 +601,5 @@ class ExpertCache:
     def close(self) -> None:
         self.loader.close()
         self.store.close()
+        if self.low_store is not None:
+            self.low_store.close()

@@ -112,6 +112,13 @@ class EngineConfig:
                                        "prefill, and decode attention over a long context, on CPUs without a native half GEMM; rounds "
                                        "differently from transformers, within the dtype's precision)",
                               choices=HALF_MATMUL)
+    miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "
+                                         "steps a miss loads that copy's expert, a smaller read, and the full one is read over it at the "
+                                         "lowest priority, when the link is idle (HOBBIT's mixed precision); lossy: measure it with "
+                                         "`expertcache tradeoff --policies miss-copy`", type=str)
+    miss_copy_upgrade: int = option(2, "with --miss-copy: calls on a miss copy's expert after which its full copy is read over it "
+                                       "(1: at once; 2: once used again, so an expert evicted after one use costs no full read; "
+                                       "0: never)", type=int)
     io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
     io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")
     num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)
@@ -136,6 +143,8 @@ class EngineConfig:
         for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):
             if getattr(self, name) < low:
                 raise ExpertCacheError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.miss_copy_upgrade < 0:
+            raise ExpertCacheError(f"miss_copy_upgrade must be at least 0, got {self.miss_copy_upgrade}")
         for name in ("prefetch_max", "num_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ExpertCacheError(f"{name} must be at least 1, got {getattr(self, name)}")

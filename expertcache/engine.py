@@ -134,7 +134,9 @@ class Engine:
         self.stats_ = Stats()
         # which kernels compute quantized experts is decided (and expertcache's built) here, not in a reader thread
         prepare = ckpt.quant.prepare if ckpt.quant is not None and ckpt.quant.repacks else None
+        self.miss_copy = _miss_copy(ckpt, dtype, config.miss_copy) if config.miss_copy is not None else None
         self.store = ExpertStore(ckpt.experts, io=config.io)
+        low_store = ExpertStore(self.miss_copy.experts, io=config.io) if self.miss_copy is not None else None
         self.memory_plan: MemoryPlan | None = None
         try:
             self.model = _build_model(ckpt, dtype)
@@ -144,13 +146,15 @@ class Engine:
             self.cache = ExpertCache(
                 store=self.store, budget_bytes=self.budget_bytes, expert_bytes=ckpt.expert_bytes, top_k=ckpt.top_k,
                 policy=policy, partitioned=partitioned, layers=ckpt.sparse_layers, io_threads=config.io_threads,
-                stats=self.stats_, prepare=prepare,
+                stats=self.stats_, prepare=prepare, quant=ckpt.quant, low_store=low_store,
+                low_quant=self.miss_copy and self.miss_copy.quant, low_expert_bytes=self.miss_copy and self.miss_copy.expert_bytes,
             )  # fmt: skip
-        except ValueError as e:
+        except BaseException as e:
             self.store.close()
-            raise ExpertCacheError(str(e)) from None
-        except BaseException:
-            self.store.close()
+            if low_store is not None:
+                low_store.close()
+            if isinstance(e, ValueError):
+                raise ExpertCacheError(str(e)) from None
             raise
         try:
             upcast = config.half_matmul == "float32"
@@ -158,7 +162,8 @@ class Engine:
             if upcast:
                 gemm.install_attention(self.model)
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
-                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k, quant=ckpt.quant, upcast=upcast)
+                                          num_experts=ckpt.num_experts, top_k=ckpt.top_k, upcast=upcast)
+            self.cache.core.upgrade_after = config.miss_copy_upgrade
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"
@@ -311,6 +316,8 @@ class Engine:
         s["cache_slots"] = self.cache.capacity
         s["max_slots_used"] = self.cache.core.max_occupancy
         s["io"] = self.store.io_effective
+        s["miss_copy"] = None if self.miss_copy is None else {
+            "model": str(self.miss_copy.model_dir), "precision": self.miss_copy.precision, "expert_bytes": self.miss_copy.expert_bytes}
         s["cache_policy"] = self.config.cache_policy
         s["prefetch"] = self.config.prefetch
         s["routing"] = self.config.routing
@@ -407,6 +414,27 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _miss_copy(ckpt: Checkpoint, dtype: torch.dtype, path: str) -> Checkpoint:
+    """The --miss-copy checkpoint, checked to be a smaller copy of `ckpt`'s experts, or a one-line error."""
+    low = Checkpoint.open(path)
+    where = f"--miss-copy {path}"
+    for what, mine, theirs in (("model type", ckpt.config.model_type, low.config.model_type),
+                               ("sparse layers", ckpt.sparse_layers, low.sparse_layers),
+                               ("experts per layer", ckpt.num_experts, low.num_experts),
+                               ("hidden size", getattr(ckpt.config, "hidden_size", None), getattr(low.config, "hidden_size", None))):
+        if mine != theirs:
+            raise ExpertCacheError(f"{where}: its {what} ({theirs}) differs from the model's ({mine}): "
+                                   "quantize the same model (expertcache quantize MODEL --bits 4 --out DIR)")
+    if low.quant is None or low.expert_bytes >= ckpt.expert_bytes:
+        raise ExpertCacheError(f"{where}: its experts ({low.precision}, {low.expert_bytes} bytes) are not smaller than "
+                               f"the model's ({ckpt.precision}, {ckpt.expert_bytes} bytes): quantize to fewer bits "
+                               "(expertcache quantize MODEL --bits 4 --out DIR)")
+    if low.dtype != dtype:
+        raise ExpertCacheError(f"{where}: it computes in {str(low.dtype).removeprefix('torch.')}, the model in "
+                               f"{str(dtype).removeprefix('torch.')}: quantize the same checkpoint, or pass --dtype to match")
+    return low
 
 
 def _dtype(name: str) -> torch.dtype:

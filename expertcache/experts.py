@@ -147,9 +147,8 @@ class ExpertsRuntime:
     the observers, and what the router hooks captured. The engine builds and owns it."""
 
     def __init__(self, *, cache: ExpertCache, routing: RoutingPolicy, predictor: Predictor, num_experts: int, top_k: int,
-                 quant: QuantExperts | None = None, upcast: bool = False) -> None:
-        self.cache = cache
-        self.quant = quant
+                 upcast: bool = False) -> None:
+        self.cache = cache  # it says how each expert it streams computes (its copy's QuantExperts or None)
         self.upcast = upcast  # half-precision expert products of several rows through float32 (gemm.py)
         self.routing = routing
         self.predictor = predictor
@@ -219,6 +218,7 @@ class ExpertsRuntime:
             return
         self.phase = "decode" if hidden.shape[1] == 1 else "prefill"
         self._step_requested = False
+        self.cache.core.miss_low = self.cache.low_store is not None and self.phase == "decode"  # --miss-copy: decode misses
         start = getattr(self.predictor, "start", None)
         routed_ahead = getattr(self.routing, "needs_start", False) and self.phase in self.routing.applies_to
         if start is None:
@@ -279,13 +279,13 @@ class ExpertsRuntime:
             ends = torch.bincount(ids.flatten() + 1, minlength=self.num_experts + 1).cumsum(0).tolist()  # slot -1 first
             flat_w, flat_c = weights.reshape(-1, 1), contrib.view(-1, contrib.shape[-1])
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
-            for e, parts in ready:
+            for e, parts, quant in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
                     s = single.index(e)
-                    contrib[0, s] = expert_output(module, x, parts, e, self.quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
+                    contrib[0, s] = expert_output(module, x, parts, e, quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
                     mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
-                    y = expert_output(module, x.index_select(0, mine // k), parts, e, self.quant, self.upcast)
+                    y = expert_output(module, x.index_select(0, mine // k), parts, e, quant, self.upcast)
                     flat_c.index_copy_(0, mine, (y * flat_w.index_select(0, mine)).to(flat_c.dtype))
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
@@ -306,9 +306,9 @@ class ExpertsRuntime:
         out = torch.zeros_like(rows)  # [E*T, H]
         guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled else None
         with closing(self.cache.stream(layer, needed, guesses)) as ready:
-            for e, parts in ready:
+            for e, parts, quant in ready:
                 mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
-                out[mine] = expert_output(module, rows[mine], parts, e, self.quant, self.upcast)
+                out[mine] = expert_output(module, rows[mine], parts, e, quant, self.upcast)
         return out
 
     def _gated(self, layer: int) -> bool:
@@ -350,8 +350,8 @@ class ExpertsRuntime:
         """One expert of `layer` on x [n, H], its weights through the cache (for tools)."""
         module = self._modules[layer]
         with closing(self.cache.stream(layer, [expert])) as ready:
-            for e, parts in ready:
-                return expert_output(module, x, parts, e, self.quant, self.upcast)
+            for e, parts, quant in ready:
+                return expert_output(module, x, parts, e, quant, self.upcast)
         raise RuntimeError(f"expert {(layer, expert)} was not streamed")
 
     def unbind(self) -> None:

@@ -29,11 +29,12 @@ class LoadTask:
     """One expert being read into one slot. state: QUEUED (no thread reading it now; chunks left),
     RUNNING (a thread is inside one of its chunks), DONE, FAILED or CANCELLED."""
 
-    __slots__ = ("eid", "slot", "priority", "seq", "state", "next_chunk", "chunks", "done_chunks", "active", "error", "event")
+    __slots__ = ("eid", "slot", "copy", "priority", "seq", "state", "next_chunk", "chunks", "done_chunks", "active", "error", "event")
 
-    def __init__(self, eid: ExpertId, slot: int, priority: int, seq: int) -> None:
+    def __init__(self, eid: ExpertId, slot: int, priority: int, seq: int, copy: int = 0) -> None:
         self.eid = eid
         self.slot = slot
+        self.copy = copy  # which store it reads: 0 the model's, 1 its miss copy's (cache.py)
         self.priority = priority
         self.seq = seq
         self.state = QUEUED
@@ -59,10 +60,11 @@ class Loader:
     """A pool of reader threads over one ExpertStore and one SlotArena."""
 
     def __init__(self, store: ExpertStore, arena: SlotArena, *, threads: int = 2,
-                 prepare: Callable[[tuple], None] | None = None) -> None:
-        self._store = store
+                 prepare: Callable[[tuple], None] | None = None, copies: tuple = ()) -> None:
+        # (store, prepare) per copy a task may read: the model's own, then `copies` (a miss copy);
+        # prepare runs on an expert's part tensors when its last chunk is read, before it is ready
+        self._copies = ((store, prepare), *copies)
         self._arena = arena
-        self._prepare = prepare  # run on an expert's part tensors when its last chunk is read, before it is ready
         self._heap: list[tuple[int, int, LoadTask]] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
@@ -75,19 +77,21 @@ class Loader:
         for t in self._threads:
             t.start()
 
-    def submit(self, eid: ExpertId, slot: int, priority: int) -> LoadTask:
-        return self.submit_many([(eid, slot)], priority)[0]
+    def submit(self, eid: ExpertId, slot: int, priority: int, copy: int = 0) -> LoadTask:
+        return self.submit_many([(eid, slot)], priority, copy)[0]
 
-    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list[LoadTask]:
-        """Queue (expert, slot) loads in this order under one lock and one wake-up: a prefetch of
-        several experts costs the compute thread one hand-over to the I/O threads, not one each;
-        a woken thread wakes the next while chunks are left."""
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int, copy: int = 0) -> list[LoadTask]:
+        """Queue (expert, slot) loads of one copy in this order under one lock and one wake-up: a
+        prefetch of several experts costs the compute thread one hand-over to the I/O threads, not
+        one each; a woken thread wakes the next while chunks are left."""
+        if not 0 <= copy < len(self._copies):
+            raise ValueError(f"no copy {copy}: this loader reads {len(self._copies)}")
         with self._cv:
             if self._closed:
                 raise RuntimeError("loader is closed")
             tasks = []
             for eid, slot in loads:
-                task = LoadTask(eid, slot, priority, next(self._seq))
+                task = LoadTask(eid, slot, priority, next(self._seq), copy)
                 heapq.heappush(self._heap, (priority, task.seq, task))
                 tasks.append(task)
             if tasks and self._idle:  # one idle thread; it wakes the next if chunks are left (_work):
@@ -144,7 +148,7 @@ class Loader:
                 continue
             if task.chunks == 0:
                 try:
-                    task.chunks = len(self._store.plan(task.eid).chunks)
+                    task.chunks = len(self._copies[task.copy][0].plan(task.eid).chunks)
                 except Exception as e:  # e.g. an expert the store does not have: fail the task, keep the thread
                     heapq.heappop(self._heap)
                     self._end(task, FAILED, ExpertLoadError(f"cannot load expert {task.eid}: {e!r}"))
@@ -175,9 +179,10 @@ class Loader:
 
     def _read(self, task: LoadTask, i: int) -> None:
         error = None
+        store, prepare = self._copies[task.copy]
         try:
-            chunk = self._store.plan(task.eid).chunks[i]
-            self._store.read_chunk(task.eid, chunk, self._arena.slot(task.slot))
+            chunk = store.plan(task.eid).chunks[i]
+            store.read_chunk(task.eid, chunk, self._arena.slot(task.slot))
         except ExpertLoadError as e:
             error = e
         except Exception as e:  # anything else is still the waiting computation's to see
@@ -201,11 +206,11 @@ class Loader:
             if task.done_chunks < task.chunks:
                 task.state = QUEUED  # chunks left, none being read: resumes when it is first in line
                 return
-            if self._prepare is None:
+            if prepare is None:
                 self._end(task, DONE, None)
                 return
         try:  # every chunk is read and no other thread holds the task: its bytes are this thread's
-            self._prepare(self._arena.tensors(task.slot, self._store.plan(task.eid)))
+            prepare(self._arena.tensors(task.slot, store.plan(task.eid)))
         except Exception as e:
             error = ExpertLoadError(f"preparing expert {task.eid} failed: {e}")
         with self._cv:

@@ -36,6 +36,8 @@ def summary(stats: dict) -> str:
         f"peak RSS {fmt_bytes(stats['peak_rss_bytes'])}"
         + (f" | experts {fmt_bytes(stats['budget_bytes'])} of a {fmt_bytes(plan['limit_bytes'])} limit"
            if (plan := stats.get("memory_plan")) else "")
+        + (f" | on the {copy['precision']} miss copy {stats['low_uses']}/{stats['lookups']}, upgraded {stats['upgrades']}"
+           if (copy := stats.get("miss_copy")) else "")
     )
 
 

@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None,
                    help="price the experts as stored at this precision: bfloat16, float16, float32, int8-channel, "
                         "int4-g32/g64/g128, mxfp4 (default: as the trace was recorded; a trace without one is 16-bit)")
+    p.add_argument("--miss-copy", default=None, metavar="PRECISION",
+                   help="engine mode: decode misses read a copy of the experts at this smaller precision (e.g. int4-g64), "
+                        "upgraded to the full one after a second use, as `generate --miss-copy DIR` runs")
+    p.add_argument("--miss-copy-upgrade", type=int, default=2, metavar="N",
+                   help="with --miss-copy: uses of a miss copy's expert after which the full one is read (default 2; 0 never)")
     p.add_argument("--plot", default=None, help="write hit rate vs budget, one line per policy, to this PNG")
     p.add_argument("--json", action="store_true", help="print {results, bounds} as JSON")
 
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     budgets = [parse_budget(b, trace.shape.total_expert_bytes) for b in _split(args.budget)]
     if not budgets or not policies:
         raise ExpertCacheError("give at least one --budget and one --policy")
+    if args.miss_copy_upgrade < 0:
+        raise ExpertCacheError(f"--miss-copy-upgrade must be at least 0, got {args.miss_copy_upgrade}")
     hw = get_hardware(args.hardware, model=args.model)
     if args.layer_compute_ms is not None:
         if args.layer_compute_ms < 0:
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         hw = hw.with_compute(args.layer_compute_ms / 1000)
     report = simulate(trace, budgets, policies, mode=args.mode, hardware=hw, overlap=args.overlap,
                       allocation=args.allocation, seed=args.seed, progress=sys.stderr.isatty(),
-                      prefetch=args.prefetch == "trace")
+                      prefetch=args.prefetch == "trace", miss_copy=args.miss_copy, miss_copy_upgrade=args.miss_copy_upgrade)
     if args.plot:
         plot(report, args.plot)
     if args.json:
@@ -83,10 +90,14 @@ def _print(report: dict) -> None:
     print(f"trace   {t['model']}: {t['layer_calls']} layer calls, {t['decode_tokens']} decode tokens")
     how = "recorded prefetch guesses, timed" if report.get("prefetch") == "trace" else f"overlap {report['overlap']:g}"
     print(f"model   {report['mode']} accounting, {report['allocation']} allocation; {hw['name']}: {hw['description']}; {how}")
-    print(f"{'budget':>12} {'policy':>10} {'hit%':>7} {'decode%':>8} {'read':>11} {'TPOT ms':>9}")
+    low = report.get("miss_copy") is not None
+    if low:
+        print(f"miss copy {report['miss_copy']}: decode misses read it; 'on copy': share of lookups computed on it")
+    print(f"{'budget':>12} {'policy':>10} {'hit%':>7} {'decode%':>8} {'read':>11} {'TPOT ms':>9}" + (f" {'on copy':>8}" if low else ""))
     for r in report["results"]:
         print(f"{fmt_bytes(r['budget_bytes']):>12} {r['policy']:>10} {r['hit_pct']:>7.2f} {r['hit_pct_decode']:>8.2f} "
-              f"{fmt_bytes(r['bytes_read']):>11} {_ms(r['modeled_tpot_seconds']):>9}")
+              f"{fmt_bytes(r['bytes_read']):>11} {_ms(r['modeled_tpot_seconds']):>9}"
+              + (f" {100 * r['low_share']:>7.1f}%" if low else ""))
     b = report["bounds"]
     print(f"bound   compute only: TPOT {_ms(b['compute_only_tpot_seconds'])} ms")
     for r in b["belady_perfect_overlap"]:

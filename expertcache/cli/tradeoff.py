@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
     p.add_argument("--limit", type=int, default=100, help="multiple-choice items (default 100)")
     p.add_argument("--window", type=int, default=256, help="decode chunk length in tokens (default 256)")
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated (default {','.join(POLICIES)}; also pregate, for a model with a pre-gate file)")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated (default {','.join(POLICIES)}; also pregate, for a model with a pre-gate file, "
+                        "and miss-copy, added when --miss-copy DIR is given)")
     p.add_argument("--drops", type=floats, default=list(DROPS), help=f"adaptive-gating target drops (default {_csv(DROPS)})")
     p.add_argument("--lambdas", type=floats, default=list(LAMBDAS), help=f"cache-aware lambdas (default {_csv(LAMBDAS)})")
     p.add_argument("--ranks", type=floats, default=list(RANKS),

@@ -72,18 +72,20 @@ class Link:
 class ClockedReader:
     """A Reader (cache.py) whose reads take time on one simulated link."""
 
-    def __init__(self, hardware: Hardware, expert_bytes: dict[int, int]) -> None:
+    def __init__(self, hardware: Hardware, expert_bytes: dict[int, int], low_bytes: dict[int, int] | None = None) -> None:
         self.hardware = hardware
         self.expert_bytes = expert_bytes
+        self.low_bytes = low_bytes  # a miss copy's expert sizes (copy 1), when the run has one
         self.link = Link()
         self.now = 0.0
         self.timed = True  # False: loads land at once (untimed prefill calls)
         self._seq = itertools.count()
 
-    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list[Read]:
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int, copy: int = 0) -> list[Read]:
+        sizes = self.low_bytes if copy else self.expert_bytes
         out = []
         for eid, _slot in loads:
-            seconds = self.hardware.load_seconds(1, self.expert_bytes[eid[0]]) if self.timed else 0.0
+            seconds = self.hardware.load_seconds(1, sizes[eid[0]]) if self.timed else 0.0
             r = Read(eid, priority, next(self._seq), self.now, seconds)
             if self.timed:
                 self.link.queue.append(r)
@@ -135,7 +137,7 @@ class InstantReader:
 
     LANDED = object()
 
-    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int) -> list:
+    def submit_many(self, loads: list[tuple[ExpertId, int]], priority: int, copy: int = 0) -> list:
         return [self.LANDED] * len(loads)
 
     def promote(self, load) -> None:

@@ -82,6 +82,7 @@ class Replay:
     decode_waits: list[float] | None = field(default=None, repr=False)  # ...of which waiting for loads
     hardware: Hardware | None = None  # the profile a timed replay ran on
     prefetch: dict | None = None  # prefetch counters of a prefetch replay (as the engine's stats)
+    miss_copy: dict | None = None  # a miss-copy replay's counters (low_loads, low_share, upgrades, upgrades_cancelled)
 
     @property
     def misses(self) -> int:
@@ -182,9 +183,13 @@ def engine_capacity(stream: Stream, budget: int) -> int:
 
 
 def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed: int,
-                   hardware: Hardware | None = None, prefetch: bool = False) -> Replay:
+                   hardware: Hardware | None = None, prefetch: bool = False, low_bytes: dict[int, int] | None = None,
+                   upgrade_after: int = 2) -> Replay:
     """The engine's CacheCore over the stream: demand loads only (every load lands at once), or,
-    with `prefetch`, the trace's recorded guesses too, on a simulated clock."""
+    with `prefetch`, the trace's recorded guesses too, on a simulated clock. `low_bytes`: a miss
+    copy's expert sizes (--miss-copy): decode misses read those, and upgrades the full experts
+    (timed on the link with `prefetch`; demand-only, they land at once and only their bytes count)
+    after `upgrade_after` uses (CacheCore.upgrade_after)."""
     from ..cache import CacheCore, equal_quotas
 
     capacity = engine_capacity(stream, budget)
@@ -198,21 +203,28 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     if partitioned:
         quotas = equal_quotas(capacity, stream.layers) if allocation == "equal" else dp_allocation(stream, budget, capacity)
     stats = Stats()
-    reader = ClockedReader(hardware, stream.expert_bytes) if prefetch else InstantReader()
+    reader = ClockedReader(hardware, stream.expert_bytes, low_bytes) if prefetch else InstantReader()
     core = CacheCore(capacity=capacity, policy=policy, reader=reader, stats=stats, expert_bytes=stream.expert_bytes,
-                     layers=stream.layers, experts_per_layer=stream.shape.num_experts, quotas=quotas)
+                     layers=stream.layers, experts_per_layer=stream.shape.num_experts, quotas=quotas, low_bytes=low_bytes)
+    core.upgrade_after = upgrade_after
     out = Replay(name, budget, "engine")
     if prefetch:
         out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware
     for step, ids in zip(stream.steps, needed):
-        hits0, misses0 = stats.hits, stats.misses
+        hits0, misses0, low0 = stats.hits, stats.misses, stats.low_loads
+        core.miss_low = low_bytes is not None and step.decode
         if prefetch:
             _timed_call(core, reader, step, ids, out)
         else:
             for _ in core.stream(step.layer, ids):
                 pass
-        misses = stats.misses - misses0
-        out._count(step.decode, stats.hits - hits0, misses, misses * stream.expert_bytes[step.layer])
+        misses, low = stats.misses - misses0, stats.low_loads - low0
+        nbytes = (misses - low) * stream.expert_bytes[step.layer] + (low * low_bytes[step.layer] if low else 0)
+        out._count(step.decode, stats.hits - hits0, misses, nbytes)
+    if low_bytes is not None:
+        out.bytes_read = stats.bytes_read  # with the upgrades
+        out.miss_copy = {"low_loads": stats.low_loads, "low_share": stats.low_uses / max(stats.lookups, 1),
+                         "upgrades": stats.upgrades, "upgrades_cancelled": stats.upgrades_cancelled}
     if prefetch:
         out.bytes_read = stats.bytes_read  # demand and speculative reads (cancelled guesses are never read)
         out.prefetch = {k: getattr(stats, k) for k in ("prefetch_issued", "prefetch_used", "prefetch_late",
@@ -329,9 +341,12 @@ def replay(
     seed: int = 0,
     prefetch: bool = False,
     hardware: Hardware | None = None,
+    low_bytes: dict[int, int] | None = None,
+    upgrade_after: int = 2,
 ) -> Replay:
     """Replay `trace` through cache policy `policy` under `budget_bytes`. `prefetch` (engine mode)
-    also replays the trace's recorded predictor guesses, timed on `hardware`."""
+    also replays the trace's recorded predictor guesses, timed on `hardware`; `low_bytes` (engine
+    mode) gives decode misses a miss copy of these expert sizes, upgraded after `upgrade_after` uses."""
     stream = trace if isinstance(trace, Stream) else Stream(trace)
     if lookahead_window(policy) is not None:
         if mode != "reference" or prefetch:
@@ -350,10 +365,12 @@ def replay(
             raise ExpertCacheError("the trace has no recorded prefetch guesses: record it with a --prefetch predictor on")
         if hardware is None:
             raise ExpertCacheError("a prefetch replay needs a hardware profile (its loads are timed)")
+    if low_bytes is not None and mode != "engine":
+        raise ExpertCacheError("a miss copy is replayed in engine mode only (--mode engine)")
     if mode == "reference":
         return _replay_reference(stream, policy, budget_bytes, allocation, seed)
     if mode == "engine":
-        return _replay_engine(stream, policy, budget_bytes, allocation, seed, hardware, prefetch)
+        return _replay_engine(stream, policy, budget_bytes, allocation, seed, hardware, prefetch, low_bytes, upgrade_after)
     raise ExpertCacheError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
@@ -396,6 +413,7 @@ def _row(r: Replay, stream: Stream, hw: Hardware, overlap: float) -> dict:
         "hits": r.hits,
         "misses": r.misses,
         **(r.prefetch or {}),
+        **(r.miss_copy or {}),
     }
 
 
@@ -415,20 +433,34 @@ def simulate(
     seed: int = 0,
     progress: bool = False,
     prefetch: bool = False,
+    miss_copy: str | None = None,
+    miss_copy_upgrade: int = 2,
 ) -> dict:
     """Every (budget, policy) replay, priced on `hardware`, with two bounds: compute only (no
     loads at all) and, per budget, Belady's misses with loads perfectly overlapped. `prefetch`
-    (engine mode) replays the trace's recorded guesses on a simulated clock."""
+    (engine mode) replays the trace's recorded guesses on a simulated clock; `miss_copy` (engine
+    mode) a precision whose smaller experts decode misses read (`--miss-copy`), upgraded after
+    `miss_copy_upgrade` uses as the engine does (2 by default; 0 never)."""
     from tqdm.auto import tqdm
 
     if not 0.0 <= overlap <= 1.0:
         raise ExpertCacheError(f"overlap must be between 0 and 1, got {overlap}")
     stream = Stream(trace)
+    low_bytes = None
+    if miss_copy is not None:
+        try:
+            low_bytes = trace.at_precision(miss_copy).shape.expert_bytes
+        except ValueError as e:
+            raise ExpertCacheError(f"--miss-copy: {e}") from None
+        if any(low_bytes[l] >= b for l, b in trace.shape.expert_bytes.items()):
+            raise ExpertCacheError(f"--miss-copy {miss_copy} is not smaller than the trace's experts "
+                                   f"({trace.meta.get('precision', 'bfloat16')}): name fewer bits, e.g. int4-g64")
     results, belady = [], {}
     bar = tqdm(total=len(budgets) * len(policies), unit="replay", desc="simulate", disable=not progress)
     for budget in budgets:
         for name in policies:
-            r = replay(stream, name, budget, mode=mode, allocation=allocation, seed=seed, prefetch=prefetch, hardware=hardware)
+            r = replay(stream, name, budget, mode=mode, allocation=allocation, seed=seed, prefetch=prefetch, hardware=hardware,
+                       low_bytes=low_bytes, upgrade_after=miss_copy_upgrade)
             results.append(_row(r, stream, hardware, overlap))
             if name == "belady" and not prefetch:
                 belady[budget] = r
@@ -451,6 +483,7 @@ def simulate(
         "allocation": allocation,
         "overlap": overlap,
         "prefetch": "trace" if prefetch else "none",
+        "miss_copy": miss_copy,
         "hardware": hardware.to_dict(),
         "results": results,
         "bounds": bounds,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 DEFAULT_TARGET_DROP = 0.25  # calibrate: share of activations dropped when neither a target drop nor a perplexity budget is given
 TRADEOFF_POLICIES = ("exact", "adaptive-gating", "cache-aware", "cache-aware-max-rank", "speculative")
-TRADEOFF_OPTIONAL = ("pregate",)  # swept only when named: it needs the model's pre-gate file (refactor --pregate, train-predictor)
+TRADEOFF_OPTIONAL = ("pregate", "miss-copy")  # swept only when named (or, miss-copy, when --miss-copy is given): pregate needs the
+# model's pre-gate file (refactor --pregate, train-predictor), miss-copy a quantized copy (--miss-copy DIR)
 DROPS = (0.1, 0.2, 0.3)  # tradeoff, adaptive gating: target shares of activations dropped
 LAMBDAS = (0.1, 0.2, 0.4, 0.8)  # tradeoff, cache-aware: bias toward resident experts
 RANKS = (3, 4)  # tradeoff, cache-aware-max-rank: how far down the ranking a resident expert may come from

@@ -47,6 +47,11 @@ class Setting:
     def label(self) -> str:
         return self.policy + _knob(self.knob, self.value, self.protect_top, " ")
 
+    @property
+    def routing(self) -> str:
+        """The routing policy its engine runs (a miss copy is a cache option under exact routing)."""
+        return "exact" if self.policy == "miss-copy" else self.policy
+
 
 def _knob(knob: str | None, value: float | None, protect_top: int | None, lead: str = "") -> str:
     text = "" if knob is None else f"{knob}={value:g}"
@@ -72,6 +77,7 @@ class Row:
     tokens: int  # decode steps of the perplexity run
     mc_items: int
     seconds: float
+    low_share: float | None = None  # miss-copy: share of expert lookups computed on the miss copy's (smaller) experts
 
 
 @dataclass
@@ -200,12 +206,13 @@ class SettingRun:
             tokens=self.scored,
             mc_items=self.items,
             seconds=self.seconds,
+            low_share=s["low_uses"] / s["lookups"] if s["lookups"] and self.engine.miss_copy is not None else None,
         )
 
 
 # --- the sweep ------------------------------------------------------------------------------------
 def settings(policies: list[str], *, drops: list[float], lambdas: list[float], ranks: list[int],
-             protect_tops: list[int], calibrations: dict[float, Path]) -> list[Setting]:
+             protect_tops: list[int], calibrations: dict[float, Path], miss_copy: str | None = None) -> list[Setting]:
     out = [Setting("exact")]
     for p in policies:
         if p == "adaptive-gating":
@@ -220,6 +227,10 @@ def settings(policies: list[str], *, drops: list[float], lambdas: list[float], r
             out.append(Setting(p))
         elif p == "pregate":  # routed by the model's pre-gate, which then also prefetches
             out.append(Setting(p, overrides=(("prefetch", "pregate"),)))
+        elif p == "miss-copy":  # exact routing; decode misses read the smaller copy (--miss-copy)
+            if miss_copy is None:
+                raise ExpertCacheError("--policies miss-copy needs the copy: pass --miss-copy DIR (expertcache quantize MODEL --bits 4 --out DIR)")
+            out.append(Setting(p, overrides=(("miss_copy", miss_copy),)))
         elif p != "exact":
             raise ExpertCacheError(f"unknown policy {p!r} in --policies: choose from {', '.join(POLICIES + TRADEOFF_OPTIONAL)}")
     return out
@@ -239,7 +250,8 @@ def calibrate_drops(base_config, text_ids: list[int], drops: list[float], out_di
 
 def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_items: list[dict], out_dir: Path,
               policies: list[str], drops: list[float], lambdas: list[float], ranks: list[int],
-              window: int, protect_tops: list[int] | None, progress: bool = True, meta: dict) -> TradeoffResult:
+              window: int, protect_tops: list[int] | None, progress: bool = True, meta: dict,
+              miss_copy: str | None = None) -> TradeoffResult:
     model_dir = Path(base_config.model) if base_config.model is not None else demo_model_dir()
     top_k = Checkpoint.open(model_dir).top_k
     if not protect_tops:  # J >= k protects every choice: cache-aware routing would change nothing
@@ -255,7 +267,8 @@ def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_item
     )
     with Engine(replace(base_config, routing="exact")) as engine:  # warm-up: imports, kernels, file handles
         decode_perplexity(engine.model, text_ids[: WARMUP_STEPS + 1], window=window)
-    todo = settings(policies, drops=drops, lambdas=lambdas, ranks=ranks, protect_tops=protect_tops, calibrations=calibrations)
+    todo = settings(policies, drops=drops, lambdas=lambdas, ranks=ranks, protect_tops=protect_tops, calibrations=calibrations,
+                    miss_copy=miss_copy)
     chunks = _chunks(text_ids, window)
     bar = None
     if progress:
@@ -264,7 +277,7 @@ def run_sweep(base_config, *, text_ids: list[int], calib_ids: list[int], mc_item
         bar = tqdm(total=(len(text_ids) - 1 + len(mc_items)) * len(todo), unit="step", desc="tradeoff")
     try:
         with ExitStack() as stack:
-            runs = [SettingRun(s, stack.enter_context(Engine(replace(base_config, routing=s.policy, **dict(s.overrides)))))
+            runs = [SettingRun(s, stack.enter_context(Engine(replace(base_config, routing=s.routing, **dict(s.overrides)))))
                     for s in todo]
             for chunk in chunks:
                 for r in runs:
@@ -296,6 +309,9 @@ def tradeoff(base_config: EngineConfig, *, text: Path, out_dir: Path, mc: Path |
     of `text` after the scored ones); its threshold files are written to `out_dir`."""
     if window < 2:
         raise ExpertCacheError(f"--window must be at least 2, got {window}")
+    miss_copy, base_config = base_config.miss_copy, replace(base_config, miss_copy=None)  # only its own setting reads the copy
+    if miss_copy is not None and "miss-copy" not in policies:
+        policies = [*policies, "miss-copy"]
     unknown = [p for p in policies if p not in POLICIES + TRADEOFF_OPTIONAL]
     if unknown:
         raise ExpertCacheError(f"unknown policy {unknown[0]!r} in --policies: choose from {', '.join(POLICIES + TRADEOFF_OPTIONAL)}")
@@ -315,7 +331,7 @@ def tradeoff(base_config: EngineConfig, *, text: Path, out_dir: Path, mc: Path |
     return run_sweep(base_config, text_ids=ids, calib_ids=calib_ids, mc_items=mc_items, out_dir=out_dir,
                      policies=list(policies), drops=list(drops), lambdas=list(lambdas), ranks=[int(r) for r in ranks],
                      window=window, protect_tops=[int(j) for j in protect_tops] if protect_tops else None,
-                     progress=progress, meta=meta)
+                     progress=progress, meta=meta, miss_copy=miss_copy)
 
 
 # --- views ----------------------------------------------------------------------------------------
@@ -335,6 +351,7 @@ def markdown(result: TradeoffResult) -> str:
         "| policy | knob | perplexity | Δ ppl | accuracy | Δ acc (pt) | experts/token | Δ experts | misses/token | Δ misses | MB read/token | TPOT ms | Δ TPOT |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    low = [r for r in result.rows if r.low_share is not None]
     for r in result.rows:
         acc = f"{100 * r.accuracy:.1f}%" if r.accuracy is not None else "-"
         dacc = f"{100 * (r.accuracy - b.accuracy):+.1f}" if r.accuracy is not None and b.accuracy is not None else "-"
@@ -345,6 +362,8 @@ def markdown(result: TradeoffResult) -> str:
             f"{_pct(r.misses_per_token, b.misses_per_token)} | {r.bytes_read_per_token / 1e6:.2f} | {r.tpot_ms:.2f} | "
             f"{_pct(r.tpot_ms, b.tpot_ms)} |"
         )
+    for r in low:
+        lines.append(f"\n{r.policy}: {100 * r.low_share:.1f}% of expert lookups computed on the miss copy's experts.")
     return "\n".join(lines) + "\n"
 
 

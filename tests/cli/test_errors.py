@@ -532,11 +532,16 @@ def test_unknown_prefetch_lists_names(capsys, model):
         (["--prefetch-depth", "0"], "prefetch_depth"),
         (["--threads", "0"], "num_threads must be at least 1"),
         (["--threads", "-3"], "num_threads must be at least 1"),
+        (["--miss-copy", "/nonexistent-copy"], "no such directory"),
+        (["--miss-copy", "MODEL"], "not smaller than the model's"),
+        (["--miss-copy-upgrade", "-1"], "miss_copy_upgrade must be at least 0"),
     ],
     ids=["ids-not-ints", "ids-empty", "id-too-big", "id-negative", "text-without-tokenizer", "top-p-0", "top-p-nan",
-         "temperature-nan", "temperature-negative", "temperature-inf", "io-threads-0", "depth-0", "threads-0", "threads-negative"],
+         "temperature-nan", "temperature-negative", "temperature-inf", "io-threads-0", "depth-0", "threads-0", "threads-negative",
+         "miss-copy-missing", "miss-copy-not-smaller", "miss-copy-upgrade-negative"],
 )
 def test_other_bad_generate_inputs(capsys, model, extra, words):
+    extra = [str(model) if a == "MODEL" else a for a in extra]
     args = ["generate", "--model", str(model), "--max-new-tokens", "2", "--json"]
     if not any(a.startswith("--prompt") for a in extra):
         args += ["--prompt-ids", "1,2,3"]

@@ -28,6 +28,7 @@ from expertcache.tools.quantize import quantize_checkpoint
 from helpers.checkpoints import FAMILY_CASES
 from helpers.compare import NEW_TOKENS, PROMPT, run_and_compare
 from helpers.reference import reference_model, reference_outputs
+from helpers.invariants import LoadRecorder, check_engine_invariants, check_io_mode, min_budget
 
 ct = pytest.importorskip("compressed_tensors", reason="the reference unpacks with compressed-tensors (pip install .[test])")
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
@@ -442,3 +443,176 @@ def test_zero_point_kernels_compute_the_dequantized_linear(bits, group, native):
     assert qe.kernels == ((NATIVE,) if native else (DEQUANT,))
     x = torch.randn(5, inner)
     torch.testing.assert_close(qe.linear(x, parts, 0), torch.nn.functional.linear(x, want_w))
+
+
+# --- mixed precision on miss (--miss-copy) -----------------------------------------------------------
+@torch.no_grad()
+def _decode(model, prompt: list[int], steps: int, *, before_decode=None, decode_model=None) -> tuple[list[torch.Tensor], list[int]]:
+    """Greedy: the prompt in one forward of `model`, then `steps` one-token forwards of
+    `decode_model` (default `model`) over its KV cache; the logits of each and the tokens."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    logits, tokens = [out.logits[0, -1]], []
+    if before_decode is not None:
+        before_decode()
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        out = (decode_model or model)(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[0, -1])
+    return logits, tokens
+
+
+@pytest.mark.parametrize("budget", ["min", "50%"])
+def test_miss_copy_decode_computes_misses_on_the_small_copy(budget, quantized, direct_io_works):
+    """--miss-copy, never upgraded, the cache emptied after the prompt: every expert a decode step
+    needs is a miss first (read from the int4 copy) and a hit on that copy after, so each step
+    equals transformers running the int4 checkpoint over the KV cache its int8 model made of the
+    prompt (logits at the kernels' tolerance, the same greedy tokens)."""
+    q8, q4 = quantized("qwen3_moe", "int8"), quantized("qwen3_moe", "int4-g64")
+    want, want_tokens = _decode(reference_model(q8), PROMPT, 16, decode_model=reference_model(q4))
+    expert_budget = min_budget(q8) if budget == "min" else budget
+    with expertcache.load(q8, expert_budget=expert_budget, prefetch="none", miss_copy=str(q4), miss_copy_upgrade=0) as eng:
+        recorders = []
+
+        def empty():  # the prompt's (full-precision) loads are over: count the decode steps alone
+            eng.reset_cache()
+            eng.reset_stats()
+            recorders.append(LoadRecorder(eng))
+
+        got, tokens = _decode(eng.model, PROMPT, 16, before_decode=empty)
+        s = eng.stats()
+        assert s["low_loads"] == s["misses"] > 0 and s["upgrades"] == 0
+        assert s["low_uses"] == s["lookups"]  # every expert call of the steps on the small copy
+        assert (s["hits"] > 0) == (budget == "50%")  # at 50%, hits on it too (the minimum budget misses every lookup)
+        assert all(e.low for e in eng.cache.core.entries.values())
+        check_engine_invariants(eng, recorders[0])
+        check_io_mode(eng, "direct", direct_io_works)
+    torch.testing.assert_close(torch.stack(got), torch.stack(want))
+    assert tokens == want_tokens
+
+
+@torch.no_grad()
+def test_miss_copy_upgrades_land_the_full_copy(quantized):
+    """Upgraded after one use, the int8 copies read over the int4 ones at the lowest priority:
+    once the reads are over every resident expert is the model's own again, and a forward over
+    the whole sequence (hits on the upgraded slots) equals transformers' int8 model; bytes read
+    add up per copy, exactly."""
+    q8, q4 = quantized("qwen3_moe", "int8"), quantized("qwen3_moe", "int4-g64")
+    ref = reference_model(q8)
+    with expertcache.load(q8, expert_budget="50%", prefetch="next-gate", miss_copy=str(q4), miss_copy_upgrade=1) as eng:
+        recorder = LoadRecorder(eng)
+        _, tokens = _decode(eng.model, PROMPT, 12, before_decode=eng.reset_cache)
+        recorder.drain()
+        core = eng.cache.core
+        for eid in list(core.entries):
+            core.ready(eid)  # settle the upgrades that have landed
+        s = eng.stats()
+        assert s["low_loads"] > 0 and s["upgrades"] > 0
+        assert not any(e.low for e in core.entries.values())
+        upgraded = set(core.entries)
+        hits_before = s["hits"]
+        ids = torch.tensor([PROMPT + tokens])
+        got = eng.model(input_ids=ids).logits[0]
+        assert eng.stats()["hits"] > hits_before and upgraded
+        check_engine_invariants(eng, recorder)
+    torch.testing.assert_close(got, ref(input_ids=ids).logits[0])
+
+
+def test_miss_copy_rules_on_ids():
+    """The cache's rules for a miss copy (a reader whose loads the test starts and ends): a decode
+    miss reads the small copy; its second use queues the full read at the lowest priority; a call
+    that needs the expert before that read starts cancels it and computes on the small copy; once
+    started, the read is promoted and waited for; bytes are counted per copy; a prompt's misses
+    read the full copy."""
+    from expertcache.cache import CacheCore
+    from expertcache.ids import CANCELLED, DEMAND, DONE, QUEUED, RUNNING, UPGRADE
+    from expertcache.policies import make_policy
+    from expertcache.stats import Stats
+
+    class Load:
+        def __init__(self, eid, priority, copy):
+            self.eid, self.priority, self.copy, self.state = eid, priority, copy, QUEUED
+
+    class Reader:
+        def __init__(self):
+            self.loads = []
+
+        def submit_many(self, loads, priority, copy=0):
+            new = [Load(eid, priority, copy) for eid, _ in loads]
+            self.loads += new
+            return new
+
+        def promote(self, load):
+            load.priority = DEMAND
+
+        def cancel(self, load):
+            if load.state != QUEUED:
+                return False
+            load.state = CANCELLED
+            return True
+
+        def state(self, load):
+            return load.state
+
+        def error(self, load):
+            return None
+
+        def wait(self, load):
+            load.state = DONE
+            return 0.0
+
+        def arrival(self, load):
+            return (0,)
+
+    reader, stats = Reader(), Stats()
+    core = CacheCore(capacity=2, policy=make_policy("lru")[0], reader=reader, stats=stats, expert_bytes={0: 100},
+                     layers=[0], experts_per_layer=4, low_bytes={0: 25})
+
+    def call(*experts):
+        list(core.stream(0, list(experts)))
+        assert len(core.entries) <= core.capacity
+
+    core.miss_low = True
+    call(1)
+    assert [(l.copy, l.priority) for l in reader.loads] == [(1, DEMAND)] and core.entries[(0, 1)].low
+    assert stats.bytes_read == 25 and stats.low_loads == 1 and stats.upgrades == 0  # one use: no full read yet
+    call(1)  # used again: the full copy is queued behind everything else
+    up = reader.loads[-1]
+    assert (up.copy, up.priority) == (0, UPGRADE) and not core.entries[(0, 1)].ready
+    assert stats.bytes_read == 125 and stats.upgrades == 1
+    call(1)  # needed before a byte of it is read: cancelled, the small copy serves, then queued again
+    assert up.state == CANCELLED and stats.upgrades_cancelled == 1 and stats.hits == 2
+    assert core.entries[(0, 1)].low and stats.bytes_read == 125  # 25 + the new upgrade's 100
+    again = reader.loads[-1]
+    assert again is not up and again.priority == UPGRADE
+    again.state = RUNNING  # a reader thread has started it
+    call(1)  # needed now: promoted, waited for; the full copy computes
+    assert again.priority == DEMAND and again.state == DONE
+    ent = core.entries[(0, 1)]
+    assert ent.ready and not ent.low and ent.upgrade_from is None
+    assert stats.low_uses == 3  # the calls that computed on the small copy
+    assert stats.bytes_read == 125 and stats.upgrades == 1 and stats.upgrades_cancelled == 1
+    core.miss_low = False  # a prompt: misses read the model's own experts
+    call(2, 3)
+    assert [l.copy for l in reader.loads[-2:]] == [0, 0] and stats.bytes_read == 325
+    assert not any(e.low for e in core.entries.values())
+
+
+def test_miss_copy_refuses_what_is_not_a_smaller_copy(checkpoint, quantized, tmp_path):
+    """--miss-copy must be the same model's experts, quantized smaller: one line otherwise."""
+    q8 = quantized("qwen3_moe", "int8")
+    other = quantized("qwen3_moe", "int4-g64", num_experts=8)
+    cases = [
+        (str(quantized("qwen3_moe", "int4-g64")), q8, None),  # the good case: loads
+        (str(other), q8, "experts per layer"),
+        (str(q8), q8, "not smaller"),  # the same precision
+        (str(_source(checkpoint, "qwen3_moe")), q8, "not smaller"),  # the unquantized model
+        (str(tmp_path / "missing"), q8, "missing|not found|no such|does not exist"),
+    ]
+    for copy, model, match in cases:
+        if match is None:
+            with expertcache.load(model, expert_budget="50%", miss_copy=copy) as eng:
+                assert eng.stats()["miss_copy"]["precision"] == "int4-g64"
+            continue
+        with pytest.raises(ExpertCacheError, match=match) as err:
+            expertcache.load(model, expert_budget="50%", miss_copy=copy)
+        assert "\n" not in str(err.value)

@@ -12,6 +12,7 @@ from pathlib import Path
 class _Record:
     task: object
     priority: int  # at submit time (a prefetch may be promoted later)
+    copy: int = 0  # 0 the model's expert, 1 the miss copy's
     chunks: list[int] = field(default_factory=list)  # chunk indices read, in order
 
 
@@ -26,11 +27,11 @@ class LoadRecorder:
         self._lock = threading.Lock()
         submit_many = loader.submit_many  # loader.submit goes through it too
 
-        def recording_submit_many(loads, priority):
-            tasks = submit_many(loads, priority)
+        def recording_submit_many(loads, priority, copy=0):
+            tasks = submit_many(loads, priority, copy)
             with self._lock:
                 for task in tasks:
-                    self.records.setdefault(id(task), _Record(task, priority))
+                    self.records.setdefault(id(task), _Record(task, priority, copy))
             return tasks
 
         def on_chunk(task, i):  # runs on an I/O thread, under the loader's lock
@@ -46,7 +47,8 @@ class LoadRecorder:
             assert rec.task.event.wait(timeout), f"load of {rec.task.eid} never finished"
 
     def check_bytes(self) -> None:
-        """bytes_read == (misses + prefetch_issued - prefetch_cancelled) * expert_bytes, exactly.
+        """bytes_read == (misses + prefetch_issued - prefetch_cancelled) * expert_bytes, exactly
+        (with a miss copy: its loads at its expert size, and each upgrade a full expert).
 
         Every demand load and every prefetch reads all its chunks once, except a cancelled one,
         which reads none: Loader.cancel only succeeds on a task that has not read a chunk (a
@@ -54,22 +56,27 @@ class LoadRecorder:
         refuses it and it is read to the end). Were cancel ever to accept such a task again, its
         partial chunks would be read but its expert not; `partial` below is that excess, reported
         in the failure message."""
-        from expertcache.ids import CANCELLED, DEMAND, DONE, PREFETCH
+        from expertcache.ids import CANCELLED, DEMAND, DONE, PREFETCH, UPGRADE
 
         self.drain()
         eng = self.engine
         s = eng.stats()
-        store = eng.store
+        stores = (eng.store, eng.cache.low_store)
         recs = list(self.records.values())
         demand = [r for r in recs if r.priority == DEMAND]
         prefetch = [r for r in recs if r.priority == PREFETCH]
+        upgrades = [r for r in recs if r.priority == UPGRADE]
         cancelled = [r for r in recs if r.task.state == CANCELLED]
         assert len(demand) == s["misses"], (len(demand), s["misses"])
+        assert sum(r.copy for r in demand) == s["low_loads"], (sum(r.copy for r in demand), s["low_loads"])
         assert len(prefetch) == s["prefetch_issued"], (len(prefetch), s["prefetch_issued"])
-        assert len(cancelled) == s["prefetch_cancelled"], (len(cancelled), s["prefetch_cancelled"])
-        assert all(r.priority == PREFETCH for r in cancelled), "a demand load was cancelled"
+        assert not any(r.copy for r in prefetch + upgrades), "a guess or an upgrade read the miss copy"
+        assert len(upgrades) == s["upgrades"] + s["upgrades_cancelled"], (len(upgrades), s["upgrades"], s["upgrades_cancelled"])
+        assert len(cancelled) == s["prefetch_cancelled"] + s["upgrades_cancelled"], (len(cancelled), s["prefetch_cancelled"])
+        assert all(r.priority != DEMAND for r in cancelled), "a demand load was cancelled"
         partial = 0
         for r in recs:
+            store = stores[r.copy]
             n_chunks = len(store.plan(r.task.eid).chunks)
             assert len(r.chunks) == len(set(r.chunks)), f"{r.task.eid}: a chunk was read twice"
             if r.task.state == DONE:
@@ -79,12 +86,14 @@ class LoadRecorder:
                 assert r.task.state == CANCELLED, f"{r.task.eid}: load ended {r.task.state}"
                 partial += sum(store.plan(r.task.eid).chunks[i].payload for i in r.chunks)
         expert_bytes = eng.checkpoint.expert_bytes
-        expected = (s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"]) * expert_bytes
+        low_bytes = eng.miss_copy.expert_bytes if eng.miss_copy is not None else 0
+        full = s["misses"] - s["low_loads"] + s["prefetch_issued"] - s["prefetch_cancelled"] + s["upgrades"]
+        expected = full * expert_bytes + s["low_loads"] * low_bytes
         read = eng.cache.loader.bytes_read  # what the reader threads really read, chunk by chunk
         assert read == expected == s["bytes_read"], (
-            f"read {read}, stats bytes_read {s['bytes_read']}, expected {expected} = (misses {s['misses']} + "
-            f"prefetch_issued {s['prefetch_issued']} - prefetch_cancelled {s['prefetch_cancelled']}) * {expert_bytes}; "
-            f"cancelled loads had read {partial} bytes"
+            f"read {read}, stats bytes_read {s['bytes_read']}, expected {expected} = (misses {s['misses']} - low_loads "
+            f"{s['low_loads']} + prefetch_issued {s['prefetch_issued']} - prefetch_cancelled {s['prefetch_cancelled']} + "
+            f"upgrades {s['upgrades']}) * {expert_bytes} + low_loads * {low_bytes}; cancelled loads had read {partial} bytes"
         )
 
 

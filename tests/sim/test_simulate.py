@@ -122,6 +122,28 @@ def test_engine_replay_gives_the_runs_hits_and_misses_exactly(tiny, tmp_path, po
     assert r.bytes_read == stats["bytes_read"]
 
 
+def test_engine_replay_with_a_miss_copy_gives_the_runs_counts(tiny, tmp_path):
+    """--miss-copy (never upgraded, so no read races a later call): the replay reads the copy's
+    smaller experts on decode misses as the run did, with the same hits, misses and bytes."""
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    low = tmp_path / "int8"
+    quantize_checkpoint(tiny, low, bits=8, group_size=0, dense="keep", progress=False)
+    with expertcache.load(tiny, expert_budget="40%", cache_policy="lfu", prefetch="none", miss_copy=str(low),
+                          miss_copy_upgrade=0) as engine:
+        with Recorder(engine) as rec:
+            engine.generate(PROMPT, max_new_tokens=24, stop_at_eos=False)
+        stats, budget_bytes, low_bytes = engine.stats(), engine.budget_bytes, engine.miss_copy.expert_bytes
+    trace = Trace.load(rec.trace.save(tmp_path / "t.npz"))
+    plain = replay(trace, "lfu", budget_bytes, mode="engine")
+    r = replay(trace, "lfu", budget_bytes, mode="engine", low_bytes={l: low_bytes for l in trace.shape.expert_bytes}, upgrade_after=0)
+    assert 0 < stats["low_loads"] < stats["misses"]  # the prompt's misses read the full experts
+    assert (r.lookups, r.hits, r.misses) == (stats["lookups"], stats["hits"], stats["misses"])
+    assert r.bytes_read == stats["bytes_read"] < plain.bytes_read
+    assert r.miss_copy["low_loads"] == stats["low_loads"]
+    assert r.miss_copy["low_share"] == stats["low_uses"] / stats["lookups"]
+
+
 def test_recorded_trace_round_trips_with_phases_positions_and_tensors(tiny, tmp_path):
     trace, stats, _ = _record(tiny, "lru", "50%", tmp_path)
     layers = list(trace.shape.sparse_layers)
@@ -269,6 +291,9 @@ def test_cli_simulate_reads_route_csv_and_prints_a_table(reference, capsys):
         (["--budget", "50%", "--policy", "fifo"], "unknown cache policy 'fifo'"),
         (["--budget", "50%", "--hardware", "floppy"], "unknown hardware 'floppy'"),
         (["--budget", "50%", "--overlap", "2"], "overlap must be between 0 and 1"),
+        (["--budget", "50%", "--miss-copy", "int4-g64"], "engine mode only"),
+        (["--budget", "50%", "--mode", "engine", "--miss-copy", "float32"], "is not smaller than the trace's experts"),
+        (["--budget", "50%", "--mode", "engine", "--miss-copy", "int3"], "--miss-copy:"),
     ],
 )
 def test_cli_simulate_bad_input_is_one_line(tmp_path, capsys, args, message):
