@@ -93,6 +93,7 @@ class CacheCore:
         self.expert_bytes = expert_bytes  # layer -> bytes of one expert
         self.low_bytes = low_bytes  # layer -> bytes of one expert of the miss copy (None: there is none)
         self.miss_low = False  # demand misses load the miss copy (set per forward: decode steps; see Mixed precision)
+        self.low_guesses = False  # ...and, while miss_low, guesses too (--miss-copy-reads all)
         self.upgrade_after = 2  # calls on a miss copy's expert after which its full copy is read (0: never)
         self.quotas = quotas  # per-layer slot shares of a partitioned policy
         self.layers = sorted(layers)  # sparse layers in forward order; [] = no sweep rule
@@ -317,7 +318,11 @@ class CacheCore:
                 protect = self.guess_protect(eids, keep_layers)
             if not self.make_room(eid, protect=protect or frozenset()):
                 break
-            started.append((eid, self.add(eid, speculative=True)))
+            ent = self.add(eid, speculative=True)
+            if self.miss_low and self.low_guesses:
+                ent.low = True
+                self.stats.count(eid[0], "low_loads")
+            started.append((eid, ent))
             self.stats.layer(eid[0]).prefetch_issued += 1
         self.stats.prefetch_issued += len(started)
         self._submit(started, PREFETCH)  # queued together, in this order: one hand-over to the reader

@@ -23,6 +23,7 @@ _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 IO_MODES = ("direct", "buffered")
 HALF_MATMUL = ("exact", "float32")
 ROUTING_PHASES = ("prefill", "decode", "both")
+MISS_COPY_READS = ("misses", "all")
 THREADS_ENV = "EXPERTCACHE_THREADS"
 CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default place, beside the model
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -119,6 +120,8 @@ class EngineConfig:
     miss_copy_upgrade: int = option(2, "with --miss-copy: calls on a miss copy's expert after which its full copy is read over it "
                                        "(1: at once; 2: once used again, so an expert evicted after one use costs no full read; "
                                        "0: never)", type=int)
+    miss_copy_reads: str = option("misses", "with --miss-copy: which decode reads take the miss copy: misses (demand loads) or all "
+                                            "(guesses too)", choices=MISS_COPY_READS)
     io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
     io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")
     num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)
@@ -143,6 +146,8 @@ class EngineConfig:
         for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):
             if getattr(self, name) < low:
                 raise ExpertCacheError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.miss_copy_reads not in MISS_COPY_READS:
+            raise ExpertCacheError(f"unknown miss_copy_reads {self.miss_copy_reads!r}: choose one of {', '.join(MISS_COPY_READS)}")
         if self.miss_copy_upgrade < 0:
             raise ExpertCacheError(f"miss_copy_upgrade must be at least 0, got {self.miss_copy_upgrade}")
         for name in ("prefetch_max", "num_threads"):

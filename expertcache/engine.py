@@ -164,6 +164,7 @@ class Engine:
             self.runtime = ExpertsRuntime(cache=self.cache, routing=self._routing(model_dir), predictor=NoPredictor(),
                                           num_experts=ckpt.num_experts, top_k=ckpt.top_k, upcast=upcast)
             self.cache.core.upgrade_after = config.miss_copy_upgrade
+            self.cache.core.low_guesses = config.miss_copy_reads == "all"
             self.runtime.bind(self.model, ckpt.sites, ckpt.family)
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"

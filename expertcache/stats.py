@@ -18,7 +18,7 @@ class LayerStats:
     prefetch_wasted: int = 0  # speculative loads their layer did not need
     prefetch_cancelled: int = 0  # speculative loads cancelled before being read
     stall_seconds: float = 0.0  # time the computation waited for expert loads
-    low_loads: int = 0  # misses served by the miss copy's smaller expert (--miss-copy)
+    low_loads: int = 0  # loads of the miss copy's smaller expert (--miss-copy): decode misses (and guesses, --miss-copy-reads all)
     low_uses: int = 0  # expert calls computed on a miss copy's expert (each is lossy)
     upgrades: int = 0  # full copies read over a resident miss copy's expert
     upgrades_cancelled: int = 0  # ...of which cancelled before a byte was read (the expert was needed first)

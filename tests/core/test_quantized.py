@@ -462,15 +462,18 @@ def _decode(model, prompt: list[int], steps: int, *, before_decode=None, decode_
 
 
 @pytest.mark.parametrize("budget", ["min", "50%"])
-def test_miss_copy_decode_computes_misses_on_the_small_copy(budget, quantized, direct_io_works):
+@pytest.mark.parametrize("prefetch,reads", [("none", "misses"), ("next-gate", "all")])
+def test_miss_copy_decode_computes_misses_on_the_small_copy(budget, prefetch, reads, quantized, direct_io_works):
     """--miss-copy, never upgraded, the cache emptied after the prompt: every expert a decode step
-    needs is a miss first (read from the int4 copy) and a hit on that copy after, so each step
-    equals transformers running the int4 checkpoint over the KV cache its int8 model made of the
-    prompt (logits at the kernels' tolerance, the same greedy tokens)."""
+    needs is a miss first (read from the int4 copy) and a hit on that copy after (or, with
+    --miss-copy-reads all, a guess read from it), so each step equals transformers running the
+    int4 checkpoint over the KV cache its int8 model made of the prompt (logits at the kernels'
+    tolerance, the same greedy tokens)."""
     q8, q4 = quantized("qwen3_moe", "int8"), quantized("qwen3_moe", "int4-g64")
     want, want_tokens = _decode(reference_model(q8), PROMPT, 16, decode_model=reference_model(q4))
     expert_budget = min_budget(q8) if budget == "min" else budget
-    with expertcache.load(q8, expert_budget=expert_budget, prefetch="none", miss_copy=str(q4), miss_copy_upgrade=0) as eng:
+    with expertcache.load(q8, expert_budget=expert_budget, prefetch=prefetch, miss_copy=str(q4), miss_copy_upgrade=0,
+                          miss_copy_reads=reads) as eng:
         recorders = []
 
         def empty():  # the prompt's (full-precision) loads are over: count the decode steps alone
@@ -480,9 +483,11 @@ def test_miss_copy_decode_computes_misses_on_the_small_copy(budget, quantized, d
 
         got, tokens = _decode(eng.model, PROMPT, 16, before_decode=empty)
         s = eng.stats()
-        assert s["low_loads"] == s["misses"] > 0 and s["upgrades"] == 0
+        assert s["low_loads"] == s["misses"] + s["prefetch_issued"] and s["low_loads"] > 0 and s["upgrades"] == 0
+        assert (s["prefetch_issued"] > 0) == (prefetch != "none")
         assert s["low_uses"] == s["lookups"]  # every expert call of the steps on the small copy
-        assert (s["hits"] > 0) == (budget == "50%")  # at 50%, hits on it too (the minimum budget misses every lookup)
+        if prefetch == "none":
+            assert (s["hits"] > 0) == (budget == "50%")  # at 50%, hits on it too (the minimum budget misses every lookup)
         assert all(e.low for e in eng.cache.core.entries.values())
         check_engine_invariants(eng, recorders[0])
         check_io_mode(eng, "direct", direct_io_works)
