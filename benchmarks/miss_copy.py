@@ -7,9 +7,10 @@ quality on the demo model; the same run, engines stepped in turn.
 - speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB
   bf16) and its int4-g64 copy by `expertcache quantize` (cached beside it, as benchmarks/quantized.py
   caches it). One subprocess per budget (a share of the bf16 experts' bytes) holds the engines:
-  bf16 alone; bf16 with the int4 copy as its miss copy (demand misses read it; with guesses too,
-  --miss-copy-reads all, upgraded after a second use, and never upgraded); int8 alone at the same
-  bytes (the all-lossy alternative: every expert smaller, so more of them fit). Prefetch next-gate (the default), 1 thread, O_DIRECT. They step
+  bf16 alone; bf16 with the int4 copy as its miss copy (demand misses alone read it,
+  --miss-copy-reads misses; misses and guesses, the default, upgraded after a second use, and
+  never upgraded); int8 alone at the same bytes (the all-lossy alternative: every expert smaller,
+  so more of them fit). Prefetch next-gate (the default), 1 thread, O_DIRECT. They step
   in turn, one decode step each, order alternating (decode.step_in_turn: a step is charged the
   reads it leaves in flight, upgrades included); each samples its own tokens (temperature 1,
   fixed seed). TPOT is the median step; the ratio the median of per-step ratios against bf16.
@@ -17,7 +18,7 @@ quality on the demo model; the same run, engines stepped in turn.
   on the miss copy, upgrades per token.
 - quality: the demo model and its int4-g64 copy, `expertcache tradeoff`'s decode-mode perplexity
   (TinyStories validation) and last-word accuracy at each budget: exact against the miss copy
-  (misses only; guesses too; guesses too and never upgraded, the bound where every read stays int4).
+  (misses only; the default, misses and guesses; never upgraded, the bound where every read stays int4).
 Writes miss_copy.json, miss_copy.md and miss_copy.png.
 """
 
@@ -61,10 +62,9 @@ def engines_for(ckpts: dict[str, str]) -> dict[str, tuple[str, dict]]:
     low = ckpts["int4-g64"]
     return {
         "bf16": (ckpts["bf16"], {}),
+        "bf16 + int4 miss copy, misses only": (ckpts["bf16"], {"miss_copy": low, "miss_copy_reads": "misses"}),
         "bf16 + int4 miss copy": (ckpts["bf16"], {"miss_copy": low}),
-        "bf16 + int4 miss copy, guesses too": (ckpts["bf16"], {"miss_copy": low, "miss_copy_reads": "all"}),
-        "bf16 + int4 miss copy, guesses too, no upgrade": (ckpts["bf16"], {"miss_copy": low, "miss_copy_reads": "all",
-                                                                          "miss_copy_upgrade": 0}),
+        "bf16 + int4 miss copy, no upgrade": (ckpts["bf16"], {"miss_copy": low, "miss_copy_upgrade": 0}),
         "int8": (ckpts["int8"], {}),
     }
 
@@ -125,8 +125,8 @@ def quality(budgets: list[int], max_tokens: int, limit: int) -> list[dict]:
         quantize_checkpoint(demo_model_dir(), low, bits=4, group_size=64, dense="keep", progress=False)
         for budget in budgets:
             rows = {}
-            for label, reads, upgrade in (("miss copy", "misses", 2), ("miss copy, guesses too", "all", 2),
-                                          ("miss copy, guesses too, no upgrade", "all", 0)):
+            for label, reads, upgrade in (("miss copy, misses only", "misses", 2), ("miss copy", "all", 2),
+                                          ("miss copy, no upgrade", "all", 0)):
                 cfg = EngineConfig(expert_budget=f"{budget}%", num_threads=1, miss_copy=str(low), miss_copy_reads=reads,
                                    miss_copy_upgrade=upgrade)
                 res = tradeoff(cfg, text=corpus_path(TINYSTORIES_VALID), mc=corpus_path(LASTWORD_MC), out_dir=Path(tmp) / "t",

@@ -120,8 +120,8 @@ class EngineConfig:
     miss_copy_upgrade: int = option(2, "with --miss-copy: calls on a miss copy's expert after which its full copy is read over it "
                                        "(1: at once; 2: once used again, so an expert evicted after one use costs no full read; "
                                        "0: never)", type=int)
-    miss_copy_reads: str = option("misses", "with --miss-copy: which decode reads take the miss copy: misses (demand loads) or all "
-                                            "(guesses too)", choices=MISS_COPY_READS)
+    miss_copy_reads: str = option("all", "with --miss-copy: which decode reads take the miss copy: all (demand loads and guesses: a "
+                                         "late guess stalls like a miss) or misses (demand loads only)", choices=MISS_COPY_READS)
     io: str = option("direct", "direct: O_DIRECT reads that bypass the page cache; buffered: page-cache reads", choices=IO_MODES)
     io_threads: int = option(2, "reader threads; reads release the GIL and overlap compute")
     num_threads: int | None = option(None, f"torch compute threads (default: ${THREADS_ENV} or 1)", flag="--threads", type=int)

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="price the experts as stored at this precision: bfloat16, float16, float32, int8-channel, "
                         "int4-g32/g64/g128, mxfp4 (default: as the trace was recorded; a trace without one is 16-bit)")
     p.add_argument("--miss-copy", default=None, metavar="PRECISION",
-                   help="engine mode: decode misses read a copy of the experts at this smaller precision (e.g. int4-g64), "
+                   help="engine mode: decode misses and guesses read a copy of the experts at this smaller precision (e.g. int4-g64), "
                         "upgraded to the full one after a second use, as `generate --miss-copy DIR` runs")
     p.add_argument("--miss-copy-upgrade", type=int, default=2, metavar="N",
                    help="with --miss-copy: uses of a miss copy's expert after which the full one is read (default 2; 0 never)")

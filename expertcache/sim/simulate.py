@@ -207,6 +207,7 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
     core = CacheCore(capacity=capacity, policy=policy, reader=reader, stats=stats, expert_bytes=stream.expert_bytes,
                      layers=stream.layers, experts_per_layer=stream.shape.num_experts, quotas=quotas, low_bytes=low_bytes)
     core.upgrade_after = upgrade_after
+    core.low_guesses = True  # as the engine's default (--miss-copy-reads all)
     out = Replay(name, budget, "engine")
     if prefetch:
         out.decode_seconds, out.decode_waits, out.hardware = [], [], hardware

@@ -503,7 +503,8 @@ def test_miss_copy_upgrades_land_the_full_copy(quantized):
     add up per copy, exactly."""
     q8, q4 = quantized("qwen3_moe", "int8"), quantized("qwen3_moe", "int4-g64")
     ref = reference_model(q8)
-    with expertcache.load(q8, expert_budget="50%", prefetch="next-gate", miss_copy=str(q4), miss_copy_upgrade=1) as eng:
+    with expertcache.load(q8, expert_budget="50%", prefetch="next-gate", miss_copy=str(q4), miss_copy_upgrade=1,
+                          miss_copy_reads="misses") as eng:
         recorder = LoadRecorder(eng)
         _, tokens = _decode(eng.model, PROMPT, 12, before_decode=eng.reset_cache)
         recorder.drain()
