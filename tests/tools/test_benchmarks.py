@@ -84,3 +84,18 @@ def test_serve_percentiles():
     serve = _load("serve")
     assert serve.percentile([], 0.5) is None
     assert serve.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and serve.percentile([5.0], 0.99) == 5.0
+
+
+def test_miss_copy_markdown_has_a_row_per_engine_and_the_quality_against_exact():
+    mc = _load("miss_copy")
+    eng = {"tpot_ms": 40.0, "ratio_vs_bf16": 0.5, "hit_rate": 0.9, "mb_read_per_token": 60.0, "stall_ms_per_token": 3.0,
+           "low_share": 0.7, "upgrades_per_token": 0.5, "cache_slots": 16}
+    row = {"perplexity": 10.0, "accuracy": 0.75, "low_share": None, "bytes_read_per_token": 2e6, "tpot_ms": 9.0}
+    rep = {"when": "now", "speed": [{"label": "25%", "tokens": 8, "engines": {"bf16": {**eng, "ratio_vs_bf16": 1.0, "low_share": 0.0},
+                                                                         "bf16 + int4 miss copy": eng}}],
+           "quality": [{"budget": 25, "tokens": 100, "items": 10, "rows": {"exact": row, "exact runs": [10.0, 10.0],
+                                                                          "miss copy": {**row, "perplexity": 10.1, "low_share": 0.8}}}]}
+    md = mc.markdown(rep)
+    assert "| bf16 + int4 miss copy | 16 | 40.0 | 0.50 | 90.0% | 60.0 | 3.0 | 70.0% | 0.50 |" in md
+    assert "| miss copy | 10.100 | +1.00% | 75.0% | +0.0 | 80.0% | 2.00 | 9.00 |" in md
+    assert "exact runs" not in md.split("exact's perplexity")[0]
