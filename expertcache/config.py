@@ -30,6 +30,9 @@ DEMO_DIR = Path(__file__).parent / "demo"
 PRECISION_WARMUP = 32  # a target layer's issued guesses before its precision gates anything
 PRECISION_PROBE = 32  # one in this many gated decode calls still guesses, so the precision stays measured (8 let a blind predictor read 2.4x the bytes of none on 24 layers)
 KERNEL_ROWS = 16  # rows up to which a bf16/fp16 product stays in expertcache's exact kernel under half_matmul="float32" (gemm.py)
+DENSE_ROWS = 16  # rows from which a quantized expert's half-precision product is dequantized and taken by torch's GEMM, where
+# that GEMM is native (quant.py; measured crossover ~14 rows on an AVX-512/AMX Xeon: docs/quantized.md)
+DENSE_ROWS_F32 = 48  # ...and a float32 one (crossover ~32 rows there)
 UPCAST_ROWS = 2  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
 RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)

@@ -9,6 +9,12 @@ once, when the load ends, into the layout that kernel reads (the same bytes, so 
   int4, groups of 32..256   -> torch's int4 CPU tiles  for aten._weight_int4pack_mm_for_cpu
                                (out a multiple of 32)
 Any other scheme or shape (odd sizes) is dequantized on use, as the reference does.
+
+qmm reads each weight once per four tokens: a one-token GEMV at memory speed, but a product of
+many rows (a prompt, a batch) costs it per row. On a CPU whose half-precision GEMM is native
+(oneDNN: AVX-512 BF16, AMX) and for float32, a call of DENSE_ROWS rows or more instead has the
+kernel dequantize the expert's matrices (dq: exactly compressed-tensors' dequantization) and
+multiplies them with torch's GEMM, the reference's own product (docs/quantized.md has the figures).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import gemm, kernels
+from .config import DENSE_ROWS, DENSE_ROWS_F32
 from .qformat import Scheme
 
 NATIVE, INT8_CHANNEL, INT4_TILES, DEQUANT = "expertcache", "int8-channel", "int4-tiles", "dequantize"
@@ -166,9 +173,31 @@ class QuantExperts:
             elif kernel == INT4_TILES:
                 packed.copy_(_int4_tiles(unpack(packed, 4, shape[1]).add_(8).to(torch.uint8)))
 
+    def _dense(self, x: torch.Tensor, i: int) -> bool:
+        """Whether matrix i's product with x goes through dq and torch's GEMM (see the module's doc)."""
+        if self.kernels[i] != NATIVE:
+            return False
+        if x.dtype == torch.float32:
+            return x.shape[0] >= DENSE_ROWS_F32
+        return x.shape[0] >= DENSE_ROWS and not gemm.slow_half(x.dtype)
+
+    def weight(self, parts: tuple[torch.Tensor, ...], i: int, *, workspace: bool = False) -> torch.Tensor:
+        """Matrix i dequantized [out, in] in its scale's dtype, by expertcache's kernel (dq);
+        `workspace`: into a buffer kept for matrix i's shape and dtype, overwritten by the next such
+        call (forwards run one at a time: ExpertsRuntime's lock)."""
+        packed, scale, zero = self._matrix(parts, i)
+        shape = self.shapes[i]
+        out = _workspace(i, shape, scale.dtype) if workspace else None
+        return torch.ops.expertcache.dq(packed, scale, [] if zero is None else [zero], self.scheme.bits,
+                                        self.scheme.group_size or shape[1], shape[1], out)
+
     def gate_up(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """x [n, in] -> [n, 2I]: the gate's and the up projection's outputs side by side (one
         kernel call where expertcache's kernel computes both)."""
+        if self._dense(x, 0) and self._dense(x, 1):
+            w0, w1 = self.weight(parts, 0, workspace=True), self.weight(parts, 1, workspace=True)
+            a, b = gemm.linear_pair(x, w0.to(x.dtype), w1.to(x.dtype))
+            return torch.cat([a, b], dim=-1)
         if self.kernels[0] == self.kernels[1] == NATIVE:
             (p0, s0, z0), (p1, s1, z1) = self._matrix(parts, 0), self._matrix(parts, 1)
             return torch.ops.expertcache.qmm(x, [p0, p1], [s0, s1], [z for z in (z0, z1) if z is not None],
@@ -179,6 +208,8 @@ class QuantExperts:
         """x [n, in] @ matrix i's weight.T -> [n, out], in x's dtype."""
         packed, scale, zero = self._matrix(parts, i)
         kernel, shape = self.kernels[i], self.shapes[i]
+        if self._dense(x, i):
+            return gemm.linear(x, self.weight(parts, i, workspace=True).to(x.dtype))
         if kernel == NATIVE:
             return torch.ops.expertcache.qmm(x, [packed], [scale], [] if zero is None else [zero], self.scheme.bits,
                                              self.scheme.group_size or shape[1])
@@ -189,6 +220,18 @@ class QuantExperts:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.scheme.group_size,
                                                               torch.stack((s, torch.zeros_like(s)), dim=-1))
         return F.linear(x, dequantize(packed, scale, self.scheme, shape, zero).to(x.dtype))
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(i: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A dequantized matrix's buffer, one per (matrix index, shape, dtype): made once, reused."""
+    key = (i, shape, dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = _WORKSPACES[key] = torch.empty(shape, dtype=dtype)
+    return buf
 
 
 class QuantLinear(torch.nn.Module):

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 #include <immintrin.h>
 
@@ -465,7 +466,112 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// Eight float32 values out as OUT: float as they are; bf16 (kind 1) rounded to nearest even;
+// fp16 (kind 2) by F16C, to nearest even.
+template <typename OUT>
+inline void emit8(OUT* out, __m256 v, int kind) {
+  if constexpr (std::is_same_v<OUT, float>) {
+    _mm256_storeu_ps(out, v);
+  } else if (kind == 1) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0-3, 4-7 side by side
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// One row of dq: values (u - offset) * scale[g] for k in [0, K), written as OUT (float, or the
+// 16-bit bits of bf16 / fp16). The product of a small integer and a half-precision scale is exact
+// in float32, so rounding it once gives what torch's half-precision multiply gives. Groups are a
+// multiple of 8 (int8) or 16 (int4) inputs (kernel_for), whole vectors.
+template <int BITS, typename OUT>
+inline void dq_row(const uint8_t* row, const float* sc, ZeroRow zp, int64_t K, int64_t group, OUT* out, int kind) {
+  const int64_t G = K / group;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    int offset = 1 << (BITS - 1);
+    if (zp.words != nullptr) {
+      uint32_t word;
+      std::memcpy(&word, zp.words + 4 * gi, 4);
+      offset = static_cast<int>((word >> zp.shift) & ((1u << BITS) - 1));
+    }
+    const __m256i off = _mm256_set1_epi32(offset);
+    const __m256 s = _mm256_set1_ps(sc[gi]);
+    const int64_t k0 = gi * group, k1 = k0 + group;
+    if constexpr (BITS == 8) {
+      for (int64_t k = k0; k < k1; k += 8) {
+        const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+        emit8(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), s), kind);
+      }
+    } else {
+      for (int64_t k = k0; k < k1; k += 16) {  // 8 bytes: element 2j in byte j's low nibble, 2j+1 in its high one
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m128i e = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+        const __m256i u0 = _mm256_cvtepu8_epi32(e), u1 = _mm256_cvtepu8_epi32(_mm_srli_si128(e, 8));
+        emit8(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u0, off)), s), kind);
+        emit8(out + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u1, off)), s), kind);
+      }
+    }
+  }
+}
+
+// packed [N, row bytes] uint8; scale [N, K/group] float32, bfloat16 or float16; zeros as qmm's
+// -> the weight [N, K] in the scale's dtype: (value - zero point) * scale, as compressed-tensors
+// dequantizes (so a product with it is the reference's own). For products of many rows on CPUs
+// whose half-precision GEMM is faster than qmm (quant.py).
+at::Tensor dq(const at::Tensor& packed, const at::Tensor& scale, at::TensorList zeros, int64_t bits, int64_t group, int64_t K,
+             const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 8 ? 8 : 16) == 0,
+              "group must divide K, a multiple of 8 (int8) or 16 (int4)");
+  const int64_t N = packed.size(0), G = K / group;
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.stride(1) == 1 && packed.size(1) * 8 >= K * bits,
+              "packed: uint8 [N, K*bits/8]");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G, "scale: [N, K/group]");
+  TORCH_CHECK(zeros.size() <= 1, "zero points: none or one");
+  const auto dtype = scale.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "scale: float32, bfloat16 or float16");
+  const uint8_t* z = nullptr;
+  if (!zeros.empty()) {
+    TORCH_CHECK(zeros[0].scalar_type() == at::kByte && zeros[0].is_contiguous() && zeros[0].dim() == 2 &&
+                zeros[0].size(0) == (N * bits + 31) / 32 && zeros[0].size(1) == G * 4, "zero points: as qmm's");
+    z = zeros[0].data_ptr<uint8_t>();
+  }
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  at::Tensor w;
+  if (out.has_value() && out->defined()) {  // a workspace the caller keeps: no 17 MB allocation (and its page faults) a call
+    TORCH_CHECK(out->scalar_type() == dtype && out->is_contiguous() && out->dim() == 2 && out->size(0) == N && out->size(1) == K,
+                "out: contiguous [N, K] of the scale's dtype");
+    w = *out;
+  } else {
+    w = at::empty({N, K}, scale.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* s = sf.data_ptr<float>();
+  const int64_t rb = packed.stride(0);
+  const int kind = dtype == at::kBFloat16 ? 1 : 2;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const ZeroRow zr = zero_row(z, n, static_cast<int>(bits), G);
+      if (dtype == at::kFloat) {
+        float* o = w.data_ptr<float>() + n * K;
+        if (bits == 8) dq_row<8, float>(p + n * rb, s + n * G, zr, K, group, o, 0);
+        else dq_row<4, float>(p + n * rb, s + n * G, zr, K, group, o, 0);
+      } else {
+        uint16_t* o = reinterpret_cast<uint16_t*>(w.data_ptr()) + n * K;
+        if (bits == 8) dq_row<8, uint16_t>(p + n * rb, s + n * G, zr, K, group, o, kind);
+        else dq_row<4, uint16_t>(p + n * rb, s + n * G, zr, K, group, o, kind);
+      }
+    }
+  });
+  return w;
+}
+
 TORCH_LIBRARY(expertcache, m) {
+  m.def("dq(Tensor packed, Tensor scale, Tensor[] zeros, int bits, int group, int K, Tensor? out=None) -> Tensor", dq);
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
   m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "

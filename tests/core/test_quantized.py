@@ -622,3 +622,66 @@ def test_miss_copy_refuses_what_is_not_a_smaller_copy(checkpoint, quantized, tmp
         with pytest.raises(ExpertCacheError, match=match) as err:
             expertcache.load(model, expert_budget="50%", miss_copy=copy)
         assert "\n" not in str(err.value)
+
+
+# --- many rows: dequantized by the kernel, multiplied by torch's GEMM ---------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 64, True), (8, 16, False), (4, 32, False)])
+def test_dq_kernel_is_compressed_tensors_dequantization_bit_for_bit(dtype, bits, group, symmetric):
+    """dq writes (value - zero point) * scale in the scale's dtype, rounded as torch rounds it:
+    the very weight transformers' compressed-tensors path multiplies by (dequantize)."""
+    if not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here")
+    torch.manual_seed(3)
+    out, inner = 96, 256
+    g = group or inner
+    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
+    scale = (torch.rand(out, inner // g) * 0.02 + 1e-3).to(dtype)
+    packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
+    zeros, zero = [], None
+    if not symmetric:
+        zp = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
+        z = pack_to_int32(zp, bits, packed_dim=0)
+        zero = z.flatten().view(torch.uint8).view(z.shape[0], -1)
+        zeros = [zero]
+    want = dequantize(packed, scale, Scheme(bits, group, symmetric), (out, inner), zero=zero)
+    got = torch.ops.expertcache.dq(packed, scale, zeros, bits, g, inner)
+    assert got.dtype == dtype and torch.equal(got, want)
+    buf = torch.empty_like(want)
+    assert torch.ops.expertcache.dq(packed, scale, zeros, bits, g, inner, buf).data_ptr() == buf.data_ptr() and torch.equal(buf, want)
+
+
+def test_many_rows_take_the_dequantized_gemm_and_equal_it(monkeypatch):
+    """A product of DENSE_ROWS_F32 rows or more (float32) is torch's GEMM on the dequantized weight,
+    bit for bit; fewer rows stay in qmm (the same values within float32 rounding)."""
+    if not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here")
+    import expertcache.quant as quant
+
+    torch.manual_seed(4)
+    scheme, shape = Scheme(4, 32), (64, 128)
+    packed, scale = quantize(torch.randn(shape) * 0.05, scheme, torch.float32)
+    parts = (packed.view(torch.uint8).view(shape[0], -1).clone(), scale)
+    q = QuantExperts(scheme, (shape,))
+    weight = dequantize(packed, scale, scheme, shape)
+    calls = []
+    dq = torch.ops.expertcache.dq
+    monkeypatch.setattr(quant, "_workspace", lambda *a: calls.append(a) or torch.empty(a[1], dtype=a[2]))
+    many = torch.randn(quant.DENSE_ROWS_F32, shape[1])
+    assert torch.equal(q.linear(many, parts, 0), torch.nn.functional.linear(many, weight)) and len(calls) == 1
+    few = many[: quant.DENSE_ROWS_F32 - 1]
+    torch.testing.assert_close(q.linear(few, parts, 0), torch.nn.functional.linear(few, weight))
+    assert len(calls) == 1 and dq is torch.ops.expertcache.dq
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_quantized_checkpoint_on_the_dequantized_gemm_matches_transformers(scheme, quantized, monkeypatch, direct_io_works):
+    """Every product of one row or more through dq and torch's GEMM (the threshold lowered to 1):
+    prompt and 32 greedy tokens equal transformers' on the quantized checkpoint, at 50 %."""
+    if not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here")
+    import expertcache.quant as quant
+
+    monkeypatch.setattr(quant, "DENSE_ROWS_F32", 1)
+    qdir = quantized("qwen3_moe", scheme)
+    run_and_compare(qdir, _reference(qdir), budget="50%", prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
