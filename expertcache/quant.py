@@ -1,20 +1,14 @@
 """Quantized experts: quantize a weight into the pack-quantized format (qformat.py), and compute
 on the stored bytes without dequantizing a whole expert per call.
 
-An expert's (gate, up, down) arrive as (packed, scale) pairs read as saved. expertcache's own
-kernel (kernels/qmm.cpp) computes on those bytes as they are. Without it (no compiler), where one
-of torch's CPU weight-only kernels fits the scheme and shape, the packed bytes are changed in place
-once, when the load ends, into the layout that kernel reads (the same bytes, so the budget holds):
-  int8, a scale per row     -> signed int8 [out, in]   for aten._weight_int8pack_mm
-  int4, groups of 32..256   -> torch's int4 CPU tiles  for aten._weight_int4pack_mm_for_cpu
-                               (out a multiple of 32)
-Any other scheme or shape (odd sizes) is dequantized on use, as the reference does.
-
-qmm reads each weight once per four tokens: a one-token GEMV at memory speed, but a product of
-many rows (a prompt, a batch) costs it per row. On a CPU whose half-precision GEMM is native
-(oneDNN: AVX-512 BF16, AMX) and for float32, a call of DENSE_ROWS rows or more instead has the
-kernel dequantize the expert's matrices (dq: exactly compressed-tensors' dequantization) and
-multiplies them with torch's GEMM, the reference's own product (docs/quantized.md has the figures).
+expertcache's own kernel (kernels/qmm.cpp: qmm) computes on an expert's (packed, scale) bytes as
+they are. Without it, where one of torch's CPU weight-only kernels fits, the packed bytes are
+changed in place once, when the load ends, into its layout (int8 per row -> signed int8 for
+aten._weight_int8pack_mm; int4 groups of 32..256, out a multiple of 32 -> torch's int4 CPU tiles);
+other schemes and shapes dequantize on use, as the reference does. qmm costs per row: a product of
+DENSE_ROWS rows or more (float32: DENSE_ROWS_F32) where torch's GEMM is native has the kernel
+dequantize the matrix (dq, compressed-tensors' dequantization bit for bit) and torch's GEMM
+multiply it (docs/quantized.md has the figures).
 """
 
 from __future__ import annotations
