@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,23 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-COPIES = {"int8": (8, 0), "int4-g64": (4, 64)}  # quantized copies of the 1 GB checkpoint (benchmarks/quantized.py's names)
-
 
 def checkpoints(root: str | None) -> dict[str, str]:
-    from helpers.synthetic import CkptSpec, build_checkpoint
+    """The 1 GB checkpoint and its quantized copies (benchmarks/quantized.py builds and caches them)."""
+    import quantized
 
-    from expertcache.tools.quantize import quantize_checkpoint
-
-    base = build_checkpoint(Path(root or os.environ.get("EXPERTCACHE_BENCH_DIR") or REPO / "results" / "ckpt"), CkptSpec())
-    out = {"bf16": str(base)}
-    for name, (bits, group) in COPIES.items():
-        d = base.with_name(base.name + "-" + name)
-        if not (d / "config.json").exists():
-            quantize_checkpoint(base, d, bits=bits, group_size=group, dense="keep")
-            (d / "spec.json").write_text((base / "spec.json").read_text())
-        out[name] = str(d)
-    return out
+    return {k: str(v) for k, v in quantized.checkpoints(root).items()}
 
 
 def engines_for(ckpts: dict[str, str]) -> dict[str, tuple[str, dict]]:
@@ -143,12 +130,9 @@ def quality(budgets: list[int], max_tokens: int, limit: int) -> list[dict]:
 
 
 def _spawn(args: list[str]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=3600)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {args} failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    import quantized
+
+    return quantized._spawn(args, script=__file__)
 
 
 def markdown(rep: dict) -> str:

@@ -197,10 +197,11 @@ def with_relative(q: dict) -> dict:
                    "accuracy_points_vs_bf16": 100 * (r["accuracy"] - base["accuracy"])} for name, r in q.items()}
 
 
-def _spawn(args: list[str]) -> dict:
+def _spawn(args: list[str], script: str = __file__) -> dict:
+    """Run `script`'s worker (one thread) and return the JSON its last line prints."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"worker {args} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
