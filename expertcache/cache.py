@@ -177,6 +177,9 @@ class CacheCore:
         for x in experts:
             eid = (layer, int(x))
             ent = self.entries.get(eid)
+            if ent is not None and ent.upgrade_from is not None:
+                self._need_upgrading(eid, ent)
+                ent = self.entries.get(eid)  # a failed upgrade took its entry with it: a miss
             if ent is None:
                 self._reclaim(eid)
                 ent = self.add(eid, speculative=False)
@@ -184,8 +187,6 @@ class CacheCore:
             elif ent.speculative:
                 self._first_use(eid, ent)
             else:
-                if ent.upgrade_from is not None:
-                    self._need_upgrading(eid, ent)
                 self.policy.access(eid, self.now)
             ent.pins += 1
             out.append(eid)
@@ -257,10 +258,8 @@ class CacheCore:
     def _need_upgrading(self, eid: ExpertId, ent: Entry) -> None:
         """A call needs an expert whose full copy is being read over its miss copy's."""
         if self._finished(ent):
-            self._settle(eid, ent)
-        elif self._cancel(eid, ent, count=False):  # not a byte read: the miss copy's expert is whole
-            self.stats.count(eid[0], "upgrades", -1)
-            self.stats.count(eid[0], "upgrades_cancelled")
+            self._settle(eid, ent)  # landed (or failed: then the entry is gone)
+        elif self._cancel(eid, ent):  # not a byte read: the miss copy's expert is whole
             ent.load, ent.upgrade_from, ent.ready = ent.upgrade_from, None, True
             ent.nbytes = self.low_bytes[eid[0]]
             self.unready.discard(eid)
@@ -505,7 +504,10 @@ class CacheCore:
         if not self.reader.cancel(ent.load):
             return False
         self.stats.bytes_read -= ent.nbytes
-        if count:
+        if ent.upgrade_from is not None:  # an upgrade, whoever cancels it
+            self.stats.count(eid[0], "upgrades", -1)
+            self.stats.count(eid[0], "upgrades_cancelled")
+        elif count:
             self.stats.count(eid[0], "prefetch_cancelled")
         return True
 

@@ -685,3 +685,67 @@ def test_quantized_checkpoint_on_the_dequantized_gemm_matches_transformers(schem
     monkeypatch.setattr(quant, "DENSE_ROWS_F32", 1)
     qdir = quantized("qwen3_moe", scheme)
     run_and_compare(qdir, _reference(qdir), budget="50%", prefetch="next-gate", io="direct", direct_io_works=direct_io_works)
+
+
+def test_a_failed_upgrade_is_a_miss_and_counts_add_up():
+    """An upgrade read that fails leaves no entry behind (its slot was half written): the next call
+    that needs the expert misses and reads it again; an upgrade cancelled to free its slot for a
+    demand load counts as cancelled, its bytes taken back."""
+    from expertcache.cache import CacheCore
+    from expertcache.ids import DONE, FAILED, QUEUED, UPGRADE
+    from expertcache.policies import make_policy
+    from expertcache.stats import Stats
+
+    class Load:
+        def __init__(self, priority, copy):
+            self.priority, self.copy, self.state, self.err = priority, copy, QUEUED, None
+
+    class Reader:
+        def __init__(self):
+            self.loads = []
+
+        def submit_many(self, loads, priority, copy=0):
+            new = [Load(priority, copy) for _ in loads]
+            self.loads += new
+            return new
+
+        def promote(self, load):
+            pass
+
+        def cancel(self, load):
+            if load.state != QUEUED:
+                return False
+            load.state = "cancelled"
+            return True
+
+        def state(self, load):
+            return load.state
+
+        def error(self, load):
+            return load.err
+
+        def wait(self, load):
+            if load.state == QUEUED:
+                load.state = DONE
+            return 0.0
+
+        def arrival(self, load):
+            return (0,)
+
+    reader, stats = Reader(), Stats()
+    core = CacheCore(capacity=2, policy=make_policy("lru")[0], reader=reader, stats=stats, expert_bytes={0: 100},
+                     layers=[0], experts_per_layer=4, low_bytes={0: 25})
+    core.miss_low, core.upgrade_after = True, 1
+    list(core.stream(0, [1]))  # small copy read, then its upgrade queued
+    up = reader.loads[-1]
+    assert up.priority == UPGRADE and stats.upgrades == 1 and stats.bytes_read == 125
+    up.state, up.err = FAILED, OSError("disk")
+    list(core.stream(0, [1]))  # the failed upgrade is gone: a miss, the small copy read again
+    assert stats.misses == 2 and stats.low_loads == 2 and core.entries[(0, 1)].low
+    up2 = reader.loads[-1]
+    assert up2.priority == UPGRADE and up2 is not up
+    core.miss_low = False
+    list(core.stream(0, [2, 3]))  # two demand loads need both slots: the queued upgrade is cancelled, its entry gone
+    assert up2.state == "cancelled" and (0, 1) not in core.entries
+    assert stats.upgrades_cancelled == 1 and stats.upgrades == 1  # issued and not cancelled: the failed one
+    assert stats.bytes_read == 25 + 100 + 25 + 200  # small, failed upgrade, small again, two demand loads
