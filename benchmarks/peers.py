@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +91,10 @@ def _data_dir() -> Path:
     return d
 
 
-def install(sdist: str | None) -> Path:
+CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+
+
+def install(sdist: str | None, cmake_args: str = CMAKE_ARGS) -> Path:
     """llama-cpp-python built from its sdist, sentencepiece and accelerate, into SITE; returns the
     extracted llama.cpp sources (convert script, gguf-py)."""
     src = ROOT / "llama.cpp"
@@ -103,7 +105,7 @@ def install(sdist: str | None) -> Path:
             _sh([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", LLAMA_CPP_PYTHON, "-d", dl])
             sdist = str(next(dl.glob("llama_cpp_python-*.tar.gz")))
         env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
-                   CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF")
+                   CMAKE_ARGS=cmake_args)
         _sh([sys.executable, "-m", "pip", "install", "--no-deps", "--target", SITE, sdist], env=env)
     extra = [m for m in ("sentencepiece", "accelerate", "diskcache") if not (SITE / m).is_dir()]
     if extra:  # diskcache: llama_cpp imports it
@@ -375,6 +377,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setup", action="store_true", help="build llama-cpp-python from its sdist and convert the GGUFs, then stop")
     ap.add_argument("--sdist", help="a downloaded llama-cpp-python sdist (default: pip download it)")
+    ap.add_argument("--cmake-args", default=CMAKE_ARGS,
+                    help=f"llama.cpp's build options (default {CMAKE_ARGS!r}; on a VM whose AMX int8 faults, add -DGGML_NATIVE=OFF "
+                         "and the AVX-512 flags without AMX: README, Benchmarks)")
     ap.add_argument("--out", default=str(REPO / "results" / "peers"))
     ap.add_argument("--limits", default="none,60,35", help="none and percentages of the bf16 GGUF's size (+ llama.cpp's runtime)")
     ap.add_argument("--tools", default=None, help="comma-separated substrings of tool names to keep")
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
         return 2
     spec = FINE_SPEC if args.fine else CkptSpec()
     ckpt = build_checkpoint(None, spec)
-    src = install(args.sdist)
+    src = install(args.sdist, args.cmake_args)
     ggufs = convert(ckpt, src)
     if args.setup:
         return 0
