@@ -63,8 +63,8 @@ def _read(path: Path, default: str | None = None) -> str:
 
 def free_bytes() -> tuple[int, int, str]:
     """(limit, free now, where the limit comes from) under the tightest constraint on this process:
-    each cgroup over it with a limit (free = limit - its usage, every process in it and the page
-    cache counted, but its inactive file pages: `_inactive_file`) and the machine (MemAvailable)."""
+    each cgroup over it with a limit (free = limit - its usage, page cache included, every process
+    in it counted) and the machine (MemAvailable)."""
     best = (_meminfo("MemTotal"), _meminfo("MemAvailable"), "MemAvailable")
     try:
         version, d = _own_memory_cgroup()
@@ -76,29 +76,12 @@ def free_bytes() -> tuple[int, int, str]:
             lim, use = _read(d / names[0]), int(_read(d / names[1]))
         except (OSError, ValueError):
             break
-        use -= min(use, _inactive_file(d, version))  # cold page cache: the kernel takes it back before anyone is short
         if lim != "max" and int(lim) < _UNLIMITED and int(lim) - use < best[1]:
             best = (int(lim), int(lim) - use, f"cgroup {d}")
         if d.parent == d:
             break
         d = d.parent
     return best
-
-
-def _inactive_file(d: Path, version: str) -> int:
-    """Bytes of inactive file pages charged to cgroup `d` and below (memory.stat): page cache
-    nobody has touched lately, reclaimed before the limit makes anyone wait or be killed. A
-    cgroup's usage counts it, so a tight limit whose page cache has filled it (library files read
-    at import, a checkpoint's headers) would look full while most of it can be given back."""
-    key = "total_inactive_file" if version == "v1" else "inactive_file"
-    try:
-        for line in _read(d / "memory.stat").splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 @dataclass(frozen=True)
