@@ -218,10 +218,9 @@ def main(argv=None) -> int:
     if not args.skip_quality:
         rep["quality"] = _spawn(["--worker", json.dumps({"fn": "quality", "budgets": budgets, "max_tokens": 1000 if args.quick else 5000,
                                                          "limit": 100 if args.quick else 300})])
-    (out / "miss_copy.json").write_text(json.dumps(rep, indent=2))
-    (out / "miss_copy.md").write_text(markdown(rep))
-    plot(rep, out / "miss_copy.png")
-    print(markdown(rep))
+    import quantized
+
+    quantized.write_report(out, "miss_copy", rep, markdown, plot)
     return 0
 
 

@@ -296,11 +296,16 @@ def main(argv=None) -> int:
         rep["quality"] = with_relative(q)
     elif not args.skip_quality:
         rep["quality"] = with_relative(quality(2000 if args.quick else 10000, 200 if args.quick else None))
-    (out / "quantized.json").write_text(json.dumps(rep, indent=2))
-    (out / "quantized.md").write_text(markdown(rep))
-    plot(rep, out / "quantized.png")
-    print(markdown(rep))
+    write_report(out, "quantized", rep, markdown, plot)
     return 0
+
+
+def write_report(out: Path, name: str, rep: dict, markdown, plot) -> None:
+    """NAME.json, NAME.md (printed too) and NAME.png in `out`."""
+    (out / f"{name}.json").write_text(json.dumps(rep, indent=2))
+    (out / f"{name}.md").write_text(markdown(rep))
+    plot(rep, out / f"{name}.png")
+    print(markdown(rep))
 
 
 if __name__ == "__main__":

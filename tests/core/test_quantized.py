@@ -523,55 +523,76 @@ def test_miss_copy_upgrades_land_the_full_copy(quantized):
     torch.testing.assert_close(got, ref(input_ids=ids).logits[0])
 
 
+class _Load:
+    def __init__(self, priority: int, copy: int):
+        from expertcache.ids import QUEUED
+
+        self.priority, self.copy, self.state, self.err = priority, copy, QUEUED, None
+
+
+class _HandReader:
+    """A Reader (cache.py) whose loads the test starts, ends or fails by hand: a load waited for
+    that has not failed is done."""
+
+    def __init__(self):
+        self.loads: list[_Load] = []
+
+    def submit_many(self, loads, priority, copy=0):
+        new = [_Load(priority, copy) for _ in loads]
+        self.loads += new
+        return new
+
+    def promote(self, load):
+        from expertcache.ids import DEMAND
+
+        load.priority = DEMAND
+
+    def cancel(self, load):
+        from expertcache.ids import CANCELLED, QUEUED
+
+        if load.state != QUEUED:
+            return False
+        load.state = CANCELLED
+        return True
+
+    def state(self, load):
+        return load.state
+
+    def error(self, load):
+        return load.err
+
+    def wait(self, load):
+        from expertcache.ids import DONE, QUEUED, RUNNING
+
+        if load.state in (QUEUED, RUNNING):
+            load.state = DONE
+        return 0.0
+
+    def arrival(self, load):
+        return (0,)
+
+
+def _core_with_a_miss_copy():
+    """A CacheCore of 2 slots over one 4-expert layer whose experts are 100 bytes, 25 in the miss copy."""
+    from expertcache.cache import CacheCore
+    from expertcache.policies import make_policy
+    from expertcache.stats import Stats
+
+    reader, stats = _HandReader(), Stats()
+    core = CacheCore(capacity=2, policy=make_policy("lru")[0], reader=reader, stats=stats, expert_bytes={0: 100},
+                     layers=[0], experts_per_layer=4, low_bytes={0: 25})
+    return core, reader, stats
+
+
 def test_miss_copy_rules_on_ids():
     """The cache's rules for a miss copy (a reader whose loads the test starts and ends): a decode
     miss reads the small copy; its second use queues the full read at the lowest priority; a call
     that needs the expert before that read starts cancels it and computes on the small copy; once
     started, the read is promoted and waited for; bytes are counted per copy; a prompt's misses
     read the full copy."""
-    from expertcache.cache import CacheCore
-    from expertcache.ids import CANCELLED, DEMAND, DONE, QUEUED, RUNNING, UPGRADE
-    from expertcache.policies import make_policy
-    from expertcache.stats import Stats
+    from expertcache.ids import CANCELLED, DEMAND, DONE, RUNNING, UPGRADE
 
-    class Load:
-        def __init__(self, eid, priority, copy):
-            self.eid, self.priority, self.copy, self.state = eid, priority, copy, QUEUED
-
-    class Reader:
-        def __init__(self):
-            self.loads = []
-
-        def submit_many(self, loads, priority, copy=0):
-            new = [Load(eid, priority, copy) for eid, _ in loads]
-            self.loads += new
-            return new
-
-        def promote(self, load):
-            load.priority = DEMAND
-
-        def cancel(self, load):
-            if load.state != QUEUED:
-                return False
-            load.state = CANCELLED
-            return True
-
-        def state(self, load):
-            return load.state
-
-        def error(self, load):
-            return None
-
-        def wait(self, load):
-            load.state = DONE
-            return 0.0
-
-        def arrival(self, load):
-            return (0,)
-
-    reader, stats = Reader(), Stats()
-    core = CacheCore(capacity=2, policy=make_policy("lru")[0], reader=reader, stats=stats, expert_bytes={0: 100},
-                     layers=[0], experts_per_layer=4, low_bytes={0: 25})
+    core, reader, stats = _core_with_a_miss_copy()
 
     def call(*experts):
         list(core.stream(0, list(experts)))
@@ -691,50 +712,9 @@ def test_a_failed_upgrade_is_a_miss_and_counts_add_up():
     """An upgrade read that fails leaves no entry behind (its slot was half written): the next call
     that needs the expert misses and reads it again; an upgrade cancelled to free its slot for a
     demand load counts as cancelled, its bytes taken back."""
-    from expertcache.cache import CacheCore
-    from expertcache.ids import DONE, FAILED, QUEUED, UPGRADE
-    from expertcache.policies import make_policy
-    from expertcache.stats import Stats
+    from expertcache.ids import CANCELLED, FAILED, UPGRADE
 
-    class Load:
-        def __init__(self, priority, copy):
-            self.priority, self.copy, self.state, self.err = priority, copy, QUEUED, None
-
-    class Reader:
-        def __init__(self):
-            self.loads = []
-
-        def submit_many(self, loads, priority, copy=0):
-            new = [Load(priority, copy) for _ in loads]
-            self.loads += new
-            return new
-
-        def promote(self, load):
-            pass
-
-        def cancel(self, load):
-            if load.state != QUEUED:
-                return False
-            load.state = "cancelled"
-            return True
-
-        def state(self, load):
-            return load.state
-
-        def error(self, load):
-            return load.err
-
-        def wait(self, load):
-            if load.state == QUEUED:
-                load.state = DONE
-            return 0.0
-
-        def arrival(self, load):
-            return (0,)
-
-    reader, stats = Reader(), Stats()
-    core = CacheCore(capacity=2, policy=make_policy("lru")[0], reader=reader, stats=stats, expert_bytes={0: 100},
-                     layers=[0], experts_per_layer=4, low_bytes={0: 25})
+    core, reader, stats = _core_with_a_miss_copy()
     core.miss_low, core.upgrade_after = True, 1
     list(core.stream(0, [1]))  # small copy read, then its upgrade queued
     up = reader.loads[-1]
@@ -746,6 +726,6 @@ def test_a_failed_upgrade_is_a_miss_and_counts_add_up():
     assert up2.priority == UPGRADE and up2 is not up
     core.miss_low = False
     list(core.stream(0, [2, 3]))  # two demand loads need both slots: the queued upgrade is cancelled, its entry gone
-    assert up2.state == "cancelled" and (0, 1) not in core.entries
+    assert up2.state == CANCELLED and (0, 1) not in core.entries
     assert stats.upgrades_cancelled == 1 and stats.upgrades == 1  # issued and not cancelled: the failed one
     assert stats.bytes_read == 25 + 100 + 25 + 200  # small, failed upgrade, small again, two demand loads
