@@ -259,6 +259,7 @@ class ExpertsRuntime:
           -> sum over k in transformers' own order and dtype -> [T, H]
         """
         logits = self._logits.pop(layer, None)  # [T, E]
+        self._router_input.pop(layer, None)  # only scaled-rows experts read it: kept, a long prompt's would stay alive
         if self.phase in self.routing.applies_to:
             weights, ids = self.routing.select(layer, logits, weights, ids)  # dropped slots: id -1
         if self.token_mask is not None and self.token_mask.shape[0] == ids.shape[0]:

@@ -222,3 +222,19 @@ def test_memory_limit_auto_fits_the_engine_in_its_cgroup(big_checkpoint):
     assert 2 * CkptSpec().expert_bytes <= r["budget_bytes"] < CkptSpec().total_expert_bytes
     print(f"\nauto in a {limit / MiB:.0f} MiB cgroup: budget {r['budget_bytes'] / MiB:.0f} MiB ({r['cache_slots']} slots), "
           f"cgroup peak {r['cgroup']['peak_bytes'] / MiB:.0f} MiB, failcnt {r['cgroup']['failcnt']}")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4_text"])
+def test_a_forward_keeps_none_of_its_activations(checkpoint, family):
+    """After a prompt's forward the runtime holds no router input or logits of it (a long prompt's
+    would stay alive until the next forward: tens of MiB a layer on a large model, outside the
+    memory plan). Llama 4's experts read the router input (scaled rows); the others never do."""
+    import torch
+
+    import expertcache
+    from helpers.checkpoints import FAMILY_CASES
+
+    with expertcache.load(checkpoint(family, **FAMILY_CASES[family]), expert_budget="100%") as eng:
+        with torch.no_grad():
+            eng.model(input_ids=torch.tensor([list(range(3, 40))]))
+        assert not eng.runtime._router_input and not eng.runtime._logits
