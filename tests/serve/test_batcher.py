@@ -350,3 +350,28 @@ def test_prefill_wait_holds_a_prompt_for_others_while_rows_decode(checkpoint):
         run_all(b)
     assert [r.out for r in reqs] == alone
     assert first.out == alone[0] and late.out == alone[1]
+
+
+def test_a_batch_reads_the_miss_copy_in_its_decode_steps(checkpoint, tmp_path):
+    """--miss-copy under the server's batched decode: the rows' misses read the int4 copy, upgrades
+    follow, every request ends at its length, and bytes read add up per copy."""
+    from expertcache.tools.quantize import quantize_checkpoint
+    from helpers.invariants import LoadRecorder, check_engine_invariants
+
+    src = checkpoint("qwen3_moe", num_experts=16, top_k=3)
+    q8, q4 = tmp_path / "int8", tmp_path / "int4"
+    quantize_checkpoint(src, q8, bits=8, group_size=0, dense="keep", progress=False)
+    quantize_checkpoint(src, q4, bits=4, group_size=0, dense="keep", progress=False)
+    prompts = [prompt_ids(n, seed=n) for n in PROMPT_LENGTHS]
+    with expertcache.load(q8, expert_budget="50%", io="buffered", miss_copy=str(q4), miss_copy_upgrade=1) as eng:
+        recorder = LoadRecorder(eng)
+        b = Batcher(eng, max_batch=4, prefill_chunk=8)
+        b.eos = set()
+        reqs = [request(p, 10) for p in prompts]
+        for r in reqs:
+            b.submit(r)
+        run_all(b)
+        s = eng.stats()
+        assert s["low_loads"] > 0 and s["low_uses"] > 0 and s["upgrades"] > 0
+        check_engine_invariants(eng, recorder)
+    assert [len(r.out) for r in reqs] == [10] * len(reqs)
