@@ -194,14 +194,14 @@ class CacheCore:
             stats.lookups += len(out)
             stats.hits += len(out) - len(missed)
             stats.misses += len(missed)
-        if self.miss_low and missed:  # the miss copy's smaller experts now, the full ones later (upgrade)
-            for _, ent in missed:
-                ent.low = True
-            self.stats.count(layer, "low_loads", len(missed))
-        for eid in out:
-            ent = self.entries[eid]
-            if ent.low:
-                ent.low_uses += 1
+        if self.low_bytes is not None:  # a miss copy: its smaller experts now, the full ones later (upgrade)
+            if self.miss_low and missed:
+                for _, ent in missed:
+                    ent.low = True
+                self.stats.count(layer, "low_loads", len(missed))
+            for eid in out:
+                ent = self.entries[eid]
+                ent.low_uses += ent.low
         self._submit(missed, DEMAND)  # the layer's demand loads queued together, in the order computed
         return out
 
@@ -486,11 +486,14 @@ class CacheCore:
     # --- loads -------------------------------------------------------------------------------
     def _submit(self, new: list[tuple[ExpertId, Entry]], priority: int) -> None:
         """Hand loads to the reader; an entry marked `low` (not upgrading) reads the miss copy."""
-        for copy in (0, 1):
-            mine = [(eid, ent) for eid, ent in new if (ent.low and ent.upgrade_from is None) == bool(copy)]
+        full, low = new, []
+        if self.low_bytes is not None:
+            full, low = [], []
+            for pair in new:
+                (low if pair[1].low and pair[1].upgrade_from is None else full).append(pair)
+        for mine, copy, sizes in ((full, 0, self.expert_bytes), (low, 1, self.low_bytes)):
             if not mine:
                 continue
-            sizes = self.low_bytes if copy else self.expert_bytes
             pairs = [(eid, ent.slot) for eid, ent in mine]
             loads = self.reader.submit_many(pairs, priority, copy) if copy else self.reader.submit_many(pairs, priority)
             for (eid, ent), load in zip(mine, loads):

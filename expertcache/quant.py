@@ -170,11 +170,10 @@ class QuantExperts:
 
     def _dense(self, x: torch.Tensor, i: int) -> bool:
         """Whether matrix i's product with x goes through dq and torch's GEMM (see the module's doc)."""
-        if self.kernels[i] != NATIVE:
+        f32 = x.dtype == torch.float32
+        if x.shape[0] < (DENSE_ROWS_F32 if f32 else DENSE_ROWS):  # a decode step's rows: answered first
             return False
-        if x.dtype == torch.float32:
-            return x.shape[0] >= DENSE_ROWS_F32
-        return x.shape[0] >= DENSE_ROWS and not gemm.slow_half(x.dtype)
+        return self.kernels[i] == NATIVE and (f32 or not gemm.slow_half(x.dtype))
 
     def weight(self, parts: tuple[torch.Tensor, ...], i: int, *, workspace: bool = False) -> torch.Tensor:
         """Matrix i dequantized [out, in] in its scale's dtype, by expertcache's kernel (dq);
