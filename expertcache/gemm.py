@@ -1,14 +1,14 @@
-"""Half-precision matmuls on CPUs without a native bf16/fp16 GEMM.
+"""Half-precision matmuls through exact kernels that beat torch's own where they give its bits.
 
-Where oneDNN has no bf16 (fp16) kernel for the CPU (no AVX512-BF16 or AMX: every AVX2 machine),
-torch multiplies half matrices one float32 dot product per output, in a fixed order. expertcache's
-kernel (kernels/qmm.cpp: emm) adds the same products in the same order, bit for bit, ~3x faster:
-the default for expert and dense products (`exact_kernel` checks it on this machine first). Opt-in
-(EngineConfig.half_matmul="float32"), products of more than KERNEL_ROWS rows are converted to
-float32 for torch's float32 GEMM (a prefill: ~2x faster again, but another summation order, so not
-equal to transformers' model). `linear(upcast=...)` picks the path; `install_dense` gives a
-model's dense nn.Linear modules the same; with upcast, `install_attention` runs its sdpa
-attention on float32 copies (bf16 flash attention is ~7x slower here). docs/ARCHITECTURE.md measures.
+AMX CPUs: torch's bf16 GEMM (oneDNN's AMX kernel) copies the whole weight into its layout every
+call; amm (kernels/qmm.cpp) runs the same tile instructions on the weight as stored, the same
+bits at the memory's rate, for up to AMX_ROWS rows (`amx_kernel` checks it here first).
+CPUs without a native bf16/fp16 GEMM (every AVX2 machine): torch multiplies half matrices one
+float32 dot product per output in a fixed order; emm adds the same products in the same order,
+~3x faster (`exact_kernel` checks it). Opt-in there (half_matmul="float32"), products of more
+than KERNEL_ROWS rows go through float32 (another order: not transformers' bits); with upcast,
+`install_attention` runs sdpa attention on float32 copies. `linear` picks the path;
+`install_dense` gives a model's nn.Linear modules the same. docs/ARCHITECTURE.md measures.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import KERNEL_ROWS, UPCAST_ROWS
+from .config import AMX_MAX_INPUTS, AMX_MIN_INPUTS, AMX_ROWS, KERNEL_ROWS, UPCAST_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,55 @@ def exact_kernel(dtype: torch.dtype) -> bool:
     return True
 
 
+def _order_sensitive(rows: int, k: int, n: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] and w [n, k] whose products cancel exactly in pairs (the second half of the
+    inputs repeats the first in another order, the weight negated), over 2^-8..2^8: every output is
+    the rounding error of its float32 sum, so another summation order changes nearly every output's
+    bits (plain normal values change ~1 in 10^4)."""
+    h = k // 2
+    x = torch.randn(rows, h, generator=g) * torch.exp2(torch.randint(-8, 9, (rows, h), generator=g).float())
+    w = torch.randn(n, h, generator=g) * torch.exp2(torch.randint(-8, 9, (n, h), generator=g).float())
+    p = torch.randperm(h, generator=g)
+    return torch.cat([x, x[:, p]], 1).to(dtype), torch.cat([w, -w[:, p]], 1).to(dtype)
+
+
+@functools.cache
+def amx_kernel(dtype: torch.dtype) -> bool:
+    """Whether expertcache's amm gives torch's own bits for `dtype` products here: bf16 on a CPU
+    whose bf16 GEMM is oneDNN's (a native one) and that has AMX, the kernel built, and random
+    products built so another order shows (`_order_sensitive`; one, several and sixteen rows, with
+    and without bias, outputs not a multiple of 16) equal bit for bit."""
+    if dtype != torch.bfloat16 or slow_half(dtype):
+        return False
+    from . import kernels
+
+    if not kernels.available() or not torch.ops.expertcache.amx():
+        return False
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # amm runs on one thread only (see _amm)
+    try:
+        for rows, k, n in ((1, 1024, 256), (1, AMX_MIN_INPUTS, 80), (1, AMX_MAX_INPUTS, 64), (3, 2048, 67), (16, 64, 37)):
+            x, w = _order_sensitive(rows, k, n, dtype, g)
+            b = torch.randn(n, generator=g).to(dtype) * 2**-20  # a bias on the scale of the sums' errors
+            for bias in (None, b):
+                if not torch.equal(torch.ops.expertcache.amm(x, [w], bias).view(torch.int16), F.linear(x, w, bias).view(torch.int16)):
+                    log.warning("expertcache's AMX %s kernel differs from torch's on this machine; using torch's", dtype)
+                    return False
+    finally:
+        torch.set_num_threads(threads)
+    return True
+
+
 def kernel_name(dtype: torch.dtype) -> str:
     """Which code multiplies `dtype` matrices here (engine stats): "expertcache-exact" (emm),
-    "torch-onednn" (a CPU with a native half GEMM), "torch" (torch's loop: no kernel built, or it
+    "expertcache-amx" (amm, a few rows; torch's oneDNN GEMM the rest), "torch-onednn" (a CPU with
+    a native half GEMM), "torch" (torch's loop: no kernel built, or it
     failed its check), or "n/a" (not a half type)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return "n/a"
     if not slow_half(dtype):
-        return "torch-onednn"
+        return "expertcache-amx" if amx_kernel(dtype) else "torch-onednn"
     return "expertcache-exact" if exact_kernel(dtype) else "torch"
 
 
@@ -80,10 +121,29 @@ def _emm(x: torch.Tensor, w: torch.Tensor) -> bool:
             and exact_kernel(x.dtype))
 
 
+def _amm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether amm takes this product: 1 to AMX_ROWS bf16 rows on one thread, inputs a multiple of
+    32, where torch's own product is oneDNN's AMX kernel summing k in one pass (AMX_MIN_INPUTS to
+    AMX_MAX_INPUTS inputs, more than 16^3 multiply-adds; with more threads oneDNN may split k), no
+    autograd."""
+    k = x.shape[-1]
+    return (x.dtype == torch.bfloat16 and w.dtype == x.dtype and AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and k % 32 == 0
+            and 0 < x.numel() <= AMX_ROWS * k and x.numel() * w.shape[0] > 4096 and w.dim() == 2 and w.stride(-1) == 1
+            and not (x.requires_grad or w.requires_grad) and torch.get_num_threads() == 1 and amx_kernel(x.dtype))
+
+
+def _amm_call(x: torch.Tensor, w: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.dim() == 2:  # an expert's rows: no reshapes (this is a decode step's hot path)
+        return torch.ops.expertcache.amm(x, w, bias)
+    return torch.ops.expertcache.amm(x.reshape(-1, x.shape[-1]), w, bias).reshape(*x.shape[:-1], -1)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, upcast: bool = False) -> torch.Tensor:
     """F.linear(x, w, bias), bit for bit, through expertcache's kernel where it is exact (a slow
     half type); with `upcast`, more than KERNEL_ROWS rows instead through float32 (converted, then
     the float32 GEMM, rounded once)."""
+    if _amm(x, w) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+        return _amm_call(x, [w], bias)
     if upcast and _upcast(x, w) and (x.numel() > KERNEL_ROWS * x.shape[-1] or not _emm(x, w)):
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
     if _emm(x, w) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
@@ -98,6 +158,10 @@ def linear_pair(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, upcast: bo
     """(linear(x, a), linear(x, b)), the same bits, in one kernel call where it takes both (an
     expert's gate and up: x is widened once)."""
     k = x.shape[-1]
+    if a.shape == b.shape and _amm(x, a) and _amm(x, b):
+        n = a.shape[0]
+        y = _amm_call(x, [a, b])
+        return y[..., :n], y[..., n:]
     if (a.shape == b.shape and _emm(x, a) and _emm(x, b)
             and not (upcast and x.numel() > KERNEL_ROWS * k)):
         n = a.shape[0]
@@ -125,15 +189,16 @@ def _forward_upcast(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def install_dense(model: nn.Module, *, upcast: bool = False) -> int:
-    """Give every plain nn.Linear of `model` whose weight is a slow half type `linear`'s paths (the
-    exact kernel; with `upcast`, float32 for many rows); returns how many. Subclasses (quantized
-    linears) keep their own forward. The kernel is built and checked here, at load, not in the
-    middle of a first forward; nothing is installed where neither path applies."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight is not None and slow_half(m.weight.dtype)]
-    exact = {dtype: exact_kernel(dtype) for dtype in {m.weight.dtype for m in linears}}
+    """Give every plain nn.Linear of `model` whose weight is a half type `linear`'s paths where one
+    applies (a slow half type: the exact kernel, or with `upcast` float32 for many rows; bf16 on an
+    AMX CPU: amm for a few rows); returns how many. Subclasses (quantized linears) keep their own
+    forward. The kernels are built and checked here, at load, not in the middle of a first forward."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight is not None
+               and m.weight.dtype in (torch.bfloat16, torch.float16)]
+    takes = {dtype: (upcast and slow_half(dtype)) or exact_kernel(dtype) or amx_kernel(dtype) for dtype in {m.weight.dtype for m in linears}}
     n = 0
     for m in linears:
-        if upcast or exact[m.weight.dtype]:
+        if takes[m.weight.dtype]:
             m.forward = (_forward_upcast if upcast else _forward).__get__(m)
             n += 1
     return n

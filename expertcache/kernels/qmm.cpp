@@ -6,6 +6,8 @@
 // Each row is read once for up to four tokens at a time; it stays in L1 for the next four.
 // emm: bf16/fp16 products bit for bit as torch's own CPU kernel computes them, faster (gemm.py).
 // pregate_step: a pre-gate's decode step (predictors/pregate.py) in one call, float32.
+// amm: bf16 products on Intel AMX, bit for bit as torch's oneDNN computes them on such a CPU, faster
+// for a few rows (no weight reorder per call).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -417,6 +423,154 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
   return y;
 }
 
+// ---- bf16 products on AMX: oneDNN's own arithmetic ---------------------------------------------------
+// On a CPU with AMX, torch's bf16 GEMM is oneDNN's brgemm AMX kernel: float32 accumulator tiles, the
+// inputs 32 at a time from k = 0 up (TDPBF16PS: each pair of products added in turn, as the
+// instruction defines), a bias added in float32, the sum rounded once to bf16. For a few rows it first
+// copies the whole weight into its blocked layout, every call (~7 GB/s on a 12 GB/s core). amm issues
+// the same instruction on the same pairs in the same order with the weight as the A operand as it is
+// stored ([N, K], rows contiguous: no copy) and x as the B operand (k pairs x tokens), so the sums
+// are the same bits (gemm.amx_kernel checks that here before anything uses it), at the memory's rate.
+#if defined(__x86_64__) && defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define EC_AMX 1
+#define EC_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool amx_ready() {  // AMX-BF16 on the CPU and the kernel's leave to use its tile state (Linux asks)
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+// Tiles: C 0-3 ([16 rows][T] float32), B 4 (x: 16 k pairs x T tokens), A 5 and 6 (16 rows x 32 inputs).
+EC_AMX_TARGET void amx_config(int64_t T, int rows) {
+  // the 64-byte layout: palette, start row, 14 reserved, 16 x 2 bytes per row, 16 x 1 rows
+  alignas(64) uint8_t c[64] = {};
+  c[0] = 1;
+  const auto set = [&c](int t, int r, int bytes) { c[16 + 2 * t] = static_cast<uint8_t>(bytes); c[48 + t] = static_cast<uint8_t>(r); };
+  for (int t = 0; t < 4; ++t) set(t, rows, static_cast<int>(4 * T));
+  set(4, 16, static_cast<int>(4 * T));
+  set(5, rows, 64);
+  set(6, rows, 64);
+  __asm__ volatile("" : : "r"(c) : "memory");  // the stores above happen before the tile unit reads them
+  _tile_loadconfig(c);
+}
+
+// Rows [r0, r0 + 16 nb) of w (nb <= 4 blocks of `rows` rows, as configured) against xv; acc [16 nb][T].
+EC_AMX_TARGET void amx_blocks(const uint16_t* w, int64_t ws, int64_t K, const uint16_t* xv, int64_t T, int nb, float* acc) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const int64_t wb = 2 * ws;
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, xv + k * T, 4 * T);
+    _tile_loadd(5, w + k, wb); _tile_dpbf16ps(0, 5, 4);
+    if (nb > 1) { _tile_loadd(6, w + 16 * ws + k, wb); _tile_dpbf16ps(1, 6, 4); }
+    if (nb > 2) { _tile_loadd(5, w + 32 * ws + k, wb); _tile_dpbf16ps(2, 5, 4); }
+    if (nb > 3) { _tile_loadd(6, w + 48 * ws + k, wb); _tile_dpbf16ps(3, 6, 4); }
+  }
+  _tile_stored(0, acc, 4 * T);
+  if (nb > 1) _tile_stored(1, acc + 16 * T, 4 * T);
+  if (nb > 2) _tile_stored(2, acc + 32 * T, 4 * T);
+  if (nb > 3) _tile_stored(3, acc + 48 * T, 4 * T);
+}
+
+// acc [n][T] (+ bias, float32) rounded to bf16 into y[t][col + n], n < count.
+EC_AMX_TARGET void amx_store(const float* acc, int64_t count, int64_t T, const uint16_t* bias, uint16_t* y, int64_t N, int64_t col) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(T)));
+  for (int64_t n = 0; n < count; n += 16) {
+    const __mmask16 m = count - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - n)) - 1);
+    __m512 b = _mm512_setzero_ps();
+    if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + n)), 16));
+    for (int64_t t = 0; t < T; ++t) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, acc + n * T + t, 4);
+      const __m256bh h = _mm512_cvtneps_pbh(bias ? _mm512_add_ps(v, b) : v);
+      _mm256_mask_storeu_epi16(y + t * N + col + n, m, (__m256i)h);
+    }
+  }
+}
+
+// One job: rows [a, c) of one weight (c - a <= 64), output columns from col.
+EC_AMX_TARGET void amx_rows(const uint16_t* w, int64_t ws, int64_t K, const uint16_t* xv, int64_t T, const uint16_t* bias,
+                            uint16_t* y, int64_t N, int64_t col, int64_t a, int64_t c) {
+  alignas(64) float acc[64 * 16];
+  const int64_t full = (c - a) / 16, tail = (c - a) % 16;
+  if (full) {
+    amx_config(T, 16);
+    amx_blocks(w + a * ws, ws, K, xv, T, static_cast<int>(full), acc);
+    amx_store(acc, 16 * full, T, bias ? bias + a : nullptr, y, N, col + a);
+  }
+  if (tail) {
+    amx_config(T, static_cast<int>(tail));
+    amx_blocks(w + (a + 16 * full) * ws, ws, K, xv, T, 1, acc);
+    amx_store(acc, tail, T, bias ? bias + a + 16 * full : nullptr, y, N, col + a + 16 * full);
+  }
+  _tile_release();
+}
+#endif
+
+bool amx() {
+#ifdef EC_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
+// x [T, K] bf16, T <= 16, K a multiple of 32; w: [N_i, K] bf16, rows contiguous -> [T, sum N_i]: the
+// products side by side, bit for bit F.linear's on a CPU whose bf16 GEMM is oneDNN's AMX kernel.
+at::Tensor amm(const at::Tensor& x, at::TensorList w, const std::optional<at::Tensor>& bias) {
+#ifdef EC_AMX
+  TORCH_CHECK(amx_ready(), "amm: no AMX-BF16 here");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: bfloat16 [T, K]");
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(T >= 1 && T <= 16 && K % 32 == 0, "amm: 1-16 rows, inputs a multiple of 32");
+  TORCH_CHECK(!w.empty(), "at least one weight");
+  std::vector<int64_t> first{0};
+  for (const auto& wi : w) {
+    TORCH_CHECK(wi.dim() == 2 && wi.size(1) == K && wi.stride(1) == 1 && wi.scalar_type() == at::kBFloat16,
+                "weights: [N, K] bfloat16, rows contiguous");
+    first.push_back(first.back() + wi.size(0));
+  }
+  const int64_t N = first.back();
+  const uint16_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kBFloat16 && bias->stride(0) == 1,
+                "bias: [N] bfloat16, contiguous");
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr());
+  }
+  // x as the B operand: row p of a 32-input step holds inputs 2p, 2p + 1 of every token
+  const at::Tensor xc = x.contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  std::vector<uint16_t> xt;
+  if (T > 1) {
+    xt.resize(T * K);
+    for (int64_t p = 0; p < K / 2; ++p)
+      for (int64_t t = 0; t < T; ++t) {
+        xt[(p * T + t) * 2] = xp[t * K + 2 * p];
+        xt[(p * T + t) * 2 + 1] = xp[t * K + 2 * p + 1];
+      }
+    xp = xt.data();
+  }
+  auto y = at::empty({T, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> jobs;  // (weight, first row, end row), 64 rows each
+  for (size_t i = 0; i < w.size(); ++i)
+    for (int64_t a = 0; a < w[i].size(0); a += 64) jobs.emplace_back(i, a, std::min(a + 64, w[i].size(0)));
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const auto [i, a, c] = jobs[j];
+      const auto* p = reinterpret_cast<const uint16_t*>(w[i].data_ptr());
+      amx_rows(p, w[i].stride(0), K, xp, T, bp ? bp + first[i] : nullptr, yp, N, first[i], a, c);
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "amm: built without AMX support");
+#endif
+}
+
 // x [T, K] (any float dtype); packed[i] [N_i, row bytes] uint8; scale[i] [N_i, G] (any float dtype);
 // group: inputs per scale. -> [T, sum N_i] in x's dtype: the products side by side (gate and up in
 // one call share the converted x).
@@ -574,6 +728,8 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("dq(Tensor packed, Tensor scale, Tensor[] zeros, int bits, int group, int K, Tensor? out=None) -> Tensor", dq);
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
+  m.def("amm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", amm);
+  m.def("amx() -> bool", amx);
   m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "
         "Tensor fc2_b, Tensor skip_w, Tensor skip_b, Tensor? ctx=None) -> (Tensor, Tensor, Tensor)", pregate_step);
 }

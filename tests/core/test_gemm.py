@@ -1,4 +1,7 @@
-"""Half-precision products (gemm.py): expertcache's exact kernel and half_matmul="float32".
+"""Half-precision products (gemm.py): expertcache's exact kernels and half_matmul="float32".
+
+On a CPU with AMX whose bf16 GEMM is oneDNN's AMX kernel, products of up to AMX_ROWS rows go
+through amm: the same tile instructions on the weight as stored, bit for bit F.linear.
 
 By default a bf16/fp16 product on a CPU without a native half GEMM goes through emm, which adds
 the same float32 products in torch's own order: bit for bit F.linear, on this machine checked at
@@ -15,7 +18,7 @@ from torch import nn
 
 import expertcache
 from expertcache import gemm, kernels
-from expertcache.config import KERNEL_ROWS
+from expertcache.config import AMX_MAX_INPUTS, AMX_MIN_INPUTS, AMX_ROWS, KERNEL_ROWS
 from expertcache.errors import ExpertCacheError
 
 from helpers.compare import PROMPT
@@ -204,6 +207,101 @@ def test_linear_pair_is_two_linears():
     many = torch.randn(KERNEL_ROWS + 1, 128, generator=g).bfloat16()
     ya, yb = gemm.linear_pair(many, a, b, upcast=True)  # beyond KERNEL_ROWS: float32, each alone
     assert torch.equal(ya, F.linear(many.float(), a.float()).bfloat16())
+
+
+amx = pytest.mark.skipif(not gemm.amx_kernel(torch.bfloat16),
+                         reason="no AMX-BF16 here, or torch's bf16 GEMM is not oneDNN's AMX kernel: amm is not used")
+
+
+@amx
+def test_amx_kernel_is_torchs_product_bit_for_bit():
+    """Rows 1 to AMX_ROWS, inputs from AMX_MIN_INPUTS to AMX_MAX_INPUTS, outputs a multiple of 16
+    and not, with and without bias, two weights side by side, leading dims; inputs built so another
+    summation order shows in nearly every output: every output's bits equal F.linear's."""
+    g = torch.Generator().manual_seed(0)
+    for rows in range(1, AMX_ROWS + 1):
+        for k, n in ((1024, 64), (AMX_MIN_INPUTS, 80), (2048, 5), (96, 130), (AMX_MAX_INPUTS, 16)):
+            x, w = gemm._order_sensitive(rows, k, n, torch.bfloat16, g)
+            b = (torch.randn(n, generator=g) * 2**-20).bfloat16()
+            for bias in (None, b):
+                got = torch.ops.expertcache.amm(x, [w], bias)
+                assert torch.equal(got.view(torch.int16), F.linear(x, w, bias).view(torch.int16)), (rows, k, n, bias is None)
+    x, w1, w2 = torch.randn(3, 256, generator=g).bfloat16(), torch.randn(50, 256, generator=g).bfloat16(), torch.randn(30, 256, generator=g).bfloat16()
+    side = torch.ops.expertcache.amm(x, [w1, w2], None)
+    assert torch.equal(side, torch.cat([F.linear(x, w1), F.linear(x, w2)], -1))
+    x3 = torch.randn(2, 3, 256, generator=g).bfloat16()
+    assert torch.equal(gemm.linear(x3, w1), F.linear(x3, w1))
+    ya, yb = gemm.linear_pair(x3, w1[:30], w2)
+    assert torch.equal(ya, F.linear(x3, w1[:30])) and torch.equal(yb, F.linear(x3, w2))
+
+
+@amx
+def test_another_order_fails_the_amx_check():
+    """The check can fail: float32 sums in another order differ from torch's bits in most outputs
+    of the order-sensitive inputs, which amm matches."""
+    g = torch.Generator().manual_seed(1)
+    x, w = gemm._order_sensitive(2, 1024, 256, torch.bfloat16, g)
+    other = F.linear(x.float(), w.float()).bfloat16()
+    assert (other.view(torch.int16) != F.linear(x, w).view(torch.int16)).float().mean() > 0.5
+    assert torch.equal(torch.ops.expertcache.amm(x, [w], None), F.linear(x, w))
+
+
+@amx
+def test_amx_bad_shapes_are_left_to_torch():
+    """amm takes 1 to AMX_ROWS rows, inputs a multiple of 32 from AMX_MIN_INPUTS to AMX_MAX_INPUTS,
+    products torch gives oneDNN (more than 16^3 multiply-adds), one thread; anything else is
+    F.linear's, and the kernel itself refuses what it cannot take rather than computing it wrongly."""
+    w = torch.randn(48, 96).bfloat16()
+    assert gemm._amm(torch.randn(AMX_ROWS, 96).bfloat16(), w)
+    assert gemm._amm(torch.randn(1, 96).bfloat16(), w)
+    assert not gemm._amm(torch.randn(1, 96).bfloat16(), w[:40])  # 3840 multiply-adds: torch's own loop
+    assert not gemm._amm(torch.randn(1, 32).bfloat16(), torch.randn(256, 32).bfloat16())
+    assert not gemm._amm(torch.randn(1, AMX_MAX_INPUTS + 32).bfloat16(), torch.randn(64, AMX_MAX_INPUTS + 32).bfloat16())
+    assert not gemm._amm(torch.randn(AMX_ROWS + 1, 96).bfloat16(), w)
+    assert not gemm._amm(torch.randn(0, 96).bfloat16(), w)
+    assert not gemm._amm(torch.randn(2, 80).bfloat16(), torch.randn(40, 80).bfloat16())
+    assert not gemm._amm(torch.randn(2, 96), w.float())
+    assert not gemm._amm(torch.randn(2, 96).bfloat16(), w.t().contiguous().t())  # rows not contiguous
+    assert not gemm._amm(torch.randn(2, 96).bfloat16(), w.clone().requires_grad_())
+    many = torch.randn(AMX_ROWS + 3, 96).bfloat16()
+    assert torch.equal(gemm.linear(many, w), F.linear(many, w))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # oneDNN may split the inputs over threads: another order
+    try:
+        assert not gemm._amm(torch.randn(2, 96).bfloat16(), w)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="1-16 rows"):
+        torch.ops.expertcache.amm(torch.randn(2, 80).bfloat16(), [torch.randn(4, 80).bfloat16()], None)
+
+
+@amx
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_engine_on_amx_equals_transformers_bit_for_bit(family, checkpoint, monkeypatch):
+    """A bf16 checkpoint under pressure: the prompt (dense products of its rows too) and a decode
+    step over the KV cache (every dense Linear and expert product of one row through amm;
+    qwen2_moe's attention has biases) give transformers' logits bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    real = gemm._amm_call
+    monkeypatch.setattr(gemm, "_amm_call", lambda x, w, bias=None: (calls.append(x.shape[0] if x.dim() == 2 else x.shape[:-1].numel()), real(x, w, bias))[1])
+    model_dir = checkpoint(family, num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64)
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
+    ids = torch.tensor([PROMPT])
+    nxt = ids[:, :1]
+    with torch.no_grad():
+        first = ref(ids, use_cache=True)
+        want, want_step = first.logits, ref(nxt, past_key_values=first.past_key_values, use_cache=True).logits
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered") as eng:
+        assert eng.stats()["half_kernel"] == "expertcache-amx"
+        with torch.no_grad():
+            out = eng.model(ids, use_cache=True)
+            calls.clear()
+            step = eng.model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+    assert torch.equal(out.logits, want)
+    assert torch.equal(step, want_step)
+    assert calls and set(calls) == {1}, calls  # the step's products all took amm, one row each
 
 
 def test_kernel_builds_are_named_by_their_source_and_load_as_built(tmp_path, monkeypatch):
