@@ -445,6 +445,44 @@ def test_zero_point_kernels_compute_the_dequantized_linear(bits, group, native):
     torch.testing.assert_close(qe.linear(x, parts, 0), torch.nn.functional.linear(x, want_w))
 
 
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, True), (4, None, True), (8, None, True), (8, 64, True),
+                                                   (4, 32, False), (8, None, False)])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_one_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, scale_dtype):
+    """A decode step's product (one bf16 row) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS path
+    (stored values as bf16 128 + u, offsets taken off per group): it stays within bf16 rounding of
+    the dequantized reference and of the AVX2 path, for symmetric and zero-point schemes, every
+    scale dtype, two weights side by side, and row counts that leave a single row."""
+    if not kernels.available() or not torch.ops.expertcache.qmm_fast(True):
+        pytest.skip("no AVX512-BF16 here (or no kernels): one-token products take the AVX2 path")
+    torch.manual_seed(3)
+    out, inner = 67, 256
+    g = group or inner
+    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
+    scale = (torch.rand(out, inner // g) * 0.01 + 1e-3).to(scale_dtype)
+    packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
+    zeros, zp = [], torch.zeros(out, inner // g)
+    if not symmetric:
+        z = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
+        zw = pack_to_int32(z, bits, packed_dim=0)
+        zeros, zp = [zw.flatten().view(torch.uint8).view(zw.shape[0], -1)], z.float()
+    want_w = (q.float() - zp.repeat_interleave(g, dim=1)) * scale.float().repeat_interleave(g, dim=1)
+    x = torch.randn(1, inner).bfloat16()
+    want = torch.nn.functional.linear(x.float(), want_w)
+    if symmetric:  # two weights side by side (zero points are packed along the outputs: one weight)
+        fast = torch.ops.expertcache.qmm(x, [packed[:40], packed[40:]], [scale[:40], scale[40:]], [], bits, g)
+    else:
+        fast = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
+    try:
+        assert not torch.ops.expertcache.qmm_fast(False)
+        slow = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
+    finally:
+        torch.ops.expertcache.qmm_fast(True)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (1, out)
+    torch.testing.assert_close(fast.float(), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
+
+
 # --- mixed precision on miss (--miss-copy) -----------------------------------------------------------
 @torch.no_grad()
 def _decode(model, prompt: list[int], steps: int, *, before_decode=None, decode_model=None) -> tuple[list[torch.Tensor], list[int]]:
