@@ -266,13 +266,16 @@ class ExpertsRuntime:
             ids = ids.masked_fill(~self.token_mask[:, None], -1)  # padding computes nothing, loads nothing
         for observe in self.observers:
             observe(layer, x, logits, weights, ids)
-        needed = [e for e in torch.unique(ids).tolist() if e >= 0]  # sorted distinct experts
-        contrib = torch.zeros(
-            (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
-        )  # [T, k, H]
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
+        if single is not None:
+            needed = sorted(e for e in single if e >= 0)
+        else:
+            needed = [e for e in torch.unique(ids).tolist() if e >= 0]  # sorted distinct experts
+        contrib = torch.zeros(
+            (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
+        )  # [T, k, H]
         guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._step_requested and not self._gated(layer) else None
         if single is None:  # (token, slot) pairs grouped by expert, in token order, once for the call
             k = ids.shape[1]

@@ -125,11 +125,14 @@ def _amm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether amm takes this product: 1 to AMX_ROWS bf16 rows on one thread, inputs a multiple of
     32, where torch's own product is oneDNN's AMX kernel summing k in one pass (AMX_MIN_INPUTS to
     AMX_MAX_INPUTS inputs, more than 16^3 multiply-adds; with more threads oneDNN may split k), no
-    autograd."""
+    autograd. (A decode step asks this of every product: the cheap tests first.)"""
+    if x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16:
+        return False
     k = x.shape[-1]
-    return (x.dtype == torch.bfloat16 and w.dtype == x.dtype and AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and k % 32 == 0
-            and 0 < x.numel() <= AMX_ROWS * k and x.numel() * w.shape[0] > 4096 and w.dim() == 2 and w.stride(-1) == 1
-            and not (x.requires_grad or w.requires_grad) and torch.get_num_threads() == 1 and amx_kernel(x.dtype))
+    rows = x.numel() // k if k else 0
+    return (0 < rows <= AMX_ROWS and AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and not k % 32 and w.dim() == 2
+            and rows * k * w.shape[0] > 4096 and w.stride(1) == 1 and not (x.requires_grad or w.requires_grad)
+            and torch.get_num_threads() == 1 and amx_kernel(torch.bfloat16))
 
 
 def _amm_call(x: torch.Tensor, w: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
