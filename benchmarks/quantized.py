@@ -5,7 +5,7 @@ the demo model; bf16 against int8 (one scale per row) and int4 (groups of 64), s
     python benchmarks/quantized.py [--out results/quantized] [--tokens N] [--skip-quality] [--quick]
 
 - kernels: one expert of the 1 GB checkpoint's shape (hidden 1024, intermediate 2816: gate, up and
-  down) on 1 and 8 tokens, bf16 (expertcache's exact kernel, and torch's F.linear) against the int8 and int4 kernels expertcache
+  down) on 1 and 8 tokens, bf16 (expertcache's exact or AMX kernel where it runs, and torch's F.linear) against the int8 and int4 kernels expertcache
   calls on the stored bytes (median of repeats, 1 thread); effective GB/s is the expert's stored
   bytes over the time; and the one-off repack a load pays (quant.QuantExperts.prepare).
 - speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB bf16),
@@ -50,6 +50,7 @@ def kernels(experts: int = 12, repeats: int = 9) -> dict:
 
     from expertcache import gemm
     from expertcache import kernels as ec_kernels
+    from expertcache.config import AMX_ROWS
     from expertcache.qformat import Scheme
     from expertcache.quant import QuantExperts, quantize
 
@@ -90,7 +91,8 @@ def kernels(experts: int = 12, repeats: int = 9) -> dict:
         x = torch.randn(n, h, dtype=torch.bfloat16)
         xi = torch.randn(n, i, dtype=torch.bfloat16)
         t = med(lambda: [(gemm.linear_pair(x, e[0], e[1]), gemm.linear(xi, e[2])) for e in bf], experts)
-        ours = ["expertcache exact"] if gemm.exact_kernel(torch.bfloat16) else ["F.linear"]
+        ours = (["expertcache exact"] if gemm.exact_kernel(torch.bfloat16)
+                else ["expertcache amx"] if gemm.amx_kernel(torch.bfloat16) and n <= AMX_ROWS else ["F.linear"])
         out[f"bf16_n{n}"] = {"ms": 1e3 * t, "bytes": bf_bytes, "gb_s": bf_bytes / t / 1e9, "kernels": ours}
         if ours != ["F.linear"]:  # torch's own loop, the same bits
             t = med(lambda: [(F.linear(x, e[0]), F.linear(x, e[1]), F.linear(xi, e[2])) for e in bf], experts)
