@@ -29,6 +29,7 @@ namespace {
 constexpr int TB = 4;  // tokens per pass over a row
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in a row that a one-token pass asks for
 constexpr int64_t DP_PREFETCH = 8192;  // ...on the AVX512-BF16 path
+constexpr int64_t DP_TOKENS = 15;  // tokens up to which bf16 products take it (from 16 quant.py dequantizes for torch's GEMM)
 
 // One output row's zero points as stored: packed along the output dimension, so row r's value for
 // group g is at bit (r * bits) % 32 of the int32 word [(r * bits) / 32, g]. words == nullptr:
@@ -572,8 +573,8 @@ at::Tensor amm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
 #endif
 }
 
-// ---- one token on AVX512-BF16: 32 products an instruction ----------------------------------------------
-// A decode step's products (one bf16 row) of int4/int8 weights: a stored value u (0-15) with 0x4300
+// ---- a few tokens on AVX512-BF16: 32 products an instruction --------------------------------------------
+// A decode step's products (bf16 rows, up to DP_TOKENS) of int4/int8 weights: a stored value u (0-15) with 0x4300
 // in the high bits is the bf16 number 128 + u exactly, so VDPBF16PS multiplies 32 of them by x a time
 // (int8: its two nibbles, h and l: u = 16 h + l), exact products summed in float32 lanes; per group,
 // sum x (u - offset) = sum x (128 + u) - (128 + offset) sum x, with x's per-lane sums made once a call.
@@ -609,47 +610,53 @@ inline int offset_of(ZeroRow z, int64_t gi, int bits) {
   return static_cast<int>((w >> z.shift) & ((1u << bits) - 1));
 }
 
-// R rows (r0 .. r0 + R - 1 of one weight) against one bf16 token; SK: the scales' kind (0 float32,
-// 1 bf16, 2 fp16); ZP: zero points stored (else the offset is 2^(bits-1)).
-template <int BITS, int R, int SK, bool ZP>
+// R rows (r0 .. r0 + R - 1 of one weight) against NT bf16 tokens (x: NT rows of K, xs: their pair
+// sums); SK: the scales' kind (0 float32, 1 bf16, 2 fp16); ZP: zero points stored (else the offset
+// is 2^(bits-1)). y[t * ys + r]: token t's output for row r0 + r.
+template <int BITS, int R, int NT, int SK, bool ZP>
 EC_DP_TARGET void dp_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0,
-                          const uint16_t* x, const float* xs, int64_t group, int64_t G, float* y) {
+                          const uint16_t* x, const float* xs, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
   const __m512i nib = _mm512_set1_epi32(0x000F000F), high = _mm512_set1_epi32(0x43004300);
   // sum x (128 + u) - (128 + offset) sum x; int8: 16 (128 + h) + (128 + l) = u + 2176
   const float base = BITS == 4 ? 128.0f : 2176.0f;
   const __m512 sym = _mm512_set1_ps(base + (1 << (BITS - 1)));
   const uint8_t* row[R];
   ZeroRow zr[R];
-  __m512 acc[R];
+  __m512 acc[R][NT];
   for (int r = 0; r < R; ++r) {
     row[r] = packed + (r0 + r) * rb;
     if constexpr (ZP) zr[r] = zero_row(zeros, r0 + r, BITS, G);
-    acc[r] = _mm512_setzero_ps();
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
   for (int64_t gi = 0; gi < G; ++gi) {
-    __m512 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+    __m512 lo[R][NT], hi[R][NT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) lo[r][t] = hi[r][t] = _mm512_setzero_ps();
     for (int64_t k = gi * group; k < (gi + 1) * group; k += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+      __m512bh xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x + t * K + k);
       const int64_t byte = k * BITS / 8;
       if ((byte & 63) == 0)
         for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + DP_PREFETCH), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
         if constexpr (BITS == 4) {  // byte i: inputs 2i (low nibble) and 2i + 1
           const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + byte)));
-          const __m512i t = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), nib, 0xA8);  // (d | d << 12) & nib
-          lo[r] = _mm512_dpbf16_ps(lo[r], (__m512bh)_mm512_or_si512(t, high), xv);
+          const __m512i t4 = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), nib, 0xA8);  // (d | d << 12) & nib
+          const __m512bh w = (__m512bh)_mm512_or_si512(t4, high);
+          for (int t = 0; t < NT; ++t) lo[r][t] = _mm512_dpbf16_ps(lo[r][t], w, xv[t]);
         } else {  // word j: input k + j
           const __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + byte)));
-          lo[r] = _mm512_dpbf16_ps(lo[r], (__m512bh)_mm512_ternarylogic_epi32(d, nib, high, 0xEA), xv);  // (d & nib) | high
-          hi[r] = _mm512_dpbf16_ps(hi[r], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nib, high, 0xEA), xv);
+          const __m512bh wl = (__m512bh)_mm512_ternarylogic_epi32(d, nib, high, 0xEA);  // (d & nib) | high
+          const __m512bh wh = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nib, high, 0xEA);
+          for (int t = 0; t < NT; ++t) {
+            lo[r][t] = _mm512_dpbf16_ps(lo[r][t], wl, xv[t]);
+            hi[r][t] = _mm512_dpbf16_ps(hi[r][t], wh, xv[t]);
+          }
         }
       }
     }
-    const __m512 sx = _mm512_loadu_ps(xs + 16 * gi);
     for (int r = 0; r < R; ++r) {
       const __m512 off = ZP ? _mm512_set1_ps(base + offset_of(zr[r], gi, BITS)) : sym;
-      const __m512 v = _mm512_fnmadd_ps(off, sx, BITS == 4 ? lo[r] : _mm512_fmadd_ps(_mm512_set1_ps(16.0f), hi[r], lo[r]));
       float sc;
       const int64_t si = (r0 + r) * G + gi;
       if constexpr (SK == 0) sc = static_cast<const float*>(scale)[si];
@@ -658,24 +665,45 @@ EC_DP_TARGET void dp_rows(const uint8_t* packed, int64_t rb, const void* scale, 
         const uint32_t bits32 = static_cast<uint32_t>(static_cast<const uint16_t*>(scale)[si]) << 16;
         std::memcpy(&sc, &bits32, 4);
       }
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sc), v, acc[r]);
+      const __m512 s = _mm512_set1_ps(sc);
+      for (int t = 0; t < NT; ++t) {
+        const __m512 sx = _mm512_loadu_ps(xs + (t * G + gi) * 16);
+        const __m512 v = _mm512_fnmadd_ps(off, sx, BITS == 4 ? lo[r][t] : _mm512_fmadd_ps(_mm512_set1_ps(16.0f), hi[r][t], lo[r][t]));
+        acc[r][t] = _mm512_fmadd_ps(s, v, acc[r][t]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) y[t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// Rows [a, b) of one weight against T tokens: two rows at a time, their bytes read from memory
+// once and from L1 for each further group of up to four tokens.
 template <int BITS, int SK, bool ZP>
 EC_DP_TARGET void dp_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const uint16_t* x,
-                              const float* xs, int64_t group, int64_t G, int64_t a, int64_t b, float* y) {
+                              const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  const auto block = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) dp_rows<BITS, R, 4, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys);
+    switch (T - t) {
+      case 3: dp_rows<BITS, R, 3, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 2: dp_rows<BITS, R, 2, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 1: dp_rows<BITS, R, 1, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      default: break;
+    }
+  };
   int64_t r = a;
-  for (; r + 2 <= b; r += 2) dp_rows<BITS, 2, SK, ZP>(packed, rb, scale, zeros, r, x, xs, group, G, y + (r - a));
-  for (; r < b; ++r) dp_rows<BITS, 1, SK, ZP>(packed, rb, scale, zeros, r, x, xs, group, G, y + (r - a));
+  for (; r + 2 <= b; r += 2) block(std::integral_constant<int, 2>{}, r);
+  for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
 }
 
 template <int BITS>
 void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* x,
-              const float* xs, int64_t group, int64_t G, int64_t a, int64_t b, float* y) {
-  const auto go = [&](auto sk, auto zp) { dp_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, x, xs, group, G, a, b, y); };
+              const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  const auto go = [&](auto sk, auto zp) {
+    dp_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, x, xs, T, K, group, G, a, b, y, ys);
+  };
   using Z = std::true_type;
   using N = std::false_type;
   if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
@@ -684,9 +712,9 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 }
 #endif
 
-bool dp_on = true;  // qmm_fast(False) sends one-token products down the AVX2 path too (tests compare both)
+bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path too (tests compare both)
 
-bool qmm_fast(bool on) {  // -> whether one-token bf16 products now take the AVX512-BF16 path
+bool qmm_fast(bool on) {  // -> whether bf16 products of a few tokens now take the AVX512-BF16 path
   dp_on = on;
 #ifdef EC_DP
   return on && dp_ready();
@@ -695,17 +723,19 @@ bool qmm_fast(bool on) {  // -> whether one-token bf16 products now take the AVX
 #endif
 }
 
-// qmm's one-token bf16 path where the CPU has AVX512-BF16 and groups are whole 32-input steps;
-// false where it does not apply (qmm's AVX2 code does the work).
-bool qmm_one_token(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at::TensorList zeros, int64_t bits,
-                   int64_t group, const std::vector<int64_t>& first, at::Tensor& y) {
+// qmm's bf16 path for a few tokens (DP_TOKENS at most: a decode step, a batch's share of an expert)
+// where the CPU has AVX512-BF16 and groups are whole 32-input steps; false where it does not apply
+// (qmm's AVX2 code does the work).
+bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at::TensorList zeros, int64_t bits,
+            int64_t group, const std::vector<int64_t>& first, at::Tensor& y) {
 #ifdef EC_DP
-  if (!dp_on || x.size(0) != 1 || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !dp_ready()) return false;
-  const int64_t K = x.size(1), G = K / group;
+  const int64_t T = x.size(0);
+  if (!dp_on || T < 1 || T > DP_TOKENS || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !dp_ready()) return false;
+  const int64_t K = x.size(1), G = K / group, N = first.back();
   const at::Tensor xc = x.contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  std::vector<float> xs(16 * G);
-  dp_pair_sums(xp, K, group, xs.data());
+  std::vector<float> xs(T * G * 16);
+  for (int64_t t = 0; t < T; ++t) dp_pair_sums(xp + t * K, K, group, xs.data() + t * G * 16);
   std::vector<at::Tensor> scales;
   std::vector<int> kinds;
   for (const auto& s : scale) {
@@ -714,17 +744,17 @@ bool qmm_one_token(const at::Tensor& x, at::TensorList packed, at::TensorList sc
     scales.push_back(kept ? s : s.to(at::kFloat).contiguous());
     kinds.push_back(!kept || st == at::kFloat ? 0 : st == at::kBFloat16 ? 1 : 2);
   }
-  y = at::empty({1, first.back()}, x.options().dtype(at::kFloat));
+  y = at::empty({T, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const float* xsp = xs.data();
-  at::parallel_for(0, first.back(), 64, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < packed.size(); ++i) {
       const int64_t a = std::max(n0, first[i]), b = std::min(n1, first[i + 1]);
       if (a >= b) continue;
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const uint8_t* z = zeros.empty() ? nullptr : zeros[i].data_ptr<uint8_t>();
-      if (bits == 8) dp_range<8>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, group, G, a - first[i], b - first[i], yp + a);
-      else dp_range<4>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, group, G, a - first[i], b - first[i], yp + a);
+      if (bits == 8) dp_range<8>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, a - first[i], b - first[i], yp + a, N);
+      else dp_range<4>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, a - first[i], b - first[i], yp + a, N);
     }
   });
   y = y.to(at::kBFloat16);
@@ -763,7 +793,7 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
   }
   const int64_t N = first.back();
   at::Tensor fast;
-  if (qmm_one_token(x, packed, scale, zeros, bits, group, first, fast)) return fast;
+  if (qmm_dp(x, packed, scale, zeros, bits, group, first, fast)) return fast;
   at::Tensor xin = x.to(at::kFloat).contiguous();
   if (bits == 4) {  // per 16 inputs: evens then odds, the order the nibbles come out in
     xin = xin.view({T, K / 16, 8, 2}).transpose(2, 3).contiguous().view({T, K});

@@ -447,12 +447,14 @@ def test_zero_point_kernels_compute_the_dequantized_linear(bits, group, native):
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, True), (4, None, True), (8, None, True), (8, 64, True),
                                                    (4, 32, False), (8, None, False)])
-@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_one_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, scale_dtype):
-    """A decode step's product (one bf16 row) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS path
-    (stored values as bf16 128 + u, offsets taken off per group): it stays within bf16 rounding of
-    the dequantized reference and of the AVX2 path, for symmetric and zero-point schemes, every
-    scale dtype, two weights side by side, and row counts that leave a single row."""
+@pytest.mark.parametrize("scale_dtype,tokens", [(torch.bfloat16, 1), (torch.float32, 3), (torch.float16, 1), (torch.bfloat16, 7),
+                                                (torch.bfloat16, 15)])
+def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, scale_dtype, tokens):
+    """A decode step's product (1 to 15 bf16 rows) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS
+    path (stored values as bf16 128 + u, offsets taken off per group, four tokens a pass): it stays
+    within bf16 rounding of the dequantized reference and of the AVX2 path, for symmetric and
+    zero-point schemes, every scale dtype, two weights side by side, and row counts that leave a
+    single row."""
     if not kernels.available() or not torch.ops.expertcache.qmm_fast(True):
         pytest.skip("no AVX512-BF16 here (or no kernels): one-token products take the AVX2 path")
     torch.manual_seed(3)
@@ -467,7 +469,7 @@ def test_one_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
         zw = pack_to_int32(z, bits, packed_dim=0)
         zeros, zp = [zw.flatten().view(torch.uint8).view(zw.shape[0], -1)], z.float()
     want_w = (q.float() - zp.repeat_interleave(g, dim=1)) * scale.float().repeat_interleave(g, dim=1)
-    x = torch.randn(1, inner).bfloat16()
+    x = torch.randn(tokens, inner).bfloat16()
     want = torch.nn.functional.linear(x.float(), want_w)
     if symmetric:  # two weights side by side (zero points are packed along the outputs: one weight)
         fast = torch.ops.expertcache.qmm(x, [packed[:40], packed[40:]], [scale[:40], scale[40:]], [], bits, g)
@@ -478,7 +480,7 @@ def test_one_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
         slow = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
     finally:
         torch.ops.expertcache.qmm_fast(True)
-    assert fast.dtype == torch.bfloat16 and fast.shape == (1, out)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (tokens, out)
     torch.testing.assert_close(fast.float(), want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
