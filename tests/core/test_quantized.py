@@ -445,6 +445,21 @@ def test_zero_point_kernels_compute_the_dequantized_linear(bits, group, native):
     torch.testing.assert_close(qe.linear(x, parts, 0), torch.nn.functional.linear(x, want_w))
 
 
+def _random_packed(out: int, inner: int, bits: int, group: int | None, symmetric: bool, scale_dtype: torch.dtype, span: float):
+    """Random stored values of a (out, inner) weight packed as compressed-tensors packs them:
+    (values [out, inner] int8, scale [out, groups], packed uint8 rows, zero points [] or [the stored
+    int32 words as bytes], zero points [out, groups] as float, 0 when symmetric)."""
+    g = group or inner
+    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
+    scale = (torch.rand(out, inner // g) * span + 1e-3).to(scale_dtype)
+    packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
+    if symmetric:
+        return q, scale, packed, [], torch.zeros(out, inner // g)
+    z = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
+    zw = pack_to_int32(z, bits, packed_dim=0)
+    return q, scale, packed, [zw.flatten().view(torch.uint8).view(zw.shape[0], -1)], z.float()
+
+
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, True), (4, None, True), (8, None, True), (8, 64, True),
                                                    (4, 32, False), (8, None, False)])
 @pytest.mark.parametrize("scale_dtype,tokens", [(torch.bfloat16, 1), (torch.float32, 3), (torch.float16, 1), (torch.bfloat16, 7),
@@ -460,14 +475,7 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
     torch.manual_seed(3)
     out, inner = 67, 256
     g = group or inner
-    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
-    scale = (torch.rand(out, inner // g) * 0.01 + 1e-3).to(scale_dtype)
-    packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
-    zeros, zp = [], torch.zeros(out, inner // g)
-    if not symmetric:
-        z = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
-        zw = pack_to_int32(z, bits, packed_dim=0)
-        zeros, zp = [zw.flatten().view(torch.uint8).view(zw.shape[0], -1)], z.float()
+    q, scale, packed, zeros, zp = _random_packed(out, inner, bits, group, symmetric, scale_dtype, 0.01)
     want_w = (q.float() - zp.repeat_interleave(g, dim=1)) * scale.float().repeat_interleave(g, dim=1)
     x = torch.randn(tokens, inner).bfloat16()
     want = torch.nn.functional.linear(x.float(), want_w)
@@ -696,15 +704,8 @@ def test_dq_kernel_is_compressed_tensors_dequantization_bit_for_bit(dtype, bits,
     torch.manual_seed(3)
     out, inner = 96, 256
     g = group or inner
-    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner), dtype=torch.int8)
-    scale = (torch.rand(out, inner // g) * 0.02 + 1e-3).to(dtype)
-    packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
-    zeros, zero = [], None
-    if not symmetric:
-        zp = torch.randint(-(1 << bits - 1), 1 << bits - 1, (out, inner // g), dtype=torch.int8)
-        z = pack_to_int32(zp, bits, packed_dim=0)
-        zero = z.flatten().view(torch.uint8).view(z.shape[0], -1)
-        zeros = [zero]
+    _, scale, packed, zeros, _ = _random_packed(out, inner, bits, group, symmetric, dtype, 0.02)
+    zero = zeros[0] if zeros else None
     want = dequantize(packed, scale, Scheme(bits, group, symmetric), (out, inner), zero=zero)
     got = torch.ops.expertcache.dq(packed, scale, zeros, bits, g, inner)
     assert got.dtype == dtype and torch.equal(got, want)
