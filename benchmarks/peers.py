@@ -34,7 +34,7 @@ Limits: none, and fractions of the bf16 GGUF's size plus llama.cpp's measured ru
 where llama.cpp's bf16 file does not fit. Tools:
 - expertcache (bf16, and int8 / int4-g64 copies made by `expertcache quantize` when present):
   `memory_limit="auto"` (the engine sizes its expert budget from the cgroup; `memory_reserve`
-  64 MiB), prefetch none and next-gate (the default); no limit: every expert resident; where the
+  160 MiB), prefetch none and next-gate (the default); no limit: every expert resident; where the
   limit leaves less than one layer's top-k experts beside the runtime, "TOO SMALL"; and bf16 with
   `half_matmul="float32"` (opt-in: prefill products through float32, rounding unlike transformers');
 - llama.cpp bf16, q8_0, q4_0 through mmap (its default), n_batch 512;
@@ -72,7 +72,7 @@ PROMPT_TOKENS = 512
 SKIP_STEPS = 4  # decode steps left out of the median (the first ones page in what the prompt did not)
 TIMEOUT = 600
 MiB = 2**20
-RESERVE = "64MiB"  # expertcache's --memory-reserve here: the KV cache of ~550 tokens is ~4 MiB, the rest is a prefill's activations
+RESERVE = "160MiB"  # expertcache's --memory-reserve here: the KV cache of ~550 tokens is ~4 MiB, the rest a 512-token prefill's transient (docs/memory.md)
 LLAMA_RUNTIME = 90 * MiB  # llama.cpp's own memory beside its weights (n_ctx 1024), measured: see docs
 
 

@@ -37,7 +37,7 @@ DENSE_ROWS = 16  # rows from which a quantized expert's half-precision product i
 DENSE_ROWS_F32 = 48  # ...and a float32 one (crossover ~32 rows there)
 UPCAST_ROWS = 2  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn
-RESERVE_WORKSPACE = 64 << 20  # activations and allocator slack beside the KV cache (docs/memory.md has the measure)
+RESERVE_WORKSPACE = 160 << 20  # a prompt's activations and allocator/oneDNN slack beside the KV cache: 123 MiB for 512 tokens measured (docs/memory.md)
 
 
 def demo_model_dir() -> Path:
