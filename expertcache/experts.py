@@ -269,6 +269,19 @@ class ExpertsRuntime:
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
+        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._step_requested and not self._gated(layer) else None
+        if single is not None and weights.dtype == torch.float32 and len(single) <= 8 and min(single) >= 0:
+            # one token, every slot routed: no [1, k, H] buffer; the slots' float32 products added in
+            # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested)
+            ys = [None] * len(single)
+            with closing(self.cache.stream(layer, sorted(single), guesses)) as ready:
+                for e, parts, quant in ready:
+                    s = single.index(e)
+                    ys[s] = expert_output(module, x, parts, e, quant, self.upcast) * weights[:, s : s + 1]  # [1, H]
+            total = ys[0]
+            for y in ys[1:]:
+                total = total + y
+            return total.to(x.dtype)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)
         else:
@@ -276,7 +289,6 @@ class ExpertsRuntime:
         contrib = torch.zeros(
             (*ids.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device
         )  # [T, k, H]
-        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._step_requested and not self._gated(layer) else None
         if single is None:  # (token, slot) pairs grouped by expert, in token order, once for the call
             k = ids.shape[1]
             pairs = torch.argsort(ids.flatten(), stable=True)  # flat index token * k + slot

@@ -76,12 +76,23 @@ def _order_sensitive(rows: int, k: int, n: int, dtype: torch.dtype, g: torch.Gen
 
 
 @functools.cache
+def _cpu_flag(name: str) -> bool:
+    """Whether /proc/cpuinfo lists `name` (False where there is none): a CPU without AMX never
+    builds the kernels for amm's sake."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and name in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@functools.cache
 def amx_kernel(dtype: torch.dtype) -> bool:
     """Whether expertcache's amm gives torch's own bits for `dtype` products here: bf16 on a CPU
     whose bf16 GEMM is oneDNN's (a native one) and that has AMX, the kernel built, and random
     products built so another order shows (`_order_sensitive`; one, several and sixteen rows, with
     and without bias, outputs not a multiple of 16) equal bit for bit."""
-    if dtype != torch.bfloat16 or slow_half(dtype):
+    if dtype != torch.bfloat16 or slow_half(dtype) or not _cpu_flag("amx_bf16"):
         return False
     from . import kernels
 
@@ -142,9 +153,9 @@ def _amm_call(x: torch.Tensor, w: list[torch.Tensor], bias: torch.Tensor | None 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, upcast: bool = False) -> torch.Tensor:
-    """F.linear(x, w, bias), bit for bit, through expertcache's kernel where it is exact (a slow
-    half type); with `upcast`, more than KERNEL_ROWS rows instead through float32 (converted, then
-    the float32 GEMM, rounded once)."""
+    """F.linear(x, w, bias), bit for bit, through expertcache's kernels where they are exact (amm:
+    a few bf16 rows on an AMX CPU; emm: a slow half type); with `upcast`, more than KERNEL_ROWS rows
+    of a slow half type instead through float32 (converted, then the float32 GEMM, rounded once)."""
     if _amm(x, w) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
         return _amm_call(x, [w], bias)
     if upcast and _upcast(x, w) and (x.numel() > KERNEL_ROWS * x.shape[-1] or not _emm(x, w)):

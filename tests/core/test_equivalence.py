@@ -185,19 +185,24 @@ def test_dtype_override_matches_transformers_loaded_in_that_dtype(checkpoint):
 
 
 @pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
-def test_one_token_path_equals_the_general_path_bit_for_bit(checkpoint, monkeypatch, weights_dtype):
-    """A decode step takes a shortcut past the token/slot search; its output must be the general
-    path's to the bit, also when the routing weights are float32 and the hidden states bf16 (a 0-d
-    weight would change the dtype the contributions are summed in), and with a dropped slot (-1)."""
-    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16)
+@pytest.mark.parametrize("experts_k", [(8, 2), (16, 8)])
+def test_one_token_path_equals_the_general_path_bit_for_bit(checkpoint, monkeypatch, weights_dtype, experts_k):
+    """A decode step takes a shortcut past the token/slot search (with float32 weights and every
+    slot routed, past the [1, k, H] buffer too: the slots' products added in slot order); its output
+    must be the general path's to the bit, also when the routing weights are float32 and the hidden
+    states bf16 (a 0-d weight would change the dtype the contributions are summed in), with eight
+    slots of weights over 2^-6..2^6 (another summation order would show), and with a dropped slot."""
+    num_experts, k = experts_k
+    model_dir = checkpoint("mixtral", num_experts=num_experts, top_k=k, dtype=torch.bfloat16)
     with expertcache.load(model_dir, expert_budget="50%", prefetch="none", io="buffered") as eng:
         layer = eng.checkpoint.sparse_layers[0]
         module = eng.block(layer).experts
         g = torch.Generator().manual_seed(3)
         hidden = eng.model.config.hidden_size
-        for ids in ([[5, 1]], [[2, -1]]):
+        routed = torch.randperm(num_experts, generator=g)[:k].tolist()
+        for ids in ([routed], [routed[:-1] + [-1]]):
             x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
-            weights = torch.rand(1, 2, generator=g).to(weights_dtype)
+            weights = (torch.rand(1, k, generator=g) * torch.exp2(torch.randint(-6, 7, (1, k), generator=g).float())).to(weights_dtype)
             ids_t = torch.tensor(ids)
             fast = eng.runtime.forward(module, layer, x, ids_t, weights)
             monkeypatch.setattr(experts, "ONE_TOKEN_PATH", False)
