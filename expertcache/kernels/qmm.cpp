@@ -44,11 +44,16 @@ inline ZeroRow zero_row(const uint8_t* zeros, int64_t r, int bits, int64_t G) {
   return {zeros + (r * bits / 32) * G * 4, static_cast<int>(r * bits % 32)};
 }
 
-inline __m256i group_offset(ZeroRow z, int64_t gi, int bits, __m256i symmetric) {
-  if (z.words == nullptr) return symmetric;
+// Group gi's offset: its stored zero point, or 2^(bits-1) (symmetric).
+inline int offset_of(ZeroRow z, int64_t gi, int bits) {
+  if (z.words == nullptr) return 1 << (bits - 1);
   uint32_t w;
   std::memcpy(&w, z.words + gi * 4, 4);
-  return _mm256_set1_epi32(static_cast<int>((w >> z.shift) & ((1u << bits) - 1)));
+  return static_cast<int>((w >> z.shift) & ((1u << bits) - 1));
+}
+
+inline __m256i group_offset(ZeroRow z, int64_t gi, int bits, __m256i symmetric) {
+  return z.words == nullptr ? symmetric : _mm256_set1_epi32(offset_of(z, gi, bits));
 }
 
 inline float hsum(__m256 v) {
@@ -425,6 +430,18 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
   return y;
 }
 
+// Compilers that know the AVX512-BF16 and AMX intrinsics (used per function, by target attribute:
+// the file itself builds for AVX2).
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define EC_AVX512_BF16 1
+
+bool avx512_bf16_ready() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+#endif
+
 // ---- bf16 products on AMX: oneDNN's own arithmetic ---------------------------------------------------
 // On a CPU with AMX, torch's bf16 GEMM is oneDNN's brgemm AMX kernel: float32 accumulator tiles, the
 // inputs 32 at a time from k = 0 up (TDPBF16PS: each pair of products added in turn, as the
@@ -433,7 +450,7 @@ at::Tensor emm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
 // the same instruction on the same pairs in the same order with the weight as the A operand as it is
 // stored ([N, K], rows contiguous: no copy) and x as the B operand (k pairs x tokens), so the sums
 // are the same bits (gemm.amx_kernel checks that here before anything uses it), at the memory's rate.
-#if defined(__x86_64__) && defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#if defined(EC_AVX512_BF16) && defined(__linux__)
 #define EC_AMX 1
 #define EC_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -442,7 +459,7 @@ bool amx_ready() {  // AMX-BF16 on the CPU and the kernel's leave to use its til
     unsigned a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
     if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
-    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw")) return false;  // amx_store's rounding
+    if (!avx512_bf16_ready()) return false;  // amx_store's rounding
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
   }();
   return ok;
@@ -581,15 +598,9 @@ at::Tensor amm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
 // sum x (u - offset) = sum x (128 + u) - (128 + offset) sum x, with x's per-lane sums made once a call.
 // ~4 instructions per 32 weights (int4) against ~9 on the AVX2 path; the float32 sums differ from it
 // by rounding only (tests hold both to the dequantized reference's tolerance).
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#ifdef EC_AVX512_BF16
 #define EC_DP 1
 #define EC_DP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool dp_ready() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 // xs[gi][i]: sum of x[k + 2i] + x[k + 2i + 1] over the group's 32-input steps k (lane i's inputs)
 EC_DP_TARGET void dp_pair_sums(const uint16_t* x, int64_t K, int64_t group, float* xs) {
@@ -602,13 +613,6 @@ EC_DP_TARGET void dp_pair_sums(const uint16_t* x, int64_t K, int64_t group, floa
     }
     _mm512_storeu_ps(xs + 16 * gi, a);
   }
-}
-
-inline int offset_of(ZeroRow z, int64_t gi, int bits) {
-  if (z.words == nullptr) return 1 << (bits - 1);
-  uint32_t w;
-  std::memcpy(&w, z.words + gi * 4, 4);
-  return static_cast<int>((w >> z.shift) & ((1u << bits) - 1));
 }
 
 // R rows (r0 .. r0 + R - 1 of one weight) against NT bf16 tokens (x: NT rows of K, xs: their pair
@@ -658,15 +662,9 @@ EC_DP_TARGET void dp_rows(const uint8_t* packed, int64_t rb, const void* scale, 
     }
     for (int r = 0; r < R; ++r) {
       const __m512 off = ZP ? _mm512_set1_ps(base + offset_of(zr[r], gi, BITS)) : sym;
-      float sc;
       const int64_t si = (r0 + r) * G + gi;
-      if constexpr (SK == 0) sc = static_cast<const float*>(scale)[si];
-      else if constexpr (SK == 2) sc = _cvtsh_ss(static_cast<const uint16_t*>(scale)[si]);
-      else {
-        const uint32_t bits32 = static_cast<uint32_t>(static_cast<const uint16_t*>(scale)[si]) << 16;
-        std::memcpy(&sc, &bits32, 4);
-      }
-      const __m512 s = _mm512_set1_ps(sc);
+      const __m512 s = _mm512_set1_ps(SK == 0 ? static_cast<const float*>(scale)[si]
+                                              : half_scalar(static_cast<const uint16_t*>(scale)[si], SK == 2));
       for (int t = 0; t < NT; ++t) {
         const __m512 sx = _mm512_loadu_ps(xs + (t * G + gi) * 16);
         const __m512 v = _mm512_fnmadd_ps(off, sx, BITS == 4 ? lo[r][t] : _mm512_fmadd_ps(_mm512_set1_ps(16.0f), hi[r][t], lo[r][t]));
@@ -718,7 +716,7 @@ bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path t
 bool qmm_fast(bool on) {  // -> whether bf16 products of a few tokens now take the AVX512-BF16 path
   dp_on = on;
 #ifdef EC_DP
-  return on && dp_ready();
+  return on && avx512_bf16_ready();
 #else
   return false;
 #endif
@@ -731,7 +729,7 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
             int64_t group, const std::vector<int64_t>& first, at::Tensor& y) {
 #ifdef EC_DP
   const int64_t T = x.size(0);
-  if (!dp_on || T < 1 || T > DP_TOKENS || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !dp_ready()) return false;
+  if (!dp_on || T < 1 || T > DP_TOKENS || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !avx512_bf16_ready()) return false;
   const int64_t K = x.size(1), G = K / group, N = first.back();
   const at::Tensor xc = x.contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
@@ -842,13 +840,7 @@ inline void dq_row(const uint8_t* row, const float* sc, ZeroRow zp, int64_t K, i
   const int64_t G = K / group;
   const __m128i low = _mm_set1_epi8(15);
   for (int64_t gi = 0; gi < G; ++gi) {
-    int offset = 1 << (BITS - 1);
-    if (zp.words != nullptr) {
-      uint32_t word;
-      std::memcpy(&word, zp.words + 4 * gi, 4);
-      offset = static_cast<int>((word >> zp.shift) & ((1u << BITS) - 1));
-    }
-    const __m256i off = _mm256_set1_epi32(offset);
+    const __m256i off = _mm256_set1_epi32(offset_of(zp, gi, BITS));
     const __m256 s = _mm256_set1_ps(sc[gi]);
     const int64_t k0 = gi * group, k1 = k0 + group;
     if constexpr (BITS == 8) {
