@@ -179,9 +179,12 @@ def _in_cgroup(ckpt: Path, limit: int | None, budget, tokens: int, memory_limit:
 
 def test_runs_inside_a_memory_limit_of_dense_plus_budget_plus_overhead(big_checkpoint):
     """In a cgroup whose limit counts the page cache, set to dense + expert budget + the empty
-    engine's measured overhead + 64 MiB, the engine neither OOMs nor stalls more than 1.15x the
-    same run without a limit (medians over interleaved rounds; 10% budget, no prefetch: every
-    stall is a demand read, so reads that the limit slowed would show)."""
+    engine's measured overhead + 64 MiB, the engine neither OOMs nor reads more than the same run
+    without a limit, and where the limit made the kernel reclaim (failcnt > 0) it stalls no more
+    than 1.15x that run (medians over interleaved rounds; 10% budget, no prefetch: every stall is a
+    demand read, so reads that the limit slowed would show). A limit never reached cannot slow a
+    read: comparing timings then only measures the shared disk's swings (a CI run failed so, at
+    1.22x, with usage 66 MiB under the limit in every round)."""
     why = memlimit.available()
     if why is not None:
         pytest.skip(f"no writable memory cgroup: {why}")
@@ -206,7 +209,11 @@ def test_runs_inside_a_memory_limit_of_dense_plus_budget_plus_overhead(big_check
           f"limited {stall['limited']:.2f} s; cgroup peak limited "
           f"{max(r['cgroup']['peak_bytes'] for r in runs['limited']) / MiB:.0f} MiB, failcnt "
           f"{[r['cgroup']['failcnt'] for r in runs['limited']]}")
-    assert stall["limited"] <= 1.15 * stall["unlimited"], stall
+    reads = {r["bytes_read"] for rs in runs.values() for r in rs}
+    assert len(reads) == 1, f"the limit changed what was read: {reads}"  # no prefetch, LRU: the same misses every run
+    if all(r["cgroup"]["failcnt"] == 0 for r in runs["limited"]):
+        return  # usage never reached the limit: no reclaim ran, so nothing the limit did could slow a read
+    assert stall["limited"] <= 1.15 * stall["unlimited"], stall  # it reclaimed: its reads must not have paid for it
 
 
 def test_memory_limit_auto_fits_the_engine_in_its_cgroup(big_checkpoint):
