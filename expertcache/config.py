@@ -22,6 +22,7 @@ _BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
 
 IO_MODES = ("direct", "buffered")
 HALF_MATMUL = ("exact", "float32")
+DECODE_STEPS = ("lean", "transformers")
 ROUTING_PHASES = ("prefill", "decode", "both")
 MISS_COPY_READS = ("misses", "all")
 THREADS_ENV = "EXPERTCACHE_THREADS"
@@ -118,6 +119,9 @@ class EngineConfig:
                                        "prefill, and decode attention over a long context, on CPUs without a native half GEMM; rounds "
                                        "differently from transformers, within the dtype's precision)",
                               choices=HALF_MATMUL)
+    decode_step: str = option("lean", "one-token decode steps: lean (the model's own operations and bits, its layers walked by "
+                                      "expertcache without transformers' module calls: Mixtral and Qwen3-MoE) or transformers "
+                                      "(the model's forward; other families always)", choices=DECODE_STEPS)
     miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "
                                          "steps a miss loads that copy's expert, a smaller read, and the full one is read over it at the "
                                          "lowest priority, when the link is idle (HOBBIT's mixed precision); lossy: measure it with "
@@ -146,6 +150,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.half_matmul not in HALF_MATMUL:
             raise ExpertCacheError(f"unknown half_matmul {self.half_matmul!r}: choose one of {', '.join(HALF_MATMUL)}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ExpertCacheError(f"unknown decode_step {self.decode_step!r}: choose one of {', '.join(DECODE_STEPS)}")
         if self.io not in IO_MODES:
             raise ExpertCacheError(f"unknown io {self.io!r}: choose one of {', '.join(IO_MODES)}")
         for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+LEAN_ATTR = "_expertcache_lean"  # a model's LeanDecoder, set by the engine where its decode steps can take it
+
 
 class Decoding:
     """A sequence's state between forwards, kept as generate keeps it: the model makes its own
@@ -28,6 +30,11 @@ class Decoding:
         if len(ids) > 1 and self.past is not None and not getattr(self.past, "is_croppable", True):
             return torch.cat([self.feed([t], logits_to_keep=1) for t in ids])[-logits_to_keep:]
         pos = len(self.tokens)
+        lean = self.model.__dict__.get(LEAN_ATTR)
+        if len(ids) == 1 and logits_to_keep == 1 and self.past is not None and lean is not None and lean.usable(self.past):
+            logits = lean.step(ids[0], pos, self.past)  # the same step without transformers' module calls (lean.py)
+            self.tokens += ids
+            return logits
         out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(pos, pos + len(ids))[None],
                          past_key_values=self.past, use_cache=True, logits_to_keep=logits_to_keep)
         self.past = out.past_key_values

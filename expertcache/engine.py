@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import experts, gemm
+from . import experts, gemm, lean
 from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .config import (DEMO_DIR, RESERVE_CONTEXT, RESERVE_WORKSPACE, EngineConfig, demo_model_dir,  # noqa: F401  (DEMO_DIR re-exported)
                      parse_budget, parse_size)
-from .decoding import Decoding
+from .decoding import LEAN_ATTR, Decoding
 from .errors import BudgetError, CheckpointError, ExpertCacheError
 from .experts import ExpertsRuntime, GuessObserver, RouteObserver
 from .memlimit import MemoryPlan, plan
@@ -169,6 +169,10 @@ class Engine:
             self.runtime.predictor = self._predictor(model_dir)
             self.runtime.prefetch_enabled = config.prefetch != "none"
             self.runtime.min_precision, self.runtime.prefetch_depth = config.prefetch_min_precision, config.prefetch_depth
+            why = "asked for" if config.decode_step != "lean" else lean.why_not(self.model, upcast)
+            if why is None:
+                self.model.__dict__[LEAN_ATTR] = lean.LeanDecoder(self.model, self.runtime)
+            self.decode_step = "lean" if why is None else f"transformers ({why})"  # stats: which code runs a decode step
         except ValueError as e:
             self.cache.close()
             raise ExpertCacheError(str(e)) from None
@@ -324,6 +328,7 @@ class Engine:
         s["routing"] = self.config.routing
         s["half_matmul"] = self.config.half_matmul
         s["half_kernel"] = gemm.kernel_name(self.model.dtype)  # which code computes bf16/fp16 products
+        s["decode_step"] = self.decode_step
         s["load_seconds"] = self.load_seconds
         s["layers"] = layers
         return s

@@ -95,6 +95,15 @@ def _default_gate(cls: type) -> bool:
     return getattr(cls, "_apply_gate", None) is _default_apply_gate
 
 
+def _silu_gated(module: nn.Module) -> bool:
+    """Whether an experts module computes silu(x gate) * (x up), then down, with nothing else:
+    transformers' default gate, a plain SiLU (no hooks), no biases, no transposed layout, no
+    post-expert norm, no math of its own."""
+    cls = type(module)
+    return (_default_gate(cls) and not _own_math(cls) and not module.is_transposed and not module.has_bias
+            and not module.has_post_expert_norm and _plain_act(module.act_fn) is F.silu)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None, upcast: bool) -> torch.Tensor:
     y = gemm.matmul(x, w, upcast=upcast) if transposed else gemm.linear(x, w, upcast=upcast)
     return y if bias is None else y + bias
@@ -106,6 +115,13 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     biases, layout) on weights read from the cache; `quant`: (gate, up, down) are quantized
     (packed, scale) pairs, computed on by quant's kernels; `upcast`: half-precision products of
     several rows through float32 (gemm.py)."""
+    if quant is None and len(parts) == 3 and x.dim() == 2 and parts[0].dtype is x.dtype and _silu_gated(module):
+        gate, up, down = parts  # the common case first, with no more than it needs: act(gate) * up, then down
+        if gemm._amm(x, gate) and gate.shape == up.shape:  # a decode step's rows on AMX (linear_pair's amm path)
+            n = gate.shape[0]
+            gu = torch.ops.expertcache.amm(x, [gate, up], None)
+            h = F.silu(gu[:, :n]) * gu[:, n:]
+            return torch.ops.expertcache.amm(h, [down], None) if gemm._amm(h, down) else gemm.linear(h, down, upcast=upcast)
     t, bias = module.is_transposed, module.has_bias
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
@@ -222,7 +238,7 @@ class ExpertsRuntime:
         start = getattr(self.predictor, "start", None)
         routed_ahead = getattr(self.routing, "needs_start", False) and self.phase in self.routing.applies_to
         if start is None:
-            if self.prefetch_enabled:
+            if self.prefetch_enabled and not self._all_held():
                 self._lead(hidden)
             return
         if not (self.prefetch_enabled or routed_ahead):
@@ -269,7 +285,8 @@ class ExpertsRuntime:
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
-        guesses = (lambda: self._guess(layer, x, logits)) if self.prefetch_enabled and not self._step_requested and not self._gated(layer) else None
+        guesses = ((lambda: self._guess(layer, x, logits))
+                   if self.prefetch_enabled and not self._step_requested and not self._gated(layer) and not self._all_held() else None)
         if single is not None and weights.dtype == torch.float32 and len(single) <= 8 and min(single) >= 0:
             # one token, every slot routed: no [1, k, H] buffer; the slots' float32 products added in
             # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested)
@@ -326,6 +343,13 @@ class ExpertsRuntime:
                 mine = (ids == e).any(dim=-1).nonzero().flatten() + e * x.shape[0]  # expert e's rows
                 out[mine] = expert_output(module, rows[mine], parts, e, quant, self.upcast)
         return out
+
+    def _all_held(self) -> bool:
+        """Whether every expert of the model holds a slot (resident or loading), so that no guess
+        could start a load, and no one reads guesses (exact routing, no guess observers): then
+        guessing is skipped, its compute saved."""
+        return (len(self.cache.core.entries) >= self.num_experts * len(self._sparse) and not self.guess_observers
+                and getattr(self.routing, "exact", False))
 
     def _gated(self, layer: int) -> bool:
         """Whether a decode call at `layer` skips guessing: every layer it guesses for has issued

@@ -194,7 +194,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, *, upcast: bool = False) -> torch.T
     return x @ w
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def dense_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """install_dense's forward of a Linear."""
     return linear(x, self.weight, self.bias)
 
 
@@ -213,7 +214,7 @@ def install_dense(model: nn.Module, *, upcast: bool = False) -> int:
     n = 0
     for m in linears:
         if takes[m.weight.dtype]:
-            m.forward = (_forward_upcast if upcast else _forward).__get__(m)
+            m.forward = (_forward_upcast if upcast else dense_forward).__get__(m)
             n += 1
     return n
 

@@ -1,0 +1,225 @@
+"""A decode step that walks the model's layers itself: transformers' operations on its weights,
+in its order, without its module calls.
+
+transformers' forward of one token costs ~250 tensor operations and a dozen module calls a layer
+(hooks, output capturing, config lookups, a causal mask it then drops); on a small model that
+fixed cost is the step. For the families it knows (FAMILIES), LeanDecoder calls each piece's own
+forward directly, writes attention out as the family does (sdpa, no mask: what one query without
+padding gets), and sends experts through the runtime as transformers' interface would: the same
+bits (tests/core/test_lean.py). It runs only where no hook but the engine's watches a bypassed
+module and the cache is transformers' DynamicCache; otherwise the step is the model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gemm
+from .experts import ExpertsRuntime
+
+# model types whose decoder layer LeanDecoder writes out, and the classes it expects in them
+FAMILIES = {
+    "mixtral": ("MixtralForCausalLM", "MixtralDecoderLayer", "MixtralAttention", "MixtralSparseMoeBlock", "MixtralRMSNorm"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "Qwen3MoeAttention", "Qwen3MoeSparseMoeBlock", "Qwen3MoeRMSNorm"),
+}
+ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
+
+
+class _Product:
+    """One row through one or more Linears side by side ([1, in] -> [1, sum of outs]): one amm call
+    on their weights where each is a plain bias-free Linear whose forward (install_dense's) would
+    take amm for a row, else each module's own forward, concatenated. Either way each output is
+    the module's own bits (amm computes every output as its own sum over the same inputs)."""
+
+    __slots__ = ("modules", "weights")
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+        plain = all(type(m) is nn.Linear and m.bias is None and getattr(m.forward, "__func__", None) is gemm.dense_forward
+                    for m in modules)
+        self.weights = None
+        if plain:  # what dense_forward would take for one row of the weights' dtype
+            row = torch.zeros(1, modules[0].in_features, dtype=modules[0].weight.dtype)
+            self.weights = [m.weight for m in modules] if all(gemm._amm(row, m.weight) for m in modules) else None
+
+    def __call__(self, x: torch.Tensor, direct: bool) -> torch.Tensor:
+        if direct and self.weights is not None:
+            return torch.ops.expertcache.amm(x, self.weights, None)
+        if len(self.modules) == 1:
+            return self.modules[0].forward(x)
+        return torch.cat([m.forward(x) for m in self.modules], dim=-1)
+
+
+@dataclass
+class _Layer:
+    index: int
+    norm1: nn.Module
+    attn: nn.Module
+    qkv: _Product  # the query, key and value projections side by side
+    o: _Product
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    norm2: nn.Module
+    mlp: nn.Module
+    sparse: int | None  # the sparse layer's number (its MoE block's router and experts), None: a dense MLP
+    router: nn.Module | None
+    experts: nn.Module | None
+    nq: int  # query heads
+    nkv: int  # key/value heads
+    sdpa: dict | None  # torch's sdpa keywords transformers passes for one query without a mask (None: call its function)
+
+
+def why_not(model: nn.Module, upcast: bool) -> str | None:
+    """Why `model`'s decode steps cannot take the lean path (None: they can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    names = FAMILIES.get(kind)
+    if names is None:
+        return f"model type {kind!r} is not one the lean step writes out ({', '.join(FAMILIES)})"
+    if upcast:
+        return "half_matmul=float32 replaces the attention"
+    if type(model).__name__ != names[0]:
+        return f"{type(model).__name__} is not {names[0]}"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r}: the lean step writes out sdpa only"
+    if getattr(config, "sliding_window", None) is not None:
+        return "a sliding window needs the causal mask"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"rope type {rope.get('rope_type')!r} updates its frequencies with the position"
+    for layer in model.model.layers:
+        got = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.input_layernorm).__name__,
+               type(layer.post_attention_layernorm).__name__)
+        if got != (names[1], names[2], names[4], names[4]):
+            return f"an unexpected layer ({', '.join(got)})"
+    return None
+
+
+class LeanDecoder:
+    """One-token decode steps of a supported model (why_not(model) is None), bound to its runtime."""
+
+    def __init__(self, model: nn.Module, runtime: ExpertsRuntime) -> None:
+        self.model, self.runtime = model, runtime
+        base = model.model
+        self.embed, self.rotary, self.norm, self.lm_head = base.embed_tokens, base.rotary_emb, base.norm, model.lm_head
+        block_name = FAMILIES[model.config.model_type][3]
+        sparse = {id(m): layer for layer, m in runtime._modules.items()}  # experts module -> its sparse layer
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(base.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            moe = type(mlp).__name__ == block_name and id(mlp.experts) in sparse
+            self.layers.append(_Layer(
+                i, layer.input_layernorm, a, _Product(a.q_proj, a.k_proj, a.v_proj), _Product(a.o_proj), getattr(a, "q_norm", None),
+                getattr(a, "k_norm", None), layer.post_attention_layernorm, mlp, sparse[id(mlp.experts)] if moe else None,
+                mlp.gate if moe else None, mlp.experts if moe else None, a.q_proj.out_features // a.head_dim,
+                a.k_proj.out_features // a.head_dim, _sdpa_keywords(a),
+            ))  # fmt: skip
+        self.logits = _Product(self.lm_head)
+        self._watched = [m for m in (model, base, self.embed, self.rotary, self.norm, self.lm_head) if m is not None]
+        for L in self.layers:
+            self._watched += [m for m in (base.layers[L.index], L.norm1, L.attn, *L.qkv.modules, *L.o.modules, L.q_norm,
+                                          L.k_norm, L.norm2, L.mlp, L.router, L.experts) if m is not None]
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        self._cache_types = (DynamicCache, DynamicLayer)
+        self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def usable(self, past) -> bool:
+        """Whether this step may run on `past`: transformers' DynamicCache of full-attention layers
+        for every layer, and no hook on a bypassed module but the runtime's own."""
+        DynamicCache, DynamicLayer = self._cache_types
+        if type(past) is not DynamicCache or len(past.layers) != len(self.layers):
+            return False
+        if any(type(layer) is not DynamicLayer for layer in past.layers):
+            return False
+        g = nn.modules.module
+        if g._global_forward_hooks or g._global_forward_pre_hooks:
+            return False
+        own = {h.id for h in self.runtime._hooks}
+        for m in self._watched:
+            if (m._forward_hooks or m._forward_pre_hooks) and not (m._forward_hooks.keys() | m._forward_pre_hooks.keys()) <= own:
+                return False
+        return True
+
+    def _cos_sin(self, h: torch.Tensor, position: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary module's output for one position (what the model computes each step), kept."""
+        key = (position, h.dtype)
+        got = self._rope.get(key)
+        if got is None:
+            if len(self._rope) >= ROPE_MEMO:
+                self._rope.clear()
+            got = self._rope[key] = self.rotary.forward(h, positions)
+        return got
+
+    def step(self, token: int, position: int, past) -> torch.Tensor:
+        """The logits [1, V] after `token` at `position`, the cache `past` holding the positions before.
+        Hidden states are [1, H] throughout (transformers' [1, 1, H]: the same values in the same
+        order, and every operation on them is per row)."""
+        rt = self.runtime
+        rt._enter(self.model, ())
+        try:
+            direct = torch.get_num_threads() == 1  # amm's condition that can change between steps
+            h = self.embed.forward(torch.tensor([token]))  # [1, H]
+            positions = torch.tensor([[position]])
+            rt._forward_start(None, (h[None],), {"position_ids": positions})  # the phase, the first layer's guesses
+            cos, sin = self._cos_sin(h, position, positions)
+            for L in self.layers:
+                h = h + self._attention(L, L.norm1.forward(h), cos, sin, past, direct)
+                x = L.norm2.forward(h)
+                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x))
+            return self.logits(self.norm.forward(h), direct)  # logits_to_keep=1
+        finally:
+            rt._leave(self.model, (), None)
+
+    @staticmethod
+    def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past, direct: bool) -> torch.Tensor:
+        """The family's attention forward for one query: its projections (and per-head norms),
+        the rotary embedding, the cache's update, transformers' sdpa without a mask. The rotary
+        embedding runs once over the query and key heads together (elementwise: the same bits)."""
+        a, d, nq, nkv = L.attn, L.attn.head_dim, L.nq, L.nkv
+        qkv = L.qkv(x, direct).view(1, -1, d)  # [1, Hq + 2 Hkv, d]
+        if L.q_norm is not None:
+            qk = torch.cat((L.q_norm.forward(qkv[:, :nq]), L.k_norm.forward(qkv[:, nq : nq + nkv])), dim=1)
+        else:
+            qk = qkv[:, : nq + nkv]
+        qk = (qk * cos) + (_rotate_half(qk) * sin)  # apply_rotary_pos_emb ([1, heads, d] against [1, 1, d])
+        q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv :, None]  # [1, heads, 1, d]: transposes are views
+        k, v = past.update(k, v, a.layer_idx)
+        if L.sdpa is not None:  # transformers' sdpa_attention_forward for one query without a mask, written out
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=a.scaling, is_causal=False, **L.sdpa)
+        else:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            out, _ = sdpa_attention_forward(a, q, k, v, None, dropout=0.0, scaling=a.scaling,
+                                            sliding_window=getattr(a, "sliding_window", None))
+        return L.o(out.reshape(1, -1), direct)  # [1, Hq, 1, d] or [1, 1, Hq, d]: heads then d, either way
+
+    def _moe(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """The sparse block: its router's forward, then its experts through the runtime (what the
+        router's hook and transformers' experts interface would do)."""
+        logits, weights, ids = L.router.forward(x)
+        rt = self.runtime
+        rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
+        return rt.forward(L.experts, L.sparse, x, ids, weights)
+
+
+def _sdpa_keywords(attn: nn.Module) -> dict | None:
+    """What transformers' sdpa_attention_forward adds to torch's call for one query, no mask, on
+    this CPU: enable_gqa where key heads are shared and it would pass it; {} without shared heads;
+    None where it would reshape instead (pack_gqa: its own function is called then)."""
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    groups = getattr(attn, "num_key_value_groups", 1)
+    if groups <= 1:
+        return {}
+    kv = torch.empty(1, 1, 1, attn.head_dim)
+    return {"enable_gqa": True} if use_gqa_in_sdpa(None, kv, kv) else None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,132 @@
+"""The lean decode step (lean.py): transformers' operations on the model's weights without its
+module calls, for Mixtral and Qwen3-MoE. Each step's logits equal the engine's own forward of
+the same step bit for bit (the same operations), and transformers' own model's (bit for bit where
+the engine is: bf16 on an AMX CPU; within the float tolerance elsewhere), at every budget; the
+lean step really ran; anything it cannot see (a foreign hook, another cache, another family)
+falls back to the model's forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expertcache
+from expertcache import gemm, lean
+from expertcache.decoding import LEAN_ATTR, Decoding
+from expertcache.errors import ExpertCacheError
+
+from helpers.checkpoints import prompt_ids
+from helpers.invariants import min_budget
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CASES = {
+    "mixtral-bf16": ("mixtral", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64)),
+    "mixtral-f32": ("mixtral", dict(num_experts=8, top_k=2)),
+    # q/k norms, a dense MLP layer, tied embeddings, three of twelve experts
+    "qwen3-bf16-dense-tied": ("qwen3_moe", dict(num_experts=12, top_k=3, norm_topk_prob=True, dtype=torch.bfloat16, num_layers=3,
+                                                 mlp_only_layers=[1], tie_word_embeddings=True, expert_intermediate=64)),
+    "qwen3-f32-nonorm": ("qwen3_moe", dict(num_experts=8, top_k=2, norm_topk_prob=False)),
+}
+PROMPT = prompt_ids(12)
+STEPS = 10
+
+
+def _steps(eng, tokens: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """The prompt, then STEPS one-token forwards through Decoding (greedy, or `tokens` fed):
+    (the tokens fed after the prompt, the steps' logits [STEPS, V])."""
+    d = Decoding(eng.model)
+    with torch.inference_mode():
+        last = d.feed(PROMPT)[-1]
+        fed, out = [], []
+        for i in range(STEPS):
+            t = int(last.argmax()) if tokens is None else tokens[i]
+            fed.append(t)
+            last = d.feed([t])[-1]
+            out.append(last.clone())
+    return fed, torch.stack(out)
+
+
+def _reference(model_dir, tokens: list[int]) -> torch.Tensor:
+    """transformers' own model, step by step over its DynamicCache, on the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
+    out = []
+    with torch.no_grad():
+        step = ref(torch.tensor([PROMPT]), use_cache=True)
+        past = step.past_key_values
+        for i, t in enumerate(tokens):
+            step = ref(torch.tensor([[t]]), past_key_values=past, position_ids=torch.tensor([[len(PROMPT) + i]]), use_cache=True)
+            past = step.past_key_values
+            out.append(step.logits[0, -1])
+    return torch.stack(out)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("budget", ["min", "50%", "100%"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lean_steps_are_the_models_own(case, budget, checkpoint, monkeypatch):
+    family, kw = CASES[case]
+    model_dir = checkpoint(family, **kw)
+    expert_budget = min_budget(model_dir) if budget == "min" else budget
+    with expertcache.load(model_dir, expert_budget=expert_budget, prefetch="next-gate", io="buffered") as eng:
+        assert eng.stats()["decode_step"] == "lean"
+        ran = []
+        step = eng.model.__dict__[LEAN_ATTR].step
+        monkeypatch.setattr(eng.model.__dict__[LEAN_ATTR], "step", lambda *a: (ran.append(1), step(*a))[1])
+        tokens, fast = _steps(eng)
+        assert len(ran) == STEPS, "the decode steps did not take the lean path"
+        monkeypatch.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
+        _, slow = _steps(eng, tokens)
+        assert len(ran) == STEPS
+    assert torch.equal(_bits(fast), _bits(slow)), "the lean step's logits differ from the model's forward"
+    want = _reference(model_dir, tokens)
+    if kw.get("dtype") == torch.bfloat16 and gemm.amx_kernel(torch.bfloat16):
+        assert torch.equal(_bits(fast), _bits(want))  # the engine is transformers' bits here (test_gemm)
+    else:
+        torch.testing.assert_close(fast, want)
+
+
+def test_a_foreign_hook_or_another_cache_takes_the_models_forward(checkpoint):
+    """A hook the engine did not install on a module the lean step bypasses (a tool watching a
+    norm's input, say) must fire: the step is the model's forward then; and so with a cache
+    that is not transformers' DynamicCache of full-attention layers."""
+    model_dir = checkpoint("mixtral", **CASES["mixtral-f32"][1])
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        ld = eng.model.__dict__[LEAN_ATTR]
+        seen = []
+        norm = eng.model.model.layers[1].post_attention_layernorm
+        handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        d = Decoding(eng.model)
+        with torch.inference_mode():
+            d.feed(PROMPT)
+            assert not ld.usable(d.past)
+            d.feed([3])
+        assert len(seen) == 2, "the hook did not see the decode step"
+        handle.remove()
+        assert ld.usable(d.past)
+        d.past.layers.append(type(d.past.layers[0])())  # a cache of another shape
+        assert not ld.usable(d.past)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_other_families_say_why_they_take_the_models_forward(family, checkpoint):
+    model_dir = checkpoint(family, num_experts=8, top_k=2)
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        step = eng.stats()["decode_step"]
+        assert step.startswith("transformers (") and family in step, step
+        assert LEAN_ATTR not in eng.model.__dict__
+
+
+def test_decode_step_transformers_is_asked_for_and_checked(checkpoint):
+    model_dir = checkpoint("mixtral", **CASES["mixtral-f32"][1])
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered", decode_step="transformers") as eng:
+        assert eng.stats()["decode_step"] == "transformers (asked for)"
+        assert LEAN_ATTR not in eng.model.__dict__
+    with pytest.raises(ExpertCacheError, match="unknown decode_step 'fast'"):
+        expertcache.load(model_dir, decode_step="fast")
