@@ -511,23 +511,24 @@ EC_AMX_TARGET void amx_store(const float* acc, int64_t count, int64_t T, const u
   }
 }
 
-// One job: rows [a, c) of one weight (c - a <= 64), output columns from col.
+// One job: rows [a, c) of one weight (c - a <= 64), output columns from col. `tiles` is the tile
+// configuration in force (rows of the A and C tiles; 0: none): a job reconfigures only to change it.
 EC_AMX_TARGET void amx_rows(const uint16_t* w, int64_t ws, int64_t K, const uint16_t* xv, int64_t T, const uint16_t* bias,
-                            uint16_t* y, int64_t N, int64_t col, int64_t a, int64_t c) {
+                            uint16_t* y, int64_t N, int64_t col, int64_t a, int64_t c, int& tiles) {
   alignas(64) float acc[64 * 16];
   const int64_t full = (c - a) / 16, tail = (c - a) % 16;
   if (full) {
-    amx_config(T, 16);
+    if (tiles != 16) { amx_config(T, 16); tiles = 16; }
     amx_blocks(w + a * ws, ws, K, xv, T, static_cast<int>(full), acc);
     amx_store(acc, 16 * full, T, bias ? bias + a : nullptr, y, N, col + a);
   }
   if (tail) {
-    amx_config(T, static_cast<int>(tail));
+    if (tiles != tail) { amx_config(T, static_cast<int>(tail)); tiles = static_cast<int>(tail); }
     amx_blocks(w + (a + 16 * full) * ws, ws, K, xv, T, 1, acc);
     amx_store(acc, tail, T, bias ? bias + a + 16 * full : nullptr, y, N, col + a + 16 * full);
   }
-  _tile_release();
 }
+EC_AMX_TARGET void amx_done() { _tile_release(); }
 #endif
 
 bool amx() {
@@ -579,11 +580,13 @@ at::Tensor amm(const at::Tensor& x, at::TensorList w, const std::optional<at::Te
   for (size_t i = 0; i < w.size(); ++i)
     for (int64_t a = 0; a < w[i].size(0); a += 64) jobs.emplace_back(i, a, std::min(a + 64, w[i].size(0)));
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
+    int tiles = 0;  // this thread's tile configuration: set by its first job, released after its last
     for (int64_t j = j0; j < j1; ++j) {
       const auto [i, a, c] = jobs[j];
       const auto* p = reinterpret_cast<const uint16_t*>(w[i].data_ptr());
-      amx_rows(p, w[i].stride(0), K, xp, T, bp ? bp + first[i] : nullptr, yp, N, first[i], a, c);
+      amx_rows(p, w[i].stride(0), K, xp, T, bp ? bp + first[i] : nullptr, yp, N, first[i], a, c, tiles);
     }
+    if (tiles) amx_done();
   });
   return y;
 #else
