@@ -293,12 +293,8 @@ class ExpertsRuntime:
             ys = [None] * len(single)
             with closing(self.cache.stream(layer, sorted(single), guesses)) as ready:
                 for e, parts, quant in ready:
-                    s = single.index(e)
-                    ys[s] = expert_output(module, x, parts, e, quant, self.upcast) * weights[:, s : s + 1]  # [1, H]
-            total = ys[0]
-            for y in ys[1:]:
-                total = total + y
-            return total.to(x.dtype)
+                    ys[single.index(e)] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
+            return gemm.combine(ys, weights)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)
         else:

@@ -114,6 +114,80 @@ def amx_kernel(dtype: torch.dtype) -> bool:
     return True
 
 
+# --- a decode step's elementwise tails: one kernel call each where it gives torch's bits -------------
+def rms_chain(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (Llama's, Mixtral's, Qwen's), written out."""
+    hs = h.to(torch.float32)
+    hs = hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hs.to(h.dtype)
+
+
+def rotary_chain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb's (x * cos) + (rotate_half(x) * sin), written out."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def combine_chain(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """A token's expert outputs [1, H] weighted by weights [1, k] and added in slot order, rounded
+    to the outputs' dtype (the runtime's one-token combine)."""
+    total = ys[0] * weights[:, 0:1]
+    for s in range(1, len(ys)):
+        total = total + ys[s] * weights[:, s : s + 1]
+    return total.to(ys[0].dtype)
+
+
+@functools.cache
+def tail_kernels() -> bool:
+    """Whether expertcache's rms_tail, rotary and combine give the bits of the chains above here
+    (bf16): built, and checked at first use on random inputs with lengths that leave tails (so a
+    fused multiply-add or another rounding would show)."""
+    from . import kernels
+
+    if not kernels.available():
+        return False
+    ops = torch.ops.expertcache
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 200, 1024):
+        h = (torch.randn(3, n, generator=g) * 4).to(torch.bfloat16)
+        w = (1 + 0.3 * torch.randn(n, generator=g)).to(torch.bfloat16)
+        hs = h.to(torch.float32)
+        got = ops.rms_tail(hs, hs.pow(2).mean(-1, keepdim=True), w, 1e-6)
+        x = torch.randn(1, 5, n, generator=g).to(torch.bfloat16)
+        cs = [torch.randn(1, 1, n, generator=g).to(torch.bfloat16) for _ in range(2)]
+        ys = [torch.randn(1, n, generator=g).to(torch.bfloat16) for _ in range(3)]
+        wk = torch.rand(1, 3, generator=g) * torch.exp2(torch.randint(-6, 7, (1, 3), generator=g).float())
+        for mine, theirs in ((got, rms_chain(h, w, 1e-6)), (ops.rotary(x, cs[0], cs[1]), rotary_chain(x, cs[0], cs[1])),
+                             (ops.combine(ys, wk), combine_chain(ys, wk))):
+            if not torch.equal(mine.view(torch.int16), theirs.view(torch.int16)):
+                log.warning("expertcache's elementwise kernels differ from torch's chains here; using torch's")
+                return False
+    return True
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_chain(h, weight, eps), the same bits, its elementwise tail in one call where it can."""
+    if h.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and h.is_contiguous() and tail_kernels():
+        hs = h.to(torch.float32)
+        var = hs.pow(2).mean(-1, keepdim=True)
+        return torch.ops.expertcache.rms_tail(hs.view(-1, hs.shape[-1]), var, weight, eps).view(h.shape)
+    return rms_chain(h, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotary_chain(x, cos, sin) for one position (cos, sin [.., d]), the same bits, in one call where it can."""
+    if x.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16 and x.is_contiguous() and tail_kernels():
+        return torch.ops.expertcache.rotary(x, cos, sin)
+    return rotary_chain(x, cos, sin)
+
+
+def combine(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """combine_chain(ys, weights), the same bits, in one call where it can (bf16 outputs, float32 weights)."""
+    if ys[0].dtype is torch.bfloat16 and weights.dtype is torch.float32 and weights.is_contiguous() and tail_kernels():
+        return torch.ops.expertcache.combine(ys, weights)
+    return combine_chain(ys, weights)
+
+
 def kernel_name(dtype: torch.dtype) -> str:
     """Which code multiplies `dtype` matrices here (engine stats): "expertcache-exact" (emm),
     "expertcache-amx" (amm, a few rows; torch's oneDNN GEMM the rest), "torch-onednn" (a CPU with

@@ -126,7 +126,11 @@ class LeanDecoder:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         self._cache_types = (DynamicCache, DynamicLayer)
+        self._rms_chain = all(_is_rms_chain(m) for m in self._norms())
         self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _norms(self) -> list[nn.Module]:
+        return [self.norm] + [m for L in self.layers for m in (L.norm1, L.norm2)]
 
     def usable(self, past) -> bool:
         """Whether this step may run on `past`: transformers' DynamicCache of full-attention layers
@@ -144,6 +148,11 @@ class LeanDecoder:
             if (m._forward_hooks or m._forward_pre_hooks) and not (m._forward_hooks.keys() | m._forward_pre_hooks.keys()) <= own:
                 return False
         return True
+
+    def _norm(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm `module` on h: gemm.rms_norm where its forward is that chain (checked at
+        build), else its forward."""
+        return gemm.rms_norm(h, module.weight, module.variance_epsilon) if self._rms_chain else module.forward(h)
 
     def _cos_sin(self, h: torch.Tensor, position: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary module's output for one position (what the model computes each step), kept."""
@@ -167,11 +176,12 @@ class LeanDecoder:
             positions = torch.tensor([[position]])
             rt._forward_start(None, (h[None],), {"position_ids": positions})  # the phase, the first layer's guesses
             cos, sin = self._cos_sin(h, position, positions)
+            norm = self._norm
             for L in self.layers:
-                h = h + self._attention(L, L.norm1.forward(h), cos, sin, past, direct)
-                x = L.norm2.forward(h)
+                h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct)
+                x = norm(L.norm2, h)
                 h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x))
-            return self.logits(self.norm.forward(h), direct)  # logits_to_keep=1
+            return self.logits(norm(self.norm, h), direct)  # logits_to_keep=1
         finally:
             rt._leave(self.model, (), None)
 
@@ -186,7 +196,7 @@ class LeanDecoder:
             qk = torch.cat((L.q_norm.forward(qkv[:, :nq]), L.k_norm.forward(qkv[:, nq : nq + nkv])), dim=1)
         else:
             qk = qkv[:, : nq + nkv]
-        qk = (qk * cos) + (_rotate_half(qk) * sin)  # apply_rotary_pos_emb ([1, heads, d] against [1, 1, d])
+        qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([1, heads, d] against [1, 1, d])
         q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv :, None]  # [1, heads, 1, d]: transposes are views
         k, v = past.update(k, v, a.layer_idx)
         if L.sdpa is not None:  # transformers' sdpa_attention_forward for one query without a mask, written out
@@ -220,6 +230,12 @@ def _sdpa_keywords(attn: nn.Module) -> dict | None:
     return {"enable_gqa": True} if use_gqa_in_sdpa(None, kv, kv) else None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _is_rms_chain(norm: nn.Module) -> bool:
+    """Whether an RMSNorm module's forward is gemm.rms_chain with its weight and epsilon: asked of
+    its output on a random input (bit for bit), so a subclass or a kernel swapped in says no."""
+    w, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(w, torch.Tensor) or not isinstance(eps, float) or w.dim() != 1:
+        return False
+    h = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype) * 3
+    with torch.no_grad():
+        return torch.equal(norm.forward(h), gemm.rms_chain(h, w, eps))

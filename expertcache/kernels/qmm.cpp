@@ -915,7 +915,105 @@ at::Tensor dq(const at::Tensor& packed, const at::Tensor& scale, at::TensorList 
   return w;
 }
 
+// ---- a decode step's elementwise tails in one call each, with torch's roundings --------------------
+// Each reproduces a short chain of torch operations on bf16 tensors element by element: every bf16
+// product or sum computed in float32 and rounded to bf16 (round to nearest even) where torch rounds
+// it, float32 steps in float32. No reductions, so no order to match; no contraction into FMAs
+// (fp-contract off), since torch rounds each product. tests/core/test_lean.py compares them with
+// the chains they replace.
+#define EC_EXACT_FLOAT __attribute__((optimize("fp-contract=off")))
+
+inline uint16_t bf16_round(float f) {  // c10::BFloat16's round to nearest even
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFF) >> 16);
+}
+inline float bf16_float(uint16_t h) { return half_scalar(h, false); }
+
+void check_bf16(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous(), what, ": a contiguous bfloat16 tensor");
+}
+
+// transformers' RMSNorm after its mean: weight * (h * rsqrt(var + eps)).to(bf16), with h [n, H] and
+// var [n, 1] float32 (h.to(float32) and h.pow(2).mean(-1, keepdim=True), torch's own), weight [H].
+EC_EXACT_FLOAT at::Tensor rms_tail(const at::Tensor& h, const at::Tensor& var, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.is_contiguous(), "h: contiguous float32 [n, H]");
+  TORCH_CHECK(var.scalar_type() == at::kFloat && var.numel() == h.size(0) && var.is_contiguous(), "var: float32 [n, 1]");
+  check_bf16(weight, "weight");
+  const int64_t n = h.size(0), H = h.size(1);
+  TORCH_CHECK(weight.numel() == H, "weight: [H]");
+  auto out = at::empty({n, H}, weight.options());
+  const float* hp = h.data_ptr<float>();
+  const float* vp = var.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t r = 0; r < n; ++r) {
+    const float sum = vp[r] + static_cast<float>(eps);
+    const float inv = 1.0f / std::sqrt(sum);  // torch's rsqrt: a division by a correctly rounded root
+    for (int64_t i = 0; i < H; ++i) {
+      const float y = bf16_float(bf16_round(hp[r * H + i] * inv));
+      op[r * H + i] = bf16_round(bf16_float(wp[i]) * y);
+    }
+  }
+  return out;
+}
+
+// apply_rotary_pos_emb on heads side by side: (x * cos) + (rotate_half(x) * sin), x [.., d] bf16,
+// cos and sin [d] bf16 (one position); rotate_half(x) = cat(-x[d/2:], x[:d/2]).
+EC_EXACT_FLOAT at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_bf16(x, "x");
+  check_bf16(cos, "cos");
+  check_bf16(sin, "sin");
+  const int64_t d = x.size(-1), rows = x.numel() / d, half = d / 2;
+  TORCH_CHECK(d % 2 == 0 && cos.numel() == d && sin.numel() == d, "rotary: cos and sin of the head size, an even one");
+  auto out = at::empty_like(x);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* v = xp + r * d;
+    for (int64_t i = 0; i < d; ++i) {
+      const float rot = i < half ? -bf16_float(v[i + half]) : bf16_float(v[i - half]);  // negation is exact
+      const float a = bf16_float(bf16_round(bf16_float(v[i]) * bf16_float(cp[i])));
+      const float b = bf16_float(bf16_round(rot * bf16_float(sp[i])));
+      op[r * d + i] = bf16_round(a + b);
+    }
+  }
+  return out;
+}
+
+// A token's experts combined: sum over slots s in order of float32(y_s) * w[s] (each product rounded
+// to float32, the sum left to right), rounded to bf16; y_s [1, H] bf16, w [1, k] float32.
+EC_EXACT_FLOAT at::Tensor combine(at::TensorList ys, const at::Tensor& w) {
+  TORCH_CHECK(!ys.empty() && w.scalar_type() == at::kFloat && w.numel() == static_cast<int64_t>(ys.size()) && w.is_contiguous(),
+              "combine: one float32 weight per output");
+  const int64_t H = ys[0].numel();
+  for (const auto& y : ys) {
+    check_bf16(y, "y");
+    TORCH_CHECK(y.numel() == H, "combine: outputs of one size");
+  }
+  auto out = at::empty({1, H}, ys[0].options());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* wp = w.data_ptr<float>();
+  std::vector<const uint16_t*> yp;
+  for (const auto& y : ys) yp.push_back(reinterpret_cast<const uint16_t*>(y.data_ptr()));
+  for (int64_t i = 0; i < H; ++i) {
+    float total = bf16_float(yp[0][i]) * wp[0];
+    for (size_t s = 1; s < yp.size(); ++s) {
+      const float term = bf16_float(yp[s][i]) * wp[s];
+      total = total + term;
+    }
+    op[i] = bf16_round(total);
+  }
+  return out;
+}
+
 TORCH_LIBRARY(expertcache, m) {
+  m.def("rms_tail(Tensor h, Tensor var, Tensor weight, float eps) -> Tensor", rms_tail);
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary);
+  m.def("combine(Tensor[] ys, Tensor w) -> Tensor", combine);
   m.def("dq(Tensor packed, Tensor scale, Tensor[] zeros, int bits, int group, int K, Tensor? out=None) -> Tensor", dq);
   m.def("qmm(Tensor x, Tensor[] packed, Tensor[] scale, Tensor[] zeros, int bits, int group) -> Tensor", qmm);
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);

@@ -130,3 +130,28 @@ def test_decode_step_transformers_is_asked_for_and_checked(checkpoint):
         assert LEAN_ATTR not in eng.model.__dict__
     with pytest.raises(ExpertCacheError, match="unknown decode_step 'fast'"):
         expertcache.load(model_dir, decode_step="fast")
+
+
+def test_the_elementwise_tails_are_torchs_chains_bit_for_bit(monkeypatch):
+    """rms_norm, rotary and combine (one kernel call each) against the torch chains they replace,
+    on shapes with tails, values across the exponent range, and the check refusing a wrong chain."""
+    if not gemm.tail_kernels():
+        pytest.skip("expertcache's kernels are not built here: the chains run as they are")
+    g = torch.Generator().manual_seed(7)
+    for n in (32, 96, 256, 1000):
+        scale = torch.exp2(torch.randint(-20, 20, (4, n), generator=g).float())
+        h = (torch.randn(4, n, generator=g) * scale).to(torch.bfloat16)
+        w = torch.randn(n, generator=g).to(torch.bfloat16)
+        for eps in (1e-5, 1e-6):
+            assert torch.equal(_bits(gemm.rms_norm(h, w, eps)), _bits(gemm.rms_chain(h, w, eps)))
+        x = (torch.randn(1, 7, n, generator=g) * scale[0]).to(torch.bfloat16)
+        cos, sin = (torch.randn(1, 1, n, generator=g).to(torch.bfloat16) for _ in range(2))
+        assert torch.equal(_bits(gemm.rotary(x, cos, sin)), _bits(gemm.rotary_chain(x, cos, sin)))
+        for k in (1, 2, 8):
+            ys = [(torch.randn(1, n, generator=g) * scale[0]).to(torch.bfloat16) for _ in range(k)]
+            wk = torch.rand(1, k, generator=g) * torch.exp2(torch.randint(-6, 7, (1, k), generator=g).float())
+            assert torch.equal(_bits(gemm.combine(ys, wk)), _bits(gemm.combine_chain(ys, wk)))
+    chain = gemm.rms_chain
+    # one rounding fewer: the weight multiplied in float32, rounded once (a fused kernel's mistake)
+    monkeypatch.setattr(gemm, "rms_chain", lambda h, w, eps: chain(h.float(), w.float(), eps).to(h.dtype))
+    assert not gemm.tail_kernels.__wrapped__(), "the check passed a kernel that differs from its chain"
