@@ -1,13 +1,14 @@
 """A decode step that walks the model's layers itself: transformers' operations on its weights,
 in its order, without its module calls.
 
-transformers' forward of one token costs ~250 tensor operations and a dozen module calls a layer
-(hooks, output capturing, config lookups, a causal mask it then drops); on a small model that
-fixed cost is the step. For the families it knows (FAMILIES), LeanDecoder calls each piece's own
-forward directly, writes attention out as the family does (sdpa, no mask: what one query without
-padding gets), and sends experts through the runtime as transformers' interface would: the same
-bits (tests/core/test_lean.py). It runs only where no hook but the engine's watches a bypassed
-module and the cache is transformers' DynamicCache; otherwise the step is the model's forward.
+transformers' forward of one token costs ~250 tensor operations and a dozen module calls a layer;
+on a small model that fixed cost is the step. For the families it knows (FAMILIES), LeanDecoder
+calls each projection's and router's own forward directly, takes RMSNorms and the rotary embedding
+as gemm's exact chains (one kernel call each where it can), writes attention out as the family
+does (sdpa, no mask: what one query without padding gets), and sends experts through the runtime
+as transformers' interface would: the same bits (tests/core/test_lean.py). It runs only where no
+hook but the engine's watches a bypassed module and the cache is transformers' DynamicCache;
+otherwise the step is the model's forward.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class LeanDecoder:
         self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _norms(self) -> list[nn.Module]:
-        return [self.norm] + [m for L in self.layers for m in (L.norm1, L.norm2)]
+        return [self.norm] + [m for L in self.layers for m in (L.norm1, L.norm2, L.q_norm, L.k_norm) if m is not None]
 
     def usable(self, past) -> bool:
         """Whether this step may run on `past`: transformers' DynamicCache of full-attention layers
@@ -185,15 +186,14 @@ class LeanDecoder:
         finally:
             rt._leave(self.model, (), None)
 
-    @staticmethod
-    def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past, direct: bool) -> torch.Tensor:
+    def _attention(self, L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past, direct: bool) -> torch.Tensor:
         """The family's attention forward for one query: its projections (and per-head norms),
         the rotary embedding, the cache's update, transformers' sdpa without a mask. The rotary
         embedding runs once over the query and key heads together (elementwise: the same bits)."""
         a, d, nq, nkv = L.attn, L.attn.head_dim, L.nq, L.nkv
         qkv = L.qkv(x, direct).view(1, -1, d)  # [1, Hq + 2 Hkv, d]
         if L.q_norm is not None:
-            qk = torch.cat((L.q_norm.forward(qkv[:, :nq]), L.k_norm.forward(qkv[:, nq : nq + nkv])), dim=1)
+            qk = torch.cat((self._norm(L.q_norm, qkv[:, :nq]), self._norm(L.k_norm, qkv[:, nq : nq + nkv])), dim=1)
         else:
             qk = qkv[:, : nq + nkv]
         qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([1, heads, d] against [1, 1, d])
