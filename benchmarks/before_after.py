@@ -25,7 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
 from helpers.synthetic import CkptSpec, build_checkpoint  # noqa: E402
+from quantized import write_report  # noqa: E402
 
 
 def _env(root: Path) -> dict:
@@ -116,12 +119,7 @@ def main(argv=None) -> int:
                   f"ratio {v.ratios[-1]:.3f}", flush=True)
     rep = {"budget": args.budget, "tokens": args.tokens, "rounds": args.rounds,
            **{name: asdict(v) for name, v in versions.items()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "before_after.json").write_text(json.dumps(rep, indent=1))
-    md = markdown(rep)
-    (out / "before_after.md").write_text(md)
-    print(md)
+    write_report(Path(args.out), "before_after", rep, markdown)
     return 0
 
 

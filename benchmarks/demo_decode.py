@@ -23,6 +23,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quantized import write_report  # noqa: E402
+
 PROMPT = "Once upon a time there was a little girl who"
 
 WORKER = """
@@ -82,12 +86,7 @@ def main(argv=None) -> int:
             v["same_tokens"] = v["same_tokens"] and r["tokens"] == versions[roots[0]]["tokens"]
             print(f"round {rnd} {root}: {r['tpot_ms']:.2f} ms", flush=True)
     rep = {"tokens": args.tokens, "rounds": args.rounds, "prompt": PROMPT, "versions": versions}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_decode.json").write_text(json.dumps(rep, indent=1))
-    md = markdown(rep)
-    (out / "demo_decode.md").write_text(md)
-    print(md)
+    write_report(Path(args.out), "demo_decode", rep, markdown)
     return 0
 
 

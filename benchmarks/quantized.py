@@ -302,11 +302,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_report(out: Path, name: str, rep: dict, markdown, plot) -> None:
-    """NAME.json, NAME.md (printed too) and NAME.png in `out`."""
+def write_report(out: Path, name: str, rep: dict, markdown, plot=None) -> None:
+    """NAME.json, NAME.md (printed too) and, given a plot, NAME.png in `out` (made if need be)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rep, indent=2))
     (out / f"{name}.md").write_text(markdown(rep))
-    plot(rep, out / f"{name}.png")
+    if plot is not None:
+        plot(rep, out / f"{name}.png")
     print(markdown(rep))
 
 
