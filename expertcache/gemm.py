@@ -176,14 +176,16 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rotary_chain(x, cos, sin) for one position (cos, sin [.., d]), the same bits, in one call where it can."""
-    if x.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16 and x.is_contiguous() and tail_kernels():
+    if (x.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16 and sin.dtype is torch.bfloat16 and x.is_contiguous()
+            and cos.is_contiguous() and sin.is_contiguous() and tail_kernels()):
         return torch.ops.expertcache.rotary(x, cos, sin)
     return rotary_chain(x, cos, sin)
 
 
 def combine(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """combine_chain(ys, weights), the same bits, in one call where it can (bf16 outputs, float32 weights)."""
-    if ys[0].dtype is torch.bfloat16 and weights.dtype is torch.float32 and weights.is_contiguous() and tail_kernels():
+    if (weights.dtype is torch.float32 and weights.is_contiguous() and all(y.dtype is torch.bfloat16 and y.is_contiguous() for y in ys)
+            and tail_kernels()):
         return torch.ops.expertcache.combine(ys, weights)
     return combine_chain(ys, weights)
 
