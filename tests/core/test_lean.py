@@ -155,3 +155,18 @@ def test_the_elementwise_tails_are_torchs_chains_bit_for_bit(monkeypatch):
     # one rounding fewer: the weight multiplied in float32, rounded once (a fused kernel's mistake)
     monkeypatch.setattr(gemm, "rms_chain", lambda h, w, eps: chain(h.float(), w.float(), eps).to(h.dtype))
     assert not gemm.tail_kernels.__wrapped__(), "the check passed a kernel that differs from its chain"
+
+
+def test_two_threads_take_the_modules_own_products(checkpoint, monkeypatch):
+    """With two threads amm is not torch's order (oneDNN may split the inputs), so the lean step
+    leaves the projections to the modules' own forwards; its logits stay the model forward's."""
+    model_dir = checkpoint("mixtral", **CASES["mixtral-bf16"][1])
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        torch.set_num_threads(2)
+        try:
+            tokens, fast = _steps(eng)
+            monkeypatch.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
+            _, slow = _steps(eng, tokens)
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(_bits(fast), _bits(slow))
