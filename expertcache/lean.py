@@ -22,34 +22,42 @@ from torch import nn
 from . import gemm
 from .experts import ExpertsRuntime
 
-# model types whose decoder layer LeanDecoder writes out, and the classes it expects in them
+# model types whose decoder layer LeanDecoder writes out, and the classes it expects in them: the model,
+# its decoder layer, attention, the MoE block whose router and experts it calls itself (None: the block's
+# own forward runs, shared experts and all), the RMSNorm
 FAMILIES = {
     "mixtral": ("MixtralForCausalLM", "MixtralDecoderLayer", "MixtralAttention", "MixtralSparseMoeBlock", "MixtralRMSNorm"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "Qwen3MoeAttention", "Qwen3MoeSparseMoeBlock", "Qwen3MoeRMSNorm"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "Qwen2MoeAttention", None, "Qwen2MoeRMSNorm"),
 }
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
 
 
 class _Product:
     """One row through one or more Linears side by side ([1, in] -> [1, sum of outs]): one amm call
-    on their weights where each is a plain bias-free Linear whose forward (install_dense's) would
-    take amm for a row, else each module's own forward, concatenated. Either way each output is
-    the module's own bits (amm computes every output as its own sum over the same inputs)."""
+    on their weights (and biases, all or none) where each is a plain Linear whose forward
+    (install_dense's) would take amm for a row, else each module's own forward, concatenated.
+    Either way each output is the module's own bits (amm computes every output as its own sum
+    over the same inputs, its bias added in float32 before the one rounding, as for one Linear)."""
 
-    __slots__ = ("modules", "weights")
+    __slots__ = ("modules", "weights", "bias")
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
-        plain = all(type(m) is nn.Linear and m.bias is None and getattr(m.forward, "__func__", None) is gemm.dense_forward
-                    for m in modules)
-        self.weights = None
-        if plain:  # what dense_forward would take for one row of the weights' dtype
-            row = torch.zeros(1, modules[0].in_features, dtype=modules[0].weight.dtype)
-            self.weights = [m.weight for m in modules] if all(gemm._amm(row, m.weight) for m in modules) else None
+        self.weights, self.bias = None, None
+        if not all(type(m) is nn.Linear and getattr(m.forward, "__func__", None) is gemm.dense_forward for m in modules):
+            return
+        biases = [m.bias for m in modules]
+        if any(b is not None for b in biases) and not all(b is not None and b.dtype == m.weight.dtype for b, m in zip(biases, modules)):
+            return  # some with a bias, some without (or in another dtype): each its own forward
+        row = torch.zeros(1, modules[0].in_features, dtype=modules[0].weight.dtype)
+        if all(gemm._amm(row, m.weight) for m in modules):  # what dense_forward would take for one row
+            self.weights = [m.weight for m in modules]
+            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # amm adds it per output
 
     def __call__(self, x: torch.Tensor, direct: bool) -> torch.Tensor:
         if direct and self.weights is not None:
-            return torch.ops.expertcache.amm(x, self.weights, None)
+            return torch.ops.expertcache.amm(x, self.weights, self.bias)
         if len(self.modules) == 1:
             return self.modules[0].forward(x)
         return torch.cat([m.forward(x) for m in self.modules], dim=-1)
@@ -87,7 +95,11 @@ def why_not(model: nn.Module, upcast: bool) -> str | None:
         return f"{type(model).__name__} is not {names[0]}"
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention implementation {getattr(config, '_attn_implementation', None)!r}: the lean step writes out sdpa only"
-    if getattr(config, "sliding_window", None) is not None:
+    types = getattr(config, "layer_types", None)
+    if types is not None and kind == "qwen2_moe":  # its masks follow the layer types; sliding_window may be set unused
+        if any(t != "full_attention" for t in types):
+            return "sliding-window layers need the causal mask"
+    elif getattr(config, "sliding_window", None) is not None:
         return "a sliding window needs the causal mask"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -112,7 +124,7 @@ class LeanDecoder:
         self.layers: list[_Layer] = []
         for i, layer in enumerate(base.layers):
             a, mlp = layer.self_attn, layer.mlp
-            moe = type(mlp).__name__ == block_name and id(mlp.experts) in sparse
+            moe = block_name is not None and type(mlp).__name__ == block_name and id(mlp.experts) in sparse
             self.layers.append(_Layer(
                 i, layer.input_layernorm, a, _Product(a.q_proj, a.k_proj, a.v_proj), _Product(a.o_proj), getattr(a, "q_norm", None),
                 getattr(a, "k_norm", None), layer.post_attention_layernorm, mlp, sparse[id(mlp.experts)] if moe else None,
@@ -181,7 +193,7 @@ class LeanDecoder:
             for L in self.layers:
                 h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct)
                 x = norm(L.norm2, h)
-                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x))
+                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x[None])[0])  # a block's own forward: [1, 1, H]
             return self.logits(norm(self.norm, h), direct)  # logits_to_keep=1
         finally:
             rt._leave(self.model, (), None)

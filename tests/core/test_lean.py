@@ -22,12 +22,17 @@ from helpers.invariants import min_budget
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CASES = {
-    "mixtral-bf16": ("mixtral", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64)),
+    # bf16 at hidden 128: every projection of a row takes amm on an AMX CPU (query, key, value in one call)
+    "mixtral-bf16": ("mixtral", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)),
     "mixtral-f32": ("mixtral", dict(num_experts=8, top_k=2)),
     # q/k norms, a dense MLP layer, tied embeddings, three of twelve experts
     "qwen3-bf16-dense-tied": ("qwen3_moe", dict(num_experts=12, top_k=3, norm_topk_prob=True, dtype=torch.bfloat16, num_layers=3,
-                                                 mlp_only_layers=[1], tie_word_embeddings=True, expert_intermediate=64)),
+                                                 mlp_only_layers=[1], tie_word_embeddings=True, expert_intermediate=64,
+                                                 hidden_size=128)),
     "qwen3-f32-nonorm": ("qwen3_moe", dict(num_experts=8, top_k=2, norm_topk_prob=False)),
+    # attention biases (one amm call with the three biases), shared experts through the block's own forward
+    "qwen2-bf16": ("qwen2_moe", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)),
+    "qwen2-f32-dense": ("qwen2_moe", dict(num_experts=12, top_k=4, norm_topk_prob=False, num_layers=3, mlp_only_layers=[1])),
 }
 PROMPT = prompt_ids(12)
 STEPS = 10
@@ -81,6 +86,8 @@ def test_lean_steps_are_the_models_own(case, budget, checkpoint, monkeypatch):
         monkeypatch.setattr(eng.model.__dict__[LEAN_ATTR], "step", lambda *a: (ran.append(1), step(*a))[1])
         tokens, fast = _steps(eng)
         assert len(ran) == STEPS, "the decode steps did not take the lean path"
+        if kw.get("dtype") == torch.bfloat16 and gemm.amx_kernel(torch.bfloat16):  # the fused projections really ran
+            assert all(L.qkv.weights is not None for L in eng.model.__dict__[LEAN_ATTR].layers)
         monkeypatch.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
         _, slow = _steps(eng, tokens)
         assert len(ran) == STEPS
@@ -114,7 +121,7 @@ def test_a_foreign_hook_or_another_cache_takes_the_models_forward(checkpoint):
         assert not ld.usable(d.past)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["olmoe", "granitemoe"])
 def test_other_families_say_why_they_take_the_models_forward(family, checkpoint):
     model_dir = checkpoint(family, num_experts=8, top_k=2)
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
