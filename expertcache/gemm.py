@@ -177,7 +177,7 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rotary_chain(x, cos, sin) for one position (cos, sin [.., d]), the same bits, in one call where it can."""
     if (x.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16 and sin.dtype is torch.bfloat16 and x.is_contiguous()
-            and cos.is_contiguous() and sin.is_contiguous() and tail_kernels()):
+            and cos.numel() == x.shape[-1] and cos.is_contiguous() and sin.is_contiguous() and tail_kernels()):
         return torch.ops.expertcache.rotary(x, cos, sin)
     return rotary_chain(x, cos, sin)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemm
+from .config import AMX_ROWS
 from .experts import ExpertsRuntime
 
 # model types whose decoder layer LeanDecoder writes out, and the classes it expects in them: the model,
@@ -178,47 +179,65 @@ class LeanDecoder:
         return got
 
     def step(self, token: int, position: int, past) -> torch.Tensor:
-        """The logits [1, V] after `token` at `position`, the cache `past` holding the positions before.
-        Hidden states are [1, H] throughout (transformers' [1, 1, H]: the same values in the same
-        order, and every operation on them is per row)."""
+        """The logits [1, V] after `token` at `position`, the cache `past` holding the positions before."""
+        return self.rows([token], [position], past)
+
+    def rows(self, tokens: list[int], positions: list[int], past, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step of B rows (a server's batch: row i's token at its position, `past` the
+        batch's cache, `attention_mask` [B, S] with padding as zeros, None: no padding): logits
+        [B, V]. Hidden states are [B, H] throughout (transformers' [B, 1, H]: the same values in
+        the same order, and every operation on them is per row). One row without a mask takes the
+        shortcuts (its rotary output kept by position, torch's sdpa called as transformers would);
+        otherwise the rotary module, transformers' causal mask and its sdpa function run as in its
+        forward."""
         rt = self.runtime
         rt._enter(self.model, ())
         try:
-            direct = torch.get_num_threads() == 1  # amm's condition that can change between steps
-            h = self.embed.forward(torch.tensor([token]))  # [1, H]
-            positions = torch.tensor([[position]])
-            rt._forward_start(None, (h[None],), {"position_ids": positions})  # the phase, the first layer's guesses
-            cos, sin = self._cos_sin(h, position, positions)
+            n = len(tokens)
+            direct = torch.get_num_threads() == 1 and n <= AMX_ROWS  # amm's conditions that can change between steps
+            h = self.embed.forward(torch.tensor(tokens))  # [B, H]
+            pos = torch.tensor(positions)[:, None]  # [B, 1]
+            rt._forward_start(None, (h[:, None],), {"position_ids": pos})  # the phase, the first layer's guesses
+            mask = None
+            if n == 1 and attention_mask is None:
+                cos, sin = self._cos_sin(h, positions[0], pos)
+            else:
+                from transformers.masking_utils import create_causal_mask
+
+                cos, sin = self.rotary.forward(h[:, None], pos)  # [B, 1, d]
+                mask = create_causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
+                                          past_key_values=past, position_ids=pos)
             norm = self._norm
             for L in self.layers:
-                h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct)
+                h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct, mask)
                 x = norm(L.norm2, h)
-                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x[None])[0])  # a block's own forward: [1, 1, H]
+                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x[:, None])[:, 0])  # a block's own forward: [B, 1, H]
             return self.logits(norm(self.norm, h), direct)  # logits_to_keep=1
         finally:
             rt._leave(self.model, (), None)
 
-    def _attention(self, L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past, direct: bool) -> torch.Tensor:
-        """The family's attention forward for one query: its projections (and per-head norms),
-        the rotary embedding, the cache's update, transformers' sdpa without a mask. The rotary
+    def _attention(self, L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past, direct: bool,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """The family's attention forward for one query a row: its projections (and per-head
+        norms), the rotary embedding, the cache's update, transformers' sdpa. The rotary
         embedding runs once over the query and key heads together (elementwise: the same bits)."""
-        a, d, nq, nkv = L.attn, L.attn.head_dim, L.nq, L.nkv
-        qkv = L.qkv(x, direct).view(1, -1, d)  # [1, Hq + 2 Hkv, d]
+        a, d, nq, nkv, n = L.attn, L.attn.head_dim, L.nq, L.nkv, x.shape[0]
+        qkv = L.qkv(x, direct).view(n, -1, d)  # [B, Hq + 2 Hkv, d]
         if L.q_norm is not None:
             qk = torch.cat((self._norm(L.q_norm, qkv[:, :nq]), self._norm(L.k_norm, qkv[:, nq : nq + nkv])), dim=1)
         else:
             qk = qkv[:, : nq + nkv]
-        qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([1, heads, d] against [1, 1, d])
-        q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv :, None]  # [1, heads, 1, d]: transposes are views
+        qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([B, heads, d] against [B, 1, d])
+        q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv :, None]  # [B, heads, 1, d]: transposes are views
         k, v = past.update(k, v, a.layer_idx)
-        if L.sdpa is not None:  # transformers' sdpa_attention_forward for one query without a mask, written out
+        if L.sdpa is not None and mask is None and n == 1:  # transformers' sdpa_attention_forward for this case, written out
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=a.scaling, is_causal=False, **L.sdpa)
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            out, _ = sdpa_attention_forward(a, q, k, v, None, dropout=0.0, scaling=a.scaling,
+            out, _ = sdpa_attention_forward(a, q, k, v, mask, dropout=0.0, scaling=a.scaling,
                                             sliding_window=getattr(a, "sliding_window", None))
-        return L.o(out.reshape(1, -1), direct)  # [1, Hq, 1, d] or [1, 1, Hq, d]: heads then d, either way
+        return L.o(out.reshape(n, -1), direct)  # [1, Hq, 1, d] or [B, 1, Hq, d]: a row's heads then d, either way
 
     def _moe(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         """The sparse block: its router's forward, then its experts through the runtime (what the

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import Decoding
+from ..decoding import LEAN_ATTR, Decoding
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
 
 log = logging.getLogger(__name__)
@@ -341,14 +341,18 @@ class Batcher:
         mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         self.feeding = [r.out[-1] for r in rows]
         self._bind(rows)
+        lean = self.model.__dict__.get(LEAN_ATTR)
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
-                             use_cache=True, logits_to_keep=1)
+            if lean is not None and lean.usable(self.past):  # the same step without transformers' module calls
+                logits = lean.rows(self.feeding, pos[:, 0].tolist(), self.past, mask)  # [B, V]
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
+                                 use_cache=True, logits_to_keep=1)
+                self.past, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
         finally:
             self.feeding = None
             self._bind(None)
-        self.past, self.mask = out.past_key_values, mask
-        logits = out.logits[:, -1]  # [B, V]
+        self.mask = mask
         done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]
         if any(done):
             self._keep_rows([i for i, d in enumerate(done) if not d])

@@ -177,3 +177,36 @@ def test_two_threads_take_the_modules_own_products(checkpoint, monkeypatch):
         finally:
             torch.set_num_threads(1)
     assert torch.equal(_bits(fast), _bits(slow))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_padded_batch_step_is_the_models_own(case, checkpoint):
+    """The server's decode step: rows of different lengths, left-padded, one token each at its own
+    position with the batch's attention mask; the lean rows' logits equal the model's forward on
+    the same cache, bit for bit, three steps in turn."""
+    import copy
+
+    family, kw = CASES[case]
+    model_dir = checkpoint(family, **kw)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:10]]
+    width = max(len(p) for p in prompts)
+    ids, pos, mask = (torch.zeros((len(prompts), width), dtype=torch.long) for _ in range(3))
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], pos[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), torch.arange(len(p)), 1
+    with expertcache.load(model_dir, expert_budget="50%", prefetch="next-gate", io="buffered") as eng:
+        ld = eng.model.__dict__[LEAN_ATTR]
+        with torch.inference_mode():
+            eng.runtime.token_mask = mask.flatten().bool()
+            out = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            eng.runtime.token_mask = None
+            mine, theirs = out.past_key_values, copy.deepcopy(out.past_key_values)
+            tokens = out.logits[:, -1].argmax(-1).tolist()
+            lengths = [len(p) for p in prompts]
+            for _ in range(3):
+                mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+                assert ld.usable(mine)
+                fast = ld.rows(tokens, lengths, mine, mask)
+                slow = eng.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=torch.tensor(lengths)[:, None],
+                                 past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
+                assert torch.equal(_bits(fast), _bits(slow))
+                tokens, lengths = fast.argmax(-1).tolist(), [n + 1 for n in lengths]
