@@ -30,7 +30,9 @@ FAMILIES = {
     "mixtral": ("MixtralForCausalLM", "MixtralDecoderLayer", "MixtralAttention", "MixtralSparseMoeBlock", "MixtralRMSNorm"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "Qwen3MoeAttention", "Qwen3MoeSparseMoeBlock", "Qwen3MoeRMSNorm"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "Qwen2MoeAttention", None, "Qwen2MoeRMSNorm"),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeDecoderLayer", "OlmoeAttention", "OlmoeSparseMoeBlock", "OlmoeRMSNorm"),
 }
+WIDE_QK_NORM = {"olmoe"}  # query and key norms over the whole projection, before the heads split (and clip_qkv after)
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
 
 
@@ -81,6 +83,8 @@ class _Layer:
     nq: int  # query heads
     nkv: int  # key/value heads
     sdpa: dict | None  # torch's sdpa keywords transformers passes for one query without a mask (None: call its function)
+    wide_norm: bool  # q_norm and k_norm over the whole projections (OLMoE), not per head (Qwen3)
+    clip: float | None  # clip_qkv: the projections clamped to [-clip, clip] after the norms (OLMoE)
 
 
 def why_not(model: nn.Module, upcast: bool) -> str | None:
@@ -130,7 +134,8 @@ class LeanDecoder:
                 i, layer.input_layernorm, a, _Product(a.q_proj, a.k_proj, a.v_proj), _Product(a.o_proj), getattr(a, "q_norm", None),
                 getattr(a, "k_norm", None), layer.post_attention_layernorm, mlp, sparse[id(mlp.experts)] if moe else None,
                 mlp.gate if moe else None, mlp.experts if moe else None, a.q_proj.out_features // a.head_dim,
-                a.k_proj.out_features // a.head_dim, _sdpa_keywords(a),
+                a.k_proj.out_features // a.head_dim, _sdpa_keywords(a), model.config.model_type in WIDE_QK_NORM,
+                getattr(model.config, "clip_qkv", None),
             ))  # fmt: skip
         self.logits = _Product(self.lm_head)
         self._watched = [m for m in (model, base, self.embed, self.rotary, self.norm, self.lm_head) if m is not None]
@@ -222,13 +227,23 @@ class LeanDecoder:
         norms), the rotary embedding, the cache's update, transformers' sdpa. The rotary
         embedding runs once over the query and key heads together (elementwise: the same bits)."""
         a, d, nq, nkv, n = L.attn, L.attn.head_dim, L.nq, L.nkv, x.shape[0]
-        qkv = L.qkv(x, direct).view(n, -1, d)  # [B, Hq + 2 Hkv, d]
-        if L.q_norm is not None:
-            qk = torch.cat((self._norm(L.q_norm, qkv[:, :nq]), self._norm(L.k_norm, qkv[:, nq : nq + nkv])), dim=1)
+        if L.wide_norm:  # OLMoE: norms over the whole projections, then the clip, then the heads
+            qkv = L.qkv(x, direct)  # [B, (Hq + 2 Hkv) d]
+            q, k, v = (self._norm(L.q_norm, qkv[:, : nq * d]), self._norm(L.k_norm, qkv[:, nq * d : (nq + nkv) * d]),
+                       qkv[:, (nq + nkv) * d :])
+            if L.clip is not None:
+                for t in (q, k, v):
+                    t.clamp_(min=-L.clip, max=L.clip)
+            qk, v = torch.cat((q.view(n, -1, d), k.view(n, -1, d)), dim=1), v.view(n, -1, d)
         else:
-            qk = qkv[:, : nq + nkv]
+            qkv = L.qkv(x, direct).view(n, -1, d)  # [B, Hq + 2 Hkv, d]
+            if L.q_norm is not None:  # Qwen3: per head
+                qk = torch.cat((self._norm(L.q_norm, qkv[:, :nq]), self._norm(L.k_norm, qkv[:, nq : nq + nkv])), dim=1)
+            else:
+                qk = qkv[:, : nq + nkv]
+            v = qkv[:, nq + nkv :]
         qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([B, heads, d] against [B, 1, d])
-        q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv :, None]  # [B, heads, 1, d]: transposes are views
+        q, k, v = qk[:, :nq, None], qk[:, nq:, None], v[:, :, None]  # [B, heads, 1, d]: transposes are views
         k, v = past.update(k, v, a.layer_idx)
         if L.sdpa is not None and mask is None and n == 1:  # transformers' sdpa_attention_forward for this case, written out
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=a.scaling, is_causal=False, **L.sdpa)

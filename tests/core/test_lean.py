@@ -16,7 +16,7 @@ from expertcache import gemm, lean
 from expertcache.decoding import LEAN_ATTR, Decoding
 from expertcache.errors import ExpertCacheError
 
-from helpers.checkpoints import prompt_ids
+from helpers.checkpoints import FAMILY_CASES, prompt_ids
 from helpers.invariants import min_budget
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,6 +33,10 @@ CASES = {
     # attention biases (one amm call with the three biases), shared experts through the block's own forward
     "qwen2-bf16": ("qwen2_moe", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)),
     "qwen2-f32-dense": ("qwen2_moe", dict(num_experts=12, top_k=4, norm_topk_prob=False, num_layers=3, mlp_only_layers=[1])),
+    # query and key norms over the whole projections, then clip_qkv (0.5 bites: the normed projections are of unit scale)
+    "olmoe-bf16-clip": ("olmoe", dict(num_experts=10, top_k=2, norm_topk_prob=True, dtype=torch.bfloat16, expert_intermediate=64,
+                                      hidden_size=128, clip_qkv=0.5)),
+    "olmoe-f32": ("olmoe", dict(num_experts=8, top_k=3, norm_topk_prob=False)),
 }
 PROMPT = prompt_ids(12)
 STEPS = 10
@@ -121,9 +125,9 @@ def test_a_foreign_hook_or_another_cache_takes_the_models_forward(checkpoint):
         assert not ld.usable(d.past)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "granitemoe"])
+@pytest.mark.parametrize("family", ["granitemoe", "deepseek_v3"])
 def test_other_families_say_why_they_take_the_models_forward(family, checkpoint):
-    model_dir = checkpoint(family, num_experts=8, top_k=2)
+    model_dir = checkpoint(family, **FAMILY_CASES[family])
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
         step = eng.stats()["decode_step"]
         assert step.startswith("transformers (") and family in step, step
