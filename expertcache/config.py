@@ -120,7 +120,7 @@ class EngineConfig:
                                        "differently from transformers, within the dtype's precision)",
                               choices=HALF_MATMUL)
     decode_step: str = option("lean", "one-token decode steps: lean (the model's own operations and bits, its layers walked by "
-                                      "expertcache without transformers' module calls: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) or transformers "
+                                      "expertcache without transformers' module calls: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5) or transformers "
                                       "(the model's forward; other families always)", choices=DECODE_STEPS)
     miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "
                                          "steps a miss loads that copy's expert, a smaller read, and the full one is read over it at the "

@@ -31,6 +31,7 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "Qwen3MoeAttention", "Qwen3MoeSparseMoeBlock", "Qwen3MoeRMSNorm"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "Qwen2MoeAttention", None, "Qwen2MoeRMSNorm"),
     "olmoe": ("OlmoeForCausalLM", "OlmoeDecoderLayer", "OlmoeAttention", "OlmoeSparseMoeBlock", "OlmoeRMSNorm"),
+    "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeDecoderLayer", "Glm4MoeAttention", None, "Glm4MoeRMSNorm"),
 }
 WIDE_QK_NORM = {"olmoe"}  # query and key norms over the whole projection, before the heads split (and clip_qkv after)
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
@@ -242,7 +243,11 @@ class LeanDecoder:
             else:
                 qk = qkv[:, : nq + nkv]
             v = qkv[:, nq + nkv :]
-        qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([B, heads, d] against [B, 1, d])
+        if cos.shape[-1] == d:
+            qk = gemm.rotary(qk, cos, sin)  # apply_rotary_pos_emb ([B, heads, d] against [B, 1, d])
+        else:  # a partial rotary embedding (GLM-4.5): the first cos.shape[-1] of each head turn, the rest pass
+            r = cos.shape[-1]
+            qk = torch.cat((gemm.rotary(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         q, k, v = qk[:, :nq, None], qk[:, nq:, None], v[:, :, None]  # [B, heads, 1, d]: transposes are views
         k, v = past.update(k, v, a.layer_idx)
         if L.sdpa is not None and mask is None and n == 1:  # transformers' sdpa_attention_forward for this case, written out

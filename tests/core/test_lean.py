@@ -37,6 +37,11 @@ CASES = {
     "olmoe-bf16-clip": ("olmoe", dict(num_experts=10, top_k=2, norm_topk_prob=True, dtype=torch.bfloat16, expert_intermediate=64,
                                       hidden_size=128, clip_qkv=0.5)),
     "olmoe-f32": ("olmoe", dict(num_experts=8, top_k=3, norm_topk_prob=False)),
+    # a partial rotary embedding (half of each head), per-head norms, attention biases, shared experts and group-limited
+    # routing through the block's own forward, a dense first layer
+    "glm4-bf16-qknorm": ("glm4_moe", dict(FAMILY_CASES["glm4_moe"], dtype=torch.bfloat16, hidden_size=128, expert_intermediate=64,
+                                          use_qk_norm=True, attention_bias=True, first_k_dense_replace=1)),
+    "glm4-f32": ("glm4_moe", dict(FAMILY_CASES["glm4_moe"])),
 }
 PROMPT = prompt_ids(12)
 STEPS = 10
