@@ -115,13 +115,10 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     biases, layout) on weights read from the cache; `quant`: (gate, up, down) are quantized
     (packed, scale) pairs, computed on by quant's kernels; `upcast`: half-precision products of
     several rows through float32 (gemm.py)."""
-    if quant is None and len(parts) == 3 and x.dim() == 2 and parts[0].dtype is x.dtype and _silu_gated(module):
-        gate, up, down = parts  # the common case first, with no more than it needs: act(gate) * up, then down
-        if gemm._amm(x, gate) and gate.shape == up.shape:  # a decode step's rows on AMX (linear_pair's amm path)
-            n = gate.shape[0]
-            gu = torch.ops.expertcache.amm(x, [gate, up], None)
-            h = F.silu(gu[:, :n]) * gu[:, n:]
-            return torch.ops.expertcache.amm(h, [down], None) if gemm._amm(h, down) else gemm.linear(h, down, upcast=upcast)
+    if quant is None and len(parts) == 3 and parts[0].dtype is x.dtype and _silu_gated(module):
+        gate, up, down = parts  # the common case first, past the checks below: act(gate) * up, then down
+        g, u = gemm.linear_pair(x, gate, up, upcast=upcast)
+        return gemm.linear(F.silu(g) * u, down, upcast=upcast)
     t, bias = module.is_transposed, module.has_bias
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up

@@ -146,6 +146,7 @@ class LeanDecoder:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         self._cache_types = (DynamicCache, DynamicLayer)
+        self._own_hooks = frozenset(h.id for h in runtime._hooks)  # the runtime's, installed at bind, before this
         self._rms_chain = all(_is_rms_chain(m) for m in self._norms())
         self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -163,7 +164,7 @@ class LeanDecoder:
         g = nn.modules.module
         if g._global_forward_hooks or g._global_forward_pre_hooks:
             return False
-        own = {h.id for h in self.runtime._hooks}
+        own = self._own_hooks
         for m in self._watched:
             if (m._forward_hooks or m._forward_pre_hooks) and not (m._forward_hooks.keys() | m._forward_pre_hooks.keys()) <= own:
                 return False
