@@ -700,6 +700,159 @@ EC_DP_TARGET void dp_range_as(const uint8_t* packed, int64_t rb, const void* sca
   for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
 }
 
+// ---- the same products a cache line a step (symmetric schemes) ------------------------------------
+// VDPBF16PS takes ~2 cycles here, and the path above spends more than that again widening 16 bytes
+// per instruction. A step of 64 stored bytes is widened with two masks, a shift and four byte
+// unpacks (each nibble next to 0x43: the bf16 number 128 + u; int8's high nibble next to 0x45:
+// 2048 + 16 h, so one sum holds u + 2176), four products in two chains, x stored once per call in
+// the order the unpacks put the weights in. 128-bit lane L of each product holds inputs of one
+// 32-input (int4) or 16-input (int8) span of the step, so a group of 32 inputs or more is whole in
+// its lanes: the scale is one value per lane, taken once per step (groups smaller than a step) or
+// once per group (larger). Zero points go the path above.
+constexpr int WIDE_BYTES = 64;
+
+// x [K] bf16 -> xq [K] in the unpacks' order: word 8L + j of product q of step s is input
+// s * SW + span(L) + j + 8 (q & 1) (+ 2 (...) + (q >> 1) for int4's two nibbles a byte)
+template <int BITS>
+void wide_order(const uint16_t* x, int64_t K, uint16_t* xq) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64;
+  for (int64_t s = 0; s < K / SW; ++s)
+    for (int q = 0; q < (BITS == 4 ? 4 : 2); ++q)  // int8: products 2 and 3 take 0's and 1's inputs
+      for (int L = 0; L < 4; ++L)
+        for (int j = 0; j < 8; ++j) {
+          const int64_t byte = 16 * L + j + 8 * (q & 1);
+          const int64_t k = BITS == 4 ? 2 * byte + (q >> 1) : byte;
+          xq[s * SW + 32 * q + 8 * L + j] = x[s * SW + k];
+        }
+}
+
+// xs[b][i]: the sum of the inputs lane i multiplies over block b (a group, or a step where groups
+// are smaller), in xq's order
+EC_DP_TARGET void wide_sums(const uint16_t* xq, int64_t K, int64_t block, float* xs) {
+  for (int64_t b = 0; b < K / block; ++b) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = b * block; k < (b + 1) * block; k += 32) {
+      const __m512i v = _mm512_loadu_si512(xq + k);
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+    }
+    _mm512_storeu_ps(xs + 16 * b, a);
+  }
+}
+
+// Scales of one row as float32 lanes: per = 1: scale g everywhere; else lane i takes scale g + idx[i]
+// (the step's groups, masked to the `per` it holds)
+template <int SK>
+EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __m512i idx) {
+  if (per == 1)
+    return _mm512_set1_ps(SK == 0 ? static_cast<const float*>(scale)[at] : half_scalar(static_cast<const uint16_t*>(scale)[at], SK == 2));
+  const __mmask16 m = static_cast<__mmask16>((1u << per) - 1);
+  __m512 v;
+  if constexpr (SK == 0) v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
+  else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + at);
+    v = SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+  }
+  return _mm512_permutexvar_ps(idx, v);
+}
+
+// R rows from r0 against NT tokens (xq: NT rows of K in wide order; xs: their block sums, nb blocks
+// each); y[t * ys + r] as dp_rows
+template <int BITS, int R, int NT, int SK>
+EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale, int64_t r0, const uint16_t* xq,
+                            const float* xs, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64, SPAN = SW / 4;
+  const __m512i nib = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43), chi = _mm512_set1_epi8(BITS == 4 ? 0x43 : 0x45);
+  const __m512 off = _mm512_set1_ps(BITS == 4 ? 136.0f : 2304.0f);  // (128 | 2176) + 2^(bits-1)
+  // a block: one group, or one step holding `per` groups; lane i of a step: span i / 4
+  const int per = group >= SW ? 1 : static_cast<int>(SW / group);
+  const int64_t block = group >= SW ? group : SW, nb = K / block;
+  __m512i idx = _mm512_setzero_si512();
+  if (per > 1) {
+    alignas(64) int32_t id[16];
+    for (int i = 0; i < 16; ++i) id[i] = static_cast<int32_t>(SPAN * (i / 4) / group);
+    idx = _mm512_load_si512(id);
+  }
+  const uint8_t* row[R];
+  __m512 acc[R][NT];
+  for (int r = 0; r < R; ++r) {
+    row[r] = packed + (r0 + r) * rb;
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 a[R][NT], c[R][NT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) a[r][t] = c[r][t] = _mm512_setzero_ps();
+    for (int64_t k = b * block; k < (b + 1) * block; k += SW) {
+      const int64_t byte = k * BITS / 8;
+      __m512bh x0[NT], x1[NT], x2[NT], x3[NT];
+      for (int t = 0; t < NT; ++t) {
+        const uint16_t* xt = xq + t * K + k;
+        x0[t] = (__m512bh)_mm512_loadu_si512(xt);
+        x1[t] = (__m512bh)_mm512_loadu_si512(xt + 32);
+        x2[t] = (__m512bh)_mm512_loadu_si512(xt + 64 * (BITS == 4));  // int8: the high nibbles' inputs are the low ones'
+        x3[t] = (__m512bh)_mm512_loadu_si512(xt + 32 + 64 * (BITS == 4));
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + DP_PREFETCH), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(row[r] + byte);
+        const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, c43), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, c43);
+        const __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, chi), w3 = (__m512bh)_mm512_unpackhi_epi8(hi, chi);
+        for (int t = 0; t < NT; ++t) {
+          a[r][t] = _mm512_dpbf16_ps(a[r][t], w0, x0[t]);
+          c[r][t] = _mm512_dpbf16_ps(c[r][t], w1, x1[t]);
+          a[r][t] = _mm512_dpbf16_ps(a[r][t], w2, x2[t]);
+          c[r][t] = _mm512_dpbf16_ps(c[r][t], w3, x3[t]);
+        }
+      }
+    }
+    const int64_t g0 = b * block / group;  // the block's first group
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = wide_scale<SK>(scale, (r0 + r) * G + g0, per, idx);
+      for (int t = 0; t < NT; ++t) {
+        const __m512 v = _mm512_fnmadd_ps(off, _mm512_loadu_ps(xs + (t * nb + b) * 16), _mm512_add_ps(a[r][t], c[r][t]));
+        acc[r][t] = _mm512_fmadd_ps(s, v, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) y[t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int BITS, int SK>
+EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint16_t* xq, const float* xs,
+                                int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  const auto block = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) wide_rows<BITS, R, 4, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys);
+    switch (T - t) {
+      case 3: wide_rows<BITS, R, 3, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 2: wide_rows<BITS, R, 2, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 1: wide_rows<BITS, R, 1, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      default: break;
+    }
+  };
+  int64_t r = a;
+  for (; r + 2 <= b; r += 2) block(std::integral_constant<int, 2>{}, r);
+  for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
+}
+
+template <int BITS>
+void wide_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint16_t* xq, const float* xs,
+                int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  if (skind == 0) wide_range_as<BITS, 0>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
+  else if (skind == 1) wide_range_as<BITS, 1>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
+  else wide_range_as<BITS, 2>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
+}
+
+// Whether a scheme's products take the step-wide path: symmetric, whole steps, groups whole in lanes
+inline bool wide_fits(int64_t bits, int64_t K, int64_t group, bool zeros) {
+  const int64_t SW = bits == 4 ? 128 : 64, SPAN = SW / 4;
+  return !zeros && K % SW == 0 && group % SPAN == 0 && (group >= SW ? group % SW == 0 : SW % group == 0);
+}
+
 template <int BITS>
 void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* x,
               const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
@@ -715,6 +868,16 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 #endif
 
 bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path too (tests compare both)
+bool wide_on = true;  // qmm_wide(False) sends them down the 16-byte path (tests compare all three)
+
+bool qmm_wide(bool on) {  // -> whether symmetric schemes' few-token products now take the step-wide path
+  wide_on = on;
+#ifdef EC_DP
+  return on && dp_on && avx512_bf16_ready();
+#else
+  return false;
+#endif
+}
 
 bool qmm_fast(bool on) {  // -> whether bf16 products of a few tokens now take the AVX512-BF16 path
   dp_on = on;
@@ -736,8 +899,22 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   const int64_t K = x.size(1), G = K / group, N = first.back();
   const at::Tensor xc = x.contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  std::vector<float> xs(T * G * 16);
-  for (int64_t t = 0; t < T; ++t) dp_pair_sums(xp + t * K, K, group, xs.data() + t * G * 16);
+  const bool wide = wide_on && wide_fits(bits, K, group, !zeros.empty());
+  const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
+  std::vector<uint16_t> xq;
+  std::vector<float> xs;
+  if (wide) {
+    xq.resize(T * K);
+    xs.resize(T * nb * 16);
+    for (int64_t t = 0; t < T; ++t) {
+      if (bits == 4) wide_order<4>(xp + t * K, K, xq.data() + t * K);
+      else wide_order<8>(xp + t * K, K, xq.data() + t * K);
+      wide_sums(xq.data() + t * K, K, block, xs.data() + t * nb * 16);
+    }
+  } else {
+    xs.resize(T * G * 16);
+    for (int64_t t = 0; t < T; ++t) dp_pair_sums(xp + t * K, K, group, xs.data() + t * G * 16);
+  }
   std::vector<at::Tensor> scales;
   std::vector<int> kinds;
   for (const auto& s : scale) {
@@ -755,8 +932,11 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
       if (a >= b) continue;
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const uint8_t* z = zeros.empty() ? nullptr : zeros[i].data_ptr<uint8_t>();
-      if (bits == 8) dp_range<8>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, a - first[i], b - first[i], yp + a, N);
-      else dp_range<4>(p, packed[i].stride(0), scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, a - first[i], b - first[i], yp + a, N);
+      const int64_t rb = packed[i].stride(0), r0 = a - first[i], r1 = b - first[i];
+      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
+      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
+      else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
+      else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
     }
   });
   y = y.to(at::kBFloat16);
@@ -785,7 +965,6 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
     TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kByte && p.stride(1) == 1 && p.size(1) * 8 >= K * bits,
                 "packed: uint8 [N, K*bits/8]");
     TORCH_CHECK(scale[i].dim() == 2 && scale[i].size(0) == p.size(0) && scale[i].size(1) == G, "scale: [N, K/group]");
-    scales.push_back(scale[i].to(at::kFloat).contiguous());
     if (!zeros.empty()) {
       TORCH_CHECK(zeros[i].scalar_type() == at::kByte && zeros[i].is_contiguous() && zeros[i].dim() == 2 &&
                   zeros[i].size(0) == (p.size(0) * bits + 31) / 32 && zeros[i].size(1) == G * 4,
@@ -796,6 +975,7 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
   const int64_t N = first.back();
   at::Tensor fast;
   if (qmm_dp(x, packed, scale, zeros, bits, group, first, fast)) return fast;
+  for (const auto& s : scale) scales.push_back(s.to(at::kFloat).contiguous());
   at::Tensor xin = x.to(at::kFloat).contiguous();
   if (bits == 4) {  // per 16 inputs: evens then odds, the order the nibbles come out in
     xin = xin.view({T, K / 16, 8, 2}).transpose(2, 3).contiguous().view({T, K});
@@ -1020,6 +1200,7 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("amm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", amm);
   m.def("amx() -> bool", amx);
   m.def("qmm_fast(bool on) -> bool", qmm_fast);
+  m.def("qmm_wide(bool on) -> bool", qmm_wide);
   m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "
         "Tensor fc2_b, Tensor skip_w, Tensor skip_b, Tensor? ctx=None) -> (Tensor, Tensor, Tensor)", pregate_step);
 }

@@ -460,20 +460,23 @@ def _random_packed(out: int, inner: int, bits: int, group: int | None, symmetric
     return q, scale, packed, [zw.flatten().view(torch.uint8).view(zw.shape[0], -1)], z.float()
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, True), (4, None, True), (8, None, True), (8, 64, True),
-                                                   (4, 32, False), (8, None, False)])
+@pytest.mark.parametrize("bits,group,symmetric,inner", [(4, 32, True, 256), (4, 64, True, 256), (4, None, True, 256), (8, None, True, 256),
+                                                         (8, 64, True, 256), (4, 32, False, 256), (8, None, False, 256),
+                                                         (4, 128, True, 384), (4, 64, True, 320), (8, 32, True, 320), (4, 256, True, 512)])
 @pytest.mark.parametrize("scale_dtype,tokens", [(torch.bfloat16, 1), (torch.float32, 3), (torch.float16, 1), (torch.bfloat16, 7),
                                                 (torch.bfloat16, 15)])
-def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, scale_dtype, tokens):
+def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, inner, scale_dtype, tokens):
     """A decode step's product (1 to 15 bf16 rows) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS
-    path (stored values as bf16 128 + u, offsets taken off per group, four tokens a pass): it stays
-    within bf16 rounding of the dequantized reference and of the AVX2 path, for symmetric and
-    zero-point schemes, every scale dtype, two weights side by side, and row counts that leave a
-    single row."""
+    paths (stored values as bf16 128 + u, offsets taken off per group or step, four tokens a pass):
+    a symmetric scheme whose rows are whole 64-byte steps the step-wide one (groups smaller than, equal
+    to and larger than a step), others and int4 rows of 320 inputs (two and a half steps) the 16-byte
+    one. Each stays within bf16 rounding of the dequantized reference and of the AVX2 path, for
+    symmetric and zero-point schemes, every scale dtype, two weights side by side, and row counts
+    that leave a single row."""
     if not kernels.available() or not torch.ops.expertcache.qmm_fast(True):
         pytest.skip("no AVX512-BF16 here (or no kernels): one-token products take the AVX2 path")
     torch.manual_seed(3)
-    out, inner = 67, 256
+    out = 67
     g = group or inner
     q, scale, packed, zeros, zp = _random_packed(out, inner, bits, group, symmetric, scale_dtype, 0.01)
     want_w = (q.float() - zp.repeat_interleave(g, dim=1)) * scale.float().repeat_interleave(g, dim=1)
@@ -484,13 +487,17 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
     else:
         fast = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
     try:
+        assert not torch.ops.expertcache.qmm_wide(False)
+        narrow = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
         assert not torch.ops.expertcache.qmm_fast(False)
         slow = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
     finally:
         torch.ops.expertcache.qmm_fast(True)
-    assert fast.dtype == torch.bfloat16 and fast.shape == (tokens, out)
-    torch.testing.assert_close(fast.float(), want, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
+        torch.ops.expertcache.qmm_wide(True)
+    assert fast.dtype == narrow.dtype == torch.bfloat16 and fast.shape == narrow.shape == (tokens, out)
+    for got in (fast, narrow):
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
 
 # --- mixed precision on miss (--miss-copy) -----------------------------------------------------------
