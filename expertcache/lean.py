@@ -13,6 +13,7 @@ otherwise the step is the model's forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ class _Layer:
     mlp: nn.Module
     sparse: int | None  # the sparse layer's number (its MoE block's router and experts), None: a dense MLP
     router: nn.Module | None
+    route: Callable | None  # the router's forward with its logits through gemm.linear (None: its own forward)
     experts: nn.Module | None
     nq: int  # query heads
     nkv: int  # key/value heads
@@ -134,7 +136,8 @@ class LeanDecoder:
             self.layers.append(_Layer(
                 i, layer.input_layernorm, a, _Product(a.q_proj, a.k_proj, a.v_proj), _Product(a.o_proj), getattr(a, "q_norm", None),
                 getattr(a, "k_norm", None), layer.post_attention_layernorm, mlp, sparse[id(mlp.experts)] if moe else None,
-                mlp.gate if moe else None, mlp.experts if moe else None, a.q_proj.out_features // a.head_dim,
+                mlp.gate if moe else None, _lean_route(mlp.gate) if moe else None, mlp.experts if moe else None,
+                a.q_proj.out_features // a.head_dim,
                 a.k_proj.out_features // a.head_dim, _sdpa_keywords(a), model.config.model_type in WIDE_QK_NORM,
                 getattr(model.config, "clip_qkv", None),
             ))  # fmt: skip
@@ -263,7 +266,7 @@ class LeanDecoder:
     def _moe(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         """The sparse block: its router's forward, then its experts through the runtime (what the
         router's hook and transformers' experts interface would do)."""
-        logits, weights, ids = L.router.forward(x)
+        logits, weights, ids = (L.route or L.router.forward)(x)
         rt = self.runtime
         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
         return rt.forward(L.experts, L.sparse, x, ids, weights)
@@ -280,6 +283,43 @@ def _sdpa_keywords(attn: nn.Module) -> dict | None:
         return {}
     kv = torch.empty(1, 1, 1, attn.head_dim)
     return {"enable_gqa": True} if use_gqa_in_sdpa(None, kv, kv) else None
+
+
+def _lean_route(router: nn.Module) -> Callable | None:
+    """The router's forward with its logits through gemm.linear (one bf16 row on an AMX CPU: amm,
+    a few microseconds against oneDNN's tens), then its own softmax and top-k, written out: Mixtral's
+    (float32 softmax of the logits, top-k renormalised, float32 scores) or Qwen's (softmax in
+    float32, top-k renormalised where norm_topk_prob says, scores in the logits' dtype). Taken only
+    where its outputs equal the router's own forward's, bit for bit, on random rows (a subclass, a
+    changed forward or another routing says no: the router's own forward runs)."""
+    w, k = getattr(router, "weight", None), getattr(router, "top_k", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(k, int):
+        return None
+    norm = getattr(router, "norm_topk_prob", None)
+
+    def mixtral(x: torch.Tensor):
+        logits = gemm.linear(x, w)
+        top, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+        top /= top.sum(dim=-1, keepdim=True)
+        return logits, top, ids
+
+    def qwen(x: torch.Tensor):
+        logits = gemm.linear(x, w)
+        top, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), k, dim=-1)
+        if norm:
+            top /= top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), ids
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, w.shape[1], generator=g).to(w.dtype) * 2 for n in (1, 1, 3)]
+    with torch.no_grad():
+        want = [router.forward(x) for x in rows]
+        for route in (mixtral, qwen) if norm is None else (qwen,):
+            got = [route(x) for x in rows]
+            if all(len(a) == len(b) == 3 and all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
+                   for a, b in zip(got, want)):
+                return route
+    return None
 
 
 def _is_rms_chain(norm: nn.Module) -> bool:

@@ -97,6 +97,8 @@ def test_lean_steps_are_the_models_own(case, budget, checkpoint, monkeypatch):
         assert len(ran) == STEPS, "the decode steps did not take the lean path"
         if kw.get("dtype") == torch.bfloat16 and gemm.amx_kernel(torch.bfloat16):  # the fused projections really ran
             assert all(L.qkv.weights is not None for L in eng.model.__dict__[LEAN_ATTR].layers)
+        if family in ("mixtral", "qwen3_moe", "olmoe"):  # their routers' math written out (the others' blocks run their own)
+            assert all(L.route is not None for L in eng.model.__dict__[LEAN_ATTR].layers if L.sparse is not None)
         monkeypatch.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
         _, slow = _steps(eng, tokens)
         assert len(ran) == STEPS
@@ -106,6 +108,33 @@ def test_lean_steps_are_the_models_own(case, budget, checkpoint, monkeypatch):
         assert torch.equal(_bits(fast), _bits(want))  # the engine is transformers' bits here (test_gemm)
     else:
         torch.testing.assert_close(fast, want)
+
+
+@pytest.mark.parametrize("case", ["mixtral-bf16", "qwen3-f32-nonorm", "olmoe-bf16-clip"])
+def test_a_router_is_written_out_only_where_it_gives_its_own_forwards_bits(case, checkpoint):
+    """The lean step's router (its logits through gemm.linear, its softmax and top-k written out)
+    is taken where it equals the router's own forward on random rows; a router whose forward
+    differs (here: scores scaled by 1 + 2^-7) keeps its own forward."""
+    family, kw = CASES[case]
+    model_dir = checkpoint(family, **kw)
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        router = next(L.router for L in eng.model.__dict__[LEAN_ATTR].layers if L.sparse is not None)
+        route = lean._lean_route(router)
+        assert route is not None
+        x = torch.randn(2, router.weight.shape[1]).to(router.weight.dtype)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(route(x), router.forward(x)))
+        own = router.forward
+
+        def scaled(h):
+            logits, scores, ids = own(h)
+            return logits, scores * (1 + 2**-7), ids
+
+        router.forward = scaled
+        try:
+            assert lean._lean_route(router) is None
+        finally:
+            del router.forward
 
 
 def test_a_foreign_hook_or_another_cache_takes_the_models_forward(checkpoint):
