@@ -38,8 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-VARIANTS = {"bf16": None, "int8": (8, 0, "keep"), "int4-g64": (4, 64, "keep"), "int4-g64+dense-int8": (4, 64, "int8")}
-QUALITY = {"int8": (8, 0, "keep"), "int4-g64": (4, 64, "keep"), "int4-g32": (4, 32, "keep"), "int4-g64+dense-int8": (4, 64, "int8")}
+VARIANTS = {"bf16": None, "int8": (8, 0, "keep"), "int8+dense-int8": (8, 0, "int8"), "int4-g64": (4, 64, "keep"),
+            "int4-g64+dense-int8": (4, 64, "int8")}
+QUALITY = {"int8": (8, 0, "keep"), "int8+dense-int8": (8, 0, "int8"), "int4-g64": (4, 64, "keep"), "int4-g32": (4, 32, "keep"),
+           "int4-g64+dense-int8": (4, 64, "int8")}
 
 
 def kernels(experts: int = 12, repeats: int = 9) -> dict:
