@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="demo,1gb", help="demo, 1gb, fine (the 4.8 GB checkpoint of 64 experts "
                                                          "top-8 a layer) and/or dir:PATH (a checkpoint with a tokenizer, "
-                                                         "given the demo's prompts); default demo,1gb")
+                                                         "given the demo's prompts) or ids:PATH (one without: prompts of "
+                                                         "token ids, as for 1gb; e.g. a quantized copy); default demo,1gb")
     ap.add_argument("--budgets", default="25,50", help="comma-separated percentages (default 25,50)")
     ap.add_argument("--clients", default="1,4,16,32", help="concurrent clients (default 1,4,16,32)")
     ap.add_argument("--batching", default="fcfs,expert-aware", help="admission orders to compare")
@@ -337,12 +338,13 @@ def main(argv=None) -> int:
                 path, prompts = str(build_checkpoint(args.ckpt_root, CkptSpec())), id_prompts(CkptSpec().vocab)
             elif model == "fine":  # decode.py --fine's: 24 layers x 64 experts of 3 MiB, top-8
                 path, prompts = str(build_checkpoint(args.ckpt_root, FINE_SPEC)), id_prompts(FINE_SPEC.vocab)
-            elif model.startswith("dir:"):  # any checkpoint with a tokenizer, e.g. a refactored one: the demo's prompts
-                path, prompts = model[4:], demo_prompts()
+            elif model.startswith(("dir:", "ids:")):  # dir: with a tokenizer, the demo's prompts; ids: token-id prompts
+                path = model[4:]
                 if not (Path(path) / "config.json").is_file():
                     raise SystemExit(f"serve.py: {path} holds no config.json")
+                prompts = demo_prompts() if model.startswith("dir:") else id_prompts(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
             else:
-                raise SystemExit(f"serve.py: unknown model {model!r}: demo, 1gb, fine or dir:PATH")
+                raise SystemExit(f"serve.py: unknown model {model!r}: demo, 1gb, fine, dir:PATH or ids:PATH")
             for b in args.budgets.split(","):
                 budget = f"{b.strip()}%"
                 for c in clients:

@@ -867,6 +867,158 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 }
 #endif
 
+// ---- several tokens on AMX tiles -------------------------------------------------------------------
+// The paths above cost per token: VDPBF16PS multiplies one token's inputs. A tile product
+// (TDPBF16PS) costs the same for 1 and 16 tokens, so for two or more tokens (a server's share of
+// an expert, a short prompt) the stored values are widened as above (bf16 128 + u; int8's high
+// nibble 2048 + 16 h) into two 16-row A tiles a 32-byte chunk, x is the B operand (pairs of inputs
+// x tokens, in the order the widening leaves the weights in), and a group's sums come out of the
+// accumulator tile to be scaled per row and token in float32; the offset is taken off per group with
+// each token's input sum, as above. Symmetric schemes, groups of whole chunks (int4: 64 inputs, int8:
+// 32); blocks of 16 rows (the remaining rows take the VDPBF16PS path).
+#ifdef EC_AMX
+int64_t tile_min_tokens = 3;  // qmm_tiles(n): tokens from which products take the tiles (0: never; at 2 the two ways measured even)
+
+// Tiles: C 0 ([16 rows][T] float32), B 4 and 7 ([16 pairs][T]), A 5 and 6 ([16 rows][32])
+EC_AMX_TARGET void qtile_config(int64_t T) {
+  alignas(64) uint8_t c[64] = {};
+  c[0] = 1;
+  const auto set = [&c](int t, int r, int bytes) { c[16 + 2 * t] = static_cast<uint8_t>(bytes); c[48 + t] = static_cast<uint8_t>(r); };
+  set(0, 16, static_cast<int>(4 * T));
+  set(4, 16, static_cast<int>(4 * T));
+  set(7, 16, static_cast<int>(4 * T));
+  set(5, 16, 64);
+  set(6, 16, 64);
+  __asm__ volatile("" : : "r"(c) : "memory");
+  _tile_loadconfig(c);
+}
+
+// x [T, K] bf16 -> xb: per 32-byte chunk c, B tiles of [16 pairs][T tokens][2]: int4 the even then the
+// odd inputs of its 64 (lo, hi), int8 one tile of its 32 in order; xs [G][16]: each group's input sum
+// per token (lanes past T zero)
+template <int BITS>
+void tile_inputs(const uint16_t* x, int64_t T, int64_t K, int64_t group, uint16_t* xb, float* xs) {
+  constexpr int64_t CW = BITS == 4 ? 64 : 32, TILES = BITS == 4 ? 2 : 1;
+  for (int64_t c = 0; c < K / CW; ++c)
+    for (int64_t h = 0; h < TILES; ++h)
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t k = BITS == 4 ? c * CW + 4 * p + 2 * e + h : c * CW + 2 * p + e;
+            xb[(((c * TILES + h) * 16 + p) * T + t) * 2 + e] = x[t * K + k];
+          }
+  const int64_t G = K / group;
+  std::fill(xs, xs + G * 16, 0.0f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t u = static_cast<uint32_t>(x[t * K + k]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      xs[(k / group) * 16 + t] += f;
+    }
+}
+
+// Rows [r0, r0 + 16) of one weight against T tokens -> y[t * ys + r]
+template <int BITS, int SK>
+EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scale, int64_t r0, const uint16_t* xb, const float* xs,
+                             int64_t T, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
+  constexpr int64_t CW = BITS == 4 ? 64 : 32, TILES = BITS == 4 ? 2 : 1;
+  const __m512i nib = _mm512_set1_epi16(0x000F), lo_hi = _mm512_set1_epi16(0x4300), hi_hi = _mm512_set1_epi16(BITS == 4 ? 0x4300 : 0x4500);
+  const __m512 off = _mm512_set1_ps(BITS == 4 ? 136.0f : 2304.0f);
+  alignas(64) uint16_t a[2][2][16][32];  // two chunks' A tiles (lo, hi)
+  alignas(64) float c[16 * 16];
+  constexpr int64_t FLAT_TOKENS = 4;
+  const __mmask16 m = static_cast<__mmask16>((1u << T) - 1);
+  __m512 acc[16];  // T <= FLAT_TOKENS: acc[v] lane l is (row, token) pair 16 v + l, row-major; else acc[row] lane t
+  __m512i rows_of[FLAT_TOKENS], toks_of[FLAT_TOKENS];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t v = 0; v < T && v < FLAT_TOKENS; ++v) {
+    alignas(64) int32_t ri[16], ti[16];
+    for (int l = 0; l < 16; ++l) {
+      ri[l] = static_cast<int32_t>((16 * v + l) / T);
+      ti[l] = static_cast<int32_t>((16 * v + l) % T);
+    }
+    rows_of[v] = _mm512_load_si512(ri);
+    toks_of[v] = _mm512_load_si512(ti);
+  }
+  const uint8_t* base = packed + r0 * rb;
+  const int64_t chunks = group / CW, all = K / CW;
+  // chunk ci is widened while chunk ci - 1 goes through the tiles (its stores have left for L1 by then)
+  for (int64_t ci = 0; ci <= all; ++ci) {
+    if (ci < all) {
+      uint16_t(*ab)[16][32] = a[ci & 1];
+      for (int r = 0; r < 16; ++r) {  // int4: byte j holds inputs 2j (low nibble), 2j + 1; int8: byte j input j
+        const uint8_t* q = base + r * rb + ci * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(q + 16 * rb), _MM_HINT_T0);
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+        _mm512_store_si512(ab[0][r], _mm512_ternarylogic_epi32(w, nib, lo_hi, 0xEA));
+        _mm512_store_si512(ab[1][r], _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, hi_hi, 0xEA));
+      }
+    }
+    if (ci == 0) continue;
+    const int64_t cj = ci - 1;
+    if (cj % chunks == 0) _tile_zero(0);
+    const uint16_t* b = xb + cj * TILES * 16 * T * 2;
+    _tile_loadd(4, b, 4 * T);
+    _tile_loadd(7, b + (TILES - 1) * 16 * T * 2, 4 * T);
+    _tile_loadd(5, a[cj & 1][0], 64);
+    _tile_loadd(6, a[cj & 1][1], 64);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_dpbf16ps(0, 6, 7);
+    if ((cj + 1) % chunks) continue;
+    const int64_t gi = cj / chunks;
+    _tile_stored(0, c, 4 * T);
+    alignas(64) float sg[16];  // the group's scale for each of the 16 rows
+    for (int r = 0; r < 16; ++r) {
+      const int64_t si = (r0 + r) * G + gi;
+      sg[r] = SK == 0 ? static_cast<const float*>(scale)[si] : half_scalar(static_cast<const uint16_t*>(scale)[si], SK == 2);
+    }
+    const __m512 sx = _mm512_mul_ps(off, _mm512_loadu_ps(xs + gi * 16));
+    if (T <= FLAT_TOKENS) {  // c as T vectors of 16 (row, token) pairs, row-major
+      const __m512 srow = _mm512_load_ps(sg);
+      for (int64_t v = 0; v < T; ++v)
+        acc[v] = _mm512_fmadd_ps(_mm512_permutexvar_ps(rows_of[v], srow),
+                                 _mm512_sub_ps(_mm512_load_ps(c + 16 * v), _mm512_permutexvar_ps(toks_of[v], sx)), acc[v]);
+    } else {  // a row's T tokens a vector
+      for (int r = 0; r < 16; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sg[r]), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, c + r * T), sx), acc[r]);
+    }
+  }
+  if (T <= FLAT_TOKENS)
+    for (int64_t v = 0; v < T; ++v) _mm512_store_ps(c + 16 * v, acc[v]);
+  else
+    for (int r = 0; r < 16; ++r) _mm512_mask_storeu_ps(c + r * T, m, acc[r]);
+  for (int64_t t = 0; t < T; ++t)
+    for (int r = 0; r < 16; ++r) y[t * ys + r] = c[r * T + t];
+}
+
+template <int BITS>
+void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint16_t* xb, const float* xs, int64_t T,
+                int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  for (int64_t r = a; r < b; r += 16) {
+    float* yr = y + (r - a);
+    if (skind == 0) tile_rows<BITS, 0>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+    else if (skind == 1) tile_rows<BITS, 1>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+    else tile_rows<BITS, 2>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+  }
+}
+
+inline bool tile_fits(int64_t bits, int64_t T, int64_t K, int64_t group, bool zeros) {
+  const int64_t CW = bits == 4 ? 64 : 32;
+  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= 16 && !zeros && K % CW == 0 && group % CW == 0 && amx_ready();
+}
+#endif
+
+int64_t qmm_tiles(int64_t from) {  // -> the previous setting: products of `from` tokens or more take the tiles (0: never)
+#ifdef EC_AMX
+  const int64_t was = tile_min_tokens;
+  tile_min_tokens = from;
+  return was;
+#else
+  return 0;
+#endif
+}
+
 bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path too (tests compare both)
 bool wide_on = true;  // qmm_wide(False) sends them down the 16-byte path (tests compare all three)
 
@@ -900,6 +1052,21 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   const at::Tensor xc = x.contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const bool wide = wide_on && wide_fits(bits, K, group, !zeros.empty());
+#ifdef EC_AMX
+  const bool tiles = tile_fits(bits, T, K, group, !zeros.empty());
+#else
+  const bool tiles = false;
+#endif
+  std::vector<uint16_t> xb;
+  std::vector<float> xg;
+#ifdef EC_AMX
+  if (tiles) {
+    xb.resize(T * K);
+    xg.resize(G * 16);
+    if (bits == 4) tile_inputs<4>(xp, T, K, group, xb.data(), xg.data());
+    else tile_inputs<8>(xp, T, K, group, xb.data(), xg.data());
+  }
+#endif
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
   std::vector<uint16_t> xq;
   std::vector<float> xs;
@@ -927,17 +1094,35 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   float* yp = y.data_ptr<float>();
   const float* xsp = xs.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+#ifdef EC_AMX
+    bool configured = false;
+#endif
     for (size_t i = 0; i < packed.size(); ++i) {
-      const int64_t a = std::max(n0, first[i]), b = std::min(n1, first[i + 1]);
+      int64_t a = std::max(n0, first[i]);
+      const int64_t b = std::min(n1, first[i + 1]);
       if (a >= b) continue;
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const uint8_t* z = zeros.empty() ? nullptr : zeros[i].data_ptr<uint8_t>();
-      const int64_t rb = packed[i].stride(0), r0 = a - first[i], r1 = b - first[i];
+      const int64_t rb = packed[i].stride(0);
+#ifdef EC_AMX
+      if (tiles && b - a >= 16) {  // whole blocks of 16 rows on the tiles, the rest below
+        const int64_t e = a + (b - a) / 16 * 16;
+        if (!configured) { qtile_config(T); configured = true; }
+        if (bits == 8) tile_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, a - first[i], e - first[i], yp + a, N);
+        else tile_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, a - first[i], e - first[i], yp + a, N);
+        a = e;
+        if (a >= b) continue;
+      }
+#endif
+      const int64_t r0 = a - first[i], r1 = b - first[i];
       if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
       else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
       else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
       else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
     }
+#ifdef EC_AMX
+    if (configured) amx_done();
+#endif
   });
   y = y.to(at::kBFloat16);
   return true;
@@ -1201,6 +1386,7 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("amx() -> bool", amx);
   m.def("qmm_fast(bool on) -> bool", qmm_fast);
   m.def("qmm_wide(bool on) -> bool", qmm_wide);
+  m.def("qmm_tiles(int start) -> int", qmm_tiles);
   m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "
         "Tensor fc2_b, Tensor skip_w, Tensor skip_b, Tensor? ctx=None) -> (Tensor, Tensor, Tensor)", pregate_step);
 }

@@ -464,15 +464,16 @@ def _random_packed(out: int, inner: int, bits: int, group: int | None, symmetric
                                                          (8, 64, True, 256), (4, 32, False, 256), (8, None, False, 256),
                                                          (4, 128, True, 384), (4, 64, True, 320), (8, 32, True, 320), (4, 256, True, 512)])
 @pytest.mark.parametrize("scale_dtype,tokens", [(torch.bfloat16, 1), (torch.float32, 3), (torch.float16, 1), (torch.bfloat16, 7),
-                                                (torch.bfloat16, 15)])
+                                                (torch.bfloat16, 15), (torch.float16, 4)])
 def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, inner, scale_dtype, tokens):
     """A decode step's product (1 to 15 bf16 rows) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS
     paths (stored values as bf16 128 + u, offsets taken off per group or step, four tokens a pass):
     a symmetric scheme whose rows are whole 64-byte steps the step-wide one (groups smaller than, equal
     to and larger than a step), others and int4 rows of 320 inputs (two and a half steps) the 16-byte
-    one. Each stays within bf16 rounding of the dequantized reference and of the AVX2 path, for
-    symmetric and zero-point schemes, every scale dtype, two weights side by side, and row counts
-    that leave a single row."""
+    one; from three tokens, with AMX, symmetric schemes with groups of whole 32-byte chunks take the
+    tiles for blocks of 16 output rows (the rest as above). Each stays within bf16 rounding of the
+    dequantized reference and of the AVX2 path, for symmetric and zero-point schemes, every scale
+    dtype, two weights side by side, and row counts that leave a single row."""
     if not kernels.available() or not torch.ops.expertcache.qmm_fast(True):
         pytest.skip("no AVX512-BF16 here (or no kernels): one-token products take the AVX2 path")
     torch.manual_seed(3)
@@ -486,7 +487,9 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
         fast = torch.ops.expertcache.qmm(x, [packed[:40], packed[40:]], [scale[:40], scale[40:]], [], bits, g)
     else:
         fast = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
+    was = torch.ops.expertcache.qmm_tiles(0)
     try:
+        untiled = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
         assert not torch.ops.expertcache.qmm_wide(False)
         narrow = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
         assert not torch.ops.expertcache.qmm_fast(False)
@@ -494,8 +497,9 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
     finally:
         torch.ops.expertcache.qmm_fast(True)
         torch.ops.expertcache.qmm_wide(True)
-    assert fast.dtype == narrow.dtype == torch.bfloat16 and fast.shape == narrow.shape == (tokens, out)
-    for got in (fast, narrow):
+        torch.ops.expertcache.qmm_tiles(was)
+    assert fast.dtype == narrow.dtype == untiled.dtype == torch.bfloat16 and fast.shape == narrow.shape == untiled.shape == (tokens, out)
+    for got in (fast, untiled, narrow):
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(got.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
