@@ -119,16 +119,16 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
         gate, up, down = parts  # the common case first, past the checks below: act(gate) * up, then down
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)
         return gemm.linear(F.silu(g) * u, down, upcast=upcast)
-    t, bias = module.is_transposed, module.has_bias
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
         if _default_gate(type(module)):
             g, u = gu.chunk(2, dim=-1)
-            h = module.act_fn(g) * u
+            h = (_plain_act(module.act_fn) or module.act_fn)(g) * u
         else:
             h = module._apply_gate(gu)
         y = quant.linear(h, parts, 2)
         return module.post_expert_norm(y) if module.has_post_expert_norm else y
+    t, bias = module.is_transposed, module.has_bias
     if len(parts) == 4:  # MXFP4 (gate_up blocks, scales, down blocks, scales): decoded on use, [out, in]
         parts = tuple(mxfp4.decode(b, s, x.dtype) for b, s in (parts[:2], parts[2:]))
         parts = tuple(p.t().contiguous() for p in parts) if t else parts  # the module's own layout

@@ -1093,32 +1093,38 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   y = at::empty({T, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const float* xsp = xs.data();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+  // jobs of up to 64 rows of one weight; on the tiles, whole 16-row blocks counted from the weight's
+  // first row and its last rows apart, so a row's path (and bits) never depends on the thread count
+  // or on the weights beside it
+  struct Job { size_t i; int64_t a, b; bool tile; };
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t n = first[i + 1] - first[i], whole = tiles ? n / 16 * 16 : 0;
+    for (int64_t a = 0; a < whole; a += 64) jobs.push_back({i, a, std::min(a + 64, whole), true});
+    for (int64_t a = whole; a < n; a += 64) jobs.push_back({i, a, std::min(a + 64, n), false});
+  }
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
 #ifdef EC_AMX
     bool configured = false;
 #endif
-    for (size_t i = 0; i < packed.size(); ++i) {
-      int64_t a = std::max(n0, first[i]);
-      const int64_t b = std::min(n1, first[i + 1]);
-      if (a >= b) continue;
+    for (int64_t j = j0; j < j1; ++j) {
+      const auto [i, r0, r1, tile] = jobs[j];
       const uint8_t* p = packed[i].data_ptr<uint8_t>();
       const uint8_t* z = zeros.empty() ? nullptr : zeros[i].data_ptr<uint8_t>();
       const int64_t rb = packed[i].stride(0);
+      float* yr = yp + first[i] + r0;
 #ifdef EC_AMX
-      if (tiles && b - a >= 16) {  // whole blocks of 16 rows on the tiles, the rest below
-        const int64_t e = a + (b - a) / 16 * 16;
+      if (tile) {
         if (!configured) { qtile_config(T); configured = true; }
-        if (bits == 8) tile_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, a - first[i], e - first[i], yp + a, N);
-        else tile_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, a - first[i], e - first[i], yp + a, N);
-        a = e;
-        if (a >= b) continue;
+        if (bits == 8) tile_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        else tile_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        continue;
       }
 #endif
-      const int64_t r0 = a - first[i], r1 = b - first[i];
-      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
-      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yp + a, N);
-      else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
-      else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yp + a, N);
+      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
+      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
+      else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
+      else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
     }
 #ifdef EC_AMX
     if (configured) amx_done();

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import expertcache
-from expertcache import gemm, lean
+from expertcache import gemm, kernels, lean
 from expertcache.decoding import LEAN_ATTR, Decoding
 from expertcache.errors import ExpertCacheError
 
@@ -222,10 +222,13 @@ def test_a_padded_batch_step_is_the_models_own(case, checkpoint):
     """The server's decode step: rows of different lengths, left-padded, one token each at its own
     position with the batch's attention mask; the lean rows' logits equal the model's forward on
     the same cache, bit for bit, three steps in turn."""
+    family, kw = CASES[case]
+    _batch_steps_are_the_models_own(checkpoint(family, **kw))
+
+
+def _batch_steps_are_the_models_own(model_dir) -> None:
     import copy
 
-    family, kw = CASES[case]
-    model_dir = checkpoint(family, **kw)
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:10]]
     width = max(len(p) for p in prompts)
     ids, pos, mask = (torch.zeros((len(prompts), width), dtype=torch.long) for _ in range(3))
@@ -248,3 +251,28 @@ def test_a_padded_batch_step_is_the_models_own(case, checkpoint):
                                  past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
                 assert torch.equal(_bits(fast), _bits(slow))
                 tokens, lengths = fast.argmax(-1).tolist(), [n + 1 for n in lengths]
+
+
+@pytest.mark.parametrize("case", ["mixtral-bf16", "qwen2-bf16"])
+def test_quantized_dense_projections_take_one_call_and_keep_the_models_bits(case, checkpoint, tmp_path, monkeypatch):
+    """A checkpoint with int8 dense weights (`quantize --dense int8`): the lean step multiplies a
+    layer's query, key and value projections in one qmm call (Qwen2-MoE's biases added after), and
+    its logits equal the model's forward (each QuantLinear its own call), bit for bit, one row at a
+    time and for a padded batch of three rows (where qmm takes the AMX tiles, if any)."""
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    if not kernels.available():
+        pytest.skip("expertcache's kernels did not build here: dense int8 weights are dequantized on use")
+    family, kw = CASES[case]
+    model_dir = tmp_path / "int8-dense"
+    quantize_checkpoint(checkpoint(family, **kw), model_dir, bits=8, group_size=0, dense="int8", progress=False)
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
+        ld = eng.model.__dict__[LEAN_ATTR]
+        assert all(L.qkv.quant is not None for L in ld.layers)
+        assert (ld.layers[0].qkv.bias is not None) == (family == "qwen2_moe")
+        tokens, fast = _steps(eng)
+        with monkeypatch.context() as m:
+            m.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
+            _, slow = _steps(eng, tokens)
+    assert torch.equal(_bits(fast), _bits(slow))
+    _batch_steps_are_the_models_own(model_dir)
