@@ -23,7 +23,6 @@ from torch import nn
 from . import gemm
 from .config import AMX_ROWS
 from .experts import ExpertsRuntime
-from .quant import QuantLinear
 
 # model types whose decoder layer LeanDecoder writes out, and the classes it expects in them: the model,
 # its decoder layer, attention, the MoE block whose router and experts it calls itself (None: the block's
@@ -46,14 +45,11 @@ class _Product:
     Either way each output is the module's own bits (amm computes every output as its own sum
     over the same inputs, its bias added in float32 before the one rounding, as for one Linear)."""
 
-    __slots__ = ("modules", "weights", "bias", "quant")
+    __slots__ = ("modules", "weights", "bias")
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
-        self.weights, self.bias, self.quant = None, None, None
-        if len(modules) > 1 and all(type(m) is QuantLinear and "forward" not in m.__dict__ for m in modules):
-            self._quantized()
-            return
+        self.weights, self.bias = None, None
         if not all(type(m) is nn.Linear and getattr(m.forward, "__func__", None) is gemm.dense_forward for m in modules):
             return
         biases = [m.bias for m in modules]
@@ -64,23 +60,7 @@ class _Product:
             self.weights = [m.weight for m in modules]
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # amm adds it per output
 
-    def _quantized(self) -> None:
-        """Pack-quantized Linears (`--dense int8`) of one scheme, zero points and biases all or none:
-        one qmm call on their weights side by side (each output row is its own sum whichever
-        weights stand beside it, and takes the same kernel path: qmm.cpp), their biases added after,
-        as each forward adds its own."""
-        args = [m.qmm_args() for m in self.modules]
-        biases = [m.bias for m in self.modules]
-        if (len({(a[3], a[4]) for a in args}) != 1 or len({m.in_features for m in self.modules}) != 1
-                or len({bool(a[2]) for a in args}) != 1 or len({b is None or b.dtype for b in biases}) != 1):
-            return
-        self.quant = ([a[0][0] for a in args], [a[1][0] for a in args], [z for a in args for z in a[2]], args[0][3], args[0][4])
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-
     def __call__(self, x: torch.Tensor, direct: bool) -> torch.Tensor:
-        if self.quant is not None:
-            y = torch.ops.expertcache.qmm(x, *self.quant)
-            return y if self.bias is None else y + self.bias
         if direct and self.weights is not None:
             return torch.ops.expertcache.amm(x, self.weights, self.bias)
         if len(self.modules) == 1:

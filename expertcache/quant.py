@@ -246,12 +246,9 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("weight_zero_point", parts[2] if len(parts) > 2 else None)  # bytes, as stored
         self.bias = bias
 
-    def qmm_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int, int]:
-        """qmm's arguments after x: ([packed], [scale], [zero points] or [], bits, group)."""
-        zeros = [] if self.weight_zero_point is None else [self.weight_zero_point]
-        return [self.weight_packed], [self.weight_scale], zeros, self.scheme.bits, self.scheme.group_size or self.in_features
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), *self.qmm_args())
+        zeros = [] if self.weight_zero_point is None else [self.weight_zero_point]
+        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale], zeros,
+                                      self.scheme.bits, self.scheme.group_size or self.in_features)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
