@@ -34,7 +34,8 @@ AMX_ROWS = 16  # rows up to which a bf16 product takes expertcache's AMX kernel 
 AMX_MIN_INPUTS, AMX_MAX_INPUTS = 64, 4096  # ...and its inputs: oneDNN 3.12 takes 32 through another kernel and splits more than 4096 (measured)
 KERNEL_ROWS = 16  # rows up to which a bf16/fp16 product stays in expertcache's exact kernel under half_matmul="float32" (gemm.py)
 DENSE_ROWS = 16  # rows from which a quantized expert's half-precision product is dequantized and taken by torch's GEMM, where
-# that GEMM is native (quant.py; measured crossover ~14 rows on an AVX-512/AMX Xeon: docs/quantized.md)
+# that GEMM is native (quant.py; measured crossover ~14 rows on an AVX-512/AMX Xeon: docs/quantized.md), but for bf16 rows
+# qmm takes on AMX tiles (up to qmm_tile_rows: 32)
 DENSE_ROWS_F32 = 48  # ...and a float32 one (crossover ~32 rows there)
 UPCAST_ROWS = 2  # rows from which a bf16/fp16 matmul goes through float32 on CPUs without a native kernel (gemm.py)
 RESERVE_CONTEXT = 4096  # tokens of KV cache --memory-limit keeps free by default: a long chat turn

@@ -8,7 +8,8 @@ aten._weight_int8pack_mm; int4 groups of 32..256, out a multiple of 32 -> torch'
 other schemes and shapes dequantize on use, as the reference does. qmm costs per row: a product of
 DENSE_ROWS rows or more (float32: DENSE_ROWS_F32) where torch's GEMM is native has the kernel
 dequantize the matrix (dq, compressed-tensors' dequantization bit for bit) and torch's GEMM
-multiply it (docs/quantized.md has the figures).
+multiply it, except bf16 products of up to 32 rows where qmm takes AMX tiles (whose cost hardly
+grows with the rows; docs/quantized.md has the figures).
 """
 
 from __future__ import annotations
@@ -168,10 +169,21 @@ class QuantExperts:
             elif kernel == INT4_TILES:
                 packed.copy_(_int4_tiles(unpack(packed, 4, shape[1]).add_(8).to(torch.uint8)))
 
+    @functools.cached_property
+    def tile_rows(self) -> tuple[int, ...]:
+        """Per matrix, the bf16 rows up to which qmm multiplies on AMX tiles (their cost hardly grows
+        with the rows: faster than dq and torch's GEMM up to there); 0: no tiles for it."""
+        if not self.scheme.symmetric or not kernels.available():
+            return (0,) * len(self.shapes)
+        return tuple(torch.ops.expertcache.qmm_tile_rows(self.scheme.bits, s[1], self.scheme.group_size or s[1]) if k == NATIVE else 0
+                     for k, s in zip(self.kernels, self.shapes))
+
     def _dense(self, x: torch.Tensor, i: int) -> bool:
         """Whether matrix i's product with x goes through dq and torch's GEMM (see the module's doc)."""
         f32 = x.dtype == torch.float32
         if x.shape[0] < (DENSE_ROWS_F32 if f32 else DENSE_ROWS):  # a decode step's rows: answered first
+            return False
+        if x.dtype == torch.bfloat16 and x.shape[0] <= self.tile_rows[i]:
             return False
         return self.kernels[i] == NATIVE and (f32 or not gemm.slow_half(x.dtype))
 

@@ -876,6 +876,7 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 // accumulator tile to be scaled per row and token in float32; the offset is taken off per group with
 // each token's input sum, as above. Symmetric schemes, groups of whole chunks (int4: 64 inputs, int8:
 // 32); blocks of 16 rows (the remaining rows take the VDPBF16PS path).
+constexpr int64_t TILE_TOKENS = 16;  // tokens a tile pass takes (the B and C tiles' columns)
 #ifdef EC_AMX
 int64_t tile_min_tokens = 3;  // qmm_tiles(n): tokens from which products take the tiles (0: never; at 2 the two ways measured even)
 
@@ -1005,7 +1006,7 @@ void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind,
 
 inline bool tile_fits(int64_t bits, int64_t T, int64_t K, int64_t group, bool zeros) {
   const int64_t CW = bits == 4 ? 64 : 32;
-  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= 16 && !zeros && K % CW == 0 && group % CW == 0 && amx_ready();
+  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && !zeros && K % CW == 0 && group % CW == 0 && amx_ready();
 }
 #endif
 
@@ -1040,6 +1041,18 @@ bool qmm_fast(bool on) {  // -> whether bf16 products of a few tokens now take t
 #endif
 }
 
+// Rows of x qmm takes on the tiles in one call (up to TILE_TOKENS; 32 in two passes of 16: qmm) for a
+// symmetric scheme whose groups are whole chunks; 0 where there are no tiles (quant.py asks: more rows
+// go to dq and torch's GEMM)
+int64_t qmm_tile_rows(int64_t bits, int64_t K, int64_t group) {
+#ifdef EC_AMX
+  if (!dp_on || !avx512_bf16_ready() || group % 32 != 0 || K % group != 0 || !tile_fits(bits, tile_min_tokens, K, group, false)) return 0;
+  return 2 * TILE_TOKENS;
+#else
+  return 0;
+#endif
+}
+
 // qmm's bf16 path for a few tokens (DP_TOKENS at most: a decode step, a batch's share of an expert)
 // where the CPU has AVX512-BF16 and groups are whole 32-input steps; false where it does not apply
 // (qmm's AVX2 code does the work).
@@ -1047,16 +1060,17 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
             int64_t group, const std::vector<int64_t>& first, at::Tensor& y) {
 #ifdef EC_DP
   const int64_t T = x.size(0);
-  if (!dp_on || T < 1 || T > DP_TOKENS || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !avx512_bf16_ready()) return false;
+  if (!dp_on || T < 1 || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !avx512_bf16_ready()) return false;
   const int64_t K = x.size(1), G = K / group, N = first.back();
-  const at::Tensor xc = x.contiguous();
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const bool wide = wide_on && wide_fits(bits, K, group, !zeros.empty());
 #ifdef EC_AMX
   const bool tiles = tile_fits(bits, T, K, group, !zeros.empty());
 #else
   const bool tiles = false;
 #endif
+  if (T > (tiles ? TILE_TOKENS : DP_TOKENS)) return false;
+  const at::Tensor xc = x.contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const bool wide = wide_on && wide_fits(bits, K, group, !zeros.empty());
   std::vector<uint16_t> xb;
   std::vector<float> xg;
 #ifdef EC_AMX
@@ -1166,6 +1180,12 @@ at::Tensor qmm(const at::Tensor& x, at::TensorList packed, at::TensorList scale,
   const int64_t N = first.back();
   at::Tensor fast;
   if (qmm_dp(x, packed, scale, zeros, bits, group, first, fast)) return fast;
+  if (T > TILE_TOKENS && T <= 2 * TILE_TOKENS && x.scalar_type() == at::kBFloat16) {  // two passes on the tiles, if they take them
+    at::Tensor a, b;
+    const at::Tensor top = x.narrow(0, 0, TILE_TOKENS), rest = x.narrow(0, TILE_TOKENS, T - TILE_TOKENS);
+    if (qmm_dp(top, packed, scale, zeros, bits, group, first, a) && qmm_dp(rest, packed, scale, zeros, bits, group, first, b))
+      return at::cat({a, b}, 0);
+  }
   for (const auto& s : scale) scales.push_back(s.to(at::kFloat).contiguous());
   at::Tensor xin = x.to(at::kFloat).contiguous();
   if (bits == 4) {  // per 16 inputs: evens then odds, the order the nibbles come out in
@@ -1393,6 +1413,7 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("qmm_fast(bool on) -> bool", qmm_fast);
   m.def("qmm_wide(bool on) -> bool", qmm_wide);
   m.def("qmm_tiles(int start) -> int", qmm_tiles);
+  m.def("qmm_tile_rows(int bits, int K, int group) -> int", qmm_tile_rows);
   m.def("pregate_step(Tensor emb, Tensor history, Tensor avg, Tensor decays, Tensor fc1_w, Tensor fc1_b, Tensor fc2_w, "
         "Tensor fc2_b, Tensor skip_w, Tensor skip_b, Tensor? ctx=None) -> (Tensor, Tensor, Tensor)", pregate_step);
 }
