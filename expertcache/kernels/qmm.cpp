@@ -874,39 +874,40 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 // nibble 2048 + 16 h) into two 16-row A tiles a 32-byte chunk, x is the B operand (pairs of inputs
 // x tokens, in the order the widening leaves the weights in), and a group's sums come out of the
 // accumulator tile to be scaled per row and token in float32; the offset is taken off per group with
-// each token's input sum, as above. Symmetric schemes, groups of whole chunks (int4: 64 inputs, int8:
-// 32); blocks of 16 rows (the remaining rows take the VDPBF16PS path).
+// each token's input sum, as above. Symmetric schemes, groups of 32 inputs or more (a chunk: 32 stored
+// bytes a row, 16 for int4 groups of 32); blocks of 16 rows (the remaining rows take the VDPBF16PS path).
 constexpr int64_t TILE_TOKENS = 16;  // tokens a tile pass takes (the B and C tiles' columns)
 #ifdef EC_AMX
 int64_t tile_min_tokens = 3;  // qmm_tiles(n): tokens from which products take the tiles (0: never; at 2 the two ways measured even)
 
-// Tiles: C 0 ([16 rows][T] float32), B 4 and 7 ([16 pairs][T]), A 5 and 6 ([16 rows][32])
-EC_AMX_TARGET void qtile_config(int64_t T) {
+// Tiles: C 0 ([16 rows][T] float32), B 4 and 7 ([CB / 2 pairs][T]), A 5 and 6 ([16 rows][CB]); CB: the
+// chunk's stored bytes a row, 32, or 16 for int4 groups of 32 (a 32-byte chunk's 64 inputs would span two)
+EC_AMX_TARGET void qtile_config(int64_t T, int CB) {
   alignas(64) uint8_t c[64] = {};
   c[0] = 1;
   const auto set = [&c](int t, int r, int bytes) { c[16 + 2 * t] = static_cast<uint8_t>(bytes); c[48 + t] = static_cast<uint8_t>(r); };
   set(0, 16, static_cast<int>(4 * T));
-  set(4, 16, static_cast<int>(4 * T));
-  set(7, 16, static_cast<int>(4 * T));
-  set(5, 16, 64);
-  set(6, 16, 64);
+  set(4, CB / 2, static_cast<int>(4 * T));
+  set(7, CB / 2, static_cast<int>(4 * T));
+  set(5, 16, 2 * CB);
+  set(6, 16, 2 * CB);
   __asm__ volatile("" : : "r"(c) : "memory");
   _tile_loadconfig(c);
 }
 
-// x [T, K] bf16 -> xb: per 32-byte chunk c, B tiles of [16 pairs][T tokens][2]: int4 the even then the
-// odd inputs of its 64 (lo, hi), int8 one tile of its 32 in order; xs [G][16]: each group's input sum
-// per token (lanes past T zero)
-template <int BITS>
+// x [T, K] bf16 -> xb: per CB-byte chunk c, B tiles of [CB / 2 pairs][T tokens][2]: int4 the even then
+// the odd inputs of its 2 CB (lo, hi), int8 one tile of its CB in order; xs [G][16]: each group's input
+// sum per token (lanes past T zero)
+template <int BITS, int CB>
 void tile_inputs(const uint16_t* x, int64_t T, int64_t K, int64_t group, uint16_t* xb, float* xs) {
-  constexpr int64_t CW = BITS == 4 ? 64 : 32, TILES = BITS == 4 ? 2 : 1;
+  constexpr int64_t CW = BITS == 4 ? 2 * CB : CB, TILES = BITS == 4 ? 2 : 1, P = CB / 2;
   for (int64_t c = 0; c < K / CW; ++c)
     for (int64_t h = 0; h < TILES; ++h)
-      for (int64_t p = 0; p < 16; ++p)
+      for (int64_t p = 0; p < P; ++p)
         for (int64_t t = 0; t < T; ++t)
           for (int64_t e = 0; e < 2; ++e) {
             const int64_t k = BITS == 4 ? c * CW + 4 * p + 2 * e + h : c * CW + 2 * p + e;
-            xb[(((c * TILES + h) * 16 + p) * T + t) * 2 + e] = x[t * K + k];
+            xb[(((c * TILES + h) * P + p) * T + t) * 2 + e] = x[t * K + k];
           }
   const int64_t G = K / group;
   std::fill(xs, xs + G * 16, 0.0f);
@@ -920,10 +921,10 @@ void tile_inputs(const uint16_t* x, int64_t T, int64_t K, int64_t group, uint16_
 }
 
 // Rows [r0, r0 + 16) of one weight against T tokens -> y[t * ys + r]
-template <int BITS, int SK>
+template <int BITS, int SK, int CB>
 EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scale, int64_t r0, const uint16_t* xb, const float* xs,
                              int64_t T, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
-  constexpr int64_t CW = BITS == 4 ? 64 : 32, TILES = BITS == 4 ? 2 : 1;
+  constexpr int64_t CW = BITS == 4 ? 2 * CB : CB, TILES = BITS == 4 ? 2 : 1, P = CB / 2;
   const __m512i nib = _mm512_set1_epi16(0x000F), lo_hi = _mm512_set1_epi16(0x4300), hi_hi = _mm512_set1_epi16(BITS == 4 ? 0x4300 : 0x4500);
   const __m512 off = _mm512_set1_ps(BITS == 4 ? 136.0f : 2304.0f);
   alignas(64) uint16_t a[2][2][16][32];  // two chunks' A tiles (lo, hi)
@@ -949,19 +950,27 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
     if (ci < all) {
       uint16_t(*ab)[16][32] = a[ci & 1];
       for (int r = 0; r < 16; ++r) {  // int4: byte j holds inputs 2j (low nibble), 2j + 1; int8: byte j input j
-        const uint8_t* q = base + r * rb + ci * 32;
+        const uint8_t* q = base + r * rb + ci * CB;
         _mm_prefetch(reinterpret_cast<const char*>(q + 16 * rb), _MM_HINT_T0);
-        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-        _mm512_store_si512(ab[0][r], _mm512_ternarylogic_epi32(w, nib, lo_hi, 0xEA));
-        _mm512_store_si512(ab[1][r], _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, hi_hi, 0xEA));
+        if constexpr (CB == 32) {
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+          _mm512_store_si512(ab[0][r], _mm512_ternarylogic_epi32(w, nib, lo_hi, 0xEA));
+          _mm512_store_si512(ab[1][r], _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, hi_hi, 0xEA));
+        } else {  // 16 bytes: the first half of each A row (the tiles read CB * 2 bytes of a 64-byte stride)
+          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ab[0][r]),
+                             _mm256_ternarylogic_epi32(w, _mm512_castsi512_si256(nib), _mm512_castsi512_si256(lo_hi), 0xEA));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ab[1][r]),
+                             _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, 4), _mm512_castsi512_si256(nib), _mm512_castsi512_si256(hi_hi), 0xEA));
+        }
       }
     }
     if (ci == 0) continue;
     const int64_t cj = ci - 1;
     if (cj % chunks == 0) _tile_zero(0);
-    const uint16_t* b = xb + cj * TILES * 16 * T * 2;
+    const uint16_t* b = xb + cj * TILES * P * T * 2;
     _tile_loadd(4, b, 4 * T);
-    _tile_loadd(7, b + (TILES - 1) * 16 * T * 2, 4 * T);
+    _tile_loadd(7, b + (TILES - 1) * P * T * 2, 4 * T);
     _tile_loadd(5, a[cj & 1][0], 64);
     _tile_loadd(6, a[cj & 1][1], 64);
     _tile_dpbf16ps(0, 5, 4);
@@ -993,20 +1002,24 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
     for (int r = 0; r < 16; ++r) y[t * ys + r] = c[r * T + t];
 }
 
-template <int BITS>
+template <int BITS, int CB>
 void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint16_t* xb, const float* xs, int64_t T,
                 int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
   for (int64_t r = a; r < b; r += 16) {
     float* yr = y + (r - a);
-    if (skind == 0) tile_rows<BITS, 0>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
-    else if (skind == 1) tile_rows<BITS, 1>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
-    else tile_rows<BITS, 2>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+    if (skind == 0) tile_rows<BITS, 0, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+    else if (skind == 1) tile_rows<BITS, 1, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
+    else tile_rows<BITS, 2, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
   }
 }
 
+// The chunk's stored bytes a row: 32, or 16 where an int4 row or group is not whole 64-input chunks
+inline int tile_chunk(int64_t bits, int64_t K, int64_t group) {
+  return bits == 4 && (K % 64 != 0 || group % 64 != 0) ? 16 : 32;
+}
+
 inline bool tile_fits(int64_t bits, int64_t T, int64_t K, int64_t group, bool zeros) {
-  const int64_t CW = bits == 4 ? 64 : 32;
-  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && !zeros && K % CW == 0 && group % CW == 0 && amx_ready();
+  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && !zeros && K % 32 == 0 && group % 32 == 0 && amx_ready();
 }
 #endif
 
@@ -1074,11 +1087,13 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   std::vector<uint16_t> xb;
   std::vector<float> xg;
 #ifdef EC_AMX
+  const int cb = tile_chunk(bits, K, group);
   if (tiles) {
     xb.resize(T * K);
     xg.resize(G * 16);
-    if (bits == 4) tile_inputs<4>(xp, T, K, group, xb.data(), xg.data());
-    else tile_inputs<8>(xp, T, K, group, xb.data(), xg.data());
+    if (bits == 8) tile_inputs<8, 32>(xp, T, K, group, xb.data(), xg.data());
+    else if (cb == 32) tile_inputs<4, 32>(xp, T, K, group, xb.data(), xg.data());
+    else tile_inputs<4, 16>(xp, T, K, group, xb.data(), xg.data());
   }
 #endif
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
@@ -1129,9 +1144,10 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
       float* yr = yp + first[i] + r0;
 #ifdef EC_AMX
       if (tile) {
-        if (!configured) { qtile_config(T); configured = true; }
-        if (bits == 8) tile_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
-        else tile_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        if (!configured) { qtile_config(T, cb); configured = true; }
+        if (bits == 8) tile_range<8, 32>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        else if (cb == 32) tile_range<4, 32>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        else tile_range<4, 16>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
         continue;
       }
 #endif

@@ -140,7 +140,7 @@ def test_kernels_compute_the_dequantized_linear(scheme, shape, kernel, native, d
 
 
 def test_bf16_products_of_up_to_32_rows_stay_in_qmm_where_it_takes_the_tiles():
-    """Where qmm multiplies on AMX tiles (a symmetric scheme, groups of whole chunks), a quantized
+    """Where qmm multiplies on AMX tiles (a symmetric scheme, groups of 32 inputs or more), a quantized
     expert's bf16 product of 16 to 32 rows stays in qmm (the tiles' cost hardly grows with the rows:
     ~2.5x faster than dequantizing for torch's GEMM at 16 rows); more rows, another scheme or no
     tiles (the kernels' switch off) go to dq and torch's GEMM from 16 rows, as before."""
@@ -153,8 +153,9 @@ def test_bf16_products_of_up_to_32_rows_stay_in_qmm_where_it_takes_the_tiles():
     assert not tiled._dense(rows(16), 0) and not tiled._dense(rows(32), 0)
     assert tiled._dense(rows(33), 0)
     assert tiled._dense(torch.zeros(48, 256), 0)  # float32: its own threshold, no tiles
-    assert QuantExperts(Scheme(4, 32), shapes).tile_rows == (0, 0, 0)  # int4 groups of 32: not whole 64-input chunks
-    assert QuantExperts(Scheme(4, 32), shapes)._dense(rows(16), 0)
+    assert QuantExperts(Scheme(4, 32), shapes).tile_rows == (32, 32, 32)  # int4 groups of 32: chunks of 16 bytes
+    asym = QuantExperts(Scheme(4, 64, symmetric=False), shapes)
+    assert asym.tile_rows == (0, 0, 0) and asym._dense(rows(16), 0)  # zero points: no tiles
     was = torch.ops.expertcache.qmm_tiles(0)
     try:
         assert QuantExperts(Scheme(8, None), shapes).tile_rows == (0, 0, 0)
@@ -494,7 +495,7 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
     paths (stored values as bf16 128 + u, offsets taken off per group or step, four tokens a pass):
     a symmetric scheme whose rows are whole 64-byte steps the step-wide one (groups smaller than, equal
     to and larger than a step), others and int4 rows of 320 inputs (two and a half steps) the 16-byte
-    one; from three tokens, with AMX, symmetric schemes with groups of whole 32-byte chunks take the
+    one; from three tokens, with AMX, symmetric schemes with groups of 32 inputs or more take the
     tiles for blocks of 16 output rows (the rest as above), 17 to 32 tokens in two passes (other
     schemes: the AVX2 path from 16 tokens). Each stays within bf16 rounding of the
     dequantized reference and of the AVX2 path, for symmetric and zero-point schemes, every scale
