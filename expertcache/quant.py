@@ -173,7 +173,7 @@ class QuantExperts:
     def tile_rows(self) -> tuple[int, ...]:
         """Per matrix, the bf16 rows up to which qmm multiplies on AMX tiles (their cost hardly grows
         with the rows: faster than dq and torch's GEMM up to there); 0: no tiles for it."""
-        if not self.scheme.symmetric or not kernels.available():
+        if not kernels.available():
             return (0,) * len(self.shapes)
         return tuple(torch.ops.expertcache.qmm_tile_rows(self.scheme.bits, s[1], self.scheme.group_size or s[1]) if k == NATIVE else 0
                      for k, s in zip(self.kernels, self.shapes))

@@ -874,8 +874,9 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 // nibble 2048 + 16 h) into two 16-row A tiles a 32-byte chunk, x is the B operand (pairs of inputs
 // x tokens, in the order the widening leaves the weights in), and a group's sums come out of the
 // accumulator tile to be scaled per row and token in float32; the offset is taken off per group with
-// each token's input sum, as above. Symmetric schemes, groups of 32 inputs or more (a chunk: 32 stored
-// bytes a row, 16 for int4 groups of 32); blocks of 16 rows (the remaining rows take the VDPBF16PS path).
+// each token's input sum, as above (zero points: each row's own per group). Groups of 32 inputs or more
+// (a chunk: 32 stored bytes a row, 16 for int4 groups of 32); blocks of 16 rows (the remaining rows take
+// the VDPBF16PS path).
 constexpr int64_t TILE_TOKENS = 16;  // tokens a tile pass takes (the B and C tiles' columns)
 #ifdef EC_AMX
 int64_t tile_min_tokens = 3;  // qmm_tiles(n): tokens from which products take the tiles (0: never; at 2 the two ways measured even)
@@ -921,12 +922,13 @@ void tile_inputs(const uint16_t* x, int64_t T, int64_t K, int64_t group, uint16_
 }
 
 // Rows [r0, r0 + 16) of one weight against T tokens -> y[t * ys + r]
-template <int BITS, int SK, int CB>
-EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scale, int64_t r0, const uint16_t* xb, const float* xs,
-                             int64_t T, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
+template <int BITS, int SK, int CB, bool ZP>
+EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const uint16_t* xb,
+                             const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
   constexpr int64_t CW = BITS == 4 ? 2 * CB : CB, TILES = BITS == 4 ? 2 : 1, P = CB / 2;
   const __m512i nib = _mm512_set1_epi16(0x000F), lo_hi = _mm512_set1_epi16(0x4300), hi_hi = _mm512_set1_epi16(BITS == 4 ? 0x4300 : 0x4500);
-  const __m512 off = _mm512_set1_ps(BITS == 4 ? 136.0f : 2304.0f);
+  const float base_off = BITS == 4 ? 128.0f : 2176.0f;  // what the widened values hold beyond u
+  const __m512 off = _mm512_set1_ps(base_off + (1 << (BITS - 1)));  // symmetric: the offset 2^(bits-1) on top
   alignas(64) uint16_t a[2][2][16][32];  // two chunks' A tiles (lo, hi)
   alignas(64) float c[16 * 16];
   constexpr int64_t FLAT_TOKENS = 4;
@@ -983,15 +985,22 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
       const int64_t si = (r0 + r) * G + gi;
       sg[r] = SK == 0 ? static_cast<const float*>(scale)[si] : half_scalar(static_cast<const uint16_t*>(scale)[si], SK == 2);
     }
-    const __m512 sx = _mm512_mul_ps(off, _mm512_loadu_ps(xs + gi * 16));
+    alignas(64) float og[16];  // zero points: each row's offset for the group (base + its stored zero point)
+    if constexpr (ZP)
+      for (int r = 0; r < 16; ++r) og[r] = base_off + static_cast<float>(offset_of(zero_row(zeros, r0 + r, BITS, G), gi, BITS));
+    const __m512 xsum = _mm512_loadu_ps(xs + gi * 16), sx = _mm512_mul_ps(off, xsum);
     if (T <= FLAT_TOKENS) {  // c as T vectors of 16 (row, token) pairs, row-major
       const __m512 srow = _mm512_load_ps(sg);
-      for (int64_t v = 0; v < T; ++v)
-        acc[v] = _mm512_fmadd_ps(_mm512_permutexvar_ps(rows_of[v], srow),
-                                 _mm512_sub_ps(_mm512_load_ps(c + 16 * v), _mm512_permutexvar_ps(toks_of[v], sx)), acc[v]);
+      for (int64_t v = 0; v < T; ++v) {
+        const __m512 o = ZP ? _mm512_mul_ps(_mm512_permutexvar_ps(rows_of[v], _mm512_load_ps(og)), _mm512_permutexvar_ps(toks_of[v], xsum))
+                            : _mm512_permutexvar_ps(toks_of[v], sx);
+        acc[v] = _mm512_fmadd_ps(_mm512_permutexvar_ps(rows_of[v], srow), _mm512_sub_ps(_mm512_load_ps(c + 16 * v), o), acc[v]);
+      }
     } else {  // a row's T tokens a vector
-      for (int r = 0; r < 16; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sg[r]), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, c + r * T), sx), acc[r]);
+      for (int r = 0; r < 16; ++r) {
+        const __m512 o = ZP ? _mm512_mul_ps(_mm512_set1_ps(og[r]), xsum) : sx;
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sg[r]), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, c + r * T), o), acc[r]);
+      }
     }
   }
   if (T <= FLAT_TOKENS)
@@ -1003,14 +1012,17 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
 }
 
 template <int BITS, int CB>
-void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint16_t* xb, const float* xs, int64_t T,
-                int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  for (int64_t r = a; r < b; r += 16) {
-    float* yr = y + (r - a);
-    if (skind == 0) tile_rows<BITS, 0, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
-    else if (skind == 1) tile_rows<BITS, 1, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
-    else tile_rows<BITS, 2, CB>(packed, rb, scale, r, xb, xs, T, K, group, G, yr, ys);
-  }
+void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* xb, const float* xs,
+                int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+  const auto go = [&](auto sk, auto zp) {
+    for (int64_t r = a; r < b; r += 16)
+      tile_rows<BITS, decltype(sk)::value, CB, decltype(zp)::value>(packed, rb, scale, zeros, r, xb, xs, T, K, group, G, y + (r - a), ys);
+  };
+  using Z = std::true_type;
+  using N = std::false_type;
+  if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
+  else if (skind == 1) zeros ? go(std::integral_constant<int, 1>{}, Z{}) : go(std::integral_constant<int, 1>{}, N{});
+  else zeros ? go(std::integral_constant<int, 2>{}, Z{}) : go(std::integral_constant<int, 2>{}, N{});
 }
 
 // The chunk's stored bytes a row: 32, or 16 where an int4 row or group is not whole 64-input chunks
@@ -1019,7 +1031,8 @@ inline int tile_chunk(int64_t bits, int64_t K, int64_t group) {
 }
 
 inline bool tile_fits(int64_t bits, int64_t T, int64_t K, int64_t group, bool zeros) {
-  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && !zeros && K % 32 == 0 && group % 32 == 0 && amx_ready();
+  (void)zeros;  // zero points: each row's offset per group, taken off in the group's epilogue
+  return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && K % 32 == 0 && group % 32 == 0 && amx_ready();
 }
 #endif
 
@@ -1145,9 +1158,9 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
 #ifdef EC_AMX
       if (tile) {
         if (!configured) { qtile_config(T, cb); configured = true; }
-        if (bits == 8) tile_range<8, 32>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
-        else if (cb == 32) tile_range<4, 32>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
-        else tile_range<4, 16>(p, rb, scales[i].data_ptr(), kinds[i], xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        if (bits == 8) tile_range<8, 32>(p, rb, scales[i].data_ptr(), kinds[i], z, xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        else if (cb == 32) tile_range<4, 32>(p, rb, scales[i].data_ptr(), kinds[i], z, xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
+        else tile_range<4, 16>(p, rb, scales[i].data_ptr(), kinds[i], z, xb.data(), xg.data(), T, K, group, G, r0, r1, yr, N);
         continue;
       }
 #endif

@@ -142,8 +142,8 @@ def test_kernels_compute_the_dequantized_linear(scheme, shape, kernel, native, d
 def test_bf16_products_of_up_to_32_rows_stay_in_qmm_where_it_takes_the_tiles():
     """Where qmm multiplies on AMX tiles (a symmetric scheme, groups of 32 inputs or more), a quantized
     expert's bf16 product of 16 to 32 rows stays in qmm (the tiles' cost hardly grows with the rows:
-    ~2.5x faster than dequantizing for torch's GEMM at 16 rows); more rows, another scheme or no
-    tiles (the kernels' switch off) go to dq and torch's GEMM from 16 rows, as before."""
+    ~2.5x faster than dequantizing for torch's GEMM at 16 rows), zero points or not; more rows,
+    float32 or no tiles (the kernels' switch off) go to dq and torch's GEMM, as before."""
     if not kernels.available() or not torch.ops.expertcache.qmm_tile_rows(4, 256, 64):
         pytest.skip("no AMX tiles here (or no kernels): from 16 rows a product is dequantized")
     shapes = ((128, 256), (128, 256), (256, 128))
@@ -155,7 +155,7 @@ def test_bf16_products_of_up_to_32_rows_stay_in_qmm_where_it_takes_the_tiles():
     assert tiled._dense(torch.zeros(48, 256), 0)  # float32: its own threshold, no tiles
     assert QuantExperts(Scheme(4, 32), shapes).tile_rows == (32, 32, 32)  # int4 groups of 32: chunks of 16 bytes
     asym = QuantExperts(Scheme(4, 64, symmetric=False), shapes)
-    assert asym.tile_rows == (0, 0, 0) and asym._dense(rows(16), 0)  # zero points: no tiles
+    assert asym.tile_rows == (32, 32, 32) and not asym._dense(rows(16), 0)  # zero points: each row's own offsets
     was = torch.ops.expertcache.qmm_tiles(0)
     try:
         assert QuantExperts(Scheme(8, None), shapes).tile_rows == (0, 0, 0)
@@ -495,11 +495,10 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
     paths (stored values as bf16 128 + u, offsets taken off per group or step, four tokens a pass):
     a symmetric scheme whose rows are whole 64-byte steps the step-wide one (groups smaller than, equal
     to and larger than a step), others and int4 rows of 320 inputs (two and a half steps) the 16-byte
-    one; from three tokens, with AMX, symmetric schemes with groups of 32 inputs or more take the
-    tiles for blocks of 16 output rows (the rest as above), 17 to 32 tokens in two passes (other
-    schemes: the AVX2 path from 16 tokens). Each stays within bf16 rounding of the
-    dequantized reference and of the AVX2 path, for symmetric and zero-point schemes, every scale
-    dtype, two weights side by side, and row counts that leave a single row."""
+    one; from three tokens, with AMX, the tiles for blocks of 16 output rows (the rest as above; zero
+    points taken off per row and group), 17 to 32 tokens in two passes. Each stays within bf16
+    rounding of the dequantized reference and of the AVX2 path, for symmetric and zero-point schemes,
+    every scale dtype, two weights side by side, and row counts that leave a single row."""
     if not kernels.available() or not torch.ops.expertcache.qmm_fast(True):
         pytest.skip("no AVX512-BF16 here (or no kernels): one-token products take the AVX2 path")
     torch.manual_seed(3)
