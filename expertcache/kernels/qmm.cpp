@@ -700,7 +700,7 @@ EC_DP_TARGET void dp_range_as(const uint8_t* packed, int64_t rb, const void* sca
   for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
 }
 
-// ---- the same products a cache line a step (symmetric schemes) ------------------------------------
+// ---- the same products a cache line a step --------------------------------------------------------
 // VDPBF16PS takes ~2 cycles here, and the path above spends more than that again widening 16 bytes
 // per instruction. A step of 64 stored bytes is widened with two masks, a shift and four byte
 // unpacks (each nibble next to 0x43: the bf16 number 128 + u; int8's high nibble next to 0x45:
@@ -708,8 +708,7 @@ EC_DP_TARGET void dp_range_as(const uint8_t* packed, int64_t rb, const void* sca
 // the order the unpacks put the weights in. 128-bit lane L of each product holds inputs of one
 // 32-input (int4) or 16-input (int8) span of the step, so a group of 32 inputs or more is whole in
 // its lanes: the scale is one value per lane, taken once per step (groups smaller than a step) or
-// once per group (larger). Zero points go the path above.
-constexpr int WIDE_BYTES = 64;
+// once per group (larger), and so are zero points (each lane's group's offset).
 
 // x [K] bf16 -> xq [K] in the unpacks' order: word 8L + j of product q of step s is input
 // s * SW + span(L) + j + 8 (q & 1) (+ 2 (...) + (q >> 1) for int4's two nibbles a byte)
@@ -758,12 +757,13 @@ EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __
 
 // R rows from r0 against NT tokens (xq: NT rows of K in wide order; xs: their block sums, nb blocks
 // each); y[t * ys + r] as dp_rows
-template <int BITS, int R, int NT, int SK>
-EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale, int64_t r0, const uint16_t* xq,
+template <int BITS, int R, int NT, int SK, bool ZP>
+EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const uint16_t* xq,
                             const float* xs, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
   constexpr int64_t SW = BITS == 4 ? 128 : 64, SPAN = SW / 4;
   const __m512i nib = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43), chi = _mm512_set1_epi8(BITS == 4 ? 0x43 : 0x45);
-  const __m512 off = _mm512_set1_ps(BITS == 4 ? 136.0f : 2304.0f);  // (128 | 2176) + 2^(bits-1)
+  const float base = BITS == 4 ? 128.0f : 2176.0f;  // what the widened values hold beyond u
+  const __m512 off = _mm512_set1_ps(base + (1 << (BITS - 1)));  // symmetric: the offset 2^(bits-1) on top
   // a block: one group, or one step holding `per` groups; lane i of a step: span i / 4
   const int per = group >= SW ? 1 : static_cast<int>(SW / group);
   const int64_t block = group >= SW ? group : SW, nb = K / block;
@@ -774,9 +774,15 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
     idx = _mm512_load_si512(id);
   }
   const uint8_t* row[R];
+  float* ofs = nullptr;  // zero points: [R][G] offsets, base + each stored zero point
+  if constexpr (ZP) ofs = static_cast<float*>(__builtin_alloca(sizeof(float) * R * G));
   __m512 acc[R][NT];
   for (int r = 0; r < R; ++r) {
     row[r] = packed + (r0 + r) * rb;
+    if constexpr (ZP) {
+      const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
+      for (int64_t g = 0; g < G; ++g) ofs[r * G + g] = base + static_cast<float>(offset_of(z, g, BITS));
+    }
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -810,8 +816,12 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
     const int64_t g0 = b * block / group;  // the block's first group
     for (int r = 0; r < R; ++r) {
       const __m512 s = wide_scale<SK>(scale, (r0 + r) * G + g0, per, idx);
+      __m512 o = off;  // zero points: each lane's group's own, base + the stored zero point (read at the start)
+      if constexpr (ZP)
+        o = per == 1 ? _mm512_set1_ps(ofs[r * G + g0])
+                     : _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << per) - 1), ofs + r * G + g0));
       for (int t = 0; t < NT; ++t) {
-        const __m512 v = _mm512_fnmadd_ps(off, _mm512_loadu_ps(xs + (t * nb + b) * 16), _mm512_add_ps(a[r][t], c[r][t]));
+        const __m512 v = _mm512_fnmadd_ps(o, _mm512_loadu_ps(xs + (t * nb + b) * 16), _mm512_add_ps(a[r][t], c[r][t]));
         acc[r][t] = _mm512_fmadd_ps(s, v, acc[r][t]);
       }
     }
@@ -820,17 +830,17 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
     for (int t = 0; t < NT; ++t) y[t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-template <int BITS, int SK>
-EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint16_t* xq, const float* xs,
+template <int BITS, int SK, bool ZP>
+EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const uint16_t* xq, const float* xs,
                                 int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
   const auto block = [&](auto rows, int64_t r) {
     constexpr int R = decltype(rows)::value;
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) wide_rows<BITS, R, 4, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys);
+    for (; t + 4 <= T; t += 4) wide_rows<BITS, R, 4, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys);
     switch (T - t) {
-      case 3: wide_rows<BITS, R, 3, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 2: wide_rows<BITS, R, 2, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 1: wide_rows<BITS, R, 1, SK>(packed, rb, scale, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 3: wide_rows<BITS, R, 3, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 2: wide_rows<BITS, R, 2, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
+      case 1: wide_rows<BITS, R, 1, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
       default: break;
     }
   };
@@ -840,17 +850,22 @@ EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* s
 }
 
 template <int BITS>
-void wide_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint16_t* xq, const float* xs,
+void wide_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* xq, const float* xs,
                 int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  if (skind == 0) wide_range_as<BITS, 0>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
-  else if (skind == 1) wide_range_as<BITS, 1>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
-  else wide_range_as<BITS, 2>(packed, rb, scale, xq, xs, nb, T, K, group, G, a, b, y, ys);
+  const auto go = [&](auto sk, auto zp) {
+    wide_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, xq, xs, nb, T, K, group, G, a, b, y, ys);
+  };
+  using Z = std::true_type;
+  using N = std::false_type;
+  if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
+  else if (skind == 1) zeros ? go(std::integral_constant<int, 1>{}, Z{}) : go(std::integral_constant<int, 1>{}, N{});
+  else zeros ? go(std::integral_constant<int, 2>{}, Z{}) : go(std::integral_constant<int, 2>{}, N{});
 }
 
 // Whether a scheme's products take the step-wide path: symmetric, whole steps, groups whole in lanes
-inline bool wide_fits(int64_t bits, int64_t K, int64_t group, bool zeros) {
+inline bool wide_fits(int64_t bits, int64_t K, int64_t group) {
   const int64_t SW = bits == 4 ? 128 : 64, SPAN = SW / 4;
-  return !zeros && K % SW == 0 && group % SPAN == 0 && (group >= SW ? group % SW == 0 : SW % group == 0);
+  return K % SW == 0 && group % SPAN == 0 && (group >= SW ? group % SW == 0 : SW % group == 0);
 }
 
 template <int BITS>
@@ -1096,7 +1111,7 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   if (T > (tiles ? TILE_TOKENS : DP_TOKENS)) return false;
   const at::Tensor xc = x.contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const bool wide = wide_on && wide_fits(bits, K, group, !zeros.empty());
+  const bool wide = wide_on && wide_fits(bits, K, group);
   std::vector<uint16_t> xb;
   std::vector<float> xg;
 #ifdef EC_AMX
@@ -1164,8 +1179,8 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
         continue;
       }
 #endif
-      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
-      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
+      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
+      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
       else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
       else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
     }

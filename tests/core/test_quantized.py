@@ -493,9 +493,9 @@ def _random_packed(out: int, inner: int, bits: int, group: int | None, symmetric
 def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group, symmetric, inner, scale_dtype, tokens):
     """A decode step's product (1 to 15 bf16 rows) on a CPU with AVX512-BF16 takes qmm's VDPBF16PS
     paths (stored values as bf16 128 + u, offsets taken off per group or step, four tokens a pass):
-    a symmetric scheme whose rows are whole 64-byte steps the step-wide one (groups smaller than, equal
-    to and larger than a step), others and int4 rows of 320 inputs (two and a half steps) the 16-byte
-    one; from three tokens, with AMX, the tiles for blocks of 16 output rows (the rest as above; zero
+    rows of whole 64-byte steps the step-wide one (groups smaller than, equal to and larger than a
+    step; zero points per lane), int4 rows of 320 inputs (two and a half steps) the 16-byte one;
+    from three tokens, with AMX, the tiles for blocks of 16 output rows (the rest as above; zero
     points taken off per row and group), 17 to 32 tokens in two passes. Each stays within bf16
     rounding of the dequantized reference and of the AVX2 path, for symmetric and zero-point schemes,
     every scale dtype, two weights side by side, and row counts that leave a single row."""
