@@ -679,25 +679,43 @@ EC_DP_TARGET void dp_rows(const uint8_t* packed, int64_t rb, const void* scale, 
     for (int t = 0; t < NT; ++t) y[t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// The scale's kind (0 float32, 1 bf16, 2 fp16) and whether zero points are stored, as template arguments
+template <typename F>
+inline void with_kinds(int skind, bool zp, F&& f) {
+  const auto z = [&](auto sk) { zp ? f(sk, std::true_type{}) : f(sk, std::false_type{}); };
+  if (skind == 0) z(std::integral_constant<int, 0>{});
+  else if (skind == 1) z(std::integral_constant<int, 1>{});
+  else z(std::integral_constant<int, 2>{});
+}
+
+// Rows [a, b) two at a time (then one), against T tokens four at a time (then the rest): block(R, NT,
+// r, t) with R and NT as integral constants
+template <typename Block>
+inline void row_pairs(int64_t T, int64_t a, int64_t b, Block&& block) {
+  const auto rows = [&](auto R, int64_t r) {
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) block(R, std::integral_constant<int, 4>{}, r, t);
+    switch (T - t) {
+      case 3: block(R, std::integral_constant<int, 3>{}, r, t); break;
+      case 2: block(R, std::integral_constant<int, 2>{}, r, t); break;
+      case 1: block(R, std::integral_constant<int, 1>{}, r, t); break;
+      default: break;
+    }
+  };
+  int64_t r = a;
+  for (; r + 2 <= b; r += 2) rows(std::integral_constant<int, 2>{}, r);
+  for (; r < b; ++r) rows(std::integral_constant<int, 1>{}, r);
+}
+
 // Rows [a, b) of one weight against T tokens: two rows at a time, their bytes read from memory
 // once and from L1 for each further group of up to four tokens.
 template <int BITS, int SK, bool ZP>
 EC_DP_TARGET void dp_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const uint16_t* x,
                               const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  const auto block = [&](auto rows, int64_t r) {
-    constexpr int R = decltype(rows)::value;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) dp_rows<BITS, R, 4, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys);
-    switch (T - t) {
-      case 3: dp_rows<BITS, R, 3, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 2: dp_rows<BITS, R, 2, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 1: dp_rows<BITS, R, 1, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      default: break;
-    }
-  };
-  int64_t r = a;
-  for (; r + 2 <= b; r += 2) block(std::integral_constant<int, 2>{}, r);
-  for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
+  row_pairs(T, a, b, [&](auto R, auto NT, int64_t r, int64_t t) {
+    dp_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, x + t * K, xs + t * G * 16, K, group, G,
+                                                                  y + t * ys + (r - a), ys);
+  });
 }
 
 // ---- the same products a cache line a step --------------------------------------------------------
@@ -833,36 +851,21 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
 template <int BITS, int SK, bool ZP>
 EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const uint16_t* xq, const float* xs,
                                 int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  const auto block = [&](auto rows, int64_t r) {
-    constexpr int R = decltype(rows)::value;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) wide_rows<BITS, R, 4, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys);
-    switch (T - t) {
-      case 3: wide_rows<BITS, R, 3, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 2: wide_rows<BITS, R, 2, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      case 1: wide_rows<BITS, R, 1, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G, y + t * ys + (r - a), ys); break;
-      default: break;
-    }
-  };
-  int64_t r = a;
-  for (; r + 2 <= b; r += 2) block(std::integral_constant<int, 2>{}, r);
-  for (; r < b; ++r) block(std::integral_constant<int, 1>{}, r);
+  row_pairs(T, a, b, [&](auto R, auto NT, int64_t r, int64_t t) {
+    wide_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G,
+                                                                    y + t * ys + (r - a), ys);
+  });
 }
 
 template <int BITS>
 void wide_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* xq, const float* xs,
                 int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  const auto go = [&](auto sk, auto zp) {
+  with_kinds(skind, zeros != nullptr, [&](auto sk, auto zp) {
     wide_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, xq, xs, nb, T, K, group, G, a, b, y, ys);
-  };
-  using Z = std::true_type;
-  using N = std::false_type;
-  if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
-  else if (skind == 1) zeros ? go(std::integral_constant<int, 1>{}, Z{}) : go(std::integral_constant<int, 1>{}, N{});
-  else zeros ? go(std::integral_constant<int, 2>{}, Z{}) : go(std::integral_constant<int, 2>{}, N{});
+  });
 }
 
-// Whether a scheme's products take the step-wide path: symmetric, whole steps, groups whole in lanes
+// Whether a scheme's products take the step-wide path: rows of whole steps, groups whole in lanes
 inline bool wide_fits(int64_t bits, int64_t K, int64_t group) {
   const int64_t SW = bits == 4 ? 128 : 64, SPAN = SW / 4;
   return K % SW == 0 && group % SPAN == 0 && (group >= SW ? group % SW == 0 : SW % group == 0);
@@ -871,14 +874,9 @@ inline bool wide_fits(int64_t bits, int64_t K, int64_t group) {
 template <int BITS>
 void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* x,
               const float* xs, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  const auto go = [&](auto sk, auto zp) {
+  with_kinds(skind, zeros != nullptr, [&](auto sk, auto zp) {
     dp_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, x, xs, T, K, group, G, a, b, y, ys);
-  };
-  using Z = std::true_type;
-  using N = std::false_type;
-  if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
-  else if (skind == 1) zeros ? go(std::integral_constant<int, 1>{}, Z{}) : go(std::integral_constant<int, 1>{}, N{});
-  else zeros ? go(std::integral_constant<int, 2>{}, Z{}) : go(std::integral_constant<int, 2>{}, N{});
+  });
 }
 #endif
 
@@ -1029,15 +1027,10 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
 template <int BITS, int CB>
 void tile_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* xb, const float* xs,
                 int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
-  const auto go = [&](auto sk, auto zp) {
+  with_kinds(skind, zeros != nullptr, [&](auto sk, auto zp) {
     for (int64_t r = a; r < b; r += 16)
       tile_rows<BITS, decltype(sk)::value, CB, decltype(zp)::value>(packed, rb, scale, zeros, r, xb, xs, T, K, group, G, y + (r - a), ys);
-  };
-  using Z = std::true_type;
-  using N = std::false_type;
-  if (skind == 0) zeros ? go(std::integral_constant<int, 0>{}, Z{}) : go(std::integral_constant<int, 0>{}, N{});
-  else if (skind == 1) zeros ? go(std::integral_constant<int, 1>{}, Z{}) : go(std::integral_constant<int, 1>{}, N{});
-  else zeros ? go(std::integral_constant<int, 2>{}, Z{}) : go(std::integral_constant<int, 2>{}, N{});
+  });
 }
 
 // The chunk's stored bytes a row: 32, or 16 where an int4 row or group is not whole 64-input chunks
@@ -1064,7 +1057,7 @@ int64_t qmm_tiles(int64_t from) {  // -> the previous setting: products of `from
 bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path too (tests compare both)
 bool wide_on = true;  // qmm_wide(False) sends them down the 16-byte path (tests compare all three)
 
-bool qmm_wide(bool on) {  // -> whether symmetric schemes' few-token products now take the step-wide path
+bool qmm_wide(bool on) {  // -> whether few-token products of whole steps now take the step-wide path
   wide_on = on;
 #ifdef EC_DP
   return on && dp_on && avx512_bf16_ready();
