@@ -882,8 +882,8 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 
 // ---- several tokens on AMX tiles -------------------------------------------------------------------
 // The paths above cost per token: VDPBF16PS multiplies one token's inputs. A tile product
-// (TDPBF16PS) costs the same for 1 and 16 tokens, so for two or more tokens (a server's share of
-// an expert, a short prompt) the stored values are widened as above (bf16 128 + u; int8's high
+// (TDPBF16PS) costs the same for 1 and 16 tokens, so from three tokens to 32 (two passes; a server's
+// share of an expert, a prompt's chunk) the stored values are widened as above (bf16 128 + u; int8's high
 // nibble 2048 + 16 h) into two 16-row A tiles a 32-byte chunk, x is the B operand (pairs of inputs
 // x tokens, in the order the widening leaves the weights in), and a group's sums come out of the
 // accumulator tile to be scaled per row and token in float32; the offset is taken off per group with
