@@ -89,7 +89,7 @@ def kernels(experts: int = 12, repeats: int = 9) -> dict:
         for c in copies:
             q.prepare(c)
         packed[name] = (q, copies, (time.perf_counter() - t0) / experts, sum(t.numel() * t.element_size() for t in one))
-    for n in (1, 8):
+    for n in (1, 8, 16):
         x = torch.randn(n, h, dtype=torch.bfloat16)
         xi = torch.randn(n, i, dtype=torch.bfloat16)
         t = med(lambda: [(gemm.linear_pair(x, e[0], e[1]), gemm.linear(xi, e[2])) for e in bf], experts)
