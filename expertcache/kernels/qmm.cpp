@@ -29,7 +29,7 @@ namespace {
 constexpr int TB = 4;  // tokens per pass over a row
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in a row that a one-token pass asks for
 constexpr int64_t DP_PREFETCH = 8192;  // ...on the AVX512-BF16 path
-constexpr int64_t DP_TOKENS = 15;  // tokens up to which bf16 products take it (from 16 quant.py dequantizes for torch's GEMM)
+constexpr int64_t DP_TOKENS = 15;  // tokens up to which bf16 products take it without tiles (from 16 quant.py dequantizes for torch's GEMM)
 
 // One output row's zero points as stored: packed along the output dimension, so row r's value for
 // group g is at bit (r * bits) % 32 of the int32 word [(r * bits) / 32, g]. words == nullptr:
@@ -1117,10 +1117,21 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
     else tile_inputs<4, 16>(xp, T, K, group, xb.data(), xg.data());
   }
 #endif
+  // jobs of up to 64 rows of one weight; on the tiles, whole 16-row blocks counted from the weight's
+  // first row and its last rows apart, so a row's path (and bits) never depends on the thread count
+  // or on the weights beside it
+  struct Job { size_t i; int64_t a, b; bool tile; };
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t n = first[i + 1] - first[i], whole = tiles ? n / 16 * 16 : 0;
+    for (int64_t a = 0; a < whole; a += 64) jobs.push_back({i, a, std::min(a + 64, whole), true});
+    for (int64_t a = whole; a < n; a += 64) jobs.push_back({i, a, std::min(a + 64, n), false});
+  }
+  const bool rest = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return !j.tile; });
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
-  std::vector<uint16_t> xq;
+  std::vector<uint16_t> xq;  // x as the VDPBF16PS paths read it: only where some rows take them
   std::vector<float> xs;
-  if (wide) {
+  if (rest && wide) {
     xq.resize(T * K);
     xs.resize(T * nb * 16);
     for (int64_t t = 0; t < T; ++t) {
@@ -1128,7 +1139,7 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
       else wide_order<8>(xp + t * K, K, xq.data() + t * K);
       wide_sums(xq.data() + t * K, K, block, xs.data() + t * nb * 16);
     }
-  } else {
+  } else if (rest) {
     xs.resize(T * G * 16);
     for (int64_t t = 0; t < T; ++t) dp_pair_sums(xp + t * K, K, group, xs.data() + t * G * 16);
   }
@@ -1143,16 +1154,6 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   y = at::empty({T, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const float* xsp = xs.data();
-  // jobs of up to 64 rows of one weight; on the tiles, whole 16-row blocks counted from the weight's
-  // first row and its last rows apart, so a row's path (and bits) never depends on the thread count
-  // or on the weights beside it
-  struct Job { size_t i; int64_t a, b; bool tile; };
-  std::vector<Job> jobs;
-  for (size_t i = 0; i < packed.size(); ++i) {
-    const int64_t n = first[i + 1] - first[i], whole = tiles ? n / 16 * 16 : 0;
-    for (int64_t a = 0; a < whole; a += 64) jobs.push_back({i, a, std::min(a + 64, whole), true});
-    for (int64_t a = whole; a < n; a += 64) jobs.push_back({i, a, std::min(a + 64, n), false});
-  }
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
 #ifdef EC_AMX
     bool configured = false;
