@@ -117,8 +117,13 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     several rows through float32 (gemm.py)."""
     if quant is None and len(parts) == 3 and parts[0].dtype is x.dtype and _silu_gated(module):
         gate, up, down = parts  # the common case first, past the checks below: act(gate) * up, then down
+        if gemm.amm_expert(x, gate, up, down):  # all three products on amm: the chain below in one call
+            return torch.ops.expertcache.glu_expert(x, parts, 16, 0)
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)
         return gemm.linear(F.silu(g) * u, down, upcast=upcast)
+    if quant is not None and quant.glu_kernel(x) and not module.has_post_expert_norm and _default_gate(type(module)) \
+            and _plain_act(module.act_fn) is F.silu:  # the branch below's qmm calls and gate in one call
+        return torch.ops.expertcache.glu_expert(x, parts, quant.scheme.bits, quant.scheme.group_size or 0)
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
         if _default_gate(type(module)):

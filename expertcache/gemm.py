@@ -222,6 +222,15 @@ def _amm(x: torch.Tensor, w: torch.Tensor) -> bool:
             and torch.get_num_threads() == 1 and amx_kernel(torch.bfloat16))
 
 
+def amm_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether linear_pair(x, gate, up) and linear(h, down) (h: silu(gate) * up, x's rows) all take amm."""
+    if not (gate.shape == up.shape and _amm(x, gate) and _amm(x, up)):
+        return False
+    k = down.shape[-1]
+    return (AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and not k % 32 and down.dtype is torch.bfloat16 and down.dim() == 2
+            and (x.numel() // x.shape[-1]) * k * down.shape[0] > 4096 and down.stride(1) == 1 and not down.requires_grad)
+
+
 def _amm_call(x: torch.Tensor, w: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() == 2:  # an expert's rows: no reshapes (this is a decode step's hot path)
         return torch.ops.expertcache.amm(x, w, bias)

@@ -41,15 +41,21 @@ ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own
 class _Product:
     """One row through one or more Linears side by side ([1, in] -> [1, sum of outs]): one amm call
     on their weights (and biases, all or none) where each is a plain Linear whose forward
-    (install_dense's) would take amm for a row, else each module's own forward, concatenated.
+    (install_dense's) would take amm for a row, one qmm call where all are QuantLinears of one
+    scheme (whose forwards are qmm calls), else each module's own forward, concatenated.
     Either way each output is the module's own bits (amm computes every output as its own sum
     over the same inputs, its bias added in float32 before the one rounding, as for one Linear)."""
 
-    __slots__ = ("modules", "weights", "bias")
+    __slots__ = ("modules", "weights", "bias", "quant")
 
     def __init__(self, *modules: nn.Module) -> None:
         self.modules = modules
-        self.weights, self.bias = None, None
+        self.weights, self.bias, self.quant = None, None, None
+        if _quant_side_by_side(modules):  # QuantLinears of one scheme: one qmm call on all their weights
+            ops = [m.operands() for m in modules]
+            self.quant = ([p for o in ops for p in o[0]], [s for o in ops for s in o[1]], [z for o in ops for z in o[2]],
+                          modules[0].scheme.bits, modules[0].group)
+            return
         if not all(type(m) is nn.Linear and getattr(m.forward, "__func__", None) is gemm.dense_forward for m in modules):
             return
         biases = [m.bias for m in modules]
@@ -61,11 +67,26 @@ class _Product:
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # amm adds it per output
 
     def __call__(self, x: torch.Tensor, direct: bool) -> torch.Tensor:
+        if self.quant is not None:
+            return torch.ops.expertcache.qmm(x, *self.quant)
         if direct and self.weights is not None:
             return torch.ops.expertcache.amm(x, self.weights, self.bias)
         if len(self.modules) == 1:
             return self.modules[0].forward(x)
         return torch.cat([m.forward(x) for m in self.modules], dim=-1)
+
+
+def _quant_side_by_side(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether `modules` are QuantLinears (the class itself, its own forward) of one scheme and input
+    size, none with a bias, zero points in all or none: qmm on their weights together gives each
+    output the bits of its own module's forward (every output is its own row's sum)."""
+    from .quant import QuantLinear
+
+    if not all(type(m) is QuantLinear and "forward" not in m.__dict__ and m.bias is None for m in modules):
+        return False
+    first = modules[0]
+    return all(m.scheme == first.scheme and m.in_features == first.in_features and m.group == first.group
+               and (m.weight_zero_point is None) == (first.weight_zero_point is None) for m in modules)
 
 
 @dataclass

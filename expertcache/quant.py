@@ -187,6 +187,16 @@ class QuantExperts:
             return False
         return self.kernels[i] == NATIVE and (f32 or not gemm.slow_half(x.dtype))
 
+    def glu_kernel(self, x: torch.Tensor) -> bool:
+        """Whether an expert's three products with x all go to qmm (expertcache's kernel on the
+        stored bytes; see _dense): then glu_expert computes the expert in one call."""
+        return x.dim() == 2 and self.all_native and not (self._dense(x, 0) or self._dense(x, 1) or self._dense(x, 2))
+
+    @functools.cached_property
+    def all_native(self) -> bool:
+        """Whether every matrix is multiplied by expertcache's kernel on its stored bytes."""
+        return len(self.kernels) == 3 and all(k == NATIVE for k in self.kernels)
+
     def weight(self, parts: tuple[torch.Tensor, ...], i: int, *, workspace: bool = False) -> torch.Tensor:
         """Matrix i dequantized [out, in] in its scale's dtype, by expertcache's kernel (dq);
         `workspace`: into this thread's buffer for matrix i's shape and dtype, overwritten by its
@@ -257,10 +267,20 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("weight_scale", parts[1])
         self.register_buffer("weight_zero_point", parts[2] if len(parts) > 2 else None)  # bytes, as stored
         self.bias = bias
+        self.group = scheme.group_size or self.in_features
+
+    def operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """qmm's packed, scale and zero-point lists for this weight (read from the module's buffers
+        directly: a decode step calls this dozens of times)."""
+        b = self._buffers
+        z = b["weight_zero_point"]
+        return [b["weight_packed"]], [b["weight_scale"]], [] if z is None else [z]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zeros = [] if self.weight_zero_point is None else [self.weight_zero_point]
-        y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), [self.weight_packed], [self.weight_scale], zeros,
-                                      self.scheme.bits, self.scheme.group_size or self.in_features)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        packed, scale, zeros = self.operands()
+        if x.dim() == 2:
+            y = torch.ops.expertcache.qmm(x, packed, scale, zeros, self.scheme.bits, self.group)
+        else:
+            y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), packed, scale, zeros, self.scheme.bits, self.group)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

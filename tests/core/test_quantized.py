@@ -163,6 +163,68 @@ def test_bf16_products_of_up_to_32_rows_stay_in_qmm_where_it_takes_the_tiles():
         torch.ops.expertcache.qmm_tiles(was)
 
 
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 64, True), (4, 32, True), (8, None, True), (4, 32, False), (8, None, False)])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_glu_expert_is_the_experts_chain_bit_for_bit(bits, group, symmetric, tokens):
+    """glu_expert (a silu-gated expert in one kernel call) gives the bits of the chain expert_output
+    runs otherwise: qmm on gate and up, silu(gate) * up, qmm on down; and expert_output takes it for
+    a decode step's rows."""
+    if not kernels.available():
+        pytest.skip("no kernels here: experts take torch's products")
+    from torch import nn
+
+    from expertcache import experts
+
+    torch.manual_seed(5)
+    H, I = 256, 192
+    shapes = ((I, H), (I, H), (H, I))
+    parts = []
+    for out, inner in shapes:
+        _, scale, packed, zeros, _ = _random_packed(out, inner, bits, group, symmetric, torch.bfloat16, 0.02)
+        parts += [packed, scale, *zeros]
+    quant = QuantExperts(Scheme(bits, group, symmetric=symmetric), shapes)
+    x = torch.randn(tokens, H).bfloat16()
+    g = group or H
+    z = (lambda i: [parts[3 * i + 2]]) if not symmetric else (lambda i: [])
+    per = 2 if symmetric else 3
+    gu = torch.ops.expertcache.qmm(x, [parts[0], parts[per]], [parts[1], parts[per + 1]], z(0) + z(1), bits, g)
+    gate, up = gu.chunk(2, dim=-1)
+    want = torch.ops.expertcache.qmm(torch.nn.functional.silu(gate) * up, [parts[2 * per]], [parts[2 * per + 1]], z(2), bits,
+                                     group or I)
+    got = torch.ops.expertcache.glu_expert(x, parts, bits, group or 0)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+    class Experts(nn.Module):  # what expert_output reads of an experts module: transformers' default gate, a plain SiLU
+        _apply_gate = staticmethod(__import__("transformers.integrations.moe", fromlist=["_default_apply_gate"])._default_apply_gate)
+        has_post_expert_norm, is_transposed, has_bias = False, False, False
+        act_fn = nn.SiLU()
+
+    seen = []
+    real = torch.ops.expertcache.glu_expert
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experts.torch.ops.expertcache, "glu_expert", lambda *a: seen.append(1) or real(*a))
+        y = experts.expert_output(Experts(), x, tuple(parts), 0, quant)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)) and seen == [1]
+
+
+def test_bf16_glu_expert_is_the_experts_chain_bit_for_bit():
+    """The bf16 form (amm on gate and up, silu(gate) * up, amm on down) gives expert_output's bits."""
+    if not kernels.available() or not torch.ops.expertcache.amx():
+        pytest.skip("no AMX here: bf16 experts take torch's products")
+    from expertcache import gemm
+
+    torch.manual_seed(6)
+    gate, up, down = (torch.randn(192, 256) * 0.05).bfloat16(), (torch.randn(192, 256) * 0.05).bfloat16(), (torch.randn(256, 192) * 0.05).bfloat16()
+    for tokens in (1, 4):
+        x = torch.randn(tokens, 256).bfloat16()
+        assert gemm.amm_expert(x, gate, up, down)
+        g, u = gemm.linear_pair(x, gate, up)
+        want = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
+        got = torch.ops.expertcache.glu_expert(x, [gate, up, down], 16, 0)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not gemm.amm_expert(torch.randn(1, 256).bfloat16(), gate, up, down.float())
+
+
 def test_quantized_weights_are_nearer_than_plain_rounding():
     """The scale search beats absmax scaling in squared error (int4, where it matters)."""
     torch.manual_seed(1)
