@@ -30,7 +30,7 @@ constexpr int TB = 4;  // tokens per pass over a row
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in a row that a one-token pass asks for
 constexpr int64_t DP_PREFETCH = 8192;  // ...on the AVX512-BF16 path
 // the step-wide path asks for each line twice: into L2 WIDE_FAR bytes ahead, into L1 WIDE_NEAR ahead
-// (from memory ~10% faster than one request into L1 at any distance, measured with int4 rows of 512 bytes)
+// (from memory int8 rows run faster so than with one request into L1 far ahead; int4 rows about even: docs/quantized.md)
 constexpr int64_t WIDE_FAR = 8192, WIDE_NEAR = 1024;
 constexpr int64_t DP_TOKENS = 15;  // tokens up to which bf16 products take it without tiles (from 16 quant.py dequantizes for torch's GEMM)
 
@@ -766,12 +766,6 @@ template <int SK>
 EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __m512i idx) {
   if (per == 1)
     return _mm512_set1_ps(SK == 0 ? static_cast<const float*>(scale)[at] : half_scalar(static_cast<const uint16_t*>(scale)[at], SK == 2));
-  if (SK == 1 && per == 2) {  // two bf16 scales as one broadcast word: lanes 0-7 the first (shifted up), 8-15 the second
-    int32_t pair;
-    std::memcpy(&pair, static_cast<const uint16_t*>(scale) + at, 4);
-    const __m512i v = _mm512_set1_epi32(pair);
-    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))), 0x00FF, v, 16));
-  }
   const __mmask16 m = static_cast<__mmask16>((1u << per) - 1);
   __m512 v;
   if constexpr (SK == 0) v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
