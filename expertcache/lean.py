@@ -109,6 +109,7 @@ class _Layer:
     sdpa: dict | None  # torch's sdpa keywords transformers passes for one query without a mask (None: call its function)
     wide_norm: bool  # q_norm and k_norm over the whole projections (OLMoE), not per head (Qwen3)
     clip: float | None  # clip_qkv: the projections clamped to [-clip, clip] after the norms (OLMoE)
+    fused: tuple | None = None  # lean_layer's arguments that do not change between steps (None: it does not apply)
 
 
 def why_not(model: nn.Module, upcast: bool) -> str | None:
@@ -172,6 +173,8 @@ class LeanDecoder:
         self._cache_types = (DynamicCache, DynamicLayer)
         self._own_hooks = frozenset(h.id for h in runtime._hooks)  # the runtime's, installed at bind, before this
         self._rms_chain = all(_is_rms_chain(m) for m in self._norms())
+        for L in self.layers:
+            L.fused = _fused_arguments(L, self._rms_chain)
         self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _norms(self) -> list[nn.Module]:
@@ -239,9 +242,20 @@ class LeanDecoder:
                 mask = create_causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
                                           past_key_values=past, position_ids=pos)
             norm = self._norm
-            for L in self.layers:
-                h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct, mask)
-                x = norm(L.norm2, h)
+            one = (direct and mask is None and n == 1 and not past.offloading and h.dtype is torch.bfloat16 and cos.is_contiguous()
+                   and sin.is_contiguous())
+            for L, cached in zip(self.layers, past.layers):
+                if one and L.fused is not None and cached.is_initialized and cos.numel() == L.attn.head_dim:
+                    # the Python below in one kernel call, the router's too (lean_layer: its ATen operations and kernels)
+                    h, x, cached.keys, cached.values, logits, weights, ids = torch.ops.expertcache.lean_layer(
+                        h, *L.fused[0], cos, sin, cached.keys, cached.values, *L.fused[1])
+                    if L.sparse is not None and logits is not None:
+                        rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
+                        h = h + rt.forward(L.experts, L.sparse, x, ids, weights)
+                        continue
+                else:
+                    h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct, mask)
+                    x = norm(L.norm2, h)
                 h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x[:, None])[:, 0])  # a block's own forward: [B, 1, H]
             return self.logits(norm(self.norm, h), direct)  # logits_to_keep=1
         finally:
@@ -291,6 +305,47 @@ class LeanDecoder:
         rt = self.runtime
         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
         return rt.forward(L.experts, L.sparse, x, ids, weights)
+
+
+def _fused_arguments(L: _Layer, rms_chain: bool) -> tuple | None:
+    """lean_layer's fixed arguments for layer L (before and after the per-step ones), or None where
+    the kernel would not run the Python's operations: norms other than bf16 RMSNorm chains, OLMoE's
+    whole-projection norms or clip, an attention that needs transformers' function, projections
+    other than one amm or one qmm call, a router other than the lean ones."""
+    from . import kernels
+
+    if not (rms_chain and kernels.available() and gemm.tail_kernels()) or L.wide_norm or L.clip is not None or L.sdpa is None:
+        return None
+    norms = [m for m in (L.norm1, L.norm2, L.q_norm, L.k_norm) if m is not None]
+    if any(m.weight.dtype is not torch.bfloat16 for m in norms) or (L.q_norm is None) != (L.k_norm is None):
+        return None
+    if L.q_norm is not None and L.q_norm.variance_epsilon != L.k_norm.variance_epsilon:
+        return None
+
+    def product(p: _Product):
+        if p.quant is not None:
+            return p.quant
+        if p.weights is not None:
+            return p.weights, [], [], 16, 0
+        return None
+
+    qkv, o = product(L.qkv), product(L.o)
+    if qkv is None or o is None or L.o.bias is not None or (L.qkv.bias is not None and qkv[3] != 16):
+        return None
+    kind, k, renorm, router = 0, 0, False, None  # kind 0: the router runs after the call, in Python
+    route = L.route
+    if L.sparse is not None and route is not None and route.__name__ in ("mixtral", "qwen"):
+        w = L.router.weight
+        if gemm._amm(torch.zeros(1, w.shape[1], dtype=w.dtype), w):  # its logits through amm, as gemm.linear's
+            kind, k, router = (1 if route.__name__ == "mixtral" else 2), L.router.top_k, w
+            renorm = True if kind == 1 else bool(getattr(L.router, "norm_topk_prob", False))
+    a = L.attn
+    before = (L.norm1.weight, L.norm1.variance_epsilon, *qkv, L.qkv.bias,
+              None if L.q_norm is None else L.q_norm.weight, None if L.k_norm is None else L.k_norm.weight,
+              0.0 if L.q_norm is None else L.q_norm.variance_epsilon)
+    after = (L.nq, L.nkv, a.scaling, bool(L.sdpa.get("enable_gqa", False)), *o, L.norm2.weight, L.norm2.variance_epsilon,
+             router, kind, k, renorm)
+    return before, after
 
 
 def _sdpa_keywords(attn: nn.Module) -> dict | None:

@@ -1443,6 +1443,61 @@ EC_EXACT_FLOAT at::Tensor combine(at::TensorList ys, const at::Tensor& w) {
   return out;
 }
 
+// ---- a decode step's attention half in one call ---------------------------------------------------
+// lean.py's one-token step between the MoE blocks, for a layer whose norms are RMSNorm chains, whose
+// rotary embedding is whole, and whose projections take amm (bits 16: bf16 weights [, biases]) or
+// qmm (bits 4 / 8: QuantLinear operands): the same ATen operations and kernels in the same order and
+// dtypes as its Python, so the same bits, without ~20 Python-level calls a layer.
+
+// gemm.rms_norm's bf16 path: torch's own mean of squares, then rms_tail
+at::Tensor rms_norm_bf16(const at::Tensor& h, const at::Tensor& w, double eps) {
+  const at::Tensor hs = h.to(at::kFloat);
+  const at::Tensor var = hs.pow(2).mean({-1}, true);
+  return rms_tail(hs.view({-1, hs.size(-1)}), var, w, eps).view(h.sizes());
+}
+
+at::Tensor project(const at::Tensor& x, at::TensorList w, at::TensorList s, at::TensorList z, int64_t bits, int64_t group,
+                   const std::optional<at::Tensor>& bias) {
+  if (bits == 16) return amm(x, w, bias);
+  TORCH_CHECK(!bias.has_value() || !bias->defined(), "lean_layer: quantized projections without biases");
+  return qmm(x, w, s, z, bits, group);
+}
+
+// h [1, H] bf16 -> (h + attention(norm1(h)), norm2 of that, the layer's keys and values with this
+// position's appended (DynamicLayer.update's cat), router logits, top weights, top ids (undefined
+// without a router: router_kind 0; 1 Mixtral's, 2 Qwen's softmax and top-k))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lean_layer(
+    const at::Tensor& h, const at::Tensor& norm1, double eps1, at::TensorList qkv_w, at::TensorList qkv_s, at::TensorList qkv_z,
+    int64_t qkv_bits, int64_t qkv_group, const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& q_norm,
+    const std::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
+    const at::Tensor& values, int64_t nq, int64_t nkv, double scaling, bool gqa, at::TensorList o_w, at::TensorList o_s,
+    at::TensorList o_z, int64_t o_bits, int64_t o_group, const at::Tensor& norm2, double eps2,
+    const std::optional<at::Tensor>& router, int64_t router_kind, int64_t top_k, bool renorm) {
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == 1, "lean_layer: one row [1, H]");
+  const at::Tensor x = rms_norm_bf16(h, norm1, eps1);
+  const at::Tensor qkv = project(x, qkv_w, qkv_s, qkv_z, qkv_bits, qkv_group, qkv_bias);
+  const int64_t d = keys.size(-1);
+  const at::Tensor heads = qkv.view({1, -1, d});  // [1, Hq + 2 Hkv, d]
+  at::Tensor qk = heads.narrow(1, 0, nq + nkv);
+  if (q_norm.has_value() && q_norm->defined())  // Qwen3: per head, then side by side
+    qk = at::cat({rms_norm_bf16(heads.narrow(1, 0, nq), *q_norm, qk_eps), rms_norm_bf16(heads.narrow(1, nq, nkv), *k_norm, qk_eps)}, 1);
+  qk = rotary(qk, cos, sin);
+  const at::Tensor q = qk.narrow(1, 0, nq).unsqueeze(2), k = qk.narrow(1, nq, nkv).unsqueeze(2);  // [1, heads, 1, d]
+  const at::Tensor v = heads.narrow(1, nq + nkv, nkv).unsqueeze(2);
+  at::Tensor all_k = at::cat({keys, k}, -2), all_v = at::cat({values, v}, -2);
+  const at::Tensor out = at::scaled_dot_product_attention(q, all_k, all_v, std::nullopt, 0.0, false, scaling, gqa);
+  const at::Tensor h2 = at::add(h, project(out.reshape({1, -1}), o_w, o_s, o_z, o_bits, o_group, std::nullopt));
+  const at::Tensor x2 = rms_norm_bf16(h2, norm2, eps2);
+  at::Tensor logits, top, ids;
+  if (router_kind != 0) {
+    logits = amm(x2, {*router}, std::nullopt);
+    std::tie(top, ids) = at::topk(router_kind == 1 ? at::softmax(logits.to(at::kFloat), -1) : at::softmax(logits, -1, at::kFloat), top_k, -1);
+    if (renorm) top.div_(top.sum({-1}, true));
+    if (router_kind == 2) top = top.to(logits.scalar_type());
+  }
+  return {h2, x2, all_k, all_v, logits, top, ids};
+}
+
 // One expert of the common kind (transformers' default gate with a plain SiLU, no biases) on a few
 // rows: silu(x gate) * (x up), then down, in one call. bits 16: bf16 weights (gate, up, down) through
 // amm; 4 or 8: (packed, scale[, zero points]) for each of the three through qmm (group 0: a row's
@@ -1478,6 +1533,10 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
   m.def("amm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", amm);
   m.def("glu_expert(Tensor x, Tensor[] parts, int bits, int group) -> Tensor", glu_expert);
+  m.def("lean_layer(Tensor h, Tensor norm1, float eps1, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_z, int qkv_bits, int qkv_group, "
+        "Tensor? qkv_bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, Tensor keys, Tensor values, int nq, "
+        "int nkv, float scaling, bool gqa, Tensor[] o_w, Tensor[] o_s, Tensor[] o_z, int o_bits, int o_group, Tensor norm2, float eps2, "
+        "Tensor? router, int router_kind, int top_k, bool renorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", lean_layer);
   m.def("amx() -> bool", amx);
   m.def("qmm_fast(bool on) -> bool", qmm_fast);
   m.def("qmm_wide(bool on) -> bool", qmm_wide);

@@ -25,6 +25,10 @@ CASES = {
     # bf16 at hidden 128: every projection of a row takes amm on an AMX CPU (query, key, value in one call)
     "mixtral-bf16": ("mixtral", dict(num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)),
     "mixtral-f32": ("mixtral", dict(num_experts=8, top_k=2)),
+    # routers of 40 experts: their logits take amm, so the fused layer call routes too (Mixtral's softmax and Qwen's)
+    "mixtral-bf16-router": ("mixtral", dict(num_experts=40, top_k=2, dtype=torch.bfloat16, expert_intermediate=32, hidden_size=128)),
+    "qwen3-bf16-router": ("qwen3_moe", dict(num_experts=40, top_k=4, norm_topk_prob=True, dtype=torch.bfloat16, expert_intermediate=32,
+                                            hidden_size=128)),
     # q/k norms, a dense MLP layer, tied embeddings, three of twelve experts
     "qwen3-bf16-dense-tied": ("qwen3_moe", dict(num_experts=12, top_k=3, norm_topk_prob=True, dtype=torch.bfloat16, num_layers=3,
                                                  mlp_only_layers=[1], tie_word_embeddings=True, expert_intermediate=64,
@@ -78,6 +82,15 @@ def _reference(model_dir, tokens: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _count_layer_calls(monkeypatch) -> list:
+    """A list that grows by one at each lean_layer call (the attention half of a layer in one kernel call)."""
+    calls = []
+    if kernels.available():
+        real = torch.ops.expertcache.lean_layer
+        monkeypatch.setattr(torch.ops.expertcache, "lean_layer", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t.view(torch.int32)
 
@@ -90,13 +103,20 @@ def test_lean_steps_are_the_models_own(case, budget, checkpoint, monkeypatch):
     expert_budget = min_budget(model_dir) if budget == "min" else budget
     with expertcache.load(model_dir, expert_budget=expert_budget, prefetch="next-gate", io="buffered") as eng:
         assert eng.stats()["decode_step"] == "lean"
-        ran = []
+        ran, fused = [], _count_layer_calls(monkeypatch)
         step = eng.model.__dict__[LEAN_ATTR].step
         monkeypatch.setattr(eng.model.__dict__[LEAN_ATTR], "step", lambda *a: (ran.append(1), step(*a))[1])
         tokens, fast = _steps(eng)
         assert len(ran) == STEPS, "the decode steps did not take the lean path"
-        if kw.get("dtype") == torch.bfloat16 and gemm.amx_kernel(torch.bfloat16):  # the fused projections really ran
+        amx = kw.get("dtype") == torch.bfloat16 and gemm.amx_kernel(torch.bfloat16)
+        if amx:  # the fused projections really ran
             assert all(L.qkv.weights is not None for L in eng.model.__dict__[LEAN_ATTR].layers)
+        # the attention half and router in one kernel call a layer: bf16 on AMX, whole rotary embeddings, per-head norms
+        # or none (OLMoE's whole-projection norms and clip, GLM-4.5's partial rotary embedding: the Python)
+        layers = len(eng.model.model.layers)
+        assert len(fused) == (STEPS * layers if amx and family in ("mixtral", "qwen3_moe", "qwen2_moe") else 0)
+        routed = [L.fused[1][-3] for L in eng.model.__dict__[LEAN_ATTR].layers if L.fused is not None and L.sparse is not None]
+        assert all(routed) == (case.endswith("-router") and amx) or not routed
         if family in ("mixtral", "qwen3_moe", "olmoe"):  # their routers' math written out (the others' blocks run their own)
             assert all(L.route is not None for L in eng.model.__dict__[LEAN_ATTR].layers if L.sparse is not None)
         monkeypatch.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
@@ -268,7 +288,11 @@ def test_quantized_dense_projections_keep_the_models_bits(case, checkpoint, tmp_
     with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered") as eng:
         assert eng.stats()["decode_step"] == "lean"
         assert type(eng.model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
-        tokens, fast = _steps(eng)
+        with monkeypatch.context() as m:
+            fused = _count_layer_calls(m)
+            tokens, fast = _steps(eng)
+        # QuantLinears without biases side by side in one qmm call, in the fused layer (Qwen2-MoE's biases: the Python)
+        assert len(fused) == (STEPS * len(eng.model.model.layers) if case == "mixtral-bf16" and gemm.amx_kernel(torch.bfloat16) else 0)
         with monkeypatch.context() as m:
             m.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
             _, slow = _steps(eng, tokens)
