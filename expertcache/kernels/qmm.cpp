@@ -760,6 +760,19 @@ EC_DP_TARGET void wide_sums(const uint16_t* xq, int64_t K, int64_t block, float*
   }
 }
 
+// xg[g]: the sum of x's inputs over group g (bf16 x, float32 sums)
+EC_DP_TARGET void group_sums(const uint16_t* x, int64_t K, int64_t group, float* xg) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      const __m512i v = _mm512_loadu_si512(x + k);
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+    }
+    xg[g] = _mm512_reduce_add_ps(a);
+  }
+}
+
 // Scales of one row as float32 lanes: per = 1: scale g everywhere; else lane i takes scale g + idx[i]
 // (the step's groups, masked to the `per` it holds)
 template <int SK>
@@ -778,31 +791,67 @@ EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __
 
 // R rows from r0 against NT tokens (xq: NT rows of K in wide order; xs: their block sums, nb blocks
 // each); y[t * ys + r] as dp_rows
+// Symmetric schemes (xg: each token's input sum per group, G a token) take the offset off once a row
+// (off * sum over groups of scale * group sum) and a row's scales as float32 once, so a step ends
+// with one add, one permute and one multiply-add a row.
+// A weight's step layout, worked out once a range of rows (integer divisions cost ~15 cycles each: a
+// row pair of 1024 int4 inputs is only 8 steps): a block is one group, or one step holding `per`
+// groups; lane i of a step belongs to span i / 4, so to the step's group idx[i]
+struct WideShape {
+  int per;
+  int64_t block, nb, groups;
+  __m512i idx;
+};
+
+template <int BITS>
+EC_DP_TARGET WideShape wide_shape(int64_t K, int64_t group) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64, SPAN = SW / 4;
+  WideShape w;
+  w.per = group >= SW ? 1 : static_cast<int>(SW / group);
+  w.block = group >= SW ? group : SW;
+  w.nb = K / w.block;
+  w.groups = w.block / group;
+  alignas(64) int32_t id[16];
+  for (int i = 0; i < 16; ++i) id[i] = w.per > 1 ? static_cast<int32_t>(SPAN * (i / 4) / group) : 0;
+  w.idx = _mm512_load_si512(id);
+  return w;
+}
+
 template <int BITS, int R, int NT, int SK, bool ZP>
 EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const uint16_t* xq,
-                            const float* xs, int64_t K, int64_t group, int64_t G, float* y, int64_t ys) {
-  constexpr int64_t SW = BITS == 4 ? 128 : 64, SPAN = SW / 4;
+                            const float* xs, const float* xg, int64_t K, int64_t G, const WideShape& shape, float* y, int64_t ys) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64;
   const __m512i nib = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43), chi = _mm512_set1_epi8(BITS == 4 ? 0x43 : 0x45);
   const float base = BITS == 4 ? 128.0f : 2176.0f;  // what the widened values hold beyond u
   const __m512 off = _mm512_set1_ps(base + (1 << (BITS - 1)));  // symmetric: the offset 2^(bits-1) on top
-  // a block: one group, or one step holding `per` groups; lane i of a step: span i / 4
-  const int per = group >= SW ? 1 : static_cast<int>(SW / group);
-  const int64_t block = group >= SW ? group : SW, nb = K / block;
-  __m512i idx = _mm512_setzero_si512();
-  if (per > 1) {
-    alignas(64) int32_t id[16];
-    for (int i = 0; i < 16; ++i) id[i] = static_cast<int32_t>(SPAN * (i / 4) / group);
-    idx = _mm512_load_si512(id);
-  }
+  const int per = shape.per;
+  const int64_t block = shape.block, nb = shape.nb, groups = shape.groups;
+  const __m512i idx = shape.idx;
   const uint8_t* row[R];
   float* ofs = nullptr;  // zero points: [R][G] offsets, base + each stored zero point
   if constexpr (ZP) ofs = static_cast<float*>(__builtin_alloca(sizeof(float) * R * G));
+  const int64_t GP = ((G + 15) / 16 + 1) * 16;  // symmetric: each row's scales as float32, zeros after them (whole-vector reads)
+  float* sf = nullptr;
+  if constexpr (!ZP) sf = static_cast<float*>(__builtin_alloca(sizeof(float) * R * GP));
   __m512 acc[R][NT];
   for (int r = 0; r < R; ++r) {
     row[r] = packed + (r0 + r) * rb;
     if constexpr (ZP) {
       const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
       for (int64_t g = 0; g < G; ++g) ofs[r * G + g] = base + static_cast<float>(offset_of(z, g, BITS));
+    } else {
+      for (int64_t g = 0; g < GP; g += 16) {
+        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, G - g));
+        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+        const int64_t at = (r0 + r) * G + g;
+        __m512 v;
+        if constexpr (SK == 0) v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
+        else {
+          const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + at);
+          v = SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+        }
+        _mm512_storeu_ps(sf + r * GP + g, v);
+      }
     }
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
@@ -835,7 +884,15 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
         }
       }
     }
-    const int64_t g0 = b * block / group;  // the block's first group
+    const int64_t g0 = b * groups;  // the block's first group
+    if constexpr (!ZP) {
+      for (int r = 0; r < R; ++r) {
+        const float* sr = sf + r * GP + g0;
+        const __m512 s = per == 1 ? _mm512_set1_ps(*sr) : _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sr));
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(s, _mm512_add_ps(a[r][t], c[r][t]), acc[r][t]);
+      }
+      continue;
+    }
     for (int r = 0; r < R; ++r) {
       const __m512 s = wide_scale<SK>(scale, (r0 + r) * G + g0, per, idx);
       __m512 o = off;  // zero points: each lane's group's own, base + the stored zero point (read at the start)
@@ -848,24 +905,34 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
       }
     }
   }
+  if constexpr (!ZP)  // the offset: off * sum_g scale_g * (token's inputs over group g)
+    for (int64_t g = 0; g < G; g += 16) {
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g)) - 1);
+      for (int r = 0; r < R; ++r) {
+        const __m512 so = _mm512_mul_ps(off, _mm512_loadu_ps(sf + r * GP + g));
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fnmadd_ps(so, _mm512_maskz_loadu_ps(m, xg + t * G + g), acc[r][t]);
+      }
+    }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) y[t * ys + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 template <int BITS, int SK, bool ZP>
 EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const uint16_t* xq, const float* xs,
-                                int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+                                const float* xg, int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y,
+                                int64_t ys) {
+  const WideShape shape = wide_shape<BITS>(K, group);
   row_pairs(T, a, b, [&](auto R, auto NT, int64_t r, int64_t t) {
-    wide_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, K, group, G,
-                                                                    y + t * ys + (r - a), ys);
+    wide_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, xg + t * G, K,
+                                                                    G, shape, y + t * ys + (r - a), ys);
   });
 }
 
 template <int BITS>
 void wide_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const uint16_t* xq, const float* xs,
-                int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
+                const float* xg, int64_t nb, int64_t T, int64_t K, int64_t group, int64_t G, int64_t a, int64_t b, float* y, int64_t ys) {
   with_kinds(skind, zeros != nullptr, [&](auto sk, auto zp) {
-    wide_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, xq, xs, nb, T, K, group, G, a, b, y, ys);
+    wide_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, xq, xs, xg, nb, T, K, group, G, a, b, y, ys);
   });
 }
 
@@ -964,6 +1031,7 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
   }
   const uint8_t* base = packed + r0 * rb;
   const int64_t chunks = group / CW, all = K / CW;
+  int64_t cc = 0, group_index = 0;  // the chunk being multiplied: its place in its group, and the group
   // chunk ci is widened while chunk ci - 1 goes through the tiles (its stores have left for L1 by then)
   for (int64_t ci = 0; ci <= all; ++ci) {
     if (ci < all) {
@@ -986,7 +1054,7 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
     }
     if (ci == 0) continue;
     const int64_t cj = ci - 1;
-    if (cj % chunks == 0) _tile_zero(0);
+    if (cc == 0) _tile_zero(0);
     const uint16_t* b = xb + cj * TILES * P * T * 2;
     _tile_loadd(4, b, 4 * T);
     _tile_loadd(7, b + (TILES - 1) * P * T * 2, 4 * T);
@@ -994,8 +1062,9 @@ EC_AMX_TARGET void tile_rows(const uint8_t* packed, int64_t rb, const void* scal
     _tile_loadd(6, a[cj & 1][1], 64);
     _tile_dpbf16ps(0, 5, 4);
     _tile_dpbf16ps(0, 6, 7);
-    if ((cj + 1) % chunks) continue;
-    const int64_t gi = cj / chunks;
+    if (++cc < chunks) continue;  // (counted, not divided: a division a chunk costs as much as its products)
+    cc = 0;
+    const int64_t gi = group_index++;
     _tile_stored(0, c, 4 * T);
     alignas(64) float sg[16];  // the group's scale for each of the 16 rows
     for (int r = 0; r < 16; ++r) {
@@ -1134,14 +1203,16 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   const bool rest = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return !j.tile; });
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
   std::vector<uint16_t> xq;  // x as the VDPBF16PS paths read it: only where some rows take them
-  std::vector<float> xs;
+  std::vector<float> xs, gsum;  // (gsum: each token's input sum per group, for symmetric schemes)
   if (rest && wide) {
     xq.resize(T * K);
     xs.resize(T * nb * 16);
+    gsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t) {
       if (bits == 4) wide_order<4>(xp + t * K, K, xq.data() + t * K);
       else wide_order<8>(xp + t * K, K, xq.data() + t * K);
       wide_sums(xq.data() + t * K, K, block, xs.data() + t * nb * 16);
+      group_sums(xp + t * K, K, group, gsum.data() + t * G);
     }
   } else if (rest) {
     xs.resize(T * G * 16);
@@ -1177,8 +1248,8 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
         continue;
       }
 #endif
-      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
-      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, nb, T, K, group, G, r0, r1, yr, N);
+      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, gsum.data(), nb, T, K, group, G, r0, r1, yr, N);
+      else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, gsum.data(), nb, T, K, group, G, r0, r1, yr, N);
       else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
       else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
     }
