@@ -32,7 +32,8 @@ routing and the experts touched are the same), timing every step; TPOT is the me
 the first 4. A run killed by the cgroup's OOM killer or over 10 minutes is recorded as such.
 Limits: none, and fractions of the bf16 GGUF's size plus llama.cpp's measured runtime (~90 MiB),
 where llama.cpp's bf16 file does not fit. Tools:
-- expertcache (bf16, and int8 / int4-g64 copies made by `expertcache quantize` when present):
+- expertcache (bf16, and int8 / int4-g64 copies made by `expertcache quantize` when present, with
+  bf16 dense weights and with `--dense int8`, as llama.cpp's q8_0 / q4_0 quantize them too):
   `memory_limit="auto"` (the engine sizes its expert budget from the cgroup; `memory_reserve`
   160 MiB), prefetch none and next-gate (the default); no limit: every expert resident; where the
   limit leaves less than one layer's top-k experts beside the runtime, "TOO SMALL"; and bf16 with
@@ -281,7 +282,9 @@ def run_one(job: dict, limit: int | None, files: list[Path]) -> dict:
 def tools(ckpt: Path, ggufs: dict[str, Path], quick: bool) -> dict[str, dict]:
     """name -> job template and the files it reads."""
     out = {}
-    variants = [("bf16", ckpt)] + [(q, ckpt.with_name(ckpt.name + s)) for q, s in (("int8", "-int8"), ("int4", "-int4-g64"))]
+    variants = [("bf16", ckpt)] + [(q, ckpt.with_name(ckpt.name + s)) for q, s in (
+        ("int8", "-int8"), ("int4", "-int4-g64"),  # experts quantized, dense weights bf16
+        ("int8+dense8", "-int8+dense-int8"), ("int4+dense8", "-int4-g64+dense-int8"))]  # dense weights int8 too, as llama.cpp's
     for prec, d in variants:
         if not (d / "config.json").is_file():
             continue
