@@ -268,6 +268,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("weight_zero_point", parts[2] if len(parts) > 2 else None)  # bytes, as stored
         self.bias = bias
         self.group = scheme.group_size or self.in_features
+        self.products = QuantExperts(scheme, (shape,))  # which way a product goes: many rows dequantize for torch's GEMM
 
     def operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """qmm's packed, scale and zero-point lists for this weight (read from the module's buffers
@@ -277,10 +278,14 @@ class QuantLinear(torch.nn.Module):
         return [b["weight_packed"]], [b["weight_scale"]], [] if z is None else [z]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """qmm on the stored bytes for a few rows (a decode step's); from DENSE_ROWS rows (a prompt's),
+        as for experts (QuantExperts._dense), the weight dequantized by dq for torch's GEMM."""
         packed, scale, zeros = self.operands()
-        if x.dim() == 2:
-            y = torch.ops.expertcache.qmm(x, packed, scale, zeros, self.scheme.bits, self.group)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.products._dense(rows, 0):
+            y = gemm.linear(rows, self.products.weight((packed[0], scale[0], *zeros), 0, workspace=True).to(rows.dtype))
         else:
-            y = torch.ops.expertcache.qmm(x.reshape(-1, self.in_features), packed, scale, zeros, self.scheme.bits, self.group)
+            y = torch.ops.expertcache.qmm(rows, packed, scale, zeros, self.scheme.bits, self.group)
+        if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

@@ -833,6 +833,30 @@ def test_many_rows_take_the_dequantized_gemm_and_equal_it(monkeypatch):
     assert len(calls) == 1
 
 
+def test_quantized_dense_linears_take_the_dequantized_gemm_for_many_rows(monkeypatch):
+    """A QuantLinear (`--dense int8`) multiplies a prompt's rows as quantized experts do: from
+    DENSE_ROWS_F32 rows (float32) torch's GEMM on the dequantized weight, bit for bit, its bias added;
+    fewer rows (a decode step's) stay in qmm."""
+    if not kernels.available():
+        pytest.skip("expertcache's CPU kernels did not build here")
+    import expertcache.quant as quant
+    from expertcache.quant import QuantLinear
+
+    torch.manual_seed(7)
+    scheme, shape = Scheme(8, None), (96, 128)
+    packed, scale = quantize(torch.randn(shape) * 0.05, scheme, torch.float32)
+    bias = torch.randn(shape[0])
+    lin = QuantLinear((packed.view(torch.uint8).view(shape[0], -1).clone(), scale), scheme, shape, bias)
+    weight = dequantize(packed, scale, scheme, shape)
+    calls = []
+    monkeypatch.setattr(quant, "_workspace", lambda *a: calls.append(a) or torch.empty(a[1], dtype=a[2]))
+    many = torch.randn(1, quant.DENSE_ROWS_F32, shape[1])
+    assert torch.equal(lin(many), torch.nn.functional.linear(many, weight) + bias) and len(calls) == 1
+    few = many[:, :3]
+    torch.testing.assert_close(lin(few), torch.nn.functional.linear(few, weight, bias))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
 def test_quantized_checkpoint_on_the_dequantized_gemm_matches_transformers(scheme, quantized, monkeypatch, direct_io_works):
     """Every product of one row or more through dq and torch's GEMM (the threshold lowered to 1):
