@@ -242,8 +242,8 @@ class LeanDecoder:
                 mask = create_causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
                                           past_key_values=past, position_ids=pos)
             norm = self._norm
-            one = (direct and mask is None and n == 1 and not past.offloading and h.dtype is torch.bfloat16 and cos.is_contiguous()
-                   and sin.is_contiguous())
+            one = (direct and mask is None and n == 1 and not getattr(past, "offloading", False) and h.dtype is torch.bfloat16
+                   and cos.is_contiguous() and sin.is_contiguous())
             for L, cached in zip(self.layers, past.layers):
                 if one and L.fused is not None and cached.is_initialized and cos.numel() == L.attn.head_dim:
                     # the Python below in one kernel call, the router's too (lean_layer: its ATen operations and kernels)
