@@ -289,13 +289,19 @@ class ExpertsRuntime:
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
         guesses = ((lambda: self._guess(layer, x, logits))
                    if self.prefetch_enabled and not self._step_requested and not self._gated(layer) and not self._all_held() else None)
-        if single is not None and weights.dtype == torch.float32 and len(single) <= 8 and min(single) >= 0:
+        half = weights.dtype is torch.bfloat16 and x.dtype is torch.bfloat16
+        if single is not None and len(single) <= 8 and min(single) >= 0 and (weights.dtype == torch.float32 or (half and gemm.half_combine())):
             # one token, every slot routed: no [1, k, H] buffer; the slots' float32 products added in
-            # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested)
+            # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested); bf16 weights
+            # (Qwen's routers): the products rounded to bf16 as in the buffer, then summed (checked)
             ys = [None] * len(single)
             with closing(self.cache.stream(layer, sorted(single), guesses)) as ready:
                 for e, parts, quant in ready:
                     ys[single.index(e)] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
+            if half:
+                if all(y.is_contiguous() for y in ys):
+                    return torch.ops.expertcache.combine(ys, weights.contiguous())
+                return gemm.combine_half_chain(ys, weights)
             return gemm.combine(ys, weights)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)

@@ -137,6 +137,34 @@ def combine_chain(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
     return total.to(ys[0].dtype)
 
 
+def combine_half_chain(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """The runtime's general path for one token with bf16 weights [1, k]: a [1, k, H] buffer of
+    each output times its weight (rounded to bf16), summed over k."""
+    contrib = torch.zeros((1, len(ys), ys[0].shape[-1]), dtype=torch.promote_types(ys[0].dtype, weights.dtype))
+    for s, y in enumerate(ys):
+        contrib[0, s] = y[0] * weights[0, s : s + 1]
+    return contrib.sum(dim=1)
+
+
+@functools.cache
+def half_combine() -> bool:
+    """Whether expertcache's combine gives combine_half_chain's bits for bf16 outputs and weights,
+    1 to 8 of them (torch's sum over k in float32, in slot order, rounded once): checked at first
+    use on random inputs, since another summation order would show."""
+    if not tail_kernels():
+        return False
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 2, 3, 8):
+        for n in (64, 200, 1024):
+            ys = [(torch.randn(1, n, generator=g) * torch.exp2(torch.randint(-4, 5, (1, n), generator=g).float())).to(torch.bfloat16)
+                  for _ in range(k)]
+            w = torch.rand(1, k, generator=g).to(torch.bfloat16)
+            if not torch.equal(torch.ops.expertcache.combine(ys, w).view(torch.int16), combine_half_chain(ys, w).view(torch.int16)):
+                log.warning("expertcache's combine differs from torch's sum of bf16 weighted outputs here; using torch's")
+                return False
+    return True
+
+
 @functools.cache
 def tail_kernels() -> bool:
     """Whether expertcache's rms_tail, rotary and combine give the bits of the chains above here

@@ -1489,10 +1489,13 @@ EC_EXACT_FLOAT at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, con
 }
 
 // A token's experts combined: sum over slots s in order of float32(y_s) * w[s] (each product rounded
-// to float32, the sum left to right), rounded to bf16; y_s [1, H] bf16, w [1, k] float32.
+// to float32, the sum left to right), rounded to bf16; y_s [1, H] bf16, w [1, k] float32. With bf16
+// weights, each product is rounded to bf16 first (the runtime's [1, k, H] buffer of weighted outputs)
+// and the buffer's sum over k taken in float32, rounded once (torch's sum of that buffer; checked).
 EC_EXACT_FLOAT at::Tensor combine(at::TensorList ys, const at::Tensor& w) {
-  TORCH_CHECK(!ys.empty() && w.scalar_type() == at::kFloat && w.numel() == static_cast<int64_t>(ys.size()) && w.is_contiguous(),
-              "combine: one float32 weight per output");
+  const bool half = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!ys.empty() && (w.scalar_type() == at::kFloat || half) && w.numel() == static_cast<int64_t>(ys.size()) && w.is_contiguous(),
+              "combine: one float32 or bf16 weight per output");
   const int64_t H = ys[0].numel();
   for (const auto& y : ys) {
     check_bf16(y, "y");
@@ -1500,13 +1503,17 @@ EC_EXACT_FLOAT at::Tensor combine(at::TensorList ys, const at::Tensor& w) {
   }
   auto out = at::empty({1, H}, ys[0].options());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const float* wp = w.data_ptr<float>();
+  std::vector<float> wf(ys.size());
+  for (size_t s = 0; s < ys.size(); ++s)
+    wf[s] = half ? bf16_float(reinterpret_cast<const uint16_t*>(w.data_ptr())[s]) : w.data_ptr<float>()[s];
   std::vector<const uint16_t*> yp;
   for (const auto& y : ys) yp.push_back(reinterpret_cast<const uint16_t*>(y.data_ptr()));
   for (int64_t i = 0; i < H; ++i) {
-    float total = bf16_float(yp[0][i]) * wp[0];
+    float total = bf16_float(yp[0][i]) * wf[0];
+    if (half) total = bf16_float(bf16_round(total));
     for (size_t s = 1; s < yp.size(); ++s) {
-      const float term = bf16_float(yp[s][i]) * wp[s];
+      float term = bf16_float(yp[s][i]) * wf[s];
+      if (half) term = bf16_float(bf16_round(term));
       total = total + term;
     }
     op[i] = bf16_round(total);

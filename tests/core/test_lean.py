@@ -216,6 +216,14 @@ def test_the_elementwise_tails_are_torchs_chains_bit_for_bit(monkeypatch):
             ys = [(torch.randn(1, n, generator=g) * scale[0]).to(torch.bfloat16) for _ in range(k)]
             wk = torch.rand(1, k, generator=g) * torch.exp2(torch.randint(-6, 7, (1, k), generator=g).float())
             assert torch.equal(_bits(gemm.combine(ys, wk)), _bits(gemm.combine_chain(ys, wk)))
+            wh = torch.rand(1, k, generator=g).to(torch.bfloat16)  # Qwen's routers: bf16 weights
+            assert torch.equal(_bits(torch.ops.expertcache.combine(ys, wh)), _bits(gemm.combine_half_chain(ys, wh)))
+    assert gemm.half_combine()
+    half = gemm.combine_half_chain
+    # the products not rounded to bf16 before the sum (a buffer of float32 weighted outputs): refused
+    monkeypatch.setattr(gemm, "combine_half_chain", lambda ys, w: gemm.combine_chain(ys, w.float()))
+    assert not gemm.half_combine.__wrapped__(), "the check passed a combine that differs from the runtime's buffer sum"
+    monkeypatch.setattr(gemm, "combine_half_chain", half)
     chain = gemm.rms_chain
     # one rounding fewer: the weight multiplied in float32, rounded once (a fused kernel's mistake)
     monkeypatch.setattr(gemm, "rms_chain", lambda h, w, eps: chain(h.float(), w.float(), eps).to(h.dtype))
