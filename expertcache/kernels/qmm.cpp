@@ -746,31 +746,27 @@ void wide_order(const uint16_t* x, int64_t K, uint16_t* xq) {
         }
 }
 
+// n bf16 values (a multiple of 32) summed into 16 float32 lanes: lane i holds words 2i and 2i + 1 of
+// each 32
+EC_DP_TARGET inline __m512 lane_sums(const uint16_t* p, int64_t n) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 32) {
+    const __m512i v = _mm512_loadu_si512(p + k);
+    a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+  }
+  return a;
+}
+
 // xs[b][i]: the sum of the inputs lane i multiplies over block b (a group, or a step where groups
 // are smaller), in xq's order
 EC_DP_TARGET void wide_sums(const uint16_t* xq, int64_t K, int64_t block, float* xs) {
-  for (int64_t b = 0; b < K / block; ++b) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = b * block; k < (b + 1) * block; k += 32) {
-      const __m512i v = _mm512_loadu_si512(xq + k);
-      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
-    }
-    _mm512_storeu_ps(xs + 16 * b, a);
-  }
+  for (int64_t b = 0; b < K / block; ++b) _mm512_storeu_ps(xs + 16 * b, lane_sums(xq + b * block, block));
 }
 
 // xg[g]: the sum of x's inputs over group g (bf16 x, float32 sums)
 EC_DP_TARGET void group_sums(const uint16_t* x, int64_t K, int64_t group, float* xg) {
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m512i v = _mm512_loadu_si512(x + k);
-      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
-    }
-    xg[g] = _mm512_reduce_add_ps(a);
-  }
+  for (int64_t g = 0; g < K / group; ++g) xg[g] = _mm512_reduce_add_ps(lane_sums(x + g * group, group));
 }
 
 // Scales of one row as float32 lanes: per = 1: scale g everywhere; else lane i takes scale g + idx[i]
