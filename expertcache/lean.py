@@ -67,7 +67,7 @@ class _Product:
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # amm adds it per output
 
     def __call__(self, x: torch.Tensor, direct: bool) -> torch.Tensor:
-        if self.quant is not None:
+        if self.quant is not None and direct:  # one thread: each weight's rows split as in its own call
             return torch.ops.expertcache.qmm(x, *self.quant)
         if direct and self.weights is not None:
             return torch.ops.expertcache.amm(x, self.weights, self.bias)
