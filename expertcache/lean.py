@@ -36,6 +36,8 @@ FAMILIES = {
 }
 WIDE_QK_NORM = {"olmoe"}  # query and key norms over the whole projection, before the heads split (and clip_qkv after)
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
+KV_ROOM = 256  # positions of room a layer's keys and values get, so a step writes in place (not a whole-cache copy)
+ROOM_ATTR = "_expertcache_room"  # a DynamicLayer's buffers with room, its keys and values their first positions
 
 
 class _Product:
@@ -247,8 +249,9 @@ class LeanDecoder:
             for L, cached in zip(self.layers, past.layers):
                 if one and L.fused is not None and cached.is_initialized and cos.numel() == L.attn.head_dim:
                     # the Python below in one kernel call, the router's too (lean_layer: its ATen operations and kernels)
+                    room = _room(cached)
                     h, x, cached.keys, cached.values, logits, weights, ids = torch.ops.expertcache.lean_layer(
-                        h, *L.fused[0], cos, sin, cached.keys, cached.values, *L.fused[1])
+                        h, *L.fused[0], cos, sin, cached.keys, cached.values, *room, *L.fused[1])
                     if L.sparse is not None and logits is not None:
                         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
                         h = h + rt.forward(L.experts, L.sparse, x, ids, weights)
@@ -305,6 +308,29 @@ class LeanDecoder:
         rt = self.runtime
         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
         return rt.forward(L.experts, L.sparse, x, ids, weights)
+
+
+def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers whose first positions are the layer's keys and values (which become views of them),
+    with room for the next: kept on the DynamicLayer itself (its lifetime), made again (one copy)
+    when full or when the keys are no longer their view (another forward's cat, a batch's rows).
+    DynamicLayer.update copies the whole cache every step; this copies it every KV_ROOM steps."""
+    keys, values = cached.keys, cached.values
+    room = cached.__dict__.get(ROOM_ATTR)
+    n = keys.shape[-2]
+    if room is not None:
+        rk, rv = room
+        if (rk.shape[-2] > n and keys.data_ptr() == rk.data_ptr() and values.data_ptr() == rv.data_ptr()
+                and keys.stride() == rk.stride() and values.stride() == rv.stride()
+                and keys.shape[:-2] == rk.shape[:-2] and values.shape[:-2] == rv.shape[:-2]):
+            return room
+    size = lambda t: (*t.shape[:-2], n + KV_ROOM, t.shape[-1])  # noqa: E731
+    rk, rv = keys.new_empty(size(keys)), values.new_empty(size(values))
+    rk[..., :n, :] = keys
+    rv[..., :n, :] = values
+    cached.keys, cached.values = rk[..., :n, :], rv[..., :n, :]
+    cached.__dict__[ROOM_ATTR] = (rk, rv)
+    return rk, rv
 
 
 def _fused_arguments(L: _Layer, rms_chain: bool) -> tuple | None:

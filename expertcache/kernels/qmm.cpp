@@ -1538,13 +1538,15 @@ at::Tensor project(const at::Tensor& x, at::TensorList w, at::TensorList s, at::
 }
 
 // h [1, H] bf16 -> (h + attention(norm1(h)), norm2 of that, the layer's keys and values with this
-// position's appended (DynamicLayer.update's cat), router logits, top weights, top ids (undefined
-// without a router: router_kind 0; 1 Mixtral's, 2 Qwen's softmax and top-k))
+// position's appended (DynamicLayer.update's cat; with key_room and value_room, buffers whose first
+// positions keys and values are, written into them in place: the same values), router logits, top
+// weights, top ids (undefined without a router: router_kind 0; 1 Mixtral's, 2 Qwen's softmax and top-k))
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lean_layer(
     const at::Tensor& h, const at::Tensor& norm1, double eps1, at::TensorList qkv_w, at::TensorList qkv_s, at::TensorList qkv_z,
     int64_t qkv_bits, int64_t qkv_group, const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& q_norm,
     const std::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
-    const at::Tensor& values, int64_t nq, int64_t nkv, double scaling, bool gqa, at::TensorList o_w, at::TensorList o_s,
+    const at::Tensor& values, const std::optional<at::Tensor>& key_room, const std::optional<at::Tensor>& value_room, int64_t nq,
+    int64_t nkv, double scaling, bool gqa, at::TensorList o_w, at::TensorList o_s,
     at::TensorList o_z, int64_t o_bits, int64_t o_group, const at::Tensor& norm2, double eps2,
     const std::optional<at::Tensor>& router, int64_t router_kind, int64_t top_k, bool renorm) {
   TORCH_CHECK(h.dim() == 2 && h.size(0) == 1, "lean_layer: one row [1, H]");
@@ -1558,7 +1560,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   qk = rotary(qk, cos, sin);
   const at::Tensor q = qk.narrow(1, 0, nq).unsqueeze(2), k = qk.narrow(1, nq, nkv).unsqueeze(2);  // [1, heads, 1, d]
   const at::Tensor v = heads.narrow(1, nq + nkv, nkv).unsqueeze(2);
-  at::Tensor all_k = at::cat({keys, k}, -2), all_v = at::cat({values, v}, -2);
+  at::Tensor all_k, all_v;
+  if (key_room.has_value() && key_room->defined()) {  // keys and values: the first S positions of these; S is written in place
+    const int64_t S = keys.size(-2);
+    TORCH_CHECK(key_room->size(-2) > S && value_room->size(-2) > S, "lean_layer: no room for another position");
+    key_room->narrow(-2, S, 1).copy_(k);
+    value_room->narrow(-2, S, 1).copy_(v);
+    all_k = key_room->narrow(-2, 0, S + 1);
+    all_v = value_room->narrow(-2, 0, S + 1);
+  } else {
+    all_k = at::cat({keys, k}, -2);
+    all_v = at::cat({values, v}, -2);
+  }
   const at::Tensor out = at::scaled_dot_product_attention(q, all_k, all_v, std::nullopt, 0.0, false, scaling, gqa);
   const at::Tensor h2 = at::add(h, project(out.reshape({1, -1}), o_w, o_s, o_z, o_bits, o_group, std::nullopt));
   const at::Tensor x2 = rms_norm_bf16(h2, norm2, eps2);
@@ -1608,7 +1621,8 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("amm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", amm);
   m.def("glu_expert(Tensor x, Tensor[] parts, int bits, int group) -> Tensor", glu_expert);
   m.def("lean_layer(Tensor h, Tensor norm1, float eps1, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_z, int qkv_bits, int qkv_group, "
-        "Tensor? qkv_bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, Tensor keys, Tensor values, int nq, "
+        "Tensor? qkv_bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, Tensor keys, Tensor values, "
+        "Tensor? key_room, Tensor? value_room, int nq, "
         "int nkv, float scaling, bool gqa, Tensor[] o_w, Tensor[] o_s, Tensor[] o_z, int o_bits, int o_group, Tensor norm2, float eps2, "
         "Tensor? router, int router_kind, int top_k, bool renorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", lean_layer);
   m.def("amx() -> bool", amx);

@@ -197,6 +197,42 @@ def test_decode_step_transformers_is_asked_for_and_checked(checkpoint):
         expertcache.load(model_dir, decode_step="fast")
 
 
+@pytest.mark.parametrize("room", [3, 64])
+def test_a_layers_keys_grow_in_place_in_their_room(room, checkpoint, monkeypatch):
+    """The fused layer writes a step's key and value into a buffer with room (the DynamicLayer's
+    keys and values are views of its first positions), made again when full or when another forward
+    replaced them; the logits equal the model's forward's, bit for bit, across refills and a crop."""
+    if not (gemm.amx_kernel(torch.bfloat16) and gemm.tail_kernels()):
+        pytest.skip("the fused layer takes bf16 projections through amm (AMX) here")
+    family, kw = CASES["mixtral-bf16"]
+    monkeypatch.setattr(lean, "KV_ROOM", room)  # 3: made again every third step; 64: room left when the forward replaces the keys
+
+    def run(eng) -> tuple[torch.Tensor, list]:
+        d = Decoding(eng.model)
+        out, rooms = [], []
+        with torch.inference_mode():
+            last = d.feed(PROMPT)[-1]
+            for i in range(12):
+                if i == 7:
+                    d.crop(len(d) - 2)  # the keys stay views of the room, shorter
+                # step 4 feeds two tokens: the model's forward, whose cat replaces the keys (the room is made again after)
+                last = d.feed([int(last.argmax())] if i not in (4, 7) else [5] if i == 7 else [5, 6])[-1]
+                out.append(last.clone())
+                layer = d.past.layers[0]
+                room = layer.__dict__.get(lean.ROOM_ATTR)
+                rooms.append(i == 4 or (room is not None and layer.keys.data_ptr() == room[0].data_ptr()))
+        return torch.stack(out), rooms
+
+    with expertcache.load(checkpoint(family, **kw), expert_budget="100%", prefetch="none", io="buffered") as eng:
+        fast, rooms = run(eng)
+        assert all(rooms)
+        with monkeypatch.context() as m:
+            m.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
+            slow, rooms = run(eng)
+            assert not any(rooms[:4] + rooms[5:])
+    assert torch.equal(_bits(fast), _bits(slow))
+
+
 def test_the_elementwise_tails_are_torchs_chains_bit_for_bit(monkeypatch):
     """rms_norm, rotary and combine (one kernel call each) against the torch chains they replace,
     on shapes with tails, values across the exponent range, and the check refusing a wrong chain."""
