@@ -246,6 +246,9 @@ class LeanDecoder:
             norm = self._norm
             one = (direct and mask is None and n == 1 and not getattr(past, "offloading", False) and h.dtype is torch.bfloat16
                    and cos.is_contiguous() and sin.is_contiguous())
+            if not one:  # a batch's step: a lone row's room (its keys were replaced since) is let go
+                for cached in past.layers:
+                    cached.__dict__.pop(ROOM_ATTR, None)
             for L, cached in zip(self.layers, past.layers):
                 if one and L.fused is not None and cached.is_initialized and cos.numel() == L.attn.head_dim:
                     # the Python below in one kernel call, the router's too (lean_layer: its ATen operations and kernels)

@@ -226,6 +226,17 @@ def test_a_layers_keys_grow_in_place_in_their_room(room, checkpoint, monkeypatch
     with expertcache.load(checkpoint(family, **kw), expert_budget="100%", prefetch="none", io="buffered") as eng:
         fast, rooms = run(eng)
         assert all(rooms)
+        d = Decoding(eng.model)
+        with torch.inference_mode():
+            d.feed(PROMPT)
+            d.feed([5])
+            assert all(lean.ROOM_ATTR in layer.__dict__ for layer in d.past.layers)
+            torch.set_num_threads(2)  # a step the fused layer does not take (as a batch's): the room is let go
+            try:
+                d.feed([6])
+            finally:
+                torch.set_num_threads(1)
+            assert not any(lean.ROOM_ATTR in layer.__dict__ for layer in d.past.layers)
         with monkeypatch.context() as m:
             m.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
             slow, rooms = run(eng)
