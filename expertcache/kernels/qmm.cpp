@@ -30,7 +30,7 @@ constexpr int TB = 4;  // tokens per pass over a row
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in a row that a one-token pass asks for
 constexpr int64_t DP_PREFETCH = 8192;  // ...on the AVX512-BF16 path
 // the step-wide path asks for each line twice: into L2 WIDE_FAR bytes ahead, into L1 WIDE_NEAR ahead
-// (from memory int8 rows run faster so than with one request into L1 far ahead; int4 rows about even: docs/quantized.md)
+// (from memory int8 rows run faster this way than with one request into L1 far ahead; int4 rows about even: docs/quantized.md)
 constexpr int64_t WIDE_FAR = 8192, WIDE_NEAR = 1024;
 constexpr int64_t DP_TOKENS = 15;  // tokens up to which bf16 products take it without tiles (from 16 quant.py dequantizes for torch's GEMM)
 
@@ -790,7 +790,7 @@ EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __
 // Symmetric schemes (xg: each token's input sum per group, G a token) take the offset off once a row
 // (off * sum over groups of scale * group sum) and a row's scales as float32 once, so a step ends
 // with one add, one permute and one multiply-add a row.
-// A weight's step layout, worked out once a range of rows (integer divisions cost ~15 cycles each: a
+// A weight's step layout, worked out once a range of rows (an integer division costs as much as a step's products: a
 // row pair of 1024 int4 inputs is only 8 steps): a block is one group, or one step holding `per`
 // groups; lane i of a step belongs to span i / 4, so to the step's group idx[i]
 struct WideShape {
