@@ -785,14 +785,9 @@ EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __
   return _mm512_permutexvar_ps(idx, v);
 }
 
-// R rows from r0 against NT tokens (xq: NT rows of K in wide order; xs: their block sums, nb blocks
-// each); y[t * ys + r] as dp_rows
-// Symmetric schemes (xg: each token's input sum per group, G a token) take the offset off once a row
-// (off * sum over groups of scale * group sum) and a row's scales as float32 once, so a step ends
-// with one add, one permute and one multiply-add a row.
-// A weight's step layout, worked out once a range of rows (an integer division costs as much as a step's products: a
-// row pair of 1024 int4 inputs is only 8 steps): a block is one group, or one step holding `per`
-// groups; lane i of a step belongs to span i / 4, so to the step's group idx[i]
+// A weight's step layout, worked out once a range of rows (an integer division costs as much as a
+// step's products, and a row pair of 1024 int4 inputs is only 8 steps): a block is one group, or one
+// step holding `per` groups; lane i of a step belongs to span i / 4, so to the step's group idx[i]
 struct WideShape {
   int per;
   int64_t block, nb, groups;
@@ -813,6 +808,10 @@ EC_DP_TARGET WideShape wide_shape(int64_t K, int64_t group) {
   return w;
 }
 
+// R rows from r0 against NT tokens (xq: NT rows of K in wide order; xs: their block sums, nb blocks
+// each); y[t * ys + r] as dp_rows. Symmetric schemes (xg: each token's input sum per group, G a token)
+// take the offset off once a row (off * sum over groups of scale * group sum) and a row's scales as
+// float32 once, so a step ends with one add, one permute and one multiply-add a row.
 template <int BITS, int R, int NT, int SK, bool ZP>
 EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const uint16_t* xq,
                             const float* xs, const float* xg, int64_t K, int64_t G, const WideShape& shape, float* y, int64_t ys) {
