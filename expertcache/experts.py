@@ -289,19 +289,15 @@ class ExpertsRuntime:
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
         guesses = ((lambda: self._guess(layer, x, logits))
                    if self.prefetch_enabled and not self._step_requested and not self._gated(layer) and not self._all_held() else None)
-        half = weights.dtype is torch.bfloat16 and x.dtype is torch.bfloat16
-        if single is not None and len(single) <= 8 and min(single) >= 0 and (weights.dtype == torch.float32 or (half and gemm.half_combine())):
+        if (single is not None and len(single) <= 8 and min(single) >= 0
+                and (weights.dtype == torch.float32 or (weights.dtype is torch.bfloat16 and x.dtype is torch.bfloat16))):
             # one token, every slot routed: no [1, k, H] buffer; the slots' float32 products added in
             # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested); bf16 weights
-            # (Qwen's routers): the products rounded to bf16 as in the buffer, then summed (checked)
+            # (Qwen's routers): that buffer's own math, in one call where it gives its bits (gemm.combine)
             ys = [None] * len(single)
             with closing(self.cache.stream(layer, sorted(single), guesses)) as ready:
                 for e, parts, quant in ready:
                     ys[single.index(e)] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
-            if half:
-                if all(y.is_contiguous() for y in ys):
-                    return torch.ops.expertcache.combine(ys, weights.contiguous())
-                return gemm.combine_half_chain(ys, weights)
             return gemm.combine(ys, weights)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)

@@ -211,11 +211,14 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def combine(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """combine_chain(ys, weights), the same bits, in one call where it can (bf16 outputs, float32 weights)."""
-    if (weights.dtype is torch.float32 and weights.is_contiguous() and all(y.dtype is torch.bfloat16 and y.is_contiguous() for y in ys)
-            and tail_kernels()):
+    """A token's expert outputs [1, H] weighted and added as the runtime does: combine_chain for
+    float32 weights, combine_half_chain for bf16 ones (Qwen's routers), the same bits, in one call
+    where it can (bf16 outputs)."""
+    half = weights.dtype is torch.bfloat16
+    if ((weights.dtype is torch.float32 or half) and weights.is_contiguous()
+            and all(y.dtype is torch.bfloat16 and y.is_contiguous() for y in ys) and (half_combine() if half else tail_kernels())):
         return torch.ops.expertcache.combine(ys, weights)
-    return combine_chain(ys, weights)
+    return combine_half_chain(ys, weights) if half else combine_chain(ys, weights)
 
 
 def kernel_name(dtype: torch.dtype) -> str:
@@ -241,22 +244,23 @@ def _amm(x: torch.Tensor, w: torch.Tensor) -> bool:
     32, where torch's own product is oneDNN's AMX kernel summing k in one pass (AMX_MIN_INPUTS to
     AMX_MAX_INPUTS inputs, more than 16^3 multiply-adds; with more threads oneDNN may split k), no
     autograd. (A decode step asks this of every product: the cheap tests first.)"""
-    if x.dtype is not torch.bfloat16 or w.dtype is not torch.bfloat16:
+    if x.dtype is not torch.bfloat16 or x.requires_grad:
         return False
     k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    return (0 < rows <= AMX_ROWS and AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and not k % 32 and w.dim() == 2
-            and rows * k * w.shape[0] > 4096 and w.stride(1) == 1 and not (x.requires_grad or w.requires_grad)
+    return _amm_rows(x.numel() // k if k else 0, k, w)
+
+
+def _amm_rows(rows: int, k: int, w: torch.Tensor) -> bool:
+    """_amm for `rows` bf16 rows of k inputs without autograd (the rest of its tests, on w)."""
+    return (w.dtype is torch.bfloat16 and 0 < rows <= AMX_ROWS and AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and not k % 32
+            and w.dim() == 2 and rows * k * w.shape[0] > 4096 and w.stride(1) == 1 and not w.requires_grad
             and torch.get_num_threads() == 1 and amx_kernel(torch.bfloat16))
 
 
 def amm_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether linear_pair(x, gate, up) and linear(h, down) (h: silu(gate) * up, x's rows) all take amm."""
-    if not (gate.shape == up.shape and _amm(x, gate) and _amm(x, up)):
-        return False
-    k = down.shape[-1]
-    return (AMX_MIN_INPUTS <= k <= AMX_MAX_INPUTS and not k % 32 and down.dtype is torch.bfloat16 and down.dim() == 2
-            and (x.numel() // x.shape[-1]) * k * down.shape[0] > 4096 and down.stride(1) == 1 and not down.requires_grad)
+    return (gate.shape == up.shape and _amm(x, gate) and _amm(x, up)
+            and _amm_rows(x.numel() // x.shape[-1], down.shape[-1], down))
 
 
 def _amm_call(x: torch.Tensor, w: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:

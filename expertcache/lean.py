@@ -341,9 +341,7 @@ def _fused_arguments(L: _Layer, rms_chain: bool) -> tuple | None:
     the kernel would not run the Python's operations: norms other than bf16 RMSNorm chains, OLMoE's
     whole-projection norms or clip, an attention that needs transformers' function, projections
     other than one amm or one qmm call, a router other than the lean ones."""
-    from . import kernels
-
-    if not (rms_chain and kernels.available() and gemm.tail_kernels()) or L.wide_norm or L.clip is not None or L.sdpa is None:
+    if not (rms_chain and gemm.tail_kernels()) or L.wide_norm or L.clip is not None or L.sdpa is None:
         return None
     norms = [m for m in (L.norm1, L.norm2, L.q_norm, L.k_norm) if m is not None]
     if any(m.weight.dtype is not torch.bfloat16 for m in norms) or (L.q_norm is None) != (L.k_norm is None):

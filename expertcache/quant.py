@@ -282,10 +282,7 @@ class QuantLinear(torch.nn.Module):
         as for experts (QuantExperts._dense), the weight dequantized by dq for torch's GEMM."""
         packed, scale, zeros = self.operands()
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self.products._dense(rows, 0):
-            y = gemm.linear(rows, self.products.weight((packed[0], scale[0], *zeros), 0, workspace=True).to(rows.dtype))
-        else:
-            y = torch.ops.expertcache.qmm(rows, packed, scale, zeros, self.scheme.bits, self.group)
+        y = self.products.linear(rows, (*packed, *scale, *zeros), 0)
         if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

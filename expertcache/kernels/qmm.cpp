@@ -769,20 +769,22 @@ EC_DP_TARGET void group_sums(const uint16_t* x, int64_t K, int64_t group, float*
   for (int64_t g = 0; g < K / group; ++g) xg[g] = _mm512_reduce_add_ps(lane_sums(x + g * group, group));
 }
 
+// n (<= 16) scales from `at` as float32 lanes 0..n-1, the rest zero
+template <int SK>
+EC_DP_TARGET inline __m512 scales_f32(const void* scale, int64_t at, int64_t n) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (SK == 0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + at);
+  return SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
 // Scales of one row as float32 lanes: per = 1: scale g everywhere; else lane i takes scale g + idx[i]
 // (the step's groups, masked to the `per` it holds)
 template <int SK>
 EC_DP_TARGET inline __m512 wide_scale(const void* scale, int64_t at, int per, __m512i idx) {
   if (per == 1)
     return _mm512_set1_ps(SK == 0 ? static_cast<const float*>(scale)[at] : half_scalar(static_cast<const uint16_t*>(scale)[at], SK == 2));
-  const __mmask16 m = static_cast<__mmask16>((1u << per) - 1);
-  __m512 v;
-  if constexpr (SK == 0) v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
-  else {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + at);
-    v = SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-  }
-  return _mm512_permutexvar_ps(idx, v);
+  return _mm512_permutexvar_ps(idx, scales_f32<SK>(scale, at, per));
 }
 
 // A weight's step layout, worked out once a range of rows (an integer division costs as much as a
@@ -835,18 +837,8 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
       const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
       for (int64_t g = 0; g < G; ++g) ofs[r * G + g] = base + static_cast<float>(offset_of(z, g, BITS));
     } else {
-      for (int64_t g = 0; g < GP; g += 16) {
-        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, G - g));
-        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-        const int64_t at = (r0 + r) * G + g;
-        __m512 v;
-        if constexpr (SK == 0) v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + at);
-        else {
-          const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + at);
-          v = SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-        }
-        _mm512_storeu_ps(sf + r * GP + g, v);
-      }
+      for (int64_t g = 0; g < GP; g += 16)
+        _mm512_storeu_ps(sf + r * GP + g, scales_f32<SK>(scale, (r0 + r) * G + g, std::max<int64_t>(0, std::min<int64_t>(16, G - g))));
     }
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
@@ -918,7 +910,8 @@ EC_DP_TARGET void wide_range_as(const uint8_t* packed, int64_t rb, const void* s
                                 int64_t ys) {
   const WideShape shape = wide_shape<BITS>(K, group);
   row_pairs(T, a, b, [&](auto R, auto NT, int64_t r, int64_t t) {
-    wide_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs + t * nb * 16, xg + t * G, K,
+    wide_rows<BITS, decltype(R)::value, decltype(NT)::value, SK, ZP>(packed, rb, scale, zeros, r, xq + t * K, xs ? xs + t * nb * 16 : nullptr,
+                                                                    xg ? xg + t * G : nullptr, K,
                                                                     G, shape, y + t * ys + (r - a), ys);
   });
 }
@@ -1198,16 +1191,15 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   const bool rest = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return !j.tile; });
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
   std::vector<uint16_t> xq;  // x as the VDPBF16PS paths read it: only where some rows take them
-  std::vector<float> xs, gsum;  // (gsum: each token's input sum per group, for symmetric schemes)
+  std::vector<float> xs, gsum;  // per lane and block (zero points), or per group (symmetric: gsum)
   if (rest && wide) {
     xq.resize(T * K);
-    xs.resize(T * nb * 16);
-    gsum.resize(T * G);
+    (zeros.empty() ? gsum : xs).resize(zeros.empty() ? T * G : T * nb * 16);
     for (int64_t t = 0; t < T; ++t) {
       if (bits == 4) wide_order<4>(xp + t * K, K, xq.data() + t * K);
       else wide_order<8>(xp + t * K, K, xq.data() + t * K);
-      wide_sums(xq.data() + t * K, K, block, xs.data() + t * nb * 16);
-      group_sums(xp + t * K, K, group, gsum.data() + t * G);
+      if (zeros.empty()) group_sums(xp + t * K, K, group, gsum.data() + t * G);
+      else wide_sums(xq.data() + t * K, K, block, xs.data() + t * nb * 16);
     }
   } else if (rest) {
     xs.resize(T * G * 16);
