@@ -1099,8 +1099,8 @@ inline int tile_chunk(int64_t bits, int64_t K, int64_t group) {
   return bits == 4 && (K % 64 != 0 || group % 64 != 0) ? 16 : 32;
 }
 
-inline bool tile_fits(int64_t bits, int64_t T, int64_t K, int64_t group, bool zeros) {
-  (void)zeros;  // zero points: each row's offset per group, taken off in the group's epilogue
+// (any bits and zero points: each row's offset per group is taken off in the group's epilogue)
+inline bool tile_fits(int64_t T, int64_t K, int64_t group) {
   return tile_min_tokens > 0 && T >= tile_min_tokens && T <= TILE_TOKENS && K % 32 == 0 && group % 32 == 0 && amx_ready();
 }
 #endif
@@ -1141,7 +1141,7 @@ bool qmm_fast(bool on) {  // -> whether bf16 products of a few tokens now take t
 // go to dq and torch's GEMM)
 int64_t qmm_tile_rows(int64_t bits, int64_t K, int64_t group) {
 #ifdef EC_AMX
-  if (!dp_on || !avx512_bf16_ready() || group % 32 != 0 || K % group != 0 || !tile_fits(bits, tile_min_tokens, K, group, false)) return 0;
+  if (!dp_on || !avx512_bf16_ready() || group % 32 != 0 || K % group != 0 || !tile_fits(tile_min_tokens, K, group)) return 0;
   return 2 * TILE_TOKENS;
 #else
   return 0;
@@ -1158,7 +1158,7 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   if (!dp_on || T < 1 || x.scalar_type() != at::kBFloat16 || group % 32 != 0 || !avx512_bf16_ready()) return false;
   const int64_t K = x.size(1), G = K / group, N = first.back();
 #ifdef EC_AMX
-  const bool tiles = tile_fits(bits, T, K, group, !zeros.empty());
+  const bool tiles = tile_fits(T, K, group);
 #else
   const bool tiles = false;
 #endif
