@@ -172,6 +172,7 @@ def test_glu_expert_is_the_experts_chain_bit_for_bit(bits, group, symmetric, tok
     if not kernels.available():
         pytest.skip("no kernels here: experts take torch's products")
     from torch import nn
+    from transformers.integrations.moe import _default_apply_gate
 
     from expertcache import experts
 
@@ -195,7 +196,7 @@ def test_glu_expert_is_the_experts_chain_bit_for_bit(bits, group, symmetric, tok
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
     class Experts(nn.Module):  # what expert_output reads of an experts module: transformers' default gate, a plain SiLU
-        _apply_gate = staticmethod(__import__("transformers.integrations.moe", fromlist=["_default_apply_gate"])._default_apply_gate)
+        _apply_gate = _default_apply_gate
         has_post_expert_norm, is_transposed, has_bias = False, False, False
         act_fn = nn.SiLU()
 
