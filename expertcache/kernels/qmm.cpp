@@ -937,6 +937,220 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
     dp_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, x, xs, T, K, group, G, a, b, y, ys);
   });
 }
+
+// ---- one token as int8 slices (VPDPBUSD) ------------------------------------------------------------
+// VDPBF16PS takes two cycles here for 32 multiplies, and the step-wide path widens every stored byte
+// before it; VPDPBUSD multiplies 64 unsigned bytes by 64 signed ones into 16 int32 lanes in under one
+// cycle. So the stored values u multiply as they are (int4: a step's low nibbles, then its high ones)
+// and x is split into three signed 7-bit slices: each group of inputs takes a power-of-two step S0
+// with |x| < 128 S0; h = trunc(x / S0), m and l the same of the rest at S1 = S0 / 128 and S2 = S1 / 128
+// (each exact in float32), so x = S0 h + S1 m + S2 l but for inputs under 2^-13 of the group's largest
+// (bf16 holds 8 bits), which lose less than S2, 2^-20 of that largest. Each lane's sums of u times a
+// slice are exact integers; the offset times the lane's slice sum comes off in int32; a block's lanes
+// convert to float32 once and take S0, S1, S2 and the row's scale there. More exact than the bf16
+// paths' "128 + u" sums (their float32 sums cancel 7 bits), as fast as the memory for int8.
+// Lanes are the step-wide path's (a 128-bit lane a span of 32 int4 / 16 int8 inputs), so WideShape
+// maps them to groups.
+#define EC_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
+constexpr int XSLICES = 3;
+
+bool vnni_ready() {  // (with AVX512-BF16: the step-wide path's CPUs)
+  static const bool ok = avx512_bf16_ready() && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+// One token's x as slices, in the order VPDPBUSD meets the stored bytes
+struct Slices {
+  std::vector<int8_t> s;      // [steps][XSLICES][64 (int8) | 128 (int4: the step's even inputs, then its odd ones)]
+  std::vector<float> step;    // [nb][XSLICES][16]: each lane's S_j
+  std::vector<int32_t> sum;   // [nb][XSLICES][16]: each lane's slice sum over the block
+  std::vector<int32_t> off;   // [nb][XSLICES + 1][16]: the symmetric offset times each sum, then times their
+                              // combination (2^14 h + 2^7 m + l: int4's blocks of up to COMBINED inputs)
+};
+
+// int4 blocks of up to this many inputs combine a lane's three sums in int32 (|sum| <= 8 x 15 x 127 a
+// step, times 2^14 and 8 steps: under 2^31) and take one conversion, at S2
+constexpr int64_t COMBINED = 1024;
+
+// x [K] bf16 -> Slices for groups of `group` inputs (in WideShape's blocks); false where an input is not
+// finite (its float arithmetic is the other paths')
+template <int BITS>
+EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Slices& out) {
+  const WideShape w = wide_shape<BITS>(K, group);
+  constexpr int64_t SW = BITS == 4 ? 128 : 64, SB = BITS == 4 ? 128 : 64;  // inputs a step; slice bytes a step
+  const int64_t steps = K / SW;
+  out.s.resize(steps * XSLICES * SB);
+  out.step.resize(w.nb * XSLICES * 16);
+  out.sum.resize(w.nb * XSLICES * 16);
+  out.off.resize(w.nb * (XSLICES + 1) * 16);
+  std::fill(out.sum.begin(), out.sum.end(), 0);
+  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), ones = _mm512_set1_epi8(1);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80008000u));
+  alignas(64) float gs[XSLICES][64];  // the steps of the groups in the step being sliced (<= 4 a step)
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t k0 = s * SW, b = k0 / w.block;
+    // the step's groups' steps (a group spanning steps: worked out at its first step)
+    for (int64_t g0 = k0 / group * group; g0 < k0 + SW; g0 += group) {
+      if (g0 < k0) {  // a group begun before this step: its steps are kept
+        continue;
+      }
+      const uint16_t* xg = x + g0;
+      __m512i top = _mm512_setzero_si512();
+      for (int64_t k = 0; k < group; k += 32) top = _mm512_max_epu16(top, _mm512_andnot_si512(sign, _mm512_loadu_si512(xg + k)));
+      const int e16 = static_cast<int>(
+          _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(top, 16), _mm512_and_si512(top, _mm512_set1_epi32(0xFFFF)))));
+      int e = e16 >> 7;  // the largest's float32 exponent field: |x| < 2^(e - 126)
+      if (e == 255) return false;
+      e = std::max(e, 40);  // (steps stay normal float32; smaller inputs only round to 0 past S2)
+      const int gi = static_cast<int>((g0 - k0) / group);  // the group's place in the step (0 for groups >= a step)
+      for (int j = 0; j < XSLICES; ++j) {
+        const uint32_t u = static_cast<uint32_t>(e - 133 - 7 * j + 127) << 23;
+        std::memcpy(&gs[j][gi], &u, 4);
+      }
+    }
+    const int per = w.per;
+    __m512 inv[XSLICES][4], stp[XSLICES][4];  // by the group of each 16 inputs of the step
+    for (int j = 0; j < XSLICES; ++j)
+      for (int q = 0; q < per; ++q) {
+        stp[j][q] = _mm512_set1_ps(gs[j][q]);
+        inv[j][q] = _mm512_set1_ps(1.0f / gs[j][q]);
+      }
+    int8_t* d = out.s.data() + s * XSLICES * SB;
+    __m512i lanes[XSLICES];
+    for (int j = 0; j < XSLICES; ++j) lanes[j] = _mm512_setzero_si512();
+    // 16 inputs at a time: int8 inputs k0 + 16 v ..; int4 even (v < 4) or odd (v >= 4) inputs of 32
+    for (int v = 0; v < (BITS == 4 ? 8 : 4); ++v) {
+      __m512 f;
+      int64_t first;  // the first input's place in the step (its group)
+      if constexpr (BITS == 8) {
+        f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k0 + 16 * v))), 16));
+        first = 16 * v;
+      } else {
+        const __m512i dw = _mm512_loadu_si512(x + k0 + 32 * (v & 3));
+        f = _mm512_castsi512_ps(v < 4 ? _mm512_slli_epi32(dw, 16) : _mm512_and_si512(dw, hi16));
+        first = 32 * (v & 3);
+      }
+      const int q = per == 1 ? 0 : static_cast<int>(first / group);
+      __m512 r = f;
+      for (int j = 0; j < XSLICES; ++j) {
+        const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(r, inv[j][q]), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        if (j + 1 < XSLICES) r = _mm512_fnmadd_ps(t, stp[j][q], r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * SB + 16 * v), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+      }
+    }
+    for (int j = 0; j < XSLICES; ++j) {  // each lane's slice sums (int4: the even and the odd bytes of its span)
+      lanes[j] = _mm512_dpbusd_epi32(lanes[j], ones, _mm512_loadu_si512(d + j * SB));
+      if constexpr (BITS == 4) lanes[j] = _mm512_dpbusd_epi32(lanes[j], ones, _mm512_loadu_si512(d + j * SB + 64));
+      int32_t* sm = out.sum.data() + (b * XSLICES + j) * 16;
+      _mm512_storeu_si512(sm, _mm512_add_epi32(_mm512_loadu_si512(sm), lanes[j]));
+    }
+    if (k0 % w.block == 0)  // each lane's S_j: its group's
+      for (int j = 0; j < XSLICES; ++j)
+        _mm512_storeu_ps(out.step.data() + (b * XSLICES + j) * 16,
+                         per == 1 ? _mm512_set1_ps(gs[j][0]) : _mm512_permutexvar_ps(w.idx, _mm512_loadu_ps(gs[j])));
+  }
+  const int o = 1 << (BITS - 1);
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const int32_t* sm = out.sum.data() + b * XSLICES * 16;
+    int32_t* of = out.off.data() + b * (XSLICES + 1) * 16;
+    for (int i = 0; i < 16; ++i) {
+      for (int j = 0; j < XSLICES; ++j) of[j * 16 + i] = o * sm[j * 16 + i];
+      of[XSLICES * 16 + i] = o * ((sm[i] << 14) + (sm[16 + i] << 7) + sm[32 + i]);
+    }
+  }
+  return true;
+}
+
+// R rows from r0 against one token's slices -> y[r]
+template <int BITS, int R, int SK, bool ZP>
+EC_VNNI_TARGET void slice_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const Slices& xs,
+                               int64_t K, int64_t G, const WideShape& shape, float* y) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64, SB = BITS == 4 ? 128 : 64;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const int per = shape.per;
+  const int64_t block = shape.block, nb = shape.nb, groups = shape.groups;
+  const __m512i idx = shape.idx;
+  const uint8_t* row[R];
+  const int64_t GP = ((G + 15) / 16 + 1) * 16;  // each row's scales as float32 (and zero points), whole-vector reads
+  float* sf = static_cast<float*>(__builtin_alloca(sizeof(float) * R * GP));
+  int32_t* zo = ZP ? static_cast<int32_t*>(__builtin_alloca(sizeof(int32_t) * R * GP)) : nullptr;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) {
+    row[r] = packed + (r0 + r) * rb;
+    for (int64_t g = 0; g < GP; g += 16)
+      _mm512_storeu_ps(sf + r * GP + g, scales_f32<SK>(scale, (r0 + r) * G + g, std::max<int64_t>(0, std::min<int64_t>(16, G - g))));
+    if constexpr (ZP) {
+      const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
+      for (int64_t g = 0; g < GP; ++g) zo[r * GP + g] = g < G ? offset_of(z, g, BITS) : 0;
+    }
+    acc[r] = _mm512_setzero_ps();
+  }
+  const __m512i sym = _mm512_set1_epi32(1 << (BITS - 1));  // (zero points: each row's per group, zo)
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i c[R][XSLICES];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < XSLICES; ++j) c[r][j] = _mm512_setzero_si512();
+    for (int64_t k = b * block; k < (b + 1) * block; k += SW) {
+      const int64_t byte = k * BITS / 8;
+      const int8_t* xq = xs.s.data() + (k / SW) * XSLICES * SB;
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + WIDE_FAR), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + WIDE_NEAR), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(row[r] + byte);
+        if constexpr (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          for (int j = 0; j < XSLICES; ++j) {
+            c[r][j] = _mm512_dpbusd_epi32(c[r][j], lo, _mm512_loadu_si512(xq + j * SB));
+            c[r][j] = _mm512_dpbusd_epi32(c[r][j], hi, _mm512_loadu_si512(xq + j * SB + 64));
+          }
+        } else {
+          for (int j = 0; j < XSLICES; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], v, _mm512_loadu_si512(xq + j * SB));
+        }
+      }
+    }
+    const int64_t g0 = b * groups;  // the block's first group
+    const float* st = xs.step.data() + b * XSLICES * 16;
+    const int32_t* sm = xs.sum.data() + b * XSLICES * 16;
+    const int32_t* of = xs.off.data() + b * (XSLICES + 1) * 16;
+    for (int r = 0; r < R; ++r) {
+      const float* sr = sf + r * GP + g0;
+      const __m512 s = per == 1 ? _mm512_set1_ps(*sr) : _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sr));
+      if (BITS == 4 && !ZP && block <= COMBINED) {  // one conversion: (2^14 h + 2^7 m + l) sums, less the offset's, at S2
+        const __m512i d = _mm512_sub_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(c[r][0], 14), _mm512_slli_epi32(c[r][1], 7)), c[r][2]),
+            _mm512_loadu_si512(of + XSLICES * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_loadu_ps(st + 2 * 16)), _mm512_cvtepi32_ps(d), acc[r]);
+        continue;
+      }
+      __m512i o = sym;
+      if constexpr (ZP) o = per == 1 ? _mm512_set1_epi32(zo[r * GP + g0]) : _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(zo + r * GP + g0));
+      __m512 v = _mm512_setzero_ps();
+      for (int j = XSLICES - 1; j >= 0; --j) {
+        const __m512i d = _mm512_sub_epi32(c[r][j], ZP ? _mm512_mullo_epi32(o, _mm512_loadu_si512(sm + j * 16)) : _mm512_loadu_si512(of + j * 16));
+        v = _mm512_fmadd_ps(_mm512_loadu_ps(st + j * 16), _mm512_cvtepi32_ps(d), v);
+      }
+      acc[r] = _mm512_fmadd_ps(s, v, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int BITS, int SK, bool ZP>
+EC_VNNI_TARGET void slice_range_as(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, const Slices& xs, int64_t K,
+                                   int64_t group, int64_t G, int64_t a, int64_t b, float* y) {
+  const WideShape shape = wide_shape<BITS>(K, group);
+  int64_t r = a;
+  for (; r + 2 <= b; r += 2) slice_rows<BITS, 2, SK, ZP>(packed, rb, scale, zeros, r, xs, K, G, shape, y + (r - a));
+  for (; r < b; ++r) slice_rows<BITS, 1, SK, ZP>(packed, rb, scale, zeros, r, xs, K, G, shape, y + (r - a));
+}
+
+template <int BITS>
+void slice_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, const uint8_t* zeros, const Slices& xs, int64_t K,
+                 int64_t group, int64_t G, int64_t a, int64_t b, float* y) {
+  with_kinds(skind, zeros != nullptr, [&](auto sk, auto zp) {
+    slice_range_as<BITS, decltype(sk)::value, decltype(zp)::value>(packed, rb, scale, zeros, xs, K, group, G, a, b, y);
+  });
+}
 #endif
 
 // ---- several tokens on AMX tiles -------------------------------------------------------------------
@@ -1116,12 +1330,22 @@ int64_t qmm_tiles(int64_t from) {  // -> the previous setting: products of `from
 }
 
 bool dp_on = true;  // qmm_fast(False) sends those products down the AVX2 path too (tests compare both)
+bool slices_on = true;  // qmm_slices(False) sends one-token products to the step-wide path (tests compare both)
 bool wide_on = true;  // qmm_wide(False) sends them down the 16-byte path (tests compare all three)
 
 bool qmm_wide(bool on) {  // -> whether few-token products of whole steps now take the step-wide path
   wide_on = on;
 #ifdef EC_DP
   return on && dp_on && avx512_bf16_ready();
+#else
+  return false;
+#endif
+}
+
+bool qmm_slices(bool on) {  // -> whether one-token products of whole steps now take x's int8 slices (VPDPBUSD)
+  slices_on = on;
+#ifdef EC_DP
+  return on && wide_on && dp_on && vnni_ready();
 #else
   return false;
 #endif
@@ -1190,9 +1414,12 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
   }
   const bool rest = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return !j.tile; });
   const int64_t SW = bits == 4 ? 128 : 64, block = group >= SW ? group : SW, nb = K / block;
+  Slices sliced;  // one token: x as int8 slices, where the CPU has VPDPBUSD (empty: not taken)
+  if (rest && wide && T == 1 && slices_on && vnni_ready())
+    if (!(bits == 4 ? slice_inputs<4>(xp, K, group, sliced) : slice_inputs<8>(xp, K, group, sliced))) sliced.s.clear();
   std::vector<uint16_t> xq;  // x as the VDPBF16PS paths read it: only where some rows take them
   std::vector<float> xs, gsum;  // per lane and block (zero points), or per group (symmetric: gsum)
-  if (rest && wide) {
+  if (rest && wide && sliced.s.empty()) {
     xq.resize(T * K);
     (zeros.empty() ? gsum : xs).resize(zeros.empty() ? T * G : T * nb * 16);
     for (int64_t t = 0; t < T; ++t) {
@@ -1235,7 +1462,9 @@ bool qmm_dp(const at::Tensor& x, at::TensorList packed, at::TensorList scale, at
         continue;
       }
 #endif
-      if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, gsum.data(), nb, T, K, group, G, r0, r1, yr, N);
+      if (!sliced.s.empty() && bits == 8) slice_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, sliced, K, group, G, r0, r1, yr);
+      else if (!sliced.s.empty()) slice_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, sliced, K, group, G, r0, r1, yr);
+      else if (wide && bits == 8) wide_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, gsum.data(), nb, T, K, group, G, r0, r1, yr, N);
       else if (wide) wide_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xq.data(), xsp, gsum.data(), nb, T, K, group, G, r0, r1, yr, N);
       else if (bits == 8) dp_range<8>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
       else dp_range<4>(p, rb, scales[i].data_ptr(), kinds[i], z, xp, xsp, T, K, group, G, r0, r1, yr, N);
@@ -1618,6 +1847,7 @@ TORCH_LIBRARY(expertcache, m) {
         "Tensor? router, int router_kind, int top_k, bool renorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", lean_layer);
   m.def("amx() -> bool", amx);
   m.def("qmm_fast(bool on) -> bool", qmm_fast);
+  m.def("qmm_slices(bool on) -> bool", qmm_slices);
   m.def("qmm_wide(bool on) -> bool", qmm_wide);
   m.def("qmm_tiles(int start) -> int", qmm_tiles);
   m.def("qmm_tile_rows(int bits, int K, int group) -> int", qmm_tile_rows);

@@ -592,6 +592,52 @@ def test_few_token_avx512_bf16_path_computes_the_dequantized_linear(bits, group,
         torch.testing.assert_close(got.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("bits,group,symmetric,inner", [(4, 64, True, 256), (4, 32, True, 256), (4, None, True, 256), (4, 256, True, 512),
+                                                         (4, None, True, 1280),
+                                                         (8, None, True, 320), (8, 64, True, 256), (8, 32, True, 192),
+                                                         (4, 64, False, 256), (8, None, False, 256)])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_token_products_on_int8_slices_of_x(bits, group, symmetric, inner, scale_dtype):
+    """One token on a CPU with VPDPBUSD: qmm splits x into three 7-bit slices a group (steps S0,
+    S0/128, S0/2^14, powers of two), multiplies them by the stored bytes in int32 and scales in float32.
+    Inputs 2^13 times smaller than their group's largest still count in full: rows that weight only
+    those (the largest multiplies a zero) give the dequantized product at bf16 rounding, which a
+    missing third slice (~20 % off) or a missing offset fails, and so does the step-wide path here in
+    half the cases (its "128 + u" float32 sums cancel 7 bits: up to ~35 % off a small output). A
+    non-finite input takes the step-wide path (its inf and nan); int4 blocks of over 1,024 inputs
+    convert each slice's sums apart."""
+    if not kernels.available() or not torch.ops.expertcache.qmm_slices(True):
+        pytest.skip("no AVX512-VNNI with AVX512-BF16 here (or no kernels): one-token products take the step-wide path")
+    torch.manual_seed(7)
+    out, g = 35, group or inner
+    q, scale, packed, zeros, zp = _random_packed(out, inner, bits, group, symmetric, scale_dtype, 0.01)
+    if symmetric:  # an input the rows ignore: stored values of 2^(bits-1) (zero) at input 0
+        q[:, 0] = 0
+        packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
+    else:
+        zq = torch.round(zp).to(torch.int8)
+        q[:, 0] = zq[:, 0]
+        packed = pack_to_int32(q, bits).view(torch.uint8).view(out, -1)
+    want_w = (q.float() - zp.repeat_interleave(g, dim=1)) * scale.float().repeat_interleave(g, dim=1)
+    x = (torch.rand(1, inner) * 0.012 + 0.008).bfloat16()  # 2^-13.6 to 2^-12.3 of the largest: their lowest bit is S2
+    x[0, 0] = 100.0
+    x[0, 1::7] *= -1
+    want = torch.nn.functional.linear(x.double(), want_w.double())
+    got = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
+    assert not torch.ops.expertcache.qmm_slices(False)
+    try:
+        wide = torch.ops.expertcache.qmm(x, [packed], [scale], zeros, bits, g)
+        bad = x.clone()
+        bad[0, 3] = float("inf")
+        wide_bad = torch.ops.expertcache.qmm(bad, [packed], [scale], zeros, bits, g)
+    finally:
+        torch.ops.expertcache.qmm_slices(True)
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-6)  # bf16's rounding of the exact sums
+    torch.testing.assert_close(got.double(), wide.double(), rtol=0.5, atol=1e-4)  # (the step-wide path: its "128 + u" sums cancel bits)
+    got_bad = torch.ops.expertcache.qmm(bad, [packed], [scale], zeros, bits, g)
+    assert torch.equal(got_bad.isnan(), wide_bad.isnan()) and torch.equal(got_bad.nan_to_num(), wide_bad.nan_to_num())
+
+
 # --- mixed precision on miss (--miss-copy) -----------------------------------------------------------
 @torch.no_grad()
 def _decode(model, prompt: list[int], steps: int, *, before_decode=None, decode_model=None) -> tuple[list[torch.Tensor], list[int]]:
