@@ -9,14 +9,14 @@ the demo model; bf16 against int8 (one scale per row) and int4 (groups of 64), s
   calls on the stored bytes (median of repeats, 1 thread); effective GB/s is the expert's stored
   bytes over the time; and the one-off repack a load pays (quant.QuantExperts.prepare).
 - speed and bytes: benchmarks/decode.py's synthetic Mixtral checkpoint (64 experts of 17.3 MB bf16),
-  quantized by `expertcache quantize` (cached beside it). One subprocess per budget holds four
-  engines (bf16, int8, int4, int4 with int8 dense weights) at one budget: 100% or 50% of each
+  quantized by `expertcache quantize` (cached beside it). One subprocess per budget holds the
+  engines (bf16, int8 and int4 with dense weights kept, int8 dense, int4 dense too) at one budget: 100% or 50% of each
   one's own experts (the same share resident: bytes read fall with the expert size), or 50% of
   the bf16 experts' bytes for all (the same memory) and steps them in turn, one decode step each (order
   alternating), so each step sees the same machine load; each engine samples its own tokens
   (temperature 1, fixed seed). TPOT is the median step; the ratio is the median of per-step ratios.
   Decode bytes read per token and hit rates come from each engine's counters.
-- quality: the demo model and its int8 / int4-g64 / int4-g32 / int4-g64 with int8 dense copies, `expertcache eval`'s
+- quality: the demo model and its int8 / int4-g64 / int4-g32 copies, with int8 or int4 dense weights too, `expertcache eval`'s
   perplexity on TinyStories validation (first 10k tokens, window 256, stride 128) and last-word
   multiple-choice accuracy (1,000 items), at a 100% budget.
 Writes quantized.json, quantized.md and quantized.png.
@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 VARIANTS = {"bf16": None, "int8": (8, 0, "keep"), "int8+dense-int8": (8, 0, "int8"), "int4-g64": (4, 64, "keep"),
-            "int4-g64+dense-int8": (4, 64, "int8")}
+            "int4-g64+dense-int8": (4, 64, "int8"), "int4-g64+dense-int4": (4, 64, "int4")}
 QUALITY = {"int8": (8, 0, "keep"), "int8+dense-int8": (8, 0, "int8"), "int4-g64": (4, 64, "keep"), "int4-g32": (4, 32, "keep"),
-           "int4-g64+dense-int8": (4, 64, "int8")}
+           "int4-g64+dense-int8": (4, 64, "int8"), "int4-g64+dense-int4": (4, 64, "int4")}
 
 
 def kernels(experts: int = 12, repeats: int = 9) -> dict:
@@ -225,7 +225,7 @@ def markdown(rep: dict) -> str:
                   "| format | TPOT ms | vs bf16 (median step ratio) | hit rate | MB read/token | slots | bytes/expert |", "|---|---|---|---|---|---|---|"]
         for v, r in run["variants"].items():
             hr = f"{100 * r['hit_rate']:.1f}%" if r["hit_rate"] is not None else "-"
-            lines.append(f"| {v} | {r['tpot_ms']:.1f} | {r['ratio_vs_bf16']:.2f} | {hr} | {r['bytes_read_per_token'] / 1e6:.2f} | "
+            lines.append(f"| {v} | {r['tpot_ms']:.1f} | {r['ratio_vs_bf16']:.3f} | {hr} | {r['bytes_read_per_token'] / 1e6:.2f} | "
                          f"{r['cache_slots']} | {r['expert_bytes'] / 1e6:.2f} MB |")
     if rep.get("quality"):
         lines += ["", "## Quality on the demo model (100% budget)", "",

@@ -15,9 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="weights sharing one scale along a row: 32, 64, 128 or 256, or 0 for one scale per row "
                         "(default: 64 for 4 bits, one per row for 8 bits: the layouts torch's CPU kernels compute on)")
-    p.add_argument("--dense", choices=("keep", "int8"), default="keep",
-                   help="the dense Linear weights (attention, shared experts, the head): keep them as saved (default) or "
-                        "int8 with one scale per row; routers and a tied head are always kept")
+    p.add_argument("--dense", choices=("keep", "int8", "int4"), default="keep",
+                   help="the dense Linear weights (attention, shared experts, the head): keep them as saved (default), "
+                        "int8 with one scale per row, or int4 in groups (the experts' size when they are int4, else 64; "
+                        "llama.cpp's q4_0 quantizes these too); routers and a tied head are always kept")
     p.add_argument("--out", required=True, help="new directory to write (must not exist or be empty); the source is only read")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 

@@ -96,12 +96,23 @@ def _expert_weights(ckpt: Checkpoint, eid) -> tuple[torch.Tensor, torch.Tensor, 
     return gate, up, t["1"]
 
 
-DENSE_SCHEME = Scheme(8, None)  # --dense int8: one scale per row
+DENSE_GROUP = 64  # --dense int4's group size where the experts' is not an int4 one
 
 
-def _dense_targets(ckpt: Checkpoint) -> set[str]:
-    """In-memory names of the dense Linear weights `--dense int8` quantizes: every Linear but the
-    experts, the routers, and a head tied to the embeddings; in-features a multiple of 8 (the kernel's)."""
+def dense_scheme(dense: str, experts: Scheme) -> Scheme | None:
+    """The scheme `--dense` writes the dense Linear weights in: int8 with one scale per row; int4 in
+    groups, the experts' size when they are int4 too (one config group for both), else 64; None: keep."""
+    if dense == "int8":
+        return Scheme(8, None)
+    if dense == "int4":
+        return Scheme(4, experts.group_size if experts.bits == 4 and experts.group_size else DENSE_GROUP)
+    return None
+
+
+def _dense_targets(ckpt: Checkpoint, scheme: Scheme) -> set[str]:
+    """In-memory names of the dense Linear weights `--dense` quantizes: every Linear but the experts,
+    the routers, and a head tied to the embeddings; in-features a multiple of 8 (the kernel's) and of
+    the scheme's group (the others stay as saved)."""
     from torch import nn
 
     from ..architectures import build_model
@@ -112,7 +123,7 @@ def _dense_targets(ckpt: Checkpoint) -> set[str]:
     tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
     out = set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.in_features % 8:
+        if not isinstance(module, nn.Linear) or module.in_features % 8 or module.in_features % (scheme.group_size or 1):
             continue
         if any(name == p or name.startswith(p + ".") for p in routers + experts) or (tied and name == "lm_head"):
             continue
@@ -139,9 +150,10 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     if not dtype.is_floating_point:
         raise CheckpointError(f"{model_dir}: experts are {dtype}, not floating point")
 
-    if dense not in ("keep", "int8"):
-        raise ExpertCacheError(f"--dense {dense}: keep or int8")
-    dense_targets = _dense_targets(ckpt) if dense == "int8" else set()
+    if dense not in ("keep", "int8", "int4"):
+        raise ExpertCacheError(f"--dense {dense}: keep, int8 or int4")
+    dscheme = dense_scheme(dense, scheme)
+    dense_targets = _dense_targets(ckpt, dscheme) if dscheme is not None else set()
     site = next(iter(ckpt.sites.values()))
     (two_inter, hidden), down = site.shapes
     shapes = ((two_inter // 2, hidden), (two_inter // 2, hidden), tuple(down))
@@ -163,7 +175,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         if canonical in dense_targets:
             base, shape = name[: -len(".weight")], tuple(ref.shape)
             quantized.append((base, shape))
-            groups.append((_quantized_entries(base, DENSE_SCHEME, shape, ref.dtype), _dense_int8_reader(name, ref)))
+            groups.append((_quantized_entries(base, dscheme, shape, ref.dtype), _dense_reader(name, ref, dscheme)))
         else:
             groups.append(([_Entry(name, ref.dtype, ref.shape)], _reader(name, ref)))
     for layer, e in ckpt.experts:
@@ -201,7 +213,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
                         f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
             weight_map.update({entry.name: fname for entry in entries})
         bar.close()
-        _copy_side_files(model_dir, partial, scheme, ckpt, sorted(n[: -len(".weight")] for n in dense_targets))
+        _copy_side_files(model_dir, partial, scheme, ckpt, dscheme, sorted(n[: -len(".weight")] for n in dense_targets))
         if len(names) > 1:
             total = sum(entry.nbytes for g, _ in groups for entry in g)
             (partial / "model.safetensors.index.json").write_text(
@@ -234,10 +246,10 @@ def _expert_reader(ckpt: Checkpoint, eid, scheme: Scheme, dtype: torch.dtype, er
     return read
 
 
-def _dense_int8_reader(name: str, ref: TensorRef) -> Callable[[], Iterator[torch.Tensor]]:
+def _dense_reader(name: str, ref: TensorRef, scheme: Scheme) -> Callable[[], Iterator[torch.Tensor]]:
     def read() -> Iterator[torch.Tensor]:
         w = _read_all({name: ref})[name]
-        yield from quantize(w, DENSE_SCHEME, w.dtype)
+        yield from quantize(w, scheme, w.dtype)
 
     return read
 
@@ -259,13 +271,17 @@ def _write_header(f, entries: list[_Entry]) -> None:
     f.write(struct.pack("<Q", len(raw)) + raw)
 
 
-def _copy_side_files(model_dir: Path, out: Path, scheme: Scheme, ckpt: Checkpoint, dense_modules: list[str]) -> None:
+def _copy_side_files(model_dir: Path, out: Path, scheme: Scheme, ckpt: Checkpoint, dense: Scheme | None, dense_modules: list[str]) -> None:
     """config.json with the scheme, and every other file but the weights."""
     for p in model_dir.iterdir():
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(p, out / p.name)
     config = json.loads((model_dir / "config.json").read_text())
     roles = "|".join(ckpt.family.per_expert_names)
-    groups = [(scheme, [rf"re:.*\.experts\.\d+\.({roles})$"])] + ([(DENSE_SCHEME, dense_modules)] if dense_modules else [])
+    experts = [rf"re:.*\.experts\.\d+\.({roles})$"]
+    if dense_modules and dense == scheme:  # one config group a scheme
+        groups = [(scheme, experts + dense_modules)]
+    else:
+        groups = [(scheme, experts)] + ([(dense, dense_modules)] if dense_modules else [])
     config["quantization_config"] = quantization_config(groups, ignore=[] if "lm_head" in dense_modules else ["lm_head"])
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -251,13 +251,19 @@ def test_quantized_checkpoint_matches_transformers(family, scheme, budget, quant
     assert stats["expert_bytes"] == Checkpoint.open(qdir).expert_bytes
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_dense_int8_matches_transformers(family, quantized, tmp_path, direct_io_works):
-    """quantize --dense int8: attention, shared experts, dense MLP layers and the head int8 too,
-    kept packed in memory and computed by the kernel (routers kept)."""
-    qdir = quantized(family, "int4-g64", dense="int8")
+@pytest.mark.parametrize("family,dense", [("mixtral", "int8"), ("qwen2_moe", "int8"), ("deepseek_v3", "int8"), ("mixtral", "int4"),
+                                          ("qwen2_moe", "int4")])
+def test_dense_quantized_matches_transformers(family, dense, quantized, tmp_path, direct_io_works):
+    """quantize --dense int8 / int4: attention, shared experts, dense MLP layers and the head int8
+    (or int4 in the experts' groups of 64, one config group with them) too, kept packed in memory and
+    computed by the kernel (routers kept)."""
+    qdir = quantized(family, "int4-g64", dense=dense)
     ckpt = Checkpoint.open(qdir)
     names = set(ckpt.dense_quantized)
+    want = Scheme(8, None) if dense == "int8" else Scheme(4, 64)
+    assert {q.scheme for q in ckpt.dense_quantized.values()} == {want}
+    groups = json.loads((qdir / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == (2 if dense == "int8" else 1)
     assert "lm_head.weight" in names and any("self_attn" in n for n in names)
     assert not any(n.endswith(".mlp.gate.weight") for n in names)  # routers stay as saved
     if family == "qwen2_moe":
