@@ -284,7 +284,8 @@ def tools(ckpt: Path, ggufs: dict[str, Path], quick: bool) -> dict[str, dict]:
     out = {}
     variants = [("bf16", ckpt)] + [(q, ckpt.with_name(ckpt.name + s)) for q, s in (
         ("int8", "-int8"), ("int4", "-int4-g64"),  # experts quantized, dense weights bf16
-        ("int8+dense8", "-int8+dense-int8"), ("int4+dense8", "-int4-g64+dense-int8"))]  # dense weights int8 too, as llama.cpp's
+        ("int8+dense8", "-int8+dense-int8"), ("int4+dense8", "-int4-g64+dense-int8"),  # dense weights int8 too, as q8_0's
+        ("int4+dense4", "-int4-g64+dense-int4"))]  # and int4, as q4_0's
     for prec, d in variants:
         if not (d / "config.json").is_file():
             continue
