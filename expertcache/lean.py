@@ -38,6 +38,7 @@ WIDE_QK_NORM = {"olmoe"}  # query and key norms over the whole projection, befor
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
 KV_ROOM = 256  # positions of room a layer's keys and values get, so a step writes in place (not a whole-cache copy)
 ROOM_ATTR = "_expertcache_room"  # a DynamicLayer's buffers with room, its keys and values their first positions
+ROOM_LIMIT_ATTR = "_expertcache_room_limit"  # at most this many positions of room (a server's KV budget); default KV_ROOM
 
 
 class _Product:
@@ -317,7 +318,8 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffers whose first positions are the layer's keys and values (which become views of them),
     with room for the next: kept on the DynamicLayer itself (its lifetime), made again (one copy)
     when full or when the keys are no longer their view (another forward's cat, a batch's rows).
-    DynamicLayer.update copies the whole cache every step; this copies it every KV_ROOM steps."""
+    DynamicLayer.update copies the whole cache every step; this copies it every KV_ROOM steps (or
+    every ROOM_LIMIT_ATTR's, which a server's KV budget sets on its cache's layers)."""
     keys, values = cached.keys, cached.values
     room = cached.__dict__.get(ROOM_ATTR)
     n = keys.shape[-2]
@@ -327,7 +329,8 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
                 and keys.stride() == rk.stride() and values.stride() == rv.stride()
                 and keys.shape[:-2] == rk.shape[:-2] and values.shape[:-2] == rv.shape[:-2]):
             return room
-    size = lambda t: (*t.shape[:-2], n + KV_ROOM, t.shape[-1])  # noqa: E731
+    more = max(1, min(KV_ROOM, cached.__dict__.get(ROOM_LIMIT_ATTR, KV_ROOM)))  # (1: a copy a step, as DynamicLayer's)
+    size = lambda t: (*t.shape[:-2], n + more, t.shape[-1])  # noqa: E731
     rk, rv = keys.new_empty(size(keys)), values.new_empty(size(values))
     rk[..., :n, :] = keys
     rv[..., :n, :] = values

@@ -375,3 +375,37 @@ def test_a_batch_reads_the_miss_copy_in_its_decode_steps(checkpoint, tmp_path):
         assert s["low_loads"] > 0 and s["low_uses"] > 0 and s["upgrades"] > 0
         check_engine_invariants(eng, recorder)
     assert [len(r.out) for r in reqs] == [10] * len(reqs)
+
+
+def test_a_lone_rows_room_stays_within_the_kv_budget(checkpoint):
+    """A lone row's lean decode steps write into a KV buffer with room (lean._room): the batcher
+    counts that room in its KV bytes and caps it at what the budget leaves (so the bytes held never
+    pass --kv-budget), and without a budget it is lean.KV_ROOM positions; the tokens are the same."""
+    from expertcache import gemm, lean
+
+    if not (gemm.amx_kernel(torch.bfloat16) and gemm.tail_kernels()):
+        pytest.skip("the fused layer (which keeps the room) takes bf16 projections through amm (AMX) here")
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        outs, rooms = [], []
+        for budget in (None, 40):
+            b = Batcher(eng, max_batch=2)
+            if budget is not None:  # 40 positions: 8 of prompt and 20 out, 12 spare at least
+                b.kv_budget_bytes = budget * b.kv_per_token
+            b.eos = set()
+            r = request(prompt_ids(8, seed=1), 20)
+            b.submit(r)
+            most = 0
+            while not b.idle():
+                b.turn()
+                room = max((layer.__dict__[lean.ROOM_ATTR][0].shape[-2] - layer.keys.shape[-2]
+                            for layer in (b.past.layers if b.past is not None else ()) if lean.ROOM_ATTR in layer.__dict__), default=0)
+                most = max(most, room)
+                if b.past is not None:
+                    assert b.kv_bytes() == (b.mask.numel() + room) * b.kv_per_token
+                if budget is not None:
+                    assert b.kv_bytes() <= b.kv_budget_bytes
+            outs.append(list(r.out))
+            rooms.append(most)
+    assert outs[0] == outs[1] and len(outs[0]) == 20
+    assert rooms[0] >= lean.KV_ROOM - 20 and 0 < rooms[1] <= 40 - 9
