@@ -28,6 +28,7 @@ from .routing import RoutingPolicy
 
 IMPLEMENTATION = "expertcache"  # the name under which transformers' experts interface knows us
 ONE_TOKEN_PATH = True  # decode steps skip the token/slot search (tests compare both paths bit for bit)
+TOKEN_EXPERTS_CALL = True  # a decode step's experts and their combine in one kernel call where each takes glu_expert (tests compare)
 
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], None]  # (layer, x, logits, weights, ids)
 GuessObserver = Callable[[int, Prediction], None]  # (layer of the call, [(target layer, experts)])
@@ -109,6 +110,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tens
     return y if bias is None else y + bias
 
 
+def glu_call(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], quant: QuantExperts | None) -> tuple[int, int] | None:
+    """glu_expert's (bits, group) where it computes this expert on x in one call (expert_output's
+    chain: a silu-gated expert whose three products take amm, or qmm for quantized ones), else None."""
+    if quant is None:
+        if len(parts) == 3 and parts[0].dtype is x.dtype and _silu_gated(module) and gemm.amm_expert(x, *parts):
+            return 16, 0
+        return None
+    if quant.glu_kernel(x) and not module.has_post_expert_norm and _default_gate(type(module)) and _plain_act(module.act_fn) is F.silu:
+        return quant.scheme.bits, quant.scheme.group_size or 0
+    return None
+
+
 def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor, ...], expert: int,
                   quant: QuantExperts | None = None, upcast: bool = False) -> torch.Tensor:
     """One expert of `module` on its tokens x [n, H] -> [n, H]: the module's own math (gating,
@@ -121,9 +134,8 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
             return torch.ops.expertcache.glu_expert(x, parts, 16, 0)
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)
         return gemm.linear(F.silu(g) * u, down, upcast=upcast)
-    if quant is not None and quant.glu_kernel(x) and not module.has_post_expert_norm and _default_gate(type(module)) \
-            and _plain_act(module.act_fn) is F.silu:  # the branch below's qmm calls and gate in one call
-        return torch.ops.expertcache.glu_expert(x, parts, quant.scheme.bits, quant.scheme.group_size or 0)
+    if quant is not None and (call := glu_call(module, x, parts, quant)) is not None:  # the branch below's qmm calls and gate in one call
+        return torch.ops.expertcache.glu_expert(x, parts, *call)
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
         if _default_gate(type(module)):
@@ -295,10 +307,25 @@ class ExpertsRuntime:
             # slot order, as torch's sum over k of that buffer adds them (k <= 8; tested); bf16 weights
             # (Qwen's routers): that buffer's own math, in one call where it gives its bits (gemm.combine)
             ys = [None] * len(single)
+            # while every expert so far takes glu_expert alike: their parts, for one call with the combine
+            fused, call, out = ([] if TOKEN_EXPERTS_CALL and gemm.combine_kernel(weights, x.dtype) else None), None, None
             with closing(self.cache.stream(layer, sorted(single), guesses)) as ready:
                 for e, parts, quant in ready:
-                    ys[single.index(e)] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
-            return gemm.combine(ys, weights)
+                    s = single.index(e)
+                    if fused is not None:
+                        c = glu_call(module, x, parts, quant)
+                        if c is not None and c == (call or c):
+                            call = c
+                            fused.append((s, parts))
+                            if len(fused) == len(single):  # the last: all of them and the combine, while still pinned
+                                flat = [t for _, p in sorted(fused, key=lambda f: f[0]) for t in p]
+                                out = torch.ops.expertcache.glu_experts(x, flat, call[0], call[1], weights)
+                            continue
+                        for i, p in fused:  # not all alike: the ones so far, one call each (as glu_expert)
+                            ys[i] = torch.ops.expertcache.glu_expert(x, p, *call)
+                        fused = None
+                    ys[s] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
+            return out if out is not None else gemm.combine(ys, weights)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)
         else:

@@ -210,13 +210,19 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rotary_chain(x, cos, sin)
 
 
+def combine_kernel(weights: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the combine kernel adds expert outputs of `dtype` (contiguous) with these router weights."""
+    half = weights.dtype is torch.bfloat16
+    return (dtype is torch.bfloat16 and (weights.dtype is torch.float32 or half) and weights.is_contiguous()
+            and (half_combine() if half else tail_kernels()))
+
+
 def combine(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """A token's expert outputs [1, H] weighted and added as the runtime does: combine_chain for
     float32 weights, combine_half_chain for bf16 ones (Qwen's routers), the same bits, in one call
     where it can (bf16 outputs)."""
     half = weights.dtype is torch.bfloat16
-    if ((weights.dtype is torch.float32 or half) and weights.is_contiguous()
-            and all(y.dtype is torch.bfloat16 and y.is_contiguous() for y in ys) and (half_combine() if half else tail_kernels())):
+    if combine_kernel(weights, ys[0].dtype) and all(y.dtype is torch.bfloat16 and y.is_contiguous() for y in ys):
         return torch.ops.expertcache.combine(ys, weights)
     return combine_half_chain(ys, weights) if half else combine_chain(ys, weights)
 

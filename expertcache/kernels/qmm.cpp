@@ -1831,6 +1831,19 @@ at::Tensor glu_expert(const at::Tensor& x, at::TensorList parts, int64_t bits, i
   return qmm(h, {parts[2 * per]}, {parts[2 * per + 1]}, z, bits, group > 0 ? group : I);
 }
 
+// A token's k experts and their combine in one call: parts holds each expert's glu_expert parts in slot
+// order (parts.size() / k each), w [1, k] the router's weights; glu_expert each, then combine (the same
+// bits as those calls made one by one)
+at::Tensor glu_experts(const at::Tensor& x, at::TensorList parts, int64_t bits, int64_t group, const at::Tensor& w) {
+  const int64_t k = w.size(-1);
+  TORCH_CHECK(k > 0 && parts.size() % static_cast<size_t>(k) == 0, "glu_experts: each of the k experts' parts");
+  const size_t each = parts.size() / static_cast<size_t>(k);
+  std::vector<at::Tensor> ys;
+  ys.reserve(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) ys.push_back(glu_expert(x, parts.slice(static_cast<size_t>(i) * each, each), bits, group));
+  return combine(ys, w);
+}
+
 TORCH_LIBRARY(expertcache, m) {
   m.def("rms_tail(Tensor h, Tensor var, Tensor weight, float eps) -> Tensor", rms_tail);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", rotary);
@@ -1840,6 +1853,7 @@ TORCH_LIBRARY(expertcache, m) {
   m.def("emm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", emm);
   m.def("amm(Tensor x, Tensor[] w, Tensor? bias=None) -> Tensor", amm);
   m.def("glu_expert(Tensor x, Tensor[] parts, int bits, int group) -> Tensor", glu_expert);
+  m.def("glu_experts(Tensor x, Tensor[] parts, int bits, int group, Tensor w) -> Tensor", glu_experts);
   m.def("lean_layer(Tensor h, Tensor norm1, float eps1, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_z, int qkv_bits, int qkv_group, "
         "Tensor? qkv_bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, Tensor keys, Tensor values, "
         "Tensor? key_room, Tensor? value_room, int nq, "

@@ -355,3 +355,52 @@ def test_quantized_dense_projections_keep_the_models_bits(case, checkpoint, tmp_
             _, slow = _steps(eng, tokens)
     assert torch.equal(_bits(fast), _bits(slow))
     _batch_steps_are_the_models_own(model_dir)
+
+
+QWEN3_BF16 = ("qwen3_moe", dict(num_experts=12, top_k=4, norm_topk_prob=True, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128))
+
+
+@pytest.mark.parametrize("case,quantize", [("mixtral-bf16", None), ("qwen3-bf16", None), ("mixtral-bf16", 4)])
+def test_a_tokens_experts_and_their_combine_are_one_call(case, quantize, checkpoint, tmp_path):
+    """A decode step's experts, each a glu_expert call of the same kind (bf16 on amm, or quantized
+    on qmm), and their combine with the router's weights (float32: Mixtral's; bf16: Qwen's) run as
+    one glu_experts call per layer, with the logits the calls one by one give, bit for bit; a low
+    budget (misses and loads between the experts) changes nothing."""
+    if not (gemm.amx_kernel(torch.bfloat16) and gemm.tail_kernels()):
+        pytest.skip("experts take glu_expert where their products run on amm (AMX) here")
+    from expertcache import experts
+    from expertcache.tools.quantize import quantize_checkpoint
+
+    family, kw = QWEN3_BF16 if case == "qwen3-bf16" else CASES[case]
+    model_dir = checkpoint(family, **kw)
+    if quantize:
+        quantize_checkpoint(model_dir, tmp_path / "q", bits=quantize, group_size=32, progress=False)
+        model_dir = tmp_path / "q"
+    calls = []
+    real = torch.ops.expertcache.glu_experts
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    def run(budget) -> torch.Tensor:
+        with expertcache.load(model_dir, expert_budget=budget, prefetch="none", io="buffered") as eng:
+            d = Decoding(eng.model)
+            out = []
+            with torch.inference_mode():
+                last = d.feed(PROMPT)[-1]
+                for _ in range(6):
+                    last = d.feed([int(last.argmax())])[-1]
+                    out.append(last.clone())
+            return torch.stack(out)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.expertcache, "glu_experts", counted)
+        fused = {b: run(b) for b in ("100%", min_budget(model_dir))}
+        assert len(calls) >= 6
+        mp.setattr(experts, "TOKEN_EXPERTS_CALL", False)
+        calls.clear()
+        each = {b: run(b) for b in fused}
+        assert not calls
+    for b in fused:
+        assert torch.equal(fused[b].view(torch.int16), each[b].view(torch.int16)), b
