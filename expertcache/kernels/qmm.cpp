@@ -939,16 +939,16 @@ void dp_range(const uint8_t* packed, int64_t rb, const void* scale, int skind, c
 }
 
 // ---- one token as int8 slices (VPDPBUSD) ------------------------------------------------------------
-// VDPBF16PS takes two cycles here for 32 multiplies, and the step-wide path widens every stored byte
-// before it; VPDPBUSD multiplies 64 unsigned bytes by 64 signed ones into 16 int32 lanes in under one
-// cycle. So the stored values u multiply as they are (int4: a step's low nibbles, then its high ones)
-// and x is split into three signed 7-bit slices: each group of inputs takes a power-of-two step S0
+// VDPBF16PS multiplies 32 pairs an instruction and the step-wide path widens every stored byte before
+// it; VPDPBUSD multiplies 64 unsigned bytes by 64 signed ones into 16 int32 lanes, at a higher rate
+// (docs/quantized.md). So the stored values u multiply as they are (int4: a step's low nibbles, then
+// its high ones) and x is split into three signed 7-bit slices: each group of inputs takes a power-of-two step S0
 // with |x| < 128 S0; h = trunc(x / S0), m and l the same of the rest at S1 = S0 / 128 and S2 = S1 / 128
 // (each exact in float32), so x = S0 h + S1 m + S2 l but for inputs under 2^-13 of the group's largest
 // (bf16 holds 8 bits), which lose less than S2, 2^-20 of that largest. Each lane's sums of u times a
 // slice are exact integers; the offset times the lane's slice sum comes off in int32; a block's lanes
 // convert to float32 once and take S0, S1, S2 and the row's scale there. More exact than the bf16
-// paths' "128 + u" sums (their float32 sums cancel 7 bits), as fast as the memory for int8.
+// paths' "128 + u" sums (their float32 sums cancel 7 bits).
 // Lanes are the step-wide path's (a 128-bit lane a span of 32 int4 / 16 int8 inputs), so WideShape
 // maps them to groups.
 #define EC_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
