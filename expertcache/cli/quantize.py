@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return 0
+    dense = f"; {r.dense_weights} dense weights as {r.dense}" if r.dense != "keep" else ""
     print(f"wrote {r.out_dir}: {r.experts} experts as {r.scheme}, {fmt_bytes(r.expert_bytes)} each "
           f"(from {fmt_bytes(r.source_expert_bytes)}, {r.source_expert_bytes / r.expert_bytes:.2f}x smaller), "
-          f"weight error {100 * r.relative_error:.2f}% (relative L2), {r.seconds:.1f} s")
+          f"weight error {100 * r.relative_error:.2f}% (relative L2){dense}, {r.seconds:.1f} s")
     return 0

@@ -40,6 +40,8 @@ class QuantizeResult:
     relative_error: float  # ||W - dequantized W|| / ||W|| over every expert weight
     files: int
     seconds: float
+    dense: str = "keep"  # the dense Linear weights' scheme (--dense), or "keep"
+    dense_weights: int = 0  # how many of them were quantized
 
 
 @dataclass
@@ -227,7 +229,8 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         bar.close()
         shutil.rmtree(partial, ignore_errors=True)
     return QuantizeResult(str(out_dir), scheme.name, len(ckpt.experts), ckpt.expert_bytes, expert_bytes,
-                          (error[0] / max(error[1], 1e-30)) ** 0.5, len(names), time.perf_counter() - t0)
+                          (error[0] / max(error[1], 1e-30)) ** 0.5, len(names), time.perf_counter() - t0,
+                          dscheme.name if dscheme is not None else "keep", len(dense_targets))
 
 
 def _quantized_entries(base: str, scheme: Scheme, shape: tuple[int, int], scale_dtype: torch.dtype) -> list[_Entry]:

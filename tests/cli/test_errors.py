@@ -836,7 +836,10 @@ def test_quantize_writes_a_new_directory_and_refuses_bad_output(capsys, model, t
     out = tmp_path / "q4"
     rc, stdout, _ = run_cli(capsys, ["quantize", str(model), "--bits", "4", "--group-size", "0", "--out", str(out), "--json"])
     assert rc == 0 and json.loads(stdout)["scheme"] == "int4-channel"
+    assert json.loads(stdout)["dense"] == "keep" and json.loads(stdout)["dense_weights"] == 0
     assert snapshot(model) == before
+    rc, stdout, _ = run_cli(capsys, ["quantize", str(model), "--bits", "8", "--dense", "int8", "--out", str(tmp_path / "d8")])
+    assert rc == 0 and "dense weights as int8-channel" in stdout
     rc, stdout, _ = run_cli(capsys, ["generate", "--model", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json"])
     assert rc == 0 and len(json.loads(stdout)["token_ids"]) == 2
     assert "not an empty directory" in cli_error(capsys, ["quantize", str(model), "--bits", "8", "--out", str(out)], model)
