@@ -30,6 +30,7 @@ CALIBRATION_FILE = "adaptive_gating.json"  # adaptive-gating thresholds' default
 DEMO_DIR = Path(__file__).parent / "demo"
 PRECISION_WARMUP = 32  # a target layer's issued guesses before its precision gates anything
 PRECISION_PROBE = 32  # one in this many gated decode calls still guesses, so the precision stays measured (8 let a blind predictor read 2.4x the bytes of none on 24 layers)
+IDLE_GUESSES = 32  # a layer's decode guesses in a row that started no load before its guessing pauses (probed as above)
 AMX_ROWS = 16  # rows up to which a bf16 product takes expertcache's AMX kernel where it gives oneDNN's bits (gemm.py; one tile of tokens)
 AMX_MIN_INPUTS, AMX_MAX_INPUTS = 64, 4096  # ...and its inputs: oneDNN 3.12 takes 32 through another kernel and splits more than 4096 (measured)
 KERNEL_ROWS = 16  # rows up to which a bf16/fp16 product stays in expertcache's exact kernel under half_matmul="float32" (gemm.py)

@@ -20,7 +20,7 @@ from torch import nn
 from . import gemm, mxfp4
 from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
-from .config import PRECISION_PROBE, PRECISION_WARMUP
+from .config import IDLE_GUESSES, PRECISION_PROBE, PRECISION_WARMUP
 from .ids import Prediction
 from .predictors.base import Predictor, rank
 from .quant import QuantExperts
@@ -189,6 +189,8 @@ class ExpertsRuntime:
         self.min_precision = 0.0  # decode guesses for layers whose precision is below this are skipped (gated)
         self.prefetch_depth = 1  # sparse layers ahead the predictor guesses (which layers a call's guesses target)
         self._gated_calls = 0
+        self._idle: dict[int, int] = {}  # layer -> its decode guesses in a row that started no load
+        self._idle_calls = 0
         self._sparse: list[int] = []  # sparse layers in order (bind)
         self._order: dict[int, int] = {}
         self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
@@ -299,8 +301,10 @@ class ExpertsRuntime:
         single = ids[0].tolist() if ids.shape[0] == 1 and ONE_TOKEN_PATH else None  # a token's k experts, in slot order
         if single is not None and len(set(single)) < len(single):
             single = None  # an expert in two slots (no routing policy makes one): the general path covers both
-        guesses = ((lambda: self._guess(layer, x, logits))
-                   if self.prefetch_enabled and not self._step_requested and not self._gated(layer) and not self._all_held() else None)
+        guessing = (self.prefetch_enabled and not self._step_requested and not self._gated(layer) and not self._all_held()
+                    and not self._idle_gated(layer))
+        guesses = (lambda: self._guess(layer, x, logits)) if guessing else None
+        issued = self.cache.core.stats.prefetch_issued if guessing else None  # what this call's guesses start
         if (single is not None and len(single) <= 8 and min(single) >= 0
                 and (weights.dtype == torch.float32 or (weights.dtype is torch.bfloat16 and x.dtype is torch.bfloat16))):
             # one token, every slot routed: no [1, k, H] buffer; the slots' float32 products added in
@@ -325,6 +329,7 @@ class ExpertsRuntime:
                             ys[i] = torch.ops.expertcache.glu_expert(x, p, *call)
                         fused = None
                     ys[s] = expert_output(module, x, parts, e, quant, self.upcast)  # [1, H]
+            self._note_idle(layer, issued)
             return out if out is not None else gemm.combine(ys, weights)
         if single is not None:
             needed = sorted(e for e in single if e >= 0)
@@ -347,6 +352,7 @@ class ExpertsRuntime:
                     mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
                     y = expert_output(module, x.index_select(0, mine // k), parts, e, quant, self.upcast)
                     flat_c.index_copy_(0, mine, (y * flat_w.index_select(0, mine)).to(flat_c.dtype))
+        self._note_idle(layer, issued)
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype
 
     def forward_rows(self, module: nn.Module, layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -377,6 +383,24 @@ class ExpertsRuntime:
         guessing is skipped, its compute saved."""
         return (len(self.cache.core.entries) >= self.num_experts * len(self._sparse) and not self.guess_observers
                 and getattr(self.routing, "exact", False))
+
+    def _idle_gated(self, layer: int) -> bool:
+        """Whether a decode call at `layer` skips guessing because its last IDLE_GUESSES guesses
+        started no load (every expert they named held a slot already: a budget that holds what the
+        routing uses), so a guess would cost its compute for nothing. One such call in PRECISION_PROBE
+        guesses anyway, and a load it starts reopens the layer. Only where no one reads guesses (exact
+        routing, no guess observers), as _all_held."""
+        if (self.phase != "decode" or self._idle.get(layer, 0) < IDLE_GUESSES or self.guess_observers
+                or not getattr(self.routing, "exact", False)):
+            return False
+        self._idle_calls += 1
+        return self._idle_calls % PRECISION_PROBE != 0
+
+    def _note_idle(self, layer: int, issued: int | None) -> None:
+        """After a decode call that guessed: whether its guesses started a load (_idle_gated)."""
+        if issued is None or self.phase != "decode":
+            return
+        self._idle[layer] = self._idle.get(layer, 0) + 1 if self.cache.core.stats.prefetch_issued == issued else 0
 
     def _gated(self, layer: int) -> bool:
         """Whether a decode call at `layer` skips guessing: every layer it guesses for has issued

@@ -207,6 +207,47 @@ def test_decode_guesses_stop_for_layers_whose_precision_is_low_but_for_probes(mo
         assert rt._gated(first) or rt._gated(first)
 
 
+def test_idle_guesses_pause_but_for_probes_and_a_load_reopens_them(model_dir):
+    """The idle gate: after IDLE_GUESSES decode calls in a row at a layer whose guesses started no
+    load (every expert they named held a slot), that layer's decode calls skip guessing but one in
+    PRECISION_PROBE; a probe that starts a load reopens it; prefill and non-exact routing never gate.
+    End to end at a 100% budget where some expert never holds a slot (so _all_held never stops the
+    guessing): fewer guesses, the same tokens."""
+    from expertcache.config import IDLE_GUESSES, PRECISION_PROBE
+    from expertcache.experts import ExpertsRuntime
+
+    with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="buffered") as eng:
+        rt, stats = eng.runtime, eng.cache.core.stats
+        layer = eng.checkpoint.sparse_layers[0]
+        rt.phase = "decode"
+        for _ in range(IDLE_GUESSES - 1):
+            rt._note_idle(layer, stats.prefetch_issued)  # guessed, nothing started
+        assert not rt._idle_gated(layer)
+        rt._note_idle(layer, stats.prefetch_issued)
+        gated = [rt._idle_gated(layer) for _ in range(2 * PRECISION_PROBE)]
+        assert gated.count(False) == 2 and not gated[PRECISION_PROBE - 1], gated  # only the probes guess
+        rt._note_idle(layer, stats.prefetch_issued - 1)  # a probe's guess started a load
+        assert not rt._idle_gated(layer)
+        rt._idle[layer] = IDLE_GUESSES
+        rt.phase = "prefill"
+        assert not rt._idle_gated(layer)
+
+    guessed, tokens = {}, {}
+    real = ExpertsRuntime._guess
+    for gate in (True, False):
+        calls = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ExpertsRuntime, "_all_held", lambda self: False)  # as if an expert were never routed
+            mp.setattr(ExpertsRuntime, "_guess", lambda self, *a: calls.append(1) or real(self, *a))
+            if not gate:
+                mp.setattr(ExpertsRuntime, "_idle_gated", lambda self, layer: False)
+            with expertcache.load(model_dir, expert_budget="100%", prefetch="next-gate", io="buffered") as eng:
+                tokens[gate] = eng.generate(PROMPT, max_new_tokens=3 * IDLE_GUESSES, stop_at_eos=False).token_ids
+        guessed[gate] = len(calls)
+    assert tokens[True] == tokens[False]
+    assert guessed[True] < 0.7 * guessed[False], guessed
+
+
 def test_the_first_layers_lead_guesses_stop_when_its_precision_is_low(model_dir):
     """The lead guess for the first sparse layer (made from the token's embedding as the step
     starts) obeys the same gate, on that layer's own precision: blind leads stop but for probes."""
