@@ -778,6 +778,16 @@ EC_DP_TARGET inline __m512 scales_f32(const void* scale, int64_t at, int64_t n) 
   return SK == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
+// Floats a row's G scales take as float32 in whole vectors (zeros after them: whole-vector reads)
+inline int64_t scale_pitch(int64_t G) { return ((G + 15) / 16 + 1) * 16; }
+
+// Row r's G scales as float32 into sf[0, scale_pitch(G))
+template <int SK>
+EC_DP_TARGET inline void row_scales(const void* scale, int64_t r, int64_t G, float* sf) {
+  for (int64_t g = 0; g < scale_pitch(G); g += 16)
+    _mm512_storeu_ps(sf + g, scales_f32<SK>(scale, r * G + g, std::max<int64_t>(0, std::min<int64_t>(16, G - g))));
+}
+
 // Scales of one row as float32 lanes: per = 1: scale g everywhere; else lane i takes scale g + idx[i]
 // (the step's groups, masked to the `per` it holds)
 template <int SK>
@@ -827,7 +837,7 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
   const uint8_t* row[R];
   float* ofs = nullptr;  // zero points: [R][G] offsets, base + each stored zero point
   if constexpr (ZP) ofs = static_cast<float*>(__builtin_alloca(sizeof(float) * R * G));
-  const int64_t GP = ((G + 15) / 16 + 1) * 16;  // symmetric: each row's scales as float32, zeros after them (whole-vector reads)
+  const int64_t GP = scale_pitch(G);  // symmetric: each row's scales as float32
   float* sf = nullptr;
   if constexpr (!ZP) sf = static_cast<float*>(__builtin_alloca(sizeof(float) * R * GP));
   __m512 acc[R][NT];
@@ -837,8 +847,7 @@ EC_DP_TARGET void wide_rows(const uint8_t* packed, int64_t rb, const void* scale
       const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
       for (int64_t g = 0; g < G; ++g) ofs[r * G + g] = base + static_cast<float>(offset_of(z, g, BITS));
     } else {
-      for (int64_t g = 0; g < GP; g += 16)
-        _mm512_storeu_ps(sf + r * GP + g, scales_f32<SK>(scale, (r0 + r) * G + g, std::max<int64_t>(0, std::min<int64_t>(16, G - g))));
+      row_scales<SK>(scale, r0 + r, G, sf + r * GP);
     }
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   }
@@ -977,9 +986,9 @@ constexpr int64_t COMBINED = 1024;
 template <int BITS>
 EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Slices& out) {
   const WideShape w = wide_shape<BITS>(K, group);
-  constexpr int64_t SW = BITS == 4 ? 128 : 64, SB = BITS == 4 ? 128 : 64;  // inputs a step; slice bytes a step
+  constexpr int64_t SW = BITS == 4 ? 128 : 64;  // inputs a step (and slice bytes a step)
   const int64_t steps = K / SW;
-  out.s.resize(steps * XSLICES * SB);
+  out.s.resize(steps * XSLICES * SW);
   out.step.resize(w.nb * XSLICES * 16);
   out.sum.resize(w.nb * XSLICES * 16);
   out.off.resize(w.nb * (XSLICES + 1) * 16);
@@ -989,11 +998,8 @@ EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Sl
   alignas(64) float gs[XSLICES][64];  // the steps of the groups in the step being sliced (<= 4 a step)
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t k0 = s * SW, b = k0 / w.block;
-    // the step's groups' steps (a group spanning steps: worked out at its first step)
-    for (int64_t g0 = k0 / group * group; g0 < k0 + SW; g0 += group) {
-      if (g0 < k0) {  // a group begun before this step: its steps are kept
-        continue;
-      }
+    // the steps of the groups beginning in this step (one spanning steps keeps those of its first)
+    for (int64_t g0 = (k0 + group - 1) / group * group; g0 < k0 + SW; g0 += group) {
       const uint16_t* xg = x + g0;
       __m512i top = _mm512_setzero_si512();
       for (int64_t k = 0; k < group; k += 32) top = _mm512_max_epu16(top, _mm512_andnot_si512(sign, _mm512_loadu_si512(xg + k)));
@@ -1015,9 +1021,7 @@ EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Sl
         stp[j][q] = _mm512_set1_ps(gs[j][q]);
         inv[j][q] = _mm512_set1_ps(1.0f / gs[j][q]);
       }
-    int8_t* d = out.s.data() + s * XSLICES * SB;
-    __m512i lanes[XSLICES];
-    for (int j = 0; j < XSLICES; ++j) lanes[j] = _mm512_setzero_si512();
+    int8_t* d = out.s.data() + s * XSLICES * SW;
     // 16 inputs at a time: int8 inputs k0 + 16 v ..; int4 even (v < 4) or odd (v >= 4) inputs of 32
     for (int v = 0; v < (BITS == 4 ? 8 : 4); ++v) {
       __m512 f;
@@ -1035,14 +1039,14 @@ EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Sl
       for (int j = 0; j < XSLICES; ++j) {
         const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(r, inv[j][q]), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
         if (j + 1 < XSLICES) r = _mm512_fnmadd_ps(t, stp[j][q], r);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * SB + 16 * v), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * SW + 16 * v), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
       }
     }
     for (int j = 0; j < XSLICES; ++j) {  // each lane's slice sums (int4: the even and the odd bytes of its span)
-      lanes[j] = _mm512_dpbusd_epi32(lanes[j], ones, _mm512_loadu_si512(d + j * SB));
-      if constexpr (BITS == 4) lanes[j] = _mm512_dpbusd_epi32(lanes[j], ones, _mm512_loadu_si512(d + j * SB + 64));
+      __m512i lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(d + j * SW));
+      if constexpr (BITS == 4) lanes = _mm512_dpbusd_epi32(lanes, ones, _mm512_loadu_si512(d + j * SW + 64));
       int32_t* sm = out.sum.data() + (b * XSLICES + j) * 16;
-      _mm512_storeu_si512(sm, _mm512_add_epi32(_mm512_loadu_si512(sm), lanes[j]));
+      _mm512_storeu_si512(sm, _mm512_add_epi32(_mm512_loadu_si512(sm), lanes));
     }
     if (k0 % w.block == 0)  // each lane's S_j: its group's
       for (int j = 0; j < XSLICES; ++j)
@@ -1064,35 +1068,33 @@ EC_VNNI_TARGET bool slice_inputs(const uint16_t* x, int64_t K, int64_t group, Sl
 // R rows from r0 against one token's slices -> y[r]
 template <int BITS, int R, int SK, bool ZP>
 EC_VNNI_TARGET void slice_rows(const uint8_t* packed, int64_t rb, const void* scale, const uint8_t* zeros, int64_t r0, const Slices& xs,
-                               int64_t K, int64_t G, const WideShape& shape, float* y) {
-  constexpr int64_t SW = BITS == 4 ? 128 : 64, SB = BITS == 4 ? 128 : 64;
+                               int64_t G, const WideShape& shape, float* y) {
+  constexpr int64_t SW = BITS == 4 ? 128 : 64;  // inputs a step (and slice bytes a step)
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const int per = shape.per;
   const int64_t block = shape.block, nb = shape.nb, groups = shape.groups;
   const __m512i idx = shape.idx;
   const uint8_t* row[R];
-  const int64_t GP = ((G + 15) / 16 + 1) * 16;  // each row's scales as float32 (and zero points), whole-vector reads
+  const int64_t GP = scale_pitch(G);  // each row's scales as float32 (and zero points)
   float* sf = static_cast<float*>(__builtin_alloca(sizeof(float) * R * GP));
   int32_t* zo = ZP ? static_cast<int32_t*>(__builtin_alloca(sizeof(int32_t) * R * GP)) : nullptr;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) {
     row[r] = packed + (r0 + r) * rb;
-    for (int64_t g = 0; g < GP; g += 16)
-      _mm512_storeu_ps(sf + r * GP + g, scales_f32<SK>(scale, (r0 + r) * G + g, std::max<int64_t>(0, std::min<int64_t>(16, G - g))));
+    row_scales<SK>(scale, r0 + r, G, sf + r * GP);
     if constexpr (ZP) {
       const ZeroRow z = zero_row(zeros, r0 + r, BITS, G);
       for (int64_t g = 0; g < GP; ++g) zo[r * GP + g] = g < G ? offset_of(z, g, BITS) : 0;
     }
     acc[r] = _mm512_setzero_ps();
   }
-  const __m512i sym = _mm512_set1_epi32(1 << (BITS - 1));  // (zero points: each row's per group, zo)
   for (int64_t b = 0; b < nb; ++b) {
     __m512i c[R][XSLICES];
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < XSLICES; ++j) c[r][j] = _mm512_setzero_si512();
     for (int64_t k = b * block; k < (b + 1) * block; k += SW) {
       const int64_t byte = k * BITS / 8;
-      const int8_t* xq = xs.s.data() + (k / SW) * XSLICES * SB;
+      const int8_t* xq = xs.s.data() + (k / SW) * XSLICES * SW;
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + WIDE_FAR), _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(row[r] + byte + WIDE_NEAR), _MM_HINT_T0);
@@ -1100,11 +1102,11 @@ EC_VNNI_TARGET void slice_rows(const uint8_t* packed, int64_t rb, const void* sc
         if constexpr (BITS == 4) {
           const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
           for (int j = 0; j < XSLICES; ++j) {
-            c[r][j] = _mm512_dpbusd_epi32(c[r][j], lo, _mm512_loadu_si512(xq + j * SB));
-            c[r][j] = _mm512_dpbusd_epi32(c[r][j], hi, _mm512_loadu_si512(xq + j * SB + 64));
+            c[r][j] = _mm512_dpbusd_epi32(c[r][j], lo, _mm512_loadu_si512(xq + j * SW));
+            c[r][j] = _mm512_dpbusd_epi32(c[r][j], hi, _mm512_loadu_si512(xq + j * SW + 64));
           }
         } else {
-          for (int j = 0; j < XSLICES; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], v, _mm512_loadu_si512(xq + j * SB));
+          for (int j = 0; j < XSLICES; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], v, _mm512_loadu_si512(xq + j * SW));
         }
       }
     }
@@ -1122,7 +1124,7 @@ EC_VNNI_TARGET void slice_rows(const uint8_t* packed, int64_t rb, const void* sc
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_loadu_ps(st + 2 * 16)), _mm512_cvtepi32_ps(d), acc[r]);
         continue;
       }
-      __m512i o = sym;
+      __m512i o = _mm512_setzero_si512();  // zero points: each lane's group's (symmetric schemes' offsets are in `of`)
       if constexpr (ZP) o = per == 1 ? _mm512_set1_epi32(zo[r * GP + g0]) : _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(zo + r * GP + g0));
       __m512 v = _mm512_setzero_ps();
       for (int j = XSLICES - 1; j >= 0; --j) {
@@ -1140,8 +1142,8 @@ EC_VNNI_TARGET void slice_range_as(const uint8_t* packed, int64_t rb, const void
                                    int64_t group, int64_t G, int64_t a, int64_t b, float* y) {
   const WideShape shape = wide_shape<BITS>(K, group);
   int64_t r = a;
-  for (; r + 2 <= b; r += 2) slice_rows<BITS, 2, SK, ZP>(packed, rb, scale, zeros, r, xs, K, G, shape, y + (r - a));
-  for (; r < b; ++r) slice_rows<BITS, 1, SK, ZP>(packed, rb, scale, zeros, r, xs, K, G, shape, y + (r - a));
+  for (; r + 2 <= b; r += 2) slice_rows<BITS, 2, SK, ZP>(packed, rb, scale, zeros, r, xs, G, shape, y + (r - a));
+  for (; r < b; ++r) slice_rows<BITS, 1, SK, ZP>(packed, rb, scale, zeros, r, xs, G, shape, y + (r - a));
 }
 
 template <int BITS>
