@@ -128,14 +128,12 @@ def expert_output(module: nn.Module, x: torch.Tensor, parts: tuple[torch.Tensor,
     biases, layout) on weights read from the cache; `quant`: (gate, up, down) are quantized
     (packed, scale) pairs, computed on by quant's kernels; `upcast`: half-precision products of
     several rows through float32 (gemm.py)."""
+    if (call := glu_call(module, x, parts, quant)) is not None:  # the common cases first: the chains below in one call
+        return torch.ops.expertcache.glu_expert(x, parts, *call)
     if quant is None and len(parts) == 3 and parts[0].dtype is x.dtype and _silu_gated(module):
-        gate, up, down = parts  # the common case first, past the checks below: act(gate) * up, then down
-        if gemm.amm_expert(x, gate, up, down):  # all three products on amm: the chain below in one call
-            return torch.ops.expertcache.glu_expert(x, parts, 16, 0)
+        gate, up, down = parts  # act(gate) * up, then down, products not on amm
         g, u = gemm.linear_pair(x, gate, up, upcast=upcast)
         return gemm.linear(F.silu(g) * u, down, upcast=upcast)
-    if quant is not None and (call := glu_call(module, x, parts, quant)) is not None:  # the branch below's qmm calls and gate in one call
-        return torch.ops.expertcache.glu_expert(x, parts, *call)
     if quant is not None:  # one Linear each, [out, in], as the per-expert layout
         gu = quant.gate_up(x, parts)  # [n, 2I]: gate | up
         if _default_gate(type(module)):

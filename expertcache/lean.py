@@ -339,6 +339,13 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
     return rk, rv
 
 
+def room_positions(past) -> int:
+    """Positions the cache's room buffers (_room's: a lone row's) hold beyond its keys, at most KV_ROOM."""
+    layers = getattr(past, "layers", ())
+    return max((room[0].shape[-2] - layer.keys.shape[-2] for layer in layers if (room := layer.__dict__.get(ROOM_ATTR)) is not None),
+               default=0)
+
+
 def _fused_arguments(L: _Layer, rms_chain: bool) -> tuple | None:
     """lean_layer's fixed arguments for layer L (before and after the per-step ones), or None where
     the kernel would not run the Python's operations: norms other than bf16 RMSNorm chains, OLMoE's

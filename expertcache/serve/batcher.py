@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decoding import LEAN_ATTR, Decoding
-from ..lean import KV_ROOM, ROOM_ATTR, ROOM_LIMIT_ATTR
+from ..lean import ROOM_LIMIT_ATTR, room_positions
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,13 @@ class Batcher:
     def kv_bytes(self) -> int:
         """KV cache bytes the batch and the prompts going in hold now (padding included), and the
         room a lone row's lean decode steps keep beyond its cache (lean.KV_ROOM positions at most)."""
-        with self._cond:  # the worker changes `admitting` under this lock
-            fed = sum(r.fed for r in self.admitting)
         mask, past = self.mask, self.past
-        return ((0 if mask is None else mask.numel()) + fed + _room_positions(past)) * self.kv_per_token
+        return ((0 if mask is None else mask.numel()) + self._fed() + room_positions(past)) * self.kv_per_token
+
+    def _fed(self) -> int:
+        """Prompt positions the requests going in hold now."""
+        with self._cond:  # the worker changes `admitting` under this lock
+            return sum(r.fed for r in self.admitting)
 
     # --- the worker ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -220,7 +223,7 @@ class Batcher:
             return True  # one request alone always runs
         group = [*held, extra]
         worst = len(group) * max(len(r.prompt) + r.max_tokens for r in group)
-        worst += _room_positions(self.past)  # a lone row's room stays until the batch's first step together
+        worst += room_positions(self.past)  # a lone row's room stays until the batch's first step together
         return worst * self.kv_per_token <= self.kv_budget_bytes
 
     def _admit(self) -> None:
@@ -348,9 +351,7 @@ class Batcher:
         try:
             if lean is not None and lean.usable(self.past):  # the same step without transformers' module calls
                 if self.kv_budget_bytes is not None:  # a lone row's room (lean._room) within the budget's rest
-                    with self._cond:
-                        fed = sum(r.fed for r in self.admitting)
-                    spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - fed
+                    spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - self._fed()
                     for layer in self.past.layers:
                         layer.__dict__[ROOM_LIMIT_ATTR] = spare
                 logits = lean.rows(self.feeding, pos[:, 0].tolist(), self.past, mask)  # [B, V]
@@ -385,14 +386,6 @@ class Batcher:
             return
         self.rows = [self.rows[i] for i in keep]
         self.mask = _select_rows(self.past, self.mask, keep)
-
-
-def _room_positions(past) -> int:
-    """Positions a lone row's room buffers hold beyond its cache (the lean step's, lean._room)."""
-    if past is None:
-        return 0
-    rooms = [layer.__dict__.get(ROOM_ATTR) for layer in getattr(past, "layers", ())]
-    return max((r[0].shape[-2] - layer.keys.shape[-2] for r, layer in zip(rooms, past.layers) if r is not None), default=0)
 
 
 def _select_rows(past, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
