@@ -13,7 +13,7 @@ otherwise the step is the model's forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +113,44 @@ class _Layer:
     wide_norm: bool  # q_norm and k_norm over the whole projections (OLMoE), not per head (Qwen3)
     clip: float | None  # clip_qkv: the projections clamped to [-clip, clip] after the norms (OLMoE)
     fused: tuple | None = None  # lean_layer's arguments that do not change between steps (None: it does not apply)
+
+
+@dataclass
+class Chunk:
+    """Prompt tokens that go in beside a batch's decode step (LeanDecoder.mixed): `tokens` at
+    positions start, start + 1, ... of a sequence whose cache `past` (transformers' DynamicCache,
+    empty for a fresh prompt) holds the positions before and takes theirs; `logits`: whether the
+    last token's logits are wanted (the prompt's end)."""
+
+    tokens: list[int]
+    start: int
+    past: object
+    logits: bool
+
+
+class _ChunkState:
+    """A chunk's hidden states [T, H] on their way through the layers, with what its attention
+    takes at every layer, made as the model's forward makes them for these tokens: the rotary
+    module's output for their positions and transformers' causal mask over its cache."""
+
+    __slots__ = ("chunk", "h", "pos", "cos_sin", "mask", "norm")
+
+    def __init__(self, decoder: LeanDecoder, chunk: Chunk) -> None:
+        from transformers.masking_utils import create_causal_mask
+
+        self.chunk, self.norm = chunk, decoder._norm
+        self.h = decoder.embed.forward(torch.tensor(chunk.tokens))  # [T, H]
+        self.pos = torch.arange(chunk.start, chunk.start + len(chunk.tokens))[None]  # [1, T]
+        self.cos_sin = decoder.rotary.forward(self.h[None], self.pos)
+        self.mask = create_causal_mask(config=decoder.model.config, inputs_embeds=self.h[None], attention_mask=None,
+                                       past_key_values=chunk.past, position_ids=self.pos)
+
+    def attention(self, L: _Layer) -> torch.Tensor:
+        """Layer L's attention on these tokens: the family's module itself (its projections, norms,
+        rotary embedding, cache update and attention function), after the layer's first norm."""
+        out, _ = L.attn.forward(self.norm(L.norm1, self.h)[None], position_embeddings=self.cos_sin, attention_mask=self.mask,
+                                past_key_values=self.chunk.past)
+        return out[0]
 
 
 def why_not(model: nn.Module, upcast: bool) -> str | None:
@@ -227,6 +265,18 @@ class LeanDecoder:
         shortcuts (its rotary output kept by position, torch's sdpa called as transformers would);
         otherwise the rotary module, transformers' causal mask and its sdpa function run as in its
         forward."""
+        return self.mixed(tokens, positions, past, attention_mask)[0]
+
+    def mixed(self, tokens: list[int], positions: list[int], past, attention_mask: torch.Tensor | None = None,
+              chunks: Sequence[Chunk] = ()) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """`rows`' decode step with prompt chunks going in beside the rows, in the same walk over
+        the layers: each chunk's attention is its family's own module on its own cache (as the
+        model's forward of those tokens runs it), and each layer's router and experts take the
+        rows' and the chunks' tokens in one call, so a batch's step and the prompts joining it
+        load each expert once, not once a forward. Returns the rows' logits [B, V] and, per chunk,
+        its last token's logits [V] where `chunk.logits` asks for them (else None). The chunks'
+        tokens share the rows' expert calls, so they round as a batch does (the rows' own steps
+        already do)."""
         rt = self.runtime
         rt._enter(self.model, ())
         try:
@@ -234,7 +284,12 @@ class LeanDecoder:
             direct = torch.get_num_threads() == 1 and n <= AMX_ROWS  # amm's conditions that can change between steps
             h = self.embed.forward(torch.tensor(tokens))  # [B, H]
             pos = torch.tensor(positions)[:, None]  # [B, 1]
-            rt._forward_start(None, (h[:, None],), {"position_ids": pos})  # the phase, the first layer's guesses
+            parts = [_ChunkState(self, c) for c in chunks]
+            if parts:
+                rt._forward_start(None, (torch.cat([h, *(p.h for p in parts)])[:, None],),
+                                  {"position_ids": torch.cat([pos, *(p.pos[0, :, None] for p in parts)])})
+            else:
+                rt._forward_start(None, (h[:, None],), {"position_ids": pos})  # the phase, the first layer's guesses
             mask = None
             if n == 1 and attention_mask is None:
                 cos, sin = self._cos_sin(h, positions[0], pos)
@@ -245,8 +300,8 @@ class LeanDecoder:
                 mask = create_causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
                                           past_key_values=past, position_ids=pos)
             norm = self._norm
-            one = (direct and mask is None and n == 1 and not getattr(past, "offloading", False) and h.dtype is torch.bfloat16
-                   and cos.is_contiguous() and sin.is_contiguous())
+            one = (direct and mask is None and n == 1 and not parts and not getattr(past, "offloading", False)
+                   and h.dtype is torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous())
             if not one:  # a batch's step: a lone row's room (its keys were replaced since) is let go
                 for cached in past.layers:
                     cached.__dict__.pop(ROOM_ATTR, None)
@@ -263,8 +318,20 @@ class LeanDecoder:
                 else:
                     h = h + self._attention(L, norm(L.norm1, h), cos, sin, past, direct, mask)
                     x = norm(L.norm2, h)
-                h = h + (self._moe(L, x) if L.sparse is not None else L.mlp(x[:, None])[:, 0])  # a block's own forward: [B, 1, H]
-            return self.logits(norm(self.norm, h), direct)  # logits_to_keep=1
+                    for p in parts:
+                        p.h = p.h + p.attention(L)
+                    if parts:
+                        x = torch.cat([x, *(norm(L.norm2, p.h) for p in parts)])
+                y = self._moe(L, x) if L.sparse is not None else L.mlp(x[:, None])[:, 0]  # a block's own forward: [B, 1, H]
+                h = h + y[:n]
+                for p, y in zip(parts, y[n:].split([p.h.shape[0] for p in parts])):
+                    p.h = p.h + y
+            ends = [p.h[-1:] for p in parts if p.chunk.logits]
+            if not ends:
+                return self.logits(norm(self.norm, h), direct), [None] * len(parts)  # logits_to_keep=1
+            out = self.logits(norm(self.norm, torch.cat([h, *ends])), torch.get_num_threads() == 1 and n + len(ends) <= AMX_ROWS)
+            last = iter(out[n:])
+            return out[:n], [next(last) if p.chunk.logits else None for p in parts]
         finally:
             rt._leave(self.model, (), None)
 

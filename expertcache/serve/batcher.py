@@ -1,11 +1,13 @@
 """Continuous batching: requests join and leave one running batch at token boundaries.
 
 One worker thread owns the engine. Each turn: drop cancelled requests, admit waiting ones (the
-scheduler's order, within the KV budget), run ONE decode forward for every running row ([B, 1]
-over a KV cache whose rows are left-padded, per-row positions, an attention mask over the
-padding: each expert is computed and loaded once for all its rows), then feed admitted prompts
-(fresh ones that fit together in one padded forward, padding routed to no expert; a long one
-alone, in chunks of the turn's budget while rows decode) and join them to the batch. A request
+scheduler's order, within the KV budget), run ONE forward for every running row ([B, 1] over a
+KV cache whose rows are left-padded, per-row positions, an attention mask over the padding) with
+the admitted prompts' next tokens beside them (lean.mixed: each prompt's attention on its own
+cache, every expert computed and loaded once for all the tokens routed to it), and join a prompt
+to the batch once it is in. With nothing decoding, fresh prompts go in together in one padded
+forward (padding routed to no expert); where the decode step cannot take prompts (_mixes), they
+go in after it, in a forward of their own (a long one in chunks of the turn's budget). A request
 alone takes Engine.generate's own forwards; in a batch its logits agree within the batched
 kernels' rounding. docs/ARCHITECTURE.md ("Serving") has the design and its measurements.
 """
@@ -20,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from ..decoding import LEAN_ATTR, Decoding
-from ..lean import ROOM_LIMIT_ATTR, room_positions
+from ..lean import ROOM_LIMIT_ATTR, Chunk, room_positions
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
 
 log = logging.getLogger(__name__)
@@ -180,9 +183,14 @@ class Batcher:
         self._admit()
         t0 = time.perf_counter()
         batch = len(self.rows)
-        if self.rows:
-            self._decode_step()
-        prefill = self._prefill() if self.admitting and self._prefill_due() else 0
+        due = bool(self.admitting) and self._prefill_due()
+        prefill = 0
+        if self.rows and due and self._mixes():  # the prompts' next tokens go through the rows' step
+            prefill = self._decode_step(self._chunks())
+        else:
+            if self.rows:
+                self._decode_step()
+            prefill = self._prefill() if due else 0
         if self.on_step is not None and (batch or prefill):
             self.on_step({"batch": batch, "prefill_tokens": prefill, "seconds": time.perf_counter() - t0})
 
@@ -340,21 +348,48 @@ class Batcher:
             self._merge(past, _select_rows(past, mask, keep), [group[i] for i in keep])
 
     # --- the batch --------------------------------------------------------------------------------
-    def _decode_step(self) -> None:
+    def _mixes(self) -> bool:
+        """Whether prompts may go in beside the rows' decode step, in one forward (lean.mixed):
+        the lean step runs on the batch's cache, and nothing the engine does depends on which
+        phase a token is in (the routing runs in both phases or neither, no --miss-copy for
+        decode misses) or on each row being one sequence (a pre-gate bound to its rows)."""
+        lean = self.model.__dict__.get(LEAN_ATTR)
+        runtime = self.engine.runtime
+        phases = set(getattr(runtime.routing, "applies_to", ()))
+        return (lean is not None and lean.usable(self.past) and getattr(runtime.predictor, "bind", None) is None
+                and runtime.cache.low_store is None and ("prefill" in phases) == ("decode" in phases))
+
+    def _chunks(self) -> list[tuple[Request, int]]:
+        """The admitted prompts' next tokens for this turn, oldest first, prefill_chunk tokens in
+        all: (request, how many of its tokens)."""
+        chunks, left = [], self.prefill_chunk
+        for r in self.admitting:
+            n = min(len(r.prompt) - r.fed, left)
+            if n <= 0:
+                break
+            chunks.append((r, n))
+            left -= n
+        return chunks
+
+    def _decode_step(self, chunks: list[tuple[Request, int]] = ()) -> int:
+        """One forward for every running row, with `chunks` (admitted prompts' next tokens, only
+        where _mixes) in it; returns the prompt tokens fed."""
         rows = self.rows
         ids = torch.tensor([[r.out[-1]] for r in rows])
         pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
         mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        self.feeding = [r.out[-1] for r in rows]
+        parts = [Chunk(r.prompt[r.fed : r.fed + n], r.fed, r.decoding.past if r.decoding.past is not None
+                       else DynamicCache(config=self.model.config), r.fed + n == len(r.prompt)) for r, n in chunks]
+        self.feeding = [r.out[-1] for r in rows] + [t for c in parts for t in c.tokens]
         self._bind(rows)
         lean = self.model.__dict__.get(LEAN_ATTR)
         try:
-            if lean is not None and lean.usable(self.past):  # the same step without transformers' module calls
+            if parts or (lean is not None and lean.usable(self.past)):  # without transformers' module calls (chunks: _mixes)
                 if self.kv_budget_bytes is not None:  # a lone row's room (lean._room) within the budget's rest
                     spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - self._fed()
                     for layer in self.past.layers:
                         layer.__dict__[ROOM_LIMIT_ATTR] = spare
-                logits = lean.rows(self.feeding, pos[:, 0].tolist(), self.past, mask)  # [B, V]
+                logits, ends = lean.mixed(self.feeding[: len(rows)], pos[:, 0].tolist(), self.past, mask, parts)  # [B, V]
             else:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
                                  use_cache=True, logits_to_keep=1)
@@ -366,6 +401,17 @@ class Batcher:
         done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]
         if any(done):
             self._keep_rows([i for i, d in enumerate(done) if not d])
+        for (r, n), c, end in zip(chunks, parts, ends if parts else ()):
+            r.decoding.past = c.past
+            r.decoding.tokens += c.tokens
+            r.fed += n
+            if end is not None:  # the prompt is in: its first token, and its row joins the batch
+                with self._cond:
+                    self.admitting.remove(r)
+                if not self._emit(r, self._pick(r, end)):
+                    self._merge(c.past, torch.ones((1, len(r.prompt)), dtype=torch.long), [r])
+                r.decoding = None
+        return sum(n for _, n in chunks)
 
     def _merge(self, past, mask: torch.Tensor, rows: list[Request]) -> None:
         """Add rows (their cache `past` and mask [n, S]) to the batch, the shorter side padded on the left."""

@@ -12,7 +12,7 @@ import torch
 import expertcache
 from expertcache.serve.batcher import Batcher, QueueFull, Request, batchable
 from expertcache.serve.scheduler import ExpertAware, FCFS, make_scheduler
-from helpers.checkpoints import prompt_ids
+from helpers.checkpoints import FAMILY_CASES, prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,6 +100,44 @@ def test_a_decode_step_looks_each_expert_up_once_for_the_whole_batch(checkpoint)
     assert all(ids.shape == (4, 2) for ids in seen)
     distinct = sum(len(set(ids.flatten().tolist())) for ids in seen)
     assert eng.stats()["lookups"] == distinct < 4 * 2 * len(seen)
+
+
+@pytest.mark.parametrize("family,chunk", [("mixtral", 128), ("mixtral", 4), ("qwen2_moe", 4), ("olmoe", 4), ("glm4_moe", 4)])
+def test_a_prompt_goes_in_through_the_rows_decode_step(checkpoint, family, chunk):
+    """Two rows decoding and a 9-token prompt admitted: each turn is ONE forward (every layer's
+    experts called once, on the rows' tokens and the prompt's next `chunk` tokens together, each
+    distinct expert looked up once: the step and the prompt share their loads); the prompt's row
+    joins the batch once its last token is in, and every request's tokens are its own alone
+    (families whose attention the chunk's own module runs: OLMoE's clip, GLM's partial rotary;
+    Qwen2-MoE's block with its shared expert)."""
+    case = FAMILY_CASES[family]
+    model_dir = checkpoint(family, **case)
+    k = case["top_k"]
+    prompts = [prompt_ids(6, seed=1), prompt_ids(7, seed=2), prompt_ids(9, seed=3)]
+    with expertcache.load(model_dir, expert_budget="50%", io="buffered", dtype="float32") as eng:
+        alone = [eng.generate(p, max_new_tokens=8, stop_at_eos=False).token_ids for p in prompts]
+        b = Batcher(eng, max_batch=4, prefill_chunk=chunk)
+        b.eos = set()
+        reqs = [request(p, 8) for p in prompts]
+        for r in reqs[:2]:
+            b.submit(r)
+        b.turn()
+        assert b.rows == reqs[:2]
+        b.submit(reqs[2])
+        layers = len(eng.checkpoint.sparse_layers)
+        for fed in range(chunk, 9 + chunk, chunk):
+            seen = []
+            eng.reset_stats()
+            with eng.observe(on_route=lambda layer, x, logits, w, ids: seen.append((layer, ids.clone()))):
+                b.turn()
+            n = min(fed, 9) - (fed - chunk)  # the prompt's tokens this turn
+            assert [layer for layer, _ in seen] == eng.checkpoint.sparse_layers  # one call a layer: one forward
+            assert all(ids.shape == (2 + n, k) for _, ids in seen)
+            assert eng.stats()["lookups"] == sum(len(set(ids.flatten().tolist())) for _, ids in seen) < layers * (2 + n) * k
+            assert reqs[2].fed == min(fed, 9)
+            assert (reqs[2] in b.rows) == (fed >= 9) and len(reqs[2].out) == (fed >= 9)
+        run_all(b)
+    assert [r.out for r in reqs] == alone
 
 
 def test_prompts_that_arrive_together_go_in_one_forward_and_padding_routes_nowhere(checkpoint):
