@@ -43,11 +43,10 @@ def rank(scores: torch.Tensor, k: int) -> list[int]:
     if scores.shape[0] == 1:  # a decode step: the token's own top-k, best first (the hot path: one op)
         return scores[0].topk(k).indices.tolist()
     top = scores.topk(k, dim=-1).indices  # [T, k]
-    counts = torch.bincount(top.flatten(), minlength=scores.shape[-1]).to(torch.float64)  # [E]
-    prob = scores.double().softmax(dim=-1).mean(dim=0)  # [E], each < 1 unless one-hot
-    key = counts + prob.clamp(max=0.999)  # the count decides; the probability only breaks ties
-    order = torch.argsort(key, descending=True, stable=True)
-    return [int(e) for e in order if counts[e] > 0]
+    counts = torch.bincount(top.flatten(), minlength=scores.shape[-1]).tolist()  # [E]
+    prob = scores.double().softmax(dim=-1).mean(dim=0).tolist()  # [E], each < 1 unless one-hot
+    key = [c + min(p, 0.999) for c, p in zip(counts, prob)]  # the count decides; the probability only breaks ties
+    return sorted((e for e, c in enumerate(counts) if c > 0), key=lambda e: -key[e])  # stable: equal keys by index
 
 
 class CappedPredictor:

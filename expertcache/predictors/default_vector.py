@@ -8,9 +8,9 @@ is not guessed (the method's error term). Vectors: `expertcache train-predictor 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import gemm
 from ..errors import ExpertCacheError
 from .base import Lookahead, Prediction, rank
 
@@ -73,7 +73,7 @@ class DefaultVectorPredictor:
             norm = self._norms[target]
             guess = norm.forward(r.to(residual.dtype))  # [T, H]; forward(), not __call__: no hook fires
             w = self._routers[target]
-            scores = F.linear(guess.to(w.dtype), w)  # [T, E]
+            scores = gemm.linear(guess.to(w.dtype), w)  # [T, E]
             out.append((target, rank(scores, self._top_k)))
             if i + 1 < len(targets):  # chain: the guessed routing of `target` feeds the next guess
                 weights, ids = scores.float().softmax(dim=-1).topk(self._top_k, dim=-1)  # [T, k] each

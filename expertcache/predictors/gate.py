@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import gemm
 from .base import Lookahead, Prediction, rank
 
 
@@ -42,7 +43,7 @@ class NextGatePredictor:
         out: Prediction = []
         for _, target in self._ahead.targets(layer):
             w = self._routers[target]
-            scores = F.linear(x.to(w.dtype), w)  # [T, E]
+            scores = gemm.linear(x.to(w.dtype), w)  # [T, E] (a few bf16 rows on an AMX CPU: amm, F.linear's bits)
             out.append((target, rank(scores, self._top_k)))
         return out
 
@@ -73,6 +74,6 @@ class EstimatorPredictor:
             a, b = self._maps[(d, layer)]
             guess = torch.addmm(b, xf, a)  # [T, H]: estimated MoE input of the target layer
             w = self._routers[target]
-            scores = F.linear(guess.to(w.dtype), w)  # [T, E]
+            scores = gemm.linear(guess.to(w.dtype), w)  # [T, E]
             out.append((target, rank(scores, self._top_k)))
         return out
