@@ -106,12 +106,14 @@ class CacheCore:
         self.now = -1  # index of the running wave: tick() before each, so the first is 0 (Belady's future)
         self.sweep: int | None = None  # the running layer while its call is a sweep (see route)
         self.sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
+        self.sweep_done: set[int] = set()  # ...and of those, the ones computed and let go (stream's `each`)
         self.guessed: set[int] = set()  # layers some guess has targeted
         self.max_occupancy = 0  # most slots ever held by ready + loading entries (<= capacity)
         self._order = {layer: i for i, layer in enumerate(self.layers)}
 
     # --- one layer call ------------------------------------------------------------------------
-    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None) -> Iterator[ExpertId]:
+    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None, *,
+               each: bool = False) -> Iterator[ExpertId]:
         """One layer call: yields the distinct experts `needed` (ascending) ready, soonest first.
 
         Its layer's unneeded guesses are written off; the experts are pinned in waves of at most
@@ -122,6 +124,7 @@ class CacheCore:
         requested: Prediction = []
         for start in range(0, len(needed), self.capacity):
             wave = self.acquire(layer, needed[start : start + self.capacity])
+            pinned = set(wave)
             try:
                 if start == 0 and guesses is not None:
                     requested = guesses() or []
@@ -136,8 +139,14 @@ class CacheCore:
                             self.stats.count(layer, "low_uses")  # computed on the miss copy's expert
                         yield eid
                         pending.remove(eid)
+                        if each and self.sweep == layer:  # computed: its slot is the guesses' (used furthest ahead)
+                            self.sweep_done.add(eid[1])
+                            self.release([eid])
+                            pinned.discard(eid)
+                            if requested:
+                                self._hand_over(eid, requested)
             finally:
-                self.release(wave)
+                self.release(pinned)
         if requested and self.sweep == layer:
             # a sweep: guesses could not take the slots Belady keeps while this layer computed;
             # now its own experts are done (used furthest ahead), they make room for the rest
@@ -145,6 +154,18 @@ class CacheCore:
             self.request(layer, requested, after=True)
         if self.low_bytes is not None:
             self.upgrade([(layer, e) for e in needed])
+
+    def _hand_over(self, freed: ExpertId, guesses: Prediction) -> None:
+        """In a sweep (stream's `each`), an expert the call has computed gives its slot at once to
+        the call's first guess that holds none: it is used next in the next forward, after every
+        layer guessed for (Belady's choice, as the sweep's eviction order has it), and the guess's
+        load overlaps the rest of the call instead of starting after it. A free slot or a
+        written-off guess is taken first."""
+        for target, experts in guesses:
+            for e in experts:
+                if (target, e) not in self.entries:
+                    self.prefetch([(target, e)], victim=freed)
+                    return
 
     def preempt(self, layer: int, needed: Iterable[int]) -> None:
         """The layer's router has run: its speculative entries it does not need are wrong guesses;
@@ -303,16 +324,23 @@ class CacheCore:
         """Prefetch a layer's experts before its call (the first sparse layer, which no predictor sees)."""
         self.prefetch([(layer, e) for e in experts], keep_layers={layer})
 
-    def prefetch(self, eids: list[ExpertId], *, keep_layers: Iterable[int] = ()) -> int:
+    def prefetch(self, eids: list[ExpertId], *, keep_layers: Iterable[int] = (), victim: ExpertId | None = None) -> int:
         """Start speculative loads for `eids` (in priority order) that hold no slot, within the
         budget, never evicting a pinned entry, one this request wants or any entry of `keep_layers`
         (nor, in a sweep, anything Belady keeps). A wrong guess may take a free slot, a written-off
-        guess, or what the eviction policy would evict next anyway. Returns loads started."""
+        guess, or what the eviction policy would evict next anyway. `victim`: the entry to evict
+        for the first when no slot is free and no written-off guess is evictable (_hand_over's
+        choice, made for it). Returns loads started."""
         protect: set[ExpertId] | None = None  # made when a guess first has to evict (a decode step's guesses are mostly resident)
         started: list[tuple[ExpertId, Entry]] = []
         for eid in eids:
             if eid in self.entries:
                 continue
+            if victim is not None and not self.free:
+                wasted = next((g for g in self.guesses if getattr(self.entries.get(g), 'wasted', False) and self._evictable(g, frozenset())), None)
+                if wasted is not None or self._evictable(victim, frozenset()):
+                    self.remove(wasted or victim)
+                victim = None
             if protect is None and (not self.free or self.quotas is not None):
                 protect = self.guess_protect(eids, keep_layers)
             if not self.make_room(eid, protect=protect or frozenset()):
@@ -360,6 +388,7 @@ class CacheCore:
         )
         self.sweep = layer if sweep else None
         self.sweep_needed = needed if sweep else frozenset()
+        self.sweep_done = set()
 
     def end_call(self) -> None:
         """The running call has computed every expert it needed: in a sweep they are now the
@@ -373,7 +402,7 @@ class CacheCore:
         next prompt, and adds one. (Free slots and written-off guesses stay open to guesses.)"""
         if self.sweep is None:
             return set()
-        return {e for e in self.entries if not (e[0] == self.sweep and e[1] not in self.sweep_needed)}
+        return {e for e in self.entries if not (e[0] == self.sweep and (e[1] not in self.sweep_needed or e[1] in self.sweep_done))}
 
     def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
         """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
@@ -383,14 +412,15 @@ class CacheCore:
         n, at = len(self.layers), self._order[self.sweep]
         far, layer = -1, None
         for eid in self.entries:
-            if eid[0] == self.sweep and eid[1] in self.sweep_needed:
+            if eid[0] == self.sweep and eid[1] in self.sweep_needed and eid[1] not in self.sweep_done:
                 continue
             d = (self._order.get(eid[0], at) - at - 1) % n  # L-1 -> n-2, ..., L+1 -> 0; L -> n-1
             if d > far and ok(eid):
                 far, layer = d, eid[0]
         if layer is None:
             return None
-        in_layer = lambda e: e[0] == layer and ok(e) and not (layer == self.sweep and e[1] in self.sweep_needed)  # noqa: E731
+        in_layer = lambda e: (e[0] == layer and ok(e)  # noqa: E731
+                              and not (layer == self.sweep and e[1] in self.sweep_needed and e[1] not in self.sweep_done))
         victim = self.policy.victim(in_layer, self.now)
         return victim if victim is not None else next(e for e in self.entries if in_layer(e))  # a guess not yet used
 
@@ -481,7 +511,7 @@ class CacheCore:
             if eid in self.entries:
                 self.remove(eid)
         self.guessed.clear()
-        self.sweep, self.sweep_needed = None, frozenset()
+        self.sweep, self.sweep_needed, self.sweep_done = None, frozenset(), set()
 
     # --- loads -------------------------------------------------------------------------------
     def _submit(self, new: list[tuple[ExpertId, Entry]], priority: int) -> None:
@@ -582,11 +612,11 @@ class ExpertCache:
     def capacity(self) -> int:
         return self.core.capacity
 
-    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None
+    def stream(self, layer: int, needed: list[int], guesses: Callable[[], Prediction] | None = None, *, each: bool = False
                ) -> Iterator[tuple[int, tuple[torch.Tensor, ...], object]]:
         """One layer call (CacheCore.stream): yields (expert, its part tensors, how they compute:
         a QuantExperts or None), soonest ready first."""
-        with closing(self.core.stream(layer, needed, guesses)) as ready:
+        with closing(self.core.stream(layer, needed, guesses, each=each)) as ready:
             for eid in ready:
                 yield (eid[1], *self._view(eid))
 

@@ -339,16 +339,17 @@ class ExpertsRuntime:
         if single is None:  # (token, slot) pairs grouped by expert, in token order, once for the call
             k = ids.shape[1]
             pairs = torch.argsort(ids.flatten(), stable=True)  # flat index token * k + slot
+            tokens = torch.div(pairs, k, rounding_mode="floor")  # their tokens (once: Tensor.__floordiv__ is Python)
             ends = torch.bincount(ids.flatten() + 1, minlength=self.num_experts + 1).cumsum(0).tolist()  # slot -1 first
             flat_w, flat_c = weights.reshape(-1, 1), contrib.view(-1, contrib.shape[-1])
-        with closing(self.cache.stream(layer, needed, guesses)) as ready:
+        with closing(self.cache.stream(layer, needed, guesses, each=single is None)) as ready:  # each computed as it comes
             for e, parts, quant in ready:
                 if single is not None:  # one token (a decode step): its slot, no index search
                     s = single.index(e)
                     contrib[0, s] = expert_output(module, x, parts, e, quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
                     mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
-                    y = expert_output(module, x.index_select(0, mine // k), parts, e, quant, self.upcast)
+                    y = expert_output(module, x.index_select(0, tokens[ends[e] : ends[e + 1]]), parts, e, quant, self.upcast)
                     flat_c.index_copy_(0, mine, (y * flat_w.index_select(0, mine)).to(flat_c.dtype))
         self._note_idle(layer, issued)
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype

@@ -39,6 +39,7 @@ class Step:
     touched: frozenset[ExpertId]  # the same, as a set: what eviction after the call must keep
     guesses: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # recorded prefetch: (target layer, experts)
     token: int = -1  # decode calls: index of the decode token (forward) they belong to
+    rows: int = 1  # tokens in the call: more than one computes each expert as it comes (the cache's `each`)
 
 
 class Stream:
@@ -58,7 +59,7 @@ class Stream:
             guesses = tuple((t, tuple(es)) for t, es in r.guesses) if r.guesses is not None else None
             if b.decode and b.layer == first:
                 token += 1
-            steps.append(Step(b.decode, b.layer, lookups, frozenset(lookups), guesses, token if b.decode else -1))
+            steps.append(Step(b.decode, b.layer, lookups, frozenset(lookups), guesses, token if b.decode else -1, r.ids.shape[0]))
         self.steps = steps
         unknown = {s.layer for s in steps} - set(self.expert_bytes)
         if unknown:
@@ -217,7 +218,7 @@ def _replay_engine(stream: Stream, name: str, budget: int, allocation: str, seed
         if prefetch:
             _timed_call(core, reader, step, ids, out)
         else:
-            for _ in core.stream(step.layer, ids):
+            for _ in core.stream(step.layer, ids, each=step.rows > 1):
                 pass
         misses, low = stats.misses - misses0, stats.low_loads - low0
         nbytes = (misses - low) * stream.expert_bytes[step.layer] + (low * low_bytes[step.layer] if low else 0)
@@ -246,7 +247,7 @@ def _timed_call(core, reader: ClockedReader, step: Step, needed: list[int], out:
     for t, experts in step.guesses or ():
         if t == step.layer:  # requested before the call (the engine's first-layer guess)
             core.request_lead(t, list(experts))
-    for _ in core.stream(step.layer, needed, (lambda: guesses) if guesses else None):
+    for _ in core.stream(step.layer, needed, (lambda: guesses) if guesses else None, each=step.rows > 1):
         pass
     if not step.decode:
         reader.flush()

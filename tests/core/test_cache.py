@@ -389,6 +389,35 @@ def test_a_prefetch_that_arrived_in_time_is_not_late(rig):
     cache.core.release(wave)
 
 
+@pytest.mark.parametrize("each", [True, False])
+def test_in_a_sweep_each_computed_expert_hands_its_slot_to_a_guess(rig, each):
+    """A sweep whose caller computes each expert as it comes (`each`: a call of several tokens):
+    every expert it has computed gives its slot at once to the call's next guess, so the guesses
+    load while the layer still computes; the entries kept for the next forward stay. Without
+    `each` (one token's experts, computed together at the end) no guess starts before the call's
+    experts are done."""
+    r = rig(10)
+    cache = r.cache
+    r.gate.open()
+    use(cache, 0, range(8))
+    use(cache, 1, range(8))  # a sweep: evicts in forward order, two of layer 0 kept
+    kept = {e for e in r.entries() if e[0] == 0}
+    assert len(kept) == 2
+    wanted = [e for e in range(8) if (0, e) not in kept]  # the next forward's layer 0: the guesses
+    issued = []
+    stream = cache.stream(1, list(range(8)), lambda: [(0, wanted)], each=each)
+    for _ in stream:
+        issued.append(r.stats.prefetch_issued)
+    r.drain()
+    if each:  # one guess a computed expert (the ones yielded before this one), until the six are in
+        assert issued == [min(i, 6) for i in range(8)]
+    else:
+        assert issued == [0] * 8
+    assert r.stats.prefetch_issued == 6  # the rest after the call (end_call), either way
+    assert kept <= r.entries() and {(0, e) for e in wanted} <= r.entries()
+    r.check()
+
+
 def test_in_a_sweep_a_guess_takes_only_the_running_layers_finished_experts(rig):
     """A call that needs most of its layer (a long prompt) is a sweep: the entries it keeps for the
     next prompt (Belady's choice) are off limits to guesses while the layer computes; once its
