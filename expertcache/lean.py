@@ -38,7 +38,7 @@ WIDE_QK_NORM = {"olmoe"}  # query and key norms over the whole projection, befor
 ROPE_MEMO = 8192  # positions whose (cos, sin) are kept: the rotary module's own output for one position
 KV_ROOM = 256  # positions of room a layer's keys and values get, so a step writes in place (not a whole-cache copy)
 ROOM_ATTR = "_expertcache_room"  # a DynamicLayer's buffers with room, its keys and values their first positions
-ROOM_LIMIT_ATTR = "_expertcache_room_limit"  # at most this many positions of room (a server's KV budget); default KV_ROOM
+ROOM_LIMIT_ATTR = "_expertcache_room_limit"  # at most this many positions of room over the rows (a server's KV budget); default KV_ROOM a row
 
 
 class _Product:
@@ -302,9 +302,6 @@ class LeanDecoder:
             norm = self._norm
             one = (direct and mask is None and n == 1 and not parts and not getattr(past, "offloading", False)
                    and h.dtype is torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous())
-            if not one:  # a batch's step: a lone row's room (its keys were replaced since) is let go
-                for cached in past.layers:
-                    cached.__dict__.pop(ROOM_ATTR, None)
             for L, cached in zip(self.layers, past.layers):
                 if one and L.fused is not None and cached.is_initialized and cos.numel() == L.attn.head_dim:
                     # the Python below in one kernel call, the router's too (lean_layer: its ATen operations and kernels)
@@ -362,7 +359,14 @@ class LeanDecoder:
             r = cos.shape[-1]
             qk = torch.cat((gemm.rotary(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         q, k, v = qk[:, :nq, None], qk[:, nq:, None], v[:, :, None]  # [B, heads, 1, d]: transposes are views
-        k, v = past.update(k, v, a.layer_idx)
+        cached = past.layers[a.layer_idx]
+        if cached.is_initialized:  # DynamicLayer.update's cat, written into the room after the keys (_room)
+            rk, rv = _room(cached)
+            s = cached.keys.shape[-2]
+            rk[..., s : s + 1, :], rv[..., s : s + 1, :] = k, v
+            k, v = cached.keys, cached.values = rk[..., : s + 1, :], rv[..., : s + 1, :]
+        else:
+            k, v = past.update(k, v, a.layer_idx)
         if L.sdpa is not None and mask is None and n == 1:  # transformers' sdpa_attention_forward for this case, written out
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=a.scaling, is_causal=False, **L.sdpa)
         else:
@@ -386,7 +390,8 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
     with room for the next: kept on the DynamicLayer itself (its lifetime), made again (one copy)
     when full or when the keys are no longer their view (another forward's cat, a batch's rows).
     DynamicLayer.update copies the whole cache every step; this copies it every KV_ROOM steps (or
-    every ROOM_LIMIT_ATTR's, which a server's KV budget sets on its cache's layers)."""
+    every ROOM_LIMIT_ATTR's positions over the rows, which a server's KV budget sets on its cache's
+    layers: a batch's rows share it)."""
     keys, values = cached.keys, cached.values
     room = cached.__dict__.get(ROOM_ATTR)
     n = keys.shape[-2]
@@ -396,7 +401,8 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
                 and keys.stride() == rk.stride() and values.stride() == rv.stride()
                 and keys.shape[:-2] == rk.shape[:-2] and values.shape[:-2] == rv.shape[:-2]):
             return room
-    more = max(1, min(KV_ROOM, cached.__dict__.get(ROOM_LIMIT_ATTR, KV_ROOM)))  # (1: a copy a step, as DynamicLayer's)
+    rows = max(1, keys.shape[0])
+    more = max(1, min(KV_ROOM, cached.__dict__.get(ROOM_LIMIT_ATTR, KV_ROOM * rows) // rows))  # (1: a copy a step, as DynamicLayer's)
     size = lambda t: (*t.shape[:-2], n + more, t.shape[-1])  # noqa: E731
     rk, rv = keys.new_empty(size(keys)), values.new_empty(size(values))
     rk[..., :n, :] = keys
@@ -407,10 +413,11 @@ def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def room_positions(past) -> int:
-    """Positions the cache's room buffers (_room's: a lone row's) hold beyond its keys, at most KV_ROOM."""
+    """Positions the cache's room buffers (_room's) hold beyond its keys, over all its rows (at most
+    KV_ROOM a row)."""
     layers = getattr(past, "layers", ())
-    return max((room[0].shape[-2] - layer.keys.shape[-2] for layer in layers if (room := layer.__dict__.get(ROOM_ATTR)) is not None),
-               default=0)
+    return max(((room[0].shape[-2] - layer.keys.shape[-2]) * room[0].shape[0] for layer in layers
+                if (room := layer.__dict__.get(ROOM_ATTR)) is not None), default=0)
 
 
 def _fused_arguments(L: _Layer, rms_chain: bool) -> tuple | None:

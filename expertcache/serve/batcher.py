@@ -139,7 +139,7 @@ class Batcher:
 
     def kv_bytes(self) -> int:
         """KV cache bytes the batch and the prompts going in hold now (padding included), and the
-        room a lone row's lean decode steps keep beyond its cache (lean.KV_ROOM positions at most)."""
+        room the lean decode steps keep beyond the rows' cache (lean.KV_ROOM positions a row at most)."""
         mask, past = self.mask, self.past
         return ((0 if mask is None else mask.numel()) + self._fed() + room_positions(past)) * self.kv_per_token
 
@@ -231,7 +231,7 @@ class Batcher:
             return True  # one request alone always runs
         group = [*held, extra]
         worst = len(group) * max(len(r.prompt) + r.max_tokens for r in group)
-        worst += room_positions(self.past)  # a lone row's room stays until the batch's first step together
+        worst += room_positions(self.past)  # the rows' room beyond their cache (lean._room)
         return worst * self.kv_per_token <= self.kv_budget_bytes
 
     def _admit(self) -> None:
@@ -385,7 +385,7 @@ class Batcher:
         lean = self.model.__dict__.get(LEAN_ATTR)
         try:
             if parts or (lean is not None and lean.usable(self.past)):  # without transformers' module calls (chunks: _mixes)
-                if self.kv_budget_bytes is not None:  # a lone row's room (lean._room) within the budget's rest
+                if self.kv_budget_bytes is not None:  # the rows' room (lean._room) within the budget's rest
                     spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - self._fed()
                     for layer in self.past.layers:
                         layer.__dict__[ROOM_LIMIT_ATTR] = spare

@@ -201,7 +201,8 @@ def test_decode_step_transformers_is_asked_for_and_checked(checkpoint):
 def test_a_layers_keys_grow_in_place_in_their_room(room, checkpoint, monkeypatch):
     """The fused layer writes a step's key and value into a buffer with room (the DynamicLayer's
     keys and values are views of its first positions), made again when full or when another forward
-    replaced them; the logits equal the model's forward's, bit for bit, across refills and a crop."""
+    replaced them; the logits equal the model's forward's, bit for bit, across refills and a crop.
+    A lean step the fused layer does not take (a batch's, more threads) writes into the room too."""
     if not (gemm.amx_kernel(torch.bfloat16) and gemm.tail_kernels()):
         pytest.skip("the fused layer takes bf16 projections through amm (AMX) here")
     family, kw = CASES["mixtral-bf16"]
@@ -231,12 +232,13 @@ def test_a_layers_keys_grow_in_place_in_their_room(room, checkpoint, monkeypatch
             d.feed(PROMPT)
             d.feed([5])
             assert all(lean.ROOM_ATTR in layer.__dict__ for layer in d.past.layers)
-            torch.set_num_threads(2)  # a step the fused layer does not take (as a batch's): the room is let go
+            torch.set_num_threads(2)  # a step the fused layer does not take (as a batch's): its keys go in the room too
             try:
                 d.feed([6])
             finally:
                 torch.set_num_threads(1)
-            assert not any(lean.ROOM_ATTR in layer.__dict__ for layer in d.past.layers)
+            assert all(layer.keys.data_ptr() == layer.__dict__[lean.ROOM_ATTR][0].data_ptr() for layer in d.past.layers)
+            assert all(layer.keys.shape[-2] == len(PROMPT) + 2 for layer in d.past.layers)
         with monkeypatch.context() as m:
             m.setattr(lean.LeanDecoder, "usable", lambda self, past: False)
             slow, rooms = run(eng)

@@ -447,3 +447,42 @@ def test_a_lone_rows_room_stays_within_the_kv_budget(checkpoint):
             rooms.append(most)
     assert outs[0] == outs[1] and len(outs[0]) == 20
     assert rooms[0] >= lean.KV_ROOM - 20 and 0 < rooms[1] <= 40 - 9
+
+
+def test_a_batchs_keys_grow_in_their_room_within_the_kv_budget(checkpoint):
+    """A batch's decode steps write each row's key and value into the room after the cache (not a
+    cat of the whole cache a step): after a step of several rows every layer's keys are views of
+    its room; the batcher counts the room over all rows in its KV bytes and caps it at what the
+    budget leaves, so the bytes held never pass it; the tokens do not depend on the room's size."""
+    from expertcache import lean
+
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    prompts = [prompt_ids(n, seed=n) for n in (8, 5, 11)]
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        outs = []
+        for budget in (None, 3 * (11 + 20) + 12):  # 12 positions spare at least, over three rows
+            b = Batcher(eng, max_batch=3)
+            if budget is not None:
+                b.kv_budget_bytes = budget * b.kv_per_token
+            b.eos = set()
+            reqs = [request(p, 20) for p in prompts]
+            for r in reqs:
+                b.submit(r)
+            roomy = 0
+            while not b.idle():
+                rows = len(b.rows)
+                b.turn()
+                if b.past is None:
+                    continue
+                layers = b.past.layers
+                room = max((layer.__dict__[lean.ROOM_ATTR][0].shape[-2] - layer.keys.shape[-2]) * layer.keys.shape[0]
+                           for layer in layers if lean.ROOM_ATTR in layer.__dict__) if any(lean.ROOM_ATTR in l.__dict__ for l in layers) else 0
+                if rows > 1 and len(b.rows) == rows:  # a step of several rows, none gone: their keys are in the room
+                    assert all(layer.keys.data_ptr() == layer.__dict__[lean.ROOM_ATTR][0].data_ptr() for layer in layers)
+                    roomy += 1
+                assert b.kv_bytes() == (b.mask.numel() + b._fed() + room) * b.kv_per_token
+                if budget is not None:
+                    assert b.kv_bytes() <= b.kv_budget_bytes
+            assert roomy > 10
+            outs.append([r.out for r in reqs])
+    assert outs[0] == outs[1] and all(len(o) == 20 for o in outs[0])
