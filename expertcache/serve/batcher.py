@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..decoding import LEAN_ATTR, Decoding
-from ..lean import ROOM_LIMIT_ATTR, Chunk, room_positions
+from ..lean import ROOM_ATTR, ROOM_LIMIT_ATTR, Chunk, room_positions
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,14 @@ class Batcher:
             return True  # one request alone always runs
         group = [*held, extra]
         worst = len(group) * max(len(r.prompt) + r.max_tokens for r in group)
-        worst += room_positions(self.past)  # the rows' room beyond their cache (lean._room)
-        return worst * self.kv_per_token <= self.kv_budget_bytes
+        return worst * self.kv_per_token <= self.kv_budget_bytes  # the rows' room gives way (_let_room_go)
+
+    def _let_room_go(self) -> None:
+        """The rows' room beyond their cache (lean._room, what the budget left) is let go, their keys
+        and values copied out of it, when a request is admitted: its KV cache takes that share."""
+        for layer in self.past.layers if self.past is not None else ():
+            if layer.__dict__.pop(ROOM_ATTR, None) is not None:
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
 
     def _admit(self) -> None:
         with self._cond:
@@ -250,6 +256,7 @@ class Batcher:
                 r.decoding = Decoding(self.model)
                 r.admitted = time.perf_counter()
                 self.admitting.append(r)
+                self._let_room_go()
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
         return _pick(logits, greedy=r.greedy, temperature=r.temperature, top_p=r.top_p, generator=r.generator)
@@ -386,7 +393,7 @@ class Batcher:
         try:
             if parts or (lean is not None and lean.usable(self.past)):  # without transformers' module calls (chunks: _mixes)
                 if self.kv_budget_bytes is not None:  # the rows' room (lean._room) within the budget's rest
-                    spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - self._fed()
+                    spare = self.kv_budget_bytes // self.kv_per_token - mask.numel() - self._fed() - sum(n for _, n in chunks)
                     for layer in self.past.layers:
                         layer.__dict__[ROOM_LIMIT_ATTR] = spare
                 logits, ends = lean.mixed(self.feeding[: len(rows)], pos[:, 0].tolist(), self.past, mask, parts)  # [B, V]
@@ -422,6 +429,7 @@ class Batcher:
         for mine, theirs in zip(self.past.layers, past.layers, strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+            mine.__dict__.pop(ROOM_ATTR, None)  # the keys are new tensors: the old room goes
         self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self.rows.extend(rows)
 
@@ -443,6 +451,7 @@ def _select_rows(past, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
     for layer in past.layers:
         layer.keys = layer.keys[index, :, first:].contiguous()
         layer.values = layer.values[index, :, first:].contiguous()
+        layer.__dict__.pop(ROOM_ATTR, None)  # the keys are new tensors: the old room goes
     return mask[:, first:].contiguous()
 
 

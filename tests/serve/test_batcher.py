@@ -486,3 +486,30 @@ def test_a_batchs_keys_grow_in_their_room_within_the_kv_budget(checkpoint):
             assert roomy > 10
             outs.append([r.out for r in reqs])
     assert outs[0] == outs[1] and all(len(o) == 20 for o in outs[0])
+
+
+def test_the_rows_room_gives_way_to_an_admitted_request(checkpoint):
+    """The room beyond the rows' cache takes what the KV budget leaves, and gives it back when a
+    request is admitted (the rows' keys copied out of it): a request that fits the budget at its
+    worst joins at once, not once the running one has ended, and the bytes held never pass it."""
+    from expertcache import lean
+
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        b = Batcher(eng, max_batch=2)
+        b.kv_budget_bytes = (2 * (8 + 20) + 30) * b.kv_per_token  # two requests at their worst, 30 spare
+        b.eos = set()
+        first, second = request(prompt_ids(8, seed=1), 20), request(prompt_ids(8, seed=2), 20)
+        b.submit(first)
+        for _ in range(4):
+            b.turn()
+            assert b.kv_bytes() <= b.kv_budget_bytes
+        assert lean.room_positions(b.past) > 2 * (8 + 20) + 30 - b.mask.numel() - 28  # the room took the spare
+        b.submit(second)
+        b.turn()
+        assert second in b.rows or second in b.admitting  # admitted beside the room's rows
+        assert b.kv_bytes() <= b.kv_budget_bytes
+        while not b.idle():
+            b.turn()
+            assert b.kv_bytes() <= b.kv_budget_bytes
+    assert len(first.out) == len(second.out) == 20
