@@ -337,7 +337,7 @@ class CacheCore:
             if eid in self.entries:
                 continue
             if victim is not None and not self.free:
-                wasted = next((g for g in self.guesses if getattr(self.entries.get(g), 'wasted', False) and self._evictable(g, frozenset())), None)
+                wasted = next((g for g in self.guesses if self._evictable(g, frozenset()) and self.entries[g].wasted), None)
                 if wasted is not None or self._evictable(victim, frozenset()):
                     self.remove(wasted or victim)
                 victim = None
