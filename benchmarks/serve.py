@@ -5,7 +5,7 @@ model and the 1 GB synthetic checkpoint (benchmarks/decode.py builds it).
 
     python benchmarks/serve.py [--models demo,1gb] [--budgets 25,50] [--clients 1,4,16,32]
                                [--batching fcfs,expert-aware] [--max-batch 16] [--tokens 32]
-                               [--requests 2] [--time-limit 120] [--out results/serve] [--quick]
+                               [--requests 2] [--rounds 1] [--time-limit 120] [--out results/serve] [--quick]
     python benchmarks/serve.py --report-only     (tables and plot from the last JSON)
 
 Each measurement starts a fresh server (its own process: 1 thread, O_DIRECT reads, an empty
@@ -15,6 +15,11 @@ model does not fall into a greedy loop; no client starts a request after `--time
 request the client records the time to the first token and the time per token after it;
 aggregate tokens/s is all the tokens generated over the wall time from the first request to the
 last token. Bytes read and tokens generated come from the server's /metrics, before and after.
+With `--rounds N` every cell is measured N times, the rounds interleaved (each round runs every
+client count and batching once, each on a fresh server), and a cell reports the median of its
+rounds for each figure; a ratio between cells (16 clients over one) is the median of the ratios
+measured round by round, with their range: one client's cell is a ~0.5 s measurement whose rate
+moves with the shared machine's.
 
 Prompts: the demo model gets 48-token-ish passages from three sources of the shared corpus
 (TinyStories, WikiText-2, public-domain books; $EXPERTCACHE_DATA), client i taking source i mod 3,
@@ -36,6 +41,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -215,10 +221,13 @@ def _ms(v) -> str:
 
 def markdown(rep: dict) -> str:
     modes = ("fcfs", "expert-aware")
+    n = rep.get("rounds", 1)
+    rounds = f", the median of {n} interleaved rounds" if n > 1 else ""
     lines = [f"Server benchmark (`python benchmarks/serve.py{' --server-flags ' + repr(rep['server_flags']) if rep.get('server_flags') else ''}`): "
              f"max batch {rep['max_batch']}, {rep['tokens']} tokens per request, {rep['requests']} requests per client "
-             f"(streamed), {rep['cpus']} CPUs, 1 thread, O_DIRECT reads. Each cell: FCFS / expert-aware. tokens/s: aggregate; "
-             "x1: over one client's (same batching); TTFT and TPOT in ms; MB/tok: expert bytes read per generated token; "
+             f"(streamed), {rep['cpus']} CPUs, 1 thread, O_DIRECT reads{rounds}. "
+             "Each cell: FCFS / expert-aware. tokens/s: aggregate; "
+             "x1: over one client's (same batching; with rounds, the median of the rounds' ratios); TTFT and TPOT in ms; MB/tok: expert bytes read per generated token; "
              "GB/s: the rate those bytes were read at (MB/tok x tokens/s: the disk's share of the differences).", ""]
     for model, budgets in rep["results"].items():
         lines += [f"**{model}**", "",
@@ -234,7 +243,7 @@ def markdown(rep: dict) -> str:
 
                 def x1(r, m):
                     one = per_mode.get(m, {}).get("1")
-                    return f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}" if one else "-"
+                    return f"{paired_ratio(r, one)[0]:.2f}" if one else "-"
 
                 lines.append("| " + " | ".join([
                     budget, c, cell(lambda r: f"{r['tokens_per_s']:.1f}"),
@@ -251,13 +260,33 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_cell(rs: list[dict]) -> dict:
+    """One cell from its rounds: each figure's median over them (None where a round has none), and
+    each round's tokens/s in order (`rounds`: ratios between cells pair them round by round)."""
+    out = {}
+    for key in rs[0]:
+        values = [r[key] for r in rs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["rounds"] = [r["tokens_per_s"] for r in rs]
+    return out
+
+
+def paired_ratio(a: dict, b: dict) -> tuple[float, float, float]:
+    """a's tokens/s over b's: the median of the ratios round by round, and their range (a cell of
+    one round: that round's ratio three times)."""
+    ra, rb = a.get("rounds") or [a["tokens_per_s"]], b.get("rounds") or [b["tokens_per_s"]]
+    ratios = [x / y for x, y in zip(ra, rb)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def targets(rep: dict) -> list[dict]:
     out = []
     for model, budgets in rep["results"].items():
         fc = budgets.get("50%", {}).get("fcfs", {})
         if "1" in fc and "16" in fc:
-            ratio = fc["16"]["tokens_per_s"] / fc["1"]["tokens_per_s"]
-            out.append({"what": f"{model}, 50%, FCFS: 16 clients' throughput over one client's (>= 4)", "value": f"{ratio:.2f}x",
+            ratio, lo, hi = paired_ratio(fc["16"], fc["1"])
+            spread = f" ({lo:.2f}-{hi:.2f} over {len(fc['16']['rounds'])} rounds)" if len(fc["16"].get("rounds") or ()) > 1 else ""
+            out.append({"what": f"{model}, 50%, FCFS: 16 clients' throughput over one client's (>= 4)", "value": f"{ratio:.2f}x{spread}",
                         "met": ratio >= 4})
         for budget, modes in budgets.items():
             big = str(max((int(c) for c in modes.get("fcfs", {})), default=0))
@@ -314,6 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
     ap.add_argument("--tokens", type=int, default=32, help="max_tokens per request (default 32)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default 2)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, interleaved; medians (default 1)")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds after which clients start no request (default 120)")
     ap.add_argument("--out", default=str(REPO / "results" / "serve"), help="output folder (serve.json, serve.md, serve.png)")
     ap.add_argument("--ckpt-root", default=None, help="where the 1 GB checkpoint is cached (default results/ckpt)")
@@ -330,7 +360,10 @@ def main(argv=None) -> int:
             args.models, args.budgets, args.clients, args.tokens, args.requests = "demo", "50", "1,16", 16, 1
         clients = [int(c) for c in args.clients.split(",")]
         modes = [m.strip() for m in args.batching.split(",")]
-        rep = {"server_flags": args.server_flags, "max_batch": args.max_batch, "tokens": args.tokens, "requests": args.requests, "cpus": os.cpu_count(), "results": {}}
+        if args.rounds < 1:
+            raise SystemExit("serve.py: --rounds must be at least 1")
+        rep = {"server_flags": args.server_flags, "max_batch": args.max_batch, "tokens": args.tokens, "requests": args.requests,
+               "rounds": args.rounds, "cpus": os.cpu_count(), "results": {}}
         for model in [m.strip() for m in args.models.split(",")]:
             if model == "demo":
                 path, prompts = None, demo_prompts()
@@ -347,17 +380,22 @@ def main(argv=None) -> int:
                 raise SystemExit(f"serve.py: unknown model {model!r}: demo, 1gb, fine, dir:PATH or ids:PATH")
             for b in args.budgets.split(","):
                 budget = f"{b.strip()}%"
-                for c in clients:
-                    for mode in modes:  # adjacent in time: the pair sees the same machine load
-                        srv = Server(path, budget, mode, args.max_batch, max_queue=max(clients) + 8, extra=args.server_flags.split())
-                        try:
-                            r = measure(srv, prompts, c, args.requests, args.tokens, args.time_limit)
-                        finally:
-                            srv.stop()
-                        rep["results"].setdefault(model, {}).setdefault(budget, {}).setdefault(mode, {})[str(c)] = r
-                        print(f"{model} {budget} {mode:>12} {c:>2} clients: {r['tokens_per_s']:.1f} tok/s, TTFT p50 "
-                              f"{_ms(r['ttft_p50_s'])} p99 {_ms(r['ttft_p99_s'])} ms, TPOT p50 {_ms(r['tpot_p50_s'])} ms, "
-                              f"{(r['bytes_per_token'] or 0) / 1e6:.1f} MB/token, batch {r['mean_batch']:.1f}, step {_ms(r['mean_step_s'])} ms, busy {r['busy_share']:.2f}", flush=True)
+                rounds: dict[tuple[str, int], list[dict]] = {}
+                for rnd in range(args.rounds):
+                    for c in clients:
+                        for mode in modes:  # adjacent in time: the pair sees the same machine load
+                            srv = Server(path, budget, mode, args.max_batch, max_queue=max(clients) + 8, extra=args.server_flags.split())
+                            try:
+                                r = measure(srv, prompts, c, args.requests, args.tokens, args.time_limit)
+                            finally:
+                                srv.stop()
+                            rounds.setdefault((mode, c), []).append(r)
+                            print(f"{model} {budget} {mode:>12} {c:>2} clients{f' (round {rnd + 1})' if args.rounds > 1 else ''}: "
+                                  f"{r['tokens_per_s']:.1f} tok/s, TTFT p50 {_ms(r['ttft_p50_s'])} p99 {_ms(r['ttft_p99_s'])} ms, TPOT "
+                                  f"p50 {_ms(r['tpot_p50_s'])} ms, {(r['bytes_per_token'] or 0) / 1e6:.1f} MB/token, batch "
+                                  f"{r['mean_batch']:.1f}, step {_ms(r['mean_step_s'])} ms, busy {r['busy_share']:.2f}", flush=True)
+                for (mode, c), rs in rounds.items():
+                    rep["results"].setdefault(model, {}).setdefault(budget, {}).setdefault(mode, {})[str(c)] = median_cell(rs)
         rep["targets"] = targets(rep)
         (out / "serve.json").write_text(json.dumps(rep, indent=1))
     md = markdown(rep)

@@ -80,6 +80,22 @@ def test_serve_targets_judge_throughput_scaling_and_expert_aware_gains():
     assert "| 50% | 32 | 40.0 / 41.0 | 4.00 / 4.10 |" in md and "(NOT met)" in md
 
 
+def test_serve_rounds_give_median_cells_and_ratios_paired_round_by_round():
+    """--rounds: each cell is its rounds' medians; 16 clients over one is the median of the ratios
+    of the same round (adjacent in time, so the machine's swings cancel), not the medians' ratio."""
+    serve = _load("serve")
+    one = serve.median_cell([_serve_result(10, 100e6, 1), _serve_result(14, 90e6, 1), _serve_result(12, 80e6, 1)])
+    sixteen = serve.median_cell([_serve_result(40, 30e6, 2), _serve_result(42, 20e6, 2), _serve_result(60, 25e6, 2)])
+    assert one["tokens_per_s"] == 12 and one["bytes_per_token"] == 90e6 and one["rounds"] == [10, 14, 12]
+    assert serve.paired_ratio(sixteen, one) == (4.0, 3.0, 5.0)  # 4.0, 3.0, 5.0 round by round; 42 / 12 = 3.5
+    rep = {"max_batch": 16, "tokens": 32, "requests": 2, "rounds": 3, "cpus": 2, "server_flags": "",
+           "results": {"m": {"50%": {"fcfs": {"1": one, "16": sixteen}}}}}
+    rep["targets"] = serve.targets(rep)
+    assert rep["targets"][0]["met"] and rep["targets"][0]["value"] == "4.00x (3.00-5.00 over 3 rounds)"
+    md = serve.markdown(rep)
+    assert "the median of 3 interleaved rounds" in md and "| 50% | 16 | 42.0 / - | 4.00 / - |" in md
+
+
 def test_serve_percentiles():
     serve = _load("serve")
     assert serve.percentile([], 0.5) is None
