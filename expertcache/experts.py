@@ -20,7 +20,7 @@ from torch import nn
 from . import gemm, mxfp4
 from .architectures import ExpertsSite, Family, child
 from .cache import ExpertCache
-from .config import IDLE_GUESSES, PRECISION_PROBE, PRECISION_WARMUP
+from .config import AMX_ROWS, IDLE_GUESSES, PRECISION_PROBE, PRECISION_WARMUP
 from .ids import Prediction
 from .predictors.base import Predictor, rank
 from .quant import QuantExperts
@@ -194,6 +194,7 @@ class ExpertsRuntime:
         self.predictions: dict[int, list[int]] = {}  # layer -> latest guess for it (speculative routing)
         self.phase = "prefill"  # of the running forward: "decode" when it feeds one position
         self.token_mask: torch.Tensor | None = None  # [T] bool: False rows are padding, routed nowhere (batched prompts)
+        self.row_blocks = False  # several requests' rows (a server's batch): an expert's rows past AMX_ROWS go in blocks
         self._logits: dict[int, torch.Tensor] = {}  # layer -> router logits of its running call
         self._router_input: dict[int, torch.Tensor] = {}  # layer -> the router's input (scaled-rows experts)
         self._modules: dict[int, nn.Module] = {}
@@ -349,7 +350,14 @@ class ExpertsRuntime:
                     contrib[0, s] = expert_output(module, x, parts, e, quant, self.upcast)[0] * weights[0, s : s + 1]  # [1], not 0-d: dtype promotion as the general path
                 else:
                     mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
-                    y = expert_output(module, x.index_select(0, tokens[ends[e] : ends[e + 1]]), parts, e, quant, self.upcast)
+                    rows = x.index_select(0, tokens[ends[e] : ends[e + 1]])
+                    if self.row_blocks and rows.shape[0] > AMX_ROWS and (call := glu_call(module, rows[:AMX_ROWS], parts, quant)):
+                        # a batch's expert in blocks of AMX_ROWS rows through glu_expert: no oneDNN primitive compiled
+                        # for each new row count (its rows round as a batch's may: every row is still its own sum)
+                        y = torch.cat([torch.ops.expertcache.glu_expert(rows[i : i + AMX_ROWS], parts, *call)
+                                       for i in range(0, rows.shape[0], AMX_ROWS)])
+                    else:
+                        y = expert_output(module, rows, parts, e, quant, self.upcast)
                     flat_c.index_copy_(0, mine, (y * flat_w.index_select(0, mine)).to(flat_c.dtype))
         self._note_idle(layer, issued)
         return contrib.sum(dim=1).to(x.dtype)  # as transformers' grouped_mm combines: over k, then the hidden dtype

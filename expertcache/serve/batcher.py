@@ -335,12 +335,12 @@ class Batcher:
             ids[i, width - n :], pos[i, width - n :], mask[i, width - n :] = torch.tensor(r.prompt), torch.arange(n), 1
         runtime = self.engine.runtime
         self.feeding = [t if m else -1 for t, m in zip(ids.flatten().tolist(), mask.flatten().tolist())]
-        runtime.token_mask = mask.flatten().bool()
+        runtime.token_mask, runtime.row_blocks = mask.flatten().bool(), True
         self._bind(group, mask)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         finally:
-            self.feeding, runtime.token_mask = None, None
+            self.feeding, runtime.token_mask, runtime.row_blocks = None, None, False
             self._bind(None)
         with self._cond:
             for r in group:
@@ -390,6 +390,7 @@ class Batcher:
         self.feeding = [r.out[-1] for r in rows] + [t for c in parts for t in c.tokens]
         self._bind(rows)
         lean = self.model.__dict__.get(LEAN_ATTR)
+        self.engine.runtime.row_blocks = len(rows) + len(parts) > 1  # several requests: a batch's rounding
         try:
             if parts or (lean is not None and lean.usable(self.past)):  # without transformers' module calls (chunks: _mixes)
                 if self.kv_budget_bytes is not None:  # the rows' room (lean._room) within the budget's rest
@@ -402,7 +403,7 @@ class Batcher:
                                  use_cache=True, logits_to_keep=1)
                 self.past, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
         finally:
-            self.feeding = None
+            self.feeding, self.engine.runtime.row_blocks = None, False
             self._bind(None)
         self.mask = mask
         done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]

@@ -513,3 +513,36 @@ def test_the_rows_room_gives_way_to_an_admitted_request(checkpoint):
             b.turn()
             assert b.kv_bytes() <= b.kv_budget_bytes
     assert len(first.out) == len(second.out) == 20
+
+
+def test_a_batchs_experts_past_16_rows_go_in_blocks_within_the_rounding(checkpoint, monkeypatch):
+    """Several requests' forward (a batch's): an expert with more than AMX_ROWS rows goes through
+    glu_expert in blocks of AMX_ROWS (no oneDNN primitive compiled for each new row count), its
+    rows' logits within the batched kernels' rounding of each request alone; a lone request's
+    prompt keeps generate's own products (rows past AMX_ROWS through torch's, bit for bit)."""
+    from expertcache import experts, gemm
+    from expertcache.config import AMX_ROWS
+    from expertcache.decoding import Decoding
+
+    if not gemm.amx_kernel(torch.bfloat16):
+        pytest.skip("the blocks take bf16 products through amm (AMX) here")
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16, expert_intermediate=64, hidden_size=128)
+    prompts = [prompt_ids(40, seed=n) for n in (1, 2, 3)]
+    seen: list[int] = []
+    real = experts.expert_output
+    monkeypatch.setattr(experts, "expert_output", lambda module, x, *a, **k: seen.append(x.shape[0]) or real(module, x, *a, **k))
+    with expertcache.load(model_dir, expert_budget="100%", io="buffered") as eng:
+        with torch.inference_mode():
+            alone = [Decoding(eng.model).feed(p)[-1].float() for p in prompts]
+        assert max(seen) > AMX_ROWS  # alone: torch's products for an expert's 40-odd rows
+        seen.clear()
+        got = {}
+        b = Batcher(eng, max_batch=4)
+        b._pick = lambda r, logits: got.setdefault(id(r), logits.float().clone()) is None or 0
+        reqs = [request(p, 2) for p in prompts]
+        for r in reqs:
+            b.submit(r)
+        b.turn()  # the three prompts in one forward
+        assert not b.admitting and max(seen) <= AMX_ROWS  # the experts past AMX_ROWS rows (every one alone had) in blocks
+        for r, want in zip(reqs, alone):
+            assert float((got[id(r)] - want).abs().max() / want.abs().max()) < 2**-5
