@@ -351,9 +351,11 @@ class ExpertsRuntime:
                 else:
                     mine = pairs[ends[e] : ends[e + 1]]  # expert e's (token, slot) pairs
                     rows = x.index_select(0, tokens[ends[e] : ends[e + 1]])
-                    if self.row_blocks and rows.shape[0] > AMX_ROWS and (call := glu_call(module, rows[:AMX_ROWS], parts, quant)):
-                        # a batch's expert in blocks of AMX_ROWS rows through glu_expert: no oneDNN primitive compiled
-                        # for each new row count (its rows round as a batch's may: every row is still its own sum)
+                    if (self.row_blocks and quant is None and rows.shape[0] > AMX_ROWS
+                            and (call := glu_call(module, rows[:AMX_ROWS], parts, quant))):
+                        # a batch's bf16 expert in blocks of AMX_ROWS rows through glu_expert: no oneDNN primitive compiled
+                        # for each new row count (its rows round as a batch's may: every row is still its own sum); a
+                        # quantized expert's many rows keep one dequantization and torch's GEMM
                         y = torch.cat([torch.ops.expertcache.glu_expert(rows[i : i + AMX_ROWS], parts, *call)
                                        for i in range(0, rows.shape[0], AMX_ROWS)])
                     else:
