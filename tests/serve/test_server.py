@@ -279,20 +279,32 @@ def test_32_concurrent_streams_finish_without_leaks(server):
 
 
 def test_a_full_queue_answers_429_at_once():
+    """One request running, one waiting (--max-batch 1, --max-queue 1): a third gets 429 at once.
+    The running one ends by itself (the demo's story stops after ~160 tokens, about a second): if it
+    ends between the check that one waits and the third request, the queue was not full when the
+    third came, so the attempt proves nothing and runs again (a server that never answers 429 fails
+    every attempt)."""
     s = start("--max-batch", "1", "--max-queue", "1", "--max-tokens-limit", "256")
     try:
         c = openai.OpenAI(base_url=s.base, api_key="none", max_retries=0, timeout=60)
-        with cf.ThreadPoolExecutor(2) as pool:
-            long = [pool.submit(c.completions.create, model="m", prompt=PROMPT, max_tokens=256, temperature=0) for _ in range(2)]
-            deadline = time.monotonic() + 30
-            while s.health()["waiting"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            t0 = time.monotonic()
-            with pytest.raises(openai.RateLimitError):
-                c.completions.create(model="m", prompt=PROMPT, max_tokens=4)
-            assert time.monotonic() - t0 < 5
-            for f in long:
-                assert f.result().usage.completion_tokens >= 1
+        refused = 0
+        for _ in range(3):
+            with cf.ThreadPoolExecutor(2) as pool:
+                long = [pool.submit(c.completions.create, model="m", prompt=PROMPT, max_tokens=256, temperature=0) for _ in range(2)]
+                deadline = time.monotonic() + 30
+                while s.health()["waiting"] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                t0 = time.monotonic()
+                try:
+                    c.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+                except openai.RateLimitError:
+                    assert time.monotonic() - t0 < 5
+                    refused += 1
+                for f in long:
+                    assert f.result().usage.completion_tokens >= 1
+            if refused:
+                break
+        assert refused == 1
     finally:
         rc, err = stop(s)
     assert rc == 0, err
