@@ -105,8 +105,7 @@ class CacheCore:
         self.guesses: set[ExpertId] = set()  # entries loaded on a guess and not used yet (speculative)
         self.now = -1  # index of the running wave: tick() before each, so the first is 0 (Belady's future)
         self.sweep: int | None = None  # the running layer while its call is a sweep (see route)
-        self.sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call needs
-        self.sweep_done: set[int] = set()  # ...and of those, the ones computed and let go (stream's `each`)
+        self.sweep_needed: frozenset[int] = frozenset()  # ...and the experts that call still needs (stream's `each` lets computed ones go)
         self.guessed: set[int] = set()  # layers some guess has targeted
         self.max_occupancy = 0  # most slots ever held by ready + loading entries (<= capacity)
         self._order = {layer: i for i, layer in enumerate(self.layers)}
@@ -140,7 +139,7 @@ class CacheCore:
                         yield eid
                         pending.remove(eid)
                         if each and self.sweep == layer:  # computed: its slot is the guesses' (used furthest ahead)
-                            self.sweep_done.add(eid[1])
+                            self.sweep_needed = self.sweep_needed - {eid[1]}
                             self.release([eid])
                             pinned.discard(eid)
                             if requested:
@@ -388,7 +387,6 @@ class CacheCore:
         )
         self.sweep = layer if sweep else None
         self.sweep_needed = needed if sweep else frozenset()
-        self.sweep_done = set()
 
     def end_call(self) -> None:
         """The running call has computed every expert it needed: in a sweep they are now the
@@ -402,7 +400,7 @@ class CacheCore:
         next prompt, and adds one. (Free slots and written-off guesses stay open to guesses.)"""
         if self.sweep is None:
             return set()
-        return {e for e in self.entries if not (e[0] == self.sweep and (e[1] not in self.sweep_needed or e[1] in self.sweep_done))}
+        return {e for e in self.entries if not (e[0] == self.sweep and e[1] not in self.sweep_needed)}
 
     def _sweep_victim(self, ok: Callable[[ExpertId], bool]) -> ExpertId | None:
         """In a sweep at layer L, the evictable entry whose next use is furthest: L's own experts the
@@ -412,15 +410,14 @@ class CacheCore:
         n, at = len(self.layers), self._order[self.sweep]
         far, layer = -1, None
         for eid in self.entries:
-            if eid[0] == self.sweep and eid[1] in self.sweep_needed and eid[1] not in self.sweep_done:
+            if eid[0] == self.sweep and eid[1] in self.sweep_needed:
                 continue
             d = (self._order.get(eid[0], at) - at - 1) % n  # L-1 -> n-2, ..., L+1 -> 0; L -> n-1
             if d > far and ok(eid):
                 far, layer = d, eid[0]
         if layer is None:
             return None
-        in_layer = lambda e: (e[0] == layer and ok(e)  # noqa: E731
-                              and not (layer == self.sweep and e[1] in self.sweep_needed and e[1] not in self.sweep_done))
+        in_layer = lambda e: e[0] == layer and ok(e) and not (layer == self.sweep and e[1] in self.sweep_needed)  # noqa: E731
         victim = self.policy.victim(in_layer, self.now)
         return victim if victim is not None else next(e for e in self.entries if in_layer(e))  # a guess not yet used
 
@@ -511,7 +508,7 @@ class CacheCore:
             if eid in self.entries:
                 self.remove(eid)
         self.guessed.clear()
-        self.sweep, self.sweep_needed, self.sweep_done = None, frozenset(), set()
+        self.sweep, self.sweep_needed = None, frozenset()
 
     # --- loads -------------------------------------------------------------------------------
     def _submit(self, new: list[tuple[ExpertId, Entry]], priority: int) -> None:

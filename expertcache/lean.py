@@ -285,11 +285,10 @@ class LeanDecoder:
             h = self.embed.forward(torch.tensor(tokens))  # [B, H]
             pos = torch.tensor(positions)[:, None]  # [B, 1]
             parts = [_ChunkState(self, c) for c in chunks]
+            every, where = h, pos  # [N, H], [N, 1]: the rows' tokens, then the chunks'
             if parts:
-                rt._forward_start(None, (torch.cat([h, *(p.h for p in parts)])[:, None],),
-                                  {"position_ids": torch.cat([pos, *(p.pos[0, :, None] for p in parts)])})
-            else:
-                rt._forward_start(None, (h[:, None],), {"position_ids": pos})  # the phase, the first layer's guesses
+                every, where = torch.cat([h, *(p.h for p in parts)]), torch.cat([pos, *(p.pos[0, :, None] for p in parts)])
+            rt._forward_start(None, (every[:, None],), {"position_ids": where})  # the phase, the first layer's guesses
             mask = None
             if n == 1 and attention_mask is None:
                 cos, sin = self._cos_sin(h, positions[0], pos)

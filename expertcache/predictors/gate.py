@@ -8,7 +8,6 @@ fitted per (layer, distance) on calibration text by `expertcache train-predictor
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import gemm
 from .base import Lookahead, Prediction, rank

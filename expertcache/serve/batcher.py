@@ -391,6 +391,7 @@ class Batcher:
         self._bind(rows)
         lean = self.model.__dict__.get(LEAN_ATTR)
         self.engine.runtime.row_blocks = len(rows) + len(parts) > 1  # several requests: a batch's rounding
+        ends: list[torch.Tensor | None] = []  # the chunks' last logits (lean.mixed)
         try:
             if parts or (lean is not None and lean.usable(self.past)):  # without transformers' module calls (chunks: _mixes)
                 if self.kv_budget_bytes is not None:  # the rows' room (lean._room) within the budget's rest
@@ -409,7 +410,7 @@ class Batcher:
         done = [self._emit(r, self._pick(r, logits[i])) for i, r in enumerate(rows)]
         if any(done):
             self._keep_rows([i for i, d in enumerate(done) if not d])
-        for (r, n), c, end in zip(chunks, parts, ends if parts else ()):
+        for (r, n), c, end in zip(chunks, parts, ends):
             r.decoding.past = c.past
             r.decoding.tokens += c.tokens
             r.fed += n
