@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -84,35 +85,56 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server_class():
-    import uvicorn
+def _spawn_front(sock: socket.socket):
+    """The HTTP front in its own process (`serve/front.py`), on the listening socket, joined to
+    this one by a private socket pair; its own session, so a terminal's Ctrl-C reaches this
+    process alone, which passes it on once."""
+    import subprocess
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, whose SIGTERM/SIGINT drain and return instead of re-raising the signal
-        (so the batcher stops and the engine closes: a clean exit, status 0)."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "expertcache.serve.front", str(sock.fileno()), str(theirs.fileno())],
+                            pass_fds=(sock.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL, start_new_session=True)
+    theirs.close()
+    return proc, ours
 
-        def handle_exit(self, sig, frame) -> None:
-            if self.should_exit:
-                self.force_exit = True  # a second signal: stop draining
-            self.should_exit = True
 
-    return Server
+def _forward_signals(front) -> dict:
+    """SIGTERM and SIGINT go on to the front, which drains (a second one: stops draining); when it
+    exits, this process stops the batch."""
+    def forward(sig, frame) -> None:
+        if front.poll() is None:
+            front.send_signal(signal.SIGTERM)
+
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def _reap(front, timeout: float = 30.0) -> int:
+    import subprocess
+
+    try:
+        return front.wait(timeout)
+    except subprocess.TimeoutExpired:
+        front.kill()
+        return front.wait()
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    try:
-        import uvicorn
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
         raise ExpertCacheError("expertcache serve needs starlette and uvicorn: pip install -e . installs them") from None
     from ..config import RESERVE_CONTEXT, RESERVE_WORKSPACE, parse_size
     from ..engine import Engine
-    from ..serve.app import Limits, Server
+    from ..serve.bridge import Bridge, Limits
     from ..serve.batcher import Batcher, batchable
     from ..serve.metrics import Metrics
     from ..serve.scheduler import make_scheduler
-
-    _Server = _server_class()
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     kv_budget = parse_size(args.kv_budget, "--kv-budget") if args.kv_budget is not None else None
@@ -120,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if kv_budget is not None and args.memory_limit is not None and args.memory_reserve is None:
         fixed["memory_reserve"] = str(kv_budget + RESERVE_WORKSPACE)  # the limit keeps the batch's KV out of the experts'
     sock = _bind(args.host, args.port)  # before the model loads: a taken port fails at once
+    bound = sock.getsockname()[:2]
+    front = wire = None
     try:
         if not _loopback(args.host) and api_key is None:
             print(f"expertcache: warning: listening on {args.host} without --api-key: anyone who reaches this "
@@ -139,22 +163,41 @@ def run(args: argparse.Namespace) -> int:
             model_id = args.model_id or (engine.checkpoint.model_dir.name if args.model is not None else "expertcache-demo")
             limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                             max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)
-            server = Server(engine, batcher, model_id=model_id, api_key=api_key, limits=limits, metrics=metrics)
-            config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=args.drain_seconds,
-                                    limit_concurrency=args.max_queue + max_batch + 16, lifespan="off", access_log=False)
-            host, port = sock.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
+            bridge = Bridge(engine, batcher, model_id=model_id, limits=limits, metrics=metrics)
             batcher.start()
+            front, wire = _spawn_front(sock)
+            try:
+                pending = bridge.handshake(wire, {
+                    "model_id": model_id, "api_key": api_key, "max_body_bytes": args.max_body_bytes,
+                    "request_timeout": args.request_timeout, "drain_seconds": args.drain_seconds,
+                    "limit_concurrency": args.max_queue + max_batch + 16})
+            except (EOFError, OSError) as e:
+                raise ExpertCacheError(f"the HTTP front did not start ({e}): see the lines above") from None
+            sock.close()  # the front listens on it now
+            host, port = bound
+            shown = f"[{host}]" if ":" in host else host
+            signals = _forward_signals(front)
             try:
                 print(f"[expertcache] serving {model_id} at http://{shown}:{port}/v1 | batch {max_batch}, "
                       f"{args.batching} | experts {fmt_bytes(engine.budget_bytes)}, KV {fmt_bytes(kv_budget)}"
                       + (" | API key required" if api_key else ""), flush=True)
-                _Server(config).run(sockets=[sock])
+                bridge.serve(wire, pending)  # until the front exits (drained after SIGTERM) or dies
             finally:
+                _restore(signals)
                 batcher.stop(timeout=30)
+                bridge.close()
+            code = _reap(front)
+            front = None
             if batcher.error is not None:
                 raise ExpertCacheError(f"the engine stopped: {batcher.error}")
+            if code != 0:
+                raise ExpertCacheError(f"the HTTP front exited with status {code}: see the lines above")
     finally:
         sock.close()
+        if wire is not None:
+            wire.close()
+        if front is not None and front.poll() is None:
+            front.terminate()
+            _reap(front)
     print("[expertcache] server stopped", file=sys.stderr, flush=True)
     return 0

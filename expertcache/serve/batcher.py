@@ -90,6 +90,7 @@ class Batcher:
         self.kv_budget_bytes = kv_budget_bytes
         self.scheduler = scheduler or FCFS()
         self.on_step = on_step
+        self.on_turn: Callable[[], None] | None = None  # after each turn and at the end (the bridge's wake-up)
         self.eos = _eos_ids(engine.generation_config, self.model.config)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.waiting: deque[Request] = deque()
@@ -173,6 +174,8 @@ class Batcher:
             for r in everyone:
                 if r.finish_reason is None:
                     self._finish(r, reason)
+            if self.on_turn is not None:
+                self.on_turn()
 
     def idle(self) -> bool:
         return not (self.waiting or self.admitting or self.rows)
@@ -193,6 +196,8 @@ class Batcher:
             prefill = self._prefill() if due else 0
         if self.on_step is not None and (batch or prefill):
             self.on_step({"batch": batch, "prefill_tokens": prefill, "seconds": time.perf_counter() - t0})
+        if self.on_turn is not None:
+            self.on_turn()
 
     def _bind(self, rows: list[Request] | None, mask: torch.Tensor | None = None) -> None:
         """Tell a pre-gate (Read-ME) which request each row of the next forward continues, so each

@@ -258,7 +258,7 @@ def test_incremental_detokenizing_equals_decoding_the_whole():
     from transformers import AutoTokenizer
 
     from expertcache.config import DEMO_DIR
-    from expertcache.serve.app import Detokenizer
+    from expertcache.serve.bridge import Detokenizer
 
     tok = AutoTokenizer.from_pretrained(str(DEMO_DIR))
     ids = tok.encode("Once upon a time, Zoë saw a café — naïve, über-cool ☃ snowmen. «Bonjour!» 東京 and then  two  spaces.")

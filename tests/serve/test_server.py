@@ -45,9 +45,17 @@ class Running:
     def health(self) -> dict:
         return self.http("GET", "/health", auth=False)[1]
 
-    def threads_and_fds(self) -> tuple[int, int]:
+    def pids(self) -> list[int]:
+        """The server's processes: the engine's and its HTTP front."""
         pid = self.proc.pid
-        return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+        children = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                    for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+        return [pid, *children]
+
+    def threads_and_fds(self) -> tuple[int, int]:
+        pids = self.pids()
+        assert len(pids) == 2, pids  # the engine's process and the HTTP front's
+        return (sum(len(os.listdir(f"/proc/{p}/task")) for p in pids), sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids))
 
 
 def start(*flags: str) -> Running:
