@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                     "request_timeout": args.request_timeout, "drain_seconds": args.drain_seconds,
                     "limit_concurrency": args.max_queue + max_batch + 16})
             except (EOFError, OSError) as e:
-                raise ExpertCacheError(f"the HTTP front did not start ({e}): see the lines above") from None
+                raise ExpertCacheError(f"the HTTP front did not start ({e}; its error, if any, is above)") from None
             sock.close()  # the front listens on it now
             host, port = bound
             shown = f"[{host}]" if ":" in host else host
@@ -190,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
             front = None
             if batcher.error is not None:
                 raise ExpertCacheError(f"the engine stopped: {batcher.error}")
-            if code != 0:
-                raise ExpertCacheError(f"the HTTP front exited with status {code}: see the lines above")
+            if code < 0:
+                raise ExpertCacheError(f"the HTTP front was killed (signal {-code}); the server stopped")
+            if code > 0:
+                raise ExpertCacheError(f"the HTTP front exited with status {code} (its error is above); the server stopped")
     finally:
         sock.close()
         if wire is not None:

@@ -330,6 +330,40 @@ def test_sigterm_drains_a_running_stream():
     assert got[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_the_front_is_its_own_process_without_torch():
+    """The HTTP front runs apart from the engine (the event loop's Python does not hold the engine
+    thread's GIL) and imports no torch; killing it ends the engine's process with one line."""
+    s = start()
+    try:
+        engine, front = s.pids()
+        with open(f"/proc/{front}/maps") as f:
+            assert "libtorch" not in f.read()
+        with open(f"/proc/{engine}/maps") as f:
+            assert "libtorch" in f.read()
+        assert s.health()["status"] == "ok"  # the front answers from the engine's side
+        os.kill(front, signal.SIGKILL)
+        rc, err = s.proc.wait(timeout=60), s.proc.stderr.read()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+    assert rc == 1 and "HTTP front was killed" in err and err.count("\n") == 1, err
+
+
+def test_the_front_exits_when_the_engine_dies():
+    s = start()
+    engine, front = s.pids()
+    os.kill(engine, signal.SIGKILL)
+    s.proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{front}") and time.monotonic() < deadline:
+        with open(f"/proc/{front}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":  # exited, waiting for init to reap it
+                break
+        time.sleep(0.05)
+    gone = not os.path.exists(f"/proc/{front}") or open(f"/proc/{front}/stat").read().split(")")[-1].split()[0] == "Z"
+    assert gone, "the front outlived the engine's process"
+
+
 def test_a_taken_port_is_one_line():
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
