@@ -1,8 +1,11 @@
 """Which waiting request joins the batch next: FCFS, or expert-aware (after Read-ME).
 
-Expert-aware admission waits, while rows run, until a quarter of the batch is free (or a free row
-has waited MAX_HOLD s), so the prompts admitted together go in as one forward: one pass over the
-experts instead of one per prompt. Among the waiting it prefers those whose predicted experts
+Where prompts cannot go in through the rows' decode step (Batcher._mixes: then each prompt is a
+forward of its own), expert-aware admission waits, while rows run, until a quarter of the batch is
+free (or a free row has waited MAX_HOLD s), so the prompts admitted together go in as one forward:
+one pass over the experts instead of one per prompt. Where they can, it admits at once: a prompt
+going in shares the rows' pass over the experts already, and a row held free is only lost
+tokens. Among the waiting it prefers those whose predicted experts
 (the model's pre-gate over the prompt's last WINDOW tokens when the engine runs one, else a
 lookahead table of each token id's last routing) are resident or in use. A request passed over
 MAX_SKIPS times or waiting MAX_WAIT s goes first.
@@ -92,7 +95,8 @@ class ExpertAware:
         return hot / total if total else 0.0
 
     def ready(self, batcher) -> bool:
-        """Admit when the batch is empty, when `group` rows are free (their prompts then go in
+        """Admit when the batch is empty, when prompts go in through the rows' decode step (they
+        share its pass over the experts), when `group` rows are free (their prompts then go in
         together, one sweep over the experts instead of one each), or when a free row has waited
         max_hold seconds for the others."""
         free = batcher.max_batch - len(batcher.rows) - len(batcher.admitting)
@@ -103,7 +107,8 @@ class ExpertAware:
         if self._held is None:
             self._held = now
         group = self.group if self.group is not None else max(1, batcher.max_batch // 4)
-        if not batcher.rows or free >= min(group, len(batcher.waiting)) or now - self._held >= self.max_hold:
+        if (not batcher.rows or batcher._mixes() or free >= min(group, len(batcher.waiting))
+                or now - self._held >= self.max_hold):
             self._held = None
             return True
         return False

@@ -236,6 +236,29 @@ def test_expert_aware_admission_prefers_resident_experts_and_never_starves(check
     assert orders == {"expert-aware": ["w1", "w2", "old", "w3"], "fcfs": ["old", "w1", "w2", "w3"]}
 
 
+def test_expert_aware_holds_free_rows_only_where_prompts_cannot_join_the_decode_step(checkpoint):
+    """With rows decoding and free rows, expert-aware admission takes waiting requests at once
+    when their prompts go in through the rows' step (they share that step's pass over the
+    experts); where prompts get forwards of their own (a --miss-copy, a pre-gate bound to the rows:
+    here _mixes is made to say so), it holds the rows until a group is free."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2)
+    held = {}
+    for mixes in (True, False):
+        with expertcache.load(model_dir, expert_budget="50%", io="buffered", prefetch="none") as eng:
+            b = Batcher(eng, max_batch=8, scheduler=ExpertAware(max_hold=1e9))
+            for i in range(7):
+                b.submit(request(prompt_ids(6, seed=i), 40))
+            b.turn()  # the seven go in together (nothing decodes yet)
+            assert len(b.rows) == 7 and b._mixes()
+            if not mixes:
+                b._mixes = lambda: False
+            for i in range(3):
+                b.submit(request(prompt_ids(6, seed=10 + i), 4))
+            b.turn()
+            held[mixes] = len(b.waiting) == 3
+    assert held == {True: False, False: True}
+
+
 def test_schedulers_by_name():
     assert isinstance(make_scheduler("fcfs"), FCFS) and isinstance(make_scheduler("expert-aware"), ExpertAware)
     with pytest.raises(ValueError, match="fcfs or expert-aware"):
