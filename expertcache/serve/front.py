@@ -90,7 +90,9 @@ class Front:
     def _deliver(self, message: tuple) -> None:
         if message[0] == "turn":  # [(id, event...), ...]: one turn's text for every stream
             for rid, *event in message[1]:
-                q = self.inbox.get(rid)
+                # an ended request leaves the inbox at once (its stream holds the queue), so one
+                # whose response never started (the client left first) leaves nothing behind
+                q = self.inbox.pop(rid, None) if event[0] == "end" else self.inbox.get(rid)
                 if q is not None:
                     q.put_nowait(tuple(event))
             return
@@ -106,19 +108,22 @@ class Front:
             self.server.should_exit = True
 
     async def call(self, op: str, *args) -> tuple:
-        """Ask the engine's process; its reply."""
+        """Ask the engine's process: (the ask's id, the reply, the queue where what follows about
+        it arrives: an accepted request's text)."""
         rid = next(self._ids)
         self.inbox[rid] = q = asyncio.Queue()
+        keep = False
         try:
-            self.send(op, rid, *args)
             if self.transport is None:
                 raise APIError(503, "the engine's process went away", type_="server_error")
+            self.send(op, rid, *args)
             reply = await q.get()
             if reply[0] == "end":  # the engine went away meanwhile
                 raise APIError(503, "the engine's process went away", type_="server_error")
-            return rid, reply
+            keep = op == "submit" and reply[0] == "accepted"  # the request's text comes to the same queue
+            return rid, reply, q
         finally:
-            if op != "submit":
+            if not keep:
                 self.inbox.pop(rid, None)
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class Front:
     # --- endpoints ----------------------------------------------------------------------------
     async def health(self, request):
         try:
-            _, (_, status, payload) = await self.call("health")
+            _, (_, status, payload), _ = await self.call("health")
         except APIError as e:
             return self._json({"status": "error", "error": e.message}, 503)
         return self._json(payload, status)
@@ -189,7 +194,7 @@ class Front:
         from starlette.responses import PlainTextResponse
 
         async def render(request):
-            _, (_, _, text) = await self.call("metrics")
+            _, (_, _, text), _ = await self.call("metrics")
             return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
         return await self._guard("/metrics", request, render)
@@ -212,12 +217,11 @@ class Front:
             body = await self._body(request)
             if body.get("stream") not in (None, True, False):
                 raise _bad("stream must be true or false", "stream")
-            rid, reply = await self.call("submit", chat, body)
+            rid, reply, events = await self.call("submit", chat, body)
             if reply[0] == "error":  # the prompt or a parameter was refused, or the queue is full
-                self.inbox.pop(rid, None)
                 status, error = reply[1], reply[2]
                 raise APIError(status, error["message"], type_=error["type"], param=error["param"], code=error["code"])
-            stream = Stream(self, rid, prompt_tokens=reply[1], chat=chat)
+            stream = Stream(self, rid, events, prompt_tokens=reply[1], chat=chat)
             if body.get("stream"):
                 from starlette.responses import StreamingResponse
 
@@ -233,9 +237,9 @@ class Front:
 class Stream:
     """One request's text as the engine sends it, in OpenAI's shapes."""
 
-    def __init__(self, front: Front, rid: int, *, prompt_tokens: int, chat: bool) -> None:
+    def __init__(self, front: Front, rid: int, events: asyncio.Queue, *, prompt_tokens: int, chat: bool) -> None:
         self.front, self.rid, self.chat = front, rid, chat
-        self.events = front.inbox[rid]
+        self.events = events
         self.prompt_tokens = prompt_tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
