@@ -161,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
             if kv_budget is None:  # as much as --memory-limit's default reserve keeps for the KV cache
                 batcher.kv_budget_bytes = kv_budget = RESERVE_CONTEXT * batcher.kv_per_token
             model_id = args.model_id or (engine.checkpoint.model_dir.name if args.model is not None else "expertcache-demo")
-            limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                            max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)
+            limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit)
             bridge = Bridge(engine, batcher, model_id=model_id, limits=limits, metrics=metrics)
             batcher.start()
             front, wire = _spawn_front(sock)

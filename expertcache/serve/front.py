@@ -120,6 +120,8 @@ class Front:
             reply = await q.get()
             if reply[0] == "end":  # the engine went away meanwhile
                 raise APIError(503, "the engine's process went away", type_="server_error")
+            if reply[0] == "error" and op != "submit":  # the engine's side failed to answer
+                raise APIError(reply[1], reply[2]["message"], type_="server_error")
             keep = op == "submit" and reply[0] == "accepted"  # the request's text comes to the same queue
             return rid, reply, q
         finally:
