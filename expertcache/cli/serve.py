@@ -98,6 +98,14 @@ def _spawn_front(sock: socket.socket):
     return proc, ours
 
 
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
 def _forward_signals(front) -> dict:
     """SIGTERM and SIGINT go on to the front, which drains (a second one: stops draining); when it
     exits, this process stops the batch."""
@@ -131,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         raise ExpertCacheError("expertcache serve needs starlette and uvicorn: pip install -e . installs them") from None
     from ..config import RESERVE_CONTEXT, RESERVE_WORKSPACE, parse_size
     from ..engine import Engine
-    from ..serve.bridge import Bridge, Limits
+    from ..serve.bridge import Bridge, Limits, expect
+    from ..serve.wire import Frames
     from ..serve.batcher import Batcher, batchable
     from ..serve.metrics import Metrics
     from ..serve.scheduler import make_scheduler
@@ -148,6 +157,13 @@ def run(args: argparse.Namespace) -> int:
         if not _loopback(args.host) and api_key is None:
             print(f"expertcache: warning: listening on {args.host} without --api-key: anyone who reaches this "
                   "address can use the model", file=sys.stderr)
+        front, wire = _spawn_front(sock)  # before the model loads: its memory counts against --memory-limit
+        try:
+            expect(wire, Frames(), [], "imported", 120)
+        except (EOFError, OSError) as e:
+            raise ExpertCacheError(f"the HTTP front did not start ({e}; its error, if any, is above)") from None
+        if args.memory_limit not in (None, "auto"):  # a stated limit covers both processes; auto sees the front's use
+            fixed["memory_limit"] = str(parse_size(args.memory_limit, "memory limit") - _rss(front.pid))
         with Engine(engine_config(args, **fixed)) as engine:
             max_batch = args.max_batch
             if max_batch > 1 and not batchable(engine):
@@ -164,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
             limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit)
             bridge = Bridge(engine, batcher, model_id=model_id, limits=limits, metrics=metrics)
             batcher.start()
-            front, wire = _spawn_front(sock)
             try:
                 pending = bridge.handshake(wire, {
                     "model_id": model_id, "api_key": api_key, "max_body_bytes": args.max_body_bytes,

@@ -74,14 +74,8 @@ class Bridge:
         """Sends the front its settings and waits until it listens; returns the messages that
         came with its answer."""
         wire.sendall(frame(conf))
-        wire.settimeout(timeout)
         pending: list = []
-        try:
-            first = recv_one(wire, self._frames, pending)
-        finally:
-            wire.settimeout(None)
-        if first != ("ready",):
-            raise EOFError(f"the HTTP front answered {first!r} instead of ready")
+        expect(wire, self._frames, pending, "ready", timeout)
         return pending
 
     def serve(self, wire: socket.socket, pending: list = ()) -> None:
@@ -371,3 +365,15 @@ class TextStream:
                 self.sent = len(text)
             events.append((self.rid, "end", finish, self.count))
             self.end(finish)
+
+
+def expect(wire: socket.socket, frames: Frames, pending: list, what: str, timeout: float) -> tuple:
+    """The front's next message, which must be (what,): start-up's steps."""
+    wire.settimeout(timeout)
+    try:
+        got = recv_one(wire, frames, pending)
+    finally:
+        wire.settimeout(None)
+    if got != (what,):
+        raise EOFError(f"the HTTP front said {got!r} instead of {what}")
+    return got

@@ -370,11 +370,19 @@ def _uvicorn_server():
 
 def main(argv: list[str]) -> int:
     listen_fd, wire_fd = int(argv[0]), int(argv[1])
+    import starlette.applications  # noqa: F401  everything this process will hold, before it says so
+    import starlette.requests  # noqa: F401
+    import starlette.responses  # noqa: F401
+    import starlette.routing  # noqa: F401
     import uvicorn
 
     wire = socket.socket(fileno=wire_fd)
+    wire.sendall(frame(("imported",)))  # the engine's process counts this process's memory now, then loads
     frames, pending = Frames(), []
-    conf = recv_one(wire, frames, pending)
+    try:
+        conf = recv_one(wire, frames, pending)
+    except (EOFError, OSError):  # the engine's process stopped while it loaded: nothing to serve
+        return 1
     if pending:
         raise SystemExit("expertcache serve: the engine's process sent more than its settings at start")
     listen = socket.socket(fileno=listen_fd)
