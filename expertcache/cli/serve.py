@@ -92,8 +92,10 @@ def _spawn_front(sock: socket.socket):
     import subprocess
 
     ours, theirs = socket.socketpair()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this package's, however it was found
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "expertcache.serve.front", str(sock.fileno()), str(theirs.fileno())],
-                            pass_fds=(sock.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL, start_new_session=True)
+                            pass_fds=(sock.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     theirs.close()
     return proc, ours
 
