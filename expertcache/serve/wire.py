@@ -29,7 +29,7 @@ class Frames:
             (size,) = HEADER.unpack_from(self._buf, at)
             if n - at - HEADER.size < size:
                 break
-            out.append(pickle.loads(memoryview(self._buf)[at + HEADER.size : at + HEADER.size + size]))
+            out.append(pickle.loads(self._buf[at + HEADER.size : at + HEADER.size + size]))
             at += HEADER.size + size
         del self._buf[:at]
         return out
