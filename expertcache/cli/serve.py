@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
         raise ExpertCacheError("expertcache serve needs starlette and uvicorn: pip install -e . installs them") from None
     from ..config import RESERVE_CONTEXT, RESERVE_WORKSPACE, parse_size
     from ..engine import Engine
-    from ..serve.bridge import Bridge, Limits, expect
-    from ..serve.wire import Frames
+    from ..serve.bridge import Bridge, Limits
+    from ..serve.wire import Frames, expect
     from ..serve.batcher import Batcher, batchable
     from ..serve.metrics import Metrics
     from ..serve.scheduler import make_scheduler

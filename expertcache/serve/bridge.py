@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from ..demo.settings import CHAT_TEMPLATE as FALLBACK_CHAT_TEMPLATE  # for a tokenizer without its own
 from ..engine import Engine, encode_text
 from .batcher import Batcher, QueueFull, Request
-from .front import APIError, _bad
 from .metrics import Metrics
-from .wire import Frames, frame, recv_one
+from .wire import APIError, Frames, bad, expect, frame
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +130,7 @@ class Bridge:
                 log.exception("turning tokens into text failed")
                 if not ts.done:
                     self.batcher.cancel(ts.req)
-                    events.append((ts.rid, "end", f"error: {e}", ts.count))
-                    ts.end(f"error: {e}")
+                    ts.close(f"error: {e}", events)
         if events:
             self._send("turn", events)
 
@@ -142,8 +140,10 @@ class Bridge:
         except Exception as e:  # a bug or a failing tokenizer answers 500 for this ask, not the server
             log.exception("handling %r failed", message[0])
             if message[0] in ("submit", "health", "metrics"):
-                self._send("error", message[1], 500, {"message": f"the server failed: {e}", "type": "server_error",
-                                                      "param": None, "code": None})
+                self._error(message[1], APIError(500, f"the server failed: {e}", type_="server_error"))
+
+    def _error(self, rid: int, e: APIError) -> None:
+        self._send("error", rid, e.status, e.error())
 
     def _dispatch(self, message: tuple) -> None:
         op = message[0]
@@ -152,7 +152,7 @@ class Bridge:
             try:
                 self._submit(rid, chat, body)
             except APIError as e:
-                self._send("error", rid, e.status, {"message": e.message, "type": e.type, "param": e.param, "code": e.code})
+                self._error(rid, e)
         elif op == "cancel":
             _, rid, reason = message
             ts = self.streams.get(rid)
@@ -193,7 +193,7 @@ class Bridge:
     # --- requests -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         if self.engine.tokenizer is None:
-            raise _bad("this model has no tokenizer: send the prompt as a list of token ids", "prompt")
+            raise bad("this model has no tokenizer: send the prompt as a list of token ids", "prompt")
         return encode_text(self.engine.tokenizer, text)
 
     def _completion_prompt(self, body: dict) -> list[int]:
@@ -205,44 +205,44 @@ class Bridge:
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.engine.model.get_input_embeddings().num_embeddings
             if not all(0 <= t < vocab for t in prompt):
-                raise _bad(f"token ids must be in 0..{vocab - 1}", "prompt")
+                raise bad(f"token ids must be in 0..{vocab - 1}", "prompt")
             ids = list(prompt)
         elif isinstance(prompt, list) and len(prompt) > 1:
-            raise _bad("one prompt per request: send several requests (the server batches them)", "prompt")
+            raise bad("one prompt per request: send several requests (the server batches them)", "prompt")
         else:
-            raise _bad("prompt must be a non-empty string or a list of token ids", "prompt")
+            raise bad("prompt must be a non-empty string or a list of token ids", "prompt")
         return self._bounded(ids)
 
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list of {role, content}", "messages")
+            raise bad("messages must be a non-empty list of {role, content}", "messages")
         turns = []
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _bad("each message needs a role and a content", "messages")
+                raise bad("each message needs a role and a content", "messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: their text
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                    raise _bad("only text content parts are supported", "messages")
+                    raise bad("only text content parts are supported", "messages")
                 content = "".join(p["text"] for p in content)
             if not isinstance(content, str):
-                raise _bad("each message's content must be text", "messages")
+                raise bad("each message's content must be text", "messages")
             turns.append({"role": m["role"], "content": content})
         if self.engine.tokenizer is None:
-            raise _bad("this model has no tokenizer, so no chat template: use /v1/completions with token ids", "messages")
+            raise bad("this model has no tokenizer, so no chat template: use /v1/completions with token ids", "messages")
         try:
             text = self.engine.tokenizer.apply_chat_template(turns, chat_template=self.chat_template, tokenize=False,
                                                              add_generation_prompt=True)
         except Exception as e:  # a template that rejects these turns (roles out of order, ...)
-            raise _bad(f"the chat template rejected these messages: {e}", "messages") from None
+            raise bad(f"the chat template rejected these messages: {e}", "messages") from None
         return self._bounded(self._encode(text))
 
     def _bounded(self, ids: list[int]) -> list[int]:
         if not ids:
-            raise _bad("the prompt is empty", "prompt")
+            raise bad("the prompt is empty", "prompt")
         if len(ids) > self.limits.max_prompt_tokens:
-            raise _bad(f"the prompt has {len(ids)} tokens, this server takes {self.limits.max_prompt_tokens} at most", "prompt")
+            raise bad(f"the prompt has {len(ids)} tokens, this server takes {self.limits.max_prompt_tokens} at most", "prompt")
         return ids
 
     def _sampling(self, body: dict, prompt: list[int], chat: bool) -> dict:
@@ -253,14 +253,14 @@ class Bridge:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
             if not ok or v < lo or (lo_open and v == lo) or v > hi:
                 span = f"{'(' if lo_open else '['}{lo}, {hi}]"
-                raise _bad(f"{name} must be {'a whole number' if whole else 'a number'} in {span}, got {v!r}", name)
+                raise bad(f"{name} must be {'a whole number' if whole else 'a number'} in {span}, got {v!r}", name)
             return int(v) if whole else float(v)
 
         max_key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         cap = self.limits.max_tokens
         max_tokens = number(max_key, cap if chat else min(DEFAULT_MAX_TOKENS, cap), 1, cap, whole=True)
         if self.context is not None and len(prompt) + 1 > self.context:
-            raise _bad(f"the prompt has {len(prompt)} tokens, this model's context is {self.context}", "prompt")
+            raise bad(f"the prompt has {len(prompt)} tokens, this model's context is {self.context}", "prompt")
         if self.context is not None:
             max_tokens = min(max_tokens, self.context - len(prompt))
         temperature = number("temperature", 1.0, 0.0, 2.0)
@@ -268,15 +268,15 @@ class Bridge:
         number("n", 1, 1, 1, whole=True)  # one choice per request
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _bad(f"seed must be a whole number, got {seed!r}", "seed")
+            raise bad(f"seed must be a whole number, got {seed!r}", "seed")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-            raise _bad(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
+            raise bad(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
         for name in ("echo", "logprobs", "best_of", "suffix", "tools", "functions", "logit_bias"):
             v = body.get(name)
             if v not in (None, False, {}, []) and not (name == "best_of" and v == 1):
-                raise _bad(f"{name} is not supported by this server", name)
+                raise bad(f"{name} is not supported by this server", name)
         return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop}
 
 
@@ -323,6 +323,11 @@ class TextStream:
     def emit(self, token, finish) -> None:  # the batcher's thread
         self.bridge.outbox.append((self, token, finish))
 
+    def close(self, finish: str, events: list) -> None:
+        """Ends the stream here and tells the front."""
+        events.append((self.rid, "end", finish, self.count))
+        self.end(finish)
+
     def end(self, finish: str) -> None:
         """The stream is over with `finish` (stop, length, cancelled, disconnected, error: ...), counted once."""
         if self.done:
@@ -348,8 +353,7 @@ class TextStream:
                     if at > self.sent:
                         events.append((self.rid, "piece", text[self.sent : at]))
                     self.sent = at
-                    events.append((self.rid, "end", "stop", self.count))
-                    self.end("stop")
+                    self.close("stop", events)
                     return
             safe = len(text) - max((len(s) - 1 for s in self.stop), default=0)  # may yet begin a stop sequence
             while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete character
@@ -363,17 +367,5 @@ class TextStream:
             if finish in ("stop", "length") and len(text) > self.sent:
                 events.append((self.rid, "piece", text[self.sent :]))
                 self.sent = len(text)
-            events.append((self.rid, "end", finish, self.count))
-            self.end(finish)
+            self.close(finish, events)
 
-
-def expect(wire: socket.socket, frames: Frames, pending: list, what: str, timeout: float) -> tuple:
-    """The front's next message, which must be (what,): start-up's steps."""
-    wire.settimeout(timeout)
-    try:
-        got = recv_one(wire, frames, pending)
-    finally:
-        wire.settimeout(None)
-    if got != (what,):
-        raise EOFError(f"the HTTP front said {got!r} instead of {what}")
-    return got

@@ -23,21 +23,12 @@ import sys
 import time
 import uuid
 
-from .wire import Frames, frame, recv_one
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
+from .wire import APIError, Frames, bad, frame, recv_one
 
 
 class Front:
@@ -45,10 +36,6 @@ class Front:
     text come back on the same socket and are handed to the waiting handlers."""
 
     def __init__(self, conf: dict, wire: socket.socket) -> None:
-        from starlette.applications import Starlette
-        from starlette.routing import Route
-
-        self.conf = conf
         self.model_id, self.api_key = conf["model_id"], conf["api_key"]
         self.max_body_bytes, self.request_timeout = conf["max_body_bytes"], conf["request_timeout"]
         self.created = int(time.time())
@@ -121,7 +108,7 @@ class Front:
             if reply[0] == "end":  # the engine went away meanwhile
                 raise APIError(503, "the engine's process went away", type_="server_error")
             if reply[0] == "error" and op != "submit":  # the engine's side failed to answer
-                raise APIError(reply[1], reply[2]["message"], type_="server_error")
+                raise APIError.of(reply[1], reply[2])
             keep = op == "submit" and reply[0] == "accepted"  # the request's text comes to the same queue
             return rid, reply, q
         finally:
@@ -129,18 +116,12 @@ class Front:
                 self.inbox.pop(rid, None)
 
     # --- plumbing -----------------------------------------------------------------------------
-    @staticmethod
-    def _json(obj, status: int = 200):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse(obj, status_code=status)
-
     async def _not_found(self, request, exc):
-        return self._json(APIError(404, f"no route {request.url.path}: see /v1/models, /v1/completions, /v1/chat/completions",
-                                   type_="not_found_error").body(), 404)
+        return JSONResponse(APIError(404, f"no route {request.url.path}: see /v1/models, /v1/completions, /v1/chat/completions",
+                                     type_="not_found_error").body(), 404)
 
     async def _not_allowed(self, request, exc):
-        return self._json(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(), 405)
+        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(), 405)
 
     def _authorize(self, request) -> None:
         if self.api_key is None:
@@ -155,30 +136,27 @@ class Front:
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _bad(f"the request body has {declared} bytes, more than this server takes ({limit})")
+            raise bad(f"the request body has {declared} bytes, more than this server takes ({limit})")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _bad(f"the request body is larger than this server takes ({limit} bytes)")
+                raise bad(f"the request body is larger than this server takes ({limit} bytes)")
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks) or b"null")
         except (ValueError, UnicodeDecodeError):
-            raise _bad("the request body is not valid JSON") from None
+            raise bad("the request body is not valid JSON") from None
         if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object")
+            raise bad("the request body must be a JSON object")
         return body
 
     async def _guard(self, endpoint: str, request, handler):
-        from starlette.requests import ClientDisconnect
-        from starlette.responses import Response
-
         try:
             self._authorize(request)
             response = await handler(request)
         except APIError as e:
-            response = self._json(e.body(), e.status)
+            response = JSONResponse(e.body(), e.status)
         except ClientDisconnect:
             response = Response(status_code=499)
         self.send("count", endpoint, response.status_code)
@@ -189,12 +167,10 @@ class Front:
         try:
             _, (_, status, payload), _ = await self.call("health")
         except APIError as e:
-            return self._json({"status": "error", "error": e.message}, 503)
-        return self._json(payload, status)
+            return JSONResponse({"status": "error", "error": e.message}, 503)
+        return JSONResponse(payload, status)
 
     async def metrics(self, request):
-        from starlette.responses import PlainTextResponse
-
         async def render(request):
             _, (_, _, text), _ = await self.call("metrics")
             return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -203,7 +179,7 @@ class Front:
 
     async def models(self, request):
         async def listing(request):
-            return self._json({"object": "list", "data": [
+            return JSONResponse({"object": "list", "data": [
                 {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "expertcache"}]})
 
         return await self._guard("/v1/models", request, listing)
@@ -218,15 +194,12 @@ class Front:
         async def handle(request):
             body = await self._body(request)
             if body.get("stream") not in (None, True, False):
-                raise _bad("stream must be true or false", "stream")
+                raise bad("stream must be true or false", "stream")
             rid, reply, events = await self.call("submit", chat, body)
             if reply[0] == "error":  # the prompt or a parameter was refused, or the queue is full
-                status, error = reply[1], reply[2]
-                raise APIError(status, error["message"], type_=error["type"], param=error["param"], code=error["code"])
+                raise APIError.of(reply[1], reply[2])
             stream = Stream(self, rid, events, prompt_tokens=reply[1], chat=chat)
             if body.get("stream"):
-                from starlette.responses import StreamingResponse
-
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
                 return StreamingResponse(stream.sse(include_usage), media_type="text/event-stream",
@@ -311,8 +284,6 @@ class Stream:
             self._close("disconnected")
 
     async def whole(self, http):
-        from starlette.responses import Response
-
         pieces: list[str] = []
         gen = self.deltas()
         watcher = asyncio.ensure_future(_disconnected(http))
@@ -341,7 +312,7 @@ class Stream:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             obj = "text_completion"
-        return Front._json({"id": self.id, "object": obj, "created": self.created, "model": self.front.model_id,
+        return JSONResponse({"id": self.id, "object": obj, "created": self.created, "model": self.front.model_id,
                             "choices": [choice], "usage": self.usage()})
 
 
@@ -370,11 +341,7 @@ def _uvicorn_server():
 
 def main(argv: list[str]) -> int:
     listen_fd, wire_fd = int(argv[0]), int(argv[1])
-    import starlette.applications  # noqa: F401  everything this process will hold, before it says so
-    import starlette.requests  # noqa: F401
-    import starlette.responses  # noqa: F401
-    import starlette.routing  # noqa: F401
-    import uvicorn
+    import uvicorn  # with starlette above: everything this process will hold, before it says so
 
     wire = socket.socket(fileno=wire_fd)
     wire.sendall(frame(("imported",)))  # the engine's process counts this process's memory now, then loads
