@@ -7,6 +7,7 @@ import ipaddress
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 from ..errors import ExpertCacheError
@@ -89,8 +90,6 @@ def _spawn_front(sock: socket.socket):
     """The HTTP front in its own process (`serve/front.py`), on the listening socket, joined to
     this one by a private socket pair; its own session, so a terminal's Ctrl-C reaches this
     process alone, which passes it on once."""
-    import subprocess
-
     ours, theirs = socket.socketpair()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this package's, however it was found
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -124,8 +123,6 @@ def _restore(old: dict) -> None:
 
 
 def _reap(front, timeout: float = 30.0) -> int:
-    import subprocess
-
     try:
         return front.wait(timeout)
     except subprocess.TimeoutExpired:

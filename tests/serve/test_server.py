@@ -349,19 +349,24 @@ def test_the_front_is_its_own_process_without_torch():
     assert rc == 1 and "HTTP front was killed" in err and err.count("\n") == 1, err
 
 
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_the_front_exits_when_the_engine_dies():
     s = start()
     engine, front = s.pids()
     os.kill(engine, signal.SIGKILL)
     s.proc.wait(timeout=60)
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{front}") and time.monotonic() < deadline:
-        with open(f"/proc/{front}/stat") as f:
-            if f.read().split(")")[-1].split()[0] == "Z":  # exited, waiting for init to reap it
-                break
+    while _running(front) and time.monotonic() < deadline:
         time.sleep(0.05)
-    gone = not os.path.exists(f"/proc/{front}") or open(f"/proc/{front}/stat").read().split(")")[-1].split()[0] == "Z"
-    assert gone, "the front outlived the engine's process"
+    assert not _running(front), "the front outlived the engine's process"
 
 
 def test_a_taken_port_is_one_line():
