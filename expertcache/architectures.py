@@ -197,12 +197,17 @@ def shared_expert_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor | No
 def build_model(config, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None,
                 family: Family | None = None) -> nn.Module:
     """The transformers causal LM of `config` on the meta device: modules and shapes, no memory.
-    A family whose experts stand outside the interface gets its stand-in (STAND_INS)."""
-    from transformers import AutoModelForCausalLM
+    A family whose experts stand outside the interface gets its stand-in (STAND_INS). A config
+    the engine read itself (native.NativeConfig) builds the engine's own model (native.py)."""
+    from . import native
 
     kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     try:
         with torch.device("meta"):
+            if isinstance(config, native.NativeConfig):
+                return native.build(config, dtype)
+            from transformers import AutoModelForCausalLM
+
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     except Exception as e:  # a config transformers accepted but cannot build from (unknown activation, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

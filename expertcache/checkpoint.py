@@ -21,6 +21,7 @@ from . import headers
 from .errors import CheckpointError
 from .families import text_prefix
 from .ids import ExpertId
+from .native import read_config as read_native_config
 from .qformat import SUFFIXES, Scheme, SchemeError, read_schemes
 from .quant import QuantExperts, dequantize
 
@@ -70,8 +71,11 @@ def read_tensors(model_dir: Path) -> dict[str, TensorRef]:
     return {name: TensorRef(e.path, e.offset, e.nbytes, e.shape, DTYPES[e.dtype]) for name, e in headers.read_tensors(model_dir).items()}
 
 
-def load_config(model_dir: Path):
-    """The transformers config of a checkpoint directory, or a one-line error."""
+def load_config(model_dir: Path, native: bool = False):
+    """The transformers config of a checkpoint directory, or a one-line error; `native`: the
+    engine's own reading of it where the engine builds the model itself (native.py)."""
+    if native and (config := read_native_config(model_dir)) is not None:
+        return config
     from transformers import AutoConfig
 
     model_type = headers.read_config_json(model_dir)["model_type"]
@@ -105,9 +109,11 @@ class Checkpoint:
     dense_quantized: dict[str, QuantizedWeight] | None = None  # dense weights stored quantized, by weight name
 
     @classmethod
-    def open(cls, model_dir: str | os.PathLike) -> "Checkpoint":
+    def open(cls, model_dir: str | os.PathLike, native: bool = False) -> "Checkpoint":
+        """`native`: the model is the engine's own where native.py writes its family out (the
+        config read without transformers), else transformers'."""
         model_dir = Path(model_dir)
-        config = load_config(model_dir)
+        config = load_config(model_dir, native)
         family = family_for(config)
         try:
             model = build_model(config, family=family)

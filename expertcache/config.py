@@ -124,6 +124,10 @@ class EngineConfig:
     decode_step: str = option("lean", "one-token decode steps: lean (the model's own operations and bits, its layers walked by "
                                       "expertcache without transformers' module calls: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5) or transformers "
                                       "(the model's forward; other families always)", choices=DECODE_STEPS)
+    model_build: str = option("native", "who builds the model: native (expertcache's own modules for Mixtral and Qwen3-MoE, "
+                                        "transformers' operations and bits without importing transformers: ~150 MB less memory; "
+                                        "other families, rope scaling, sliding windows, --decode-step transformers and "
+                                        "--half-matmul float32 use transformers') or transformers", choices=("native", "transformers"))
     miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "
                                          "steps a miss loads that copy's expert, a smaller read, and the full one is read over it at the "
                                          "lowest priority, when the link is idle (HOBBIT's mixed precision); lossy: measure it with "
@@ -154,6 +158,8 @@ class EngineConfig:
             raise ExpertCacheError(f"unknown half_matmul {self.half_matmul!r}: choose one of {', '.join(HALF_MATMUL)}")
         if self.decode_step not in DECODE_STEPS:
             raise ExpertCacheError(f"unknown decode_step {self.decode_step!r}: choose one of {', '.join(DECODE_STEPS)}")
+        if self.model_build not in ("native", "transformers"):
+            raise ExpertCacheError(f"unknown model_build {self.model_build!r}: choose native or transformers")
         if self.io not in IO_MODES:
             raise ExpertCacheError(f"unknown io {self.io!r}: choose one of {', '.join(IO_MODES)}")
         for name, low in (("io_threads", 1), ("prefetch_depth", 1), ("cache_max_rank", 1), ("cache_protect_top", 0)):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import experts, gemm, lean
+from . import experts, gemm, lean, native
 from .architectures import build_model, child, shared_expert_output
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
@@ -72,7 +72,8 @@ def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    experts.register()
+    if not isinstance(ckpt.config, native.NativeConfig):
+        experts.register()
     model = build_model(ckpt.config, dtype=dtype, experts_implementation=experts.IMPLEMENTATION, family=ckpt.family)
     for site in ckpt.sites.values():  # the cache serves these: never allocated
         module = model.get_submodule(site.path)
@@ -87,7 +88,7 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
               if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Linear) and kernel_for(q.scheme, q.shape) == NATIVE}
     for name in packed:  # dense weights kept quantized (quantize --dense int8): never allocated in the dtype
         model.get_submodule(name.rsplit(".", 1)[0]).register_parameter("weight", None)
-    model = model.to_empty(device="cpu")
+    model = _empty_on_cpu(model) if isinstance(model, native.CausalLM) else model.to_empty(device="cpu")
     dense = ckpt.load_dense(packed=packed)
     for name in packed:
         path = name.rsplit(".", 1)[0]
@@ -113,6 +114,19 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def _empty_on_cpu(model: nn.Module) -> nn.Module:
+    """to_empty(device="cpu") by torch.empty of each meta tensor's shape (to_empty's empty_like on
+    the meta device runs torch's Python reference, which imports sympy: ~30 MB)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return model
+
+
 class Engine:
     """A loaded model whose experts live in a bounded cache fed from disk."""
 
@@ -121,7 +135,8 @@ class Engine:
         torch.set_num_threads(config.threads())
         t0 = time.perf_counter()
         model_dir = Path(config.model) if config.model is not None else demo_model_dir()
-        self.checkpoint = ckpt = Checkpoint.open(model_dir)
+        self.checkpoint = ckpt = Checkpoint.open(model_dir, native=config.model_build == "native" and config.half_matmul != "float32"
+                                                 and config.decode_step == "lean")
         dtype = _dtype(config.dtype) if config.dtype else ckpt.dtype
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
         limit = None if config.memory_limit in (None, "auto") else parse_size(config.memory_limit, "memory limit")
@@ -329,6 +344,7 @@ class Engine:
         s["half_matmul"] = self.config.half_matmul
         s["half_kernel"] = gemm.kernel_name(self.model.dtype)  # which code computes bf16/fp16 products
         s["decode_step"] = self.decode_step
+        s["model_build"] = "native" if isinstance(self.checkpoint.config, native.NativeConfig) else "transformers"
         s["load_seconds"] = self.load_seconds
         s["layers"] = layers
         return s

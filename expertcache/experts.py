@@ -90,7 +90,10 @@ def _transformers_silu(cls: type) -> bool:
 
 @functools.cache
 def _default_gate(cls: type) -> bool:
-    """Whether an experts class gates as transformers' default does: act(gate) * up."""
+    """Whether an experts class gates as transformers' default does: act(gate) * up (the engine's
+    own experts class says so itself: native.Experts)."""
+    if getattr(cls, "expertcache_default_gate", False):
+        return True
     from transformers.integrations.moe import _default_apply_gate
 
     return getattr(cls, "_apply_gate", None) is _default_apply_gate

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemm
+from . import gemm, native
 from .config import AMX_ROWS
 from .experts import ExpertsRuntime
 
@@ -136,13 +136,11 @@ class _ChunkState:
     __slots__ = ("chunk", "h", "pos", "cos_sin", "mask", "norm")
 
     def __init__(self, decoder: LeanDecoder, chunk: Chunk) -> None:
-        from transformers.masking_utils import create_causal_mask
-
         self.chunk, self.norm = chunk, decoder._norm
         self.h = decoder.embed.forward(torch.tensor(chunk.tokens))  # [T, H]
         self.pos = torch.arange(chunk.start, chunk.start + len(chunk.tokens))[None]  # [1, T]
         self.cos_sin = decoder.rotary.forward(self.h[None], self.pos)
-        self.mask = create_causal_mask(config=decoder.model.config, inputs_embeds=self.h[None], attention_mask=None,
+        self.mask = decoder.causal_mask(config=decoder.model.config, inputs_embeds=self.h[None], attention_mask=None,
                                        past_key_values=chunk.past, position_ids=self.pos)
 
     def attention(self, L: _Layer) -> torch.Tensor:
@@ -162,6 +160,8 @@ def why_not(model: nn.Module, upcast: bool) -> str | None:
         return f"model type {kind!r} is not one the lean step writes out ({', '.join(FAMILIES)})"
     if upcast:
         return "half_matmul=float32 replaces the attention"
+    if isinstance(model, native.CausalLM):
+        return None  # the engine's own modules (native.py): full attention, the default rope, sdpa
     if type(model).__name__ != names[0]:
         return f"{type(model).__name__} is not {names[0]}"
     if getattr(config, "_attn_implementation", None) != "sdpa":
@@ -195,7 +195,8 @@ class LeanDecoder:
         self.layers: list[_Layer] = []
         for i, layer in enumerate(base.layers):
             a, mlp = layer.self_attn, layer.mlp
-            moe = block_name is not None and type(mlp).__name__ == block_name and id(mlp.experts) in sparse
+            moe = (isinstance(mlp, native.SparseMoeBlock) if isinstance(model, native.CausalLM)
+                   else block_name is not None and type(mlp).__name__ == block_name) and id(mlp.experts) in sparse
             self.layers.append(_Layer(
                 i, layer.input_layernorm, a, _Product(a.q_proj, a.k_proj, a.v_proj), _Product(a.o_proj), getattr(a, "q_norm", None),
                 getattr(a, "k_norm", None), layer.post_attention_layernorm, mlp, sparse[id(mlp.experts)] if moe else None,
@@ -209,9 +210,15 @@ class LeanDecoder:
         for L in self.layers:
             self._watched += [m for m in (base.layers[L.index], L.norm1, L.attn, *L.qkv.modules, *L.o.modules, L.q_norm,
                                           L.k_norm, L.norm2, L.mlp, L.router, L.experts) if m is not None]
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        self.native = isinstance(model, native.CausalLM)
+        if self.native:
+            self._cache_types, self.new_cache, self.causal_mask = (native.KVCache, native.KVLayer), model.new_cache, _native_mask
+        else:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+            from transformers.masking_utils import create_causal_mask
 
-        self._cache_types = (DynamicCache, DynamicLayer)
+            self._cache_types, self.causal_mask = (DynamicCache, DynamicLayer), create_causal_mask
+            self.new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
         self._own_hooks = frozenset(h.id for h in runtime._hooks)  # the runtime's, installed at bind, before this
         self._rms_chain = all(_is_rms_chain(m) for m in self._norms())
         for L in self.layers:
@@ -293,10 +300,8 @@ class LeanDecoder:
             if n == 1 and attention_mask is None:
                 cos, sin = self._cos_sin(h, positions[0], pos)
             else:
-                from transformers.masking_utils import create_causal_mask
-
                 cos, sin = self.rotary.forward(h[:, None], pos)  # [B, 1, d]
-                mask = create_causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
+                mask = self.causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
                                           past_key_values=past, position_ids=pos)
             norm = self._norm
             one = (direct and mask is None and n == 1 and not parts and not getattr(past, "offloading", False)
@@ -368,6 +373,8 @@ class LeanDecoder:
             k, v = past.update(k, v, a.layer_idx)
         if L.sdpa is not None and mask is None and n == 1:  # transformers' sdpa_attention_forward for this case, written out
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=a.scaling, is_causal=False, **L.sdpa)
+        elif self.native:
+            out = native.sdpa_attention(a, q, k, v, mask, a.scaling)
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -382,6 +389,12 @@ class LeanDecoder:
         rt = self.runtime
         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
         return rt.forward(L.experts, L.sparse, x, ids, weights)
+
+
+def _native_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values,
+                 position_ids: torch.Tensor) -> torch.Tensor | None:
+    """native.causal_mask under create_causal_mask's keywords."""
+    return native.causal_mask(inputs_embeds, attention_mask, past_key_values, position_ids)
 
 
 def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,7 +475,10 @@ def _sdpa_keywords(attn: nn.Module) -> dict | None:
     """What transformers' sdpa_attention_forward adds to torch's call for one query, no mask, on
     this CPU: enable_gqa where key heads are shared and it would pass it; {} without shared heads;
     None where it would reshape instead (pack_gqa: its own function is called then)."""
-    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    if isinstance(attn, native.Attention):
+        use_gqa_in_sdpa = native.use_gqa_in_sdpa
+    else:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 
     groups = getattr(attn, "num_key_value_groups", 1)
     if groups <= 1:

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from .. import native
 from ..decoding import LEAN_ATTR, Decoding
 from ..lean import ROOM_ATTR, ROOM_LIMIT_ATTR, Chunk, room_positions
 from ..engine import Engine, _eos_ids, _kv_bytes_per_token, _pick
@@ -96,7 +96,7 @@ class Batcher:
         self.waiting: deque[Request] = deque()
         self.admitting: deque[Request] = deque()  # admitted, prompt going in (oldest first)
         self.rows: list[Request] = []  # the running batch, a row each
-        self.past = None  # the batch's KV cache (transformers DynamicCache)
+        self.past = None  # the batch's KV cache (transformers' DynamicCache or native.KVCache)
         self.mask: torch.Tensor | None = None  # [B, S] 1 = a real position, 0 = left padding
         self._cond = threading.Condition()
         self._stop = False
@@ -390,11 +390,11 @@ class Batcher:
         ids = torch.tensor([[r.out[-1]] for r in rows])
         pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
         mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        lean = self.model.__dict__.get(LEAN_ATTR)
         parts = [Chunk(r.prompt[r.fed : r.fed + n], r.fed, r.decoding.past if r.decoding.past is not None
-                       else DynamicCache(config=self.model.config), r.fed + n == len(r.prompt)) for r, n in chunks]
+                       else lean.new_cache(), r.fed + n == len(r.prompt)) for r, n in chunks]
         self.feeding = [r.out[-1] for r in rows] + [t for c in parts for t in c.tokens]
         self._bind(rows)
-        lean = self.model.__dict__.get(LEAN_ATTR)
         self.engine.runtime.row_blocks = len(rows) + len(parts) > 1  # several requests: a batch's rounding
         ends: list[torch.Tensor | None] = []  # the chunks' last logits (lean.mixed)
         try:
@@ -475,7 +475,9 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 def batchable(engine: Engine) -> bool:
     """Whether the model's KV cache is plain per-layer keys and values (transformers' DynamicLayer)
     that rows can be padded and stacked in; other caches (sliding windows, linear attention) run
-    one request at a time."""
+    one request at a time. The engine's own models (native.py) keep such a cache."""
+    if isinstance(engine.model, native.CausalLM):
+        return True
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     try:

@@ -1,0 +1,143 @@
+"""The engine's own Mixtral and Qwen3-MoE (native.py) against transformers' models.
+
+Same checkpoint, same weights: the native model's logits equal transformers' bit for bit for a
+prompt, a prompt's next chunk on its cache, a left-padded batch and a decode step; its config reads
+as transformers' does; configs it does not write out go to transformers; an engine on a native
+family never imports transformers (a fresh process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertcache import native
+from expertcache.checkpoint import Checkpoint, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = {
+    "mixtral": dict(num_experts=8, top_k=2),
+    "qwen3_moe": dict(num_experts=8, top_k=2, norm_topk_prob=True, num_layers=4, mlp_only_layers=[1], tie_word_embeddings=True),
+    "qwen3_moe-bf16": dict(num_experts=8, top_k=2, norm_topk_prob=False, dtype=torch.bfloat16),
+    "mixtral-bf16": dict(num_experts=8, top_k=2, dtype=torch.bfloat16),
+}
+
+
+def _models(model_dir: Path):
+    """transformers' model and the native one, the same weights in each."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, experts_implementation="eager").eval()
+    config = native.read_config(model_dir)
+    assert config is not None, "a plain checkpoint of a native family must build natively"
+    mine = native.build(config, ref.dtype)
+    state = ref.state_dict()
+    missing = mine.load_state_dict({k: v for k, v in state.items() if k in dict(mine.named_parameters())}, strict=False)
+    assert not [k for k in missing.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if config.tie_word_embeddings:
+        mine.tie_weights()
+    mine.eval()
+    return ref, mine
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a, b), f"max difference {(a.float() - b.float()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_model_computes_transformers_bits(case, checkpoint):
+    family = case.split("-")[0]
+    ref, mine = _models(checkpoint(family, **CASES[case]))
+    g = torch.Generator().manual_seed(0)
+    vocab = ref.config.vocab_size
+    ids = torch.randint(3, vocab, (1, 24), generator=g)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids[:, :16], use_cache=True), mine(input_ids=ids[:, :16], use_cache=True)
+        _same(a.logits, b.logits)  # a prompt (is_causal, no mask)
+        pos = torch.arange(16, 24)[None]
+        a2 = ref(input_ids=ids[:, 16:], position_ids=pos, past_key_values=a.past_key_values, use_cache=True)
+        b2 = mine(input_ids=ids[:, 16:], position_ids=pos, past_key_values=b.past_key_values, use_cache=True)
+        _same(a2.logits, b2.logits)  # its next chunk on the cache (a boolean causal mask)
+        for la, lb in zip(a2.past_key_values.layers, b2.past_key_values.layers):
+            _same(la.keys, lb.keys)
+            _same(la.values, lb.values)
+        step = torch.tensor([[5]])
+        a3 = ref(input_ids=step, position_ids=torch.tensor([[24]]), past_key_values=a2.past_key_values, logits_to_keep=1)
+        b3 = mine(input_ids=step, position_ids=torch.tensor([[24]]), past_key_values=b2.past_key_values, logits_to_keep=1)
+        _same(a3.logits, b3.logits)  # a decode step
+        # a left-padded batch of two prompts, as the server's batcher feeds them
+        batch = torch.randint(3, vocab, (2, 10), generator=g)
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[1, :4] = 0
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        _same(ref(input_ids=batch, attention_mask=mask, position_ids=pos).logits,
+              mine(input_ids=batch, attention_mask=mask, position_ids=pos).logits)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_native_config_reads_as_transformers(case, checkpoint):
+    model_dir = checkpoint(case, **CASES[case])
+    theirs, ours = load_config(model_dir), load_config(model_dir, native=True)
+    assert isinstance(ours, native.NativeConfig) and not isinstance(theirs, native.NativeConfig)
+    for name in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "num_experts_per_tok", "num_local_experts",
+                 "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "dtype"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert native.head_dim(ours) == native.head_dim(theirs)
+    assert Checkpoint.open(model_dir, native=True).sparse_layers == Checkpoint.open(model_dir).sparse_layers
+
+
+@pytest.mark.parametrize("change", [
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}},
+    {"sliding_window": 16},
+    {"hidden_act": "gelu"},
+    {"architectures": ["SomethingElse"]},
+])
+def test_configs_it_does_not_write_out_go_to_transformers(change):
+    raw = {"model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64}
+    assert native.config_for(raw) is not None
+    assert native.config_for({**raw, **change}) is None
+    assert native.config_for({**raw, "model_type": "qwen2_moe"}) is None
+
+
+def test_engine_on_a_native_family_never_imports_transformers(checkpoint):
+    model_dir = checkpoint("mixtral", **CASES["mixtral"])
+    code = ("import sys, expertcache\n"
+            f"eng = expertcache.load({str(model_dir)!r}, expert_budget='50%')\n"
+            "out = eng.generate([5, 6, 7, 8], max_new_tokens=4, stop_at_eos=False)\n"
+            "print(eng.stats()['model_build'], eng.decode_step, len(out.token_ids), 'transformers' in sys.modules,"
+            " 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["native", "lean", "4", "False", "False", "False"]
+
+
+def test_model_build_transformers_still_builds_theirs(checkpoint):
+    import expertcache
+
+    model_dir = checkpoint("mixtral", **CASES["mixtral"])
+    prompt = [5, 6, 7, 8, 9, 10]
+    outs = {}
+    for build in ("native", "transformers"):
+        with expertcache.load(model_dir, expert_budget="50%", model_build=build) as eng:
+            assert eng.stats()["model_build"] == build
+            assert isinstance(eng.model, native.CausalLM) == (build == "native")
+            outs[build] = eng.generate(prompt, max_new_tokens=8, stop_at_eos=False).token_ids
+    assert outs["native"] == outs["transformers"]
+
+
+def test_a_config_json_with_rope_theta_at_top_level():
+    """Older checkpoints keep rope_theta at the top: it becomes rope_parameters, as transformers reads it."""
+    raw = json.loads(json.dumps({"model_type": "qwen3_moe", "rope_theta": 5e5, "num_experts": 4}))
+    c = native.config_for(raw)
+    assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
+    assert c.num_local_experts == c.num_experts == 4
