@@ -7,7 +7,7 @@ calls each projection's and router's own forward directly, takes RMSNorms and th
 as gemm's exact chains (one kernel call each where it can), writes attention out as the family
 does (sdpa, no mask: what one query without padding gets), and sends experts through the runtime
 as transformers' interface would: the same bits (tests/core/test_lean.py). It runs only where no
-hook but the engine's watches a bypassed module and the cache is transformers' DynamicCache;
+hook but the engine's watches a bypassed module and the cache is transformers' DynamicCache (or native.KVCache);
 otherwise the step is the model's forward.
 """
 
