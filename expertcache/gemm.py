@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import AMX_MAX_INPUTS, AMX_MIN_INPUTS, AMX_ROWS, KERNEL_ROWS, UPCAST_ROWS
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _upcast(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype == w.dtype and x.numel() >= UPCAST_ROWS * x.shape[-1] and slow_half(x.dtype)
 
 
-@functools.cache
+@kernels.remembered
 def exact_kernel(dtype: torch.dtype) -> bool:
     """Whether expertcache's emm gives torch's own bits for `dtype` products here: a slow half type,
     torch running its AVX2 code (the order emm mirrors), the kernel built, and random products
@@ -86,7 +87,7 @@ def _cpu_flag(name: str) -> bool:
         return False
 
 
-@functools.cache
+@kernels.remembered
 def amx_kernel(dtype: torch.dtype) -> bool:
     """Whether expertcache's amm gives torch's own bits for `dtype` products here: bf16 on a CPU
     whose bf16 GEMM is oneDNN's (a native one) and that has AMX, the kernel built, and random
@@ -146,7 +147,7 @@ def combine_half_chain(ys: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     return contrib.sum(dim=1)
 
 
-@functools.cache
+@kernels.remembered
 def half_combine() -> bool:
     """Whether expertcache's combine gives combine_half_chain's bits for bf16 outputs and weights,
     1 to 8 of them (torch's sum over k in float32, in slot order, rounded once): checked at first
@@ -165,7 +166,7 @@ def half_combine() -> bool:
     return True
 
 
-@functools.cache
+@kernels.remembered
 def tail_kernels() -> bool:
     """Whether expertcache's rms_tail, rotary and combine give the bits of the chains above here
     (bf16): built, and checked at first use on random inputs with lengths that leave tails (so a

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -93,3 +94,65 @@ def available() -> bool:
     """Whether torch.ops.expertcache.qmm can run (built now if need be)."""
     with _lock:
         return _build()
+
+
+VERDICTS = "verdicts.json"  # in the build's folder: the answers of remembered checks, by check and machine
+
+
+def remembered(check):
+    """functools.cache for a check that a kernel gives torch's bits here, whose answer also outlives
+    the process: kept beside the build (so a new source, flags, torch or Python start afresh), keyed
+    by the check, its arguments and the machine (CPU model and flags, torch's CPU capability,
+    oneDNN's and ATen's environment). The same build on the same machine gives the same answer,
+    so only a first load runs the checks: their random inputs and first products cost a load
+    ~10 MiB of memory that stays (docs/memory.md). Without the kernels the check runs (and says no)."""
+
+    @functools.cache
+    def wrapper(*args):
+        if not available():
+            return check(*args)
+        key = f"{check.__module__}.{check.__qualname__}{args!r}@{_machine()}"
+        path = build_dir(_name()) / VERDICTS
+        known = _read_verdicts(path)
+        if isinstance(known.get(key), bool):
+            return known[key]
+        ok = bool(check(*args))
+        _write_verdict(path, key, ok)
+        return ok
+
+    wrapper.__wrapped__, wrapper.__doc__ = check, check.__doc__
+    return wrapper
+
+
+@functools.cache
+def _machine() -> str:
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_", "ATEN_CPU_CAPABILITY")))
+    key = repr((lines, torch.__version__, torch.backends.cpu.get_cpu_capability(), env)).encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def _read_verdicts(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_verdict(path: Path, key: str, ok: bool) -> None:
+    """Add one answer, written whole and renamed into place (a reader never sees half a file; two
+    writers at once may lose one answer, asked again next time). A read-only folder keeps none."""
+    known = {**_read_verdicts(path), key: ok}
+    tmp = path.with_name(f"{VERDICTS}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -209,6 +209,33 @@ def test_linear_pair_is_two_linears():
     assert torch.equal(ya, F.linear(many.float(), a.float()).bfloat16())
 
 
+def test_a_remembered_check_runs_once_per_build_and_machine(tmp_path, monkeypatch):
+    """A kernel check's answer is kept beside the build: a new process reads it back instead of
+    running the check again; another machine, or a file that cannot be read, runs it again."""
+    if not kernels.available():
+        pytest.skip("expertcache's kernels are not built here: checks run and say no, nothing is kept")
+    monkeypatch.setattr(kernels, "build_dir", lambda name: tmp_path)
+    calls = []
+
+    def check(x):
+        calls.append(x)
+        return x > 0
+
+    first = kernels.remembered(check)
+    assert first(1) and not first(-1) and first(1)
+    assert calls == [1, -1]  # once each in the process
+    again = kernels.remembered(check)  # as a new process would
+    assert again(1) and not again(-1)
+    assert calls == [1, -1], "a kept answer was asked again"
+    assert again.__wrapped__ is check
+    monkeypatch.setattr(kernels, "_machine", lambda: "another machine")
+    assert kernels.remembered(check)(1) and calls == [1, -1, 1]
+    (tmp_path / kernels.VERDICTS).write_text("{half a file")
+    assert kernels.remembered(check)(1) and calls == [1, -1, 1, 1]
+    monkeypatch.setattr(kernels, "_build", lambda: False)  # no kernels: the check itself, every time
+    assert kernels.remembered(check)(1) and calls == [1, -1, 1, 1, 1]
+
+
 amx = pytest.mark.skipif(not gemm.amx_kernel(torch.bfloat16),
                          reason="no AMX-BF16 here, or torch's bf16 GEMM is not oneDNN's AMX kernel: amm is not used")
 
