@@ -35,6 +35,7 @@ from .predictors import NoPredictor, make_predictor
 from .routing import RoutingPolicy, make_routing
 from .stats import Stats, current_rss_bytes, peak_rss_bytes
 from .store import ExpertStore, _round_up
+from .tokenizer import load as load_plain_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +525,9 @@ def _pick(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p: floa
 def _load_tokenizer(model_dir: Path):
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         return None
+    plain = load_plain_tokenizer(model_dir)  # a plain fast tokenizer: the tokenizers library, no transformers import
+    if plain is not None:
+        return plain
     from transformers import AutoTokenizer
 
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..demo.settings import CHAT_TEMPLATE as FALLBACK_CHAT_TEMPLATE  # for a tokenizer without its own
 from ..engine import Engine, encode_text
+from ..tokenizer import FastTokenizer
 from .batcher import Batcher, QueueFull, Request
 from .metrics import Metrics
 from .wire import APIError, Frames, bad, expect, frame
@@ -50,6 +51,8 @@ class Bridge:
         self.context = context
         tok = engine.tokenizer
         self.chat_template = (getattr(tok, "chat_template", None) or FALLBACK_CHAT_TEMPLATE) if tok is not None else None
+        if isinstance(tok, FastTokenizer):  # chat templates render through transformers' tokenizer: loaded now, not
+            tok.transformers_tokenizer()  # in the first chat request (~0.8 s, as the engine loaded it before)
         self.streams: dict[int, TextStream] = {}  # request id -> its stream
         self.outbox: deque = deque()  # (stream, token, finish) from the batcher's thread
         self.wire: socket.socket | None = None
