@@ -1,4 +1,4 @@
-"""Mixtral and Qwen3-MoE built by the engine itself, without importing transformers.
+"""Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE built by the engine itself, without importing transformers.
 
 transformers' modelling import costs ~150 MB of memory before any weight (it loads torch._dynamo,
 sympy and scipy at import), more than the rest of the engine's fixed cost. For the families whose
@@ -34,8 +34,20 @@ DEFAULTS = {
                       sliding_window=4096, attention_dropout=0.0, decoder_sparse_step=1, moe_intermediate_size=768,
                       num_experts_per_tok=8, num_local_experts=128, norm_topk_prob=False, output_router_logits=False,
                       router_aux_loss_coef=0.001, mlp_only_layers=None, pad_token_id=None, bos_token_id=None, eos_token_id=None),
+    "qwen2_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                      num_key_value_heads=16, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, use_cache=True,
+                      tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False, sliding_window=4096,
+                      max_window_layers=28, attention_dropout=0.0, decoder_sparse_step=1, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_local_experts=60, norm_topk_prob=False,
+                      output_router_logits=False, router_aux_loss_coef=0.001, mlp_only_layers=None, qkv_bias=True,
+                      layer_types=None, pad_token_id=None, bos_token_id=None, eos_token_id=None),
+    "olmoe": dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=None, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5, use_cache=True,
+                  pad_token_id=1, bos_token_id=None, eos_token_id=50279, tie_word_embeddings=False, rope_theta=10000.0,
+                  attention_bias=False, attention_dropout=0.0, clip_qkv=None, num_experts_per_tok=8, num_local_experts=64,
+                  output_router_logits=False, router_aux_loss_coef=0.01, norm_topk_prob=False),
 }
-ALIASES = {"num_experts": "num_local_experts"}  # both families' attribute_map
+ALIASES = {"num_experts": "num_local_experts"}  # kept under one name here, readable under both (NativeConfig.num_experts)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -58,6 +70,12 @@ class NativeConfig:
         if kind == "qwen3_moe":
             values["sliding_window"] = values["sliding_window"] if values["use_sliding_window"] else None
             values["mlp_only_layers"] = values["mlp_only_layers"] or []
+        if kind == "qwen2_moe":  # as its config's __post_init__: a window of 0 and every layer full unless use_sliding_window
+            values["sliding_window"] = values["sliding_window"] if values["use_sliding_window"] else 0
+            values["mlp_only_layers"] = values["mlp_only_layers"] or []
+            if values["layer_types"] is None:
+                values["layer_types"] = ["sliding_attention" if (i + 1) % 2 and i < values["max_window_layers"] and values["use_sliding_window"]
+                                         else "full_attention" for i in range(values["num_hidden_layers"])]
         dtype = values.pop("torch_dtype", None) or values.get("dtype")
         values["dtype"] = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
         self.__dict__.update(values)
@@ -85,14 +103,14 @@ def _config_for(raw: dict) -> NativeConfig | None:
         return None
     if raw.get("rope_scaling") or (raw.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         return None  # other rope types update their frequencies with the position
-    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("auto_map"):
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("auto_map"):
         return None
     if raw.get("attn_implementation") not in (None, "sdpa") or raw.get("_attn_implementation") not in (None, "sdpa"):
         return None
     config = NativeConfig(raw)
-    if config.sliding_window is not None or getattr(config, "layer_types", None) not in (None, ["full_attention"] * config.num_hidden_layers):
-        return None
-    return config
+    full = getattr(config, "layer_types", None) in (None, ["full_attention"] * config.num_hidden_layers)
+    window = config.use_sliding_window if kind == "qwen2_moe" else getattr(config, "sliding_window", None) is not None
+    return config if full and not window else None
 
 
 def read_config(model_dir: Path) -> NativeConfig | None:
@@ -143,9 +161,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def head_dim(config) -> int:
-    if config.model_type == "qwen3_moe":
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.head_dim or config.hidden_size // config.num_attention_heads
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -195,23 +211,35 @@ class Attention(nn.Module):
         self.scaling = d**-0.5
         self.is_causal = True
         self.sliding_window = None
-        h, nq, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(h, nq * d, bias=False)
-        self.k_proj = nn.Linear(h, nkv * d, bias=False)
-        self.v_proj = nn.Linear(h, nkv * d, bias=False)
-        self.o_proj = nn.Linear(nq * d, h, bias=False)
-        if config.model_type == "qwen3_moe":  # per-head norms of queries and keys
+        h, nq, nkv, kind = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.model_type
+        bias = config.qkv_bias if kind == "qwen2_moe" else bool(getattr(config, "attention_bias", False)) and kind != "mixtral"
+        self.q_proj = nn.Linear(h, nq * d, bias=bias)
+        self.k_proj = nn.Linear(h, nkv * d, bias=bias)
+        self.v_proj = nn.Linear(h, nkv * d, bias=bias)
+        self.o_proj = nn.Linear(nq * d, h, bias=bias and kind != "qwen2_moe")  # Qwen2-MoE: biases on q, k and v only
+        self.wide_norm, self.clip = kind == "olmoe", getattr(config, "clip_qkv", None) if kind == "olmoe" else None
+        if kind == "qwen3_moe":  # per-head norms of queries and keys
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        elif kind == "olmoe":  # norms over the whole projections, before the heads split (then clip_qkv)
+            self.q_norm = RMSNorm(h, config.rms_norm_eps)
+            self.k_norm = RMSNorm((h // nq) * nkv, config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
         shape = hidden_states.shape[:-1]
         heads = (*shape, -1, self.head_dim)
-        q, k = self.q_proj(hidden_states).view(heads), self.k_proj(hidden_states).view(heads)
-        if "q_norm" in self._modules:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), self.v_proj(hidden_states).view(heads).transpose(1, 2)
+        if self.wide_norm:
+            q, k, v = self.q_norm(self.q_proj(hidden_states)), self.k_norm(self.k_proj(hidden_states)), self.v_proj(hidden_states)
+            if self.clip is not None:
+                for t in (q, k, v):
+                    t.clamp_(min=-self.clip, max=self.clip)
+            q, k, v = q.view(heads), k.view(heads), v.view(heads)
+        else:
+            q, k, v = self.q_proj(hidden_states).view(heads), self.k_proj(hidden_states).view(heads), self.v_proj(hidden_states).view(heads)
+            if "q_norm" in self._modules:
+                q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
@@ -280,7 +308,7 @@ class Experts(nn.Module):
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
-        inter = config.intermediate_size if config.model_type == "mixtral" else config.moe_intermediate_size
+        inter = config.intermediate_size if config.model_type in ("mixtral", "olmoe") else config.moe_intermediate_size
         self.gate = Router(config)
         self.experts = Experts(config.num_local_experts, config.hidden_size, inter)
 
@@ -291,12 +319,31 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, ids, weights).reshape(b, s, h)
 
 
-class MLP(nn.Module):
-    """A dense layer's MLP (Qwen3-MoE's mlp_only_layers, decoder_sparse_step)."""
+class SharedExpertMoeBlock(nn.Module):
+    """Qwen2-MoE's block: the routed experts plus a shared expert scaled by a sigmoid gate."""
 
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
+        self.gate = Router(config)
+        self.experts = Experts(config.num_local_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, h = hidden_states.shape
+        x = hidden_states.view(-1, h)
+        shared = self.shared_expert(x)
+        _, weights, ids = self.gate(x)
+        out = self.experts(x, ids, weights)
+        return (out + F.sigmoid(self.shared_expert_gate(x)) * shared).reshape(b, s, h)
+
+
+class MLP(nn.Module):
+    """A dense layer's MLP (Qwen's mlp_only_layers, decoder_sparse_step) or Qwen2-MoE's shared expert."""
+
+    def __init__(self, config: NativeConfig, intermediate: int | None = None) -> None:
+        super().__init__()
+        h, i = config.hidden_size, intermediate or config.intermediate_size
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h, bias=False)
         self.act_fn = nn.SiLU()
 
@@ -305,7 +352,7 @@ class MLP(nn.Module):
 
 
 def _sparse(config: NativeConfig, layer: int) -> bool:
-    if config.model_type == "mixtral":
+    if config.model_type in ("mixtral", "olmoe"):
         return True
     return layer not in config.mlp_only_layers and config.num_local_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
 
@@ -314,7 +361,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: NativeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = SparseMoeBlock(config) if _sparse(config, layer_idx) else MLP(config)
+        block = SharedExpertMoeBlock if config.model_type == "qwen2_moe" else SparseMoeBlock
+        self.mlp = block(config) if _sparse(config, layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -400,7 +448,8 @@ class CausalLM(nn.Module):
         return Output(self.lm_head(h[:, keep, :]), past_key_values if use_cache else None)
 
 
-_CLASS_NAMES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_CLASS_NAMES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                "olmoe": "OlmoeForCausalLM"}
 
 
 def build(config: NativeConfig, dtype: torch.dtype | None = None) -> CausalLM:

@@ -1,4 +1,4 @@
-"""The engine's own Mixtral and Qwen3-MoE (native.py) against transformers' models.
+"""The engine's own Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE (native.py) against transformers' models.
 
 Same checkpoint, same weights: the native model's logits equal transformers' bit for bit for a
 prompt, a prompt's next chunk on its cache, a left-padded batch and a decode step; its config reads
@@ -26,6 +26,10 @@ CASES = {
     "qwen3_moe": dict(num_experts=8, top_k=2, norm_topk_prob=True, num_layers=4, mlp_only_layers=[1], tie_word_embeddings=True),
     "qwen3_moe-bf16": dict(num_experts=8, top_k=2, norm_topk_prob=False, dtype=torch.bfloat16),
     "mixtral-bf16": dict(num_experts=8, top_k=2, dtype=torch.bfloat16),
+    "qwen2_moe": dict(num_experts=8, top_k=2, num_layers=3, mlp_only_layers=[1]),  # a shared expert, q/k/v biases
+    "qwen2_moe-bf16": dict(num_experts=6, top_k=2, norm_topk_prob=True, dtype=torch.bfloat16),
+    "olmoe": dict(num_experts=8, top_k=2, norm_topk_prob=True),  # whole-projection q/k norms
+    "olmoe-bf16-clip": dict(num_experts=8, top_k=3, dtype=torch.bfloat16, clip_qkv=0.5),
 }
 
 
@@ -81,15 +85,16 @@ def test_native_model_computes_transformers_bits(case, checkpoint):
               mine(input_ids=batch, attention_mask=mask, position_ids=pos).logits)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
 def test_native_config_reads_as_transformers(case, checkpoint):
     model_dir = checkpoint(case, **CASES[case])
     theirs, ours = load_config(model_dir), load_config(model_dir, native=True)
     assert isinstance(ours, native.NativeConfig) and not isinstance(theirs, native.NativeConfig)
     for name in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "num_experts_per_tok", "num_local_experts",
-                 "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "dtype"):
-        assert getattr(ours, name) == getattr(theirs, name), name
+                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "num_experts_per_tok", "num_experts",
+                 "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "dtype",
+                 "layer_types", "clip_qkv", "qkv_bias", "attention_bias", "norm_topk_prob", "mlp_only_layers"):
+        assert getattr(ours, name, None) == getattr(theirs, name, None), name
     assert native.head_dim(ours) == native.head_dim(theirs)
     assert Checkpoint.open(model_dir, native=True).sparse_layers == Checkpoint.open(model_dir).sparse_layers
 
@@ -100,12 +105,14 @@ def test_native_config_reads_as_transformers(case, checkpoint):
     {"sliding_window": 16},
     {"hidden_act": "gelu"},
     {"architectures": ["SomethingElse"]},
+    {"model_type": "qwen2_moe", "use_sliding_window": True},
+    {"model_type": "qwen2_moe", "layer_types": ["sliding_attention", "full_attention"]},
 ])
 def test_configs_it_does_not_write_out_go_to_transformers(change):
     raw = {"model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64}
     assert native.config_for(raw) is not None
     assert native.config_for({**raw, **change}) is None
-    assert native.config_for({**raw, "model_type": "qwen2_moe"}) is None
+    assert native.config_for({**raw, "model_type": "glm4_moe"}) is None
 
 
 def test_engine_on_a_native_family_never_imports_transformers(checkpoint):
