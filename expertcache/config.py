@@ -124,7 +124,7 @@ class EngineConfig:
     decode_step: str = option("lean", "one-token decode steps: lean (the model's own operations and bits, its layers walked by "
                                       "expertcache without transformers' module calls: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5) or transformers "
                                       "(the model's forward; other families always)", choices=DECODE_STEPS)
-    model_build: str = option("native", "who builds the model: native (expertcache's own modules for Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE, "
+    model_build: str = option("native", "who builds the model: native (expertcache's own modules for Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5, "
                                         "transformers' operations and bits without importing transformers: ~150 MB less memory; "
                                         "other families, rope scaling, sliding windows, --decode-step transformers and "
                                         "--half-matmul float32 use transformers') or transformers", choices=("native", "transformers"))

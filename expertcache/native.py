@@ -1,4 +1,4 @@
-"""Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE built by the engine itself, without importing transformers.
+"""Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5 built by the engine itself, without importing transformers.
 
 transformers' modelling import costs ~150 MB of memory before any weight (it loads torch._dynamo,
 sympy and scipy at import), more than the rest of the engine's fixed cost. For the families whose
@@ -46,8 +46,16 @@ DEFAULTS = {
                   pad_token_id=1, bos_token_id=None, eos_token_id=50279, tie_word_embeddings=False, rope_theta=10000.0,
                   attention_bias=False, attention_dropout=0.0, clip_qkv=None, num_experts_per_tok=8, num_local_experts=64,
                   output_router_logits=False, router_aux_loss_coef=0.01, norm_topk_prob=False),
+    "glm4_moe": dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
+                     num_key_value_heads=8, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, use_cache=True,
+                     tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, attention_dropout=0.0,
+                     moe_intermediate_size=1408, num_experts_per_tok=8, output_router_logits=False, n_shared_experts=1,
+                     num_local_experts=128, routed_scaling_factor=1.0, n_group=1, topk_group=1, first_k_dense_replace=1,
+                     norm_topk_prob=True, use_qk_norm=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                     num_nextn_predict_layers=1),
 }
-ALIASES = {"num_experts": "num_local_experts"}  # kept under one name here, readable under both (NativeConfig.num_experts)
+# the experts' count, kept here as num_local_experts and readable as num_experts / n_routed_experts too
+ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -65,6 +73,9 @@ class NativeConfig:
         rope = values.pop("rope_parameters", None) or {}
         theta = rope.get("rope_theta", values.pop("rope_theta"))
         values["rope_parameters"] = {"rope_type": rope.get("rope_type", "default"), "rope_theta": theta}
+        partial = values.pop("partial_rotary_factor", None)
+        if kind == "glm4_moe":  # a partial rotary embedding, half the head by default
+            values["rope_parameters"]["partial_rotary_factor"] = rope.get("partial_rotary_factor", partial if partial is not None else 0.5)
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         if kind == "qwen3_moe":
@@ -82,6 +93,10 @@ class NativeConfig:
 
     @property
     def num_experts(self) -> int:
+        return self.num_local_experts
+
+    @property
+    def n_routed_experts(self) -> int:
         return self.num_local_experts
 
     def __repr__(self) -> str:
@@ -146,7 +161,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         base = config.rope_parameters["rope_theta"]
-        dim = head_dim(config)
+        dim = int(head_dim(config) * config.rope_parameters.get("partial_rotary_factor", 1.0))
         self.attention_scaling = 1.0
         # made on the CPU whatever the default device (on the meta device torch's arange imports torch._dynamo)
         self.inv_freq = nn.Buffer(1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), persistent=False)
@@ -216,9 +231,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, nq * d, bias=bias)
         self.k_proj = nn.Linear(h, nkv * d, bias=bias)
         self.v_proj = nn.Linear(h, nkv * d, bias=bias)
-        self.o_proj = nn.Linear(nq * d, h, bias=bias and kind != "qwen2_moe")  # Qwen2-MoE: biases on q, k and v only
+        self.o_proj = nn.Linear(nq * d, h, bias=bias and kind not in ("qwen2_moe", "glm4_moe"))  # these two: q, k, v only
         self.wide_norm, self.clip = kind == "olmoe", getattr(config, "clip_qkv", None) if kind == "olmoe" else None
-        if kind == "qwen3_moe":  # per-head norms of queries and keys
+        if kind == "qwen3_moe" or (kind == "glm4_moe" and config.use_qk_norm):  # per-head norms of queries and keys
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         elif kind == "olmoe":  # norms over the whole projections, before the heads split (then clip_qkv)
@@ -242,7 +257,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+        r = cos.shape[-1]
+        if r == self.head_dim:
+            q, k = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+        else:  # partial (GLM-4.5): the first r of each head turn, the rest pass
+            q = torch.cat([(q[..., :r] * cos) + (_rotate_half(q[..., :r]) * sin), q[..., r:]], dim=-1)
+            k = torch.cat([(k[..., :r] * cos) + (_rotate_half(k[..., :r]) * sin), k[..., r:]], dim=-1)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = sdpa_attention(self, q, k, v, attention_mask, self.scaling)
@@ -271,6 +291,37 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             top /= top.sum(dim=-1, keepdim=True)
         return logits, top.to(logits.dtype), ids
+
+
+class GroupRouter(nn.Module):
+    """GLM-4.5's router: float32 logits, sigmoid scores plus a correction bias choose the top-k
+    within the best groups; weights are the scores themselves, renormalised and scaled."""
+
+    def __init__(self, config: NativeConfig) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = config.num_experts_per_tok, config.num_local_experts, config.hidden_size
+        self.routed_scaling_factor, self.num_group, self.topk_group = config.routed_scaling_factor, config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.view(-1, self.hidden_dim)
+        logits = F.linear(x.type(torch.float32), self.weight.type(torch.float32))
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.num_group
+        group_scores = choice.view(-1, self.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+        return logits, weights * self.routed_scaling_factor, ids
 
 
 class Experts(nn.Module):
@@ -338,6 +389,22 @@ class SharedExpertMoeBlock(nn.Module):
         return (out + F.sigmoid(self.shared_expert_gate(x)) * shared).reshape(b, s, h)
 
 
+class SharedExpertsMoeBlock(nn.Module):
+    """GLM-4.5's block: the routed experts plus always-on shared experts."""
+
+    def __init__(self, config: NativeConfig) -> None:
+        super().__init__()
+        self.experts = Experts(config.num_local_experts, config.hidden_size, config.moe_intermediate_size)
+        self.gate = GroupRouter(config)
+        self.shared_experts = MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        _, weights, ids = self.gate(hidden_states)
+        out = self.experts(hidden_states.view(-1, shape[-1]), ids, weights).view(*shape)
+        return out + self.shared_experts(hidden_states)
+
+
 class MLP(nn.Module):
     """A dense layer's MLP (Qwen's mlp_only_layers, decoder_sparse_step) or Qwen2-MoE's shared expert."""
 
@@ -354,6 +421,8 @@ class MLP(nn.Module):
 def _sparse(config: NativeConfig, layer: int) -> bool:
     if config.model_type in ("mixtral", "olmoe"):
         return True
+    if config.model_type == "glm4_moe":
+        return layer >= config.first_k_dense_replace
     return layer not in config.mlp_only_layers and config.num_local_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
 
 
@@ -361,7 +430,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: NativeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        block = SharedExpertMoeBlock if config.model_type == "qwen2_moe" else SparseMoeBlock
+        block = {"qwen2_moe": SharedExpertMoeBlock, "glm4_moe": SharedExpertsMoeBlock}.get(config.model_type, SparseMoeBlock)
         self.mlp = block(config) if _sparse(config, layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -403,6 +472,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Model(config)
         self.vocab_size = config.vocab_size
+        if config.model_type == "glm4_moe":  # loaded in float32 in a half model, as from_pretrained does (engine._kept_in_float32)
+            self._keep_in_fp32_modules_strict = ["e_score_correction_bias"]
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
@@ -449,7 +520,7 @@ class CausalLM(nn.Module):
 
 
 _CLASS_NAMES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                "olmoe": "OlmoeForCausalLM"}
+                "olmoe": "OlmoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 def build(config: NativeConfig, dtype: torch.dtype | None = None) -> CausalLM:

@@ -1,4 +1,4 @@
-"""The engine's own Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE (native.py) against transformers' models.
+"""The engine's own Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5 (native.py) against transformers' models.
 
 Same checkpoint, same weights: the native model's logits equal transformers' bit for bit for a
 prompt, a prompt's next chunk on its cache, a left-padded batch and a decode step; its config reads
@@ -30,6 +30,10 @@ CASES = {
     "qwen2_moe-bf16": dict(num_experts=6, top_k=2, norm_topk_prob=True, dtype=torch.bfloat16),
     "olmoe": dict(num_experts=8, top_k=2, norm_topk_prob=True),  # whole-projection q/k norms
     "olmoe-bf16-clip": dict(num_experts=8, top_k=3, dtype=torch.bfloat16, clip_qkv=0.5),
+    # sigmoid group-limited router with a correction bias, shared experts, a partial rotary embedding, dense first layer
+    "glm4_moe": dict(num_experts=8, top_k=2, expert_intermediate=24, num_layers=3, n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    "glm4_moe-bf16-dense2": dict(num_experts=8, top_k=2, fused=True, dtype=torch.bfloat16, num_layers=4, first_k_dense_replace=2,
+                                 n_group=4, topk_group=2),
 }
 
 
@@ -42,7 +46,8 @@ def _models(model_dir: Path):
     assert config is not None, "a plain checkpoint of a native family must build natively"
     mine = native.build(config, ref.dtype)
     state = ref.state_dict()
-    missing = mine.load_state_dict({k: v for k, v in state.items() if k in dict(mine.named_parameters())}, strict=False)
+    mine_keys = set(mine.state_dict())
+    missing = mine.load_state_dict({k: v for k, v in state.items() if k in mine_keys}, strict=False)
     assert not [k for k in missing.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
     if config.tie_word_embeddings:
         mine.tie_weights()
@@ -85,17 +90,20 @@ def test_native_model_computes_transformers_bits(case, checkpoint):
               mine(input_ids=batch, attention_mask=mask, position_ids=pos).logits)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe"])
 def test_native_config_reads_as_transformers(case, checkpoint):
     model_dir = checkpoint(case, **CASES[case])
     theirs, ours = load_config(model_dir), load_config(model_dir, native=True)
     assert isinstance(ours, native.NativeConfig) and not isinstance(theirs, native.NativeConfig)
     for name in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "num_experts_per_tok", "num_experts",
+                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "num_experts_per_tok", "n_group", "topk_group",
+                 "routed_scaling_factor", "first_k_dense_replace", "n_shared_experts", "use_qk_norm",
                  "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "dtype",
                  "layer_types", "clip_qkv", "qkv_bias", "attention_bias", "norm_topk_prob", "mlp_only_layers"):
         assert getattr(ours, name, None) == getattr(theirs, name, None), name
     assert native.head_dim(ours) == native.head_dim(theirs)
+    counts = [getattr(theirs, n, None) for n in ("num_local_experts", "num_experts", "n_routed_experts")]
+    assert ours.num_local_experts == next(c for c in counts if c is not None)
     assert Checkpoint.open(model_dir, native=True).sparse_layers == Checkpoint.open(model_dir).sparse_layers
 
 
@@ -112,7 +120,7 @@ def test_configs_it_does_not_write_out_go_to_transformers(change):
     raw = {"model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64}
     assert native.config_for(raw) is not None
     assert native.config_for({**raw, **change}) is None
-    assert native.config_for({**raw, "model_type": "glm4_moe"}) is None
+    assert native.config_for({**raw, "model_type": "deepseek_v3"}) is None
 
 
 def test_engine_on_a_native_family_never_imports_transformers(checkpoint):
