@@ -125,7 +125,7 @@ class EngineConfig:
                                       "expertcache without transformers' module calls: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5) or transformers "
                                       "(the model's forward; other families always)", choices=DECODE_STEPS)
     model_build: str = option("native", "who builds the model: native (expertcache's own modules for Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5, "
-                                        "transformers' operations and bits without importing transformers: ~150 MB less memory; "
+                                        "transformers' operations and bits without importing transformers, a smaller fixed memory cost (docs/memory.md); "
                                         "other families, rope scaling, sliding windows, --decode-step transformers and "
                                         "--half-matmul float32 use transformers') or transformers", choices=("native", "transformers"))
     miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "

@@ -117,7 +117,7 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
 
 def _empty_on_cpu(model: nn.Module) -> nn.Module:
     """to_empty(device="cpu") by torch.empty of each meta tensor's shape (to_empty's empty_like on
-    the meta device runs torch's Python reference, which imports sympy: ~30 MB)."""
+    the meta device runs torch's Python reference, which imports sympy: docs/memory.md)."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta:

@@ -1,13 +1,14 @@
 """Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5 built by the engine itself, without importing transformers.
 
-transformers' modelling import costs ~150 MB of memory before any weight (it loads torch._dynamo,
-sympy and scipy at import), more than the rest of the engine's fixed cost. For the families whose
+transformers' modelling import loads torch._dynamo, sympy and scipy before any weight, more memory
+than the rest of the engine's fixed cost (docs/memory.md). For the families whose
 layers it writes out here, the engine builds the model from config.json with these modules:
 transformers' names, shapes and operations (the same torch calls on the same shapes, so the same
 bits: tests/core/test_native.py compares them with transformers' own model), its KV-cache layout
 and its sdpa mask rules. Anything else in a config (a rope type other than the default, a sliding
-window, another activation) is not written out: `config_for` says so and the engine builds
-transformers' model instead (architectures.build_model), as it does for every other family.
+window, another activation, a partial rotary embedding outside GLM-4.5) is not written out:
+`config_for` says so and the engine builds transformers' model instead (architectures.build_model),
+as it does for every other family.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ def _config_for(raw: dict) -> NativeConfig | None:
     kind = raw.get("model_type")
     if not isinstance(kind, str) or kind not in DEFAULTS or raw.get("architectures") not in (None, [_CLASS_NAMES[kind]]):
         return None
-    if raw.get("rope_scaling") or (raw.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+    rope = raw.get("rope_parameters") or {}
+    if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         return None  # other rope types update their frequencies with the position
+    if kind != "glm4_moe" and ("partial_rotary_factor" in raw or "partial_rotary_factor" in rope):
+        return None  # a partial rotary embedding is written out for GLM-4.5 only
     if raw.get("hidden_act", "silu") != "silu" or raw.get("auto_map"):
         return None
     if raw.get("attn_implementation") not in (None, "sdpa") or raw.get("_attn_implementation") not in (None, "sdpa"):
@@ -447,7 +451,7 @@ class Model(nn.Module):
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
-        # its weight given, so no random init runs (on the meta device torch's normal_ imports torch._dynamo: ~70 MB)
+        # its weight given, so no random init runs (on the meta device torch's normal_ imports torch._dynamo)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))

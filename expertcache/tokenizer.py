@@ -1,6 +1,6 @@
 """A checkpoint's tokenizer.json through the tokenizers library, without importing transformers.
 
-transformers' tokenizer import costs ~28 MiB and ~0.8 s at start. A plain fast tokenizer (its
+transformers' tokenizer import costs memory and start-up time (docs/memory.md). A plain fast tokenizer (its
 tokenizer_config.json names TokenizersBackend or PreTrainedTokenizerFast and sets nothing that
 transformers would apply in Python: a BOS/EOS switch, a prefix space, space clean-up) encodes and
 decodes exactly as the tokenizers library does, so `FastTokenizer` does it directly: the same ids

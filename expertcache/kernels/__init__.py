@@ -105,7 +105,7 @@ def remembered(check):
     by the check, its arguments and the machine (CPU model and flags, torch's CPU capability,
     oneDNN's and ATen's environment). The same build on the same machine gives the same answer,
     so only a first load runs the checks: their random inputs and first products cost a load
-    ~10 MiB of memory that stays (docs/memory.md). Without the kernels the check runs (and says no)."""
+    memory that stays (docs/memory.md). Without the kernels the check runs (and says no)."""
 
     @functools.cache
     def wrapper(*args):

@@ -52,7 +52,7 @@ class Bridge:
         tok = engine.tokenizer
         self.chat_template = (getattr(tok, "chat_template", None) or FALLBACK_CHAT_TEMPLATE) if tok is not None else None
         if isinstance(tok, FastTokenizer):  # chat templates render through transformers' tokenizer: loaded now, not
-            tok.transformers_tokenizer()  # in the first chat request (~0.8 s, as the engine loaded it before)
+            tok.transformers_tokenizer()  # in the first chat request (as the engine loaded it before)
         self.streams: dict[int, TextStream] = {}  # request id -> its stream
         self.outbox: deque = deque()  # (stream, token, finish) from the batcher's thread
         self.wire: socket.socket | None = None

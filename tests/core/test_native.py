@@ -113,6 +113,7 @@ def test_native_config_reads_as_transformers(case, checkpoint):
     {"sliding_window": 16},
     {"hidden_act": "gelu"},
     {"architectures": ["SomethingElse"]},
+    {"partial_rotary_factor": 0.5},
     {"model_type": "qwen2_moe", "use_sliding_window": True},
     {"model_type": "qwen2_moe", "layer_types": ["sliding_attention", "full_attention"]},
 ])
