@@ -441,7 +441,7 @@ class Engine:
 
 def _miss_copy(ckpt: Checkpoint, dtype: torch.dtype, path: str) -> Checkpoint:
     """The --miss-copy checkpoint, checked to be a smaller copy of `ckpt`'s experts, or a one-line error."""
-    low = Checkpoint.open(path)
+    low = Checkpoint.open(path, native=isinstance(ckpt.config, native.NativeConfig))  # read as the model was
     where = f"--miss-copy {path}"
     for what, mine, theirs in (("model type", ckpt.config.model_type, low.config.model_type),
                                ("sparse layers", ckpt.sparse_layers, low.sparse_layers),

@@ -108,6 +108,7 @@ def remembered(check):
     memory that stays (docs/memory.md). Without the kernels the check runs (and says no)."""
 
     @functools.cache
+    @functools.wraps(check)
     def wrapper(*args):
         if not available():
             return check(*args)
@@ -120,7 +121,7 @@ def remembered(check):
         _write_verdict(path, key, ok)
         return ok
 
-    wrapper.__wrapped__, wrapper.__doc__ = check, check.__doc__
+    wrapper.__wrapped__ = check  # the check itself, run again (tests)
     return wrapper
 
 
