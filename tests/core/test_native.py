@@ -9,9 +9,6 @@ family never imports transformers (a fresh process).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ import torch
 
 from expertcache import native
 from expertcache.checkpoint import Checkpoint, load_config
+from helpers.fresh import printed_words
 
-REPO = Path(__file__).resolve().parents[2]
 CASES = {
     "mixtral": dict(num_experts=8, top_k=2),
     "qwen3_moe": dict(num_experts=8, top_k=2, norm_topk_prob=True, num_layers=4, mlp_only_layers=[1], tie_word_embeddings=True),
@@ -131,10 +128,7 @@ def test_engine_on_a_native_family_never_imports_transformers(checkpoint):
             "out = eng.generate([5, 6, 7, 8], max_new_tokens=4, stop_at_eos=False)\n"
             "print(eng.stats()['model_build'], eng.decode_step, len(out.token_ids), 'transformers' in sys.modules,"
             " 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["native", "lean", "4", "False", "False", "False"]
+    assert printed_words(code) == ["native", "lean", "4", "False", "False", "False"]
 
 
 def test_model_build_transformers_still_builds_theirs(checkpoint):

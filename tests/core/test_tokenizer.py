@@ -5,20 +5,17 @@ transformers would apply in Python sends the folder to transformers' tokenizer i
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 import random
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from expertcache import tokenizer
 from expertcache.config import DEMO_DIR
 from helpers.checkpoints import make_word_model
+from helpers.fresh import printed_words
 
-REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["Once upon a time, there was a little girl.", "", " leading and  double  spaces ", "line\nbreaks\n\n",
          "unicode: café, naïve, 日本語, emoji 🙂", "the cat sat on the mat", "<|endoftext|>inline<|endoftext|> special",
          "THE Cat SAT", "tabs\tand\rreturns", "numbers 12345 67.89"]
@@ -85,7 +82,4 @@ def test_the_demo_runs_from_text_without_transformers():
             "eng = expertcache.load(expert_budget='50%')\n"
             "out = eng.generate('Once upon a time', max_new_tokens=6)\n"
             "print(type(eng.tokenizer).__name__, bool(out.text), 'transformers' in sys.modules)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["FastTokenizer", "True", "False"]
+    assert printed_words(code) == ["FastTokenizer", "True", "False"]
