@@ -151,3 +151,69 @@ def test_a_config_json_with_rope_theta_at_top_level():
     c = native.config_for(raw)
     assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
     assert c.num_local_experts == c.num_experts == 4
+
+
+# config.json as published for a model of each family (the keys and values their hubs' files carry,
+# written out here: no download), read and built on the meta device by both builders
+PUBLISHED = {
+    "Mixtral-8x7B-v0.1": {"architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+                          "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+                          "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+                          "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                          "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+                          "router_aux_loss_coef": 0.02, "sliding_window": None, "tie_word_embeddings": False,
+                          "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000},
+    "Qwen3-30B-A3B": {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                      "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                      "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+                      "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+                      "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+                      "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+                      "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+                      "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+                      "vocab_size": 151936},
+    "Qwen1.5-MoE-A2.7B": {"architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                          "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+                          "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+                          "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+                          "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                          "use_cache": True, "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
+                          "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+                          "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    "OLMoE-1B-7B-0924": {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+                         "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+                         "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+                         "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+                         "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+                         "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+                         "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 50304},
+    "GLM-4.5-Air": {"architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "pad_token_id": 151329,
+                    "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+                    "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+                    "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408, "norm_topk_prob": True,
+                    "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+                    "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1, "num_hidden_layers": 46,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+                    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+                    "use_qk_norm": False, "vocab_size": 151552},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_a_published_config_builds_the_same_model(name, tmp_path):
+    """A published model's config.json: the native reading agrees with AutoConfig, and the meta
+    models of both builders have the same parameters and buffers (names, shapes, dtypes) and rotary
+    frequencies."""
+    from expertcache.architectures import build_model
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    theirs, ours = load_config(tmp_path), load_config(tmp_path, native=True)
+    assert isinstance(ours, native.NativeConfig), f"{name} should build natively"
+    for attr in ("rope_parameters", "eos_token_id", "pad_token_id", "tie_word_embeddings", "num_experts_per_tok", "dtype"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    a = build_model(theirs, dtype=torch.bfloat16, experts_implementation="eager")
+    b = build_model(ours, dtype=torch.bfloat16)
+    assert {n: (tuple(p.shape), p.dtype) for n, p in a.named_parameters()} == {n: (tuple(p.shape), p.dtype) for n, p in b.named_parameters()}
+    persistent = lambda m: {n: (tuple(t.shape), t.dtype) for n, t in m.state_dict().items()}  # noqa: E731
+    assert persistent(a) == persistent(b)
+    assert torch.equal(type(a.model.rotary_emb)(config=theirs).inv_freq, b.model.rotary_emb.inv_freq)
