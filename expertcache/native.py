@@ -463,6 +463,7 @@ class Model(nn.Module):
 class Output:
     logits: torch.Tensor
     past_key_values: object = None
+    loss: torch.Tensor | None = None  # with labels: the mean next-token cross-entropy, as transformers' causal LM loss
 
 
 class CausalLM(nn.Module):
@@ -502,7 +503,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, inputs_embeds: torch.Tensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> Output:
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, labels: torch.Tensor | None = None,
+                **kwargs) -> Output:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         base = self.model
@@ -520,7 +522,12 @@ class CausalLM(nn.Module):
                       position_embeddings=cos_sin)
         h = base.norm(h)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return Output(self.lm_head(h[:, keep, :]), past_key_values if use_cache else None)
+        logits = self.lm_head(h[:, keep, :])
+        loss = None
+        if labels is not None:  # token t predicts label t + 1; -100 is ignored (transformers' ForCausalLMLoss)
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shifted.view(-1).to(logits.device), ignore_index=-100)
+        return Output(logits, past_key_values if use_cache else None, loss)
 
 
 _CLASS_NAMES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",

@@ -87,6 +87,17 @@ def test_native_model_computes_transformers_bits(case, checkpoint):
               mine(input_ids=batch, attention_mask=mask, position_ids=pos).logits)
 
 
+def test_labels_give_transformers_loss(checkpoint):
+    ref, mine = _models(checkpoint("mixtral", **CASES["mixtral"]))
+    ids = torch.randint(3, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored positions
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, labels=labels), mine(input_ids=ids, labels=labels)
+    _same(a.loss, b.loss)
+    assert mine(input_ids=ids).loss is None
+
+
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe"])
 def test_native_config_reads_as_transformers(case, checkpoint):
     model_dir = checkpoint(case, **CASES[case])
