@@ -126,8 +126,8 @@ class EngineConfig:
                                       "(the model's forward; other families always)", choices=DECODE_STEPS)
     model_build: str = option("native", "who builds the model: native (expertcache's own modules for Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE and GLM-4.5, "
                                         "transformers' operations and bits without importing transformers, a smaller fixed memory cost (docs/memory.md); "
-                                        "other families, rope scaling, sliding windows, --decode-step transformers and "
-                                        "--half-matmul float32 use transformers') or transformers", choices=("native", "transformers"))
+                                        "other families, rope scaling, sliding windows and --decode-step transformers use "
+                                        "transformers') or transformers", choices=("native", "transformers"))
     miss_copy: str | None = option(None, "a smaller copy of the same model (`expertcache quantize MODEL --bits 4 --out DIR`): in decode "
                                          "steps a miss loads that copy's expert, a smaller read, and the full one is read over it at the "
                                          "lowest priority, when the link is idle (HOBBIT's mixed precision); lossy: measure it with "

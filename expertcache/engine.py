@@ -136,8 +136,7 @@ class Engine:
         torch.set_num_threads(config.threads())
         t0 = time.perf_counter()
         model_dir = Path(config.model) if config.model is not None else demo_model_dir()
-        self.checkpoint = ckpt = Checkpoint.open(model_dir, native=config.model_build == "native" and config.half_matmul != "float32"
-                                                 and config.decode_step == "lean")
+        self.checkpoint = ckpt = Checkpoint.open(model_dir, native=config.model_build == "native" and config.decode_step == "lean")
         dtype = _dtype(config.dtype) if config.dtype else ckpt.dtype
         self.budget_bytes = parse_budget(config.expert_budget, ckpt.total_expert_bytes)
         limit = None if config.memory_limit in (None, "auto") else parse_size(config.memory_limit, "memory limit")

@@ -362,13 +362,20 @@ def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
 def install_attention(model: nn.Module) -> bool:
     """Run a model's sdpa attention in float32 where its half dtype is slow on this CPU (upcast
     only: another rounding than transformers'); other attention implementations are kept.
-    Returns whether it was installed."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
+    Returns whether it was installed. The engine's own models (native.py) take it on each attention
+    module, with the same operations."""
     params = next(model.parameters(), None)
     if params is None or not slow_half(params.dtype) or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
+    attentions = [m for m in model.modules() if hasattr(m, "float32_attention")]
+    if attentions:
+        for m in attentions:
+            m.float32_attention = True
+        model.config._attn_implementation = FLOAT32_ATTENTION
+        return True
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
     AttentionMaskInterface.register(FLOAT32_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation({"": FLOAT32_ATTENTION})  # the model's own config (DBRX's attn_config is no sub-model)

@@ -230,6 +230,7 @@ class Attention(nn.Module):
         self.scaling = d**-0.5
         self.is_causal = True
         self.sliding_window = None
+        self.float32_attention = False  # half_matmul="float32" on a slow half type: attention on float32 copies (gemm.install_attention)
         h, nq, nkv, kind = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.model_type
         bias = config.qkv_bias if kind == "qwen2_moe" else bool(getattr(config, "attention_bias", False)) and kind != "mixtral"
         self.q_proj = nn.Linear(h, nq * d, bias=bias)
@@ -269,7 +270,13 @@ class Attention(nn.Module):
             k = torch.cat([(k[..., :r] * cos) + (_rotate_half(k[..., :r]) * sin), k[..., r:]], dim=-1)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        out = sdpa_attention(self, q, k, v, attention_mask, self.scaling)
+        if self.float32_attention:  # as gemm's float32 attention does for transformers' model
+            dtype, mask = q.dtype, attention_mask
+            if mask is not None and mask.is_floating_point():
+                mask = mask.float()
+            out = sdpa_attention(self, q.float(), k.float(), v.float(), mask, self.scaling).to(dtype)
+        else:
+            out = sdpa_attention(self, q, k, v, attention_mask, self.scaling)
         return self.o_proj(out.reshape(*shape, -1).contiguous()), None
 
 

@@ -352,6 +352,33 @@ def test_kernel_builds_are_named_by_their_source_and_load_as_built(tmp_path, mon
     kernels._clear_stale_lock(lock)  # none: nothing to do
 
 
+def test_float32_attention_of_the_engines_own_model_is_transformers_own(checkpoint, monkeypatch):
+    """half_matmul="float32" on the engine's own model (native.py) computes what it computes on
+    transformers' model, bit for bit: products through float32, attention on float32 copies. Run
+    here as on a CPU whose bf16 GEMM is slow (slow_half said yes), whatever this one is."""
+    model_dir = checkpoint("mixtral", num_experts=8, top_k=2, dtype=torch.bfloat16)
+    monkeypatch.setattr(gemm, "slow_half", lambda dtype: dtype in (torch.bfloat16, torch.float16))
+    ids = torch.tensor([PROMPT * 4])
+    real_sdpa, outs = F.scaled_dot_product_attention, {}
+    for build in ("native", "transformers"):
+        seen = []
+        with expertcache.load(model_dir, expert_budget="100%", prefetch="none", io="buffered", half_matmul="float32",
+                              model_build=build) as eng:
+            assert eng.stats()["model_build"] == build
+            assert eng.model.config._attn_implementation == "expertcache_sdpa_float32"
+            torch.nn.functional.scaled_dot_product_attention = lambda q, *a, **k: (seen.append(q.dtype), real_sdpa(q, *a, **k))[1]
+            try:
+                with torch.no_grad():
+                    out = eng.model(ids, use_cache=True)
+                    step = eng.model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True).logits
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = real_sdpa
+        assert seen and set(seen) == {torch.float32}, (build, seen)
+        outs[build] = (out.logits, step)
+    for mine, theirs in zip(outs["native"], outs["transformers"]):
+        assert torch.equal(mine, theirs)
+
+
 @slow
 def test_float32_attention_reaches_a_family_with_attention_sub_configs(checkpoint):
     """DBRX keeps its attention settings in a sub-config that is no sub-model: the float32
