@@ -73,7 +73,7 @@ PROMPT_TOKENS = 512
 SKIP_STEPS = 4  # decode steps left out of the median (the first ones page in what the prompt did not)
 TIMEOUT = 600
 MiB = 2**20
-RESERVE = "160MiB"  # expertcache's --memory-reserve here: the KV cache of ~550 tokens is ~4 MiB, the rest a 512-token prefill's transient (docs/memory.md)
+RESERVE = "160MiB"  # expertcache's --memory-reserve here (--reserve): the KV cache of ~550 tokens, the rest a 512-token prefill's transient (docs/memory.md)
 LLAMA_RUNTIME = 90 * MiB  # llama.cpp's own memory beside its weights (n_ctx 1024), measured: see docs
 
 
@@ -205,7 +205,7 @@ def worker(job: dict) -> dict:
         from expertcache.decoding import Decoding
 
         eng = expertcache.load(job["model"], expert_budget="100%", memory_limit="auto" if job["limited"] else None,
-                               memory_reserve=RESERVE, prefetch=job["prefetch"], io="direct", num_threads=1,
+                               memory_reserve=job.get("reserve", RESERVE), prefetch=job["prefetch"], io="direct", num_threads=1,
                                half_matmul=job.get("half_matmul", "exact"))
         dec = Decoding(eng.model)
         with torch.inference_mode():
@@ -391,6 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; 1 with --quick)")
     ap.add_argument("--fine", action="store_true", help="the fine-grained Qwen3-MoE-shaped checkpoint (decode.py --fine) instead of the 1 GB one")
     ap.add_argument("--quick", action="store_true", help="1 round, 16 tokens, next-gate only, no accelerate")
+    ap.add_argument("--reserve", default=RESERVE, help=f"expertcache's --memory-reserve under a limit (default {RESERVE}; the fine "
+                                                       "checkpoint's 512-token prompt needs more: docs/memory.md)")
     ap.add_argument("--report-only", action="store_true", help="write peers.md and peers.png again from --out's peers.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
         ts = {n: t for n, t in ts.items() if any(k in n for k in keep)}
     lims = limits(args.limits.split(","), ggufs)
     ids = prompt_ids(spec, PROMPT_TOKENS + tokens, seed=4321)
-    rep = {"checkpoint": str(ckpt), "gguf_bf16_bytes": ggufs["bf16"].stat().st_size, "tokens": tokens, "rounds": rounds,
+    rep = {"checkpoint": str(ckpt), "gguf_bf16_bytes": ggufs["bf16"].stat().st_size, "tokens": tokens, "rounds": rounds, "reserve": args.reserve,
            "limits": lims, "tools": list(ts), "results": {}, "when": time.strftime("%Y-%m-%d %H:%M"),
            "machine": {"cpus": os.cpu_count()}}
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +437,8 @@ def main(argv=None) -> int:
     order = [(n, l) for l in lims for n in ts]
     for rnd in range(rounds):
         for name, lim in order if rnd % 2 == 0 else order[::-1]:
-            job = dict(ts[name]["job"], prompt=ids[:PROMPT_TOKENS], forced=ids[PROMPT_TOKENS:], limited=lims[lim] is not None)
+            job = dict(ts[name]["job"], prompt=ids[:PROMPT_TOKENS], forced=ids[PROMPT_TOKENS:], limited=lims[lim] is not None,
+                       reserve=args.reserve)
             if job["tool"] == "accelerate" and lims[lim] is not None:
                 job["cpu_bytes"] = max(lims[lim] - 450 * MiB, 64 * MiB)  # what the limit leaves beside torch and transformers
             r = run_one(job, lims[lim], ts[name]["files"])
