@@ -102,8 +102,8 @@ VERDICTS = "verdicts.json"  # in the build's folder: the answers of remembered c
 def remembered(check):
     """functools.cache for a check that a kernel gives torch's bits here, whose answer also outlives
     the process: kept beside the build (so a new source, flags, torch or Python start afresh), keyed
-    by the check, its arguments and the machine (CPU model and flags, torch's CPU capability,
-    oneDNN's and ATen's environment). The same build on the same machine gives the same answer,
+    by the check, its arguments, the machine (CPU model and flags, torch's CPU capability, oneDNN's
+    and ATen's environment) and torch's thread count. The same build on the same machine gives the same answer,
     so only a first load runs the checks: their random inputs and first products cost a load
     memory that stays (docs/memory.md). Without the kernels the check runs (and says no)."""
 
@@ -112,7 +112,7 @@ def remembered(check):
     def wrapper(*args):
         if not available():
             return check(*args)
-        key = f"{check.__module__}.{check.__qualname__}{args!r}@{_machine()}"
+        key = f"{check.__module__}.{check.__qualname__}{args!r}@{_machine()}/{_threads()}"
         path = build_dir(_name()) / VERDICTS
         known = _read_verdicts(path)
         if isinstance(known.get(key), bool):
@@ -123,6 +123,13 @@ def remembered(check):
 
     wrapper.__wrapped__ = check  # the check itself, run again (tests)
     return wrapper
+
+
+def _threads() -> int:
+    """torch's compute threads: a product's bits may depend on how its work is split."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 @functools.cache

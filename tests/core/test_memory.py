@@ -105,9 +105,17 @@ def runs(big_checkpoint) -> dict[str, dict]:
 
     from expertcache import gemm
 
-    for dtype in (torch.bfloat16, torch.float16):  # the kernels' checks, answered once a machine (kernels.remembered):
-        gemm.exact_kernel(dtype), gemm.amx_kernel(dtype)  # the workers load as every load but a machine's first does
-    gemm.tail_kernels(), gemm.half_combine()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run: the kernels' checks are answered per machine and thread count
+    try:
+        checks = (gemm.exact_kernel, gemm.amx_kernel, gemm.tail_kernels, gemm.half_combine)  # (kernels.remembered),
+        for check in checks:  # so the workers load as every load but a machine's first does; asked anew, not
+            check.cache_clear()  # answered from this process's memory of another thread count
+        for dtype in (torch.bfloat16, torch.float16):
+            gemm.exact_kernel(dtype), gemm.amx_kernel(dtype)
+        gemm.tail_kernels(), gemm.half_combine()
+    finally:
+        torch.set_num_threads(threads)
     procs = {
         "empty": _start(big_checkpoint, 2 * CkptSpec().expert_bytes, "none", 0),
         "none": _start(big_checkpoint, "10%", "none", TOKENS),
