@@ -89,7 +89,7 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
               if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Linear) and kernel_for(q.scheme, q.shape) == NATIVE}
     for name in packed:  # dense weights kept quantized (quantize --dense int8): never allocated in the dtype
         model.get_submodule(name.rsplit(".", 1)[0]).register_parameter("weight", None)
-    model = _empty_on_cpu(model) if isinstance(model, native.CausalLM) else model.to_empty(device="cpu")
+    model = _empty_on_cpu(model)
     dense = ckpt.load_dense(packed=packed)
     for name in packed:
         path = name.rsplit(".", 1)[0]
@@ -116,8 +116,9 @@ def _build_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
 
 
 def _empty_on_cpu(model: nn.Module) -> nn.Module:
-    """to_empty(device="cpu") by torch.empty of each meta tensor's shape (to_empty's empty_like on
-    the meta device runs torch's Python reference, which imports sympy: docs/memory.md)."""
+    """The model's meta tensors made empty CPU ones, as to_empty(device="cpu") does, by torch.empty
+    of each shape (to_empty's empty_like on the meta device runs torch's Python reference, which
+    imports sympy: docs/memory.md)."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta:

@@ -13,6 +13,7 @@ otherwise the step is the model's forward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -140,7 +141,7 @@ class _ChunkState:
         self.h = decoder.embed.forward(torch.tensor(chunk.tokens))  # [T, H]
         self.pos = torch.arange(chunk.start, chunk.start + len(chunk.tokens))[None]  # [1, T]
         self.cos_sin = decoder.rotary.forward(self.h[None], self.pos)
-        self.mask = decoder.causal_mask(config=decoder.model.config, inputs_embeds=self.h[None], attention_mask=None,
+        self.mask = decoder.causal_mask(inputs_embeds=self.h[None], attention_mask=None,
                                        past_key_values=chunk.past, position_ids=self.pos)
 
     def attention(self, L: _Layer) -> torch.Tensor:
@@ -212,13 +213,13 @@ class LeanDecoder:
                                           L.k_norm, L.norm2, L.mlp, L.router, L.experts) if m is not None]
         self.native = isinstance(model, native.CausalLM)
         if self.native:
-            self._cache_types, self.new_cache, self.causal_mask = (native.KVCache, native.KVLayer), model.new_cache, _native_mask
+            self._cache_types, self.new_cache, self.causal_mask = (native.KVCache, native.KVLayer), model.new_cache, native.causal_mask
         else:
             from transformers.cache_utils import DynamicCache, DynamicLayer
             from transformers.masking_utils import create_causal_mask
 
-            self._cache_types, self.causal_mask = (DynamicCache, DynamicLayer), create_causal_mask
-            self.new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+            self._cache_types, self.causal_mask = (DynamicCache, DynamicLayer), functools.partial(create_causal_mask, config=model.config)
+            self.new_cache = functools.partial(DynamicCache, config=model.config)
         self._own_hooks = frozenset(h.id for h in runtime._hooks)  # the runtime's, installed at bind, before this
         self._rms_chain = all(_is_rms_chain(m) for m in self._norms())
         for L in self.layers:
@@ -301,7 +302,7 @@ class LeanDecoder:
                 cos, sin = self._cos_sin(h, positions[0], pos)
             else:
                 cos, sin = self.rotary.forward(h[:, None], pos)  # [B, 1, d]
-                mask = self.causal_mask(config=self.model.config, inputs_embeds=h[:, None], attention_mask=attention_mask,
+                mask = self.causal_mask(inputs_embeds=h[:, None], attention_mask=attention_mask,
                                           past_key_values=past, position_ids=pos)
             norm = self._norm
             one = (direct and mask is None and n == 1 and not parts and not getattr(past, "offloading", False)
@@ -389,12 +390,6 @@ class LeanDecoder:
         rt = self.runtime
         rt._logits[L.sparse], rt._router_input[L.sparse] = logits, x
         return rt.forward(L.experts, L.sparse, x, ids, weights)
-
-
-def _native_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values,
-                 position_ids: torch.Tensor) -> torch.Tensor | None:
-    """native.causal_mask under create_causal_mask's keywords."""
-    return native.causal_mask(inputs_embeds, attention_mask, past_key_values, position_ids)
 
 
 def _room(cached) -> tuple[torch.Tensor, torch.Tensor]:

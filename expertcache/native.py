@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemm
+
 # transformers 5.23's defaults for what a config.json of these families may leave out
 DEFAULTS = {
     "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -151,11 +153,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(dtype)
+        return gemm.rms_chain(hidden_states, self.weight, self.variance_epsilon)  # transformers' RMSNorm, written out
 
 
 class RotaryEmbedding(nn.Module):
@@ -181,11 +179,6 @@ class RotaryEmbedding(nn.Module):
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -263,11 +256,11 @@ class Attention(nn.Module):
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         r = cos.shape[-1]
-        if r == self.head_dim:
-            q, k = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+        if r == self.head_dim:  # apply_rotary_pos_emb, written out
+            q, k = gemm.rotary_chain(q, cos, sin), gemm.rotary_chain(k, cos, sin)
         else:  # partial (GLM-4.5): the first r of each head turn, the rest pass
-            q = torch.cat([(q[..., :r] * cos) + (_rotate_half(q[..., :r]) * sin), q[..., r:]], dim=-1)
-            k = torch.cat([(k[..., :r] * cos) + (_rotate_half(k[..., :r]) * sin), k[..., r:]], dim=-1)
+            q = torch.cat([gemm.rotary_chain(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+            k = torch.cat([gemm.rotary_chain(k[..., :r], cos, sin), k[..., r:]], dim=-1)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         if self.float32_attention:  # as gemm's float32 attention does for transformers' model
@@ -381,7 +374,7 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, ids, weights).reshape(b, s, h)
 
 
-class SharedExpertMoeBlock(nn.Module):
+class GatedSharedExpertBlock(nn.Module):
     """Qwen2-MoE's block: the routed experts plus a shared expert scaled by a sigmoid gate."""
 
     def __init__(self, config: NativeConfig) -> None:
@@ -400,7 +393,7 @@ class SharedExpertMoeBlock(nn.Module):
         return (out + F.sigmoid(self.shared_expert_gate(x)) * shared).reshape(b, s, h)
 
 
-class SharedExpertsMoeBlock(nn.Module):
+class SharedExpertsBlock(nn.Module):
     """GLM-4.5's block: the routed experts plus always-on shared experts."""
 
     def __init__(self, config: NativeConfig) -> None:
@@ -441,7 +434,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: NativeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        block = {"qwen2_moe": SharedExpertMoeBlock, "glm4_moe": SharedExpertsMoeBlock}.get(config.model_type, SparseMoeBlock)
+        block = {"qwen2_moe": GatedSharedExpertBlock, "glm4_moe": SharedExpertsBlock}.get(config.model_type, SparseMoeBlock)
         self.mlp = block(config) if _sparse(config, layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -522,7 +515,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + seen).unsqueeze(0)
-        mask = causal_mask(h, attention_mask, past_key_values, position_ids)
+        mask = causal_mask(inputs_embeds=h, attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
         cos_sin = base.rotary_emb(h, position_ids=position_ids)
         for layer in base.layers:
             h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
